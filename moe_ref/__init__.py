@@ -1,0 +1,19 @@
+"""Pure-Paddle reference of the FP8 block-quantized MoE path (the ground truth).
+
+Modules follow the data flow (see SPEC.md, sections in brackets):
+
+    fp8      e4m3 cast, UE8M0 ceil/encode/decode, packing, MN-major storage   [§1-2]
+    quant    1x128 and 128x128 block quantization and dequantization          [§3]
+    routing  softmax top-k and DeepSeek-V3 noaux_tc                           [§10]
+    layout   masked / contiguous permute, depermute + weighted combine        [§5, §8]
+    ep       DeepEP-normal dispatch / combine simulated over R ranks          [§9]
+    moe      the float oracle and the FP8 layer                               [§11]
+    metrics  calc_diff and friends                                            [§12]
+"""
+import warnings
+
+# Paddle warns at import time that ccache is missing (it only matters for C++
+# extensions, which this project does not build). Keep that out of notebooks.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="No ccache found")
+    import paddle  # noqa: F401

@@ -1,0 +1,55 @@
+"""Argument checks shared by `moe_ref` and the `backend` contract layer.
+
+Every error names the argument, what was expected and what was seen.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import paddle
+
+FLOAT_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16, paddle.float64)
+INT_DTYPES = (paddle.int32, paddle.int64)
+
+
+def _dtype_names(dtypes: Iterable) -> str:
+    return ", ".join(str(d).replace("paddle.", "") for d in dtypes)
+
+
+def check_tensor(x, name: str, *, dtypes: Sequence | None = None, ndim: int | Sequence[int] | None = None,
+                 min_ndim: int | None = None) -> None:
+    """Raise TypeError/ValueError unless `x` is a paddle.Tensor of the given dtype(s) and rank."""
+    if not isinstance(x, paddle.Tensor):
+        raise TypeError(f"{name}: expected a paddle.Tensor, got {type(x).__name__}")
+    if dtypes is not None and x.dtype not in tuple(dtypes):
+        raise TypeError(f"{name}: expected dtype in ({_dtype_names(dtypes)}), got {str(x.dtype).replace('paddle.', '')}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            raise ValueError(f"{name}: expected rank {' or '.join(map(str, allowed))}, got shape {list(x.shape)}")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(f"{name}: expected rank >= {min_ndim}, got shape {list(x.shape)}")
+
+
+def check_dim(x, axis: int, expected: int, name: str, what: str) -> None:
+    """Raise ValueError unless x.shape[axis] == expected; `what` names the quantity (e.g. 'H')."""
+    if int(x.shape[axis]) != int(expected):
+        raise ValueError(f"{name}: expected shape[{axis}] == {what} = {expected}, got shape {list(x.shape)}")
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return int(value)
+
+
+def check_finite(x, name: str) -> None:
+    """Raise ValueError naming the first NaN/inf element of a float tensor (row-major index)."""
+    xf = x.astype(paddle.float32) if x.dtype != paddle.float64 else x
+    bad = paddle.logical_not(paddle.isfinite(xf))
+    if bool(bad.any()):
+        flat = int(paddle.nonzero(bad.flatten())[0, 0])
+        index = tuple(int(i) for i in np.unravel_index(flat, tuple(x.shape)))
+        value = float(xf.flatten()[flat])
+        raise ValueError(f"{name}: non-finite value {value} at index {index} (pass nan_policy='propagate' to allow it)")

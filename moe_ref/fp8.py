@@ -1,0 +1,203 @@
+"""FP8 e4m3fn and UE8M0 numerics (SPEC §1-2), in plain Paddle.
+
+The constants of the format live here and are imported everywhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import paddle
+
+from .checks import FLOAT_DTYPES, check_finite, check_tensor
+
+E4M3_MAX = 448.0            # largest finite e4m3fn value
+E4M3_MIN_SUBNORMAL = 2.0 ** -9
+UE8M0_BIAS = 127            # byte e stands for 2^(e - 127)
+UE8M0_NAN = 255
+UE8M0_MIN_EXP, UE8M0_MAX_EXP = 1, 254   # ceil_to_ue8m0 clamps the exponent field here
+BYTES_PER_WORD = 4          # UE8M0 bytes packed per int32 word, little-endian
+TMA_ALIGN = 4               # MN axis of MN-major scales padded to 4 elements (16 bytes)
+
+_MANTISSA_MASK = (1 << 23) - 1
+
+
+def cast_to_e4m3(x: paddle.Tensor, nan_policy: str = "raise") -> paddle.Tensor:
+    """Clamp to [-448, 448], then cast to float8_e4m3fn (round to nearest, ties to even).
+
+    x [...] float32 | bf16 | fp16 | fp64 -> [...] float8_e4m3fn.
+    Clamping first is the project's rule: frameworks disagree on out-of-range casts.
+    nan_policy="raise" (default) raises ValueError naming the first NaN/inf index;
+    "propagate" lets them through (NaN becomes the e4m3 NaN, inf saturates to +-448).
+    """
+    check_tensor(x, "x", dtypes=FLOAT_DTYPES)
+    if nan_policy not in ("raise", "propagate"):
+        raise ValueError(f"nan_policy: expected 'raise' or 'propagate', got {nan_policy!r}")
+    xf = x.astype(paddle.float32)
+    if nan_policy == "raise":
+        check_finite(xf, "x")
+    clamped = paddle.clip(xf, -E4M3_MAX, E4M3_MAX)
+    if nan_policy == "propagate":
+        # Paddle's CPU cast turns NaN into +-448 (SPEC §1): write the NaN pattern 0x7F ourselves.
+        q = clamped.astype(paddle.float8_e4m3fn).view(paddle.uint8).astype(paddle.int32)
+        q = paddle.where(paddle.isnan(xf), paddle.full_like(q, 0x7F), q)   # (where has no uint8 kernel on CPU)
+        return q.astype(paddle.uint8).view(paddle.float8_e4m3fn)
+    return clamped.astype(paddle.float8_e4m3fn)
+
+
+def e4m3_to_float32(q: paddle.Tensor) -> paddle.Tensor:
+    """q [...] float8_e4m3fn -> [...] float32 (exact: every e4m3 value is a float32)."""
+    check_tensor(q, "q", dtypes=(paddle.float8_e4m3fn,))
+    return q.astype(paddle.float32)
+
+
+def _float32_bits(s: paddle.Tensor) -> paddle.Tensor:
+    return s.astype(paddle.float32).view(paddle.int32)
+
+
+def _check_positive_finite(s: paddle.Tensor, name: str) -> None:
+    check_tensor(s, name, dtypes=(paddle.float32,))
+    check_finite(s, name)
+    if bool((s <= 0).any()):
+        flat = int(paddle.nonzero((s <= 0).flatten())[0, 0])
+        raise ValueError(f"{name}: scales must be > 0, got {float(s.flatten()[flat])} at flat index {flat}")
+
+
+def ceil_to_ue8m0(s: paddle.Tensor) -> paddle.Tensor:
+    """Smallest power of two >= s, bit-exact (SPEC §2).
+
+    s [...] float32, finite and > 0 -> [...] float32 powers of two in [2^-126, 2^127].
+    Exponent field of s, plus one when the mantissa is non-zero, clamped to 1..254.
+    (Taking only the exponent field would round *down*: the bug that broke B200 serving.)
+    """
+    _check_positive_finite(s, "s")
+    bits = _float32_bits(s)
+    exp = paddle.bitwise_right_shift(bits, paddle.to_tensor(23, dtype=paddle.int32))
+    exp = paddle.bitwise_and(exp, paddle.to_tensor(0xFF, dtype=paddle.int32))
+    mantissa = paddle.bitwise_and(bits, paddle.to_tensor(_MANTISSA_MASK, dtype=paddle.int32))
+    exp = exp + (mantissa != 0).astype(paddle.int32)
+    exp = paddle.clip(exp, UE8M0_MIN_EXP, UE8M0_MAX_EXP)
+    return paddle.bitwise_left_shift(exp, paddle.to_tensor(23, dtype=paddle.int32)).view(paddle.float32)
+
+
+def ue8m0_encode(s: paddle.Tensor) -> paddle.Tensor:
+    """Exact powers of two -> UE8M0 bytes.
+
+    s [...] float32, each a power of two in [2^-126, 2^127] -> [...] uint8 (e = log2(s) + 127).
+    Anything else (not a power of two, <= 0, subnormal, NaN, inf) raises ValueError with the value:
+    encoding must never round silently.
+    """
+    check_tensor(s, "s", dtypes=(paddle.float32,))
+    bits = _float32_bits(s)
+    exp = paddle.bitwise_and(paddle.bitwise_right_shift(bits, paddle.to_tensor(23, dtype=paddle.int32)),
+                             paddle.to_tensor(0x1FF, dtype=paddle.int32))   # sign bit lands at 0x100
+    mantissa = paddle.bitwise_and(bits, paddle.to_tensor(_MANTISSA_MASK, dtype=paddle.int32))
+    ok = paddle.logical_and(mantissa == 0, paddle.logical_and(exp >= UE8M0_MIN_EXP, exp <= UE8M0_MAX_EXP))
+    if not bool(ok.all()):
+        flat = int(paddle.nonzero(paddle.logical_not(ok).flatten())[0, 0])
+        raise ValueError(f"s: UE8M0 needs a positive power of two in [2^-126, 2^127], "
+                         f"got {float(s.flatten()[flat])!r} at flat index {flat}")
+    return exp.astype(paddle.uint8)
+
+
+def ue8m0_decode(b: paddle.Tensor) -> paddle.Tensor:
+    """UE8M0 bytes -> float32: b [...] uint8 -> 2^(b - 127); 0 -> 2^-127 (subnormal); 255 -> NaN."""
+    check_tensor(b, "b", dtypes=(paddle.uint8,))
+    e = b.astype(paddle.int32)
+    out = paddle.bitwise_left_shift(e, paddle.to_tensor(23, dtype=paddle.int32)).view(paddle.float32)
+    out = paddle.where(e == 0, paddle.full_like(out, 2.0 ** -127), out)
+    return paddle.where(e == UE8M0_NAN, paddle.full_like(out, float("nan")), out)
+
+
+def pack_ue8m0(b: paddle.Tensor) -> paddle.Tensor:
+    """Pack UE8M0 bytes 4 to an int32, little-endian along the group axis (SPEC §2).
+
+    b [..., MN, G] uint8 -> [..., MN, ceil(G/4)] int32; word p holds groups 4p..4p+3
+    (byte j of the word = group 4p+j); missing groups pad with byte 0.
+    """
+    check_tensor(b, "b", dtypes=(paddle.uint8,), min_ndim=1)
+    g = int(b.shape[-1])
+    words = -(-g // BYTES_PER_WORD)
+    v = b.astype(paddle.int64)
+    if words * BYTES_PER_WORD != g:
+        pad = paddle.zeros(list(b.shape[:-1]) + [words * BYTES_PER_WORD - g], dtype=paddle.int64)
+        v = paddle.concat([v, pad], axis=-1)
+    v = v.reshape(list(b.shape[:-1]) + [words, BYTES_PER_WORD])
+    weights = paddle.to_tensor([1, 1 << 8, 1 << 16, 1 << 24], dtype=paddle.int64)
+    unsigned = (v * weights).sum(axis=-1)
+    # two's complement: bytes >= 0x80 in the top position make a negative int32
+    signed = paddle.where(unsigned >= (1 << 31), unsigned - (1 << 32), unsigned)
+    return signed.astype(paddle.int32)
+
+
+def unpack_ue8m0(words: paddle.Tensor, num_groups: int) -> paddle.Tensor:
+    """Inverse of pack_ue8m0: words [..., MN, C] int32 -> [..., MN, num_groups] uint8.
+
+    num_groups must satisfy 4(C-1) < num_groups <= 4C; the padding bytes past num_groups
+    must be zero (a non-zero one means the caller's num_groups is wrong: nothing is dropped silently).
+    """
+    check_tensor(words, "words", dtypes=(paddle.int32,), min_ndim=1)
+    c = int(words.shape[-1])
+    if not (BYTES_PER_WORD * (c - 1) < num_groups <= BYTES_PER_WORD * c):
+        raise ValueError(f"num_groups: {c} words hold {BYTES_PER_WORD * (c - 1) + 1}..{BYTES_PER_WORD * c} groups, "
+                         f"got {num_groups}")
+    u = words.astype(paddle.int64)
+    u = paddle.where(u < 0, u + (1 << 32), u)
+    shifts = paddle.to_tensor([0, 8, 16, 24], dtype=paddle.int64)
+    bytes_ = paddle.bitwise_and(paddle.bitwise_right_shift(u.unsqueeze(-1), shifts),
+                                paddle.to_tensor(0xFF, dtype=paddle.int64))
+    bytes_ = bytes_.reshape(list(words.shape[:-1]) + [c * BYTES_PER_WORD])
+    if num_groups < c * BYTES_PER_WORD and bool((bytes_[..., num_groups:] != 0).any()):
+        raise ValueError(f"words: padding bytes past num_groups={num_groups} are non-zero")
+    return bytes_[..., :num_groups].astype(paddle.uint8)
+
+
+def align(n: int, multiple: int) -> int:
+    """Round n up to a multiple of `multiple`."""
+    return -(-int(n) // multiple) * multiple
+
+
+@dataclasses.dataclass
+class MNMajorScale:
+    """A scale tensor stored MN-major and TMA-aligned (SPEC §2), as DeepGEMM and blackwell_ops want it.
+
+    physical [B, C, align(MN, 4)]: the buffer as it lies in memory, MN contiguous, rows past MN zero.
+    logical  [B, MN, C] with strides (C * align(MN, 4), 1, align(MN, 4)): `logical_view()`.
+    mn: the number of meaningful MN rows.
+    """
+    physical: paddle.Tensor
+    mn: int
+
+    @property
+    def shape(self) -> list[int]:
+        """Logical shape [B, MN, C]."""
+        b, c, _ = self.physical.shape
+        return [int(b), self.mn, int(c)]
+
+    @property
+    def strides(self) -> tuple[int, int, int]:
+        """Element strides of the logical view: (C * align(MN, 4), 1, align(MN, 4))."""
+        _, c, mn_pad = self.physical.shape
+        return (int(c) * int(mn_pad), 1, int(mn_pad))
+
+    def logical_view(self) -> paddle.Tensor:
+        """[B, MN, C] strided view of the physical buffer (no copy)."""
+        return paddle.as_strided(self.physical, self.shape, list(self.strides))
+
+    def to_contiguous(self) -> paddle.Tensor:
+        """[B, MN, C] contiguous copy of the logical tensor."""
+        return self.physical[:, :, : self.mn].transpose([0, 2, 1]).contiguous()
+
+
+def to_mn_major_tma_aligned(scale: paddle.Tensor) -> MNMajorScale:
+    """scale [B, MN, C] or [MN, C] (any dtype, contiguous) -> MNMajorScale (B = 1 for 2-D input).
+
+    MN is padded to a multiple of 4 with zeros (16 bytes for fp32/int32).
+    """
+    check_tensor(scale, "scale", ndim=(2, 3))
+    s = scale.unsqueeze(0) if scale.ndim == 2 else scale
+    b, mn, c = (int(d) for d in s.shape)
+    mn_pad = align(mn, TMA_ALIGN)
+    physical = s.transpose([0, 2, 1])
+    if mn_pad != mn:
+        physical = paddle.concat([physical, paddle.zeros([b, c, mn_pad - mn], dtype=s.dtype)], axis=2)
+    return MNMajorScale(physical.contiguous(), mn)
