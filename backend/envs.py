@@ -1,0 +1,88 @@
+"""Environment switches of the backend, read at call time (never at import time).
+
+| variable | values | default | what it selects |
+|---|---|---|---|
+| `FD_USE_BLACKWELL_GEMM` | 0, 1 | 0 | `BlockWiseFP8Config.get_quant_method` returns `BlackwellGemmFusedMoeMethod` |
+| `FD_USE_DEEP_GEMM`      | 0, 1 | 0 | otherwise: DeepGEMM fused-MoE method (upstream's; not implemented here) |
+| `FD_MOE_OPS_PROVIDER`   | auto, blackwell_ops, paddle, triton | auto | which provider `backend.ops.get_provider()` returns |
+
+Mapping to upstream FastDeploy (PR #7053):
+
+- Upstream reads both switches as `bool(int(value))`, so "2" means on and "yes" raises a bare
+  `ValueError: invalid literal for int()`. Ours accepts exactly "0" and "1" (surrounding spaces
+  ignored); anything else, the empty string included, is a `ValueError` naming the variable
+  and the value.
+- Upstream asserts `FD_USE_DEEP_GEMM=1` whenever `FD_USE_BLACKWELL_GEMM=1`, because its other
+  MoE paths (TP, the ht path without `num_worst_tokens`) still call DeepGEMM. Ours accepts both
+  switches in every combination and does not need `FD_USE_DEEP_GEMM`: every path of our
+  `BlackwellGemmFusedMoeMethod` (ht, ll and TP) runs through the ops contract
+  (`backend.ops`). `FD_USE_DEEP_GEMM` only matters when `FD_USE_BLACKWELL_GEMM=0`, where it
+  picks upstream's DeepGEMM method exactly as upstream does.
+
+Module attributes mirror upstream's `envs.FD_USE_BLACKWELL_GEMM` style: reading
+`backend.envs.FD_USE_BLACKWELL_GEMM` evaluates the variable at that moment (module
+`__getattr__`), so a test can change `os.environ` between two reads.
+"""
+from __future__ import annotations
+
+import os
+
+SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM")
+OPS_PROVIDER_VAR = "FD_MOE_OPS_PROVIDER"
+OPS_PROVIDERS = ("auto", "blackwell_ops", "paddle", "triton")
+DEFAULT_OPS_PROVIDER = "auto"
+
+
+def _read_switch(name: str) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return False
+    v = value.strip()
+    if v == "0":
+        return False
+    if v == "1":
+        return True
+    raise ValueError(f"{name}: expected 0 or 1 (unset means 0), got {value!r}")
+
+
+def use_blackwell_gemm() -> bool:
+    """FD_USE_BLACKWELL_GEMM as a bool (unset = False); ValueError for anything but 0/1."""
+    return _read_switch("FD_USE_BLACKWELL_GEMM")
+
+
+def use_deep_gemm() -> bool:
+    """FD_USE_DEEP_GEMM as a bool (unset = False); ValueError for anything but 0/1."""
+    return _read_switch("FD_USE_DEEP_GEMM")
+
+
+def get_ops_provider_name() -> str:
+    """FD_MOE_OPS_PROVIDER: one of auto | blackwell_ops | paddle | triton (unset = auto).
+
+    Case and surrounding spaces are ignored; any other value is a ValueError naming the
+    variable, the allowed values and the value seen.
+    """
+    value = os.environ.get(OPS_PROVIDER_VAR)
+    if value is None:
+        return DEFAULT_OPS_PROVIDER
+    v = value.strip().lower()
+    if v not in OPS_PROVIDERS:
+        raise ValueError(f"{OPS_PROVIDER_VAR}: expected one of {', '.join(OPS_PROVIDERS)} (unset means "
+                         f"{DEFAULT_OPS_PROVIDER}), got {value!r}")
+    return v
+
+
+_READERS = {
+    "FD_USE_BLACKWELL_GEMM": use_blackwell_gemm,
+    "FD_USE_DEEP_GEMM": use_deep_gemm,
+    "FD_MOE_OPS_PROVIDER": get_ops_provider_name,
+}
+
+
+def __getattr__(name: str):
+    if name in _READERS:
+        return _READERS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_READERS))
