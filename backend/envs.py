@@ -58,13 +58,14 @@ def use_deep_gemm() -> bool:
 def get_ops_provider_name() -> str:
     """FD_MOE_OPS_PROVIDER: one of auto | blackwell_ops | paddle | triton (unset = auto).
 
-    Case and surrounding spaces are ignored; any other value is a ValueError naming the
-    variable, the allowed values and the value seen.
+    Case and surrounding spaces are ignored and the empty string means auto (as
+    `backend.ops.get_provider` reads it); any other value is a ValueError naming the variable,
+    the allowed values and the value seen.
     """
     value = os.environ.get(OPS_PROVIDER_VAR)
     if value is None:
         return DEFAULT_OPS_PROVIDER
-    v = value.strip().lower()
+    v = value.strip().lower() or DEFAULT_OPS_PROVIDER
     if v not in OPS_PROVIDERS:
         raise ValueError(f"{OPS_PROVIDER_VAR}: expected one of {', '.join(OPS_PROVIDERS)} (unset means "
                          f"{DEFAULT_OPS_PROVIDER}), got {value!r}")

@@ -1,0 +1,268 @@
+"""`FusedMoE`: the sizes, ranks, routing options and weights of one routed-expert MoE layer.
+
+The layer owns no math: `forward` routes (or takes given top-k), then delegates to the quant
+method chosen by `quant_config.get_quant_method(self)` (`backend.quantization`), which also
+allocates the weights (`create_weights`) and converts them after loading
+(`process_weights_after_loading`).
+
+Sizes use SPEC §0 names: H = hidden_size, I = moe_intermediate_size, E = local experts
+(num_experts // ep_size), R = ep_size, K_top = top_k.
+
+Which path `apply` takes (SPEC §9, docs/design.md):
+
+| runner | moe_phase | path | rows per expert M |
+|---|---|---|---|
+| None (needs ep_size == 1) | any | "tp": no dispatch | T of the call |
+| given | "prefill" | "ht": DeepEP normal dispatch, W = num_worst_tokens rows | min(W, R · max_tokens_per_rank) |
+| given | "decode"  | "ll": DeepEP low-latency dispatch | R · num_max_dispatch_tokens_per_rank |
+
+Upstream sizes the ht buffers with M = R · max_tokens_per_rank; a rank receives at most W rows
+and a row lands on an expert at most once, so min(W, ·) is the same worst case when
+W = R · max_tokens_per_rank (the default) and smaller when W is.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import paddle
+
+from moe_ref.checks import FLOAT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor
+
+TOPK_METHODS = ("softmax", "noaux_tc")
+MOE_PHASES = {"prefill": "ht", "decode": "ll"}
+RENORMALIZE_MIN_SUM = 1e-12     # noaux_tc divides by max(sum of weights, this) (SPEC §10)
+
+
+def _check_nonneg_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
+        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _rank_desc(scores: paddle.Tensor) -> paddle.Tensor:
+    """[T, N] -> column indices best first; equal scores keep index order (stable), SPEC §10."""
+    return paddle.argsort(-scores, axis=-1, stable=True)
+
+
+class FusedMoE(paddle.nn.Layer):
+    """A routed-expert MoE layer (shared experts are the caller's: add them to the output).
+
+    num_experts: experts of the whole model (E_total = E · R); top_k: K_top;
+    hidden_size: H; moe_intermediate_size: I; quant_config: a `BlockWiseFP8Config`.
+    ep_size R, ep_rank: this rank holds global experts [ep_rank · E, (ep_rank + 1) · E).
+    topk_method: "softmax" (p = softmax(logits), top-k, renormalize optional) or "noaux_tc"
+    (DeepSeek-V3: sigmoid, e_score_correction_bias [num_experts], n_group groups of which
+    topk_group are kept, renormalize, times routed_scaling_factor). routed_scaling_factor
+    applies to noaux_tc only (upstream's softmax top-k ignores it): != 1 with softmax is an error.
+    moe_phase: "prefill" (EP path "ht") or "decode" (EP path "ll").
+    max_tokens_per_rank: most tokens one rank passes to `forward` on the ht path (needed there);
+    num_worst_tokens W: rows a rank receives from ht dispatch (default R · max_tokens_per_rank);
+    num_max_dispatch_tokens_per_rank: N of the ll path (needed there).
+    Every argument is validated here; errors name it, the expectation and the value seen.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, moe_intermediate_size: int,
+                 quant_config, *, ep_size: int = 1, ep_rank: int = 0, topk_method: str = "softmax",
+                 renormalize: bool = True, n_group: int = 1, topk_group: int = 1,
+                 e_score_correction_bias: paddle.Tensor | None = None, routed_scaling_factor: float = 1.0,
+                 moe_phase: str = "prefill", max_tokens_per_rank: int | None = None,
+                 num_worst_tokens: int | None = None, num_max_dispatch_tokens_per_rank: int | None = None):
+        super().__init__()
+        from ..quantization import BlockWiseFP8Config
+
+        self.num_experts = check_positive_int(num_experts, "num_experts")
+        self.top_k = check_positive_int(top_k, "top_k")
+        self.hidden_size = check_positive_int(hidden_size, "hidden_size")
+        self.moe_intermediate_size = check_positive_int(moe_intermediate_size, "moe_intermediate_size")
+        self.ep_size = check_positive_int(ep_size, "ep_size")
+        self.ep_rank = _check_nonneg_int(ep_rank, "ep_rank")
+        if self.ep_rank >= self.ep_size:
+            raise ValueError(f"ep_rank: expected 0 <= ep_rank < ep_size = {self.ep_size}, got {ep_rank}")
+        if self.num_experts % self.ep_size:
+            raise ValueError(f"num_experts: expected a multiple of ep_size = {self.ep_size}, got {num_experts}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k: expected <= num_experts = {self.num_experts}, got {top_k}")
+        self.num_local_experts = self.num_experts // self.ep_size
+        self.expert_id_offset = self.ep_rank * self.num_local_experts
+
+        if topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method: expected one of {', '.join(TOPK_METHODS)}, got {topk_method!r}")
+        self.topk_method = topk_method
+        if not isinstance(renormalize, bool):
+            raise TypeError(f"renormalize: expected a bool, got {renormalize!r}")
+        self.renormalize = renormalize
+        if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)) \
+                or not math.isfinite(routed_scaling_factor) or routed_scaling_factor <= 0:
+            raise ValueError(f"routed_scaling_factor: expected a finite number > 0, got {routed_scaling_factor!r}")
+        self.routed_scaling_factor = float(routed_scaling_factor)
+        self.n_group = check_positive_int(n_group, "n_group")
+        self.topk_group = check_positive_int(topk_group, "topk_group")
+        self.e_score_correction_bias = None
+        if topk_method == "softmax":
+            if self.routed_scaling_factor != 1.0:
+                raise ValueError(f"routed_scaling_factor: applies to topk_method='noaux_tc' only, expected 1.0 "
+                                 f"with 'softmax', got {routed_scaling_factor!r}")
+            if e_score_correction_bias is not None or self.n_group != 1 or self.topk_group != 1:
+                raise ValueError("e_score_correction_bias, n_group, topk_group: apply to topk_method='noaux_tc' "
+                                 f"only, got bias={'set' if e_score_correction_bias is not None else None}, "
+                                 f"n_group={n_group}, topk_group={topk_group} with 'softmax'")
+        else:
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group: expected a divisor of num_experts = {self.num_experts}, got {n_group}")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"topk_group: expected <= n_group = {self.n_group}, got {topk_group}")
+            per_group = self.num_experts // self.n_group
+            if self.top_k > self.topk_group * per_group:
+                raise ValueError(f"top_k: expected <= topk_group · num_experts / n_group = "
+                                 f"{self.topk_group * per_group}, got {top_k}")
+            if e_score_correction_bias is None:
+                e_score_correction_bias = paddle.zeros([self.num_experts], dtype=paddle.float32)
+            check_tensor(e_score_correction_bias, "e_score_correction_bias", dtypes=FLOAT_DTYPES, ndim=1)
+            check_dim(e_score_correction_bias, 0, self.num_experts, "e_score_correction_bias", "num_experts")
+            check_finite(e_score_correction_bias, "e_score_correction_bias")
+            self.e_score_correction_bias = e_score_correction_bias.astype(paddle.float32)
+
+        if moe_phase not in MOE_PHASES:
+            raise ValueError(f"moe_phase: expected one of {', '.join(MOE_PHASES)}, got {moe_phase!r}")
+        self.moe_phase = moe_phase
+        self.max_tokens_per_rank = (None if max_tokens_per_rank is None
+                                    else check_positive_int(max_tokens_per_rank, "max_tokens_per_rank"))
+        if num_worst_tokens is None:
+            self.num_worst_tokens = (None if self.max_tokens_per_rank is None
+                                     else self.ep_size * self.max_tokens_per_rank)
+        else:
+            self.num_worst_tokens = check_positive_int(num_worst_tokens, "num_worst_tokens")
+        self.num_max_dispatch_tokens_per_rank = (
+            None if num_max_dispatch_tokens_per_rank is None
+            else check_positive_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank"))
+
+        if not isinstance(quant_config, BlockWiseFP8Config):
+            raise TypeError(f"quant_config: expected a backend.quantization.BlockWiseFP8Config, "
+                            f"got {type(quant_config).__name__}")
+        self.quant_config = quant_config
+        self.quant_method = quant_config.get_quant_method(self)
+        self.quant_method.create_weights(self)
+
+    # ------------------------------------------------------------------ sizes of the EP paths
+
+    @property
+    def ep_mode(self) -> str:
+        """"ht" (moe_phase prefill) or "ll" (decode): the EP path a runner-driven `forward` takes."""
+        return MOE_PHASES[self.moe_phase]
+
+    def local_expert_range(self) -> tuple[int, int]:
+        """(first, last + 1) global expert ids held by this rank: slice global weights with it."""
+        return self.expert_id_offset, self.expert_id_offset + self.num_local_experts
+
+    def ht_rows_per_expert(self) -> int:
+        """M of the ht path: min(W, R · max_tokens_per_rank) (see the module docstring)."""
+        if self.max_tokens_per_rank is None:
+            raise ValueError("max_tokens_per_rank: the ht (prefill EP) path needs it, got None")
+        return min(self.num_worst_tokens, self.ep_size * self.max_tokens_per_rank)
+
+    def ll_rows_per_expert(self) -> int:
+        """M of the ll path: R · num_max_dispatch_tokens_per_rank."""
+        if self.num_max_dispatch_tokens_per_rank is None:
+            raise ValueError("num_max_dispatch_tokens_per_rank: the ll (decode EP) path needs it, got None")
+        return self.ep_size * self.num_max_dispatch_tokens_per_rank
+
+    # ------------------------------------------------------------------ routing (SPEC §10)
+
+    def route(self, gate_logits: paddle.Tensor):
+        """gate_logits [T, num_experts] float, finite -> (topk_weights [T, K_top] float32,
+        topk_ids [T, K_top] int64 global expert ids); columns in descending weight, ties to the
+        lowest expert id (stable argsort of negated scores)."""
+        check_tensor(gate_logits, "gate_logits", dtypes=FLOAT_DTYPES, ndim=2)
+        check_dim(gate_logits, 1, self.num_experts, "gate_logits", "num_experts")
+        check_finite(gate_logits, "gate_logits")
+        logits = gate_logits.astype(paddle.float32)
+        if self.topk_method == "softmax":
+            p = paddle.nn.functional.softmax(logits, axis=-1)
+            ids = _rank_desc(p)[:, : self.top_k]
+            weights = paddle.take_along_axis(p, ids, axis=-1)
+            if self.renormalize:
+                weights = weights / weights.sum(axis=-1, keepdim=True)
+            return weights, ids.astype(paddle.int64)
+        return self._route_noaux_tc(logits)
+
+    def _route_noaux_tc(self, logits: paddle.Tensor):
+        t = int(logits.shape[0])
+        p = paddle.nn.functional.sigmoid(logits)
+        choice = p + self.e_score_correction_bias.unsqueeze(0)
+        per_group = self.num_experts // self.n_group
+        if self.topk_group < self.n_group:
+            # group score: sum of the group's two best `choice` values (its only one if a group has one expert)
+            top2 = paddle.sort(choice.reshape([t, self.n_group, per_group]), axis=-1,
+                               descending=True)[:, :, : min(2, per_group)]
+            kept = _rank_desc(top2.sum(axis=-1))[:, : self.topk_group]
+            keep = paddle.zeros([t, self.n_group], dtype=paddle.int32)
+            keep = paddle.put_along_axis(keep, kept, paddle.ones_like(kept, dtype=paddle.int32), axis=-1)
+            keep = paddle.repeat_interleave(keep, per_group, axis=-1) > 0
+            choice = paddle.where(keep, choice, paddle.full_like(choice, float("-inf")))
+        ids = _rank_desc(choice)[:, : self.top_k]
+        weights = paddle.take_along_axis(p, ids, axis=-1)
+        if self.renormalize:
+            weights = weights / paddle.clip(weights.sum(axis=-1, keepdim=True), min=RENORMALIZE_MIN_SUM)
+        weights = weights * self.routed_scaling_factor
+        # columns by descending weight, ties to the lowest id: sort by id first, then stably by weight
+        by_id = paddle.argsort(ids, axis=-1, stable=True)
+        ids = paddle.take_along_axis(ids, by_id, axis=-1)
+        weights = paddle.take_along_axis(weights, by_id, axis=-1)
+        order = _rank_desc(weights)
+        return (paddle.take_along_axis(weights, order, axis=-1),
+                paddle.take_along_axis(ids, order, axis=-1).astype(paddle.int64))
+
+    # ------------------------------------------------------------------ weights and forward
+
+    def load_weights(self, up_gate_proj_weight: paddle.Tensor, down_proj_weight: paddle.Tensor,
+                     up_gate_proj_weight_scale: paddle.Tensor | None = None,
+                     down_proj_weight_scale: paddle.Tensor | None = None) -> None:
+        """Copy this rank's checkpoint tensors into the parameters, then run
+        `quant_method.process_weights_after_loading(self)`.
+
+        BF16 checkpoint: up_gate_proj_weight [E, 2I, H] bf16, down_proj_weight [E, H, I] bf16, no scales.
+        FP8 checkpoint: the same shapes in float8_e4m3fn plus FP32 128x128 scales
+        up_gate_proj_weight_scale [E, ceil(2I/128), ceil(H/128)] and
+        down_proj_weight_scale [E, ceil(H/128), ceil(I/128)].
+        E is num_local_experts: slice global tensors with `local_expert_range()`.
+        """
+        given = {"up_gate_proj_weight": up_gate_proj_weight, "down_proj_weight": down_proj_weight,
+                 "up_gate_proj_weight_scale": up_gate_proj_weight_scale,
+                 "down_proj_weight_scale": down_proj_weight_scale}
+        expected = getattr(self.quant_method, "checkpoint_tensor_names", None)
+        if expected is None:
+            raise NotImplementedError(f"load_weights: {type(self.quant_method).__name__} declares no checkpoint "
+                                      f"tensors (it is not implemented in this project)")
+        for name, value in given.items():
+            if name not in expected:
+                if value is not None:
+                    raise ValueError(f"{name}: not part of a "
+                                     f"{'BF16' if self.quant_config.is_checkpoint_bf16 else 'FP8'} checkpoint, "
+                                     f"expected None")
+                continue
+            param = getattr(self, name)
+            check_tensor(value, name, dtypes=(param.dtype,), ndim=param.ndim)
+            if list(value.shape) != list(param.shape):
+                raise ValueError(f"{name}: expected shape {list(param.shape)}, got {list(value.shape)}")
+            param.set_value(value)
+        self.quant_method.process_weights_after_loading(self)
+
+    def forward(self, x: paddle.Tensor, gate_logits: paddle.Tensor | None = None, *, topk=None, runner=None):
+        """x [T, H] bf16 -> [T, H] bf16 routed-expert output (summed over ranks on EP paths).
+
+        Exactly one of gate_logits [T, num_experts] (routed with `route`) or
+        topk = (topk_weights [T, K_top] float32, topk_ids [T, K_top] int64 global ids).
+        runner: an EP runner (`backend.moe.ep_runner`) for the ht/ll paths, None for TP.
+        """
+        if (gate_logits is None) == (topk is None):
+            raise ValueError("gate_logits, topk: expected exactly one of them, got "
+                             f"{'both' if topk is not None else 'neither'}")
+        routing = gate_logits if gate_logits is not None else topk
+        return self.quant_method.apply(self, x, routing, runner)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
+                f"moe_intermediate_size={self.moe_intermediate_size}, ep_size={self.ep_size}, "
+                f"ep_rank={self.ep_rank}, topk_method={self.topk_method!r}, moe_phase={self.moe_phase!r}, "
+                f"quant_method={type(self.quant_method).__name__}")

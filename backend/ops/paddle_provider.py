@@ -1,0 +1,267 @@
+"""Portable provider of the ops contract: vectorized Paddle, CPU or GPU.
+
+Arguments arrive validated by `backend.ops`; see the docstrings there for shapes and layouts.
+This is an implementation of its own, not a call into `moe_ref` (only constants and the
+CUTLASS formula are shared): slots come from a running one-hot count per expert and rows
+move by scattering source indices, scale exponents come from `frexp`, packed words are read through a byte view.
+CPU Paddle has no arithmetic on float8 and no uint8 `scatter`/`max`/`multiply`, so fp8 rows
+move as uint8 bytes (gather only) and all math is float32 or int32/int64.
+"""
+from __future__ import annotations
+
+import paddle
+
+from moe_ref.fp8 import (BYTES_PER_WORD, E4M3_MAX, TMA_ALIGN, UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN,
+                         align)
+from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE
+
+from . import cutlass_sf
+from .cutlass_sf import SF_TILE_ROWS, SF_VEC_SIZE
+
+NAME = "paddle"
+
+FP8 = paddle.float8_e4m3fn
+SF_PER_GROUP = GROUP_SIZE // SF_VEC_SIZE          # 32-wide scale bytes per 128-wide group: 4
+
+
+def is_available() -> tuple[bool, str]:
+    """Always available: plain Paddle ops on whatever device the tensors live on."""
+    return True, "vectorized Paddle, any device"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _pow2_ceil_exponent(s: paddle.Tensor) -> paddle.Tensor:
+    """s [...] float32 > 0, normal -> int32 e with 2^(e-1) < s <= 2^e, clamped to UE8M0's 1-127..254-127.
+
+    frexp gives s = f · 2^x with f in [0.5, 1): s is a power of two exactly when f == 0.5.
+    """
+    f, x = paddle.frexp(s)
+    x = x.astype(paddle.int32)
+    e = paddle.where(f == 0.5, x - 1, x)
+    return paddle.clip(e, UE8M0_MIN_EXP - UE8M0_BIAS, UE8M0_MAX_EXP - UE8M0_BIAS)
+
+
+def _exp2(e: paddle.Tensor) -> paddle.Tensor:
+    """int32 exponents -> float32 2^e (exact, subnormals included)."""
+    return paddle.ldexp(paddle.ones(e.shape, dtype=paddle.float32), e)
+
+
+def _pack_bytes(b: paddle.Tensor) -> paddle.Tensor:
+    """b [..., G] int32 byte values -> [..., ceil(G/4)] int32 words, little-endian, padded with byte 0."""
+    g = int(b.shape[-1])
+    words = -(-g // BYTES_PER_WORD)
+    if words * BYTES_PER_WORD != g:
+        b = paddle.concat([b, paddle.zeros(list(b.shape[:-1]) + [words * BYTES_PER_WORD - g], dtype=b.dtype)], -1)
+    if b.numel() == 0:
+        return paddle.zeros(list(b.shape[:-1]) + [words], dtype=paddle.int32)
+    # Reinterpret 4 consecutive bytes as one little-endian int32 (the same bytes the GPU reads).
+    return b.astype(paddle.uint8).reshape(list(b.shape[:-1]) + [words * BYTES_PER_WORD]).view(paddle.int32)
+
+
+def _words_to_bytes(words: paddle.Tensor) -> paddle.Tensor:
+    """[..., C] int32 (any strides) -> [..., 4C] uint8, byte j of word p at column 4p + j.
+
+    clone, not contiguous(): Paddle 3.3's Tensor.contiguous() rewrites the caller's strided view in place.
+    """
+    return (words if words.is_contiguous() else words.clone()).view(paddle.uint8)
+
+
+def _decode_ue8m0(b: paddle.Tensor) -> paddle.Tensor:
+    """uint8 / int32 exponent bytes -> float32 2^(b - 127); 255 -> NaN."""
+    e = b.astype(paddle.int32)
+    out = _exp2(e - UE8M0_BIAS)
+    return paddle.where(e == UE8M0_NAN, paddle.full_like(out, float("nan")), out)
+
+
+def _quantize_groups(y: paddle.Tensor, block_size: int, use_ue8m0: bool, amax_floor: float):
+    """y [R, L] float32 -> (q [R, L] uint8 e4m3 bytes, scale [R, G] float32, exponent bytes [R, G] int32 | None)."""
+    r, length = (int(d) for d in y.shape)
+    g = -(-length // block_size)
+    if g * block_size != length:
+        y = paddle.concat([y, paddle.zeros([r, g * block_size - length], dtype=y.dtype)], axis=1)
+    groups = y.reshape([r, g, block_size])
+    amax = paddle.maximum(groups.abs().max(axis=-1), paddle.full([1], amax_floor, dtype=paddle.float32))
+    s = amax / E4M3_MAX
+    exp_bytes = None
+    if use_ue8m0:
+        e = _pow2_ceil_exponent(s)
+        s = _exp2(e)
+        exp_bytes = e + UE8M0_BIAS
+    q = paddle.clip(groups / s.unsqueeze(-1), -E4M3_MAX, E4M3_MAX).astype(FP8)
+    q = q.view(paddle.uint8).reshape([r, g * block_size])
+    if g * block_size != length:
+        q = q[:, :length].contiguous()
+    return q, s, exp_bytes
+
+
+def _valid_rows(counts: paddle.Tensor, rows_per_expert: int):
+    """counts [E] int32 -> (flat rows e·M + m of every m < counts[e] [V] int64, expert of each [V], m of each [V])."""
+    c = counts.astype(paddle.int64)
+    e = c.shape[0]
+    expert = paddle.repeat_interleave(paddle.arange(e, dtype=paddle.int64), c)
+    starts = paddle.cumsum(c) - c
+    m = paddle.arange(expert.shape[0], dtype=paddle.int64) - paddle.gather(starts, expert)
+    return expert * rows_per_expert + m, expert, m
+
+
+def _scatter_source_index(dest: paddle.Tensor, num_rows: int, num_src: int) -> paddle.Tensor:
+    """For each of num_rows destinations, the source row written there, or num_src (a zero row) if none.
+
+    dest [V] int64: destination of source row i (all distinct, in [0, num_rows)).
+    """
+    src = paddle.full([num_rows], num_src, dtype=paddle.int64)
+    if int(dest.shape[0]) == 0:
+        return src
+    return paddle.scatter(src, dest, paddle.arange(dest.shape[0], dtype=paddle.int64), overwrite=True)
+
+
+def _gather_rows_or_zero(x: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
+    """x [V, L] (uint8 / int32 / float32 / bf16), src [R] in [0, V] -> [R, L]; index V gives a zero row."""
+    padded = paddle.concat([x, paddle.zeros([1, int(x.shape[1])], dtype=x.dtype)], axis=0)
+    return paddle.gather(padded, src)
+
+
+def _mn_major(rows: paddle.Tensor, e: int, m: int) -> paddle.Tensor:
+    """rows [E·M, C] -> MN-major strided view, logical [E, M, C], strides (C·align(M,4), 1, align(M,4))."""
+    c = int(rows.shape[1])
+    m_pad = align(m, TMA_ALIGN)
+    physical = rows.reshape([e, m, c]).transpose([0, 2, 1])
+    if m_pad != m:
+        physical = paddle.concat([physical, paddle.zeros([e, c, m_pad - m], dtype=rows.dtype)], axis=2)
+    physical = physical.contiguous()
+    return paddle.as_strided(physical, [e, m, c], [c * m_pad, 1, m_pad])
+
+
+# ----------------------------------------------------------------------------- ops
+
+def per_token_quant(x, block_size, use_ue8m0):
+    t = int(x.shape[0])
+    q, s, exp_bytes = _quantize_groups(x.astype(paddle.float32), block_size, use_ue8m0, DEEPGEMM_AMAX_FLOOR)
+    q = q.view(FP8) if t else q.astype(FP8)
+    return q, (_pack_bytes(exp_bytes) if use_ue8m0 else s)
+
+
+def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+    e, m = num_local_experts, max_token_num
+    w, k_top = (int(d) for d in topk_ids.shape)
+    ids = topk_ids.astype(paddle.int64).reshape([-1])
+    valid = ids >= 0
+    # Counting, not sorting: a running one-hot count per expert over the (t, k) entries in
+    # token-major-then-k order gives each entry its slot. Memory: W·K_top·E int32.
+    one_hot = paddle.nn.functional.one_hot(paddle.where(valid, ids, paddle.full_like(ids, e)), e + 1)
+    running = paddle.cumsum(one_hot.astype(paddle.int32), axis=0)[:, :e]                  # [W·K_top, E]
+    safe_ids = paddle.where(valid, ids, paddle.zeros_like(ids)).unsqueeze(1)
+    slot = paddle.take_along_axis(running, safe_ids, axis=1).squeeze(1).astype(paddle.int64) - 1
+    dest = paddle.where(valid, ids * m + slot, paddle.full_like(ids, -1))
+    counts = running[-1] if w * k_top else paddle.zeros([e], dtype=paddle.int32)
+    # Scatter-based: each destination row learns the token written there (w: the appended zero row).
+    routed = paddle.nonzero(valid).flatten()
+    src_token = paddle.full([e * m], w, dtype=paddle.int64)
+    if int(routed.shape[0]):
+        src_token = paddle.scatter(src_token, paddle.gather(dest, routed), routed // k_top, overwrite=True)
+    x_rows = x.view(paddle.uint8) if x.dtype == FP8 else x
+    permute_x = _gather_rows_or_zero(x_rows, src_token)
+    if x.dtype == FP8:
+        permute_x = permute_x.view(FP8)
+    permute_x = permute_x.reshape([e, m, int(x.shape[1])])
+    permute_scale = None
+    if scale is not None:
+        permute_scale = _mn_major(_gather_rows_or_zero(scale, src_token), e, m)
+    return (permute_x, permute_scale, dest.reshape([w, k_top]).astype(paddle.int32),
+            counts.astype(paddle.int32).reshape([e, 1]))
+
+
+def unpack_and_convert_scale(scale, masked_m):
+    e, mn, c = (int(d) for d in scale.shape)
+    mn_pad = align(mn, SF_TILE_ROWS)
+    b = _words_to_bytes(scale).astype(paddle.int32)                          # [E, MN, 4C]
+    if masked_m is not None:
+        keep = paddle.arange(mn, dtype=paddle.int32).reshape([1, mn, 1]) < masked_m.reshape([e, 1, 1])
+        b = b * keep.astype(paddle.int32)
+    # One byte per 32 K-elements: each 128-group byte covers SF_PER_GROUP of them.
+    b = b.unsqueeze(-1).expand([e, mn, c * BYTES_PER_WORD, SF_PER_GROUP]).reshape([e, mn, -1])
+    if mn_pad != mn:
+        b = paddle.concat([b, paddle.zeros([e, mn_pad - mn, int(b.shape[2])], dtype=b.dtype)], axis=1)
+    return cutlass_sf.swizzle(b.astype(paddle.uint8))
+
+
+def cutlass_scale_to_fp32(sf, num_rows):
+    e, mn_pad, kb = (int(d) for d in sf.shape)
+    rm = cutlass_sf.unswizzle(sf).astype(paddle.int32).reshape([e, mn_pad, kb // SF_PER_GROUP, SF_PER_GROUP])
+    first = rm[..., :1]
+    disagree = (rm != first).any(axis=-1)
+    if bool(disagree.any()):
+        at = [int(i) for i in paddle.nonzero(disagree)[0]]
+        raise ValueError(f"sf: the {SF_PER_GROUP} bytes of 128-group {at[2]} of expert {at[0]}, row {at[1]} differ: "
+                         f"{rm[at[0], at[1], at[2]].tolist()} (expected one UE8M0 byte repeated per 32 K-elements)")
+    return _decode_ue8m0(first.squeeze(-1)[:, :num_rows])
+
+
+def _decode_sf_rows(sf: paddle.Tensor, expert: paddle.Tensor, row: paddle.Tensor, k: int) -> paddle.Tensor:
+    """Per-32 scales of rows (expert[i], row[i]) of CUTLASS SF bytes sf [E, MN_pad, KB], expanded to [V, K] fp32."""
+    _, mn_pad, kb = (int(d) for d in sf.shape)
+    kb_used = -(-k // SF_VEC_SIZE)
+    col = paddle.arange(kb_used, dtype=paddle.int64).unsqueeze(0)
+    offset = expert.unsqueeze(1) * (mn_pad * kb) + cutlass_sf.sf_byte_offset(row.unsqueeze(1), col, kb)
+    b = paddle.gather(sf.reshape([-1]), offset.reshape([-1])).reshape([-1, kb_used])
+    s = _decode_ue8m0(b)
+    return paddle.repeat_interleave(s, SF_VEC_SIZE, axis=1)[:, :k]
+
+
+def _fp8_rows_to_float(x: paddle.Tensor, rows: paddle.Tensor) -> paddle.Tensor:
+    return paddle.gather(x.view(paddle.uint8), rows).view(FP8).astype(paddle.float32)
+
+
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count):
+    e, n, k = (int(d) for d in b.shape)
+    rows, expert, m_idx = _valid_rows(masked_m, max_m_per_expert)
+    if int(rows.shape[0]) == 0:
+        return out
+    a_deq = _fp8_rows_to_float(a, rows) * _decode_sf_rows(sfa, expert, m_idx, k)         # [V, K]
+    b_expert = paddle.arange(e, dtype=paddle.int64).repeat_interleave(n)
+    b_row = paddle.arange(n, dtype=paddle.int64).tile([e])
+    b_deq = b.view(paddle.uint8).reshape([e * n, k]).view(FP8).astype(paddle.float32)
+    b_deq = (b_deq * _decode_sf_rows(sfb, b_expert, b_row, k)).reshape([e, n, k])
+    counts = [int(c) for c in masked_m.tolist()]
+    pieces, start = [], 0
+    for ex, c in enumerate(counts):
+        if c == 0:
+            continue
+        # Only the valid rows of this expert are multiplied: work scales with sum(masked_m), not E·M.
+        piece = paddle.matmul(a_deq[start:start + c], b_deq[ex], transpose_y=True)
+        if bias is not None:
+            piece = piece + bias[ex].astype(paddle.float32)
+        pieces.append(piece)
+        start += c
+    out[rows] = paddle.concat(pieces, axis=0).astype(out.dtype)
+    return out
+
+
+def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0):
+    e, m, i2 = (int(d) for d in up.shape)
+    i = i2 // 2
+    rows, _, _ = _valid_rows(token_nums_per_expert, m)
+    v = int(rows.shape[0])
+    u = paddle.gather(up.reshape([e * m, i2]), rows).astype(paddle.float32)
+    gate, lin = u[:, :i], u[:, i:]
+    y = (lin * gate / (1.0 + paddle.exp(-gate))).astype(paddle.bfloat16).astype(paddle.float32)
+    q, s, exp_bytes = _quantize_groups(y, block_size, use_ue8m0, FASTDEPLOY_AMAX_FLOOR)
+    scale_rows = _pack_bytes(exp_bytes) if use_ue8m0 else s
+    src = _scatter_source_index(rows, e * m, v)
+    act = _gather_rows_or_zero(q, src).view(FP8).reshape([e, m, i])
+    return act, _mn_major(_gather_rows_or_zero(scale_rows, src), e, m)
+
+
+def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_tokens):
+    e, m, h = (int(d) for d in ffn_out.shape)
+    flat = ffn_out.reshape([e * m, h])
+    idx = indice_map.astype(paddle.int64)
+    valid = idx >= 0
+    safe = paddle.where(valid, idx, paddle.zeros_like(idx))
+    acc = paddle.zeros([num_worst_tokens, h], dtype=paddle.float32)
+    for k in range(int(idx.shape[1])):
+        rows = paddle.gather(flat, safe[:, k]).astype(paddle.float32)
+        term = rows * topk_weights[:, k:k + 1]
+        acc = acc + paddle.where(valid[:, k:k + 1], term, paddle.zeros_like(term))
+    return acc.astype(paddle.bfloat16)

@@ -1,0 +1,483 @@
+"""Triton kernels of the FP8 block-quantized MoE path (SPEC §3-8), framework-neutral.
+
+The kernels take raw pointers; `launch.py` wraps them for torch tensors. Nothing here imports
+Paddle or torch, and nothing runs at import time (no tuning, no device query).
+
+Layouts, in the order of the data flow:
+
+    per_token_quant        x [T, H] -> q [T, H] e4m3 bytes, scale [T, S] fp32 | [T, ceil(S/4)] packed UE8M0
+    permute (3 kernels)    count per chunk -> prefix on host/device -> slot + scatter rows (deterministic)
+    unpack_sf              packed UE8M0 [E, MN, C] (any strides) -> CUTLASS SM100 SF bytes [E, MN_pad, 16C]
+    group_gemm_masked      a [E·M, K] e4m3 x b [E, N, K] e4m3 -> out [E·M, N] bf16, rows < masked_m[e]
+    swiglu_quant           up [E, M, 2I] -> act [E, M, I] e4m3 bytes + MN-major scales
+    combine                ffn_out [E, M, H] gathered by indice_map, weighted, float32 sum -> [W, H] bf16
+
+Two casts are written out by hand:
+- `_e4m3_bits` (float32 -> e4m3fn bits, round to nearest even) is used under the Triton
+  interpreter (EXACT_CAST=True): the interpreter of Triton 3.6 rounds values just below a power
+  of two wrongly (127.9 -> 64.0); on a GPU the hardware cvt.rn.satfinite is exact and is used.
+- UE8M0 scales are built from the float32 exponent field (SPEC §2: round *up*).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Format constants. This module must import without Paddle (the GPU machine has none), so they
+# cannot come from moe_ref.fp8 / backend.ops.cutlass_sf; tests/test_triton_provider.py asserts
+# that they equal those modules' values.
+E4M3_MAX = tl.constexpr(448.0)          # moe_ref.fp8.E4M3_MAX
+UE8M0_MIN_EXP = tl.constexpr(1)         # moe_ref.fp8.UE8M0_MIN_EXP
+UE8M0_MAX_EXP = tl.constexpr(254)       # moe_ref.fp8.UE8M0_MAX_EXP
+BYTES_PER_WORD = tl.constexpr(4)        # moe_ref.fp8.BYTES_PER_WORD
+SF_VEC_SIZE = tl.constexpr(32)          # backend.ops.cutlass_sf.SF_VEC_SIZE
+SF_TILE_ROWS = tl.constexpr(128)        # backend.ops.cutlass_sf.SF_TILE_ROWS
+SF_TILE_COLS = tl.constexpr(4)          # backend.ops.cutlass_sf.SF_TILE_COLS
+SF_ROW_GROUP = tl.constexpr(32)         # backend.ops.cutlass_sf.SF_ROW_GROUP
+SF_TILE_BYTES = tl.constexpr(512)       # backend.ops.cutlass_sf.SF_TILE_BYTES
+
+
+# ----------------------------------------------------------------------------- helpers
+
+@triton.jit
+def _e4m3_bits(y):
+    """y float32 already clamped to [-448, 448] -> e4m3fn bit pattern as int32 (RTNE), integer math only."""
+    bits = y.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a = tl.abs(y)
+    abits = a.to(tl.int32, bitcast=True)
+    mant = abits & 0x7FFFFF
+    # normal range (a >= 2^-6): keep 3 mantissa bits, ties to even; a carry rolls into the exponent
+    normal = (((abits >> 23) - 120) << 3) + ((mant + 0x7FFFF + ((mant >> 20) & 1)) >> 20)
+    # subnormal range: 2^14 + a rounds a to a multiple of 2^-9 (float32 ulp of 2^14); count the ulps
+    sub = (a + 16384.0).to(tl.int32, bitcast=True) - 0x46800000
+    return tl.where(a < 0.015625, sub, normal) | sign
+
+
+@triton.jit
+def _to_e4m3_bytes(y, EXACT_CAST: tl.constexpr):
+    """float32 y -> clamp to [-448, 448] -> e4m3fn bits as uint8 (SPEC §1: clamp first, then cast)."""
+    y = tl.minimum(tl.maximum(y, -E4M3_MAX), E4M3_MAX)
+    if EXACT_CAST:
+        return _e4m3_bits(y).to(tl.uint8)
+    else:
+        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+
+
+@triton.jit
+def _scale_from_amax(amax, UE8M0: tl.constexpr):
+    """amax float32 > 0 -> (scale float32, UE8M0 exponent byte as int32; 0 when not UE8M0)."""
+    s = tl.math.div_rn(amax, E4M3_MAX)
+    if UE8M0:
+        bits = s.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        e = tl.minimum(tl.maximum(e, UE8M0_MIN_EXP), UE8M0_MAX_EXP)
+        return (e << 23).to(tl.float32, bitcast=True), e
+    else:
+        return s, tl.zeros_like(s.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _sf_word_offset(r, g, num_groups):
+    """Offset in int32 words of the 4 CUTLASS SF bytes (r, 4g..4g+3) (SPEC §4 step 2).
+
+    The byte formula of backend.ops.cutlass_sf.sf_byte_offset with kb = 4g + j: the 4 bytes of one
+    128-wide group are contiguous, so one word holds them. num_groups = KB // 4.
+    """
+    tile = (r // SF_TILE_ROWS) * num_groups + g
+    return (tile * SF_TILE_BYTES + (r % SF_ROW_GROUP) * (SF_TILE_COLS * (SF_TILE_ROWS // SF_ROW_GROUP))
+            + ((r % SF_TILE_ROWS) // SF_ROW_GROUP) * SF_TILE_COLS) // BYTES_PER_WORD
+
+
+@triton.jit
+def _sf_byte_offset(r, kb, num_cols):
+    """backend.ops.cutlass_sf.sf_byte_offset, written in Triton (byte (r, kb) of a [MN, KB] SF matrix)."""
+    tile = (r // SF_TILE_ROWS) * (num_cols // SF_TILE_COLS) + kb // SF_TILE_COLS
+    return (tile * SF_TILE_BYTES + (r % SF_ROW_GROUP) * (SF_TILE_COLS * (SF_TILE_ROWS // SF_ROW_GROUP))
+            + ((r % SF_TILE_ROWS) // SF_ROW_GROUP) * SF_TILE_COLS + kb % SF_TILE_COLS)
+
+
+# ----------------------------------------------------------------------------- §3 per-token quant
+
+@triton.jit
+def per_token_quant_kernel(x_ptr, q_ptr, s_ptr, T, H, S, stride_x, stride_q, stride_s, amax_floor,
+                           GROUP: tl.constexpr, BLOCK_T: tl.constexpr, UE8M0: tl.constexpr,
+                           EXACT_CAST: tl.constexpr):
+    """One program: BLOCK_T tokens x 4 groups of GROUP columns (one packed UE8M0 word per token).
+
+    x [T, H] bf16|fp32 -> q [T, H] uint8 (e4m3 bits); s [T, S] fp32 or [T, ceil(S/4)] int32 words.
+    """
+    pid_t = tl.program_id(0)
+    pid_w = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = pid_w * (4 * GROUP) + tl.arange(0, 4 * GROUP)
+    row_ok = rows < T
+    mask = row_ok[:, None] & (cols < H)[None, :]
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x3 = tl.reshape(x, (BLOCK_T, 4, GROUP))
+    amax = tl.maximum(tl.max(tl.abs(x3), axis=2), amax_floor)                     # [BLOCK_T, 4]
+    s, e = _scale_from_amax(amax, UE8M0)
+    q = _to_e4m3_bytes(tl.math.div_rn(x3, s[:, :, None]), EXACT_CAST)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], tl.reshape(q, (BLOCK_T, 4 * GROUP)),
+             mask=mask)
+    g = pid_w * 4 + tl.arange(0, 4)
+    g_ok = g < S
+    if UE8M0:
+        e = tl.where(g_ok[None, :], e, 0)                                            # missing groups pad with byte 0
+        word = tl.sum(e << (tl.arange(0, 4) * 8)[None, :], axis=1)
+        tl.store(s_ptr + rows.to(tl.int64) * stride_s + pid_w, word, mask=row_ok)
+    else:
+        tl.store(s_ptr + rows[:, None].to(tl.int64) * stride_s + g[None, :], s, mask=row_ok[:, None] & g_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- §5 permute
+
+@triton.jit
+def _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr):
+    """Expert ids of one chunk of BLOCK_W tokens, flattened token-major then k -> (ids, in_range, onehot)."""
+    chunk = tl.program_id(0)
+    t = chunk * BLOCK_W + tl.arange(0, BLOCK_W)
+    k = tl.arange(0, KP)
+    ok = (t < W)[:, None] & (k < K_TOP)[None, :]
+    ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * stride_ids + k[None, :], mask=ok, other=-1).to(tl.int32)
+    ids = tl.reshape(ids, (BLOCK_W * KP,))
+    ok = tl.reshape(ok, (BLOCK_W * KP,))
+    onehot = (ids[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)           # [BLOCK_W*KP, E_PAD]
+    return ids, ok, onehot
+
+
+@triton.jit
+def permute_count_kernel(ids_ptr, hist_ptr, bad_ptr, W, K_TOP, E, stride_ids,
+                         BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr):
+    """hist [chunks, E_PAD] int32: rows per expert in this chunk; bad [chunks]: ids outside [-1, E)."""
+    ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
+    chunk = tl.program_id(0)
+    tl.store(hist_ptr + chunk * E_PAD + tl.arange(0, E_PAD), tl.sum(onehot, axis=0))
+    tl.store(bad_ptr + chunk, tl.sum((ok & ((ids < -1) | (ids >= E))).to(tl.int32), axis=0))
+
+
+@triton.jit
+def permute_slot_kernel(ids_ptr, offset_ptr, map_ptr, W, K_TOP, M, stride_ids,
+                        BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr):
+    """map [W, K_TOP] int32 = e·M + slot (slot = rows of e before this entry, token-major then k) or -1.
+
+    offset [chunks, E_PAD]: rows of each expert in all earlier chunks (exclusive prefix of hist).
+    """
+    ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
+    chunk = tl.program_id(0)
+    before = tl.cumsum(onehot, axis=0) - onehot                                    # same expert, earlier in chunk
+    rank = tl.sum(before * onehot, axis=1)
+    base = tl.load(offset_ptr + chunk * E_PAD + tl.maximum(ids, 0))
+    value = tl.where(ids >= 0, ids * M + base + rank, -1)
+    flat = chunk * BLOCK_W * KP + tl.arange(0, BLOCK_W * KP)
+    t = flat // KP
+    k = flat % KP
+    tl.store(map_ptr + t.to(tl.int64) * K_TOP + k, value, mask=ok)
+
+
+@triton.jit
+def permute_scatter_kernel(x_ptr, map_ptr, px_ptr, s_ptr, ps_ptr, ROW, S_COLS, M, M_PAD,
+                           stride_x, stride_s, K_TOP: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """Copy token t's row (ROW elements of any type up to 4 bytes) to every slot it was given.
+
+    px [E·M, ROW]; ps physical [E, S_COLS, M_PAD] (MN-major): element (e, slot, c) at e·S_COLS·M_PAD + c·M_PAD + slot.
+    """
+    t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    cols = pid_c * BLOCK + tl.arange(0, BLOCK)
+    row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < ROW)
+    for k in tl.static_range(K_TOP):
+        d = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k)
+        if d >= 0:
+            tl.store(px_ptr + d.to(tl.int64) * ROW + cols, row, mask=cols < ROW)
+    if HAS_SCALE:
+        if pid_c == 0:
+            for c0 in range(0, S_COLS, 64):
+                c = c0 + tl.arange(0, 64)
+                sv = tl.load(s_ptr + t.to(tl.int64) * stride_s + c, mask=c < S_COLS)
+                for k in tl.static_range(K_TOP):
+                    d = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k)
+                    if d >= 0:
+                        tl.store(ps_ptr + ((d // M) * S_COLS + c).to(tl.int64) * M_PAD + d % M, sv,
+                                 mask=c < S_COLS)
+
+
+@triton.jit
+def zero_tail_rows_kernel(px_ptr, counts_ptr, M, ROW, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
+    """px [E, M, ROW]: rows >= counts[e] of expert e become zero (every byte of px is written once)."""
+    e = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    cnt = tl.load(counts_ptr + e)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    if pid_r * BLOCK_R + BLOCK_R > cnt:
+        dead = (rows >= cnt) & (rows < M)
+        base = (e.to(tl.int64) * M + rows) * ROW
+        for c0 in range(0, ROW, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            zeros = tl.zeros((BLOCK_R, BLOCK), dtype=px_ptr.dtype.element_ty)
+            tl.store(px_ptr + base[:, None] + c[None, :], zeros, mask=dead[:, None] & (c < ROW)[None, :])
+
+
+# ----------------------------------------------------------------------------- §4 scales -> CUTLASS SF
+
+@triton.jit
+def unpack_sf_kernel(w_ptr, counts_ptr, out_ptr, MN, NUM_GROUPS, stride_e, stride_mn, stride_c,
+                     HAS_COUNTS: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Packed UE8M0 words [E, MN, C] (any strides) -> CUTLASS SF bytes, written as int32 words.
+
+    Group g of row r (byte g % 4 of word g // 4) becomes 4 equal bytes (one per 32 K-elements),
+    i.e. one output word. NUM_GROUPS = 4C = KB // 4. Rows >= MN (padding to 128) and rows >= counts[e]
+    are zero. out: [E, MN_pad, KB] bytes viewed as int32, expert stride MN_pad·KB/4 words.
+    """
+    e = tl.program_id(0)
+    rt = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    r = rt * SF_TILE_ROWS + tl.arange(0, SF_TILE_ROWS)
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    live = r < MN
+    if HAS_COUNTS:
+        live = live & (r < tl.load(counts_ptr + e))
+    ok = live[None, :] & (g < NUM_GROUPS)[:, None]                                  # [BLOCK_G, 128]
+    word = tl.load(w_ptr + e.to(tl.int64) * stride_e + r[None, :].to(tl.int64) * stride_mn
+                   + (g[:, None] // 4) * stride_c, mask=ok, other=0)
+    b = (word >> ((g[:, None] % 4) * 8)) & 0xFF
+    rep = b | (b << 8) | (b << 16) | (b << 24)
+    mn_pad = tl.num_programs(1) * SF_TILE_ROWS
+    dst = e.to(tl.int64) * mn_pad * NUM_GROUPS + _sf_word_offset(r[None, :], g[:, None], NUM_GROUPS)
+    tl.store(out_ptr + dst, rep, mask=(g < NUM_GROUPS)[:, None])
+
+
+@triton.jit
+def sf_to_fp32_kernel(sf_ptr, out_ptr, bad_ptr, NUM_ROWS, MN_PAD, NUM_GROUPS, BLOCK_G: tl.constexpr):
+    """CUTLASS SF bytes (as int32 words) -> fp32 [E, NUM_ROWS, NUM_GROUPS]: 2^(byte - 127) per 128-group.
+
+    byte 0 -> 2^-127 (subnormal), 255 -> NaN, as moe_ref.fp8.ue8m0_decode. bad[program] counts groups
+    whose 4 bytes disagree (the launcher raises).
+    """
+    e = tl.program_id(0)
+    rt = tl.program_id(1)
+    pid_g = tl.program_id(2)
+    r = rt * SF_TILE_ROWS + tl.arange(0, SF_TILE_ROWS)
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    ok = (r < NUM_ROWS)[None, :] & (g < NUM_GROUPS)[:, None]
+    word = tl.load(sf_ptr + e.to(tl.int64) * MN_PAD * NUM_GROUPS + _sf_word_offset(r[None, :], g[:, None], NUM_GROUPS),
+                   mask=ok, other=0)
+    b0 = word & 0xFF
+    same = (((word >> 8) & 0xFF) == b0) & (((word >> 16) & 0xFF) == b0) & (((word >> 24) & 0xFF) == b0)
+    bits = tl.where(b0 == 0, 1 << 22, tl.where(b0 == 255, 0x7FC00000, b0 << 23))
+    tl.store(out_ptr + (e.to(tl.int64) * NUM_ROWS + r[None, :]) * NUM_GROUPS + g[:, None],
+             bits.to(tl.float32, bitcast=True), mask=ok)
+    flat = (e * tl.num_programs(1) + rt) * tl.num_programs(2) + pid_g
+    tl.store(bad_ptr + flat, tl.sum(tl.sum((ok & ~same).to(tl.int32), axis=1), axis=0))
+
+
+# ----------------------------------------------------------------------------- §6 masked grouped GEMM
+
+@triton.jit
+def _masked_tile(tile_id, counts, tiles_incl, tiles, m_tiles, E_PAD: tl.constexpr):
+    """Tile id -> (expert, m-tile, n-tile, valid rows of that expert). Order: expert, n-tile, m-tile fastest."""
+    lanes = tl.arange(0, E_PAD)
+    e = tl.sum((tiles_incl <= tile_id).to(tl.int32), axis=0)
+    pick = lanes == e
+    local = tile_id - tl.sum(tl.where(pick, tiles_incl - tiles, 0), axis=0)
+    mt = tl.maximum(tl.sum(tl.where(pick, m_tiles, 0), axis=0), 1)
+    cnt = tl.sum(tl.where(pick, counts, 0), axis=0)
+    return e, local % mt, local // mt, cnt
+
+
+@triton.jit
+def _tile_table(counts_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, E_PAD: tl.constexpr):
+    """Per-expert valid rows, m-tiles, tiles and inclusive prefix of tiles; total tiles. Only valid rows get tiles."""
+    lanes = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + lanes, mask=lanes < E, other=0)
+    m_tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tiles = m_tiles * tl.cdiv(N, BLOCK_N)
+    tiles_incl = tl.cumsum(tiles, axis=0)
+    return counts, m_tiles, tiles, tiles_incl, tl.sum(tiles, axis=0)
+
+
+@triton.jit
+def _load_block_scales(sa_ptr, sb_ptr, e, rows, cols, kb,
+                       sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE: tl.constexpr):
+    """Scales of one 128-wide K step: (sa [BLOCK_M], sb [BLOCK_N]) float32.
+
+    SCALE_MODE 0 (Hopper recipe): sa fp32 logical [E, M, S] with strides (sa_se, sa_sm, sa_sk);
+      sb fp32 [E, ceil(N/128), ceil(K/128)] with strides (sb_se, sb_sn, sb_sk), 128x128 blocks.
+    SCALE_MODE 1 (CUTLASS UE8M0 bytes read as int32 words): sa_se / sb_se = expert stride in words,
+      sa_sk / sb_sk = KB // 4; the first byte of each group's 4 is used (they are equal when the SF
+      bytes come from unpack_and_convert_scale; the dot_scaled kernel honours all 4).
+    """
+    if SCALE_MODE == 0:
+        sa = tl.load(sa_ptr + e * sa_se + rows * sa_sm + kb * sa_sk)
+        sb = tl.load(sb_ptr + e * sb_se + (cols // 128) * sb_sn + kb * sb_sk)
+    else:
+        wa = tl.load(sa_ptr + e.to(tl.int64) * sa_se + _sf_word_offset(rows, kb, sa_sk))
+        wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(cols, kb, sb_sk))
+        sa = ((wa & 0xFF) << 23).to(tl.float32, bitcast=True)
+        sb = ((wb & 0xFF) << 23).to(tl.float32, bitcast=True)
+    return sa, sb
+
+
+@triton.jit
+def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, bias_ptr,
+                             E, M, N, K,
+                             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                             SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                             EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr):
+    """Masked grouped GEMM with explicit per-128 scales (SPEC §6), fp32 accumulation.
+
+    a [E·M, K] e4m3, b [E, N, K] e4m3 (both K-contiguous), out [E·M, N] bf16 written for rows < counts[e] only.
+    Tiles exist only for valid rows (a table built from counts in every program), so the time follows
+    the valid rows; a program walks tiles pid, pid + nprog, ... (GRID_MODE picks nprog in the launcher:
+    one tile per program, or a persistent grid). Each 128-wide K step: acc += (a·bᵀ) · sa ⊗ sb.
+    """
+    gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile_id in range(pid, total, nprog):
+        e, pid_m, pid_n, cnt = _masked_tile(tile_id, gl_counts, tiles_incl, tiles, m_tiles, E_PAD)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_c = tl.minimum(rows, cnt - 1)             # rows past the count re-read a valid row: no load mask
+        cols_c = tl.minimum(cols, N - 1)
+        a_ptrs = a_ptr + (e.to(tl.int64) * M + rows_c)[:, None] * K + offs_k[None, :]
+        b_ptrs = b_ptr + (e.to(tl.int64) * N + cols_c)[:, None] * K + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = (kb * BLOCK_K + offs_k) < K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+            sa, sb = _load_block_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, kb,
+                                        sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE)
+            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
+        tl.store(out_ptrs, acc.to(tl.bfloat16), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_ptr, out_ptr, bias_ptr,
+                                        E, M, N, K, sfa_se, sfa_cols, sfb_se, sfb_cols,
+                                        HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
+                                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                        EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, EMULATE: tl.constexpr):
+    """Masked grouped GEMM on `tl.dot_scaled`: e4m3 operands with one UE8M0 byte per 32 K-elements.
+
+    sfa / sfb: CUTLASS SF bytes (uint8), expert strides sfa_se / sfb_se bytes, KB columns sfa_cols / sfb_cols.
+    Native on SM100 (tcgen05 block-scaled MMA); on SM90 Triton decomposes it (upcast to bf16 times the
+    scale, bf16 MMA). EMULATE=True does that decomposition by hand (the Triton 3.6 interpreter has no
+    dot_scaled), so the interpreter still checks the indexing.
+    """
+    gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    SK: tl.constexpr = BLOCK_K // SF_VEC_SIZE
+    offs_s = tl.arange(0, SK)
+    for tile_id in range(pid, total, nprog):
+        e, pid_m, pid_n, cnt = _masked_tile(tile_id, gl_counts, tiles_incl, tiles, m_tiles, E_PAD)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_c = tl.minimum(rows, cnt - 1)
+        cols_c = tl.minimum(cols, N - 1)
+        a_ptrs = a_ptr + (e.to(tl.int64) * M + rows_c)[:, None] * K + offs_k[None, :]
+        b_ptrs = b_ptr + (e.to(tl.int64) * N + cols_c)[:, None] * K + offs_k[None, :]
+        sfa_base = sfa_ptr + e.to(tl.int64) * sfa_se
+        sfb_base = sfb_ptr + e.to(tl.int64) * sfb_se
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                k_ok = (kb * BLOCK_K + offs_k) < K
+                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+            kcol = kb * SK + offs_s
+            sa = tl.load(sfa_base + _sf_byte_offset(rows_c[:, None], kcol[None, :], sfa_cols))     # [BM, SK] uint8
+            sb = tl.load(sfb_base + _sf_byte_offset(cols_c[:, None], kcol[None, :], sfb_cols))     # [BN, SK]
+            if EMULATE:
+                fa = ((sa.to(tl.int32) << 23).to(tl.float32, bitcast=True))
+                fb = ((sb.to(tl.int32) << 23).to(tl.float32, bitcast=True))
+                fa = tl.reshape(tl.broadcast_to(fa[:, :, None], (BLOCK_M, SK, SF_VEC_SIZE)), (BLOCK_M, BLOCK_K))
+                fb = tl.reshape(tl.broadcast_to(fb[:, :, None], (BLOCK_N, SK, SF_VEC_SIZE)), (BLOCK_N, BLOCK_K))
+                acc += tl.dot(a.to(tl.float32) * fa, tl.trans(b.to(tl.float32) * fb))
+            else:
+                acc = tl.dot_scaled(a, sa, "e4m3", tl.trans(b), sb, "e4m3", acc)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
+        out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
+        tl.store(out_ptrs, acc.to(tl.bfloat16), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
+
+
+# ----------------------------------------------------------------------------- §7 SwiGLU + quant
+
+@triton.jit
+def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, stride_ue, stride_um,
+                        amax_floor, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, UE8M0: tl.constexpr,
+                        EXACT_CAST: tl.constexpr):
+    """up [E, M, 2I] -> q [E, M, I] uint8 (e4m3 bits), s physical [E, S_COLS, M_PAD] (MN-major).
+
+    One program: BLOCK_R rows x 4 groups (one packed word). y = bf16(lin · gate / (1 + exp(-gate)))
+    in float32; rows >= counts[e] are written as zeros (q and s) without reading up.
+    """
+    e = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_w = tl.program_id(2)
+    cnt = tl.load(counts_ptr + e)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_w * (4 * GROUP) + tl.arange(0, 4 * GROUP)
+    live = rows < cnt
+    in_m = rows < M
+    ld = live[:, None] & (cols < I)[None, :]
+    base = up_ptr + e.to(tl.int64) * stride_ue + rows[:, None].to(tl.int64) * stride_um + cols[None, :]
+    gate = tl.load(base, mask=ld, other=0.0).to(tl.float32)
+    lin = tl.load(base + I, mask=ld, other=0.0).to(tl.float32)
+    y = tl.math.div_rn(lin * gate, 1.0 + tl.exp(-gate))
+    y = y.to(tl.bfloat16).to(tl.float32)
+    y3 = tl.reshape(y, (BLOCK_R, 4, GROUP))
+    amax = tl.maximum(tl.max(tl.abs(y3), axis=2), amax_floor)
+    s, ex = _scale_from_amax(amax, UE8M0)
+    q = tl.reshape(_to_e4m3_bytes(tl.math.div_rn(y3, s[:, :, None]), EXACT_CAST), (BLOCK_R, 4 * GROUP))
+    q = tl.where(live[:, None], q, tl.zeros_like(q))
+    tl.store(q_ptr + (e.to(tl.int64) * M + rows)[:, None] * I + cols[None, :], q,
+             mask=in_m[:, None] & (cols < I)[None, :])
+    g = pid_w * 4 + tl.arange(0, 4)
+    s_base = s_ptr + e.to(tl.int64) * S_COLS * M_PAD
+    if UE8M0:
+        ex = tl.where(live[:, None] & (g < tl.cdiv(I, GROUP))[None, :], ex, 0)
+        word = tl.sum(ex << (tl.arange(0, 4) * 8)[None, :], axis=1)
+        tl.store(s_base + pid_w * M_PAD + rows, word, mask=in_m)
+    else:
+        s = tl.where(live[:, None], s, 0.0)
+        tl.store(s_base + g[None, :] * M_PAD + rows[:, None], s, mask=in_m[:, None] & (g < S_COLS)[None, :])
+
+
+# ----------------------------------------------------------------------------- §8 depermute + combine
+
+@triton.jit
+def combine_kernel(ffn_ptr, map_ptr, w_ptr, out_ptr, H, stride_map, stride_w,
+                   K_TOP: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out [W, H] bf16 = Σ_k w[t, k] · ffn[map[t, k]] over map >= 0, float32, k ascending; ffn [E·M, H]."""
+    t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for k in tl.static_range(K_TOP):
+        d = tl.load(map_ptr + t.to(tl.int64) * stride_map + k).to(tl.int64)
+        if d >= 0:
+            wk = tl.load(w_ptr + t.to(tl.int64) * stride_w + k)
+            row = tl.load(ffn_ptr + d * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+            acc += wk * row
+    tl.store(out_ptr + t.to(tl.int64) * H + cols, acc.to(tl.bfloat16), mask=cols < H)

@@ -1,0 +1,379 @@
+"""torch launchers of the Triton kernels (SPEC §3-8). Torch tensors in and out, no Paddle.
+
+Every function here takes already-shaped tensors on one device (CUDA, or CPU under
+TRITON_INTERPRET=1) and returns new torch tensors (group_gemm_* write `out` in place).
+Shapes use SPEC §0 names. GEMM tile configs are picked at the first call of a shape
+(a short timing of the candidates on the GPU, cached per process; `FD_TRITON_AUTOTUNE=0`
+uses the first candidate); nothing is tuned or queried at import.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+from . import kernels as K
+
+GROUP_SIZE = 128          # 1x128 activation groups / 128x128 weight blocks (moe_ref.quant.GROUP_SIZE)
+TMA_ALIGN = 4             # MN axis of MN-major scales padded to 4 elements (moe_ref.fp8.TMA_ALIGN)
+DEEPGEMM_AMAX_FLOOR = 1e-4    # per_token_quant floor (moe_ref.quant.DEEPGEMM_AMAX_FLOOR)
+SWIGLU_AMAX_FLOOR = 1e-10     # fused SwiGLU quant floor (SPEC §7)
+
+
+def interpreting() -> bool:
+    """True when the kernels were decorated under the Triton interpreter (TRITON_INTERPRET=1 at import of
+    `kernels`): they then run on CPU tensors, and the launchers pick exact casts and small grids."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(K.per_token_quant_kernel, InterpretedFunction)
+
+
+def _align(n: int, m: int) -> int:
+    return -(-int(n) // m) * m
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _fp8_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- §3
+
+def per_token_quant(x: torch.Tensor, block_size: int = GROUP_SIZE, use_ue8m0: bool = False,
+                    amax_floor: float = DEEPGEMM_AMAX_FLOOR):
+    """1 x block_size quantization. x [T, H] bf16|fp32 -> (q [T, H] float8_e4m3fn, scale).
+
+    scale: [T, S] fp32 row-major (S = ceil(H/block_size)), x ~= q · s; with use_ue8m0 the scales
+    are powers of two (smallest >= amax/448) packed UE8M0 [T, ceil(S/4)] int32 row-major.
+    block_size must be a power of two (a Triton block).
+    """
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size: the Triton kernel needs a power of two, got {block_size}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    t, h = x.shape
+    s = -(-h // block_size)
+    words = -(-s // 4)
+    q = torch.empty((t, h), dtype=torch.float8_e4m3fn, device=x.device)
+    if use_ue8m0:
+        scale = torch.empty((t, words), dtype=torch.int32, device=x.device)
+    else:
+        scale = torch.empty((t, s), dtype=torch.float32, device=x.device)
+    if t == 0:
+        return q, scale
+    block_t = max(1, min(16, 4096 // (4 * block_size)))
+    grid = (triton.cdiv(t, block_t), words)
+    K.per_token_quant_kernel[grid](x, _fp8_bytes(q), scale, t, h, s, x.stride(0), q.stride(0), scale.stride(0),
+                                   float(amax_floor), GROUP=block_size, BLOCK_T=block_t, UE8M0=bool(use_ue8m0),
+                                   EXACT_CAST=interpreting(), num_warps=4)
+    return q, scale
+
+
+# ----------------------------------------------------------------------------- §5
+
+def _row_view(x: torch.Tensor) -> torch.Tensor:
+    """Contiguous [W, H] of any dtype -> its bytes as int32 words per row when they divide, else uint8."""
+    b = x.view(torch.uint8)
+    return b.view(torch.int32) if b.shape[1] % 4 == 0 else b
+
+
+def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, topk_ids: torch.Tensor,
+                                   num_local_experts: int, max_token_num: int):
+    """Scatter tokens to the masked per-expert layout (SPEC §5), deterministic, no atomics.
+
+    x [W, H] fp8|bf16; scale [W, S'] fp32 | packed int32 | None; topk_ids [W, K_top] int32|int64
+    (-1 anywhere). Returns (permute_x [E, M, H], permute_scale MN-major view logical [E, M, S']
+    strides (S'·align(M,4), 1, align(M,4)) or None, permuted_indice_map [W, K_top] int32,
+    token_nums_per_expert [E, 1] int32). Slots follow token order then k. Rows past the count of an
+    expert are zero. An id outside [-1, E) or a count above M raises ValueError (checked on the host
+    after the count kernel: one synchronization).
+    """
+    w, h = x.shape
+    k_top = topk_ids.shape[1]
+    e_num, m = int(num_local_experts), int(max_token_num)
+    dev = x.device
+    ids = topk_ids if topk_ids.stride(-1) == 1 else topk_ids.contiguous()
+    e_pad, kp = _pow2(e_num), _pow2(k_top)
+    block_w = max(1, min(64, 16384 // (kp * e_pad)))
+    block_w = 1 << (block_w.bit_length() - 1)
+    chunks = max(1, triton.cdiv(w, block_w))
+    hist = torch.empty((chunks, e_pad), dtype=torch.int32, device=dev)
+    bad = torch.empty((chunks,), dtype=torch.int32, device=dev)
+    if w:
+        K.permute_count_kernel[(chunks,)](ids, hist, bad, w, k_top, e_num, ids.stride(0),
+                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
+    else:
+        hist.zero_(), bad.zero_()
+    counts = hist.sum(0, dtype=torch.int32)[:e_num]
+    n_bad, worst = (int(v) for v in torch.stack([bad.sum(), counts.max()]).tolist())
+    if n_bad:
+        raise ValueError(f"topk_ids: {n_bad} expert ids outside [-1, {e_num}) (num_local_experts = {e_num})")
+    if worst > m:
+        ex = int(torch.argmax(counts))
+        raise ValueError(f"topk_ids: expert {ex} receives {worst} rows, more than max_token_num = {m}")
+    offsets = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()
+    indice_map = torch.empty((w, k_top), dtype=torch.int32, device=dev)
+    if w:
+        K.permute_slot_kernel[(chunks,)](ids, offsets, indice_map, w, k_top, m, ids.stride(0),
+                                         BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
+
+    permute_x = torch.empty((e_num, m, h), dtype=x.dtype, device=dev)
+    m_pad = _align(m, TMA_ALIGN)
+    s_cols = 0 if scale is None else scale.shape[1]
+    ps_phys = None
+    if scale is not None:
+        ps_phys = torch.zeros((e_num, s_cols, m_pad), dtype=scale.dtype, device=dev)
+    xv = _row_view(x.contiguous())
+    pxv = _row_view(permute_x.view(e_num * m, h))
+    row = xv.shape[1]
+    block = min(2048, _pow2(row))
+    if w:
+        sv = None if scale is None else (scale if scale.stride(-1) == 1 else scale.contiguous())
+        s_bits = None if sv is None else (sv.view(torch.int32))
+        ps_bits = None if ps_phys is None else ps_phys.view(torch.int32)
+        K.permute_scatter_kernel[(w, triton.cdiv(row, block))](
+            xv, indice_map, pxv, s_bits if s_bits is not None else indice_map,
+            ps_bits if ps_bits is not None else indice_map, row, s_cols, m, m_pad, xv.stride(0),
+            0 if s_bits is None else s_bits.stride(0), K_TOP=k_top, HAS_SCALE=scale is not None, BLOCK=block,
+            num_warps=4)
+    block_r = 16
+    K.zero_tail_rows_kernel[(e_num, triton.cdiv(m, block_r))](pxv, counts, m, row, BLOCK_R=block_r,
+                                                              BLOCK=min(512, _pow2(row)), num_warps=4)
+    permute_scale = None
+    if ps_phys is not None:
+        permute_scale = ps_phys.as_strided((e_num, m, s_cols), (s_cols * m_pad, 1, m_pad))
+    return permute_x, permute_scale, indice_map, counts.view(e_num, 1).contiguous()
+
+
+# ----------------------------------------------------------------------------- §4
+
+def unpack_and_convert_scale(scale: torch.Tensor, masked_m: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed UE8M0 [E, MN, C] int32 (any strides) -> CUTLASS SM100 SF bytes uint8 [E, align(MN,128), 16·C].
+
+    Each 128-group byte is repeated 4 times (one per 32 K-elements) and swizzled (SPEC §4);
+    rows >= MN and rows >= masked_m[e] (int32 [E] or [E, 1], optional) are zero bytes.
+    """
+    e_num, mn, c = scale.shape
+    mn_pad = _align(mn, K.SF_TILE_ROWS.value)
+    groups = 4 * c
+    out = torch.empty((e_num, mn_pad, 16 * c), dtype=torch.uint8, device=scale.device)
+    counts = None if masked_m is None else masked_m.reshape(-1).to(torch.int32).contiguous()
+    block_g = min(16, _pow2(groups))
+    grid = (e_num, mn_pad // K.SF_TILE_ROWS.value, triton.cdiv(groups, block_g))
+    K.unpack_sf_kernel[grid](scale, counts if counts is not None else scale, out.view(torch.int32), mn, groups,
+                             scale.stride(0), scale.stride(1), scale.stride(2), HAS_COUNTS=counts is not None,
+                             BLOCK_G=block_g, num_warps=4)
+    return out
+
+
+def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
+    """CUTLASS SF bytes uint8 [E, MN_pad, KB] -> fp32 [E, num_rows, KB/4], 2^(byte-127) per 128-group.
+
+    The 4 bytes of a group must be equal (ValueError otherwise, one synchronization).
+    """
+    e_num, mn_pad, kb = sf.shape
+    rows = mn_pad if num_rows is None else int(num_rows)
+    groups = kb // 4
+    out = torch.empty((e_num, rows, groups), dtype=torch.float32, device=sf.device)
+    block_g = min(16, _pow2(groups))
+    grid = (e_num, triton.cdiv(rows, K.SF_TILE_ROWS.value), triton.cdiv(groups, block_g))
+    bad = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.int32, device=sf.device)
+    K.sf_to_fp32_kernel[grid](sf.contiguous().view(torch.int32), out, bad, rows, mn_pad, groups,
+                              BLOCK_G=block_g, num_warps=4)
+    n_bad = int(bad.sum())
+    if n_bad:
+        raise ValueError(f"sf: {n_bad} groups whose 4 bytes (one per 32 K-elements) differ; "
+                         f"FP32 128-group scales need them equal")
+    return out
+
+
+# ----------------------------------------------------------------------------- §6
+
+# Candidates timed at the first call of a (kernel, N, K, device) on a GPU; the first is the default.
+GEMM_CONFIGS = (
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, GRID_MODE=0),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, GRID_MODE=0),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=5, GRID_MODE=0),
+    dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3, GRID_MODE=0),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, GRID_MODE=1),
+    dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=4, GRID_MODE=0),
+)
+DOT_SCALED_CONFIGS = (
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, GRID_MODE=0),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, GRID_MODE=0),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, GRID_MODE=0),
+)
+INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, GRID_MODE=1)
+BLOCK_K = 128
+_tuned: dict[tuple, dict] = {}
+tuning_log: list[dict] = []     # (key, config, ms) of every timing made, for the benchmark's report
+
+
+def _gemm_grid(cfg: dict, e_num: int, m: int, n: int, sm_count: int, device) -> tuple[int]:
+    upper = e_num * triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"])
+    if interpreting():
+        return (max(1, min(upper, 4)),)
+    if cfg["GRID_MODE"] == 1:
+        sms = sm_count if sm_count > 0 else _sm_count(device.index if device.index is not None else 0)
+        return (max(1, min(upper, sms)),)
+    if sm_count > 0:
+        return (max(1, min(upper, sm_count)),)
+    return (max(1, upper),)
+
+
+def _run_tuned(name: str, configs, key: tuple, launch) -> None:
+    """launch(cfg) runs the kernel with a config; pick (and cache) the fastest config for `key`."""
+    if interpreting():
+        launch(INTERPRETER_CONFIG)
+        return
+    cfg = _tuned.get((name,) + key)
+    if cfg is None:
+        if os.environ.get("FD_TRITON_AUTOTUNE", "1") == "0":
+            cfg = configs[0]
+        else:
+            best = None
+            for cand in configs:
+                try:
+                    ms = triton.testing.do_bench(lambda: launch(cand), warmup=10, rep=40, return_mode="median")
+                except Exception as exc:   # a config that does not fit (shared memory, registers) is skipped
+                    tuning_log.append(dict(kernel=name, key=list(key), config=cand, error=repr(exc)[:200]))
+                    continue
+                tuning_log.append(dict(kernel=name, key=list(key), config=cand, ms=ms))
+                if best is None or ms < best[0]:
+                    best = (ms, cand)
+            cfg = best[1] if best else configs[0]
+        _tuned[(name,) + key] = cfg
+    launch(cfg)
+
+
+def _counts_i32(masked_m: torch.Tensor) -> torch.Tensor:
+    c = masked_m.reshape(-1)
+    return c if c.dtype == torch.int32 and c.is_contiguous() else c.to(torch.int32).contiguous()
+
+
+def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
+                      masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
+                      max_m_per_expert: int | None = None, sm_count: int = -1, impl: str = "explicit"):
+    """Masked grouped FP8 GEMM, CUTLASS UE8M0 scale bytes decoded in the kernel (SPEC §6). Writes `out`.
+
+    a [E·M, K] fp8; b [E, N, K] fp8; sfa [E, align(M,128), KB] and sfb [E, align(N,128), KB'] uint8
+    (KB, KB' multiples of 4, >= ceil(K/32)); masked_m [E] | [E, 1] int32; out [E·M, N] bf16;
+    bias [E, N] bf16|fp32 | None. Rows >= masked_m[e] are not written; tiles exist only for valid rows.
+    impl="explicit": one scale per 128 K (first byte of each group of 4; unpack_and_convert_scale
+    repeats every byte 4 times, so this is exact for its output). impl="dot_scaled": tl.dot_scaled,
+    one byte per 32 K-elements honoured (native on SM100, decomposed to bf16 on SM90).
+    """
+    e_num, n, k = b.shape
+    m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
+    counts = _counts_i32(masked_m)
+    even_k = k % BLOCK_K == 0
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else out
+    a, b = a.contiguous(), b.contiguous()
+    sfa, sfb = sfa.contiguous(), sfb.contiguous()
+    if impl == "explicit":
+        sfa_w, sfb_w = sfa.view(torch.int32), sfb.view(torch.int32)
+        strides = (sfa.shape[1] * sfa.shape[2] // 4, 0, sfa.shape[2] // 4,
+                   sfb.shape[1] * sfb.shape[2] // 4, 0, sfb.shape[2] // 4)
+
+        def launch(cfg):
+            K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
+                a, b, sfa_w, sfb_w, counts, out, bias_arg, e_num, m, n, k, *strides,
+                SCALE_MODE=1, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k, **cfg)
+        _run_tuned("explicit_ue8m0", GEMM_CONFIGS, (n, k, str(a.device)), launch)
+    elif impl == "dot_scaled":
+        def launch(cfg):
+            K.group_gemm_masked_dot_scaled_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
+                a, b, sfa, sfb, counts, out, bias_arg, e_num, m, n, k,
+                sfa.shape[1] * sfa.shape[2], sfa.shape[2], sfb.shape[1] * sfb.shape[2], sfb.shape[2],
+                HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k,
+                EMULATE=interpreting(), **cfg)
+        _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, (n, k, str(a.device)), launch)
+    else:
+        raise ValueError(f"impl: expected 'explicit' or 'dot_scaled', got {impl!r}")
+    return out
+
+
+def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                           masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
+                           max_m_per_expert: int | None = None, sm_count: int = -1):
+    """Masked grouped FP8 GEMM with FP32 scales, the Hopper recipe (DeepGEMM's). Writes `out`.
+
+    a [E·M, K] fp8 with a_scale fp32 logical [E, M, ceil(K/128)] (1x128, any strides: MN-major as
+    prefill_permute_to_masked_gemm returns it, or contiguous); b [E, N, K] fp8 with b_scale fp32
+    [E, ceil(N/128), ceil(K/128)] (128x128). out [E·M, N] bf16, rows < masked_m[e] only.
+    """
+    e_num, n, k = b.shape
+    m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
+    counts = _counts_i32(masked_m)
+    a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else out
+    a, b = a.contiguous(), b.contiguous()
+    strides = tuple(a_scale.stride()) + tuple(b_scale.stride())
+
+    def launch(cfg):
+        K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
+            a, b, a_scale, b_scale, counts, out, bias_arg, e_num, m, n, k, *strides,
+            SCALE_MODE=0, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, **cfg)
+    _run_tuned("explicit_fp32", GEMM_CONFIGS, (n, k, str(a.device)), launch)
+    return out
+
+
+# ----------------------------------------------------------------------------- §7
+
+def fused_mask_swiglu_fp8_quant(up: torch.Tensor, token_nums_per_expert: torch.Tensor, block_size: int = GROUP_SIZE,
+                                use_ue8m0: bool = True, amax_floor: float = SWIGLU_AMAX_FLOOR):
+    """SwiGLU + 1 x block_size FP8 quant on the masked layout (SPEC §7).
+
+    up [E, M, 2I] bf16|fp32 -> (act [E, M, I] float8_e4m3fn, act_scale MN-major view, logical
+    [E, M, ceil(I/block_size/4)] packed int32 (use_ue8m0) or [E, M, ceil(I/block_size)] fp32, strides
+    (C·align(M,4), 1, align(M,4))). Rows >= token_nums_per_expert[e] are zero in act and act_scale.
+    """
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size: the Triton kernel needs a power of two, got {block_size}")
+    e_num, m, i2 = up.shape
+    i = i2 // 2
+    up = up if up.stride(-1) == 1 else up.contiguous()
+    counts = _counts_i32(token_nums_per_expert)
+    s = -(-i // block_size)
+    s_cols = -(-s // 4) if use_ue8m0 else s
+    m_pad = _align(m, TMA_ALIGN)
+    act = torch.empty((e_num, m, i), dtype=torch.float8_e4m3fn, device=up.device)
+    phys = torch.zeros((e_num, s_cols, m_pad), dtype=torch.int32 if use_ue8m0 else torch.float32, device=up.device)
+    block_r = max(1, min(16, 4096 // (4 * block_size)))
+    grid = (e_num, triton.cdiv(m, block_r), triton.cdiv(s, 4))
+    if m and i:
+        K.swiglu_quant_kernel[grid](up, counts, _fp8_bytes(act), phys, m, i, s_cols, m_pad, up.stride(0), up.stride(1),
+                                    float(amax_floor), GROUP=block_size, BLOCK_R=block_r, UE8M0=bool(use_ue8m0),
+                                    EXACT_CAST=interpreting(), num_warps=4)
+    return act, phys.as_strided((e_num, m, s_cols), (s_cols * m_pad, 1, m_pad))
+
+
+# ----------------------------------------------------------------------------- §8
+
+def depermute_prefill_combine(ffn_out: torch.Tensor, indice_map: torch.Tensor, topk_weights: torch.Tensor,
+                              num_worst_tokens: int) -> torch.Tensor:
+    """ffn_out [E, M, H] bf16|fp32, indice_map [W, K_top] int32|int64 (e·M + slot or -1), topk_weights
+    [W, K_top] fp32 -> [W, H] bf16 = Σ_{k: idx>=0} w·ffn_out[idx], float32 in k order; rows with no index zero."""
+    e_num, m, h = ffn_out.shape
+    w = int(num_worst_tokens)
+    k_top = indice_map.shape[1]
+    ffn = ffn_out.contiguous()
+    indice_map = indice_map.contiguous()
+    out = torch.empty((w, h), dtype=torch.bfloat16, device=ffn_out.device)
+    if w == 0:
+        return out
+    wts = topk_weights.to(torch.float32).contiguous()
+    block_h = min(1024, _pow2(h))
+    K.combine_kernel[(w, triton.cdiv(h, block_h))](ffn, indice_map, wts, out, h, indice_map.stride(0), wts.stride(0),
+                                                   K_TOP=k_top, BLOCK_H=block_h, num_warps=4)
+    return out

@@ -1,0 +1,130 @@
+"""`triton` provider of the ops contract: Paddle tensors in and out, Triton kernels inside.
+
+Arguments arrive validated by `backend.ops` (the contract layer). Tensors cross to torch through
+NumPy on CPU (the Triton interpreter, TRITON_INTERPRET=1, as in CI) and through DLPack on a GPU,
+then `backend.ops.triton.launch` runs the kernels. The kernels and launchers import no Paddle;
+this adapter is the only Paddle-facing module of the package.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+
+NAME = "triton"
+
+_FP8 = paddle.float8_e4m3fn
+
+
+def is_available() -> tuple[bool, str]:
+    """(True, "") when torch and triton import and either TRITON_INTERPRET=1 or torch sees a CUDA device."""
+    try:
+        import torch
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return False, f"torch and triton are needed ({exc}); pip install '.[triton]'"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return True, ""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device visible to torch (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+    return True, ""
+
+
+def _launch():
+    from . import launch
+    return launch
+
+
+# ----------------------------------------------------------------------------- paddle <-> torch
+
+def _to_torch(x: paddle.Tensor | None):
+    """Logical (contiguous) torch copy/view of a paddle tensor; fp8 and bf16 keep their bits."""
+    if x is None:
+        return None
+    import torch
+    on_gpu = "gpu" in str(x.place).lower() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+    if on_gpu:
+        xc = x.contiguous()
+        if xc.dtype == _FP8:
+            t = torch.utils.dlpack.from_dlpack(paddle.utils.dlpack.to_dlpack(xc.view(paddle.uint8)))
+            return t.view(torch.float8_e4m3fn)
+        return torch.utils.dlpack.from_dlpack(paddle.utils.dlpack.to_dlpack(xc))
+    arr = x.numpy()                                     # logical values of a strided view too
+    if x.dtype == _FP8:
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8)).view(torch.float8_e4m3fn)
+    if x.dtype == paddle.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _to_paddle(t, like_place=None) -> paddle.Tensor:
+    import torch
+    if t.is_cuda:
+        if t.dtype == torch.float8_e4m3fn:
+            p = paddle.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(t.contiguous().view(torch.uint8)))
+            return p.view(_FP8)
+        return paddle.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(t.contiguous()))
+    t = t.contiguous()
+    if t.dtype == torch.float8_e4m3fn:
+        return paddle.to_tensor(t.view(torch.uint8).numpy()).view(_FP8)
+    if t.dtype == torch.bfloat16:
+        return paddle.to_tensor(t.view(torch.int16).numpy().view(np.uint16))   # uint16 ndarray -> bfloat16
+    return paddle.to_tensor(t.numpy())
+
+
+def _mn_major_to_paddle(view) -> paddle.Tensor:
+    """torch MN-major view (logical [B, MN, C], strides (C·MNp, 1, MNp)) -> the same strided view in Paddle."""
+    import torch
+    b, mn, c = view.shape
+    mn_pad = view.stride(2)
+    phys = torch.as_strided(view, (b, c, mn_pad), (c * mn_pad, mn_pad, 1))
+    return paddle.as_strided(_to_paddle(phys), [b, mn, c], [c * mn_pad, 1, mn_pad])
+
+
+# ----------------------------------------------------------------------------- the contract
+
+def per_token_quant(x, block_size=128, use_ue8m0=False):
+    q, s = _launch().per_token_quant(_to_torch(x), block_size, use_ue8m0)
+    return _to_paddle(q), _to_paddle(s)
+
+
+def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+    px, ps, imap, counts = _launch().prefill_permute_to_masked_gemm(
+        _to_torch(x), _to_torch(scale), _to_torch(topk_ids), num_local_experts, max_token_num)
+    return (_to_paddle(px), None if ps is None else _mn_major_to_paddle(ps), _to_paddle(imap), _to_paddle(counts))
+
+
+def unpack_and_convert_scale(scale, masked_m=None):
+    return _to_paddle(_launch().unpack_and_convert_scale(_to_torch(scale), _to_torch(masked_m)))
+
+
+def cutlass_scale_to_fp32(sf, num_rows=None):
+    return _to_paddle(_launch().cutlass_scale_to_fp32(_to_torch(sf), num_rows))
+
+
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count=-1):
+    out_t = _to_torch(out)
+    _launch().group_gemm_masked(_to_torch(a), _to_torch(b), _to_torch(sfa), _to_torch(sfb), _to_torch(masked_m),
+                                out_t, _to_torch(bias), max_m_per_expert, sm_count)
+    if not out_t.is_cuda or out_t.data_ptr() != _data_ptr(out):
+        paddle.assign(_to_paddle(out_t), output=out)      # CPU: the torch copy goes back into `out`
+    return out
+
+
+def _data_ptr(x: paddle.Tensor) -> int:
+    try:
+        return int(x.data_ptr())
+    except Exception:   # older Paddle: no data_ptr; then always copy back
+        return -1
+
+
+def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size=128, use_ue8m0=True):
+    act, s = _launch().fused_mask_swiglu_fp8_quant(_to_torch(up), _to_torch(token_nums_per_expert),
+                                                   block_size, use_ue8m0)
+    return _to_paddle(act), _mn_major_to_paddle(s)
+
+
+def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_tokens):
+    return _to_paddle(_launch().depermute_prefill_combine(_to_torch(ffn_out), _to_torch(indice_map),
+                                                          _to_torch(topk_weights), num_worst_tokens))

@@ -1,0 +1,371 @@
+"""The `triton` provider (backend/ops/triton) under the Triton interpreter on CPU (SPEC §3-8).
+
+Every kernel runs with TRITON_INTERPRET=1 at small shapes and is compared with the Paddle
+provider and `moe_ref`: integer outputs (ids, maps, counts, packed scales, CUTLASS bytes, FP8
+bits) exactly, floats within the bound stated at each assert. The variable is set only while
+this module runs (a module fixture); tests/conftest.py has already decorated triton and the
+kernels in interpreter mode (that must happen before triton is first imported), so other
+test modules keep selecting providers as usual. The same checks run on a GPU at full shapes in
+benchmarks/bench_gpu.py.
+"""
+import os
+
+import ml_dtypes
+import numpy as np
+import paddle
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import backend.ops as ops  # noqa: E402
+from backend.ops import cutlass_sf  # noqa: E402
+from moe_ref import fp8 as ref_fp8  # noqa: E402
+from moe_ref import layout as ref_layout  # noqa: E402
+from moe_ref.metrics import calc_diff  # noqa: E402
+from moe_ref.quant import per_block_quant, per_token_group_quant  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+BF16_ULP = 2.0 ** -7          # bf16 spacing relative to a value's leading power of two
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    """TRITON_INTERPRET=1 while this module runs; kernels decorated in interpreter mode."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    from backend.ops.triton import launch
+    if not launch.interpreting():
+        pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET was set to 0 before the run)")
+    ops.reset_provider_cache()
+    yield
+    ops.reset_provider_cache()
+    torch.set_num_threads(threads)
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def T():
+    return ops.get_provider("triton")
+
+
+@pytest.fixture(scope="module")
+def P():
+    return ops.get_provider("paddle")
+
+
+def bits(q):
+    return q.view(paddle.uint8).numpy()
+
+
+def rng_tensor(shape, seed, scale=1.0, dtype=paddle.float32):
+    rng = np.random.default_rng(seed)
+    return paddle.to_tensor((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)
+
+
+def f32(x):
+    return x.astype(paddle.float32).numpy()
+
+
+def mn_major_values(view):
+    """Logical [E, M, C] values and strides of an MN-major paddle view."""
+    return view.numpy(), list(view.strides)
+
+
+def test_constants_match_reference():
+    from backend.ops.triton import kernels as K
+    assert K.E4M3_MAX.value == ref_fp8.E4M3_MAX
+    assert (K.UE8M0_MIN_EXP.value, K.UE8M0_MAX_EXP.value) == (ref_fp8.UE8M0_MIN_EXP, ref_fp8.UE8M0_MAX_EXP)
+    assert K.BYTES_PER_WORD.value == ref_fp8.BYTES_PER_WORD
+    for name in ("SF_VEC_SIZE", "SF_TILE_ROWS", "SF_TILE_COLS", "SF_ROW_GROUP", "SF_TILE_BYTES"):
+        assert getattr(K, name).value == getattr(cutlass_sf, name), name
+    from backend.ops.triton import launch as L
+    assert L.TMA_ALIGN == ref_fp8.TMA_ALIGN
+
+
+def test_provider_is_available():
+    from backend.ops.triton import provider
+    assert provider.NAME == "triton"
+    assert provider.is_available() == (True, "")
+
+
+# ----------------------------------------------------------------------------- §1, §3
+
+def test_e4m3_cast_is_exact_at_every_rounding_boundary(T):
+    """Values at, just below and just above every e4m3 midpoint, subnormals and ±448: bits equal ml_dtypes.
+
+    amax 448 in each row makes the FP32 scale exactly 1, so q = e4m3(x) (the interpreter's own
+    fp8 cast is wrong near powers of two; the kernel's integer cast must not be).
+    """
+    codes = np.arange(0, 0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    mids = (codes[:-1] + codes[1:]) / 2
+    vals = np.concatenate([codes, mids, np.nextafter(mids, 0), np.nextafter(mids, 1000), [447.9, 448.0, 2.0 ** -10]])
+    vals = np.concatenate([vals, -vals]).astype(np.float32)
+    pad = (-vals.size) % 127
+    vals = np.concatenate([vals, np.zeros(pad, np.float32)]).reshape(-1, 127)
+    x = np.concatenate([vals, np.full((vals.shape[0], 1), 448.0, np.float32)], axis=1)
+    q, s = T.per_token_quant(paddle.to_tensor(x), 128, False)
+    assert np.all(s.numpy() == 1.0)
+    expected = x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    np.testing.assert_array_equal(bits(q), expected)
+
+
+@pytest.mark.parametrize("h,dtype", [(640, paddle.bfloat16), (200, paddle.float32)])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_per_token_quant_matches_reference(T, P, h, dtype, use_ue8m0):
+    x = rng_tensor([37, h], seed=h, scale=3.0, dtype=dtype)
+    x[3] = 0.0                                          # amax floor
+    x[5, :7] = 1e4                                      # a large group
+    q, s = T.per_token_quant(x, 128, use_ue8m0)
+    q_ref, s_ref = per_token_group_quant(x, 128, use_ue8m0=use_ue8m0)
+    np.testing.assert_array_equal(bits(q), bits(q_ref))
+    if use_ue8m0:
+        s_ref = ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(s_ref))
+        assert s.dtype == paddle.int32
+    np.testing.assert_array_equal(s.numpy(), s_ref.numpy())
+    q_p, s_p = P.per_token_quant(x, 128, use_ue8m0)
+    np.testing.assert_array_equal(bits(q), bits(q_p))
+    np.testing.assert_array_equal(s.numpy(), s_p.numpy())
+
+
+# ----------------------------------------------------------------------------- §5
+
+def _routing(w, k_top, e, seed, pad_rows=()):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.permutation(e)[:k_top] for _ in range(w)]).astype(np.int64)
+    ids[rng.random(ids.shape) < 0.2] = -1               # some -1 inside rows
+    for r in pad_rows:
+        ids[r] = -1                                     # all -1 rows anywhere, not only at the end
+    return paddle.to_tensor(ids)
+
+
+@pytest.mark.parametrize("kind", ["fp8_fp32", "fp8_ue8m0", "bf16"])
+def test_prefill_permute_matches_reference(T, P, kind):
+    w, h, e, k_top, m = 45, 384, 6, 4, 40
+    ids = _routing(w, k_top, e, seed=7, pad_rows=(0, 17, 44))
+    x_f = rng_tensor([w, h], seed=1)
+    if kind == "bf16":
+        x, scale = x_f.astype(paddle.bfloat16), None
+    else:
+        x, scale = per_token_group_quant(x_f, 128, use_ue8m0=kind == "fp8_ue8m0")
+        if kind == "fp8_ue8m0":
+            scale = ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(scale))
+    px, ps, imap, counts = T.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+    ref = ref_layout.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+    np.testing.assert_array_equal(imap.numpy(), ref.permuted_indice_map.numpy())
+    np.testing.assert_array_equal(counts.numpy(), ref.token_nums_per_expert.numpy())
+    assert counts.dtype == paddle.int32 and list(counts.shape) == [e, 1] and imap.dtype == paddle.int32
+    raw = (lambda t: bits(t)) if x.dtype == paddle.float8_e4m3fn else (lambda t: t.view(paddle.uint16).numpy())
+    np.testing.assert_array_equal(raw(px), raw(ref.permute_x))       # rows past the counts are zero in both
+    if scale is None:
+        assert ps is None
+    else:
+        vals, strides = mn_major_values(ps)
+        np.testing.assert_array_equal(vals, ref.permute_scale.logical_view().numpy())
+        assert strides == list(ref.permute_scale.strides)
+        _, ps_p, _, _ = P.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+        np.testing.assert_array_equal(vals, ps_p.numpy())
+
+
+def test_prefill_permute_errors():
+    from backend.ops.triton import launch as L
+    x = torch.zeros(4, 128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="outside"):
+        L.prefill_permute_to_masked_gemm(x, None, torch.tensor([[0, 3]] * 4), 3, 8)
+    with pytest.raises(ValueError, match="expert 1 receives 4 rows"):
+        L.prefill_permute_to_masked_gemm(x, None, torch.tensor([[1, -1]] * 4), 3, 3)
+
+
+# ----------------------------------------------------------------------------- §4
+
+@pytest.mark.parametrize("mn,c,masked,mn_major", [(200, 2, True, True), (128, 1, False, False), (70, 3, True, False)])
+def test_unpack_and_convert_scale_matches_paddle(T, P, mn, c, masked, mn_major):
+    e = 3
+    rng = np.random.default_rng(mn + c)
+    b = rng.integers(100, 150, size=(e, mn, 4 * c)).astype(np.uint8)
+    words = paddle.to_tensor(np.ascontiguousarray(b).view(np.int32).reshape(e, mn, c))
+    scale = ref_fp8.to_mn_major_tma_aligned(words).logical_view() if mn_major else words
+    masked_m = paddle.to_tensor(np.array([mn, mn // 3, 0], np.int32)) if masked else None
+    sf = T.unpack_and_convert_scale(scale, masked_m)
+    sf_p = P.unpack_and_convert_scale(scale, masked_m)
+    assert sf.dtype == paddle.uint8 and list(sf.shape) == [e, -(-mn // 128) * 128, 16 * c]
+    np.testing.assert_array_equal(sf.numpy(), sf_p.numpy())
+    back = T.cutlass_scale_to_fp32(sf, mn)
+    np.testing.assert_array_equal(back.numpy(), P.cutlass_scale_to_fp32(sf_p, mn).numpy())
+    if not masked:
+        np.testing.assert_array_equal(back.numpy(), np.ldexp(1.0, b.astype(np.int32) - 127).astype(np.float32))
+
+
+def test_cutlass_scale_to_fp32_rejects_unequal_bytes(T):
+    sf = np.full((1, 128, 4), 127, np.uint8)
+    sf[0, 5, 1] = 128
+    with pytest.raises(ValueError, match="differ"):
+        T.cutlass_scale_to_fp32(paddle.to_tensor(sf))
+
+
+# ----------------------------------------------------------------------------- §6
+
+def _gemm_case(e, m, n, k, counts, seed, use_ue8m0=True):
+    a_f = rng_tensor([e * m, k], seed, scale=2.0)
+    b_f = rng_tensor([e, n, k], seed + 1, scale=0.5)
+    a, sa = per_token_group_quant(a_f, 128, use_ue8m0=use_ue8m0)                 # [E·M, K], [E·M, S]
+    b, sb = per_block_quant(b_f, use_ue8m0=use_ue8m0)                            # [E, N, K], [E, N/128, S]
+    return a, sa, b, sb, paddle.to_tensor(np.array(counts, np.int32))
+
+
+def _sf_bytes(T, sa, sb, e, m, n):
+    """FP32 power-of-two scales -> CUTLASS SF bytes through the provider's own unpack_and_convert_scale."""
+    wa = ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(sa)).reshape([e, m, -1])
+    rows_b = paddle.repeat_interleave(sb, 128, axis=1)[:, :n]                     # per-row weight scales (§3)
+    wb = ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(rows_b))
+    return T.unpack_and_convert_scale(wa, None), T.unpack_and_convert_scale(wb, None)
+
+
+def _dequant_ref(a, sa, b, sb, e, m, n, k, bias=None):
+    a_d = f32(a).reshape(e, m, k) * np.repeat(sa.numpy().reshape(e, m, -1), 128, axis=2)[:, :, :k]
+    s_b = np.repeat(np.repeat(sb.numpy(), 128, axis=1)[:, :n], 128, axis=2)[:, :, :k]
+    out = np.einsum("emk,enk->emn", a_d.astype(np.float64), (f32(b) * s_b).astype(np.float64))
+    if bias is not None:
+        out = out + f32(bias)[:, None, :]
+    return out
+
+
+@pytest.mark.parametrize("k,bias", [(384, False), (320, True)])
+def test_group_gemm_masked_matches_paddle(T, P, k, bias):
+    e, m, n = 3, 80, 192
+    counts = [0, 57, 80]
+    a, sa, b, sb, masked_m = _gemm_case(e, m, n, k, counts, seed=k)
+    sfa, sfb = _sf_bytes(T, sa, sb, e, m, n)
+    bias_t = rng_tensor([e, n], seed=3) if bias else None
+    poison = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
+    out = T.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), bias_t, m)
+    out_p = P.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), bias_t, m)
+    got, want = f32(out).reshape(e, m, n), f32(out_p).reshape(e, m, n)
+    ref = _dequant_ref(a, sa, b, sb, e, m, n, k, bias_t)
+    for ex, c in enumerate(counts):
+        assert np.all(got[ex, c:] == 7.0), "rows past masked_m must stay untouched"
+        if c:
+            # Same FP8 math, float32 sums in another order: after the bf16 rounding at most one bf16 step apart.
+            np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=BF16_ULP, atol=1e-2)
+            assert calc_diff(got[ex, :c], ref[ex, :c]) < 1e-5
+    assert not np.isnan(got).any()
+
+
+def test_group_gemm_masked_dot_scaled_per_32_bytes(T):
+    """impl='dot_scaled' honours one UE8M0 byte per 32 K-elements (bytes that differ inside a group)."""
+    from backend.ops.triton import launch as L
+    e, m, n, k = 2, 64, 128, 256
+    g = torch.Generator().manual_seed(5)
+    a = (torch.randn(e * m, k, generator=g) * 2).clamp(-448, 448).to(torch.float8_e4m3fn)
+    b = torch.randn(e, n, k, generator=g).to(torch.float8_e4m3fn)
+    rm_a = torch.randint(120, 134, (e, 128, k // 32), generator=g, dtype=torch.uint8)
+    rm_b = torch.randint(120, 134, (e, n, k // 32), generator=g, dtype=torch.uint8)
+    sfa = cutlass_sf.swizzle(paddle.to_tensor(rm_a.numpy()))
+    sfb = cutlass_sf.swizzle(paddle.to_tensor(rm_b.numpy()))
+    sfa, sfb = (torch.from_numpy(t.numpy()) for t in (sfa, sfb))
+    counts = torch.tensor([40, 64], dtype=torch.int32)
+    out = torch.full((e * m, n), 7.0, dtype=torch.bfloat16)
+    L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, impl="dot_scaled")
+    da = a.float().view(e, m, k) * torch.exp2(rm_a[:, :m].float() - 127).repeat_interleave(32, 2)
+    db = b.float() * torch.exp2(rm_b.float() - 127).repeat_interleave(32, 2)
+    ref = torch.einsum("emk,enk->emn", da.double(), db.double())
+    got = out.float().view(e, m, n)
+    for ex, c in enumerate(counts.tolist()):
+        assert calc_diff(got[ex, :c].numpy(), ref[ex, :c].numpy()) < 1e-5
+        assert torch.all(got[ex, c:] == 7.0)
+
+
+def test_group_gemm_masked_fp32_recipe(T):
+    """Hopper recipe: FP32 1x128 activation scales (MN-major from the permute) and 128x128 weight scales."""
+    from backend.ops.triton import launch as L
+    e, m, n, k = 2, 48, 128, 256
+    counts = [33, 48]
+    a, sa, b, sb, _ = _gemm_case(e, m, n, k, counts, seed=11, use_ue8m0=False)
+    sa_mn = ref_fp8.to_mn_major_tma_aligned(sa.reshape([e, m, -1]))
+    sa_t = torch.from_numpy(sa_mn.physical.numpy())
+    sa_t = sa_t.as_strided((e, m, sa_t.shape[1]), (sa_t.shape[1] * sa_t.shape[2], 1, sa_t.shape[2]))
+    to_fp8 = lambda t: torch.from_numpy(bits(t)).view(torch.float8_e4m3fn)  # noqa: E731
+    out = torch.full((e * m, n), 7.0, dtype=torch.bfloat16)
+    L.group_gemm_masked_fp32(to_fp8(a), to_fp8(b), sa_t, torch.from_numpy(sb.numpy()),
+                             torch.tensor(counts, dtype=torch.int32), out, None, m)
+    ref = _dequant_ref(a, sa, b, sb, e, m, n, k)
+    got = out.float().view(e, m, n).numpy()
+    for ex, c in enumerate(counts):
+        np.testing.assert_allclose(got[ex, :c], ref[ex, :c], rtol=2 * BF16_ULP, atol=1e-2)
+        assert np.all(got[ex, c:] == 7.0)
+
+
+# ----------------------------------------------------------------------------- §7
+
+@pytest.mark.parametrize("use_ue8m0,i", [(True, 256), (False, 384)])
+def test_fused_mask_swiglu_fp8_quant_matches_paddle(T, P, use_ue8m0, i):
+    e, m = 3, 24
+    up = rng_tensor([e, m, 2 * i], seed=i, scale=2.0, dtype=paddle.bfloat16)
+    counts = paddle.to_tensor(np.array([24, 0, 9], np.int32))
+    act, s = T.fused_mask_swiglu_fp8_quant(up, counts, 128, use_ue8m0)
+    act_p, s_p = P.fused_mask_swiglu_fp8_quant(up, counts, 128, use_ue8m0)
+    assert list(s.strides) == list(s_p.strides) and list(s.shape) == list(s_p.shape)
+    # exp in float32 may differ by an ulp between libraries; after the bf16 rounding of y that flips
+    # at most a rare value by one bf16 step, so FP8 bits agree almost everywhere and dequantized values closely.
+    same = bits(act) == bits(act_p)
+    assert same.mean() > 0.995
+    vals, vals_p = s.numpy(), s_p.numpy()
+    if use_ue8m0:
+        assert (vals == vals_p).mean() > 0.99
+    else:
+        np.testing.assert_allclose(vals, vals_p, rtol=BF16_ULP)
+    for ex, c in enumerate([24, 0, 9]):
+        assert np.all(bits(act)[ex, c:] == 0) and np.all(vals[ex, c:] == 0)
+
+
+# ----------------------------------------------------------------------------- §8
+
+def test_depermute_prefill_combine_matches_reference(T, P):
+    w, h, e, k_top, m = 30, 320, 4, 3, 40
+    ids = _routing(w, k_top, e, seed=2, pad_rows=(4,))
+    x = rng_tensor([w, h], seed=2).astype(paddle.bfloat16)
+    _, _, imap, _ = P.prefill_permute_to_masked_gemm(x, None, ids, e, m)
+    ffn = rng_tensor([e, m, h], seed=9).astype(paddle.bfloat16)
+    wts = paddle.to_tensor(np.random.default_rng(3).random((w, k_top)).astype(np.float32))
+    out = T.depermute_prefill_combine(ffn, imap, wts, w)
+    ref = ref_layout.depermute_prefill_combine(ffn, imap, wts, w)
+    assert out.dtype == paddle.bfloat16 and list(out.shape) == [w, h]
+    np.testing.assert_allclose(f32(out), f32(ref), rtol=BF16_ULP, atol=1e-6)   # FMA vs mul+add: <= 1 bf16 step
+    assert np.all(f32(out)[4] == 0)
+
+
+# ----------------------------------------------------------------------------- the chain
+
+@pytest.mark.slow
+def test_ht_prefill_chain_matches_paddle_provider(T, P):
+    """quant -> permute -> unpack -> GEMM1 -> SwiGLU+quant -> unpack -> GEMM2 -> combine, both providers."""
+    w, h, inter, e, k_top, m = 24, 256, 128, 4, 2, 16
+    x = rng_tensor([w, h], seed=21).astype(paddle.bfloat16)
+    ids = _routing(w, k_top, e, seed=21, pad_rows=(5,))
+    wts = paddle.to_tensor(np.random.default_rng(4).random((w, k_top)).astype(np.float32))
+    w_up, s_up = per_block_quant(rng_tensor([e, 2 * inter, h], seed=22, scale=0.1), use_ue8m0=True)
+    w_dn, s_dn = per_block_quant(rng_tensor([e, h, inter], seed=23, scale=0.1), use_ue8m0=True)
+
+    def weights_sf(prov, s, n):
+        rows = paddle.repeat_interleave(s, 128, axis=1)[:, :n]
+        return prov.unpack_and_convert_scale(ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(rows)), None)
+
+    outs = []
+    for prov in (T, P):
+        q, s = prov.per_token_quant(x, 128, True)
+        px, ps, imap, counts = prov.prefill_permute_to_masked_gemm(q, s, ids, e, m)
+        sfa = prov.unpack_and_convert_scale(ps, counts)
+        up = paddle.zeros([e * m, 2 * inter], dtype=paddle.bfloat16)
+        prov.group_gemm_masked(px.reshape([e * m, h]), w_up, sfa, weights_sf(prov, s_up, 2 * inter), counts, up,
+                               None, m)
+        act, act_s = prov.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * inter]), counts, 128, True)
+        sfa2 = prov.unpack_and_convert_scale(act_s, counts)
+        down = paddle.zeros([e * m, h], dtype=paddle.bfloat16)
+        prov.group_gemm_masked(act.reshape([e * m, inter]), w_dn, sfa2, weights_sf(prov, s_dn, h), counts, down,
+                               None, m)
+        outs.append(prov.depermute_prefill_combine(down.reshape([e, m, h]), imap, wts, w))
+    assert calc_diff(outs[0], outs[1]) < 1e-4
+    assert not np.isnan(f32(outs[0])).any()
