@@ -22,7 +22,7 @@ import paddle
 
 from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_positive_int, check_tensor
 from .fp8 import pack_ue8m0, ue8m0_encode
-from .layout import _gather_rows_zero_fill, _weighted_gather_combine, prefill_permute_to_masked_gemm
+from .layout import gather_rows_zero_fill, weighted_gather_combine, prefill_permute_to_masked_gemm
 from .quant import DEEPGEMM_AMAX_FLOOR, per_token_group_quant
 
 
@@ -153,16 +153,16 @@ def ep_dispatch(x: list, x_scale: list | None, topk_ids: list, topk_weights: lis
     for r in range(num_ranks):
         src = paddle.concat([rows[r], paddle.full([w_rows - counts[r]], -1, dtype=paddle.int64)])   # [W]
         valid = (src >= 0).unsqueeze(1)
-        recv_ids = _gather_rows_zero_fill(local[r], src)
+        recv_ids = gather_rows_zero_fill(local[r], src)
         recv_ids = paddle.where(valid, recv_ids, paddle.full_like(recv_ids, -1))
         pick = paddle.clip(src, min=0)
         recv_src_rank.append(paddle.where(src >= 0, paddle.gather(src_rank, pick), src))
         recv_src_token.append(paddle.where(src >= 0, paddle.gather(src_token, pick), src))
         outputs.append(DispatchOutput(
-            recv_x=_gather_rows_zero_fill(x_all, src),
-            recv_x_scale=None if scale_all is None else _gather_rows_zero_fill(scale_all, src),
+            recv_x=gather_rows_zero_fill(x_all, src),
+            recv_x_scale=None if scale_all is None else gather_rows_zero_fill(scale_all, src),
             recv_topk_ids=recv_ids,
-            recv_topk_weights=_gather_rows_zero_fill(weights, src),
+            recv_topk_weights=gather_rows_zero_fill(weights, src),
             num_recv_tokens=counts[r], handle=None))
     handle = EPHandle(e, w_rows, num_tokens, recv_src_rank, recv_src_token)
     for out in outputs:
@@ -281,7 +281,7 @@ def ll_combine(expert_out: list, topk_ids: list, topk_weights: list, handle: LLH
         m = handle.indice_map[r].astype(paddle.int64)
         global_map = paddle.where(m >= 0, m + r * rows_per_rank, global_map)
     weights = paddle.concat([w.astype(paddle.float32) for w in topk_weights], axis=0)
-    out = _weighted_gather_combine(rows, global_map, weights, int(weights.shape[0]),
+    out = weighted_gather_combine(rows, global_map, weights, int(weights.shape[0]),
                                    "expert_out of all ranks")
     bounds = [0]
     for t in handle.num_tokens:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import paddle
 
 from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_positive_int, check_tensor
-from .fp8 import BYTES_PER_WORD, MNMajorScale, align, to_mn_major_tma_aligned
+from .fp8 import BYTES_PER_WORD, MNMajorScale, to_mn_major_tma_aligned
 from .quant import GROUP_SIZE
 
 CONTIGUOUS_SEGMENT_ALIGN = 128   # DeepGEMM's contiguous grouped GEMM: each expert's rows padded to the M block
@@ -99,8 +99,7 @@ def _slots_in_expert(ids: paddle.Tensor, num_local_experts: int):
     flat = ids.flatten()
     n = int(flat.shape[0])
     key = paddle.where(flat >= 0, flat, paddle.full_like(flat, num_local_experts))   # -1 sorts last
-    counts = paddle.bincount(key, minlength=num_local_experts + 1)[:num_local_experts] if n else \
-        paddle.zeros([num_local_experts], dtype=paddle.int64)
+    counts = paddle.bincount(key, minlength=num_local_experts + 1)[:num_local_experts]
     starts = paddle.concat([paddle.zeros([1], dtype=paddle.int64), paddle.cumsum(counts)])   # [E + 1]
     order = paddle.argsort(key, stable=True)
     slot_sorted = paddle.arange(n, dtype=paddle.int64) - paddle.gather(starts, paddle.gather(key, order))
@@ -108,7 +107,7 @@ def _slots_in_expert(ids: paddle.Tensor, num_local_experts: int):
     return slot, counts.astype(paddle.int64)
 
 
-def _gather_rows_zero_fill(x: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
+def gather_rows_zero_fill(x: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
     """x [N, C] any dtype, src [R] int64 row of x or -1 -> [R, C]; rows with src = -1 are zero.
 
     fp8 rows move as raw bytes (Paddle's CPU gather has no float8 kernel).
@@ -163,10 +162,10 @@ def prefill_permute_to_masked_gemm(x: paddle.Tensor, scale: paddle.Tensor | None
     dest = paddle.where(valid, flat * m + slot, paddle.full_like(flat, -1))          # [W·K_top]
     src = _scatter_sources(dest, valid, num_experts * m, k)                           # [E·M]
 
-    permute_x = _gather_rows_zero_fill(x, src).reshape([num_experts, m, int(x.shape[1])])
+    permute_x = gather_rows_zero_fill(x, src).reshape([num_experts, m, int(x.shape[1])])
     permute_scale = None
     if scale is not None:
-        rows = _gather_rows_zero_fill(scale, src).reshape([num_experts, m, int(scale.shape[1])])
+        rows = gather_rows_zero_fill(scale, src).reshape([num_experts, m, int(scale.shape[1])])
         permute_scale = to_mn_major_tma_aligned(rows)
     return MaskedLayout(permute_x, permute_scale, dest.reshape(ids.shape).astype(paddle.int32),
                         counts.reshape([num_experts, 1]).astype(paddle.int32))
@@ -198,16 +197,21 @@ def permute_to_contiguous(x: paddle.Tensor, scale: paddle.Tensor | None, topk_id
     expert_of_row = paddle.full([total + 1], -1, dtype=paddle.int64)
     expert_of_row = paddle.scatter(expert_of_row, paddle.where(valid, dest, paddle.full_like(dest, total)),
                                    paddle.where(valid, flat, paddle.full_like(flat, -1)), overwrite=True)
-    permute_x = _gather_rows_zero_fill(x, src)
-    permute_scale = _gather_rows_zero_fill(scale, src) if scale is not None else None
+    permute_x = gather_rows_zero_fill(x, src)
+    permute_scale = gather_rows_zero_fill(scale, src) if scale is not None else None
     return ContiguousLayout(permute_x, permute_scale, expert_of_row[:total].astype(paddle.int32),
                             dest.reshape(ids.shape).astype(paddle.int32),
                             counts.reshape([num_experts, 1]).astype(paddle.int32))
 
 
-def _weighted_gather_combine(rows: paddle.Tensor, indice_map: paddle.Tensor, topk_weights: paddle.Tensor,
-                             num_worst_tokens: int, rows_name: str) -> paddle.Tensor:
-    """out[t] = bf16(Σ_{k ascending, idx >= 0} w[t, k] · float32(rows[idx])), idx = indice_map[t, k]."""
+def weighted_gather_combine(rows: paddle.Tensor, indice_map: paddle.Tensor, topk_weights: paddle.Tensor,
+                            num_worst_tokens: int, rows_name: str = "rows") -> paddle.Tensor:
+    """The one weighted combine of SPEC §8, on any flat row buffer.
+
+    rows [N, H] bf16 | float32, indice_map [W, K_top] int32 | int64 (row of `rows` or -1),
+    topk_weights [W, K_top] float32 -> out [W, H] bf16:
+    out[t] = bf16(Σ_{k ascending, idx >= 0} topk_weights[t, k] · float32(rows[idx])), idx = indice_map[t, k].
+    """
     check_tensor(indice_map, "indice_map", dtypes=INT_DTYPES, ndim=2)
     check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES, ndim=2)
     w_rows = check_positive_int(num_worst_tokens, "num_worst_tokens")
@@ -243,7 +247,7 @@ def depermute_prefill_combine(ffn_out: paddle.Tensor, indice_map: paddle.Tensor,
     """
     check_tensor(ffn_out, "ffn_out", dtypes=FLOAT_DTYPES, ndim=3)
     e, m, h = (int(d) for d in ffn_out.shape)
-    return _weighted_gather_combine(ffn_out.reshape([e * m, h]), indice_map, topk_weights, num_worst_tokens,
+    return weighted_gather_combine(ffn_out.reshape([e * m, h]), indice_map, topk_weights, num_worst_tokens,
                                     "ffn_out as [E·M, H]")
 
 
@@ -255,4 +259,4 @@ def depermute_contiguous_combine(ffn_out: paddle.Tensor, indice_map: paddle.Tens
     -> out [W, H] bf16, same formula and summation order as depermute_prefill_combine.
     """
     check_tensor(ffn_out, "ffn_out", dtypes=FLOAT_DTYPES, ndim=2)
-    return _weighted_gather_combine(ffn_out, indice_map, topk_weights, num_worst_tokens, "ffn_out")
+    return weighted_gather_combine(ffn_out, indice_map, topk_weights, num_worst_tokens, "ffn_out")

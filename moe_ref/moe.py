@@ -19,7 +19,7 @@ import numpy as np
 import paddle
 
 from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor
-from .fp8 import MNMajorScale, pack_ue8m0, to_mn_major_tma_aligned, ue8m0_decode, ue8m0_encode, unpack_ue8m0
+from .fp8 import pack_ue8m0, to_mn_major_tma_aligned, ue8m0_decode, ue8m0_encode, unpack_ue8m0
 from .layout import (CONTIGUOUS_SEGMENT_ALIGN, ContiguousLayout, MaskedLayout, depermute_contiguous_combine,
                      depermute_prefill_combine, permute_to_contiguous, prefill_permute_to_masked_gemm)
 from .quant import (DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE, dequant_per_block,
@@ -348,6 +348,8 @@ def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
     qw = quantized_weights
     num_experts, hidden, inter = qw.num_experts, qw.hidden_size, qw.intermediate_size
+    check_tensor(x_q, "x_q", dtypes=(paddle.float8_e4m3fn,), ndim=2)
+    check_dim(x_q, 1, hidden, "x_q", "H (columns of w_up)")
     w_rows = int(x_q.shape[0])
     groups = -(-hidden // GROUP_SIZE)
     m = w_rows if max_token_num is None else max_token_num
@@ -413,7 +415,8 @@ def _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0: bool,
     if not isinstance(qw, QuantizedMoEWeights):
         raise TypeError(f"quantized_weights: expected QuantizedMoEWeights, got {type(qw).__name__}")
     if qw.use_ue8m0 != bool(use_ue8m0):
-        raise ValueError(f"quantized_weights: quantized with use_ue8m0={qw.use_ue8m0}, called with use_ue8m0={use_ue8m0}")
+        raise ValueError(f"quantized_weights: quantized with use_ue8m0={qw.use_ue8m0}, "
+                         f"called with use_ue8m0={use_ue8m0}")
     if w_up is not None or w_down is not None:
         _check_weight_shapes(w_up, w_down)
         if list(w_up.shape) != list(qw.w_up_q.shape) or list(w_down.shape) != list(qw.w_down_q.shape):
@@ -441,8 +444,8 @@ def moe_forward_fp8(x: paddle.Tensor, w_up: paddle.Tensor | None, w_down: paddle
     -> out [T, H] bf16, or (out, MoEFP8Trace) with return_trace.
 
     use_ue8m0: UE8M0 (power-of-two) scales for activations and weights, carried packed int32
-    through the permute as on Blackwell; else FP32 scales. amax_floor applies to x (SPEC §3);
-    the SwiGLU requant uses 1e-10 (SPEC §7). layout: "masked" or "contiguous" (same result).
+    through the permute as on Blackwell; else FP32 scales. amax_floor applies to x and to the
+    weights when they are quantized here (SPEC §3); the SwiGLU requant uses 1e-10 (SPEC §7). layout: "masked" or "contiguous" (same result).
     quantized_weights: from quantize_moe_weights, to quantize (and dequantize) the weights once.
     NaN/inf in x raises ValueError naming x.
     """

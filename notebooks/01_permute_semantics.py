@@ -32,12 +32,17 @@
 # this notebook only calls it and prints. SPEC sections refer to `shared/SPEC.md`.
 
 # %%
-# Setup: quiet imports (moe_ref first: it silences Paddle's ccache warning), seeded RNGs.
+# Setup: quiet imports, seeded RNGs below.
+import contextlib
+import io
 import logging
 import warnings
 
 warnings.filterwarnings("ignore")
-import moe_ref  # noqa: F401  (imports paddle without the ccache warning)
+# Importing Paddle prints advice to stderr when OMP_NUM_THREADS > 1 (`make` sets 2) and warns
+# that ccache is missing; neither concerns these notebooks, and stderr must not vary by machine.
+with contextlib.redirect_stderr(io.StringIO()):
+    import moe_ref  # noqa: F401  (imports paddle)
 
 # Paddle installs an INFO handler on the root logger: keep library INFO lines (matplotlib's
 # font cache, the backend's provider choice) out of the outputs.

@@ -187,7 +187,7 @@ def test_run_ranks_timeout_names_the_ranks():
 
     def rank(r):
         if r == 1:
-            release.wait(5.0)
+            release.wait(3.0)
         return r
 
     group = InProcessEPGroup(2, 2)

@@ -193,6 +193,13 @@ def test_depermute_zero_rows_and_float32_accumulation():
     w = paddle.to_tensor([[1.0, 1.0], [3.0, 3.0]])
     out = depermute_prefill_combine(ffn, idx, w, 2).astype(paddle.float32).numpy()
     assert out.tolist() == [[2 ** -7, 0.0], [0.0, 0.0]]
+    # k order is part of the contract: (1+2^-8) + 2^-24 + 2^-24 stays 1+2^-8 in float32 (each small term is
+    # half an ulp, ties to even) and rounds to 1.0 in bf16 (tie, even); summed from the last k it would be
+    # 1+2^-8+2^-23, which rounds up to 1+2^-7.
+    one = paddle.ones([1, 1, 1], dtype=paddle.bfloat16)
+    w = paddle.to_tensor([[1 + 2 ** -8, 2 ** -24, 2 ** -24]], dtype=paddle.float32)
+    out = depermute_prefill_combine(one, paddle.zeros([1, 3], dtype=paddle.int32), w, 1)
+    assert out.astype(paddle.float32).numpy().tolist() == [[1.0]]
 
 
 # ---------------------------------------------------------------------------------------------

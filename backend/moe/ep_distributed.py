@@ -386,6 +386,8 @@ class PaddleDistributedEPRunner(EPRunner):
             counts = np.stack([c.numpy() for c in self._all_gather(
                 paddle.to_tensor(np.array([len(tk) for tk in sent_tokens], dtype=np.int64)), "dispatch counts")])
             recv_counts = counts.sum(axis=0)
+            self.stats["last_send_counts"] = [int(c) for c in counts[me]]
+            self.stats["last_recv_count"] = int(recv_counts[me])
             for r in range(size):
                 if recv_counts[r] > w:
                     raise ValueError(f"num_worst_tokens: rank {r} receives {int(recv_counts[r])} tokens, more than "
@@ -398,8 +400,6 @@ class PaddleDistributedEPRunner(EPRunner):
         recv = self._alltoallv([_rows(rows, tk) for tk in sent_tokens], counts, row_bytes)
         recv = paddle.concat(recv, axis=0)
         n_recv = int(recv.shape[0])
-        self.stats["last_send_counts"] = [int(c) for c in counts[me]]
-        self.stats["last_recv_count"] = n_recv
         layout = [(x.dtype, h), None if x_scale is None else (x_scale.dtype, s_cols),
                   (paddle.int64, k_top), (paddle.float32, k_top)]
         r_x, r_scale, r_ids, r_w = _unpack_columns(recv, layout)
@@ -480,6 +480,8 @@ class PaddleDistributedEPRunner(EPRunner):
             vec = np.concatenate([[len(tk) for tk in sent_tokens], per_expert]).astype(np.int64)
             gathered = np.stack([c.numpy() for c in self._all_gather(paddle.to_tensor(vec), "ll dispatch counts")])
             fills = gathered[:, size:].sum(axis=0)
+            self.stats["last_send_counts"] = [int(c) for c in gathered[me, :size]]
+            self.stats["last_recv_count"] = int(gathered[:, me].sum())
             for g in range(self.num_experts):
                 if fills[g] > rn:
                     raise ValueError(f"topk_ids: expert {g % e} of rank {g // e} receives {int(fills[g])} (token, k) "
@@ -491,8 +493,6 @@ class PaddleDistributedEPRunner(EPRunner):
         rows = _pack_columns([q, scale, paddle.to_tensor(ids)])
         recv = paddle.concat(self._alltoallv([_rows(rows, tk) for tk in sent_tokens], counts, int(rows.shape[1])),
                              axis=0)
-        self.stats["last_send_counts"] = [int(c) for c in counts[me]]
-        self.stats["last_recv_count"] = int(recv.shape[0])
         r_x, r_scale, r_ids = _unpack_columns(recv, [(q.dtype, h), None if scale is None else (scale.dtype, s_cols),
                                                      (paddle.int64, k_top)])
         g = r_ids.numpy()

@@ -553,7 +553,7 @@ def run_ranks(world_size: int, fn: Callable[[int], Any], *, group: InProcessEPGr
         if group is not None:
             group.abort()
             for r in alive:
-                threads[r].join(5.0)
+                threads[r].join(1.0)
         raise TimeoutError(f"run_ranks: ranks {alive} did not finish within {timeout_s} s"
                            + ("" if group is not None else " (pass group= so a failing rank aborts the others)"))
     failed = [r for r in range(world_size) if errors[r] is not None]

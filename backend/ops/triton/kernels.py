@@ -12,10 +12,11 @@ Layouts, in the order of the data flow:
     swiglu_quant           up [E, M, 2I] -> act [E, M, I] e4m3 bytes + MN-major scales
     combine                ffn_out [E, M, H] gathered by indice_map, weighted, float32 sum -> [W, H] bf16
 
-Two casts are written out by hand:
+Three casts are written out by hand:
 - `_e4m3_bits` (float32 -> e4m3fn bits, round to nearest even) is used under the Triton
   interpreter (EXACT_CAST=True): the interpreter of Triton 3.6 rounds values just below a power
   of two wrongly (127.9 -> 64.0); on a GPU the hardware cvt.rn.satfinite is exact and is used.
+- `_to_bf16` rounds fp32 -> bf16 in integers under the interpreter, which truncates instead.
 - UE8M0 scales are built from the float32 exponent field (SPEC §2: round *up*).
 """
 from __future__ import annotations
@@ -65,6 +66,17 @@ def _to_e4m3_bytes(y, EXACT_CAST: tl.constexpr):
 
 
 @triton.jit
+def _to_bf16(y, EXACT_CAST: tl.constexpr):
+    """float32 -> bf16, round to nearest even. EXACT_CAST rounds in integers first (the Triton 3.6
+    interpreter truncates fp32 -> bf16); the value is then representable and the cast is exact."""
+    if EXACT_CAST:
+        b = y.to(tl.int32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+        y = b.to(tl.float32, bitcast=True)
+    return y.to(tl.bfloat16)
+
+
+@triton.jit
 def _scale_from_amax(amax, UE8M0: tl.constexpr):
     """amax float32 > 0 -> (scale float32, UE8M0 exponent byte as int32; 0 when not UE8M0)."""
     s = tl.math.div_rn(amax, E4M3_MAX)
@@ -75,6 +87,16 @@ def _scale_from_amax(amax, UE8M0: tl.constexpr):
         return (e << 23).to(tl.float32, bitcast=True), e
     else:
         return s, tl.zeros_like(s.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def _divide_by_scale(y, s, UE8M0: tl.constexpr):
+    """y / s with IEEE rounding. A UE8M0 scale is a power of two, so y · (1/s) is the same number and
+    much cheaper than a correctly rounded division (s in [2^-126, 2^127] keeps 1/s a float32)."""
+    if UE8M0:
+        return y * (1.0 / s)
+    else:
+        return tl.math.div_rn(y, s)
 
 
 @triton.jit
@@ -117,7 +139,7 @@ def per_token_quant_kernel(x_ptr, q_ptr, s_ptr, T, H, S, stride_x, stride_q, str
     x3 = tl.reshape(x, (BLOCK_T, 4, GROUP))
     amax = tl.maximum(tl.max(tl.abs(x3), axis=2), amax_floor)                     # [BLOCK_T, 4]
     s, e = _scale_from_amax(amax, UE8M0)
-    q = _to_e4m3_bytes(tl.math.div_rn(x3, s[:, :, None]), EXACT_CAST)
+    q = _to_e4m3_bytes(_divide_by_scale(x3, s[:, :, None], UE8M0), EXACT_CAST)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], tl.reshape(q, (BLOCK_T, 4 * GROUP)),
              mask=mask)
     g = pid_w * 4 + tl.arange(0, 4)
@@ -324,13 +346,19 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                              SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr):
+                             EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, USE_TMA: tl.constexpr,
+                             PROMOTE_LAG: tl.constexpr, SB_SCALAR: tl.constexpr, EXACT_CAST: tl.constexpr):
     """Masked grouped GEMM with explicit per-128 scales (SPEC §6), fp32 accumulation.
 
-    a [E·M, K] e4m3, b [E, N, K] e4m3 (both K-contiguous), out [E·M, N] bf16 written for rows < counts[e] only.
+    a [E·M, K] e4m3, b [E, N, K] e4m3 (both K-contiguous; with USE_TMA, host tensor descriptors of
+    a [E·M, K] and b viewed [E·N, K]), out [E·M, N] bf16 written for rows < counts[e] only.
     Tiles exist only for valid rows (a table built from counts in every program), so the time follows
     the valid rows; a program walks tiles pid, pid + nprog, ... (GRID_MODE picks nprog in the launcher:
     one tile per program, or a persistent grid). Each 128-wide K step: acc += (a·bᵀ) · sa ⊗ sb.
+    PROMOTE_LAG=True adds step k's product one iteration late, so the MMA of step k+1 need not wait
+    for that scaling (a software-pipelining hint; same sums in the same order).
+    SB_SCALAR (SCALE_MODE 0 with BLOCK_N dividing 128): the tile lies inside one 128x128 weight block,
+    so sb is one number per K step and the promotion is one FMA per element: acc += d · (sa·sb).
     """
     gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
     pid = tl.program_id(0)
@@ -342,26 +370,52 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_c = tl.minimum(rows, cnt - 1)             # rows past the count re-read a valid row: no load mask
         cols_c = tl.minimum(cols, N - 1)
-        a_ptrs = a_ptr + (e.to(tl.int64) * M + rows_c)[:, None] * K + offs_k[None, :]
-        b_ptrs = b_ptr + (e.to(tl.int64) * N + cols_c)[:, None] * K + offs_k[None, :]
+        if not USE_TMA:
+            a_ptrs = a_ptr + (e.to(tl.int64) * M + rows_c)[:, None] * K + offs_k[None, :]
+            b_ptrs = b_ptr + (e.to(tl.int64) * N + cols_c)[:, None] * K + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if PROMOTE_LAG:
+            prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            sa_prev = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            sb_prev = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
+            if USE_TMA:
+                a = a_ptr.load([e * M + pid_m * BLOCK_M, kb * BLOCK_K])
+                b = b_ptr.load([e * N + pid_n * BLOCK_N, kb * BLOCK_K])
+            elif EVEN_K:
                 a = tl.load(a_ptrs)
                 b = tl.load(b_ptrs)
             else:
                 k_ok = (kb * BLOCK_K + offs_k) < K
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
-            sa, sb = _load_block_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, kb,
-                                        sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE)
-            acc += tl.dot(a, tl.trans(b)) * (sa[:, None] * sb[None, :])
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+            if SB_SCALAR:
+                sa = tl.load(sa_ptr + e * sa_se + rows_c * sa_sm + kb * sa_sk)
+                sb = tl.load(sb_ptr + e * sb_se + ((pid_n * BLOCK_N) // 128) * sb_sn + kb * sb_sk)
+                sa = sa * sb
+                sb = tl.full((BLOCK_N,), 1.0, tl.float32)
+            else:
+                sa, sb = _load_block_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, kb,
+                                            sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE)
+            d = tl.dot(a, tl.trans(b))
+            if SB_SCALAR and not PROMOTE_LAG:
+                acc += d * sa[:, None]
+            elif PROMOTE_LAG:
+                acc += prev * (sa_prev[:, None] * sb_prev[None, :])
+                prev = d
+                sa_prev = sa
+                sb_prev = sb
+            else:
+                acc += d * (sa[:, None] * sb[None, :])
+            if not USE_TMA:
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+        if PROMOTE_LAG:
+            acc += prev * (sa_prev[:, None] * sb_prev[None, :])
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
         out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, acc.to(tl.bfloat16), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
+        tl.store(out_ptrs, _to_bf16(acc, EXACT_CAST), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -369,7 +423,8 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
                                         E, M, N, K, sfa_se, sfa_cols, sfb_se, sfb_cols,
                                         HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                        EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, EMULATE: tl.constexpr):
+                                        EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, EMULATE: tl.constexpr,
+                                        EXACT_CAST: tl.constexpr):
     """Masked grouped GEMM on `tl.dot_scaled`: e4m3 operands with one UE8M0 byte per 32 K-elements.
 
     sfa / sfb: CUTLASS SF bytes (uint8), expert strides sfa_se / sfb_se bytes, KB columns sfa_cols / sfb_cols.
@@ -418,7 +473,7 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
         out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, acc.to(tl.bfloat16), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
+        tl.store(out_ptrs, _to_bf16(acc, EXACT_CAST), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
 
 
 # ----------------------------------------------------------------------------- §7 SwiGLU + quant
@@ -430,7 +485,8 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, s
     """up [E, M, 2I] -> q [E, M, I] uint8 (e4m3 bits), s physical [E, S_COLS, M_PAD] (MN-major).
 
     One program: BLOCK_R rows x 4 groups (one packed word). y = bf16(lin · gate / (1 + exp(-gate)))
-    in float32; rows >= counts[e] are written as zeros (q and s) without reading up.
+    in float32 (fast division and exp on a GPU: see below); rows >= counts[e] are written as zeros
+    (q and s) without reading up.
     """
     e = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -444,12 +500,14 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, s
     base = up_ptr + e.to(tl.int64) * stride_ue + rows[:, None].to(tl.int64) * stride_um + cols[None, :]
     gate = tl.load(base, mask=ld, other=0.0).to(tl.float32)
     lin = tl.load(base + I, mask=ld, other=0.0).to(tl.float32)
-    y = tl.math.div_rn(lin * gate, 1.0 + tl.exp(-gate))
-    y = y.to(tl.bfloat16).to(tl.float32)
+    # '/' is the fast (<= 2 ulp) division on a GPU; y is rounded to bf16 next, which hides that
+    # except in rare ties (the interpreter divides exactly). tl.exp is approximate on a GPU too.
+    y = (lin * gate) / (1.0 + tl.exp(-gate))
+    y = _to_bf16(y, EXACT_CAST).to(tl.float32)
     y3 = tl.reshape(y, (BLOCK_R, 4, GROUP))
     amax = tl.maximum(tl.max(tl.abs(y3), axis=2), amax_floor)
     s, ex = _scale_from_amax(amax, UE8M0)
-    q = tl.reshape(_to_e4m3_bytes(tl.math.div_rn(y3, s[:, :, None]), EXACT_CAST), (BLOCK_R, 4 * GROUP))
+    q = tl.reshape(_to_e4m3_bytes(_divide_by_scale(y3, s[:, :, None], UE8M0), EXACT_CAST), (BLOCK_R, 4 * GROUP))
     q = tl.where(live[:, None], q, tl.zeros_like(q))
     tl.store(q_ptr + (e.to(tl.int64) * M + rows)[:, None] * I + cols[None, :], q,
              mask=in_m[:, None] & (cols < I)[None, :])
@@ -468,7 +526,7 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, s
 
 @triton.jit
 def combine_kernel(ffn_ptr, map_ptr, w_ptr, out_ptr, H, stride_map, stride_w,
-                   K_TOP: tl.constexpr, BLOCK_H: tl.constexpr):
+                   K_TOP: tl.constexpr, BLOCK_H: tl.constexpr, EXACT_CAST: tl.constexpr):
     """out [W, H] bf16 = Σ_k w[t, k] · ffn[map[t, k]] over map >= 0, float32, k ascending; ffn [E·M, H]."""
     t = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -480,4 +538,4 @@ def combine_kernel(ffn_ptr, map_ptr, w_ptr, out_ptr, H, stride_map, stride_w,
             wk = tl.load(w_ptr + t.to(tl.int64) * stride_w + k)
             row = tl.load(ffn_ptr + d * H + cols, mask=cols < H, other=0.0).to(tl.float32)
             acc += wk * row
-    tl.store(out_ptr + t.to(tl.int64) * H + cols, acc.to(tl.bfloat16), mask=cols < H)
+    tl.store(out_ptr + t.to(tl.int64) * H + cols, _to_bf16(acc, EXACT_CAST), mask=cols < H)

@@ -94,12 +94,22 @@ def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, 
     strides (S'·align(M,4), 1, align(M,4)) or None, permuted_indice_map [W, K_top] int32,
     token_nums_per_expert [E, 1] int32). Slots follow token order then k. Rows past the count of an
     expert are zero. An id outside [-1, E) or a count above M raises ValueError (checked on the host
-    after the count kernel: one synchronization).
+    after the count kernel: one synchronization). = permute_indices + permute_rows.
     """
-    w, h = x.shape
-    k_top = topk_ids.shape[1]
+    indice_map, counts = permute_indices(topk_ids, num_local_experts, max_token_num)
+    permute_x, permute_scale = permute_rows(x, scale, indice_map, counts, num_local_experts, max_token_num)
+    return permute_x, permute_scale, indice_map, counts.view(-1, 1)
+
+
+def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int):
+    """topk_ids [W, K_top] -> (indice_map [W, K_top] int32 = e·M + slot or -1, counts [E] int32).
+
+    Count kernel (per chunk of tokens, per expert) -> exclusive prefix over chunks -> slot kernel
+    (rank inside the chunk from a cumulative one-hot sum): token-major-then-k order, no atomics.
+    """
+    w, k_top = topk_ids.shape
     e_num, m = int(num_local_experts), int(max_token_num)
-    dev = x.device
+    dev = topk_ids.device
     ids = topk_ids if topk_ids.stride(-1) == 1 else topk_ids.contiguous()
     e_pad, kp = _pow2(e_num), _pow2(k_top)
     block_w = max(1, min(64, 16384 // (kp * e_pad)))
@@ -112,7 +122,7 @@ def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, 
                                           BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
     else:
         hist.zero_(), bad.zero_()
-    counts = hist.sum(0, dtype=torch.int32)[:e_num]
+    counts = hist.sum(0, dtype=torch.int32)[:e_num].contiguous()
     n_bad, worst = (int(v) for v in torch.stack([bad.sum(), counts.max()]).tolist())
     if n_bad:
         raise ValueError(f"topk_ids: {n_bad} expert ids outside [-1, {e_num}) (num_local_experts = {e_num})")
@@ -124,7 +134,20 @@ def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, 
     if w:
         K.permute_slot_kernel[(chunks,)](ids, offsets, indice_map, w, k_top, m, ids.stride(0),
                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
+    return indice_map, counts
 
+
+def permute_rows(x: torch.Tensor, scale: torch.Tensor | None, indice_map: torch.Tensor, counts: torch.Tensor,
+                 num_local_experts: int, max_token_num: int):
+    """Copy rows (and scale rows) to their slots; zero the rows past each expert's count.
+
+    x [W, H], scale [W, S'] | None, indice_map [W, K_top] int32, counts [E] int32 ->
+    (permute_x [E, M, H], permute_scale MN-major view [E, M, S'] | None).
+    """
+    w, h = x.shape
+    k_top = indice_map.shape[1]
+    e_num, m = int(num_local_experts), int(max_token_num)
+    dev = x.device
     permute_x = torch.empty((e_num, m, h), dtype=x.dtype, device=dev)
     m_pad = _align(m, TMA_ALIGN)
     s_cols = 0 if scale is None else scale.shape[1]
@@ -150,7 +173,7 @@ def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, 
     permute_scale = None
     if ps_phys is not None:
         permute_scale = ps_phys.as_strided((e_num, m, s_cols), (s_cols * m_pad, 1, m_pad))
-    return permute_x, permute_scale, indice_map, counts.view(e_num, 1).contiguous()
+    return permute_x, permute_scale
 
 
 # ----------------------------------------------------------------------------- §4
@@ -198,20 +221,25 @@ def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None) -> torc
 # ----------------------------------------------------------------------------- §6
 
 # Candidates timed at the first call of a (kernel, N, K, device) on a GPU; the first is the default.
+# GRID_MODE 0: one program per possible tile (programs past the valid tiles exit at once);
+# 1: persistent, one program per SM walking the valid tiles. USE_TMA: host tensor descriptors
+# (Hopper's bulk tensor copy) instead of pointer loads. PROMOTE_LAG: see the kernel.
+_BASE = dict(GRID_MODE=0, USE_TMA=False, PROMOTE_LAG=False)
 GEMM_CONFIGS = (
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, GRID_MODE=0),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=4, GRID_MODE=0),
-    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=5, GRID_MODE=0),
-    dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3, GRID_MODE=0),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, GRID_MODE=1),
-    dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=4, GRID_MODE=0),
+    dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
+    dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, USE_TMA=True),
+    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, USE_TMA=True),
+    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, USE_TMA=True),
+    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, USE_TMA=True),
+    dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, USE_TMA=True, GRID_MODE=1),
 )
 DOT_SCALED_CONFIGS = (
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, GRID_MODE=0),
-    dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3, GRID_MODE=0),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, GRID_MODE=0),
 )
-INTERPRETER_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, GRID_MODE=1)
+INTERPRETER_CONFIG = dict(_BASE, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, GRID_MODE=1)
+INTERPRETER_CONFIG_DOT_SCALED = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, GRID_MODE=1)
 BLOCK_K = 128
 _tuned: dict[tuple, dict] = {}
 tuning_log: list[dict] = []     # (key, config, ms) of every timing made, for the benchmark's report
@@ -229,10 +257,10 @@ def _gemm_grid(cfg: dict, e_num: int, m: int, n: int, sm_count: int, device) -> 
     return (max(1, upper),)
 
 
-def _run_tuned(name: str, configs, key: tuple, launch) -> None:
+def _run_tuned(name: str, configs, key: tuple, launch, interpreter_config=None) -> None:
     """launch(cfg) runs the kernel with a config; pick (and cache) the fastest config for `key`."""
     if interpreting():
-        launch(INTERPRETER_CONFIG)
+        launch(interpreter_config or INTERPRETER_CONFIG)
         return
     cfg = _tuned.get((name,) + key)
     if cfg is None:
@@ -252,6 +280,16 @@ def _run_tuned(name: str, configs, key: tuple, launch) -> None:
             cfg = best[1] if best else configs[0]
         _tuned[(name,) + key] = cfg
     launch(cfg)
+
+
+def _operands(a: torch.Tensor, b: torch.Tensor, cfg: dict):
+    """(a, b) as the kernel takes them: tensors, or TMA descriptors a [E·M, K], b [E·N, K] when cfg["USE_TMA"]."""
+    if not cfg.get("USE_TMA"):
+        return a, b
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    b2 = b.view(-1, b.shape[-1])
+    return (TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], BLOCK_K]),
+            TensorDescriptor.from_tensor(b2, [cfg["BLOCK_N"], BLOCK_K]))
 
 
 def _counts_i32(masked_m: torch.Tensor) -> torch.Tensor:
@@ -286,8 +324,8 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
 
         def launch(cfg):
             K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
-                a, b, sfa_w, sfb_w, counts, out, bias_arg, e_num, m, n, k, *strides,
-                SCALE_MODE=1, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k, **cfg)
+                *_operands(a, b, cfg), sfa_w, sfb_w, counts, out, bias_arg, e_num, m, n, k, *strides,
+                SCALE_MODE=1, SB_SCALAR=False, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k, EXACT_CAST=interpreting(), **cfg)
         _run_tuned("explicit_ue8m0", GEMM_CONFIGS, (n, k, str(a.device)), launch)
     elif impl == "dot_scaled":
         def launch(cfg):
@@ -295,8 +333,8 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
                 a, b, sfa, sfb, counts, out, bias_arg, e_num, m, n, k,
                 sfa.shape[1] * sfa.shape[2], sfa.shape[2], sfb.shape[1] * sfb.shape[2], sfb.shape[2],
                 HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k,
-                EMULATE=interpreting(), **cfg)
-        _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, (n, k, str(a.device)), launch)
+                EMULATE=interpreting(), EXACT_CAST=interpreting(), **cfg)
+        _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, (n, k, str(a.device)), launch, INTERPRETER_CONFIG_DOT_SCALED)
     else:
         raise ValueError(f"impl: expected 'explicit' or 'dot_scaled', got {impl!r}")
     return out
@@ -322,8 +360,8 @@ def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tens
 
     def launch(cfg):
         K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
-            a, b, a_scale, b_scale, counts, out, bias_arg, e_num, m, n, k, *strides,
-            SCALE_MODE=0, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, **cfg)
+            *_operands(a, b, cfg), a_scale, b_scale, counts, out, bias_arg, e_num, m, n, k, *strides,
+            SCALE_MODE=0, SB_SCALAR=128 % cfg["BLOCK_N"] == 0, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, EXACT_CAST=interpreting(), **cfg)
     _run_tuned("explicit_fp32", GEMM_CONFIGS, (n, k, str(a.device)), launch)
     return out
 
@@ -375,5 +413,5 @@ def depermute_prefill_combine(ffn_out: torch.Tensor, indice_map: torch.Tensor, t
     wts = topk_weights.to(torch.float32).contiguous()
     block_h = min(1024, _pow2(h))
     K.combine_kernel[(w, triton.cdiv(h, block_h))](ffn, indice_map, wts, out, h, indice_map.stride(0), wts.stride(0),
-                                                   K_TOP=k_top, BLOCK_H=block_h, num_warps=4)
+                                                   K_TOP=k_top, BLOCK_H=block_h, EXACT_CAST=interpreting(), num_warps=4)
     return out

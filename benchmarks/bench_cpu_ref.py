@@ -1,0 +1,127 @@
+"""CPU benchmark of the reference FP8 MoE layer (moe_ref.moe.moe_forward_fp8).
+
+Shape: T=1024 tokens, K_top=8, E=16 experts, H=2048, I=1024 (one rank, no EP).
+Beside it, in the same run, one float32 matmul with the same FLOPs is timed: the floor any
+CPU implementation built on float32 GEMMs can reach. FLOPs of the layer (GEMMs only):
+
+    2 · T · K_top · (H · 2I + I · H)      (GEMM 1: N = 2I, K = H; GEMM 2: N = H, K = I)
+
+which is exactly one [T·K_top, H] x [H, 3I] matmul. Target: the reference within 3x of it.
+
+Weights are quantized (and dequantized to float32) once before timing, as a server does at
+load time; that preparation is reported on its own line. Prints a table and writes
+benchmarks/results/cpu_ref.json.
+
+    .venv/bin/python benchmarks/bench_cpu_ref.py [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import numpy as np  # noqa: E402
+import paddle  # noqa: E402
+
+from moe_ref.moe import make_moe_inputs, make_moe_weights, moe_forward_fp8, quantize_moe_weights  # noqa: E402
+
+T, K_TOP, E, H, I = 1024, 8, 16, 2048, 1024
+THREADS = 2
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "cpu_ref.json"
+
+
+def set_num_threads(n: int) -> None:
+    """paddle.set_num_threads is not exported in Paddle 3.3; the core binding is."""
+    setter = getattr(paddle, "set_num_threads", None) or paddle.base.core.set_num_threads
+    setter(n)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()                                             # warm-up: allocator, MKL/oneDNN kernels
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "logical_cores": os.cpu_count(), "threads_used": THREADS,
+        "platform": platform.platform(), "python": platform.python_version(),
+        "paddle": paddle.__version__, "numpy": np.__version__,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    set_num_threads(THREADS)
+    info = machine_info()
+
+    weights = make_moe_weights(E, H, I, seed=0)
+    x, topk_weights, topk_ids = make_moe_inputs(T, H, E, K_TOP, seed=1)
+    flops = 2 * T * K_TOP * (H * 2 * I + I * H)
+
+    rows = []
+    start = time.perf_counter()
+    quantized = {False: quantize_moe_weights(weights.w_up, weights.w_down, use_ue8m0=False),
+                 True: quantize_moe_weights(weights.w_up, weights.w_down, use_ue8m0=True)}
+    for qw in quantized.values():
+        qw.dequantized()
+    prep_s = (time.perf_counter() - start) / 2
+
+    a = paddle.randn([T * K_TOP, H], dtype=paddle.float32)
+    b = paddle.randn([3 * I, H], dtype=paddle.float32)
+    matmul_times = timed(lambda: paddle.matmul(a, b, transpose_y=True), args.repeats)
+    floor_s = statistics.median(matmul_times)
+    rows.append(("float32 matmul [T·K_top, H] x [H, 3I] (floor)", matmul_times))
+
+    for use_ue8m0 in (False, True):
+        fn = (lambda u=use_ue8m0: moe_forward_fp8(x, None, None, topk_weights, topk_ids, u,
+                                                  quantized_weights=quantized[u]))
+        rows.append((f"moe_forward_fp8 ({'UE8M0' if use_ue8m0 else 'FP32'} scales, masked)", timed(fn, args.repeats)))
+
+    print(f"CPU reference MoE: T={T} K_top={K_TOP} E={E} H={H} I={I}, {THREADS} threads, "
+          f"{flops / 1e9:.1f} GFLOP per layer; {info['cpu']}")
+    print(f"{'what':58s} {'median s':>9s} {'GFLOP/s':>8s} {'x floor':>8s}")
+    results = []
+    for name, times in rows:
+        med = statistics.median(times)
+        print(f"{name:58s} {med:9.3f} {flops / med / 1e9:8.1f} {med / floor_s:8.2f}")
+        results.append({"name": name, "median_s": med, "times_s": times, "gflops": flops / med / 1e9,
+                        "ratio_to_matmul_floor": med / floor_s})
+    print(f"{'weights: quantize + dequantize once (not in the above)':58s} {prep_s:9.3f}")
+    worst = max(r["ratio_to_matmul_floor"] for r in results[1:])
+    print(f"worst ratio to the matmul floor: {worst:.2f} (target <= 3)")
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "benchmark": "bench_cpu_ref", "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "shape": {"T": T, "K_top": K_TOP, "E": E, "H": H, "I": I}, "flops_per_layer": flops,
+        "machine": info, "results": results, "weights_prep_s": prep_s,
+        "worst_ratio_to_matmul_floor": worst, "target_ratio": 3.0,
+    }, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(pathlib.Path.cwd()) if RESULTS.is_relative_to(pathlib.Path.cwd()) else RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,443 @@
+"""BlackwellGemmFusedMoeMethod on its three paths (tp, ht, ll), R = 1, 2, 4 simulated ranks, BF16 and
+FP8 checkpoints, against the reference (moe_ref.moe, UE8M0 scales) and the float oracle.
+
+Bounds (SPEC §12), measured at the reference's test shape (T=96, H=384, I=256, E_total=8, K_top=4):
+
+- vs the reference FP8 layer (`moe_forward_fp8`, `moe_forward_ep`, use_ue8m0=True): the same FP8
+  math, so only float32 summation order may differ between providers. A GEMM with another
+  accumulation order moves a float32 result by about K·2^-24 relative (1e-5 at K = 384) before
+  the bf16 rounding, which then flips the last bf16 bit of about 1e-5 / 2^-8 = 0.3 % of the
+  elements (each flip adds ~(2^-8)^2 / 2 to calc_diff, weighted by its share): calc_diff < 1e-6
+  (REF_BOUND), far below the FP8 error (2e-3). Measured with the paddle provider: 0.0 (bit for
+  bit) on every path, which the tests also check when that provider runs.
+- ht with R > 1 against the single-rank reference adds one bf16 rounding per rank partial
+  (SPEC §9 combine), so at most two bf16 roundings, relative error <= 2 · 2^-8 per element, and
+  calc_diff ~ rel_l2^2 / 2 <= (2 · 2^-8)^2 / 2 = 3e-5 (EP_BOUND); measured 3.7e-6 .. 4.0e-6.
+  Against `moe_forward_ep` (which rounds the same partials) it is exact again.
+- vs the float64 oracle: BF16 checkpoint measured 2.14e-3 .. 2.22e-3 over seeds 0..3, the
+  reference's own range for UE8M0 at this shape (2.13e-3 .. 2.22e-3), so its bound 3e-3 applies.
+  FP8 checkpoint (FP32-scale 128x128 blocks, requantized to UE8M0 at load), against the oracle of
+  the checkpoint's own (dequantized) weights: measured 2.16e-3 .. 2.23e-3, the same range: the
+  requantization is one more rounding of the block scale, invisible at this size; same bound.
+"""
+import numpy as np
+import paddle
+import pytest
+
+from backend import ops
+from backend.moe import blackwell_method as bm
+from backend.moe.blackwell_method import (BlackwellGemmFusedMoeMethod, forward_buffer_bytes, pack_row_scales_ue8m0,
+                                          quantize_weight_blocks_ue8m0)
+from backend.moe.ep_runner import InProcessEPGroup, SingleRankEPRunner
+from backend.moe.layer import FusedMoE
+from backend.quantization import BlockWiseFP8Config
+from moe_ref import fp8 as ref_fp8
+from moe_ref import moe, quant
+from moe_ref.metrics import calc_diff, max_abs_diff
+
+T, H, I, E, K_TOP = 96, 384, 256, 8, 4
+REF_BOUND = 1e-6
+EP_BOUND = 3e-5
+ORACLE_BOUNDS = {"bf16": 3e-3, "fp8": 3e-3}
+FP8_LOWER_BOUND = 5e-4          # an FP8 path that secretly ran in float would pass any upper bound
+
+
+@pytest.fixture(autouse=True)
+def _blackwell(monkeypatch):
+    monkeypatch.setenv("FD_USE_BLACKWELL_GEMM", "1")
+
+
+def f32(t):
+    return t.astype(paddle.float32).numpy()
+
+
+class Model:
+    """Global weights in both checkpoint forms, plus the weights the reference must see."""
+
+    def __init__(self, e=E, h=H, i=I, seed=0):
+        self.e, self.h, self.i = e, h, i
+        w = moe.make_moe_weights(e, h, i, seed=seed)
+        self.bf16 = (w.w_up, w.w_down)
+        (qu, su), (qd, sd) = quant.per_block_quant(w.w_up), quant.per_block_quant(w.w_down)
+        self.fp8 = (qu, qd, su, sd)
+        self.fp8_dequant = (quant.dequant_per_block(qu, su), quant.dequant_per_block(qd, sd))
+
+    def ref_weights(self, ckpt):
+        return self.bf16 if ckpt == "bf16" else self.fp8_dequant
+
+    def layer(self, ckpt, k=K_TOP, ep_size=1, ep_rank=0, **kw):
+        layer = FusedMoE(self.e, k, self.h, self.i, BlockWiseFP8Config(is_checkpoint_bf16=ckpt == "bf16"),
+                         ep_size=ep_size, ep_rank=ep_rank, **kw)
+        a, b = layer.local_expert_range()
+        tensors = self.bf16 if ckpt == "bf16" else self.fp8
+        layer.load_weights(*[t[a:b] for t in tensors])
+        return layer
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Model()
+
+
+def inputs(t=T, seed=100, h=H, e=E, k=K_TOP):
+    return moe.make_moe_inputs(t, h, e, k, seed=seed)
+
+
+def is_paddle_provider():
+    return ops.get_provider().name == "paddle"
+
+
+def split(t, parts):
+    n = int(t.shape[0])
+    bounds = [n * r // parts for r in range(parts + 1)]
+    return [t[bounds[r]:bounds[r + 1]] for r in range(parts)]
+
+
+def run_ep(model, ckpt, x, tw, ti, num_ranks, phase, max_tokens_per_rank=None, **kw):
+    xs, tws, tis = split(x, num_ranks), split(tw, num_ranks), split(ti, num_ranks)
+    mtpr = max_tokens_per_rank or max(1, max(int(t.shape[0]) for t in xs))
+    group = InProcessEPGroup(num_ranks, model.e, timeout_s=30)
+    layers = [model.layer(ckpt, k=int(tw.shape[1]), ep_size=num_ranks, ep_rank=r, moe_phase=phase,
+                          max_tokens_per_rank=mtpr, num_max_dispatch_tokens_per_rank=mtpr, **kw)
+              for r in range(num_ranks)]
+    outs = group.run(lambda r: layers[r](xs[r], topk=(tws[r], tis[r]), runner=group.runner(r)))
+    return outs, layers, (xs, tws, tis)
+
+
+# ---------------------------------------------------------------------- all paths vs reference and oracle
+
+@pytest.mark.parametrize("ckpt", ["bf16", "fp8"])
+def test_tp_path_vs_reference_and_oracle(model, ckpt):
+    x, tw, ti = inputs()
+    layer = model.layer(ckpt)
+    out = layer(x, topk=(tw, ti))
+    assert out.dtype == paddle.bfloat16 and list(out.shape) == [T, H]
+    assert layer.quant_method.last_path == "tp"
+    assert layer.quant_method.last_provider_name == ops.get_provider().name
+    ref = moe.moe_forward_fp8(x, *model.ref_weights(ckpt), tw, ti, use_ue8m0=True)
+    diff = calc_diff(out, ref)
+    print(f"tp {ckpt}: calc_diff vs reference {diff:.2e}, max_abs {max_abs_diff(out, ref):.2e}")
+    assert diff < REF_BOUND
+    if is_paddle_provider():
+        assert max_abs_diff(out, ref) == 0.0
+    oracle = moe.moe_forward_oracle(x, *model.ref_weights(ckpt), tw, ti, dtype=paddle.float64)
+    d_oracle = calc_diff(out, oracle)
+    print(f"tp {ckpt}: calc_diff vs oracle {d_oracle:.2e}")
+    assert FP8_LOWER_BOUND < d_oracle < ORACLE_BOUNDS[ckpt]
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+@pytest.mark.parametrize("ckpt", ["bf16", "fp8"])
+def test_ht_path_vs_reference(model, ckpt, num_ranks):
+    x, tw, ti = inputs()
+    outs, layers, (xs, tws, tis) = run_ep(model, ckpt, x, tw, ti, num_ranks, "prefill")
+    assert all(lay.quant_method.last_path == "ht" for lay in layers)
+    m, w = layers[0].ht_rows_per_expert(), layers[0].num_worst_tokens
+    ref_ep = moe.moe_forward_ep(xs, *model.ref_weights(ckpt), tws, tis, use_ue8m0=True, num_worst_tokens=w,
+                                max_token_num=m)
+    out = paddle.concat(outs)
+    diff_ep = calc_diff(out, paddle.concat(ref_ep))
+    assert diff_ep < REF_BOUND
+    if is_paddle_provider():
+        for r in range(num_ranks):
+            assert max_abs_diff(outs[r], ref_ep[r]) == 0.0
+    single = moe.moe_forward_fp8(x, *model.ref_weights(ckpt), tw, ti, use_ue8m0=True)
+    diff = calc_diff(out, single)
+    print(f"ht R={num_ranks} {ckpt}: calc_diff vs moe_forward_ep {diff_ep:.2e}, vs single-rank {diff:.2e}")
+    assert diff < (REF_BOUND if num_ranks == 1 else EP_BOUND)
+    oracle = moe.moe_forward_oracle(x, *model.ref_weights(ckpt), tw, ti, dtype=paddle.float64)
+    assert FP8_LOWER_BOUND < calc_diff(out, oracle) < ORACLE_BOUNDS[ckpt]
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 4])
+@pytest.mark.parametrize("ckpt", ["bf16", "fp8"])
+def test_ll_path_vs_reference(model, ckpt, num_ranks):
+    """ll sums a token's K_top expert outputs in float32, k ascending, one rounding (as §8 does), and
+    each expert sees the same rows: the single-rank reference is the exact target for any R."""
+    x, tw, ti = inputs(t=48, seed=101)
+    outs, layers, _ = run_ep(model, ckpt, x, tw, ti, num_ranks, "decode")
+    assert all(lay.quant_method.last_path == "ll" for lay in layers)
+    out = paddle.concat(outs)
+    single = moe.moe_forward_fp8(x, *model.ref_weights(ckpt), tw, ti, use_ue8m0=True)
+    diff = calc_diff(out, single)
+    print(f"ll R={num_ranks} {ckpt}: calc_diff vs reference {diff:.2e}")
+    assert diff < REF_BOUND
+    if is_paddle_provider():
+        assert max_abs_diff(out, single) == 0.0
+
+
+def test_forward_with_gate_logits_equals_given_topk(model):
+    rng = np.random.default_rng(3)
+    x = paddle.to_tensor(rng.normal(size=(20, H)).astype(np.float32)).astype(paddle.bfloat16)
+    logits = paddle.to_tensor(rng.normal(size=(20, E)).astype(np.float32))
+    layer = model.layer("bf16")
+    np.testing.assert_array_equal(f32(layer(x, logits)), f32(layer(x, topk=layer.route(logits))))
+    ht = model.layer("bf16", max_tokens_per_rank=20)
+    np.testing.assert_array_equal(f32(ht(x, logits, runner=SingleRankEPRunner(E))), f32(layer(x, logits)))
+
+
+# ---------------------------------------------------------------------- edge cases
+
+def test_zero_tokens(model):
+    layer = model.layer("bf16")
+    empty = paddle.zeros([0, H], dtype=paddle.bfloat16)
+    none = (paddle.zeros([0, K_TOP]), paddle.zeros([0, K_TOP], dtype=paddle.int64))
+    out = layer(empty, topk=none)
+    assert list(out.shape) == [0, H] and out.dtype == paddle.bfloat16
+    x, tw, ti = inputs(t=6, seed=102)
+    for phase in ("prefill", "decode"):       # rank 1 has no tokens, but still takes part in the collectives
+        xs, tws, tis = [x, empty], [tw, none[0]], [ti, none[1]]
+        group = InProcessEPGroup(2, E, timeout_s=30)
+        layers = [model.layer("bf16", ep_size=2, ep_rank=r, moe_phase=phase, max_tokens_per_rank=6,
+                              num_max_dispatch_tokens_per_rank=6) for r in range(2)]
+        outs = group.run(lambda r: layers[r](xs[r], topk=(tws[r], tis[r]), runner=group.runner(r)))
+        assert list(outs[1].shape) == [0, H]
+        ref = moe.moe_forward_fp8(x, *model.bf16, tw, ti, use_ue8m0=True)
+        assert calc_diff(outs[0], ref) < EP_BOUND
+
+
+def test_expert_without_tokens_and_all_tokens_on_one_expert(model, monkeypatch):
+    """masked_m holds a 0 (expert 7 never chosen) and masked_m == M (every token on expert 0)."""
+    counts_seen = []
+    real = ops.get_provider()
+
+    class Spy:
+        name = real.name
+
+        def __getattr__(self, op):
+            fn = getattr(real, op)
+
+            def call(*args):
+                if op == "group_gemm_masked":
+                    counts_seen.append((args[4].reshape([-1]).tolist(), args[7]))
+                return fn(*args)
+            return call
+
+    monkeypatch.setattr(ops, "get_provider", lambda name=None: Spy())
+    x, tw, _ = inputs(t=16, seed=103)
+    ids = np.array([[0] + list(np.random.default_rng(t).permutation(np.arange(1, 7))[:K_TOP - 1])
+                    for t in range(16)], dtype=np.int64)
+    ti = paddle.to_tensor(ids)
+    out = model.layer("bf16")(x, topk=(tw, ti))
+    counts, m = counts_seen[-1]
+    assert counts[7] == 0 and counts[0] == m == 16
+    assert calc_diff(out, moe.moe_forward_fp8(x, *model.bf16, tw, ti, use_ue8m0=True)) < REF_BOUND
+    # ht, 2 ranks, every rank full: expert 0 of rank 0 receives R·max_tokens_per_rank = M rows
+    counts_seen.clear()
+    outs, layers, _ = run_ep(model, "bf16", x, tw, ti, 2, "prefill", max_tokens_per_rank=8)
+    m = layers[0].ht_rows_per_expert()
+    assert m == 16 and [c for c, mm in counts_seen if c[0] == m]
+    assert calc_diff(paddle.concat(outs), moe.moe_forward_fp8(x, *model.bf16, tw, ti, use_ue8m0=True)) < EP_BOUND
+
+
+@pytest.mark.parametrize("h, i", [(320, 192), (200, 72)])
+def test_sizes_not_multiples_of_512(h, i):
+    """H, I not multiples of 512 (one packed word holds 4 groups) nor, in the second case, of 128:
+    ragged blocks, padded CUTLASS rows (2I = 144), K not a multiple of the 32-wide scale either."""
+    small = Model(e=4, h=h, i=i, seed=5)
+    x, tw, ti = moe.make_moe_inputs(20, h, 4, 2, seed=104)
+    for ckpt in ("bf16", "fp8"):
+        ref = moe.moe_forward_fp8(x, *small.ref_weights(ckpt), tw, ti, use_ue8m0=True)
+        out = small.layer(ckpt, k=2)(x, topk=(tw, ti))
+        assert calc_diff(out, ref) < REF_BOUND
+        for phase in ("prefill", "decode"):
+            outs, _, _ = run_ep(small, ckpt, x, tw, ti, 2, phase)
+            assert calc_diff(paddle.concat(outs), ref) < EP_BOUND
+
+
+def test_tokens_routed_nowhere_are_zero(model):
+    x, tw, ti = inputs(t=8, seed=105)
+    ti[2] = -1
+    ti[5, 1:] = -1
+    out = model.layer("bf16")(x, topk=(tw, ti))
+    assert not f32(out)[2].any()
+    assert calc_diff(out, moe.moe_forward_fp8(x, *model.bf16, tw, ti, use_ue8m0=True)) < REF_BOUND
+
+
+def test_unwritten_buffer_rows_never_leak(model, monkeypatch):
+    """The GEMM outputs come from paddle.empty (no zero fill): poison them with NaN; the result is unchanged."""
+    x, tw, ti = inputs(t=24, seed=106)
+    clean = model.layer("bf16")(x, topk=(tw, ti))
+    real_empty = paddle.empty
+    calls = []
+
+    def poisoned(shape, dtype=None, name=None):
+        calls.append(list(shape))
+        return paddle.full(shape, float("nan"), dtype=dtype or paddle.float32)
+
+    monkeypatch.setattr(paddle, "empty", poisoned)
+    out = model.layer("bf16")(x, topk=(tw, ti))
+    monkeypatch.setattr(paddle, "empty", real_empty)
+    assert [E * 24, 2 * I] in calls and [E * 24, H] in calls
+    np.testing.assert_array_equal(f32(out), f32(clean))
+
+
+def test_op_sequence_per_path(model, monkeypatch):
+    real = ops.get_provider()
+    log = []
+
+    class Spy:
+        name = real.name
+
+        def __getattr__(self, op):
+            log.append(op)
+            return getattr(real, op)
+
+    monkeypatch.setattr(ops, "get_provider", lambda name=None: Spy())
+    experts = ["unpack_and_convert_scale", "group_gemm_masked", "fused_mask_swiglu_fp8_quant",
+               "unpack_and_convert_scale", "group_gemm_masked"]
+    x, tw, ti = inputs(t=8, seed=107)
+    layer = model.layer("bf16")
+    assert log == ["unpack_and_convert_scale"] * 2          # load time: the two weights' CUTLASS bytes
+    log.clear()
+    layer(x, topk=(tw, ti))
+    assert log == ["per_token_quant", "prefill_permute_to_masked_gemm"] + experts + ["depermute_prefill_combine"]
+    for phase, expected in (("prefill", ["per_token_quant", "prefill_permute_to_masked_gemm"] + experts
+                             + ["depermute_prefill_combine"]),
+                            ("decode", ["per_token_quant"] + experts)):     # ll: the runner quantizes
+        layer = model.layer("bf16", moe_phase=phase, max_tokens_per_rank=8, num_max_dispatch_tokens_per_rank=8)
+        log.clear()
+        layer(x, topk=(tw, ti), runner=SingleRankEPRunner(E))
+        assert log == expected
+
+
+# ---------------------------------------------------------------------- weights
+
+@pytest.mark.parametrize("ckpt", ["bf16", "fp8"])
+def test_weight_formats_after_loading(model, ckpt):
+    layer = model.layer(ckpt)
+    provider = ops.get_provider()
+    ref_w = model.ref_weights(ckpt)
+    for name, w, (n, k) in (("up_gate_proj", ref_w[0], (2 * I, H)), ("down_proj", ref_w[1], (H, I))):
+        q_ref, s_ref = quant.per_block_quant(w, use_ue8m0=True)
+        q, s = getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale")
+        packed, bw = getattr(layer, f"{name}_weight_scale_ue8m0"), getattr(layer, f"{name}_weight_scale_bw")
+        for attr in (q, s, packed, bw):
+            assert attr is not None
+        assert q.dtype == paddle.float8_e4m3fn and list(q.shape) == [E, n, k]
+        np.testing.assert_array_equal(q.view(paddle.uint8).numpy(), q_ref.view(paddle.uint8).numpy())
+        assert s.dtype == paddle.float32 and list(s.shape) == [E, -(-n // 128), -(-k // 128)]
+        np.testing.assert_array_equal(s.numpy(), s_ref.numpy())
+        rows = quant.expand_block_scale_to_rows(s_ref, n)
+        np.testing.assert_array_equal(packed.numpy(), ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(rows)).numpy())
+        assert bw.dtype == paddle.uint8 and list(bw.shape) == [E, -(-n // 128) * 128, 16 * -(-k // 512)]
+        np.testing.assert_array_equal(bw.numpy(), provider.unpack_and_convert_scale(packed, None).numpy())
+        back = provider.cutlass_scale_to_fp32(bw, n)[:, :, : -(-k // 128)]
+        np.testing.assert_array_equal(back.numpy(), rows.numpy())
+
+
+def test_fp8_checkpoint_with_power_of_two_scales_keeps_values():
+    """Requantizing a checkpoint whose scales are already UE8M0 changes no weight value (q · s)."""
+    w = moe.make_moe_weights(2, 256, 128, seed=7)
+    (qu, su), (qd, sd) = (quant.per_block_quant(t, use_ue8m0=True) for t in (w.w_up, w.w_down))
+    layer = FusedMoE(2, 1, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=False))
+    layer.load_weights(qu, qd, su, sd)
+    for q, s, got_q, got_s in ((qu, su, layer.up_gate_proj_weight, layer.up_gate_proj_weight_scale),
+                               (qd, sd, layer.down_proj_weight, layer.down_proj_weight_scale)):
+        np.testing.assert_array_equal(quant.dequant_per_block(got_q, got_s).numpy(),
+                                      quant.dequant_per_block(q, s).numpy())
+
+
+def test_weight_processing_errors(model):
+    layer = FusedMoE(2, 1, 128, 128, BlockWiseFP8Config(is_checkpoint_bf16=True))
+    x = paddle.zeros([1, 128], dtype=paddle.bfloat16)
+    with pytest.raises(RuntimeError, match="process_weights_after_loading"):
+        layer(x, topk=(paddle.ones([1, 1]), paddle.zeros([1, 1], dtype=paddle.int64)))
+    up = paddle.zeros([2, 256, 128], dtype=paddle.bfloat16)
+    down = paddle.zeros([2, 128, 128], dtype=paddle.bfloat16)
+    bad = up.astype(paddle.float32).numpy()
+    bad[1, 3, 4] = np.inf
+    with pytest.raises(ValueError, match=r"up_gate_proj_weight: expert 1: w: non-finite value at index \(3, 4\)"):
+        layer.load_weights(paddle.to_tensor(bad).astype(paddle.bfloat16), down)
+    layer = FusedMoE(2, 1, 128, 128, BlockWiseFP8Config(is_checkpoint_bf16=True))
+    layer.load_weights(up, down)                      # all-zero weights: amax floor, no NaN
+    assert np.isfinite(layer.up_gate_proj_weight_scale.numpy()).all()
+    with pytest.raises(RuntimeError, match="already called"):
+        layer.quant_method.process_weights_after_loading(layer)
+    fp8 = FusedMoE(2, 1, 128, 128, BlockWiseFP8Config(is_checkpoint_bf16=False))
+    scale = paddle.ones([2, 2, 1])
+    scale[1, 0, 0] = 0.0
+    with pytest.raises(ValueError, match=r"up_gate_proj_weight_scale: expected finite scales > 0, got 0.0 at index \(1, 0, 0\)"):
+        fp8.load_weights(up.astype(paddle.float8_e4m3fn), down.astype(paddle.float8_e4m3fn), scale,
+                         paddle.ones([2, 1, 1]))
+    with pytest.raises(ValueError, match="powers of two"):
+        pack_row_scales_ue8m0(paddle.full([1, 1, 1], 0.75), 4)
+
+
+def test_weight_quantizer_matches_reference_on_ragged_shapes():
+    w = paddle.to_tensor(np.random.default_rng(8).normal(0, 0.5, size=(200, 72)).astype(np.float32))
+    q, s = quantize_weight_blocks_ue8m0(w)
+    q_ref, s_ref = quant.per_block_quant(w, use_ue8m0=True)
+    np.testing.assert_array_equal(q.view(paddle.uint8).numpy(), q_ref.view(paddle.uint8).numpy())
+    np.testing.assert_array_equal(s.numpy(), s_ref.numpy())
+
+
+# ---------------------------------------------------------------------- argument checks and sizing
+
+def test_apply_argument_checks(model):
+    x, tw, ti = inputs(t=4, seed=108)
+    layer = model.layer("bf16")
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        layer(x.astype(paddle.float32), topk=(tw, ti))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        layer(x[:, :128], topk=(tw, ti))
+    with pytest.raises(ValueError, match=r"topk_ids: expected shape\[1\] == K_top"):
+        layer(x, topk=(tw[:, :2], ti[:, :2]))
+    with pytest.raises(ValueError, match="topk_weights: expected shape"):
+        layer(x, topk=(tw[:, :2], ti))
+    with pytest.raises(ValueError, match=r"topk_ids: expected global expert ids in \[-1, num_experts = 8\)"):
+        layer(x, topk=(tw, ti + 8))
+    with pytest.raises(ValueError, match="gate_out"):
+        layer(x, paddle.zeros([3, E]))
+    with pytest.raises(TypeError, match="routing"):
+        layer.quant_method.apply(layer, x, (tw,))
+    ep_layer = model.layer("bf16", ep_size=2, ep_rank=1, max_tokens_per_rank=2)
+    with pytest.raises(ValueError, match="runner: ep_size = 2 needs an EP runner"):
+        ep_layer(x, topk=(tw, ti))
+    with pytest.raises(ValueError, match="runner: ep_rank = 0 does not match the layer's ep_rank = 1"):
+        ep_layer(x, topk=(tw, ti), runner=InProcessEPGroup(2, E).runner(0))
+    ht = model.layer("bf16", max_tokens_per_rank=2)
+    with pytest.raises(ValueError, match="x: 4 tokens on rank 0, more than max_tokens_per_rank = 2"):
+        ht(x, topk=(tw, ti), runner=SingleRankEPRunner(E))
+
+
+def test_upstream_path_names(model):
+    x, tw, ti = inputs(t=4, seed=109)
+    prefill = model.layer("bf16", max_tokens_per_rank=4)
+    decode = model.layer("bf16", moe_phase="decode", num_max_dispatch_tokens_per_rank=4)
+    method = prefill.quant_method
+    base = f32(method.apply_tp(prefill, x, (tw, ti)))
+    np.testing.assert_array_equal(f32(method.apply_ep_prefill(prefill, x, (tw, ti), SingleRankEPRunner(E))), base)
+    np.testing.assert_array_equal(
+        f32(decode.quant_method.apply_ep_decode(decode, x, (tw, ti), SingleRankEPRunner(E))), base)
+    with pytest.raises(ValueError, match="apply_ep_prefill needs 'prefill'"):
+        method.apply_ep_prefill(decode, x, (tw, ti), SingleRankEPRunner(E))
+    with pytest.raises(ValueError, match="apply_ep_decode needs 'decode'"):
+        method.apply_ep_decode(prefill, x, (tw, ti), SingleRankEPRunner(E))
+
+
+def test_forward_buffer_bytes():
+    # SPEC §13: upstream zero-fills E·M·2I bf16 every call: 17.2 GB at E=32, M=65536, I=2048
+    sizes = forward_buffer_bytes(32, 65536, 7168, 2048)
+    assert sizes["upstream"]["zero_filled"] == 32 * 65536 * 4096 * 2 == 17_179_869_184
+    assert sizes["ours"]["zero_filled"] == 0
+    assert sizes["ours"]["up_gate_proj_out [E·M, 2I] bf16"] == 17_179_869_184
+    assert sizes["ours"]["total"] == sizes["upstream"]["total"] > 17_179_869_184
+    assert sizes["gemm_written_valid_rows"] is None
+    reuse = forward_buffer_bytes(4, 100, 512, 256, num_worst_tokens=50, top_k=8, valid_rows=70)
+    assert reuse["ours"]["ffn_out [E·M, H] bf16"] == 0                    # H == 2I: GEMM 2 reuses GEMM 1's buffer
+    assert reuse["ours"]["partial [W, H] bf16"] == 50 * 512 * 2
+    assert reuse["gemm_written_valid_rows"] == 70 * (512 + 512) * 2
+    layer = FusedMoE(16, 8, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=True), ep_size=2,
+                     max_tokens_per_rank=1024, num_max_dispatch_tokens_per_rank=128)
+    method = layer.quant_method
+    assert method.forward_buffer_bytes(layer)["ours"]["permute_x [E, M, H] fp8"] == 8 * 2048 * 256
+    layer.moe_phase = "decode"
+    assert method.forward_buffer_bytes(layer)["ours"]["permute_x [E, M, H] fp8"] == 8 * 256 * 256
+    tp = FusedMoE(16, 8, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=True))
+    assert tp.quant_method.forward_buffer_bytes(tp, num_tokens=10)["ours"]["act [E, M, I] fp8"] == 16 * 10 * 128
+
+
+def test_method_module_is_light():
+    assert isinstance(bm.BlackwellGemmFusedMoeMethod(BlockWiseFP8Config()).checkpoint_tensor_names, tuple)
+    assert BlackwellGemmFusedMoeMethod(BlockWiseFP8Config()).last_provider_name is None
