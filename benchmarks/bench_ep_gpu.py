@@ -185,9 +185,17 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).reshape(t.shape[0], t.shape[1] * t.element_size())
 
 
+ROW_ALIGN = 16     # bytes: NCCL moves 16-byte-aligned chunks faster (DeepEP aligns its rows the same way)
+
+
 def pack_token_rows(x_q, x_scale, ids, weights) -> torch.Tensor:
-    """One uint8 row per token: [x fp8 (H) | scale words (4C) | ids int64 (8K) | weights fp32 (4K)]."""
-    return torch.cat([_bytes(x_q), _bytes(x_scale), _bytes(ids.to(torch.int64)), _bytes(weights.float())], 1)
+    """One uint8 row per token: [x fp8 (H) | scale words (4C) | ids int64 (8K) | weights fp32 (4K) | pad
+    to a multiple of ROW_ALIGN]."""
+    parts = [_bytes(x_q), _bytes(x_scale), _bytes(ids.to(torch.int64)), _bytes(weights.float())]
+    width = sum(p.shape[1] for p in parts)
+    if width % ROW_ALIGN:
+        parts.append(torch.zeros(x_q.shape[0], ROW_ALIGN - width % ROW_ALIGN, dtype=torch.uint8, device=x_q.device))
+    return torch.cat(parts, 1)
 
 
 def unpack_token_rows(rows, h: int, c: int, k: int):
@@ -350,6 +358,41 @@ def timed(fn, device, iters: int, warmup: int) -> float:
     return float(med.item())
 
 
+def loop_ms(fn, device, n: int) -> float:
+    """Per-op ms of n back-to-back calls (one sync at the end: steady state, no per-op barrier),
+    ranks aligned by a barrier first; the max over ranks."""
+    dist.barrier()
+    sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        sync(device)
+        ms = start.elapsed_time(end) / n
+    else:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        ms = (time.perf_counter() - t0) * 1e3 / n
+    t = torch.tensor([ms], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def interleaved(fns: dict, device, rounds: int, n: int) -> dict:
+    """Median over `rounds` of loop_ms for each fn, the fns alternating within every round (so
+    clock or link drift hits all of them alike)."""
+    for fn in fns.values():
+        loop_ms(fn, device, 2)
+    seen = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            seen[k].append(loop_ms(fn, device, n))
+    return {k: statistics.median(v) for k, v in seen.items()}
+
+
 def versions(device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "backend": dist.get_backend(),
             "world_size": dist.get_world_size()}
@@ -385,7 +428,7 @@ def main() -> int:
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=32, help="E_total (split evenly over the ranks)")
     ap.add_argument("--top-k", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry", action="store_true", help="tiny shapes (CPU check of the script)")
@@ -458,31 +501,58 @@ def main() -> int:
     send = rows[torch.cat(sent)].contiguous()
     recv = torch.empty(int(counts[:, rank].sum()), rows.shape[1], dtype=torch.uint8, device=device)
     in_split, out_split = counts[rank].tolist(), counts[:, rank].tolist()
-    ms_a2a = timed(lambda: dist.all_to_all_single(recv, send, out_split, in_split), device, a.iters, a.warmup)
     total = send.numel()
-    chunk = -(-total // world)
-    plain_in = torch.empty(chunk * world, dtype=torch.uint8, device=device)
+    biggest = torch.tensor([total], dtype=torch.int64, device=device)
+    dist.all_reduce(biggest, op=dist.ReduceOp.MAX)         # equal splits need one size on every rank
+    chunk = -(-int(biggest.item()) // (world * 128)) * 128   # 128-byte aligned chunks: the best case for NCCL
+    plain_in = torch.zeros(chunk * world, dtype=torch.uint8, device=device)
     plain_out = torch.empty_like(plain_in)
-    ms_plain = timed(lambda: dist.all_to_all_single(plain_out, plain_in), device, a.iters, a.warmup)
     to_others = int(counts[rank].sum() - counts[rank, rank]) * rows.shape[1]
+    plain_to_others = chunk * (world - 1)
     dispatched = {}
 
     def run_dispatch():
         dispatched["d"] = ep.dispatch(x_q, x_s, ids, wts, w)
 
-    ms_dispatch = timed(run_dispatch, device, a.iters, a.warmup)
+    run_dispatch()
     r_x, r_s, r_ids, r_w, n_recv, handle = dispatched["d"]
     partial = mine(r_x, r_s, r_ids, r_w, w)
+    # combine's exchange alone: the partial rows back to their sources (bf16, 2H bytes a row)
+    c_send = _bytes(partial[:n_recv])
+    c_recv = torch.empty(int(counts[rank].sum()), 2 * h, dtype=torch.uint8, device=device)
+    c_in, c_out = counts[:, rank].tolist(), counts[rank].tolist()
+    c_to_others = int(counts[:, rank].sum() - counts[rank, rank]) * 2 * h
+    c_big = torch.tensor([c_send.numel()], dtype=torch.int64, device=device)
+    dist.all_reduce(c_big, op=dist.ReduceOp.MAX)
+    c_chunk = -(-int(c_big.item()) // (world * 128)) * 128
+    c_plain_in = torch.zeros(c_chunk * world, dtype=torch.uint8, device=device)
+    c_plain_out = torch.empty_like(c_plain_in)
+    bw = interleaved({
+        "dispatch_all_to_all": lambda: dist.all_to_all_single(recv, send, out_split, in_split),
+        "dispatch_plain": lambda: dist.all_to_all_single(plain_out, plain_in),
+        "combine_all_to_all": lambda: dist.all_to_all_single(c_recv, c_send, c_out, c_in),
+        "combine_plain": lambda: dist.all_to_all_single(c_plain_out, c_plain_in),
+    }, device, rounds=7, n=a.iters)
+    ms_dispatch = timed(run_dispatch, device, a.iters, a.warmup)
     ms_combine = timed(lambda: ep.combine(partial, handle), device, a.iters, a.warmup)
-    plain_to_others = chunk * (world - 1)
+    ms_counts = timed(lambda: ep.counts(sent), device, a.iters, a.warmup)
+    gbps = lambda nbytes, ms: nbytes / ms / 1e6   # noqa: E731
     result["exchange"] = {
+        "method": "per-op ms of back-to-back calls (CUDA events), median of 7 interleaved rounds, max over ranks; "
+                  "plain = all_to_all_single with equal 128-byte-aligned splits of at least the same bytes",
         "dispatch_row_bytes": int(rows.shape[1]), "dispatch_send_bytes_rank0": int(total),
         "dispatch_bytes_to_other_ranks_rank0": to_others, "tokens_sent_per_rank_rank0": in_split,
-        "all_to_all_ms": ms_a2a, "all_to_all_GBps": to_others / ms_a2a / 1e6,
-        "plain_nccl_all_to_all_single_ms": ms_plain, "plain_GBps": plain_to_others / ms_plain / 1e6,
-        "bandwidth_ratio_ours_vs_plain": (to_others / ms_a2a) / (plain_to_others / ms_plain),
-        "dispatch_ms": ms_dispatch, "combine_ms": ms_combine,
-        "combine_bytes_to_other_ranks_rank0": int(counts[:, rank].sum() - counts[rank, rank]) * 2 * h,
+        "all_to_all_ms": bw["dispatch_all_to_all"], "all_to_all_GBps": gbps(to_others, bw["dispatch_all_to_all"]),
+        "plain_nccl_all_to_all_single_ms": bw["dispatch_plain"],
+        "plain_GBps": gbps(plain_to_others, bw["dispatch_plain"]),
+        "bandwidth_ratio_ours_vs_plain": gbps(to_others, bw["dispatch_all_to_all"]) / gbps(plain_to_others, bw["dispatch_plain"]),
+        "combine_bytes_to_other_ranks_rank0": c_to_others,
+        "combine_all_to_all_ms": bw["combine_all_to_all"], "combine_all_to_all_GBps": gbps(c_to_others, bw["combine_all_to_all"]),
+        "combine_plain_ms": bw["combine_plain"], "combine_plain_GBps": gbps(c_chunk * (world - 1), bw["combine_plain"]),
+        "combine_bandwidth_ratio_ours_vs_plain": gbps(c_to_others, bw["combine_all_to_all"]) / gbps(c_chunk * (world - 1), bw["combine_plain"]),
+        "dispatch_ms": ms_dispatch, "combine_ms": ms_combine, "dispatch_counts_allgather_and_host_sync_ms": ms_counts,
+        "dispatch_combine_note": "whole dispatch/combine, wall per call with a barrier before each: counts, host sync, "
+                                 "packing, exchange, unpacking, padding to W / float32 sums",
     }
     log("exchange:", json.dumps(result["exchange"]))
 

@@ -412,7 +412,10 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
     n_valid = int((imap >= 0).sum())
     ms = bench_ms(lambda: L.depermute_prefill_combine(ffn, imap, wts, t_tok))
     record("depermute_prefill_combine", ms, n_valid * h * 2 + t_tok * h * 2 + imap.numel() * 8,
-           max_diff_bf16_steps=ulps, elements_differing=int((diff > 0).sum()), calc_diff=calc_diff(out.float(), ref.float()),
+           max_diff_bf16_steps=ulps, elements_differing=int((diff > 0).sum()),
+           max_diff_over_row_absmax=float((diff.max(1).values / ref.float().abs().max(1).values.clamp(min=1e-30)).max()),
+           note_diff="FMA contraction vs separate mul+add: differences show only where terms cancel",
+           calc_diff=calc_diff(out.float(), ref.float()),
            nan=bool(torch.isnan(out.float()).any()))
     return res
 

@@ -238,9 +238,12 @@ assert np.array_equal(w_rows.numpy()[127], w_scale.numpy()[0]) and np.array_equa
 #
 # **Swizzle.** The bytes are then stored in tiles of 128 rows × 4 columns (512 bytes), tiles
 # ordered row-tile first; inside a tile, 32 lines of 16 bytes, line `i` holding rows
-# `i, i+32, i+64, i+96`, 4 columns each. That lets 32 threads each fetch one 16-byte
-# line for 4 rows at once when the scales are copied into tensor memory. Element `(r, kb)` of
-# the `[MN, KB]` matrix goes to byte (SPEC §4, `backend.ops.cutlass_sf.sf_byte_offset`):
+# `i, i+32, i+64, i+96`, 4 columns each: one 128-bit load per thread of a warp fetches a
+# whole tile. CUTLASS writes the tile as the CuTe layout `((32,4),(SFVecSize,4)):((16,4),(0,1))`
+# (`SfKMajorAtom` of `Sm1xxBlockScaledBasicChunk` in `include/cutlass/detail/sm100_blockscaled_layout.hpp`);
+# the stride 0 over `SFVecSize` is the "one byte serves 32 K-elements" of the replication above.
+# Element `(r, kb)` of the `[MN, KB]` matrix goes to byte (SPEC §4,
+# `backend.ops.cutlass_sf.sf_byte_offset`):
 #
 #     ((r // 128) · (KB // 4) + kb // 4) · 512  +  (r % 32) · 16  +  ((r % 128) // 32) · 4  +  kb % 4
 

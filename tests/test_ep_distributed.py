@@ -176,3 +176,89 @@ def test_deepep_runner_without_deep_ep_is_a_clear_error():
         pass
     with pytest.raises(RuntimeError, match="DeepEP is not installed"):
         DeepEPRunner(num_experts=4)
+
+
+# ---------------------------------------------------------------------- the torch port (benchmarks/bench_ep_gpu.py)
+
+def _bench_module():
+    torch = pytest.importorskip("torch")
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ep_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_ep_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, torch
+
+
+def test_torch_port_of_the_exchange_matches_moe_ref_ep():
+    """The GPU benchmark's in-process simulation (torch) moves and sums exactly as moe_ref.ep."""
+    from moe_ref.ep import ep_combine, ep_dispatch
+
+    bench, torch = _bench_module()
+    world, e_local, k_top, h, w = 2, 2, 2, 256, 12
+    rng = np.random.default_rng(7)
+    t_of = [5, 4]
+    per_rank = []
+    for s in range(world):
+        x = rng.integers(0, 256, size=(t_of[s], h), dtype=np.uint8)
+        x[x & 0x7F == 0x7F] = 0                                       # no NaN patterns
+        scale = rng.integers(-2 ** 31, 2 ** 31 - 1, size=(t_of[s], 2), dtype=np.int64).astype(np.int32)
+        ids = np.stack([rng.permutation(e_local * world)[:k_top] for _ in range(t_of[s])]).astype(np.int64)
+        ids[0, 1] = -1
+        if s == 1:
+            ids[1] = -1                                              # a token sent nowhere
+        wts = rng.random(size=(t_of[s], k_top), dtype=np.float32)
+        per_rank.append((x, scale, ids, wts))
+
+    seen = {}
+
+    def experts_of_rank(r):
+        def run(x, sc, ids, wts, m):
+            seen[r] = (x.view(torch.uint8).numpy().copy(), sc.numpy().copy(), ids.numpy().copy(), wts.numpy().copy())
+            return (x.float() * ((r + 1) / 8.0)).to(torch.bfloat16)
+        return run
+
+    t_inputs = [(torch.from_numpy(x).view(torch.float8_e4m3fn), torch.from_numpy(sc), torch.from_numpy(ids),
+                 torch.from_numpy(wts)) for x, sc, ids, wts in per_rank]
+    t_out = bench.simulate(t_inputs, experts_of_rank, e_local, w, w)
+
+    fp8 = paddle.float8_e4m3fn
+    outs = ep_dispatch([paddle.to_tensor(x).view(fp8) for x, *_ in per_rank],
+                       [paddle.to_tensor(sc) for _, sc, _, _ in per_rank],
+                       [paddle.to_tensor(ids) for _, _, ids, _ in per_rank],
+                       [paddle.to_tensor(wts) for *_, wts in per_rank], e_local, w)
+    for r, o in enumerate(outs):
+        x, sc, ids, wts = seen[r]
+        assert np.array_equal(x, o.recv_x.view(paddle.uint8).numpy())
+        assert np.array_equal(sc, o.recv_x_scale.numpy())
+        assert np.array_equal(ids, o.recv_topk_ids.numpy())
+        assert np.array_equal(wts.view(np.uint32), o.recv_topk_weights.numpy().view(np.uint32))
+    combined = ep_combine([ep_launch.exchange_partial(o.recv_x, r) for r, o in enumerate(outs)], outs[0].handle)
+    for s in range(world):
+        assert np.array_equal(t_out[s].view(torch.int16).numpy(), combined[s].numpy().view(np.int16))
+
+
+def test_gpu_benchmark_logic_on_gloo_cpu(tmp_path):
+    """benchmarks/bench_ep_gpu.py end to end on 2 CPU processes (torch gloo, torch chain, tiny
+    shapes): the distributed layer equals its in-process simulation bit for bit on every rank."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "ep_cpu.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "benchmarks" / "bench_ep_gpu.py"), "--backend", "gloo", "--device", "cpu", "--dry",
+           "--ops", "torch", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["checks"]["random"]["bit_exact_all_ranks"]
+    assert result["checks"]["uneven"]["bit_exact_all_ranks"]
+    assert result["checks"]["uneven"]["recv_tokens_per_rank"] == [result["shape"]["W"], 0]

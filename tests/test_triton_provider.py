@@ -254,15 +254,33 @@ def test_group_gemm_masked_matches_paddle(T, P, k, bias):
     assert not np.isnan(got).any()
 
 
-@pytest.mark.parametrize("variant", [dict(USE_TMA=True), dict(PROMOTE_LAG=True), dict(USE_TMA=True, GRID_MODE=0)])
+@pytest.mark.parametrize("variant", [dict(USE_TMA=True, SCALE_PREFETCH=True), dict(LOOP_STAGES=2),
+                                     dict(USE_TMA=True, GRID_MODE=0)])
 def test_group_gemm_masked_kernel_variants(T, P, variant, monkeypatch):
-    """The tuning candidates of the explicit kernel (TMA descriptors, late promotion, one program per tile)."""
+    """The tuning candidates of the explicit kernel (TMA descriptors, scale prefetch, one program per tile)."""
     from backend.ops.triton import launch as L
     monkeypatch.setattr(L, "INTERPRETER_CONFIG", dict(L.INTERPRETER_CONFIG, **variant))
     e, m, n, k = 2, 64, 128, 320
     counts = [64, 23]
     a, sa, b, sb, masked_m = _gemm_case(e, m, n, k, counts, seed=4)
     sfa, sfb = _sf_bytes(T, sa, sb, e, m, n)
+    poison = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
+    got = f32(T.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m)).reshape(e, m, n)
+    want = f32(P.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m)).reshape(e, m, n)
+    for ex, c in enumerate(counts):
+        np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=BF16_ULP, atol=1e-2)
+        assert np.all(got[ex, c:] == 7.0)
+
+
+def test_group_gemm_masked_per_row_weight_bytes(T, P):
+    """Per-row weight scale bytes that differ inside a tile (SPEC §6 allows them): the kernel's two-FMA branch."""
+    e, m, n, k = 2, 64, 128, 256
+    counts = [50, 64]
+    a, sa, b, _, masked_m = _gemm_case(e, m, n, k, counts, seed=8)
+    sfa = T.unpack_and_convert_scale(ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(sa)).reshape([e, m, -1]), None)
+    rng = np.random.default_rng(8)
+    rows_b = paddle.to_tensor(np.ldexp(1.0, rng.integers(-9, -3, size=(e, n, k // 128))).astype(np.float32))
+    sfb = T.unpack_and_convert_scale(ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(rows_b)), None)
     poison = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
     got = f32(T.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m)).reshape(e, m, n)
     want = f32(P.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m)).reshape(e, m, n)

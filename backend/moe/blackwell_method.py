@@ -26,13 +26,12 @@ import numpy as np
 import paddle
 
 from moe_ref.checks import check_dim, check_tensor
-from moe_ref.fp8 import BYTES_PER_WORD, E4M3_MAX, TMA_ALIGN, UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, align
+from moe_ref.fp8 import BYTES_PER_WORD, E4M3_MAX, TMA_ALIGN, UE8M0_MAX_EXP, UE8M0_MIN_EXP, align
 from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, GROUP_SIZE
 
-from ..ops.cutlass_sf import SF_TILE_ROWS, SF_VEC_SIZE
+from ..ops.cutlass_sf import SF_TILE_ROWS
 
 FP8 = paddle.float8_e4m3fn
-WEIGHT_NAMES = ("up_gate_proj", "down_proj")
 _ID_DTYPES = (paddle.int32, paddle.int64)
 
 
@@ -231,8 +230,9 @@ class BlackwellGemmFusedMoeMethod:
 
     def process_weights_after_loading(self, layer) -> None:
         """Quantize (BF16 checkpoint) or requantize (FP8 checkpoint) to UE8M0 128x128 blocks and
-        build the per-row packed scales and CUTLASS SF bytes. Expert by expert (peak extra memory:
-        one expert's weight in float32). Calling it twice is an error (the weights are FP8 then)."""
+        build the per-row packed scales and CUTLASS SF bytes. Expert by expert: the extra memory is one
+        expert's weight in float32 plus the new FP8 weights (the checkpoint tensors are released when
+        the new parameters replace them). Calling it twice is an error (the weights are FP8 then)."""
         from .. import ops
 
         if getattr(self, "_processed", False):

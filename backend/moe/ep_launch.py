@@ -1,7 +1,7 @@
 """Run the MoE layer with expert parallelism over R CPU processes (Paddle, gloo backend).
 
     python -m backend.moe.ep_launch --ranks 2 [--tokens 8 --hidden 256 --intermediate 128
-        --experts-per-rank 2 --top-k 2 --scenarios random,uneven,ll --timeout 120]
+        --experts-per-rank 2 --top-k 2 --scenarios random,uneven,ll --timeout 120 --check]
 
 Each rank is a process started with multiprocessing's "spawn" (what paddle.distributed.spawn does,
 plus the control this needs: per-rank results, a wall-clock bound and killing stragglers). It joins
@@ -209,7 +209,6 @@ def _rank_main(rank: int, world_size: int, port: int, worker, cfg: dict, out_dir
         "PADDLE_CURRENT_ENDPOINT": f"127.0.0.1:{cfg['endpoint_ports'][rank]}",
         "PADDLE_TRAINER_ENDPOINTS": ",".join(f"127.0.0.1:{p}" for p in cfg["endpoint_ports"]),
         "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        "GLOG_minloglevel": "2", "GLOG_v": "0",
     })
     path = os.path.join(out_dir, f"rank{rank}.pkl")
     try:
@@ -250,8 +249,18 @@ def launch(world_size: int, cfg: dict, worker=layer_worker, *, timeout_s: float 
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, worker, cfg, out_dir),
                          name=f"ep-rank-{r}", daemon=True) for r in range(world_size)]
     start = time.monotonic()
-    for p in procs:
-        p.start()
+    quiet = {"GLOG_minloglevel": "2", "GLOG_v": "0"}       # Paddle's C++ log lines, read at its import
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     ended = [None] * world_size
     killed = {}
     first_error = None
@@ -345,6 +354,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fail-rank", type=int, default=DEFAULTS["fail_rank"])
     ap.add_argument("--timeout", type=float, default=120.0, help="wall-clock bound of the whole run, seconds")
     ap.add_argument("--collective-timeout", type=float, default=60.0, help="watchdog bound per collective, seconds")
+    ap.add_argument("--check", action="store_true",
+                    help="also run the scenarios in-process (InProcessEPGroup) and compare bit for bit")
     a = ap.parse_args(argv)
     scenarios = [s for s in a.scenarios.split(",") if s]
     for s in scenarios:
@@ -357,7 +368,30 @@ def main(argv=None) -> int:
                collective_timeout_s=a.collective_timeout)
     start = time.monotonic()
     records = launch(a.ranks, cfg, timeout_s=a.timeout)
-    return _print_report(records, cfg, time.monotonic() - start)
+    rc = _print_report(records, cfg, time.monotonic() - start)
+    if a.check and rc == 0:
+        rc = _check_report(records, cfg, a.ranks)
+    return rc
+
+
+def _check_report(records: list[dict], cfg: dict, world_size: int) -> int:
+    """Compare every rank's outputs with the in-process simulation (InProcessEPGroup, same R)."""
+    ref = simulate(world_size, dict(cfg, scenarios=[s for s in cfg["scenarios"] if s != "fail"]))
+    bad = 0
+    for scenario in cfg["scenarios"]:
+        if scenario == "fail":
+            continue
+        same = []
+        for rec in records:
+            got, want = rec["result"][scenario], ref[rec["rank"]][scenario]
+            keys = [k for k in want if k not in ("stats", "layer_s")]
+            ok = all(k in got and (np.array_equal(np.asarray(got[k]).view(np.uint8), np.asarray(want[k]).view(np.uint8))
+                                   if isinstance(want[k], np.ndarray) else got[k] == want[k]) for k in keys)
+            same.append(ok)
+            bad += not ok
+        print(f"check {scenario:8s}: " + ", ".join(f"rank {r} {'bit-exact' if ok else 'DIFFERS'}"
+                                                   for r, ok in enumerate(same)) + " vs the in-process simulation")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

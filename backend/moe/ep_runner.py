@@ -51,7 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import paddle
 
-from moe_ref.checks import FLOAT_DTYPES, check_dim, check_positive_int, check_tensor
+from moe_ref.checks import check_dim, check_positive_int, check_tensor
 from moe_ref.fp8 import TMA_ALIGN, align
 from moe_ref.quant import GROUP_SIZE
 

@@ -90,13 +90,22 @@ def _scale_from_amax(amax, UE8M0: tl.constexpr):
 
 
 @triton.jit
-def _divide_by_scale(y, s, UE8M0: tl.constexpr):
-    """y / s with IEEE rounding. A UE8M0 scale is a power of two, so y · (1/s) is the same number and
-    much cheaper than a correctly rounded division (s in [2^-126, 2^127] keeps 1/s a float32)."""
+def _divide_by_scale(y, s, UE8M0: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """y / s, correctly rounded, for a scale s shared by a group (broadcast).
+
+    UE8M0: s is a power of two, so y · (1/s) is exact. FP32 scales on a GPU: one correctly rounded
+    reciprocal r per group, q0 = y·r, then the FMA correction q0 + (y - q0·s)·r (Markstein), which
+    is the IEEE quotient for normal operands at a fraction of the cost of a division per element.
+    Under the interpreter (no true FMA) the division itself.
+    """
     if UE8M0:
         return y * (1.0 / s)
-    else:
+    elif EXACT_CAST:
         return tl.math.div_rn(y, s)
+    else:
+        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        q0 = y * r
+        return tl.fma(tl.fma(-q0, s, y), r, q0)
 
 
 @triton.jit
@@ -139,7 +148,7 @@ def per_token_quant_kernel(x_ptr, q_ptr, s_ptr, T, H, S, stride_x, stride_q, str
     x3 = tl.reshape(x, (BLOCK_T, 4, GROUP))
     amax = tl.maximum(tl.max(tl.abs(x3), axis=2), amax_floor)                     # [BLOCK_T, 4]
     s, e = _scale_from_amax(amax, UE8M0)
-    q = _to_e4m3_bytes(_divide_by_scale(x3, s[:, :, None], UE8M0), EXACT_CAST)
+    q = _to_e4m3_bytes(_divide_by_scale(x3, s[:, :, None], UE8M0, EXACT_CAST), EXACT_CAST)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_q + cols[None, :], tl.reshape(q, (BLOCK_T, 4 * GROUP)),
              mask=mask)
     g = pid_w * 4 + tl.arange(0, 4)
@@ -189,7 +198,7 @@ def permute_slot_kernel(ids_ptr, offset_ptr, map_ptr, W, K_TOP, M, stride_ids,
     chunk = tl.program_id(0)
     before = tl.cumsum(onehot, axis=0) - onehot                                    # same expert, earlier in chunk
     rank = tl.sum(before * onehot, axis=1)
-    base = tl.load(offset_ptr + chunk * E_PAD + tl.maximum(ids, 0))
+    base = tl.load(offset_ptr + chunk * E_PAD + tl.minimum(tl.maximum(ids, 0), E_PAD - 1))   # bad ids: raised later
     value = tl.where(ids >= 0, ids * M + base + rank, -1)
     flat = chunk * BLOCK_W * KP + tl.arange(0, BLOCK_W * KP)
     t = flat // KP
@@ -198,11 +207,13 @@ def permute_slot_kernel(ids_ptr, offset_ptr, map_ptr, W, K_TOP, M, stride_ids,
 
 
 @triton.jit
-def permute_scatter_kernel(x_ptr, map_ptr, px_ptr, s_ptr, ps_ptr, ROW, S_COLS, M, M_PAD,
+def permute_scatter_kernel(x_ptr, map_ptr, px_ptr, s_ptr, ps_ptr, ROW, S_COLS, M, M_PAD, NUM_ROWS,
                            stride_x, stride_s, K_TOP: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
     """Copy token t's row (ROW elements of any type up to 4 bytes) to every slot it was given.
 
     px [E·M, ROW]; ps physical [E, S_COLS, M_PAD] (MN-major): element (e, slot, c) at e·S_COLS·M_PAD + c·M_PAD + slot.
+    Destinations outside [0, NUM_ROWS = E·M) are skipped: the launcher checks ids and counts after
+    everything is queued (one synchronization) and raises, so bad input never writes out of range.
     """
     t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -210,7 +221,7 @@ def permute_scatter_kernel(x_ptr, map_ptr, px_ptr, s_ptr, ps_ptr, ROW, S_COLS, M
     row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < ROW)
     for k in tl.static_range(K_TOP):
         d = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k)
-        if d >= 0:
+        if (d >= 0) & (d < NUM_ROWS):
             tl.store(px_ptr + d.to(tl.int64) * ROW + cols, row, mask=cols < ROW)
     if HAS_SCALE:
         if pid_c == 0:
@@ -219,7 +230,7 @@ def permute_scatter_kernel(x_ptr, map_ptr, px_ptr, s_ptr, ps_ptr, ROW, S_COLS, M
                 sv = tl.load(s_ptr + t.to(tl.int64) * stride_s + c, mask=c < S_COLS)
                 for k in tl.static_range(K_TOP):
                     d = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k)
-                    if d >= 0:
+                    if (d >= 0) & (d < NUM_ROWS):
                         tl.store(ps_ptr + ((d // M) * S_COLS + c).to(tl.int64) * M_PAD + d % M, sv,
                                  mask=c < S_COLS)
 
@@ -319,24 +330,35 @@ def _tile_table(counts_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
-def _load_block_scales(sa_ptr, sb_ptr, e, rows, cols, kb,
-                       sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE: tl.constexpr):
-    """Scales of one 128-wide K step: (sa [BLOCK_M], sb [BLOCK_N]) float32.
+def _step_scales(sa_ptr, sb_ptr, e, rows, cols, pid_n, kb,
+                 sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                 SCALE_MODE: tl.constexpr, SB_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Scales of one 128-wide K step: (sa [BLOCK_M], sb [BLOCK_N] | scalar) float32.
 
     SCALE_MODE 0 (Hopper recipe): sa fp32 logical [E, M, S] with strides (sa_se, sa_sm, sa_sk);
       sb fp32 [E, ceil(N/128), ceil(K/128)] with strides (sb_se, sb_sn, sb_sk), 128x128 blocks.
+      SB_SCALAR (BLOCK_N divides 128): the tile lies in one weight block; sb is folded into sa.
     SCALE_MODE 1 (CUTLASS UE8M0 bytes read as int32 words): sa_se / sb_se = expert stride in words,
       sa_sk / sb_sk = KB // 4; the first byte of each group's 4 is used (they are equal when the SF
-      bytes come from unpack_and_convert_scale; the dot_scaled kernel honours all 4).
+      bytes come from unpack_and_convert_scale; the dot_scaled kernel honours all 4). SB_SCALAR here
+      returns sb as one number when the tile's per-row bytes agree (the 128x128 recipe), else -1.
     """
     if SCALE_MODE == 0:
         sa = tl.load(sa_ptr + e * sa_se + rows * sa_sm + kb * sa_sk)
-        sb = tl.load(sb_ptr + e * sb_se + (cols // 128) * sb_sn + kb * sb_sk)
+        if SB_SCALAR:
+            sb = tl.load(sb_ptr + e * sb_se + ((pid_n * BLOCK_N) // 128) * sb_sn + kb * sb_sk)
+            sa = sa * sb
+        else:
+            sb = tl.load(sb_ptr + e * sb_se + (cols // 128) * sb_sn + kb * sb_sk)
     else:
         wa = tl.load(sa_ptr + e.to(tl.int64) * sa_se + _sf_word_offset(rows, kb, sa_sk))
         wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(cols, kb, sb_sk))
         sa = ((wa & 0xFF) << 23).to(tl.float32, bitcast=True)
         sb = ((wb & 0xFF) << 23).to(tl.float32, bitcast=True)
+        if SB_SCALAR:
+            # per-row weight bytes of a 128x128 recipe agree across the tile: then one number, else -1
+            lo = tl.min(sb, axis=0)
+            sb = tl.where(lo == tl.max(sb, axis=0), lo, -1.0)
     return sa, sb
 
 
@@ -347,7 +369,8 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
                              SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, USE_TMA: tl.constexpr,
-                             PROMOTE_LAG: tl.constexpr, SB_SCALAR: tl.constexpr, EXACT_CAST: tl.constexpr):
+                             SB_SCALAR: tl.constexpr, SCALE_PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
+                             EXACT_CAST: tl.constexpr):
     """Masked grouped GEMM with explicit per-128 scales (SPEC §6), fp32 accumulation.
 
     a [E·M, K] e4m3, b [E, N, K] e4m3 (both K-contiguous; with USE_TMA, host tensor descriptors of
@@ -355,15 +378,18 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
     Tiles exist only for valid rows (a table built from counts in every program), so the time follows
     the valid rows; a program walks tiles pid, pid + nprog, ... (GRID_MODE picks nprog in the launcher:
     one tile per program, or a persistent grid). Each 128-wide K step: acc += (a·bᵀ) · sa ⊗ sb.
-    PROMOTE_LAG=True adds step k's product one iteration late, so the MMA of step k+1 need not wait
-    for that scaling (a software-pipelining hint; same sums in the same order).
-    SB_SCALAR (SCALE_MODE 0 with BLOCK_N dividing 128): the tile lies inside one 128x128 weight block,
-    so sb is one number per K step and the promotion is one FMA per element: acc += d · (sa·sb).
+    The scale loads are not operands of the dot, so Triton's pipeliner leaves them in the loop and
+    every step waits for them (ncu: L1TEX scoreboard stalls); SCALE_PREFETCH loads the next step's
+    scales one iteration ahead, LOOP_STAGES asks the pipeliner (tl.range num_stages) to pipeline them.
+    SB_SCALAR: one weight scale per K step for the whole tile (FP32 128x128 blocks with BLOCK_N dividing
+    128; UE8M0 per-row bytes that agree across the tile, checked per step), so the promotion is one FMA
+    per element, acc += d · (sa·sb), instead of two.
     """
     gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     offs_k = tl.arange(0, BLOCK_K)
+    k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in range(pid, total, nprog):
         e, pid_m, pid_n, cnt = _masked_tile(tile_id, gl_counts, tiles_incl, tiles, m_tiles, E_PAD)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -374,11 +400,10 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
             a_ptrs = a_ptr + (e.to(tl.int64) * M + rows_c)[:, None] * K + offs_k[None, :]
             b_ptrs = b_ptr + (e.to(tl.int64) * N + cols_c)[:, None] * K + offs_k[None, :]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PROMOTE_LAG:
-            prev = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            sa_prev = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            sb_prev = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        if SCALE_PREFETCH:
+            sa_next, sb_next = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, 0, sa_se, sa_sm, sa_sk,
+                                            sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
+        for kb in tl.range(0, k_tiles, num_stages=LOOP_STAGES):
             if USE_TMA:
                 a = a_ptr.load([e * M + pid_m * BLOCK_M, kb * BLOCK_K])
                 b = b_ptr.load([e * N + pid_n * BLOCK_N, kb * BLOCK_K])
@@ -389,29 +414,30 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
                 k_ok = (kb * BLOCK_K + offs_k) < K
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
-            if SB_SCALAR:
-                sa = tl.load(sa_ptr + e * sa_se + rows_c * sa_sm + kb * sa_sk)
-                sb = tl.load(sb_ptr + e * sb_se + ((pid_n * BLOCK_N) // 128) * sb_sn + kb * sb_sk)
-                sa = sa * sb
-                sb = tl.full((BLOCK_N,), 1.0, tl.float32)
+            if SCALE_PREFETCH:
+                sa = sa_next
+                sb = sb_next
+                sa_next, sb_next = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n,
+                                                tl.minimum(kb + 1, k_tiles - 1), sa_se, sa_sm, sa_sk,
+                                                sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
             else:
-                sa, sb = _load_block_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, kb,
-                                            sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE)
+                sa, sb = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, kb, sa_se, sa_sm, sa_sk,
+                                      sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
             d = tl.dot(a, tl.trans(b))
-            if SB_SCALAR and not PROMOTE_LAG:
+            if SB_SCALAR and SCALE_MODE == 1:
+                if sb > 0:
+                    acc += d * (sa * sb)[:, None]
+                else:
+                    _, sb_rows = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, kb, sa_se, sa_sm, sa_sk,
+                                              sb_se, sb_sn, sb_sk, SCALE_MODE, False, BLOCK_N)
+                    acc += d * (sa[:, None] * sb_rows[None, :])
+            elif SB_SCALAR:
                 acc += d * sa[:, None]
-            elif PROMOTE_LAG:
-                acc += prev * (sa_prev[:, None] * sb_prev[None, :])
-                prev = d
-                sa_prev = sa
-                sb_prev = sb
             else:
                 acc += d * (sa[:, None] * sb[None, :])
             if not USE_TMA:
                 a_ptrs += BLOCK_K
                 b_ptrs += BLOCK_K
-        if PROMOTE_LAG:
-            acc += prev * (sa_prev[:, None] * sb_prev[None, :])
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
         out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
@@ -507,7 +533,7 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, s
     y3 = tl.reshape(y, (BLOCK_R, 4, GROUP))
     amax = tl.maximum(tl.max(tl.abs(y3), axis=2), amax_floor)
     s, ex = _scale_from_amax(amax, UE8M0)
-    q = tl.reshape(_to_e4m3_bytes(_divide_by_scale(y3, s[:, :, None], UE8M0), EXACT_CAST), (BLOCK_R, 4 * GROUP))
+    q = tl.reshape(_to_e4m3_bytes(_divide_by_scale(y3, s[:, :, None], UE8M0, EXACT_CAST), EXACT_CAST), (BLOCK_R, 4 * GROUP))
     q = tl.where(live[:, None], q, tl.zeros_like(q))
     tl.store(q_ptr + (e.to(tl.int64) * M + rows)[:, None] * I + cols[None, :], q,
              mask=in_m[:, None] & (cols < I)[None, :])

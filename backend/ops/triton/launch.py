@@ -93,26 +93,39 @@ def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, 
     (-1 anywhere). Returns (permute_x [E, M, H], permute_scale MN-major view logical [E, M, S']
     strides (S'·align(M,4), 1, align(M,4)) or None, permuted_indice_map [W, K_top] int32,
     token_nums_per_expert [E, 1] int32). Slots follow token order then k. Rows past the count of an
-    expert are zero. An id outside [-1, E) or a count above M raises ValueError (checked on the host
-    after the count kernel: one synchronization). = permute_indices + permute_rows.
+    expert are zero. An id outside [-1, E) or a count above M raises ValueError: checked on the host
+    from the count kernel's output, once everything is queued (one synchronization; the kernels
+    never write out of range, whatever the ids). = permute_indices + permute_rows.
     """
-    indice_map, counts = permute_indices(topk_ids, num_local_experts, max_token_num)
+    indice_map, counts, problems = permute_indices(topk_ids, num_local_experts, max_token_num, check=False)
     permute_x, permute_scale = permute_rows(x, scale, indice_map, counts, num_local_experts, max_token_num)
+    _raise_on_bad_routing(problems, counts, num_local_experts, max_token_num)
     return permute_x, permute_scale, indice_map, counts.view(-1, 1)
 
 
-def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int):
+def _raise_on_bad_routing(problems: torch.Tensor, counts: torch.Tensor, e_num: int, m: int) -> None:
+    n_bad, worst = (int(v) for v in problems.tolist())
+    if n_bad:
+        raise ValueError(f"topk_ids: {n_bad} expert ids outside [-1, {e_num}) (num_local_experts = {e_num})")
+    if worst > m:
+        ex = int(torch.argmax(counts))
+        raise ValueError(f"topk_ids: expert {ex} receives {worst} rows, more than max_token_num = {m}")
+
+
+def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int, check: bool = True):
     """topk_ids [W, K_top] -> (indice_map [W, K_top] int32 = e·M + slot or -1, counts [E] int32).
 
     Count kernel (per chunk of tokens, per expert) -> exclusive prefix over chunks -> slot kernel
     (rank inside the chunk from a cumulative one-hot sum): token-major-then-k order, no atomics.
+    check=True raises ValueError for bad ids / counts > M (one synchronization); check=False returns
+    a third tensor [2] (number of bad ids, largest count) for the caller to check later.
     """
     w, k_top = topk_ids.shape
     e_num, m = int(num_local_experts), int(max_token_num)
     dev = topk_ids.device
     ids = topk_ids if topk_ids.stride(-1) == 1 else topk_ids.contiguous()
     e_pad, kp = _pow2(e_num), _pow2(k_top)
-    block_w = max(1, min(64, 16384 // (kp * e_pad)))
+    block_w = max(1, min(64, 4096 // (kp * e_pad)))     # small chunks: many programs, short scans
     block_w = 1 << (block_w.bit_length() - 1)
     chunks = max(1, triton.cdiv(w, block_w))
     hist = torch.empty((chunks, e_pad), dtype=torch.int32, device=dev)
@@ -123,18 +136,16 @@ def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_nu
     else:
         hist.zero_(), bad.zero_()
     counts = hist.sum(0, dtype=torch.int32)[:e_num].contiguous()
-    n_bad, worst = (int(v) for v in torch.stack([bad.sum(), counts.max()]).tolist())
-    if n_bad:
-        raise ValueError(f"topk_ids: {n_bad} expert ids outside [-1, {e_num}) (num_local_experts = {e_num})")
-    if worst > m:
-        ex = int(torch.argmax(counts))
-        raise ValueError(f"topk_ids: expert {ex} receives {worst} rows, more than max_token_num = {m}")
+    problems = torch.stack([bad.sum(dtype=torch.int32), counts.max()])
     offsets = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()
     indice_map = torch.empty((w, k_top), dtype=torch.int32, device=dev)
     if w:
         K.permute_slot_kernel[(chunks,)](ids, offsets, indice_map, w, k_top, m, ids.stride(0),
                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
-    return indice_map, counts
+    if check:
+        _raise_on_bad_routing(problems, counts, e_num, m)
+        return indice_map, counts
+    return indice_map, counts, problems
 
 
 def permute_rows(x: torch.Tensor, scale: torch.Tensor | None, indice_map: torch.Tensor, counts: torch.Tensor,
@@ -164,7 +175,7 @@ def permute_rows(x: torch.Tensor, scale: torch.Tensor | None, indice_map: torch.
         ps_bits = None if ps_phys is None else ps_phys.view(torch.int32)
         K.permute_scatter_kernel[(w, triton.cdiv(row, block))](
             xv, indice_map, pxv, s_bits if s_bits is not None else indice_map,
-            ps_bits if ps_bits is not None else indice_map, row, s_cols, m, m_pad, xv.stride(0),
+            ps_bits if ps_bits is not None else indice_map, row, s_cols, m, m_pad, e_num * m, xv.stride(0),
             0 if s_bits is None else s_bits.stride(0), K_TOP=k_top, HAS_SCALE=scale is not None, BLOCK=block,
             num_warps=4)
     block_r = 16
@@ -223,22 +234,26 @@ def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None) -> torc
 # Candidates timed at the first call of a (kernel, N, K, device) on a GPU; the first is the default.
 # GRID_MODE 0: one program per possible tile (programs past the valid tiles exit at once);
 # 1: persistent, one program per SM walking the valid tiles. USE_TMA: host tensor descriptors
-# (Hopper's bulk tensor copy) instead of pointer loads. PROMOTE_LAG: see the kernel.
-_BASE = dict(GRID_MODE=0, USE_TMA=False, PROMOTE_LAG=False)
+# (Hopper's bulk tensor copy) instead of pointer loads. SCALE_PREFETCH / LOOP_STAGES: see the kernel.
+# 64x128 tiles with 4 warps fit two CTAs per SM (registers), so one CTA's scale promotion
+# overlaps the other's MMAs. SB_UNIFORM (UE8M0 kernel only): try the one-FMA promotion when a tile's
+# per-row weight bytes agree (see the kernel's SB_SCALAR).
+_BASE = dict(GRID_MODE=0, USE_TMA=True, SCALE_PREFETCH=True, LOOP_STAGES=None)
 GEMM_CONFIGS = (
-    dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
-    dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, USE_TMA=True),
-    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, USE_TMA=True),
-    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, USE_TMA=True),
+    dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
-    dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, USE_TMA=True),
-    dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, USE_TMA=True, GRID_MODE=1),
+    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
+    dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
+    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SB_UNIFORM=False),
+    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SCALE_PREFETCH=False, LOOP_STAGES=3),
+    dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, GRID_MODE=1),
 )
 DOT_SCALED_CONFIGS = (
     dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3, GRID_MODE=0),
     dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4, GRID_MODE=0),
 )
-INTERPRETER_CONFIG = dict(_BASE, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, GRID_MODE=1)
+INTERPRETER_CONFIG = dict(_BASE, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, GRID_MODE=1, USE_TMA=False,
+                          SCALE_PREFETCH=False)
 INTERPRETER_CONFIG_DOT_SCALED = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, GRID_MODE=1)
 BLOCK_K = 128
 _tuned: dict[tuple, dict] = {}
@@ -323,9 +338,11 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
                    sfb.shape[1] * sfb.shape[2] // 4, 0, sfb.shape[2] // 4)
 
         def launch(cfg):
+            uniform = cfg.get("SB_UNIFORM", True)
+            cfg = {k: v for k, v in cfg.items() if k != "SB_UNIFORM"}
             K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
                 *_operands(a, b, cfg), sfa_w, sfb_w, counts, out, bias_arg, e_num, m, n, k, *strides,
-                SCALE_MODE=1, SB_SCALAR=False, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k, EXACT_CAST=interpreting(), **cfg)
+                SCALE_MODE=1, SB_SCALAR=uniform, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k, EXACT_CAST=interpreting(), **cfg)
         _run_tuned("explicit_ue8m0", GEMM_CONFIGS, (n, k, str(a.device)), launch)
     elif impl == "dot_scaled":
         def launch(cfg):
@@ -359,6 +376,7 @@ def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tens
     strides = tuple(a_scale.stride()) + tuple(b_scale.stride())
 
     def launch(cfg):
+        cfg = {k: v for k, v in cfg.items() if k != "SB_UNIFORM"}
         K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
             *_operands(a, b, cfg), a_scale, b_scale, counts, out, bias_arg, e_num, m, n, k, *strides,
             SCALE_MODE=0, SB_SCALAR=128 % cfg["BLOCK_N"] == 0, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, EXACT_CAST=interpreting(), **cfg)
