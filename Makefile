@@ -11,7 +11,7 @@ export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 export FLAGS_use_system_allocator := 0
 
-.PHONY: setup notebooks test test-fast bench bench-cpu clean env-check
+.PHONY: setup notebooks test bench bench-cpu ep-demo clean
 
 setup: $(STAMP)
 
@@ -46,9 +46,17 @@ notebooks: setup
 test: setup
 	$(PY) -m pytest --timeout=900 --cov=backend --cov=moe_ref --cov-report=term-missing:skip-covered --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider $(PYTEST_ARGS) 2>&1 | tee build-test.log; exit $${PIPESTATUS[0]}
 
+# CPU benchmarks (the GPU ones run on a GPU machine: see benchmarks/).
 bench: bench-cpu
 bench-cpu: setup
-	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench_cpu_ref.py
+	$(PY) benchmarks/bench_cpu_backend.py
+
+# Expert parallelism over real processes (Paddle gloo, CPU): per-rank token counts, bytes and time,
+# every rank compared bit for bit with the in-process simulation.
+ep-demo: setup
+	OMP_NUM_THREADS=1 $(PY) -m backend.moe.ep_launch --ranks 2 --scenarios random,uneven,overflow,ll --check --timeout 180
+	OMP_NUM_THREADS=1 $(PY) -m backend.moe.ep_launch --ranks 4 --scenarios random,uneven,ll --check --timeout 240
 
 clean:
 	rm -rf build build-test.log .pytest_cache

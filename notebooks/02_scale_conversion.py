@@ -15,8 +15,8 @@
 #
 # An FP8 value means nothing without its scale: `x ≈ q · s`, one `s` per 128 values of a
 # token ("1x128") or per 128x128 block of a weight (SPEC §3). Hopper's DeepGEMM takes those
-# scales as float32. Blackwell's block-scaled tensor-core MMA (`tcgen05.mma ... .block_scale`,
-# [PTX ISA](https://docs.nvidia.com/cuda/parallel-thread-execution/index.html#tcgen05-block-scaling);
+# scales as float32. Blackwell's block-scaled tensor-core MMA
+# (`tcgen05.mma.kind::mxf8f6f4.block_scale`, [PTX ISA](https://docs.nvidia.com/cuda/parallel-thread-execution/);
 # the MXFP8 recipe of the [OCP MX spec](https://www.opencompute.org/documents/ocp-microscaling-formats-mx-v1-0-spec-final-pdf))
 # takes **one 8-bit power-of-two exponent (UE8M0) per 32 values**, stored in a tiled byte
 # order that CUTLASS calls the SfAtom layout
@@ -92,8 +92,8 @@ print(f"T={NUM_TOKENS}  H={HIDDEN}  S={S} groups  C={C} packed words per row")
 #
 # Per token and 128-wide group: `amax = max(|x|, 1e-4)`, `s = amax / 448`, `q = e4m3(x / s)`
 # (`moe_ref.quant.per_token_group_quant`, SPEC §3). The largest value of each group lands
-# exactly on ±448, the top of e4m3's range, so no value overflows and the group uses all of
-# e4m3's 3-bit mantissa resolution.
+# exactly on ±448, the top of e4m3's range: no value overflows and the group uses the whole
+# range of the format.
 
 # %%
 q32, s32 = quant.per_token_group_quant(x, use_ue8m0=False)
@@ -296,7 +296,7 @@ plt.show()
 # %% [markdown]
 # ## 6. `unpack_and_convert_scale` and its inverse
 #
-# `unpack_and_convert_scale(scale, masked_m)` (blackwell_ops, SPEC §4) does steps 5 in one
+# `unpack_and_convert_scale(scale, masked_m)` (blackwell_ops, SPEC §4) does section 5 in one
 # go: packed UE8M0 int32 `[E, MN, C]` (any strides: the MN-major view out of the permute is
 # fine) → uint8 `[E, align(MN,128), 16·C]` in CUTLASS byte order. With `masked_m`
 # (activations), rows at or past `masked_m[e]` become zero bytes. Upstream requires

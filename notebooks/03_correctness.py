@@ -238,10 +238,11 @@ for s in ("FP32", "UE8M0"):
     assert by[(s, "x, W_up, W_down")] < by[(s, "full FP8 path (+ act requant, bf16)")]   # requant adds error
 
 # %% [markdown]
-# Each quantized tensor adds roughly the same amount (e4m3 keeps 3 mantissa bits, a relative
-# rounding error of a few percent per element, which `calc_diff` squares), so the errors add
-# up: the full path is about the sum of its four roundings. UE8M0 costs a little on top;
-# section 5 shows where.
+# The errors add up: each e4m3 rounding (3 mantissa bits, a relative error of a few percent
+# per element, which `calc_diff` squares) contributes its share, and the full path is close to
+# the sum of its roundings. The operands of the first GEMM (x and W_up) cost the most; W_down
+# and the requantized SwiGLU output (plus the bf16 roundings) less. UE8M0 costs a little on
+# top; section 5 shows where.
 #
 # ## 3. The grid
 #
@@ -478,7 +479,7 @@ assert all(due < BOUND_FP8_VS_ORACLE for *_, due in layer_rows)
 # | question | answer (default parameters, CPU) |
 # |---|---|
 # | backend == reference? | yes: `calc_diff` ≤ 1e-5 on every configuration, checkpoint and provider above (0 for the Paddle provider) |
-# | FP8 layer vs oracle | about 2e-3 (`calc_diff`), bound 5e-3; the four quantizations (x, W_up, act, W_down) contribute about equally |
+# | FP8 layer vs oracle | about 2e-3 (`calc_diff`), bound 5e-3; the roundings of x, W_up, W_down and the SwiGLU output add up, x and W_up cost the most |
 # | FP32 → UE8M0 scales | under 10% more error (`calc_diff`) on plain random data; about 60% with outlier activation channels |
 # | where UE8M0 loses bits | subnormal values: `log2(r)` bits (about 0.5 on average); block/group maxima: lose FP32's exact 448 |
 # | FP8 checkpoint on Blackwell | requantized at load (upstream skips it): one extra rounding, still within bound |

@@ -333,15 +333,14 @@ def _tile_table(counts_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 def _step_scales(sa_ptr, sb_ptr, e, rows, cols, pid_n, kb,
                  sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                  SCALE_MODE: tl.constexpr, SB_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Scales of one 128-wide K step: (sa [BLOCK_M], sb [BLOCK_N] | scalar) float32.
+    """Scales of one 128-wide K step: (sa [BLOCK_M], sb [BLOCK_N]) float32; with SB_SCALAR, (sa·sb, sb) where
+    the tile's weight scale is one number (folded into sa).
 
     SCALE_MODE 0 (Hopper recipe): sa fp32 logical [E, M, S] with strides (sa_se, sa_sm, sa_sk);
       sb fp32 [E, ceil(N/128), ceil(K/128)] with strides (sb_se, sb_sn, sb_sk), 128x128 blocks.
-      SB_SCALAR (BLOCK_N divides 128): the tile lies in one weight block; sb is folded into sa.
     SCALE_MODE 1 (CUTLASS UE8M0 bytes read as int32 words): sa_se / sb_se = expert stride in words,
       sa_sk / sb_sk = KB // 4; the first byte of each group's 4 is used (they are equal when the SF
-      bytes come from unpack_and_convert_scale; the dot_scaled kernel honours all 4). SB_SCALAR here
-      returns sb as one number when the tile's per-row bytes agree (the 128x128 recipe), else -1.
+      bytes come from unpack_and_convert_scale; the dot_scaled kernel honours all 4).
     """
     if SCALE_MODE == 0:
         sa = tl.load(sa_ptr + e * sa_se + rows * sa_sm + kb * sa_sk)
@@ -352,14 +351,71 @@ def _step_scales(sa_ptr, sb_ptr, e, rows, cols, pid_n, kb,
             sb = tl.load(sb_ptr + e * sb_se + (cols // 128) * sb_sn + kb * sb_sk)
     else:
         wa = tl.load(sa_ptr + e.to(tl.int64) * sa_se + _sf_word_offset(rows, kb, sa_sk))
-        wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(cols, kb, sb_sk))
         sa = ((wa & 0xFF) << 23).to(tl.float32, bitcast=True)
-        sb = ((wb & 0xFF) << 23).to(tl.float32, bitcast=True)
         if SB_SCALAR:
-            # per-row weight bytes of a 128x128 recipe agree across the tile: then one number, else -1
-            lo = tl.min(sb, axis=0)
-            sb = tl.where(lo == tl.max(sb, axis=0), lo, -1.0)
+            wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(pid_n * BLOCK_N, kb, sb_sk))
+            sb = ((wb & 0xFF) << 23).to(tl.float32, bitcast=True)
+            sa = sa * sb
+        else:
+            wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(cols, kb, sb_sk))
+            sb = ((wb & 0xFF) << 23).to(tl.float32, bitcast=True)
     return sa, sb
+
+
+@triton.jit
+def _tile_sb_uniform(sb_ptr, e, cols, k_tiles, sb_se, sb_sk):
+    """1 when, at every K step, the UE8M0 weight bytes of all the tile's rows agree (128x128 recipe), else 0."""
+    same = 1
+    for kb in range(0, k_tiles):
+        wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(cols, kb, sb_sk)) & 0xFF
+        same = same & (tl.min(wb, axis=0) == tl.max(wb, axis=0)).to(tl.int32)
+    return same
+
+
+@triton.jit
+def _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
+            sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+            SCALE_MODE: tl.constexpr, SB_SCALAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr,
+            LOOP_STAGES: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 = Σ_kb (a_kb · b_kbᵀ) · scales_kb for one output tile."""
+    offs_k = tl.arange(0, BLOCK_K)
+    if not USE_TMA:
+        a_ptrs = a_ptr + (e.to(tl.int64) * M + rows_c)[:, None] * K + offs_k[None, :]
+        b_ptrs = b_ptr + (e.to(tl.int64) * N + cols_c)[:, None] * K + offs_k[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SCALE_PREFETCH:
+        sa_next, sb_next = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, 0, sa_se, sa_sm, sa_sk,
+                                        sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
+    for kb in tl.range(0, k_tiles, num_stages=LOOP_STAGES):
+        if USE_TMA:
+            a = a_ptr.load([e * M + pid_m * BLOCK_M, kb * BLOCK_K])
+            b = b_ptr.load([e * N + pid_n * BLOCK_N, kb * BLOCK_K])
+        elif EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = (kb * BLOCK_K + offs_k) < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+        if SCALE_PREFETCH:
+            sa = sa_next
+            sb = sb_next
+            sa_next, sb_next = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n,
+                                            tl.minimum(kb + 1, k_tiles - 1), sa_se, sa_sm, sa_sk,
+                                            sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
+        else:
+            sa, sb = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, kb, sa_se, sa_sm, sa_sk,
+                                  sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
+        d = tl.dot(a, tl.trans(b))
+        if SB_SCALAR:
+            acc += d * sa[:, None]                     # one FMA per element
+        else:
+            acc += d * (sa[:, None] * sb[None, :])
+        if not USE_TMA:
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+    return acc
 
 
 @triton.jit
@@ -381,14 +437,14 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
     The scale loads are not operands of the dot, so Triton's pipeliner leaves them in the loop and
     every step waits for them (ncu: L1TEX scoreboard stalls); SCALE_PREFETCH loads the next step's
     scales one iteration ahead, LOOP_STAGES asks the pipeliner (tl.range num_stages) to pipeline them.
-    SB_SCALAR: one weight scale per K step for the whole tile (FP32 128x128 blocks with BLOCK_N dividing
-    128; UE8M0 per-row bytes that agree across the tile, checked per step), so the promotion is one FMA
-    per element, acc += d · (sa·sb), instead of two.
+    SB_SCALAR: one weight scale per K step for the whole tile, so the promotion is one FMA per element,
+    acc += d · (sa·sb), instead of two. SCALE_MODE 0: requires BLOCK_N to divide 128 (128x128 blocks).
+    SCALE_MODE 1: the per-row bytes are checked once per tile (_tile_sb_uniform) and the tile takes the
+    one-FMA loop only when they agree (a branch inside the K loop breaks Triton 3.6's SM90 pipeliner).
     """
     gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    offs_k = tl.arange(0, BLOCK_K)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile_id in range(pid, total, nprog):
         e, pid_m, pid_n, cnt = _masked_tile(tile_id, gl_counts, tiles_incl, tiles, m_tiles, E_PAD)
@@ -396,48 +452,19 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_c = tl.minimum(rows, cnt - 1)             # rows past the count re-read a valid row: no load mask
         cols_c = tl.minimum(cols, N - 1)
-        if not USE_TMA:
-            a_ptrs = a_ptr + (e.to(tl.int64) * M + rows_c)[:, None] * K + offs_k[None, :]
-            b_ptrs = b_ptr + (e.to(tl.int64) * N + cols_c)[:, None] * K + offs_k[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if SCALE_PREFETCH:
-            sa_next, sb_next = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, 0, sa_se, sa_sm, sa_sk,
-                                            sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
-        for kb in tl.range(0, k_tiles, num_stages=LOOP_STAGES):
-            if USE_TMA:
-                a = a_ptr.load([e * M + pid_m * BLOCK_M, kb * BLOCK_K])
-                b = b_ptr.load([e * N + pid_n * BLOCK_N, kb * BLOCK_K])
-            elif EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
+        if SCALE_MODE == 1 and SB_SCALAR:
+            if _tile_sb_uniform(sb_ptr, e, cols_c, k_tiles, sb_se, sb_sk):
+                acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
+                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, True, BLOCK_M, BLOCK_N,
+                              BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
             else:
-                k_ok = (kb * BLOCK_K + offs_k) < K
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
-            if SCALE_PREFETCH:
-                sa = sa_next
-                sb = sb_next
-                sa_next, sb_next = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n,
-                                                tl.minimum(kb + 1, k_tiles - 1), sa_se, sa_sm, sa_sk,
-                                                sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
-            else:
-                sa, sb = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, kb, sa_se, sa_sm, sa_sk,
-                                      sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
-            d = tl.dot(a, tl.trans(b))
-            if SB_SCALAR and SCALE_MODE == 1:
-                if sb > 0:
-                    acc += d * (sa * sb)[:, None]
-                else:
-                    _, sb_rows = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, kb, sa_se, sa_sm, sa_sk,
-                                              sb_se, sb_sn, sb_sk, SCALE_MODE, False, BLOCK_N)
-                    acc += d * (sa[:, None] * sb_rows[None, :])
-            elif SB_SCALAR:
-                acc += d * sa[:, None]
-            else:
-                acc += d * (sa[:, None] * sb[None, :])
-            if not USE_TMA:
-                a_ptrs += BLOCK_K
-                b_ptrs += BLOCK_K
+                acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
+                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, False, BLOCK_M, BLOCK_N,
+                              BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
+        else:
+            acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
+                          sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_M, BLOCK_N,
+                          BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
         out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]

@@ -240,12 +240,11 @@ def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None) -> torc
 # per-row weight bytes agree (see the kernel's SB_SCALAR).
 _BASE = dict(GRID_MODE=0, USE_TMA=True, SCALE_PREFETCH=True, LOOP_STAGES=None)
 GEMM_CONFIGS = (
+    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SB_UNIFORM=False),
     dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
     dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
     dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
-    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SB_UNIFORM=False),
-    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SCALE_PREFETCH=False, LOOP_STAGES=3),
     dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, GRID_MODE=1),
 )
 DOT_SCALED_CONFIGS = (
