@@ -12,12 +12,13 @@ Layouts, in the order of the data flow:
     swiglu_quant           up [E, M, 2I] -> act [E, M, I] e4m3 bytes + MN-major scales
     combine                ffn_out [E, M, H] gathered by indice_map, weighted, float32 sum -> [W, H] bf16
 
-Three casts are written out by hand:
+Casts and divisions written out by hand:
 - `_e4m3_bits` (float32 -> e4m3fn bits, round to nearest even) is used under the Triton
   interpreter (EXACT_CAST=True): the interpreter of Triton 3.6 rounds values just below a power
   of two wrongly (127.9 -> 64.0); on a GPU the hardware cvt.rn.satfinite is exact and is used.
 - `_to_bf16` rounds fp32 -> bf16 in integers under the interpreter, which truncates instead.
 - UE8M0 scales are built from the float32 exponent field (SPEC §2: round *up*).
+- `_divide_by_scale`: x / s correctly rounded without a division per element (see there).
 """
 from __future__ import annotations
 
@@ -109,23 +110,18 @@ def _divide_by_scale(y, s, UE8M0: tl.constexpr, EXACT_CAST: tl.constexpr):
 
 
 @triton.jit
-def _sf_word_offset(r, g, num_groups):
-    """Offset in int32 words of the 4 CUTLASS SF bytes (r, 4g..4g+3) (SPEC §4 step 2).
-
-    The byte formula of backend.ops.cutlass_sf.sf_byte_offset with kb = 4g + j: the 4 bytes of one
-    128-wide group are contiguous, so one word holds them. num_groups = KB // 4.
-    """
-    tile = (r // SF_TILE_ROWS) * num_groups + g
-    return (tile * SF_TILE_BYTES + (r % SF_ROW_GROUP) * (SF_TILE_COLS * (SF_TILE_ROWS // SF_ROW_GROUP))
-            + ((r % SF_TILE_ROWS) // SF_ROW_GROUP) * SF_TILE_COLS) // BYTES_PER_WORD
-
-
-@triton.jit
 def _sf_byte_offset(r, kb, num_cols):
     """backend.ops.cutlass_sf.sf_byte_offset, written in Triton (byte (r, kb) of a [MN, KB] SF matrix)."""
     tile = (r // SF_TILE_ROWS) * (num_cols // SF_TILE_COLS) + kb // SF_TILE_COLS
     return (tile * SF_TILE_BYTES + (r % SF_ROW_GROUP) * (SF_TILE_COLS * (SF_TILE_ROWS // SF_ROW_GROUP))
             + ((r % SF_TILE_ROWS) // SF_ROW_GROUP) * SF_TILE_COLS + kb % SF_TILE_COLS)
+
+
+@triton.jit
+def _sf_word_offset(r, g, num_groups):
+    """Offset in int32 words of the 4 CUTLASS SF bytes (r, 4g..4g+3): the 4 bytes of one 128-wide group
+    are contiguous (kb % 4 is the fastest index), so one word holds them. num_groups = KB // 4."""
+    return _sf_byte_offset(r, g * SF_TILE_COLS, num_groups * SF_TILE_COLS) // BYTES_PER_WORD
 
 
 # ----------------------------------------------------------------------------- §3 per-token quant
@@ -363,16 +359,6 @@ def _step_scales(sa_ptr, sb_ptr, e, rows, cols, pid_n, kb,
 
 
 @triton.jit
-def _tile_sb_uniform(sb_ptr, e, cols, k_tiles, sb_se, sb_sk):
-    """1 when, at every K step, the UE8M0 weight bytes of all the tile's rows agree (128x128 recipe), else 0."""
-    same = 1
-    for kb in range(0, k_tiles):
-        wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(cols, kb, sb_sk)) & 0xFF
-        same = same & (tl.min(wb, axis=0) == tl.max(wb, axis=0)).to(tl.int32)
-    return same
-
-
-@triton.jit
 def _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
             SCALE_MODE: tl.constexpr, SB_SCALAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -437,10 +423,11 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
     The scale loads are not operands of the dot, so Triton's pipeliner leaves them in the loop and
     every step waits for them (ncu: L1TEX scoreboard stalls); SCALE_PREFETCH loads the next step's
     scales one iteration ahead, LOOP_STAGES asks the pipeliner (tl.range num_stages) to pipeline them.
-    SB_SCALAR: one weight scale per K step for the whole tile, so the promotion is one FMA per element,
-    acc += d · (sa·sb), instead of two. SCALE_MODE 0: requires BLOCK_N to divide 128 (128x128 blocks).
-    SCALE_MODE 1: the per-row bytes are checked once per tile (_tile_sb_uniform) and the tile takes the
-    one-FMA loop only when they agree (a branch inside the K loop breaks Triton 3.6's SM90 pipeliner).
+    SB_SCALAR (SCALE_MODE 0, BLOCK_N dividing 128): the tile lies in one 128x128 weight block, one weight
+    scale per K step, so the promotion is one FMA per element, acc += d · (sa·sb), instead of two.
+    SCALE_MODE 1 reads per-row weight bytes (SPEC §6 allows any) and always takes the two-op promotion:
+    deciding per tile whether the bytes agree cost more than it saved with Triton 3.6 on SM90
+    (benchmarks/NOTES_gpu.md, run 5).
     """
     gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
     pid = tl.program_id(0)
@@ -452,19 +439,9 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_c = tl.minimum(rows, cnt - 1)             # rows past the count re-read a valid row: no load mask
         cols_c = tl.minimum(cols, N - 1)
-        if SCALE_MODE == 1 and SB_SCALAR:
-            if _tile_sb_uniform(sb_ptr, e, cols_c, k_tiles, sb_se, sb_sk):
-                acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
-                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, True, BLOCK_M, BLOCK_N,
-                              BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
-            else:
-                acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
-                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, False, BLOCK_M, BLOCK_N,
-                              BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
-        else:
-            acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
-                          sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_M, BLOCK_N,
-                          BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
+        acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
+                      sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_M, BLOCK_N,
+                      BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
         out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
@@ -560,7 +537,8 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, s
     y3 = tl.reshape(y, (BLOCK_R, 4, GROUP))
     amax = tl.maximum(tl.max(tl.abs(y3), axis=2), amax_floor)
     s, ex = _scale_from_amax(amax, UE8M0)
-    q = tl.reshape(_to_e4m3_bytes(_divide_by_scale(y3, s[:, :, None], UE8M0, EXACT_CAST), EXACT_CAST), (BLOCK_R, 4 * GROUP))
+    q = _to_e4m3_bytes(_divide_by_scale(y3, s[:, :, None], UE8M0, EXACT_CAST), EXACT_CAST)
+    q = tl.reshape(q, (BLOCK_R, 4 * GROUP))
     q = tl.where(live[:, None], q, tl.zeros_like(q))
     tl.store(q_ptr + (e.to(tl.int64) * M + rows)[:, None] * I + cols[None, :], q,
              mask=in_m[:, None] & (cols < I)[None, :])

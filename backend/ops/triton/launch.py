@@ -236,13 +236,12 @@ def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None) -> torc
 # 1: persistent, one program per SM walking the valid tiles. USE_TMA: host tensor descriptors
 # (Hopper's bulk tensor copy) instead of pointer loads. SCALE_PREFETCH / LOOP_STAGES: see the kernel.
 # 64x128 tiles with 4 warps fit two CTAs per SM (registers), so one CTA's scale promotion
-# overlaps the other's MMAs. SB_UNIFORM (UE8M0 kernel only): try the one-FMA promotion when a tile's
-# per-row weight bytes agree (see the kernel's SB_SCALAR).
+# overlaps the other's MMAs. Measured on an H200 (benchmarks/NOTES_gpu.md): 64x128 / 128x64 with
+# TMA and scale prefetch win; pointer loads, 8-warp 128x128 tiles and LOOP_STAGES lose.
 _BASE = dict(GRID_MODE=0, USE_TMA=True, SCALE_PREFETCH=True, LOOP_STAGES=None)
 GEMM_CONFIGS = (
-    dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, SB_UNIFORM=False),
-    dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
     dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
     dict(_BASE, BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
     dict(_BASE, BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4, GRID_MODE=1),
@@ -311,6 +310,14 @@ def _counts_i32(masked_m: torch.Tensor) -> torch.Tensor:
     return c if c.dtype == torch.int32 and c.is_contiguous() else c.to(torch.int32).contiguous()
 
 
+def sf_repeats_per_128(sf: torch.Tensor) -> bool:
+    """True when every group of 4 CUTLASS SF bytes (one 128-wide K group) holds one value 4 times,
+    as unpack_and_convert_scale writes them (one pass over the bytes, one synchronization)."""
+    w = sf.contiguous().view(torch.int32)
+    b0 = w & 0xFF
+    return bool(torch.equal(w, b0 | (b0 << 8) | (b0 << 16) | (b0 << 24)))
+
+
 def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
                       masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
                       max_m_per_expert: int | None = None, sm_count: int = -1, impl: str = "explicit"):
@@ -321,8 +328,12 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     bias [E, N] bf16|fp32 | None. Rows >= masked_m[e] are not written; tiles exist only for valid rows.
     impl="explicit": one scale per 128 K (first byte of each group of 4; unpack_and_convert_scale
     repeats every byte 4 times, so this is exact for its output). impl="dot_scaled": tl.dot_scaled,
-    one byte per 32 K-elements honoured (native on SM100, decomposed to bf16 on SM90).
+    one byte per 32 K-elements honoured (native on SM100, decomposed to bf16 on SM90, ~10x slower
+    there). impl="auto": "explicit" when sf_repeats_per_128(sfa) and (sfb), else "dot_scaled", so
+    bytes that differ inside a group are never dropped silently (costs one synchronization).
     """
+    if impl == "auto":
+        impl = "explicit" if sf_repeats_per_128(sfa) and sf_repeats_per_128(sfb) else "dot_scaled"
     e_num, n, k = b.shape
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
     counts = _counts_i32(masked_m)
@@ -337,11 +348,10 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
                    sfb.shape[1] * sfb.shape[2] // 4, 0, sfb.shape[2] // 4)
 
         def launch(cfg):
-            uniform = cfg.get("SB_UNIFORM", True)
-            cfg = {k: v for k, v in cfg.items() if k != "SB_UNIFORM"}
             K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
                 *_operands(a, b, cfg), sfa_w, sfb_w, counts, out, bias_arg, e_num, m, n, k, *strides,
-                SCALE_MODE=1, SB_SCALAR=uniform, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k, EXACT_CAST=interpreting(), **cfg)
+                SCALE_MODE=1, SB_SCALAR=False, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K,
+                EVEN_K=even_k, EXACT_CAST=interpreting(), **cfg)
         _run_tuned("explicit_ue8m0", GEMM_CONFIGS, (n, k, str(a.device)), launch)
     elif impl == "dot_scaled":
         def launch(cfg):
@@ -352,7 +362,7 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
                 EMULATE=interpreting(), EXACT_CAST=interpreting(), **cfg)
         _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, (n, k, str(a.device)), launch, INTERPRETER_CONFIG_DOT_SCALED)
     else:
-        raise ValueError(f"impl: expected 'explicit' or 'dot_scaled', got {impl!r}")
+        raise ValueError(f"impl: expected 'explicit', 'dot_scaled' or 'auto', got {impl!r}")
     return out
 
 
@@ -375,10 +385,10 @@ def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tens
     strides = tuple(a_scale.stride()) + tuple(b_scale.stride())
 
     def launch(cfg):
-        cfg = {k: v for k, v in cfg.items() if k != "SB_UNIFORM"}
         K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
             *_operands(a, b, cfg), a_scale, b_scale, counts, out, bias_arg, e_num, m, n, k, *strides,
-            SCALE_MODE=0, SB_SCALAR=128 % cfg["BLOCK_N"] == 0, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, EXACT_CAST=interpreting(), **cfg)
+            SCALE_MODE=0, SB_SCALAR=128 % cfg["BLOCK_N"] == 0, HAS_BIAS=has_bias, E_PAD=_pow2(e_num),
+            BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, EXACT_CAST=interpreting(), **cfg)
     _run_tuned("explicit_fp32", GEMM_CONFIGS, (n, k, str(a.device)), launch)
     return out
 
