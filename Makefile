@@ -42,9 +42,11 @@ notebooks: setup
 	done
 	@echo "executed notebooks and HTML are in build/"
 
-# The whole test suite, executed notebooks included (nbval), with coverage of backend/.
+# The whole test suite, executed notebooks included (nbval), with coverage; fails under 90 % on backend/.
 test: setup
-	$(PY) -m pytest --timeout=900 --cov=backend --cov=moe_ref --cov-report=term-missing:skip-covered --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider $(PYTEST_ARGS) 2>&1 | tee build-test.log; exit $${PIPESTATUS[0]}
+	@set -o pipefail; $(PY) -m pytest --timeout=900 --cov --cov-report=term-missing:skip-covered --nbval --nbval-current-env --nbval-sanitize-with notebooks/nbval_sanitize.cfg -p no:cacheprovider $(PYTEST_ARGS) 2>&1 | tee build-test.log
+	@# upstream shipped this backend with 1.7 % patch coverage: ours must stay above 90 %
+	@printf 'coverage of backend/: '; $(PY) -m coverage report --include='backend/*' --fail-under=90 --format=total
 
 # CPU benchmarks (the GPU ones run on a GPU machine: see benchmarks/).
 bench: bench-cpu

@@ -422,11 +422,9 @@ for p, run in gpu_runs:
     env = run.get("sections", {}).get("environment", {})
     print(f"  {p.name}: card {env.get('card')}, capability {env.get('capability')}, SMs {env.get('sm_count')}, "
           f"torch {env.get('torch')}, triton {env.get('triton')}, errors {len(run.get('errors', []))}")
-for p, run in ep_runs:
-    v, sh = run.get("versions", {}), run.get("shape", {})
-    checks = ", ".join(f"{k}: {'bit-exact' if c.get('bit_exact_all_ranks') else 'MISMATCH'}"
-                       for k, c in run.get("checks", {}).items())
-    print(f"  {p.name}: card {v.get('card')}, R={sh.get('R')}, ops {run.get('ops')}; checks vs simulation: {checks}")
+for p, doc in ep_runs:
+    print(f"  {p.name}: card {doc.get('card') or doc.get('versions', {}).get('card')}, ops {doc.get('ops')}, "
+          f"runs: {', '.join(doc['runs']) if 'runs' in doc else 1}")
 if not gpu_runs:
     print("  no gpu_*.json yet: run `python3 benchmarks/bench_gpu.py --out benchmarks/results/gpu_<card>.json` on a GPU")
 
@@ -506,7 +504,8 @@ for path, run in gpu_runs:
             axes[1].set_xlabel("ms")
             axes[1].set_title(f"ht chain, one rank: W={shape.get('W')} H={shape.get('H')} I={shape.get('I')} "
                               f"E={shape.get('E')} K={shape.get('K_top')}", fontsize=9)
-            axes[1].legend(fontsize=7, ncol=2, loc="lower right")
+            axes[1].set_xlim(0, 1.7 * max(left.max(), ch.get("torch_bf16", {}).get("ms", 0)))
+            axes[1].legend(fontsize=7, ncol=2, loc="center right")
         gpu_footer(fig, path, run)
         fig.tight_layout(rect=(0, 0.03, 1, 1))
         plt.show()
@@ -521,30 +520,52 @@ for path, run in gpu_runs:
 # %% tags=["nbval-ignore-output"]
 # nbval-ignore-output: numbers read from benchmarks/results/ep_gpu_*.json (rewritten by the benchmark script);
 # the bit-exactness checks recorded there are still asserted.
-for path, run in ep_runs:
-    v, sh, tm, ex = run.get("versions", {}), run.get("shape", {}), run.get("timing_ms", {}), run.get("exchange", {})
-    assert all(c.get("bit_exact_all_ranks") for c in run.get("checks", {}).values()), path.name
-    print(f"{path.name} ({v.get('card')} x{sh.get('R')}): layer {tm.get('layer_R_gpus', float('nan')):.2f} ms on "
-          f"{sh.get('R')} GPUs vs {tm.get('layer_1_gpu_all_tokens', float('nan')):.2f} ms on one "
-          f"({tm.get('speedup_R_gpus_vs_1', float('nan')):.2f}x); dispatch all-to-all "
-          f"{ex.get('bandwidth_ratio_ours_vs_plain', float('nan')):.2f}x the bandwidth of a plain NCCL all-to-all")
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
-    bars = {"1 GPU, all tokens + experts": tm.get("layer_1_gpu_all_tokens"),
-            f"{sh.get('R')} GPUs, layer": tm.get("layer_R_gpus"),
-            f"{sh.get('R')} GPUs, experts only": tm.get("experts_only_R_gpus")}
-    bars = {k: val for k, val in bars.items() if isinstance(val, (int, float))}
-    ax1.barh(list(bars), list(bars.values()), color=["0.6", "C0", "C2"][:len(bars)])
+def ep_runs_of(doc):
+    """A file holds one run of bench_ep_gpu.py, or several under "runs" (one per shape) with the command on top."""
+    if "runs" in doc:
+        return list(doc["runs"].items()), doc.get("command")
+    return [(f"T{doc.get('shape', {}).get('T_per_rank')}", doc)], None
+
+
+for path, doc in ep_runs:
+    runs, command = ep_runs_of(doc)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.4))
+    card = doc.get("card") or runs[0][1].get("versions", {}).get("card", "unknown GPU")
+    r_n = runs[0][1].get("shape", {}).get("R")
+    for j, (label, run) in enumerate(runs):
+        sh, tm, ex = run.get("shape", {}), run.get("timing_ms", {}), run.get("exchange", {})
+        checks = run.get("checks", {})
+        assert checks and all(c.get("bit_exact_all_ranks") for c in checks.values()), (path.name, label)
+        print(f"{path.name} [{label}] {card} x{sh.get('R')}, T={sh.get('T_per_rank')}/rank: layer "
+              f"{tm.get('layer_R_gpus', float('nan')):.2f} ms on {sh.get('R')} GPUs vs "
+              f"{tm.get('layer_1_gpu_all_tokens', float('nan')):.2f} ms on one "
+              f"({tm.get('speedup_R_gpus_vs_1', float('nan')):.2f}x); dispatch all-to-all at "
+              f"{ex.get('bandwidth_ratio_ours_vs_plain', float('nan')):.2f}x the bandwidth of a plain NCCL all-to-all; "
+              f"bit-exact vs simulation: {', '.join(checks)}")
+        bars = [("1 GPU: all tokens, all experts", tm.get("layer_1_gpu_all_tokens")),
+                (f"{sh.get('R')} GPUs: layer", tm.get("layer_R_gpus")),
+                (f"{sh.get('R')} GPUs: experts only", tm.get("experts_only_R_gpus"))]
+        y = np.arange(len(bars)) + j * (len(bars) + 1)
+        ax1.barh(y, [b[1] or 0 for b in bars], color=["0.6", "C0", "C2"])
+        for yy, (name, val) in zip(y, bars):
+            ax1.text(0, yy, f" T={sh.get('T_per_rank')}: {name}", va="center", fontsize=7)
+        bw = [("dispatch (ours)", ex.get("all_to_all_GBps")), ("plain NCCL", ex.get("plain_GBps")),
+              ("combine (ours)", ex.get("combine_all_to_all_GBps")), ("plain NCCL", ex.get("combine_plain_GBps"))]
+        bw = [(n, v) for n, v in bw if isinstance(v, (int, float))]
+        y2 = np.arange(len(bw)) + j * (len(bw) + 1)
+        ax2.barh(y2, [v for _, v in bw], color=["C0", "0.6"] * 2)
+        for yy, (name, val) in zip(y2, bw):
+            ax2.text(0, yy, f" T={sh.get('T_per_rank')}: {name}", va="center", fontsize=7)
+    for ax in (ax1, ax2):
+        ax.set_yticks([])
+        ax.invert_yaxis()
     ax1.set_xlabel("ms")
-    ax1.set_title(f"ht layer, T={sh.get('T_per_rank')}/rank, H={sh.get('H')} I={sh.get('I')} "
-                  f"E={sh.get('E_total')} K={sh.get('K_top')}", fontsize=9)
-    bw = {"dispatch all-to-all (ours)": ex.get("all_to_all_GBps"), "plain NCCL all-to-all": ex.get("plain_GBps")}
-    bw = {k: val for k, val in bw.items() if isinstance(val, (int, float))}
-    ax2.barh(list(bw), list(bw.values()), color=["C0", "0.6"][:len(bw)])
-    ax2.set_xlabel("GB/s to other ranks (rank 0)")
+    ax1.set_title(f"ht layer, H={sh.get('H')} I={sh.get('I')} E={sh.get('E_total')} K_top={sh.get('K_top')}", fontsize=9)
+    ax2.set_xlabel("GB/s to the other ranks (rank 0)")
     ax2.set_title("exchange bandwidth", fontsize=9)
-    fig.text(0.01, 0.005, f"{v.get('card', 'unknown')} x{sh.get('R')} · ops {run.get('ops')} · "
-             f"torchrun --nproc_per_node {sh.get('R')} benchmarks/bench_ep_gpu.py --out benchmarks/results/{path.name}",
-             fontsize=6.5, color="0.4")
+    cmd = command or (f"torchrun --nproc_per_node {r_n} benchmarks/bench_ep_gpu.py "
+                      f"--out benchmarks/results/{path.name}")
+    fig.text(0.01, 0.005, f"{card} x{r_n} · {cmd[:150]}", fontsize=6.5, color="0.4")
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     plt.show()
 if not ep_runs:

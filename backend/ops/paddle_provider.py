@@ -198,43 +198,62 @@ def cutlass_scale_to_fp32(sf, num_rows):
     return _decode_ue8m0(first.squeeze(-1)[:, :num_rows])
 
 
-def _decode_sf_rows(sf: paddle.Tensor, expert: paddle.Tensor, row: paddle.Tensor, k: int) -> paddle.Tensor:
-    """Per-32 scales of rows (expert[i], row[i]) of CUTLASS SF bytes sf [E, MN_pad, KB], expanded to [V, K] fp32."""
+def _decode_sf_rows(sf: paddle.Tensor, expert: paddle.Tensor, row: paddle.Tensor, num_cols: int) -> paddle.Tensor:
+    """Scales of rows (expert, row) of CUTLASS SF bytes sf [E, MN_pad, KB], columns 0..num_cols-1, read
+    through `cutlass_sf.sf_byte_offset`: expert, row int64 broadcastable to [...] -> [..., num_cols] fp32."""
     _, mn_pad, kb = (int(d) for d in sf.shape)
-    kb_used = -(-k // SF_VEC_SIZE)
-    col = paddle.arange(kb_used, dtype=paddle.int64).unsqueeze(0)
-    offset = expert.unsqueeze(1) * (mn_pad * kb) + cutlass_sf.sf_byte_offset(row.unsqueeze(1), col, kb)
-    b = paddle.gather(sf.reshape([-1]), offset.reshape([-1])).reshape([-1, kb_used])
-    s = _decode_ue8m0(b)
-    return paddle.repeat_interleave(s, SF_VEC_SIZE, axis=1)[:, :k]
+    col = paddle.arange(num_cols, dtype=paddle.int64)
+    offset = expert.unsqueeze(-1) * (mn_pad * kb) + cutlass_sf.sf_byte_offset(row.unsqueeze(-1), col, kb)
+    return _decode_ue8m0(paddle.gather(sf.reshape([-1]), offset.reshape([-1])).reshape(offset.shape))
 
 
-def _fp8_rows_to_float(x: paddle.Tensor, rows: paddle.Tensor) -> paddle.Tensor:
-    return paddle.gather(x.view(paddle.uint8), rows).view(FP8).astype(paddle.float32)
+def _apply_k_scales(x: paddle.Tensor, s: paddle.Tensor) -> paddle.Tensor:
+    """x [V, K] fp32 (consumed: scaled in place), s [V, ceil(K/32)] -> x · s, each scale on its 32 columns.
+
+    A broadcast multiply over the [V, KB, 32] view; a ragged K is zero-padded for it and cut back after
+    (clone: a contiguous copy of the slice).
+    """
+    v, k = (int(d) for d in x.shape)
+    kb = int(s.shape[1])
+    if kb * SF_VEC_SIZE != k:
+        x = paddle.concat([x, paddle.zeros([v, kb * SF_VEC_SIZE - k], dtype=x.dtype)], axis=1)
+    blocks = x.reshape([v, kb, SF_VEC_SIZE])
+    blocks.multiply_(s.unsqueeze(-1))
+    x = blocks.reshape([v, kb * SF_VEC_SIZE])
+    return x if kb * SF_VEC_SIZE == k else x[:, :k].clone()
+
+
+def _fp8_to_float(x: paddle.Tensor) -> paddle.Tensor:
+    """uint8 bytes of e4m3 values (any shape) -> float32."""
+    return x.view(FP8).astype(paddle.float32)
 
 
 def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count):
     e, n, k = (int(d) for d in b.shape)
-    rows, expert, m_idx = _valid_rows(masked_m, max_m_per_expert)
-    if int(rows.shape[0]) == 0:
-        return out
-    a_deq = _fp8_rows_to_float(a, rows) * _decode_sf_rows(sfa, expert, m_idx, k)         # [V, K]
-    b_expert = paddle.arange(e, dtype=paddle.int64).repeat_interleave(n)
-    b_row = paddle.arange(n, dtype=paddle.int64).tile([e])
-    b_deq = b.view(paddle.uint8).reshape([e * n, k]).view(FP8).astype(paddle.float32)
-    b_deq = (b_deq * _decode_sf_rows(sfb, b_expert, b_row, k)).reshape([e, n, k])
+    m = max_m_per_expert
     counts = [int(c) for c in masked_m.tolist()]
-    pieces, start = [], 0
-    for ex, c in enumerate(counts):
-        if c == 0:
-            continue
-        # Only the valid rows of this expert are multiplied: work scales with sum(masked_m), not E·M.
-        piece = paddle.matmul(a_deq[start:start + c], b_deq[ex], transpose_y=True)
+    active = [ex for ex in range(e) if counts[ex]]
+    if not active:
+        return out
+    kb = -(-k // SF_VEC_SIZE)
+    # Work scales with the valid rows and the experts that have some, never with E·M:
+    # A: the valid rows of every expert, dequantized at once (rows grouped by expert, in order).
+    rows, expert, m_idx = _valid_rows(masked_m, m)
+    a_deq = _apply_k_scales(_fp8_to_float(paddle.gather(a.view(paddle.uint8), rows)),
+                            _decode_sf_rows(sfa, expert, m_idx, kb))                          # [V, K]
+    # B: scales of the active experts' rows, decoded at once; each weight matrix dequantized when used.
+    b_scale = _decode_sf_rows(sfb, paddle.to_tensor(active, dtype=paddle.int64).unsqueeze(1),
+                              paddle.arange(n, dtype=paddle.int64).unsqueeze(0), kb)                  # [A, N, KB]
+    b_bytes = b.view(paddle.uint8)
+    start = 0
+    for j, ex in enumerate(active):
+        c = counts[ex]
+        b_deq = _apply_k_scales(_fp8_to_float(b_bytes[ex]), b_scale[j])                     # [N, K]
+        piece = paddle.matmul(a_deq[start:start + c], b_deq, transpose_y=True)
         if bias is not None:
             piece = piece + bias[ex].astype(paddle.float32)
-        pieces.append(piece)
+        out[ex * m:ex * m + c] = piece.astype(out.dtype)
         start += c
-    out[rows] = paddle.concat(pieces, axis=0).astype(out.dtype)
     return out
 
 
