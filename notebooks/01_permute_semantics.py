@@ -28,8 +28,9 @@
 # 7. what upstream FastDeploy (PR #7053) does differently, and how ours fails safely.
 #
 # Order of each section (as in the Triton tutorials): explain → reference (`moe_ref`) →
-# backend (`backend.ops`) → check (`assert`) → draw. All logic is imported from the package;
-# this notebook only calls it and prints. SPEC sections refer to `shared/SPEC.md`.
+# backend (`backend.ops`) → check (`assert`) → draw; the timings are in `04_performance`. All
+# logic is imported from the package; this notebook only calls it and prints. SPEC sections
+# refer to `shared/SPEC.md`.
 
 # %%
 # Setup: quiet imports, seeded RNGs below.

@@ -32,7 +32,8 @@
 # 6. `unpack_and_convert_scale` (blackwell_ops) and its inverse `cutlass_scale_to_fp32`, round trip.
 #
 # Everything is computed by `moe_ref` (reference), `backend.ops` (the contract and its provider)
-# and `backend.ops.cutlass_sf` (the one swizzle formula); the notebook only calls and prints.
+# and `backend.ops.cutlass_sf` (the one swizzle formula); the notebook only calls, checks and
+# draws (timings are in `04_performance`).
 
 # %%
 # Setup: quiet imports, seeded RNGs below.

@@ -601,4 +601,5 @@ for fname in ("cpu_ref.json", "cpu_backend.json"):
 # | time vs E | same, fixed T | per-expert costs (GEMM launches, weight decode) dominate when experts get few rows |
 # | fill of M | `group_gemm_masked` at 10 %…100 % valid rows | cost follows the valid rows, not the `E·M` buffer (SPEC §6) |
 # | buffer memory | `forward_buffer_bytes`, DeepSeek-V3 on 8 ranks | same allocation as upstream; no 17 GB memset per call |
-# | GPU | `benchmarks/bench_gpu.py` (live or committed JSON), card named in each figure | Triton kernels against cuBLASLt and a device copy |
+# | GPU | `benchmarks/bench_gpu.py` (live or committed JSON), card named in each figure | Triton kernels against cuBLASLt and a device copy; the ht chain against a torch bf16 loop |
+# | EP on several GPUs | `benchmarks/bench_ep_gpu.py` (committed JSON) | R GPUs against one; the dispatch/combine all-to-all against plain NCCL; bit-exact against the simulation |

@@ -5,6 +5,8 @@ argument checks of every op (errors name the argument, the expected and the seen
 import importlib
 import logging
 import sys
+import threading
+import time
 import types
 
 import numpy as np
@@ -118,6 +120,42 @@ def test_selection_is_cached_until_reset(no_blackwell_package, no_triton):
     assert ops.get_provider() is first and repr(first) == "OpsProvider('paddle')"
     ops.reset_provider_cache()
     assert ops.get_provider() is not first
+
+
+@pytest.mark.parametrize("name", [None, "paddle"])
+def test_concurrent_first_calls_select_once(monkeypatch, caplog, no_blackwell_package, no_triton, name):
+    # The R threads of the in-process EP runner call get_provider at once: one selection, one INFO
+    # line, one shared object. A slow availability check keeps the threads inside selection together.
+    real = ops._availability
+
+    def slow_availability(candidate):
+        time.sleep(0.05)
+        return real(candidate)
+
+    monkeypatch.setattr(ops, "_availability", slow_availability)
+    caplog.set_level(logging.INFO, logger="backend.ops")
+    n = 8
+    start = threading.Barrier(n)
+    got, errors = [None] * n, []
+
+    def call(i):
+        try:
+            start.wait()
+            got[i] = ops.get_provider(name)
+        except BaseException as e:          # noqa: BLE001 (reported by the main thread)
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors and not any(t.is_alive() for t in threads)
+    selected = [r for r in caplog.records if r.name == "backend.ops" and "selected" in r.getMessage()]
+    assert len(selected) == 1, [r.getMessage() for r in selected]
+    assert got[0] is not None and got[0].name == "paddle"
+    assert all(p is got[0] for p in got)
+    assert ops.get_provider(name) is got[0]
 
 
 def test_explicit_blackwell_without_package_raises(monkeypatch, no_blackwell_package):

@@ -12,7 +12,7 @@ import paddle
 import pytest
 
 import backend.ops as ops
-from backend.ops import cutlass_sf
+from backend.ops import cutlass_sf, paddle_provider
 from moe_ref.fp8 import E4M3_MAX, pack_ue8m0, to_mn_major_tma_aligned, ue8m0_encode
 from moe_ref.metrics import calc_diff
 from moe_ref.quant import (dequant_per_block, dequant_per_token_group, expand_block_scale_to_rows, per_block_quant,
@@ -325,6 +325,35 @@ def test_group_gemm_all_masked_touches_nothing():
     P.group_gemm_masked(pr["a_q"], pr["w_q"], _sf_from_words(pr["a_words"], masked_m), _sf_from_words(pr["w_words"]),
                         masked_m, out, None, 8)
     assert (out.astype(paddle.float32).numpy() == 7.0).all()
+
+
+def test_group_gemm_dequantizes_only_valid_rows_and_experts_with_rows(monkeypatch):
+    # K = 100: the last 32-wide scale block is ragged. Experts 1 and 3 have no rows: their weights are
+    # never converted, and of A only the valid rows are (work follows masked_m, not E·M or E).
+    e, m, n, k = 4, 64, 48, 100
+    pr = _gemm_problem(e, m, n, k, seed=40)
+    masked_m = paddle.to_tensor([5, 0, 64, 0], dtype=paddle.int32)
+    converted = []
+    real = paddle_provider._fp8_to_float
+
+    def spy(x):
+        converted.append(int(x.numel()))
+        return real(x)
+
+    monkeypatch.setattr(paddle_provider, "_fp8_to_float", spy)
+    out = paddle.full([e * m, n], 5.0, dtype=paddle.bfloat16)
+    P.group_gemm_masked(pr["a_q"], pr["w_q"], _sf_from_words(pr["a_words"], masked_m), _sf_from_words(pr["w_words"]),
+                        masked_m, out, None, m)
+    assert sum(converted) == (5 + 64) * k + 2 * n * k
+
+    got = out.astype(paddle.float32).numpy().reshape(e, m, n)
+    a_deq = dequant_per_token_group(pr["a_q"], pr["a_s"]).numpy().astype(np.float64).reshape(e, m, k)
+    w_deq = dequant_per_block(pr["w_q"], pr["w_s"]).numpy().astype(np.float64)
+    for ex, c in enumerate(masked_m.numpy()):
+        assert (got[ex, c:] == 5.0).all(), f"expert {ex}: rows >= masked_m were written"
+        ref = a_deq[ex, :c] @ w_deq[ex].T
+        bound = BF16_UNIT_ROUNDOFF * np.abs(ref) + k * FP32_EPS * (np.abs(a_deq[ex, :c]) @ np.abs(w_deq[ex]).T)
+        assert (np.abs(got[ex, :c] - ref) <= bound).all()
 
 
 # ----------------------------------------------------------------------------- fused SwiGLU + quant

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import threading
 from types import ModuleType
 
 import numpy as np
@@ -73,6 +74,10 @@ _INT_IDS = (paddle.int32, paddle.int64)
 
 _last_provider: str | None = None
 _provider_cache: dict[str, "OpsProvider"] = {}
+# Guards selection: the R threads of the in-process EP runner may ask at once, and each
+# requested name must be selected (and logged) once. Reentrant in case a provider's import
+# or availability check reaches get_provider again.
+_provider_lock = threading.RLock()
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -336,12 +341,22 @@ def get_provider(name: str | None = None) -> OpsProvider:
     "auto" -> the first available of blackwell_ops (package + SM100+ GPU), triton (torch + triton
     + CUDA GPU), paddle. An explicit name whose provider is unavailable raises RuntimeError with
     the reason (missing package, or compute capability found vs needed) and how to fix it.
-    The choice is cached per requested name (`reset_provider_cache()` forgets it) and logged at INFO.
+    The choice is cached per requested name (`reset_provider_cache()` forgets it) and logged at INFO,
+    once: concurrent first calls (threads) wait for one selection under a lock and share its object.
     """
     requested = _requested_name(name)
-    cached = _provider_cache.get(requested)
+    cached = _provider_cache.get(requested)          # fast path, no lock once selected
     if cached is not None:
         return cached
+    with _provider_lock:
+        cached = _provider_cache.get(requested)      # another thread may have selected it meanwhile
+        if cached is None:
+            cached = _provider_cache[requested] = _select_provider(requested)
+        return cached
+
+
+def _select_provider(requested: str) -> OpsProvider:
+    """Resolve a requested name (not None) to a new OpsProvider and log the choice; the caller caches it."""
     if requested == "auto":
         skipped = []
         for candidate in AUTO_ORDER:
@@ -352,22 +367,22 @@ def get_provider(name: str | None = None) -> OpsProvider:
         provider = OpsProvider(module)
         logger.info("backend.ops: provider %r selected (auto%s)", provider.name,
                     "; skipped " + "; ".join(skipped) if skipped else "")
-    else:
-        module, ok, reason = _availability(requested)
-        if not ok:
-            raise RuntimeError(f"backend.ops: provider {requested!r} was requested but is not available: {reason}. "
-                               f"Fix that, or set {PROVIDER_ENV}=auto (or paddle) to use another provider.")
-        provider = OpsProvider(module)
-        logger.info("backend.ops: provider %r selected (requested)", provider.name)
-    _provider_cache[requested] = provider
+        return provider
+    module, ok, reason = _availability(requested)
+    if not ok:
+        raise RuntimeError(f"backend.ops: provider {requested!r} was requested but is not available: {reason}. "
+                           f"Fix that, or set {PROVIDER_ENV}=auto (or paddle) to use another provider.")
+    provider = OpsProvider(module)
+    logger.info("backend.ops: provider %r selected (requested)", provider.name)
     return provider
 
 
 def reset_provider_cache() -> None:
     """Forget cached provider choices (e.g. after changing FD_MOE_OPS_PROVIDER) and the last provider name."""
     global _last_provider
-    _provider_cache.clear()
-    _last_provider = None
+    with _provider_lock:
+        _provider_cache.clear()
+        _last_provider = None
 
 
 def last_provider_name() -> str | None:
