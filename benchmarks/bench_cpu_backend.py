@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
-import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -35,6 +34,8 @@ os.environ["FD_USE_BLACKWELL_GEMM"] = "1"
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))   # for _common, also when loaded by file path
+from _common import cpu_machine_info, set_paddle_threads, timed, write_json  # noqa: E402
 from backend import ops  # noqa: E402
 from backend.moe.ep_runner import SingleRankEPRunner  # noqa: E402
 from backend.moe.layer import FusedMoE  # noqa: E402
@@ -46,36 +47,6 @@ T, K_TOP, E, H, I = 1024, 8, 16, 2048, 1024
 THREADS = 2
 FILLS = (1 / T, 0.1, 0.5, 1.0)          # 1 row per expert, then 10 %, 50 %, 100 % of M
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "cpu_backend.json"
-
-
-def set_num_threads(n: int) -> None:
-    setter = getattr(paddle, "set_num_threads", None) or paddle.base.core.set_num_threads
-    setter(n)
-
-
-def timed(fn, repeats: int) -> list[float]:
-    fn()                                             # warm-up: allocator, oneDNN kernels
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def machine_info(provider: str) -> dict:
-    cpu = platform.processor()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "threads_used": THREADS,
-            "platform": platform.platform(), "python": platform.python_version(),
-            "paddle": paddle.__version__, "numpy": np.__version__, "ops_provider": provider,
-            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 def gemm_fill_inputs(layer, provider, fill: float, rng: np.random.Generator):
@@ -98,9 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    set_num_threads(THREADS)
+    set_paddle_threads(THREADS)
     provider = ops.get_provider()
-    info = machine_info(provider.name)
+    info = cpu_machine_info(THREADS, paddle=paddle.__version__, numpy=np.__version__,
+                            ops_provider=provider.name)
     flops = 2 * T * K_TOP * (H * 2 * I + I * H)
 
     weights = make_moe_weights(E, H, I, seed=0)
@@ -176,8 +148,7 @@ def main() -> None:
 
     ht = layer_results[2]["median_s"]
     print(f"\nbackend ht / reference: {ht / ref_s:.2f}x; backend ht / float32 floor: {ht / floor_s:.2f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    write_json(RESULTS, {
         "benchmark": "bench_cpu_backend", "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "shape": {"T": T, "K_top": K_TOP, "E": E, "H": H, "I": I, "M": T, "W": T}, "flops_per_layer": flops,
         "machine": info, "layer": layer_results, "calc_diff": diffs,
@@ -185,7 +156,7 @@ def main() -> None:
         "group_gemm_masked_fill": gemm_results,
         "group_gemm_masked_fixed_s": one["median_s"], "group_gemm_masked_marginal_us_per_row": marginal_us,
         "ratio_backend_ht_to_reference": ht / ref_s, "ratio_backend_ht_to_matmul_floor": ht / floor_s,
-    }, indent=2) + "\n")
+    })
     print(f"wrote {RESULTS}")
 
 

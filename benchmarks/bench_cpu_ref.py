@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
-import platform
 import statistics
+import sys
 import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -32,6 +31,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import numpy as np  # noqa: E402
 import paddle  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))   # for _common, also when loaded by file path
+from _common import cpu_machine_info, set_paddle_threads, timed_interleaved, write_json  # noqa: E402
 from moe_ref.moe import make_moe_inputs, make_moe_weights, moe_forward_fp8, quantize_moe_weights  # noqa: E402
 
 T, K_TOP, E, H, I = 1024, 8, 16, 2048, 1024
@@ -39,49 +40,12 @@ THREADS = 2
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "cpu_ref.json"
 
 
-def set_num_threads(n: int) -> None:
-    """paddle.set_num_threads is not exported in Paddle 3.3; the core binding is."""
-    setter = getattr(paddle, "set_num_threads", None) or paddle.base.core.set_num_threads
-    setter(n)
-
-
-def timed_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
-    """Time each callable `repeats` times, round-robin: on a machine shared with other jobs every
-    candidate then sees the same background load, so per-round ratios stay meaningful."""
-    for fn in fns.values():
-        fn()                                         # warm-up: allocator, MKL/oneDNN kernels
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu, "logical_cores": os.cpu_count(), "threads_used": THREADS,
-        "platform": platform.platform(), "python": platform.python_version(),
-        "paddle": paddle.__version__, "numpy": np.__version__,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    set_num_threads(THREADS)
-    info = machine_info()
+    set_paddle_threads(THREADS)
+    info = cpu_machine_info(THREADS, paddle=paddle.__version__, numpy=np.__version__)
 
     weights = make_moe_weights(E, H, I, seed=0)
     x, topk_weights, topk_ids = make_moe_inputs(T, H, E, K_TOP, seed=1)
@@ -123,15 +87,14 @@ def main() -> None:
     print(f"worst ratio to the matmul floor: {worst:.2f} (target <= 3); "
           f"load average at start {info['load_average_at_start']}")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    write_json(RESULTS, {
         "benchmark": "bench_cpu_ref", "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "shape": {"T": T, "K_top": K_TOP, "E": E, "H": H, "I": I}, "flops_per_layer": flops,
         "machine": info, "results": results, "weights_prep_s": prep_s,
         "worst_ratio_to_matmul_floor": worst, "target_ratio": 3.0,
         "method": f"{args.repeats} interleaved rounds after one warm-up; ratio_to_matmul_floor = min / min, "
                   "median_round_ratio = median over rounds of time / floor time of the same round",
-    }, indent=2) + "\n")
+    })
     print(f"wrote {RESULTS.relative_to(pathlib.Path.cwd()) if RESULTS.is_relative_to(pathlib.Path.cwd()) else RESULTS}")
 
 

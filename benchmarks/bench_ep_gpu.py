@@ -37,12 +37,13 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
 import torch
 import torch.distributed as dist
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))   # for _common, also when loaded by file path
+from _common import repo_on_path, write_json  # noqa: E402
+
 GROUP = 128
 E4M3_MAX = 448.0
 ACT_AMAX_FLOOR = 1e-4       # per_token_quant (moe_ref.quant.DEEPGEMM_AMAX_FLOOR)
@@ -57,13 +58,8 @@ def log(*a):
 # ----------------------------------------------------------------------------- the ops chain
 
 def import_triton_launch():
-    """backend.ops.triton.launch without backend/ops/__init__.py (which imports Paddle), or None."""
-    sys.path.insert(0, str(ROOT))
-    for name, sub in (("backend", "backend"), ("backend.ops", "backend/ops")):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(ROOT / sub)]
-            sys.modules[name] = mod
+    """backend.ops.triton.launch (it imports no Paddle), or None when it cannot be imported."""
+    repo_on_path()
     try:
         from backend.ops.triton import launch
         return launch
@@ -589,8 +585,7 @@ def main() -> int:
     dist.barrier()
     if rank == 0 and a.out:
         path = pathlib.Path(a.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+        write_json(path, result, indent=1, newline=False)
         log(f"wrote {path}")
     ok = all(c.get("bit_exact_all_ranks") for c in result["checks"].values())
     dist.destroy_process_group()

@@ -32,24 +32,13 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))   # for _common, also when loaded by file path
+from _common import repo_on_path, write_json  # noqa: E402
 
-
-def import_launch():
-    """backend.ops.triton.launch without running backend/ops/__init__.py (which imports Paddle)."""
-    sys.path.insert(0, str(ROOT))
-    for name, sub in (("backend", "backend"), ("backend.ops", "backend/ops")):
-        if name not in sys.modules:
-            mod = types.ModuleType(name)
-            mod.__path__ = [str(ROOT / sub)]
-            sys.modules[name] = mod
-    from backend.ops.triton import kernels, launch
-    return launch, kernels
-
-
-L, KERN = import_launch()
+repo_on_path()
+from backend.ops.triton import kernels as KERN  # noqa: E402 - imports neither Paddle nor anything that needs it
+from backend.ops.triton import launch as L  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
@@ -63,8 +52,7 @@ T0 = time.time()
 def save():
     RESULTS["gemm_tuning"] = dict(log=L.tuning_log, chosen={"|".join(map(str, k)): v for k, v in L._tuned.items()})
     if OUT_PATH is not None:
-        OUT_PATH.parent.mkdir(parents=True, exist_ok=True)
-        OUT_PATH.write_text(json.dumps(RESULTS, indent=1, default=str))
+        write_json(OUT_PATH, RESULTS, indent=1, newline=False, default=str)
 
 
 def log(*a):

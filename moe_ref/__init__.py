@@ -9,11 +9,7 @@ Modules follow the data flow (see SPEC.md, sections in brackets):
     ep       DeepEP-normal dispatch / combine simulated over R ranks          [§9]
     moe      the float oracle and the FP8 layer                               [§11]
     metrics  calc_diff and friends                                            [§12]
-"""
-import warnings
 
-# Paddle warns at import time that ccache is missing (it only matters for C++
-# extensions, which this project does not build). Keep that out of notebooks.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message="No ccache found")
-    import paddle  # noqa: F401
+`constants` holds the numbers of the format without Paddle: importing `moe_ref` or
+`moe_ref.constants` does not import Paddle (the Triton kernels import them on machines without it).
+"""

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Iterable, Sequence
 
 import numpy as np
-import paddle
+
+from ._paddle import paddle
 
 FLOAT_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16, paddle.float64)
 INT_DTYPES = (paddle.int32, paddle.int64)

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import paddle
-
+from ._paddle import paddle
 from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_positive_int, check_tensor
 from .fp8 import pack_ue8m0, ue8m0_encode
 from .layout import gather_rows_zero_fill, weighted_gather_combine, prefill_permute_to_masked_gemm

@@ -1,22 +1,16 @@
 """FP8 e4m3fn and UE8M0 numerics (SPEC §1-2), in plain Paddle.
 
-The constants of the format live here and are imported everywhere else.
+The constants of the format live in `moe_ref.constants` (Paddle-free) and are re-exported here.
 """
 from __future__ import annotations
 
 import dataclasses
 
-import paddle
-
+from ._paddle import paddle
 from .checks import FLOAT_DTYPES, check_finite, check_tensor
+from .constants import (BYTES_PER_WORD, E4M3_MAX, E4M3_MIN_SUBNORMAL, TMA_ALIGN,  # noqa: F401 - re-exported
+                        UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN, align)
 
-E4M3_MAX = 448.0            # largest finite e4m3fn value
-E4M3_MIN_SUBNORMAL = 2.0 ** -9
-UE8M0_BIAS = 127            # byte e stands for 2^(e - 127)
-UE8M0_NAN = 255
-UE8M0_MIN_EXP, UE8M0_MAX_EXP = 1, 254   # ceil_to_ue8m0 clamps the exponent field here
-BYTES_PER_WORD = 4          # UE8M0 bytes packed per int32 word, little-endian
-TMA_ALIGN = 4               # MN axis of MN-major scales padded to 4 elements (16 bytes)
 
 _MANTISSA_MASK = (1 << 23) - 1
 
@@ -149,11 +143,6 @@ def unpack_ue8m0(words: paddle.Tensor, num_groups: int) -> paddle.Tensor:
     if num_groups < c * BYTES_PER_WORD and bool((bytes_[..., num_groups:] != 0).any()):
         raise ValueError(f"words: padding bytes past num_groups={num_groups} are non-zero")
     return bytes_[..., :num_groups].astype(paddle.uint8)
-
-
-def align(n: int, multiple: int) -> int:
-    """Round n up to a multiple of `multiple`."""
-    return -(-int(n) // multiple) * multiple
 
 
 @dataclasses.dataclass

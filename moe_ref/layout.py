@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import paddle
-
+from ._paddle import paddle
 from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_positive_int, check_tensor
 from .fp8 import BYTES_PER_WORD, MNMajorScale, to_mn_major_tma_aligned
 from .quant import GROUP_SIZE

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-import paddle
+
+from ._paddle import paddle
 
 
 def _as_float64(x) -> np.ndarray:

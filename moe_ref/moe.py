@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import paddle
 
+from ._paddle import paddle
 from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor
 from .fp8 import pack_ue8m0, to_mn_major_tma_aligned, ue8m0_decode, ue8m0_encode, unpack_ue8m0
 from .layout import (CONTIGUOUS_SEGMENT_ALIGN, ContiguousLayout, MaskedLayout, depermute_contiguous_combine,

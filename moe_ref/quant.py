@@ -6,16 +6,11 @@ with `moe_ref.fp8.ue8m0_encode` + `pack_ue8m0` when a kernel wants bytes).
 """
 from __future__ import annotations
 
-import paddle
-
+from ._paddle import paddle
 from .checks import FLOAT_DTYPES, check_finite, check_positive_int, check_tensor
-from .fp8 import E4M3_MAX, align, cast_to_e4m3, ceil_to_ue8m0, e4m3_to_float32
-
-GROUP_SIZE = 128                 # 1x128 activation groups and 128x128 weight blocks
-BLOCK_SIZE = (GROUP_SIZE, GROUP_SIZE)
-DEEPGEMM_AMAX_FLOOR = 1e-4       # DeepGEMM's floor: our default
-FASTDEPLOY_AMAX_FLOOR = 1e-10    # FastDeploy kernels' floor
-FASTDEPLOY_LOG2_BIAS = 5e-7      # FastDeploy's per_token_quant adds this inside log2 before rounding up
+from .constants import (BLOCK_SIZE, DEEPGEMM_AMAX_FLOOR, E4M3_MAX, FASTDEPLOY_AMAX_FLOOR,  # noqa: F401 - re-exported
+                        FASTDEPLOY_LOG2_BIAS, GROUP_SIZE, align)
+from .fp8 import cast_to_e4m3, ceil_to_ue8m0, e4m3_to_float32
 
 
 def _scale_from_amax(amax: paddle.Tensor, use_ue8m0: bool, fd_log2_bias: bool) -> paddle.Tensor:

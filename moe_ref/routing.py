@@ -7,8 +7,7 @@ expert index: every ranking here is a *stable* argsort of the negated scores, be
 """
 from __future__ import annotations
 
-import paddle
-
+from ._paddle import paddle
 from .checks import FLOAT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor
 
 RENORMALIZE_MIN_SUM = 1e-12     # noaux_tc divides by max(sum of weights, this) (SPEC §10)

@@ -51,7 +51,7 @@ import time
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_positive_int, check_tensor
+from moe_ref.checks import check_positive_int
 
 from .ep_runner import (FP8, DispatchOutput, EPRunner, _gather_rows, _mn_major, _quantize_tokens)
 
@@ -366,18 +366,7 @@ class PaddleDistributedEPRunner(EPRunner):
         """x [T, H] fp8 | bf16; x_scale [T, S'] fp32 | packed int32 or None (required for fp8 x);
         topk_ids [T, K_top] int32 | int64 global ids or -1; topk_weights [T, K_top] float32;
         num_worst_tokens W -> this rank's DispatchOutput (recv_* with W rows, padding last)."""
-        check_tensor(x, "x", dtypes=(FP8, paddle.bfloat16), ndim=2)
-        t, h = (int(d) for d in x.shape)
-        if x_scale is None:
-            if x.dtype == FP8:
-                raise ValueError("x_scale: expected the [T, S'] scales of fp8 x, got None")
-        else:
-            check_tensor(x_scale, "x_scale", dtypes=(paddle.float32, paddle.int32), ndim=2)
-            check_dim(x_scale, 0, t, "x_scale", "T (rows of x)")
-        if topk_weights is None:
-            raise ValueError("topk_weights: expected the [T, K_top] float32 routing weights, got None")
-        ids = self._check_routing(topk_ids, topk_weights, t)
-        w = check_positive_int(num_worst_tokens, "num_worst_tokens")
+        t, h, ids, w = self._check_dispatch(x, x_scale, topk_ids, topk_weights, num_worst_tokens)
         e, me, size = self.num_local_experts, self.ep_rank, self.ep_size
         k_top = int(ids.shape[1])
         dest = np.where(ids >= 0, ids // e, -1)
@@ -425,10 +414,7 @@ class PaddleDistributedEPRunner(EPRunner):
         """partial [W, H] bf16 (this rank's weighted expert output per received row), handle from
         this rank's dispatch -> [T, H] bf16 = bf16(Σ_{r ascending} float32(row of r)), zeros for
         tokens sent nowhere."""
-        self._check_handle(handle, DistHTHandle)
-        check_tensor(partial, "partial", dtypes=(paddle.bfloat16,), ndim=2)
-        check_dim(partial, 0, handle.num_worst_tokens, "partial", "W (num_worst_tokens of the dispatch)")
-        check_dim(partial, 1, handle.hidden_size, "partial", "H")
+        self._check_combine(partial, handle, DistHTHandle)
         me, size, counts = self.ep_rank, self.ep_size, handle.counts
         self._collective_errors(lambda: self._header(_OP_COMBINE, []))
         raw = _as_bytes(partial)
@@ -457,15 +443,8 @@ class PaddleDistributedEPRunner(EPRunner):
         (C = ceil(S/4) int32 with use_ue8m0, else S fp32) | None, recv_count [E] int32, handle).
         Slots of expert e are filled in (source rank, source token, k) order; rows past
         recv_count[e] are zero. Each token travels once per destination rank."""
-        check_tensor(x, "x", dtypes=(paddle.bfloat16,), ndim=2)
-        t, h = (int(d) for d in x.shape)
-        ids = self._check_routing(topk_ids, None, t)
-        n = check_positive_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank")
-        for name, flag in (("use_fp8", use_fp8), ("use_ue8m0", use_ue8m0)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {flag!r}")
-        if use_ue8m0 and not use_fp8:
-            raise ValueError("use_ue8m0: needs use_fp8=True (UE8M0 scales belong to FP8 data)")
+        t, h, ids, n = self._check_low_latency_dispatch(x, topk_ids, num_max_dispatch_tokens_per_rank,
+                                                        use_fp8, use_ue8m0)
         e, me, size = self.num_local_experts, self.ep_rank, self.ep_size
         k_top, rn = int(ids.shape[1]), self.ep_size * n
         q, scale = x, None
@@ -532,12 +511,7 @@ class PaddleDistributedEPRunner(EPRunner):
         """expert_out [E, R·N, H] bf16, topk_ids / topk_weights [T, K_top] of this rank's tokens (as
         given to low_latency_dispatch), handle -> [T, H] bf16 = bf16(Σ_k w[t, k] · float32(row of
         (t, k))), float32 in k order; tokens with no valid id get zeros."""
-        self._check_handle(handle, DistLLHandle)
-        check_tensor(expert_out, "expert_out", dtypes=(paddle.bfloat16,), ndim=3)
-        expected = [self.num_local_experts, handle.rows_per_expert, handle.hidden_size]
-        if list(expert_out.shape) != expected:
-            raise ValueError(f"expert_out: expected shape [E, R·N, H] = {expected}, got {list(expert_out.shape)}")
-        ids = self._check_routing(topk_ids, topk_weights, handle.num_tokens)
+        ids = self._check_low_latency_combine(expert_out, topk_ids, topk_weights, handle, DistLLHandle)
         valid = ids >= 0
         n_valid = sum(int(tt.size) for tt, _ in handle.entries)
         if int(valid.sum()) != n_valid:

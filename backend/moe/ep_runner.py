@@ -205,12 +205,10 @@ class EPRunner:
             raise ValueError(f"handle: belongs to another runner (rank {handle.ep_rank}), "
                              f"this is rank {self.ep_rank}")
 
-    # ------------------------------------------------------------------ ht (DeepEP normal)
+    # argument checks of the four runner calls, shared by every runner (handle_cls: its handle type)
 
-    def dispatch(self, x, x_scale, topk_ids, topk_weights, num_worst_tokens) -> DispatchOutput:
-        """x [T, H] fp8 | bf16; x_scale [T, S'] fp32 | int32 or None (required for fp8 x);
-        topk_ids [T, K_top] int32 | int64 global ids or -1; topk_weights [T, K_top] float32;
-        num_worst_tokens W. Returns this rank's DispatchOutput (module docstring)."""
+    def _check_dispatch(self, x, x_scale, topk_ids, topk_weights, num_worst_tokens):
+        """-> (T, H, ids int64 numpy [T, K_top], W)."""
         check_tensor(x, "x", dtypes=(FP8, paddle.bfloat16), ndim=2)
         t, h = (int(d) for d in x.shape)
         if x_scale is None:
@@ -223,6 +221,44 @@ class EPRunner:
             raise ValueError("topk_weights: expected the [T, K_top] float32 routing weights, got None")
         ids = self._check_routing(topk_ids, topk_weights, t)
         w = check_positive_int(num_worst_tokens, "num_worst_tokens")
+        return t, h, ids, w
+
+    def _check_combine(self, partial, handle, handle_cls) -> None:
+        self._check_handle(handle, handle_cls)
+        check_tensor(partial, "partial", dtypes=(paddle.bfloat16,), ndim=2)
+        check_dim(partial, 0, handle.num_worst_tokens, "partial", "W (num_worst_tokens of the dispatch)")
+        check_dim(partial, 1, handle.hidden_size, "partial", "H")
+
+    def _check_low_latency_dispatch(self, x, topk_ids, num_max_dispatch_tokens_per_rank, use_fp8, use_ue8m0):
+        """-> (T, H, ids int64 numpy [T, K_top], N). T <= N is left to the runner (where it is checked)."""
+        check_tensor(x, "x", dtypes=(paddle.bfloat16,), ndim=2)
+        t, h = (int(d) for d in x.shape)
+        ids = self._check_routing(topk_ids, None, t)
+        n = check_positive_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank")
+        for name, flag in (("use_fp8", use_fp8), ("use_ue8m0", use_ue8m0)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {flag!r}")
+        if use_ue8m0 and not use_fp8:
+            raise ValueError("use_ue8m0: needs use_fp8=True (UE8M0 scales belong to FP8 data)")
+        return t, h, ids, n
+
+    def _check_low_latency_combine(self, expert_out, topk_ids, topk_weights, handle, handle_cls):
+        """-> ids int64 numpy [T, K_top]."""
+        self._check_handle(handle, handle_cls)
+        check_tensor(expert_out, "expert_out", dtypes=(paddle.bfloat16,), ndim=3)
+        expected = [self.num_local_experts, handle.rows_per_expert, handle.hidden_size]
+        if list(expert_out.shape) != expected:
+            raise ValueError(f"expert_out: expected shape [E, R·N, H] = {expected}, got {list(expert_out.shape)}")
+        ids = self._check_routing(topk_ids, topk_weights, handle.num_tokens)
+        return ids
+
+    # ------------------------------------------------------------------ ht (DeepEP normal)
+
+    def dispatch(self, x, x_scale, topk_ids, topk_weights, num_worst_tokens) -> DispatchOutput:
+        """x [T, H] fp8 | bf16; x_scale [T, S'] fp32 | int32 or None (required for fp8 x);
+        topk_ids [T, K_top] int32 | int64 global ids or -1; topk_weights [T, K_top] float32;
+        num_worst_tokens W. Returns this rank's DispatchOutput (module docstring)."""
+        t, h, ids, w = self._check_dispatch(x, x_scale, topk_ids, topk_weights, num_worst_tokens)
         payloads = self._exchange("dispatch", {
             "x": x, "x_scale": x_scale, "ids": ids, "weights": topk_weights, "W": w, "H": h,
             "K_top": int(ids.shape[1]), "x dtype": str(x.dtype),
@@ -274,10 +310,7 @@ class EPRunner:
     def combine(self, partial, handle) -> paddle.Tensor:
         """partial [W, H] bf16 (this rank's weighted expert output per received row), handle from
         this rank's dispatch -> [T, H] bf16 summed over ranks in rank order (float32, one rounding)."""
-        self._check_handle(handle, HTHandle)
-        check_tensor(partial, "partial", dtypes=(paddle.bfloat16,), ndim=2)
-        check_dim(partial, 0, handle.num_worst_tokens, "partial", "W (num_worst_tokens of the dispatch)")
-        check_dim(partial, 1, handle.hidden_size, "partial", "H")
+        self._check_combine(partial, handle, HTHandle)
         payloads = self._exchange("combine", {"partial": partial})
         acc = paddle.zeros([handle.num_tokens, handle.hidden_size], dtype=paddle.float32)
         for r, p in enumerate(payloads):
@@ -295,15 +328,8 @@ class EPRunner:
         """x [T, H] bf16 (T <= N), topk_ids [T, K_top] global ids or -1, N, use_fp8, use_ue8m0 ->
         (recv_x [E, R·N, H] fp8 (bf16 without use_fp8), recv_x_scale (module docstring) | None,
         recv_count [E] int32, handle)."""
-        check_tensor(x, "x", dtypes=(paddle.bfloat16,), ndim=2)
-        t, h = (int(d) for d in x.shape)
-        ids = self._check_routing(topk_ids, None, t)
-        n = check_positive_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank")
-        for name, flag in (("use_fp8", use_fp8), ("use_ue8m0", use_ue8m0)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}: expected a bool, got {flag!r}")
-        if use_ue8m0 and not use_fp8:
-            raise ValueError("use_ue8m0: needs use_fp8=True (UE8M0 scales belong to FP8 data)")
+        t, h, ids, n = self._check_low_latency_dispatch(x, topk_ids, num_max_dispatch_tokens_per_rank,
+                                                        use_fp8, use_ue8m0)
         if t > n:
             raise ValueError(f"x: rank {self.ep_rank} has T = {t} tokens, more than "
                              f"num_max_dispatch_tokens_per_rank N = {n}")
@@ -351,12 +377,7 @@ class EPRunner:
         """expert_out [E, R·N, H] bf16 (this rank's expert outputs per slot), topk_ids and
         topk_weights [T, K_top] of this rank's tokens, handle from low_latency_dispatch ->
         [T, H] bf16 = bf16(Σ_k w[t, k] · expert_out[slot(t, k)]), float32 in k order."""
-        self._check_handle(handle, LLHandle)
-        check_tensor(expert_out, "expert_out", dtypes=(paddle.bfloat16,), ndim=3)
-        expected = [self.num_local_experts, handle.rows_per_expert, handle.hidden_size]
-        if list(expert_out.shape) != expected:
-            raise ValueError(f"expert_out: expected shape [E, R·N, H] = {expected}, got {list(expert_out.shape)}")
-        ids = self._check_routing(topk_ids, topk_weights, handle.num_tokens)
+        ids = self._check_low_latency_combine(expert_out, topk_ids, topk_weights, handle, LLHandle)
         if not np.array_equal(ids >= 0, handle.slot >= 0):
             raise ValueError("topk_ids: differ from the ids given to low_latency_dispatch")
         payloads = self._exchange("low_latency_combine", {"expert_out": expert_out})

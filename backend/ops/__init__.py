@@ -3,8 +3,8 @@
 The seven public functions keep the upstream names and argument orders of the unpublished
 `blackwell_ops` package that FastDeploy's `BlackwellGemmFusedMoeMethod` (PR #7053) calls,
 plus `cutlass_scale_to_fp32`, our inverse of `unpack_and_convert_scale`. Each function checks
-its arguments here, once (errors name the argument, the expected and the seen value), then
-calls the selected provider, which receives already-validated arguments:
+its arguments once (backend/ops/_checks.py; errors name the argument, the expected and the seen
+value), then calls the selected provider, which receives already-validated arguments:
 
     blackwell_ops   the real package (SM100+ GPUs)                 backend/ops/blackwell_provider.py
     triton          Triton kernels (torch + triton + a CUDA GPU)   backend/ops/triton/provider.py
@@ -29,6 +29,9 @@ the 128-wide group axis (word p holds groups 4p..4p+3, missing groups are byte 0
 
 Data checks (expert ids in range, per-expert counts <= M, no NaN byte 255 in scales, finite
 quantization input) read values, which costs one device synchronization per call on a GPU.
+
+Importing this package does not import Paddle (the checks and the providers import it when first
+used), so that `backend.ops.triton.kernels` and `backend.ops.cutlass_sf` import where Paddle is absent.
 """
 from __future__ import annotations
 
@@ -37,16 +40,9 @@ import logging
 import threading
 from types import ModuleType
 
-import numpy as np
-import paddle
-
-from moe_ref.checks import check_dim, check_finite, check_positive_int, check_tensor
-from moe_ref.fp8 import BYTES_PER_WORD, UE8M0_NAN, align
-from moe_ref.quant import GROUP_SIZE
+from moe_ref.constants import GROUP_SIZE
 
 from backend import envs
-
-from .cutlass_sf import SF_TILE_COLS, SF_TILE_ROWS, SF_VEC_SIZE
 
 __all__ = [
     "per_token_quant", "prefill_permute_to_masked_gemm", "unpack_and_convert_scale", "cutlass_scale_to_fp32",
@@ -69,185 +65,12 @@ OP_NAMES = ("per_token_quant", "prefill_permute_to_masked_gemm", "unpack_and_con
             "cutlass_scale_to_fp32", "group_gemm_masked", "fused_mask_swiglu_fp8_quant",
             "depermute_prefill_combine")
 
-FP8 = paddle.float8_e4m3fn
-_INT_IDS = (paddle.int32, paddle.int64)
-
 _last_provider: str | None = None
 _provider_cache: dict[str, "OpsProvider"] = {}
 # Guards selection: the R threads of the in-process EP runner may ask at once, and each
 # requested name must be selected (and logged) once. Reentrant in case a provider's import
 # or availability check reaches get_provider again.
 _provider_lock = threading.RLock()
-
-
-# ----------------------------------------------------------------------------- argument checks
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name}: expected a bool, got {value!r}")
-    return bool(value)
-
-
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an int, got {value!r}")
-    return int(value)
-
-
-def _first_index(mask: paddle.Tensor) -> tuple[int, ...]:
-    flat = int(paddle.nonzero(mask.flatten())[0, 0])
-    return tuple(int(i) for i in np.unravel_index(flat, tuple(mask.shape)))
-
-
-def _check_counts(counts, name: str, num_experts: int, max_rows: int, max_name: str) -> paddle.Tensor:
-    """counts int32/int64 [E] or [E, 1], each in [0, max_rows] -> [E] int32."""
-    check_tensor(counts, name, dtypes=_INT_IDS, ndim=(1, 2))
-    if counts.ndim == 2 and int(counts.shape[1]) != 1:
-        raise ValueError(f"{name}: expected shape [E] or [E, 1] with E = {num_experts}, got {list(counts.shape)}")
-    check_dim(counts, 0, num_experts, name, "E")
-    flat = counts.reshape([-1])
-    bad = paddle.logical_or(flat < 0, flat > max_rows)
-    if bool(bad.any()):
-        e = _first_index(bad)[0]
-        raise ValueError(f"{name}: expert {e} has count {int(flat[e])}, expected 0 <= count <= {max_name} = {max_rows}")
-    return flat.astype(paddle.int32)
-
-
-def _check_no_nan_byte(words: paddle.Tensor, name: str) -> None:
-    """Packed UE8M0 words: no byte may be 255 (the UE8M0 NaN)."""
-    b = (words if words.is_contiguous() else words.clone()).view(paddle.uint8)
-    bad = b == UE8M0_NAN
-    if bool(bad.any()):
-        *lead, byte = _first_index(bad.reshape(list(words.shape) + [BYTES_PER_WORD]))
-        raise ValueError(f"{name}: UE8M0 byte {byte} of word {tuple(lead)} is {UE8M0_NAN} (NaN); "
-                         f"expected exponents 0..{UE8M0_NAN - 1}")
-
-
-def _check_per_token_quant(x, block_size, use_ue8m0):
-    check_tensor(x, "x", dtypes=(paddle.bfloat16, paddle.float32), ndim=2)
-    block_size = check_positive_int(block_size, "block_size")
-    use_ue8m0 = _check_bool(use_ue8m0, "use_ue8m0")
-    check_finite(x, "x")
-    return x, block_size, use_ue8m0
-
-
-def _check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num):
-    check_tensor(x, "x", dtypes=(FP8, paddle.bfloat16), ndim=2)
-    w, h = (int(d) for d in x.shape)
-    check_tensor(topk_ids, "topk_ids", dtypes=_INT_IDS, ndim=2)
-    check_dim(topk_ids, 0, w, "topk_ids", "W (rows of x)")
-    e = check_positive_int(num_local_experts, "num_local_experts")
-    m = check_positive_int(max_token_num, "max_token_num")
-    if scale is not None:
-        check_tensor(scale, "scale", dtypes=(paddle.float32, paddle.int32), ndim=2)
-        check_dim(scale, 0, w, "scale", "W (rows of x)")
-        s = -(-h // GROUP_SIZE)
-        if scale.dtype == paddle.float32:
-            check_dim(scale, 1, s, "scale", "S = ceil(H/128) (FP32 scales)")
-        else:
-            check_dim(scale, 1, -(-s // BYTES_PER_WORD), "scale", "ceil(S/4) (packed UE8M0 scales)")
-    elif x.dtype == FP8:
-        raise ValueError("scale: expected a [W, S'] scale tensor for fp8 x, got None")
-    ids = topk_ids.astype(paddle.int64)
-    bad = paddle.logical_or(ids < -1, ids >= e)
-    if bool(bad.any()):
-        idx = _first_index(bad)
-        raise ValueError(f"topk_ids: expected expert ids in [-1, {e}) (num_local_experts = {e}), "
-                         f"got {int(ids[idx])} at index {idx}")
-    valid = ids.flatten()
-    valid = valid[valid >= 0] if bool((valid >= 0).any()) else paddle.zeros([0], dtype=paddle.int64)
-    counts = paddle.bincount(valid, minlength=e)
-    if bool((counts > m).any()):
-        ex = _first_index(counts > m)[0]
-        raise ValueError(f"topk_ids: expert {ex} receives {int(counts[ex])} rows, more than "
-                         f"max_token_num = {m}")
-    return x, scale, topk_ids, e, m
-
-
-def _check_unpack(scale, masked_m):
-    if isinstance(scale, paddle.Tensor) and scale.dtype != paddle.int32:
-        raise TypeError(f"scale: expected packed UE8M0 scales (int32 words, 4 exponent bytes each), got dtype "
-                        f"{str(scale.dtype).replace('paddle.', '')}; FP32 scales must be rounded to powers of two "
-                        f"and packed first")
-    check_tensor(scale, "scale", dtypes=(paddle.int32,), ndim=3)
-    e, mn, c = (int(d) for d in scale.shape)
-    if e == 0 or mn == 0 or c == 0:
-        raise ValueError(f"scale: expected a non-empty [E, MN, C] tensor, got shape {list(scale.shape)}")
-    if masked_m is not None:
-        masked_m = _check_counts(masked_m, "masked_m", e, mn, "MN")
-    _check_no_nan_byte(scale, "scale")
-    return scale, masked_m
-
-
-def _check_cutlass_to_fp32(sf, num_rows):
-    check_tensor(sf, "sf", dtypes=(paddle.uint8,), ndim=3)
-    _, mn_pad, kb = (int(d) for d in sf.shape)
-    if mn_pad == 0 or mn_pad % SF_TILE_ROWS or kb == 0 or kb % SF_TILE_COLS:
-        raise ValueError(f"sf: expected [E, MN_pad, KB] with MN_pad a multiple of {SF_TILE_ROWS} and KB a "
-                         f"multiple of {SF_TILE_COLS}, got shape {list(sf.shape)}")
-    if num_rows is None:
-        num_rows = mn_pad
-    num_rows = check_positive_int(num_rows, "num_rows")
-    if num_rows > mn_pad:
-        raise ValueError(f"num_rows: expected <= MN_pad = {mn_pad}, got {num_rows}")
-    return sf, num_rows
-
-
-def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count):
-    check_tensor(b, "b", dtypes=(FP8,), ndim=3)
-    e, n, k = (int(d) for d in b.shape)
-    m = check_positive_int(max_m_per_expert, "max_m_per_expert")
-    check_tensor(a, "a", dtypes=(FP8,), ndim=2)
-    check_dim(a, 0, e * m, "a", "E·M (E from b, M = max_m_per_expert)")
-    check_dim(a, 1, k, "a", "K (from b)")
-    kb_needed = -(-k // SF_VEC_SIZE)
-    for name, sf, rows in (("sfa", sfa, m), ("sfb", sfb, n)):
-        check_tensor(sf, name, dtypes=(paddle.uint8,), ndim=3)
-        check_dim(sf, 0, e, name, "E")
-        check_dim(sf, 1, align(rows, SF_TILE_ROWS), name, f"align({'M' if name == 'sfa' else 'N'}, 128)")
-        kb = int(sf.shape[2])
-        if kb % SF_TILE_COLS or kb < kb_needed:
-            raise ValueError(f"{name}: expected shape[2] a multiple of {SF_TILE_COLS} and >= ceil(K/32) = "
-                             f"{kb_needed}, got shape {list(sf.shape)}")
-    masked_m = _check_counts(masked_m, "masked_m", e, m, "max_m_per_expert")
-    check_tensor(out, "out", dtypes=(paddle.bfloat16,), ndim=2)
-    check_dim(out, 0, e * m, "out", "E·M")
-    check_dim(out, 1, n, "out", "N (from b)")
-    if bias is not None:
-        check_tensor(bias, "bias", dtypes=(paddle.bfloat16, paddle.float32), ndim=2)
-        check_dim(bias, 0, e, "bias", "E")
-        check_dim(bias, 1, n, "bias", "N")
-    sm_count = _check_int(sm_count, "sm_count")
-    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count
-
-
-def _check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0):
-    check_tensor(up, "up", dtypes=(paddle.bfloat16, paddle.float32), ndim=3)
-    e, m, i2 = (int(d) for d in up.shape)
-    if i2 == 0 or i2 % 2:
-        raise ValueError(f"up: expected shape[2] == 2I (even, > 0), got shape {list(up.shape)}")
-    counts = _check_counts(token_nums_per_expert, "token_nums_per_expert", e, m, "M")
-    block_size = check_positive_int(block_size, "block_size")
-    use_ue8m0 = _check_bool(use_ue8m0, "use_ue8m0")
-    return up, counts, block_size, use_ue8m0
-
-
-def _check_depermute(ffn_out, indice_map, topk_weights, num_worst_tokens):
-    check_tensor(ffn_out, "ffn_out", dtypes=(paddle.bfloat16, paddle.float32), ndim=3)
-    e, m, _ = (int(d) for d in ffn_out.shape)
-    check_tensor(indice_map, "indice_map", dtypes=_INT_IDS, ndim=2)
-    w = _check_int(num_worst_tokens, "num_worst_tokens")
-    check_dim(indice_map, 0, w, "indice_map", "W = num_worst_tokens")
-    check_tensor(topk_weights, "topk_weights", dtypes=(paddle.float32,), ndim=2)
-    if list(topk_weights.shape) != list(indice_map.shape):
-        raise ValueError(f"topk_weights: expected shape {list(indice_map.shape)} (as indice_map), "
-                         f"got {list(topk_weights.shape)}")
-    idx = indice_map.astype(paddle.int64)
-    bad = paddle.logical_or(idx < -1, idx >= e * m)
-    if bool(bad.any()):
-        at = _first_index(bad)
-        raise ValueError(f"indice_map: expected values in [-1, E·M) = [-1, {e * m}), got {int(idx[at])} at index {at}")
-    return ffn_out, indice_map, topk_weights, w
 
 
 # ----------------------------------------------------------------------------- providers
@@ -286,6 +109,13 @@ def _auto_availability(name: str) -> tuple[ModuleType | None, bool, str]:
     return module, ok, reason
 
 
+def _arg_checks() -> ModuleType:
+    """backend.ops._checks, imported at the first op: it imports Paddle, and importing this package must
+    not (backend.ops.triton.kernels runs where Paddle is absent)."""
+    from . import _checks
+    return _checks
+
+
 class OpsProvider:
     """One provider behind the contract: `.name` and the seven validated ops as methods."""
 
@@ -302,29 +132,29 @@ class OpsProvider:
         return getattr(self.module, op)(*args)
 
     def per_token_quant(self, x, block_size=GROUP_SIZE, use_ue8m0=False):
-        return self._run("per_token_quant", *_check_per_token_quant(x, block_size, use_ue8m0))
+        return self._run("per_token_quant", *_arg_checks()._check_per_token_quant(x, block_size, use_ue8m0))
 
     def prefill_permute_to_masked_gemm(self, x, scale, topk_ids, num_local_experts, max_token_num):
         return self._run("prefill_permute_to_masked_gemm",
-                         *_check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num))
+                         *_arg_checks()._check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num))
 
     def unpack_and_convert_scale(self, scale, masked_m=None):
-        return self._run("unpack_and_convert_scale", *_check_unpack(scale, masked_m))
+        return self._run("unpack_and_convert_scale", *_arg_checks()._check_unpack(scale, masked_m))
 
     def cutlass_scale_to_fp32(self, sf, num_rows=None):
-        return self._run("cutlass_scale_to_fp32", *_check_cutlass_to_fp32(sf, num_rows))
+        return self._run("cutlass_scale_to_fp32", *_arg_checks()._check_cutlass_to_fp32(sf, num_rows))
 
     def group_gemm_masked(self, a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count=-1):
-        return self._run("group_gemm_masked", *_check_group_gemm(a, b, sfa, sfb, masked_m, out, bias,
+        return self._run("group_gemm_masked", *_arg_checks()._check_group_gemm(a, b, sfa, sfb, masked_m, out, bias,
                                                                  max_m_per_expert, sm_count))
 
     def fused_mask_swiglu_fp8_quant(self, up, token_nums_per_expert, block_size=GROUP_SIZE, use_ue8m0=True):
         return self._run("fused_mask_swiglu_fp8_quant",
-                         *_check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0))
+                         *_arg_checks()._check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0))
 
     def depermute_prefill_combine(self, ffn_out, indice_map, topk_weights, num_worst_tokens):
         return self._run("depermute_prefill_combine",
-                         *_check_depermute(ffn_out, indice_map, topk_weights, num_worst_tokens))
+                         *_arg_checks()._check_depermute(ffn_out, indice_map, topk_weights, num_worst_tokens))
 
 
 def _requested_name(name: str | None) -> str:

@@ -9,10 +9,15 @@ tile the bytes are ordered `[32 rows][4 row groups of 32][4 columns]`. Element (
 Requires MN % 128 == 0 and KB % 4 == 0 (the contract pads MN with zero rows first).
 Every provider imports the formula from here: `sf_byte_offset` works on Python ints and on
 any integer array type with `//`, `%`, `*`, `+` (Paddle, NumPy, torch, Triton block values).
+The constants and `sf_byte_offset` import without Paddle (the Triton kernels use them on machines
+that have none); the functions on Paddle tensors import it when called.
 """
 from __future__ import annotations
 
-import paddle
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import paddle
 
 SF_VEC_SIZE = 32                 # K-elements per scale byte on SM100
 SF_TILE_ROWS = 128               # rows of one SfAtom tile
@@ -45,6 +50,8 @@ def sf_index_map(num_rows: int, num_cols: int) -> paddle.Tensor:
 
     Scatter with it (`out_flat[map] = sf.flatten()`) to swizzle a row-major matrix.
     """
+    import paddle
+
     check_sf_shape(num_rows, num_cols)
     r = paddle.arange(num_rows, dtype=paddle.int64).unsqueeze(1)
     kb = paddle.arange(num_cols, dtype=paddle.int64).unsqueeze(0)
@@ -57,6 +64,8 @@ def sf_inverse_map(num_rows: int, num_cols: int) -> paddle.Tensor:
     The inverse permutation of `sf_index_map(...).flatten()`. Gather with it
     (`swizzled = flat.gather(inv)`) to swizzle, or scatter with it to unswizzle.
     """
+    import paddle
+
     forward = sf_index_map(num_rows, num_cols).flatten()
     n = num_rows * num_cols
     return paddle.scatter(paddle.zeros([n], dtype=paddle.int64), forward, paddle.arange(n, dtype=paddle.int64))
@@ -67,6 +76,8 @@ def swizzle(sf: paddle.Tensor) -> paddle.Tensor:
 
     Any dtype with a `gather` kernel (uint8, int32, float32); MN % 128 == 0, KB % 4 == 0.
     """
+    import paddle
+
     mn, kbn = int(sf.shape[-2]), int(sf.shape[-1])
     inv = sf_inverse_map(mn, kbn)
     flat = sf.reshape([-1, mn * kbn])
@@ -75,6 +86,8 @@ def swizzle(sf: paddle.Tensor) -> paddle.Tensor:
 
 def unswizzle(sf: paddle.Tensor) -> paddle.Tensor:
     """Inverse of `swizzle`: CUTLASS-ordered `[..., MN, KB]` bytes -> row-major `[..., MN, KB]`."""
+    import paddle
+
     mn, kbn = int(sf.shape[-2]), int(sf.shape[-1])
     fwd = sf_index_map(mn, kbn).flatten()
     flat = sf.reshape([-1, mn * kbn])

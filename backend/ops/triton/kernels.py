@@ -1,7 +1,8 @@
 """Triton kernels of the FP8 block-quantized MoE path (SPEC §3-8), framework-neutral.
 
 The kernels take raw pointers; `launch.py` wraps them for torch tensors. Nothing here imports
-Paddle or torch, and nothing runs at import time (no tuning, no device query).
+Paddle or torch (the format constants come from moe_ref.constants and backend.ops.cutlass_sf,
+which import neither), and nothing runs at import time (no tuning, no device query).
 
 Layouts, in the order of the data flow:
 
@@ -25,18 +26,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Format constants. This module must import without Paddle (the GPU machine has none), so they
-# cannot come from moe_ref.fp8 / backend.ops.cutlass_sf; tests/test_triton_provider.py asserts
-# that they equal those modules' values.
-E4M3_MAX = tl.constexpr(448.0)          # moe_ref.fp8.E4M3_MAX
-UE8M0_MIN_EXP = tl.constexpr(1)         # moe_ref.fp8.UE8M0_MIN_EXP
-UE8M0_MAX_EXP = tl.constexpr(254)       # moe_ref.fp8.UE8M0_MAX_EXP
-BYTES_PER_WORD = tl.constexpr(4)        # moe_ref.fp8.BYTES_PER_WORD
-SF_VEC_SIZE = tl.constexpr(32)          # backend.ops.cutlass_sf.SF_VEC_SIZE
-SF_TILE_ROWS = tl.constexpr(128)        # backend.ops.cutlass_sf.SF_TILE_ROWS
-SF_TILE_COLS = tl.constexpr(4)          # backend.ops.cutlass_sf.SF_TILE_COLS
-SF_ROW_GROUP = tl.constexpr(32)         # backend.ops.cutlass_sf.SF_ROW_GROUP
-SF_TILE_BYTES = tl.constexpr(512)       # backend.ops.cutlass_sf.SF_TILE_BYTES
+from backend.ops import cutlass_sf
+from moe_ref import constants as C
+
+# Format constants, imported from their one home (both modules import without Paddle: the GPU
+# machine has none), as constexpr so that @triton.jit code may read them.
+E4M3_MAX = tl.constexpr(C.E4M3_MAX)
+UE8M0_MIN_EXP = tl.constexpr(C.UE8M0_MIN_EXP)
+UE8M0_MAX_EXP = tl.constexpr(C.UE8M0_MAX_EXP)
+BYTES_PER_WORD = tl.constexpr(C.BYTES_PER_WORD)
+SF_VEC_SIZE = tl.constexpr(cutlass_sf.SF_VEC_SIZE)
+SF_TILE_ROWS = tl.constexpr(cutlass_sf.SF_TILE_ROWS)
+SF_TILE_COLS = tl.constexpr(cutlass_sf.SF_TILE_COLS)
+SF_ROW_GROUP = tl.constexpr(cutlass_sf.SF_ROW_GROUP)
+SF_TILE_BYTES = tl.constexpr(cutlass_sf.SF_TILE_BYTES)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -326,6 +329,30 @@ def _tile_table(counts_ptr, E, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 
 @triton.jit
+def _load_k_step(a_ptrs, b_ptrs, k, K, EVEN_K: tl.constexpr):
+    """One K step of both GEMM operands (pointer blocks [BLOCK_M | BLOCK_N, BLOCK_K]); k: the step's K indices.
+    Columns k >= K read 0 unless EVEN_K (K a multiple of BLOCK_K: no mask)."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+    else:
+        k_ok = k < K
+        a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+    return a, b
+
+
+@triton.jit
+def _store_tile(acc, out_ptr, bias_ptr, e, rows, cols, cols_c, cnt, M, N, HAS_BIAS: tl.constexpr,
+                EXACT_CAST: tl.constexpr):
+    """Epilogue of a masked GEMM tile: acc (+ bias[e, cols]) -> bf16 out[e·M + rows, cols], rows < cnt only."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
+    tl.store(out_ptrs, _to_bf16(acc, EXACT_CAST), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
 def _step_scales(sa_ptr, sb_ptr, e, rows, cols, pid_n, kb,
                  sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                  SCALE_MODE: tl.constexpr, SB_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -377,13 +404,8 @@ def _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N,
         if USE_TMA:
             a = a_ptr.load([e * M + pid_m * BLOCK_M, kb * BLOCK_K])
             b = b_ptr.load([e * N + pid_n * BLOCK_N, kb * BLOCK_K])
-        elif EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
         else:
-            k_ok = (kb * BLOCK_K + offs_k) < K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+            a, b = _load_k_step(a_ptrs, b_ptrs, kb * BLOCK_K + offs_k, K, EVEN_K)
         if SCALE_PREFETCH:
             sa = sa_next
             sb = sb_next
@@ -442,10 +464,7 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
         acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
                       sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_M, BLOCK_N,
                       BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, _to_bf16(acc, EXACT_CAST), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
+        _store_tile(acc, out_ptr, bias_ptr, e, rows, cols, cols_c, cnt, M, N, HAS_BIAS, EXACT_CAST)
 
 
 @triton.jit
@@ -480,13 +499,7 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
         sfb_base = sfb_ptr + e.to(tl.int64) * sfb_se
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs)
-            else:
-                k_ok = (kb * BLOCK_K + offs_k) < K
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+            a, b = _load_k_step(a_ptrs, b_ptrs, kb * BLOCK_K + offs_k, K, EVEN_K)
             kcol = kb * SK + offs_s
             sa = tl.load(sfa_base + _sf_byte_offset(rows_c[:, None], kcol[None, :], sfa_cols))     # [BM, SK] uint8
             sb = tl.load(sfb_base + _sf_byte_offset(cols_c[:, None], kcol[None, :], sfb_cols))     # [BN, SK]
@@ -500,10 +513,7 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
                 acc = tl.dot_scaled(a, sa, "e4m3", tl.trans(b), sb, "e4m3", acc)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + e * N + cols_c).to(tl.float32)[None, :]
-        out_ptrs = out_ptr + (e.to(tl.int64) * M + rows)[:, None] * N + cols[None, :]
-        tl.store(out_ptrs, _to_bf16(acc, EXACT_CAST), mask=(rows < cnt)[:, None] & (cols < N)[None, :])
+        _store_tile(acc, out_ptr, bias_ptr, e, rows, cols, cols_c, cnt, M, N, HAS_BIAS, EXACT_CAST)
 
 
 # ----------------------------------------------------------------------------- §7 SwiGLU + quant

@@ -14,12 +14,12 @@ import os
 import torch
 import triton
 
+from moe_ref.constants import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE, TMA_ALIGN
+from moe_ref.constants import align as _align
+
 from . import kernels as K
 
-GROUP_SIZE = 128          # 1x128 activation groups / 128x128 weight blocks (moe_ref.quant.GROUP_SIZE)
-TMA_ALIGN = 4             # MN axis of MN-major scales padded to 4 elements (moe_ref.fp8.TMA_ALIGN)
-DEEPGEMM_AMAX_FLOOR = 1e-4    # per_token_quant floor (moe_ref.quant.DEEPGEMM_AMAX_FLOOR)
-SWIGLU_AMAX_FLOOR = 1e-10     # fused SwiGLU quant floor (SPEC §7)
+SWIGLU_AMAX_FLOOR = FASTDEPLOY_AMAX_FLOOR     # fused SwiGLU quant floor (SPEC §7), as the paddle provider
 
 
 def interpreting() -> bool:
@@ -27,10 +27,6 @@ def interpreting() -> bool:
     `kernels`): they then run on CPU tensors, and the launchers pick exact casts and small grids."""
     from triton.runtime.interpreter import InterpretedFunction
     return isinstance(K.per_token_quant_kernel, InterpretedFunction)
-
-
-def _align(n: int, m: int) -> int:
-    return -(-int(n) // m) * m
 
 
 def _pow2(n: int) -> int:
