@@ -297,6 +297,105 @@ def test_group_gemm_masked_per_row_weight_bytes(T, P):
     _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts)
 
 
+@pytest.fixture
+def gemm_paths(monkeypatch):
+    """Names under which group_gemm_masked launched its explicit kernel: 'explicit_ue8m0' (one weight byte per
+    128-row block, one-FMA promotion) or 'explicit_ue8m0_per_row' (per-row weight bytes)."""
+    from backend.ops.triton import launch as L
+    seen = []
+    run = L._run_tuned
+
+    def spy(name, *args, **kwargs):
+        seen.append(name)
+        return run(name, *args, **kwargs)
+    monkeypatch.setattr(L, "_run_tuned", spy)
+    return seen
+
+
+def _rows_sf(T, per_row_scales):
+    """[E, N, S] fp32 powers of two (one per row and 128-group) -> CUTLASS SF bytes [E, align(N,128), 4S]."""
+    return T.unpack_and_convert_scale(ref_fp8.pack_ue8m0(ref_fp8.ue8m0_encode(per_row_scales)), None)
+
+
+def test_sf_block_uniform_detects_rows_that_differ():
+    """sf_block_uniform: True for per-row copies of 128x128 block scales (also with N not a multiple of 128,
+    whose zero padding rows are ignored), False when one row of a block, or one byte of a group of 4, differs;
+    groups past ceil(K/128) are not read by the GEMM and not checked."""
+    from backend.ops.triton import launch as L
+    e, n, k = 2, 200, 384
+    rng = np.random.default_rng(21)
+    blocks = np.ldexp(1.0, rng.integers(-9, -3, size=(e, 2, k // 128))).astype(np.float32)
+    rows = np.repeat(blocks, 128, axis=1)[:, :n]
+    sf = lambda r: torch.from_numpy(_rows_sf(ops.get_provider("triton"), paddle.to_tensor(r)).numpy())
+    assert L.sf_block_uniform(sf(rows), n, k)
+    assert not L.sf_block_uniform(sf(rows), n + 1, k)               # a padding row (zero bytes) counted as valid
+    for r, g in [(127, 0), (1, 2), (128 + 33, 1), (n - 1, 2)]:        # last / first row of a block, row groups
+        bad = rows.copy()
+        bad[1, r, g] *= 2.0
+        assert not L.sf_block_uniform(sf(bad), n, k), (r, g)
+        if g:
+            assert L.sf_block_uniform(sf(bad), n, 128 * g)                # group g is past K: not read
+    raw = sf(rows).clone()
+    raw.view(torch.int32).view(e, 2, -1, 128)[0, 1, 1, 5] ^= 0x0100    # one byte of a group of 4
+    assert not L.sf_block_uniform(raw, n, k)
+    assert L.sf_block_uniform(raw, n, 128)                           # only group 0 is read when K = 128
+
+
+def _to_torch(x):
+    if x.dtype == paddle.float8_e4m3fn:
+        return torch.from_numpy(x.view(paddle.uint8).numpy()).view(torch.float8_e4m3fn)
+    return torch.from_numpy(x.numpy())
+
+
+def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths, monkeypatch):
+    """Block-constant weight bytes take the one-FMA kernel, a single row that differs inside a 128-row block
+    takes the per-row kernel; both equal the Paddle provider (which decodes every row) and the dequantized
+    product. Provider (impl='auto'): decided in its one synchronization, one kernel launched. launch's
+    default (impl='explicit'): both variants queued behind the device-side check, exactly one does tiles."""
+    from backend.ops.triton import launch as L
+    e, m, n, k = 2, 64, 192, 256
+    counts = [50, 64]
+    a, sa, b, sb, masked_m = _gemm_case(e, m, n, k, counts, seed=31)
+    sfa, sfb = _sf_bytes(T, sa, sb, e, m, n)
+    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts)
+    assert gemm_paths == ["explicit_ue8m0"]
+    rows_b = np.repeat(sb.numpy(), 128, axis=1)[:, :n].copy()
+    rows_b[1, 130, 1] *= 4.0                                          # row 2 of block 1, K group 1
+    sfb_rows = _rows_sf(T, paddle.to_tensor(rows_b))
+    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb_rows, masked_m, counts)
+    assert gemm_paths[1:] == ["explicit_ue8m0_per_row"]
+    a_d = (f32(a).reshape(e, m, k) * np.repeat(sa.numpy().reshape(e, m, -1), 128, axis=2)).astype(np.float64)
+    ref = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_b, 128, axis=2)).astype(np.float64))
+    rows_blk = np.repeat(sb.numpy(), 128, axis=1)[:, :n]
+    ref_blk = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_blk, 128, axis=2)).astype(np.float64))
+    ta, tb, tsfa, tm = (_to_torch(x) for x in (a, b, sfa, masked_m))
+
+    def run(sf_b, **kw):
+        del gemm_paths[:]
+        out = torch.full((e * m, n), 7.0, dtype=torch.bfloat16)
+        L.group_gemm_masked(ta, tb, tsfa, _to_torch(sf_b), tm, out, None, m, **kw)
+        return out.float().view(e, m, n).numpy(), list(gemm_paths)
+
+    both = ["explicit_ue8m0", "explicit_ue8m0_per_row"]
+    for sf_b, want, kw, paths in [(sfb, ref_blk, {}, both), (sfb_rows, ref, {}, both),
+                                  (sfb, ref_blk, dict(sfb_per_block=True), ["explicit_ue8m0"]),
+                                  (sfb_rows, ref, dict(sfb_per_block=False), ["explicit_ue8m0_per_row"])]:
+        got, seen = run(sf_b, **kw)
+        assert seen == paths
+        for ex, c in enumerate(counts):
+            assert np.all(got[ex, c:] == 7.0)
+            assert calc_diff(got[ex, :c], want[ex, :c]) < 1e-5
+    # The flag gates each variant: forced to "per block" on rows that differ, only the block kernel works
+    # (row 130's byte replaced by row 128's: wrong), and a flag that matches neither variant writes nothing.
+    monkeypatch.setattr(L, "_sf_block_uniform", lambda *args: torch.tensor(True))
+    got, _ = run(sfb_rows)
+    assert calc_diff(got[1, :, 130], ref[1, :, 130]) > 1e-3
+    assert calc_diff(got[1, :, 129], ref[1, :, 129]) < 1e-5
+    monkeypatch.setattr(L, "_sf_block_uniform", lambda *args: torch.tensor(2))
+    got, seen = run(sfb_rows)
+    assert seen == both and np.all(got == 7.0)
+
+
 def test_group_gemm_masked_per_32_bytes_through_the_provider(T, P):
     """SF bytes that differ inside a 128-group reach the dot_scaled kernel (impl='auto'), never silently the
     per-128 one: the result equals the Paddle provider's, which decodes every byte."""

@@ -357,7 +357,7 @@ def _step_scales(sa_ptr, sb_ptr, e, rows, cols, pid_n, kb,
                  sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                  SCALE_MODE: tl.constexpr, SB_SCALAR: tl.constexpr, BLOCK_N: tl.constexpr):
     """Scales of one 128-wide K step: (sa [BLOCK_M], sb [BLOCK_N]) float32; with SB_SCALAR, (sa·sb, sb) where
-    the tile's weight scale is one number (folded into sa).
+    the tile's weight scale is one number (folded into sa; SCALE_MODE 1: the byte of the tile's first row).
 
     SCALE_MODE 0 (Hopper recipe): sa fp32 logical [E, M, S] with strides (sa_se, sa_sm, sa_sk);
       sb fp32 [E, ceil(N/128), ceil(K/128)] with strides (sb_se, sb_sn, sb_sk), 128x128 blocks.
@@ -427,14 +427,14 @@ def _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N,
 
 
 @triton.jit
-def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, bias_ptr,
+def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, bias_ptr, flag_ptr,
                              E, M, N, K,
                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                              SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                              EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, USE_TMA: tl.constexpr,
                              SB_SCALAR: tl.constexpr, SCALE_PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
-                             EXACT_CAST: tl.constexpr):
+                             FLAG_WANT: tl.constexpr, EXACT_CAST: tl.constexpr):
     """Masked grouped GEMM with explicit per-128 scales (SPEC §6), fp32 accumulation.
 
     a [E·M, K] e4m3, b [E, N, K] e4m3 (both K-contiguous; with USE_TMA, host tensor descriptors of
@@ -445,13 +445,20 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
     The scale loads are not operands of the dot, so Triton's pipeliner leaves them in the loop and
     every step waits for them (ncu: L1TEX scoreboard stalls); SCALE_PREFETCH loads the next step's
     scales one iteration ahead, LOOP_STAGES asks the pipeliner (tl.range num_stages) to pipeline them.
-    SB_SCALAR (SCALE_MODE 0, BLOCK_N dividing 128): the tile lies in one 128x128 weight block, one weight
-    scale per K step, so the promotion is one FMA per element, acc += d · (sa·sb), instead of two.
-    SCALE_MODE 1 reads per-row weight bytes (SPEC §6 allows any) and always takes the two-op promotion:
-    deciding per tile whether the bytes agree cost more than it saved with Triton 3.6 on SM90
-    (benchmarks/NOTES_gpu.md, run 5).
+    SB_SCALAR (BLOCK_N dividing 128): the tile lies in one 128x128 weight block, one weight scale per
+    K step, so the promotion is one FMA per element, acc += d · (sa·sb), instead of two. SCALE_MODE 0
+    always (128x128 FP32 weight scales). SCALE_MODE 1 has per-row weight bytes (SPEC §6 allows any):
+    the launcher sets SB_SCALAR only after checking on the host, once per call, that the bytes are
+    constant over every 128-row block (then the tile reads its first row's byte); else the per-row,
+    two-multiply promotion. Deciding inside the kernel broke or slowed Triton 3.6's SM90 pipeliner
+    (benchmarks/NOTES_gpu.md, runs 4-5); a constexpr keeps one K loop.
+    FLAG_WANT >= 0: the program does its tiles only when the int32 at flag_ptr equals FLAG_WANT (else no
+    tile at all): the launcher queues both SB_SCALAR variants behind a device-side check of the weight
+    bytes, and exactly one of them works, with no host synchronization. FLAG_WANT = -1: no flag.
     """
     gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
+    if FLAG_WANT >= 0:
+        total = total * (tl.load(flag_ptr) == FLAG_WANT).to(tl.int32)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     k_tiles = tl.cdiv(K, BLOCK_K)

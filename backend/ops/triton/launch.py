@@ -266,8 +266,9 @@ def _gemm_grid(cfg: dict, e_num: int, m: int, n: int, sm_count: int, device) -> 
     return (max(1, upper),)
 
 
-def _run_tuned(name: str, configs, key: tuple, launch, interpreter_config=None) -> None:
-    """launch(cfg) runs the kernel with a config; pick (and cache) the fastest config for `key`."""
+def _run_tuned(name: str, configs, key: tuple, launch, interpreter_config=None, tune_launch=None) -> None:
+    """launch(cfg) runs the kernel with a config; pick (and cache) the fastest config for `key`, timing
+    tune_launch(cfg) when given (the same kernel made to do its work; see group_gemm_masked)."""
     if interpreting():
         launch(interpreter_config or INTERPRETER_CONFIG)
         return
@@ -279,7 +280,8 @@ def _run_tuned(name: str, configs, key: tuple, launch, interpreter_config=None) 
             best = None
             for cand in configs:
                 try:
-                    ms = triton.testing.do_bench(lambda: launch(cand), warmup=10, rep=40, return_mode="median")
+                    ms = triton.testing.do_bench(lambda: (tune_launch or launch)(cand), warmup=10, rep=40,
+                                                 return_mode="median")
                 except Exception as exc:   # a config that does not fit (shared memory, registers) is skipped
                     tuning_log.append(dict(kernel=name, key=list(key), config=cand, error=repr(exc)[:200]))
                     continue
@@ -306,17 +308,61 @@ def _counts_i32(masked_m: torch.Tensor) -> torch.Tensor:
     return c if c.dtype == torch.int32 and c.is_contiguous() else c.to(torch.int32).contiguous()
 
 
+def _repeats_per_128(w: torch.Tensor) -> torch.Tensor:
+    """0-dim bool tensor: every int32 word (4 SF bytes, one 128-wide K group) holds one byte 4 times."""
+    b0 = w & 0xFF
+    return torch.all(w == (b0 | (b0 << 8) | (b0 << 16) | (b0 << 24)))
+
+
 def sf_repeats_per_128(sf: torch.Tensor) -> bool:
     """True when every group of 4 CUTLASS SF bytes (one 128-wide K group) holds one value 4 times,
     as unpack_and_convert_scale writes them (one pass over the bytes, one synchronization)."""
-    w = sf.contiguous().view(torch.int32)
-    b0 = w & 0xFF
-    return bool(torch.equal(w, b0 | (b0 << 8) | (b0 << 16) | (b0 << 24)))
+    return bool(_repeats_per_128(sf.contiguous().view(torch.int32)))
+
+
+def _sf_block_uniform(sf: torch.Tensor, num_rows: int, k: int) -> torch.Tensor:
+    """0-dim bool tensor: in CUTLASS SF bytes [E, MN_pad, KB], every 128-row block x 128-wide K group
+    holds one byte (its 4 bytes per row equal, and equal over the block's rows < num_rows), for the
+    ceil(k/128) groups a GEMM of depth k reads.
+
+    In SPEC §4's layout one 512-byte tile is 128 rows x 4 bytes, rows in the order
+    (r % 32)·4 + (r % 128) // 32, so viewed as int32 words [E, MN_pad/128, KB/4, 128] a block's word
+    of row r0 (its first row, position 0) must equal every other valid row's word, and repeat its byte.
+    """
+    e_num, mn_pad, kb = sf.shape
+    w = sf.contiguous().view(torch.int32).view(e_num, mn_pad // K.SF_TILE_ROWS.value, kb // 4, K.SF_TILE_ROWS.value)
+    w = w[:, :, :-(-k // BLOCK_K)]
+    b0 = w[..., :1] & 0xFF
+    same = w == (b0 | (b0 << 8) | (b0 << 16) | (b0 << 24))
+    if num_rows % K.SF_TILE_ROWS.value:
+        p = torch.arange(K.SF_TILE_ROWS.value, device=sf.device)
+        r = (torch.arange(mn_pad // K.SF_TILE_ROWS.value, device=sf.device)[:, None] * K.SF_TILE_ROWS.value
+             + p // 4 + K.SF_ROW_GROUP.value * (p % 4))                   # row of position p in block nb
+        same = same | (r >= num_rows)[None, :, None, :]
+    return torch.all(same)
+
+
+def sf_block_uniform(sf: torch.Tensor, num_rows: int, k: int) -> bool:
+    """True when the CUTLASS SF bytes hold one value per 128 rows x 128 K (weights quantized 128x128 and
+    expanded per row, as unpack_and_convert_scale of per-row copies writes them); one synchronization."""
+    return bool(_sf_block_uniform(sf, num_rows, k))
+
+
+_FLAG_CONSTS: dict[tuple, torch.Tensor] = {}
+
+
+def _flag_const(value: int, device) -> torch.Tensor:
+    """A device int32 [1] holding `value` (kept per process): the flag the tuner's timings run with."""
+    key = (str(device), value)
+    if key not in _FLAG_CONSTS:
+        _FLAG_CONSTS[key] = torch.full((1,), value, dtype=torch.int32, device=device)
+    return _FLAG_CONSTS[key]
 
 
 def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
                       masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
-                      max_m_per_expert: int | None = None, sm_count: int = -1, impl: str = "explicit"):
+                      max_m_per_expert: int | None = None, sm_count: int = -1, impl: str = "explicit",
+                      sfb_per_block: bool | None = None):
     """Masked grouped FP8 GEMM, CUTLASS UE8M0 scale bytes decoded in the kernel (SPEC §6). Writes `out`.
 
     a [E·M, K] fp8; b [E, N, K] fp8; sfa [E, align(M,128), KB] and sfb [E, align(N,128), KB'] uint8
@@ -326,10 +372,18 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     repeats every byte 4 times, so this is exact for its output). impl="dot_scaled": tl.dot_scaled,
     one byte per 32 K-elements honoured (native on SM100, decomposed to bf16 on SM90, ~10x slower
     there). impl="auto": "explicit" when sf_repeats_per_128(sfa) and (sfb), else "dot_scaled", so
-    bytes that differ inside a group are never dropped silently (costs one synchronization).
+    bytes that differ inside a group are never dropped silently (one synchronization).
+
+    sfb_per_block (explicit kernel): True when sfb holds one byte per 128 rows x 128 K (weights quantized
+    128x128, per-row copies of the block scale, as in this method): the kernel reads one weight byte per
+    tile and K step and promotes with one FMA per element, as the FP32 recipe; False: per-row weight
+    bytes, two multiplies per element. None (default): decided from the bytes (sf_block_uniform), in
+    auto's synchronization with impl="auto"; with impl="explicit" on the device, with no synchronization:
+    both variants are queued behind the check and the one that does not apply does no tile (the per-row
+    fallback runs on one program per SM: its idle launch costs microseconds of GPU time, but a second
+    host launch, which shows where the calls are launch-bound, e.g. <= 256 rows per expert in
+    benchmarks/NOTES_gpu.md run 8; pass sfb_per_block when the weights' layout is known).
     """
-    if impl == "auto":
-        impl = "explicit" if sf_repeats_per_128(sfa) and sf_repeats_per_128(sfb) else "dot_scaled"
     e_num, n, k = b.shape
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
     counts = _counts_i32(masked_m)
@@ -338,17 +392,44 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     bias_arg = bias.contiguous() if has_bias else out
     a, b = a.contiguous(), b.contiguous()
     sfa, sfb = sfa.contiguous(), sfb.contiguous()
+    if impl == "auto":
+        flags = [_repeats_per_128(sfa.view(torch.int32)), _repeats_per_128(sfb.view(torch.int32))]
+        if sfb_per_block is None:
+            flags.append(_sf_block_uniform(sfb, n, k))
+        got = torch.stack(flags).tolist()                # the one synchronization
+        impl = "explicit" if got[0] and got[1] else "dot_scaled"
+        if sfb_per_block is None:
+            sfb_per_block = bool(got[2])
     if impl == "explicit":
         sfa_w, sfb_w = sfa.view(torch.int32), sfb.view(torch.int32)
         strides = (sfa.shape[1] * sfa.shape[2] // 4, 0, sfa.shape[2] // 4,
                    sfb.shape[1] * sfb.shape[2] // 4, 0, sfb.shape[2] // 4)
+        key = (n, k, str(a.device))
 
-        def launch(cfg):
-            K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
-                *_operands(a, b, cfg), sfa_w, sfb_w, counts, out, bias_arg, e_num, m, n, k, *strides,
-                SCALE_MODE=1, SB_SCALAR=False, HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K,
-                EVEN_K=even_k, EXACT_CAST=interpreting(), **cfg)
-        _run_tuned("explicit_ue8m0", GEMM_CONFIGS, (n, k, str(a.device)), launch)
+        def launcher(per_block: bool, flag: torch.Tensor | None, persistent: bool = False):
+            """The kernel with one weight byte per block (per_block) or per row; flag: does its tiles only
+            when flag[0] == int(per_block) (None: always); persistent: one program per SM at most."""
+            def launch(cfg):
+                grid = _gemm_grid(dict(cfg, GRID_MODE=1) if persistent else cfg, e_num, m, n, sm_count, a.device)
+                K.group_gemm_masked_kernel[grid](
+                    *_operands(a, b, cfg), sfa_w, sfb_w, counts, out, bias_arg,
+                    counts if flag is None else flag, e_num, m, n, k, *strides,
+                    SCALE_MODE=1, SB_SCALAR=per_block and 128 % cfg["BLOCK_N"] == 0, HAS_BIAS=has_bias,
+                    E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k,
+                    FLAG_WANT=-1 if flag is None else int(per_block), EXACT_CAST=interpreting(), **cfg)
+            return launch
+
+        if sfb_per_block is not None:
+            pb = bool(sfb_per_block)
+            _run_tuned("explicit_ue8m0" if pb else "explicit_ue8m0_per_row", GEMM_CONFIGS, key, launcher(pb, None))
+        else:
+            flag = _sf_block_uniform(sfb, n, k).to(torch.int32).reshape(1)
+            # The block variant first, the per-row one last: the tuner times each with its flag forced on,
+            # and the per-row kernel is right for any bytes, so whatever a timing wrote, the last write is right.
+            _run_tuned("explicit_ue8m0", GEMM_CONFIGS, key, launcher(True, flag),
+                       tune_launch=launcher(True, _flag_const(1, a.device)))
+            _run_tuned("explicit_ue8m0_per_row", GEMM_CONFIGS, key, launcher(False, flag, persistent=True),
+                       tune_launch=launcher(False, _flag_const(0, a.device), persistent=True))
     elif impl == "dot_scaled":
         def launch(cfg):
             K.group_gemm_masked_dot_scaled_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
@@ -382,9 +463,9 @@ def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tens
 
     def launch(cfg):
         K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
-            *_operands(a, b, cfg), a_scale, b_scale, counts, out, bias_arg, e_num, m, n, k, *strides,
+            *_operands(a, b, cfg), a_scale, b_scale, counts, out, bias_arg, counts, e_num, m, n, k, *strides,
             SCALE_MODE=0, SB_SCALAR=128 % cfg["BLOCK_N"] == 0, HAS_BIAS=has_bias, E_PAD=_pow2(e_num),
-            BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, EXACT_CAST=interpreting(), **cfg)
+            BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, FLAG_WANT=-1, EXACT_CAST=interpreting(), **cfg)
     _run_tuned("explicit_fp32", GEMM_CONFIGS, (n, k, str(a.device)), launch)
     return out
 
