@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 import triton
@@ -350,6 +351,40 @@ def sf_block_uniform(sf: torch.Tensor, num_rows: int, k: int) -> bool:
 
 _FLAG_CONSTS: dict[tuple, torch.Tensor] = {}
 
+# Weight scale bytes are static: what sf_block_uniform found for one sfb tensor object is kept,
+# keyed by id() and checked against the object itself (weakref) and its in-place version counter, so a
+# freed tensor whose id is reused, or one written in place, is checked again.
+_SFB_PER_BLOCK: dict[int, tuple] = {}
+_PENDING_FLAGS: dict[int, tuple] = {}      # device flags queued at a first call, read at the next one
+
+
+def _sfb_per_block_cached(sfb: torch.Tensor, n: int, k: int) -> bool | None:
+    """What sf_block_uniform found for this very sfb object (None: not known yet)."""
+    for table in (_SFB_PER_BLOCK, _PENDING_FLAGS):
+        entry = table.get(id(sfb))
+        if entry is None:
+            continue
+        ref, version, key, value = entry
+        if ref() is not sfb or version != sfb._version or key != (n, k):
+            del table[id(sfb)]
+            continue
+        if table is _PENDING_FLAGS:
+            del _PENDING_FLAGS[id(sfb)]
+            value = bool(value.item())
+            _remember_sfb_per_block(sfb, n, k, value)
+        return value
+    return None
+
+
+def _remember(table: dict, sfb: torch.Tensor, n: int, k: int, value) -> None:
+    for key in [key for key, entry in table.items() if entry[0]() is None]:    # tensors since freed
+        del table[key]
+    table[id(sfb)] = (weakref.ref(sfb), sfb._version, (n, k), value)
+
+
+def _remember_sfb_per_block(sfb: torch.Tensor, n: int, k: int, value: bool) -> None:
+    _remember(_SFB_PER_BLOCK, sfb, n, k, bool(value))
+
 
 def _flag_const(value: int, device) -> torch.Tensor:
     """A device int32 [1] holding `value` (kept per process): the flag the tuner's timings run with."""
@@ -382,7 +417,8 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     both variants are queued behind the check and the one that does not apply does no tile (the per-row
     fallback runs on one program per SM: its idle launch costs microseconds of GPU time, but a second
     host launch, which shows where the calls are launch-bound, e.g. <= 256 rows per expert in
-    benchmarks/NOTES_gpu.md run 8; pass sfb_per_block when the weights' layout is known).
+    benchmarks/NOTES_gpu.md run 8). What was found is kept per sfb tensor object (weight scales are
+    static): from the next call on with the same object, one kernel is launched and nothing is checked.
     """
     e_num, n, k = b.shape
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
@@ -390,6 +426,9 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     even_k = k % BLOCK_K == 0
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else out
+    if sfb_per_block is None:
+        sfb_per_block = _sfb_per_block_cached(sfb, n, k)
+    sfb_given = sfb
     a, b = a.contiguous(), b.contiguous()
     sfa, sfb = sfa.contiguous(), sfb.contiguous()
     if impl == "auto":
@@ -400,6 +439,7 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
         impl = "explicit" if got[0] and got[1] else "dot_scaled"
         if sfb_per_block is None:
             sfb_per_block = bool(got[2])
+            _remember_sfb_per_block(sfb_given, n, k, sfb_per_block)
     if impl == "explicit":
         sfa_w, sfb_w = sfa.view(torch.int32), sfb.view(torch.int32)
         strides = (sfa.shape[1] * sfa.shape[2] // 4, 0, sfa.shape[2] // 4,
@@ -423,7 +463,10 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
             pb = bool(sfb_per_block)
             _run_tuned("explicit_ue8m0" if pb else "explicit_ue8m0_per_row", GEMM_CONFIGS, key, launcher(pb, None))
         else:
+            # First sight of this sfb object: decide on the device (no synchronization) and queue both
+            # variants; the flag's value is read back at the next call (by then it is computed).
             flag = _sf_block_uniform(sfb, n, k).to(torch.int32).reshape(1)
+            _remember(_PENDING_FLAGS, sfb_given, n, k, flag)
             # The block variant first, the per-row one last: the tuner times each with its flag forced on,
             # and the per-row kernel is right for any bytes, so whatever a timing wrote, the last write is right.
             _run_tuned("explicit_ue8m0", GEMM_CONFIGS, key, launcher(True, flag),
