@@ -46,7 +46,7 @@ warnings.filterwarnings("ignore")
 # Importing Paddle prints advice to stderr when OMP_NUM_THREADS > 1 (`make` sets 2) and warns
 # that ccache is missing; neither concerns these notebooks, and stderr must not vary by machine.
 with contextlib.redirect_stderr(io.StringIO()):
-    import moe_ref  # noqa: F401  (imports paddle)
+    import paddle
 
 # Paddle installs an INFO handler on the root logger: keep library INFO lines (matplotlib's
 # font cache, the backend's provider choice) out of the outputs.
@@ -54,7 +54,6 @@ for name in ("matplotlib", "backend"):
     logging.getLogger(name).setLevel(logging.WARNING)
 
 import numpy as np
-import paddle
 
 import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle

@@ -51,12 +51,11 @@ warnings.filterwarnings("ignore")
 # Importing Paddle prints advice to stderr when OMP_NUM_THREADS > 1 (`make` sets 2) and warns
 # that ccache is missing; neither concerns these notebooks, and stderr must not vary by machine.
 with contextlib.redirect_stderr(io.StringIO()):
-    import moe_ref  # noqa: F401  (imports paddle)
+    import paddle
 for name in ("matplotlib", "backend"):
     logging.getLogger(name).setLevel(logging.WARNING)
 
 import numpy as np
-import paddle
 
 import matplotlib.pyplot as plt
 
