@@ -50,7 +50,28 @@ def check_finite(x, name: str) -> None:
     xf = x.astype(paddle.float32) if x.dtype != paddle.float64 else x
     bad = paddle.logical_not(paddle.isfinite(xf))
     if bool(bad.any()):
-        flat = int(paddle.nonzero(bad.flatten())[0, 0])
-        index = tuple(int(i) for i in np.unravel_index(flat, tuple(x.shape)))
-        value = float(xf.flatten()[flat])
+        index = first_index(bad)
+        value = float(xf[index])
         raise ValueError(f"{name}: non-finite value {value} at index {index} (pass nan_policy='propagate' to allow it)")
+
+
+def first_index(mask: paddle.Tensor) -> tuple[int, ...]:
+    """Row-major index of the first True element of a bool tensor (the caller knows one exists)."""
+    flat = int(paddle.nonzero(mask.flatten())[0, 0])
+    return tuple(int(i) for i in np.unravel_index(flat, tuple(mask.shape)))
+
+
+def check_ids_in_range(ids: paddle.Tensor, name: str, upper: int, what: str, bound: str | None = None,
+                       note: str = "") -> paddle.Tensor:
+    """ids (any int dtype) with every value in [-1, upper) -> the same values as int64.
+
+    Otherwise ValueError "{name}: expected {what} in [-1, {bound}){note}, got {value} at index {index}";
+    bound defaults to str(upper) (e.g. pass "E=4" to name the quantity).
+    """
+    ids = ids.astype(paddle.int64)
+    bad = paddle.logical_or(ids < -1, ids >= upper)
+    if bool(bad.any()):
+        at = first_index(bad)
+        raise ValueError(f"{name}: expected {what} in [-1, {bound if bound is not None else upper}){note}, "
+                         f"got {int(ids[at])} at index {at}")
+    return ids

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from ._paddle import paddle
-from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_positive_int, check_tensor
+from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_tensor
 from .fp8 import pack_ue8m0, ue8m0_encode
 from .layout import gather_rows_zero_fill, weighted_gather_combine, prefill_permute_to_masked_gemm
 from .quant import DEEPGEMM_AMAX_FLOOR, per_token_group_quant
@@ -65,13 +65,7 @@ def _as_list(value, name: str, num_ranks: int) -> list:
 
 
 def _check_global_ids(ids: paddle.Tensor, name: str, num_experts_total: int) -> paddle.Tensor:
-    ids = ids.astype(paddle.int64)
-    bad = paddle.logical_or(ids < -1, ids >= num_experts_total)
-    if bool(bad.any()):
-        t, k = (int(i) for i in paddle.nonzero(bad)[0])
-        raise ValueError(f"{name}: expected global expert ids in [-1, E·R={num_experts_total}), "
-                         f"got {int(ids[t, k])} at [{t}, {k}]")
-    return ids
+    return check_ids_in_range(ids, name, num_experts_total, "global expert ids", f"E·R={num_experts_total}")
 
 
 def _check_per_rank_inputs(x, topk_ids, topk_weights, num_local_experts):

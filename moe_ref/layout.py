@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ._paddle import paddle
-from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_positive_int, check_tensor
+from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_tensor
 from .fp8 import BYTES_PER_WORD, MNMajorScale, to_mn_major_tma_aligned
 from .quant import GROUP_SIZE
 
@@ -63,14 +63,7 @@ class ContiguousLayout(NamedTuple):
 def _check_topk_ids(topk_ids, num_local_experts: int) -> paddle.Tensor:
     """topk_ids [W, K_top] int32|int64 with values in [-1, E) -> same values as int64."""
     check_tensor(topk_ids, "topk_ids", dtypes=INT_DTYPES, ndim=2)
-    ids = topk_ids.astype(paddle.int64)
-    bad = paddle.logical_or(ids < -1, ids >= num_local_experts)
-    if bool(bad.any()):
-        where = paddle.nonzero(bad)[0]
-        t, k = int(where[0]), int(where[1])
-        raise ValueError(f"topk_ids: expected local expert ids in [-1, E={num_local_experts}), "
-                         f"got {int(ids[t, k])} at [{t}, {k}]")
-    return ids
+    return check_ids_in_range(topk_ids, "topk_ids", num_local_experts, "local expert ids", f"E={num_local_experts}")
 
 
 def _check_x_and_scale(x, scale, topk_ids):
@@ -219,12 +212,7 @@ def weighted_gather_combine(rows: paddle.Tensor, indice_map: paddle.Tensor, topk
         raise ValueError(f"topk_weights: expected shape {list(indice_map.shape)} (as indice_map), "
                          f"got {list(topk_weights.shape)}")
     n = int(rows.shape[0])
-    idx = indice_map.astype(paddle.int64)
-    bad = paddle.logical_or(idx < -1, idx >= n)
-    if bool(bad.any()):
-        t, k = (int(i) for i in paddle.nonzero(bad)[0])
-        raise ValueError(f"indice_map: expected values in [-1, {n}) (rows of {rows_name}), "
-                         f"got {int(idx[t, k])} at [{t}, {k}]")
+    idx = check_ids_in_range(indice_map, "indice_map", n, "values", note=f" (rows of {rows_name})")
     weights = topk_weights.astype(paddle.float32)
     acc = paddle.zeros([w_rows, int(rows.shape[1])], dtype=paddle.float32)
     for k in range(int(idx.shape[1])):          # fixed k order: the float32 sum is reproducible

@@ -18,7 +18,8 @@ import dataclasses
 import numpy as np
 
 from ._paddle import paddle
-from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor
+from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_finite, check_ids_in_range, check_positive_int,
+                     check_tensor)
 from .fp8 import pack_ue8m0, to_mn_major_tma_aligned, ue8m0_decode, ue8m0_encode, unpack_ue8m0
 from .layout import (CONTIGUOUS_SEGMENT_ALIGN, ContiguousLayout, MaskedLayout, depermute_contiguous_combine,
                      depermute_prefill_combine, permute_to_contiguous, prefill_permute_to_masked_gemm)
@@ -182,11 +183,7 @@ def _check_layer_args(x, topk_weights, topk_ids, num_experts: int, hidden_size: 
     if list(topk_weights.shape) != list(topk_ids.shape):
         raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
                          f"got {list(topk_weights.shape)}")
-    ids = topk_ids.astype(paddle.int64)
-    bad = paddle.logical_or(ids < -1, ids >= num_experts)
-    if bool(bad.any()):
-        t, k = (int(i) for i in paddle.nonzero(bad)[0])
-        raise ValueError(f"topk_ids: expected expert ids in [-1, E={num_experts}), got {int(ids[t, k])} at [{t}, {k}]")
+    check_ids_in_range(topk_ids, "topk_ids", num_experts, "expert ids", f"E={num_experts}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def test_overflow_of_m_names_expert_and_count():
 def test_bad_expert_ids(bad):
     x = paddle.zeros([3, 64], dtype=paddle.bfloat16)
     ids = paddle.to_tensor([[0, 1], [1, bad], [-1, -1]], dtype=paddle.int64)
-    with pytest.raises(ValueError, match=rf"topk_ids: expected local expert ids in \[-1, E=2\), got {bad} at \[1, 1\]"):
+    with pytest.raises(ValueError, match=rf"topk_ids: expected local expert ids in \[-1, E=2\), got {bad} at index \(1, 1\)"):
         prefill_permute_to_masked_gemm(x, None, ids, 2, 4)
     with pytest.raises(ValueError, match="topk_ids: expected local expert ids"):
         permute_to_contiguous(x, None, ids, 2)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_tensor
+from moe_ref.checks import check_dim, check_ids_in_range, check_tensor
 from moe_ref.fp8 import BYTES_PER_WORD, E4M3_MAX, TMA_ALIGN, UE8M0_MAX_EXP, UE8M0_MIN_EXP, align
 from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, GROUP_SIZE
 
@@ -287,12 +287,8 @@ class BlackwellGemmFusedMoeMethod:
         if list(topk_weights.shape) != list(topk_ids.shape):
             raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
                              f"got {list(topk_weights.shape)}")
-        ids = topk_ids.astype(paddle.int64)
-        bad = paddle.logical_or(ids < -1, ids >= layer.num_experts)
-        if bool(bad.any()):
-            at = tuple(int(j) for j in paddle.nonzero(bad)[0])
-            raise ValueError(f"topk_ids: expected global expert ids in [-1, num_experts = {layer.num_experts}), "
-                             f"got {int(ids[at])} at index {at}")
+        ids = check_ids_in_range(topk_ids, "topk_ids", layer.num_experts, "global expert ids",
+                                 f"num_experts = {layer.num_experts}")
         return topk_weights, ids
 
     def _path(self, layer, runner) -> str:

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_positive_int, check_tensor
+from moe_ref.checks import check_dim, check_ids_in_range, check_positive_int, check_tensor
 from moe_ref.fp8 import TMA_ALIGN, align
 from moe_ref.quant import GROUP_SIZE
 
@@ -177,12 +177,7 @@ class EPRunner:
         check_tensor(topk_ids, "topk_ids", dtypes=_ID_DTYPES, ndim=2)
         if t is not None:
             check_dim(topk_ids, 0, t, "topk_ids", "T (rows of x)")
-        ids = topk_ids.astype(paddle.int64).numpy()
-        bad = (ids < -1) | (ids >= self.num_experts)
-        if bad.any():
-            at = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"topk_ids: expected global expert ids in [-1, {self.num_experts}), "
-                             f"got {int(ids[at])} at index {at}")
+        ids = check_ids_in_range(topk_ids, "topk_ids", self.num_experts, "global expert ids").numpy()
         if topk_weights is not None:
             check_tensor(topk_weights, "topk_weights", dtypes=(paddle.float32,), ndim=2)
             if list(topk_weights.shape) != list(topk_ids.shape):

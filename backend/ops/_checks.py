@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_finite, check_positive_int, check_tensor
+from moe_ref.checks import check_dim, check_finite, check_ids_in_range, check_positive_int, check_tensor, first_index
 from moe_ref.fp8 import BYTES_PER_WORD, UE8M0_NAN, align
 from moe_ref.quant import GROUP_SIZE
 
@@ -31,11 +31,6 @@ def _check_int(value, name: str) -> int:
     return int(value)
 
 
-def _first_index(mask: paddle.Tensor) -> tuple[int, ...]:
-    flat = int(paddle.nonzero(mask.flatten())[0, 0])
-    return tuple(int(i) for i in np.unravel_index(flat, tuple(mask.shape)))
-
-
 def _check_counts(counts, name: str, num_experts: int, max_rows: int, max_name: str) -> paddle.Tensor:
     """counts int32/int64 [E] or [E, 1], each in [0, max_rows] -> [E] int32."""
     check_tensor(counts, name, dtypes=_INT_IDS, ndim=(1, 2))
@@ -45,7 +40,7 @@ def _check_counts(counts, name: str, num_experts: int, max_rows: int, max_name: 
     flat = counts.reshape([-1])
     bad = paddle.logical_or(flat < 0, flat > max_rows)
     if bool(bad.any()):
-        e = _first_index(bad)[0]
+        e = first_index(bad)[0]
         raise ValueError(f"{name}: expert {e} has count {int(flat[e])}, expected 0 <= count <= {max_name} = {max_rows}")
     return flat.astype(paddle.int32)
 
@@ -55,7 +50,7 @@ def _check_no_nan_byte(words: paddle.Tensor, name: str) -> None:
     b = (words if words.is_contiguous() else words.clone()).view(paddle.uint8)
     bad = b == UE8M0_NAN
     if bool(bad.any()):
-        *lead, byte = _first_index(bad.reshape(list(words.shape) + [BYTES_PER_WORD]))
+        *lead, byte = first_index(bad.reshape(list(words.shape) + [BYTES_PER_WORD]))
         raise ValueError(f"{name}: UE8M0 byte {byte} of word {tuple(lead)} is {UE8M0_NAN} (NaN); "
                          f"expected exponents 0..{UE8M0_NAN - 1}")
 
@@ -85,17 +80,12 @@ def _check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num)
             check_dim(scale, 1, -(-s // BYTES_PER_WORD), "scale", "ceil(S/4) (packed UE8M0 scales)")
     elif x.dtype == FP8:
         raise ValueError("scale: expected a [W, S'] scale tensor for fp8 x, got None")
-    ids = topk_ids.astype(paddle.int64)
-    bad = paddle.logical_or(ids < -1, ids >= e)
-    if bool(bad.any()):
-        idx = _first_index(bad)
-        raise ValueError(f"topk_ids: expected expert ids in [-1, {e}) (num_local_experts = {e}), "
-                         f"got {int(ids[idx])} at index {idx}")
+    ids = check_ids_in_range(topk_ids, "topk_ids", e, "expert ids", note=f" (num_local_experts = {e})")
     valid = ids.flatten()
     valid = valid[valid >= 0] if bool((valid >= 0).any()) else paddle.zeros([0], dtype=paddle.int64)
     counts = paddle.bincount(valid, minlength=e)
     if bool((counts > m).any()):
-        ex = _first_index(counts > m)[0]
+        ex = first_index(counts > m)[0]
         raise ValueError(f"topk_ids: expert {ex} receives {int(counts[ex])} rows, more than "
                          f"max_token_num = {m}")
     return x, scale, topk_ids, e, m
@@ -179,9 +169,5 @@ def _check_depermute(ffn_out, indice_map, topk_weights, num_worst_tokens):
     if list(topk_weights.shape) != list(indice_map.shape):
         raise ValueError(f"topk_weights: expected shape {list(indice_map.shape)} (as indice_map), "
                          f"got {list(topk_weights.shape)}")
-    idx = indice_map.astype(paddle.int64)
-    bad = paddle.logical_or(idx < -1, idx >= e * m)
-    if bool(bad.any()):
-        at = _first_index(bad)
-        raise ValueError(f"indice_map: expected values in [-1, E·M) = [-1, {e * m}), got {int(idx[at])} at index {at}")
+    check_ids_in_range(indice_map, "indice_map", e * m, "values", note=" (E·M)")
     return ffn_out, indice_map, topk_weights, w
