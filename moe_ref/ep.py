@@ -20,7 +20,7 @@ import dataclasses
 
 from ._paddle import paddle
 from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_tensor
-from .fp8 import pack_ue8m0, ue8m0_encode
+from .fp8 import pack_scale_ue8m0
 from .layout import gather_rows_zero_fill, weighted_gather_combine, prefill_permute_to_masked_gemm
 from .quant import DEEPGEMM_AMAX_FLOOR, per_token_group_quant
 
@@ -232,7 +232,7 @@ def ll_dispatch(x: list, topk_ids: list, num_max_dispatch_tokens_per_rank: int, 
         x_all = _concat_rows([q for q, _ in quantized])
         scale_all = paddle.concat([s for _, s in quantized], axis=0)
         if use_ue8m0:
-            scale_all = pack_ue8m0(ue8m0_encode(scale_all))
+            scale_all = pack_scale_ue8m0(scale_all)
     else:
         x_all = paddle.concat([t.astype(paddle.bfloat16) for t in x], axis=0)
         scale_all = None

@@ -145,6 +145,16 @@ def unpack_ue8m0(words: paddle.Tensor, num_groups: int) -> paddle.Tensor:
     return bytes_[..., :num_groups].astype(paddle.uint8)
 
 
+def pack_scale_ue8m0(scale: paddle.Tensor) -> paddle.Tensor:
+    """UE8M0 scales as float32 powers of two [..., MN, G] -> packed int32 [..., MN, ceil(G/4)] (SPEC §2)."""
+    return pack_ue8m0(ue8m0_encode(scale))
+
+
+def unpack_scale_ue8m0(words: paddle.Tensor, num_groups: int) -> paddle.Tensor:
+    """Packed int32 [..., MN, ceil(G/4)] -> float32 powers of two [..., MN, G] (inverse of pack_scale_ue8m0)."""
+    return ue8m0_decode(unpack_ue8m0(words, num_groups))
+
+
 @dataclasses.dataclass
 class MNMajorScale:
     """A scale tensor stored MN-major and TMA-aligned (SPEC §2), as DeepGEMM and blackwell_ops want it.

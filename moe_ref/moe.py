@@ -20,7 +20,7 @@ import numpy as np
 from ._paddle import paddle
 from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_finite, check_ids_in_range, check_positive_int,
                      check_tensor)
-from .fp8 import pack_ue8m0, to_mn_major_tma_aligned, ue8m0_decode, ue8m0_encode, unpack_ue8m0
+from .fp8 import pack_scale_ue8m0, to_mn_major_tma_aligned, unpack_scale_ue8m0  # noqa: F401  (re-exported)
 from .layout import (CONTIGUOUS_SEGMENT_ALIGN, ContiguousLayout, MaskedLayout, depermute_contiguous_combine,
                      depermute_prefill_combine, permute_to_contiguous, prefill_permute_to_masked_gemm)
 from .quant import (DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE, dequant_per_block,
@@ -228,16 +228,6 @@ def moe_forward_oracle(x: paddle.Tensor, w_up: paddle.Tensor, w_down: paddle.Ten
 # ---------------------------------------------------------------------------------------------
 # FP8 path
 # ---------------------------------------------------------------------------------------------
-
-def pack_scale_ue8m0(scale: paddle.Tensor) -> paddle.Tensor:
-    """UE8M0 scales as float32 powers of two [..., MN, G] -> packed int32 [..., MN, ceil(G/4)] (SPEC §2)."""
-    return pack_ue8m0(ue8m0_encode(scale))
-
-
-def unpack_scale_ue8m0(words: paddle.Tensor, num_groups: int) -> paddle.Tensor:
-    """Packed int32 [..., MN, ceil(G/4)] -> float32 powers of two [..., MN, G] (inverse of pack_scale_ue8m0)."""
-    return ue8m0_decode(unpack_ue8m0(words, num_groups))
-
 
 def swiglu_fp8_quant_rows(up: paddle.Tensor, use_ue8m0: bool = False):
     """SwiGLU + 1x128 requantization of rows (SPEC §7), the math of fused_mask_swiglu_fp8_quant per row.

@@ -13,7 +13,7 @@ import pytest
 
 import backend.ops as ops
 from backend.ops import cutlass_sf, paddle_provider
-from moe_ref.fp8 import E4M3_MAX, pack_ue8m0, to_mn_major_tma_aligned, ue8m0_encode
+from moe_ref.fp8 import E4M3_MAX, pack_scale_ue8m0, to_mn_major_tma_aligned
 from moe_ref.metrics import calc_diff
 from moe_ref.quant import (dequant_per_block, dequant_per_token_group, expand_block_scale_to_rows, per_block_quant,
                            per_token_group_quant)
@@ -32,9 +32,7 @@ def e4m3_values(q: paddle.Tensor) -> np.ndarray:
     return bits(q).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
 
 
-def packed(scale_pow2: paddle.Tensor) -> paddle.Tensor:
-    """Float32 powers of two [.., G] -> packed UE8M0 words [.., ceil(G/4)] (the reference's packing)."""
-    return pack_ue8m0(ue8m0_encode(scale_pow2))
+packed = pack_scale_ue8m0      # float32 powers of two [.., G] -> packed UE8M0 words (the reference's packing)
 
 
 def rng_tensor(shape, seed, scale=1.0, dtype=paddle.float32):
