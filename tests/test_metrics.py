@@ -1,4 +1,6 @@
 """moe_ref.metrics (SPEC §12)."""
+import re
+
 import numpy as np
 import paddle
 import pytest
@@ -31,3 +33,14 @@ def test_nan_fails_a_bound_and_shape_mismatch_raises():
 def test_other_metrics():
     assert max_abs_diff(np.array([1.0, 5.0]), np.array([1.5, 4.0])) == 1.0
     assert rel_l2(np.array([3.0, 4.0]), np.array([0.0, 5.0])) == pytest.approx(np.sqrt(9 + 1) / 5)
+
+
+@pytest.mark.parametrize("metric", [calc_diff, max_abs_diff, rel_l2])
+@pytest.mark.parametrize("shapes", [((4, 3), (1, 3)), ((4, 3), (3,)), ((2, 1), (2, 5)), ((0, 3), (3,))])
+def test_mismatched_shapes_raise_instead_of_broadcasting(metric, shapes):
+    # numpy would broadcast every one of these pairs; a comparison that broadcasts lets a test pass
+    # for the wrong reason (issue 15, item 6: max_abs_diff(out, out[:1]) was a number)
+    x = paddle.to_tensor(np.arange(np.prod(shapes[0]), dtype=np.float32).reshape(shapes[0]))
+    y = np.zeros(shapes[1])
+    with pytest.raises(ValueError, match=re.escape(f"{metric.__name__}: x has shape {list(shapes[0])}, y has shape {list(shapes[1])}")):
+        metric(x, y)
