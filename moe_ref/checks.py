@@ -45,14 +45,20 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
-def check_finite(x, name: str) -> None:
-    """Raise ValueError naming the first NaN/inf element of a float tensor (row-major index)."""
+NAN_POLICY_HINT = " (pass nan_policy='propagate' to allow it)"
+
+
+def check_finite(x, name: str, hint: str = "") -> None:
+    """Raise ValueError naming the first NaN/inf element of a float tensor (row-major index).
+
+    `hint` ends the message; functions that take a `nan_policy` argument pass NAN_POLICY_HINT, the
+    others pass nothing (their callers have no such argument to set)."""
     xf = x.astype(paddle.float32) if x.dtype != paddle.float64 else x
     bad = paddle.logical_not(paddle.isfinite(xf))
     if bool(bad.any()):
         index = first_index(bad)
         value = float(xf[index])
-        raise ValueError(f"{name}: non-finite value {value} at index {index} (pass nan_policy='propagate' to allow it)")
+        raise ValueError(f"{name}: non-finite value {value} at index {index}{hint}")
 
 
 def first_index(mask: paddle.Tensor) -> tuple[int, ...]:

@@ -7,12 +7,18 @@ from __future__ import annotations
 import dataclasses
 
 from ._paddle import paddle
-from .checks import FLOAT_DTYPES, check_finite, check_tensor
+from .checks import FLOAT_DTYPES, NAN_POLICY_HINT, check_finite, check_tensor
 from .constants import (BYTES_PER_WORD, E4M3_MAX, E4M3_MIN_SUBNORMAL, TMA_ALIGN,  # noqa: F401 - re-exported
                         UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN, align)
 
 
 _MANTISSA_MASK = (1 << 23) - 1
+
+
+def check_nan_policy(nan_policy) -> str:
+    if nan_policy not in ("raise", "propagate"):
+        raise ValueError(f"nan_policy: expected 'raise' or 'propagate', got {nan_policy!r}")
+    return nan_policy
 
 
 def cast_to_e4m3(x: paddle.Tensor, nan_policy: str = "raise") -> paddle.Tensor:
@@ -24,11 +30,10 @@ def cast_to_e4m3(x: paddle.Tensor, nan_policy: str = "raise") -> paddle.Tensor:
     "propagate" lets them through (NaN becomes the e4m3 NaN, inf saturates to +-448).
     """
     check_tensor(x, "x", dtypes=FLOAT_DTYPES)
-    if nan_policy not in ("raise", "propagate"):
-        raise ValueError(f"nan_policy: expected 'raise' or 'propagate', got {nan_policy!r}")
+    check_nan_policy(nan_policy)
     xf = x.astype(paddle.float32)
     if nan_policy == "raise":
-        check_finite(xf, "x")
+        check_finite(xf, "x", NAN_POLICY_HINT)
     clamped = paddle.clip(xf, -E4M3_MAX, E4M3_MAX)
     if nan_policy == "propagate":
         # Paddle's CPU cast turns NaN into +-448 (SPEC §1): write the NaN pattern 0x7F ourselves.
@@ -48,28 +53,35 @@ def _float32_bits(s: paddle.Tensor) -> paddle.Tensor:
     return s.astype(paddle.float32).view(paddle.int32)
 
 
-def _check_positive_finite(s: paddle.Tensor, name: str) -> None:
+def _check_positive_finite(s: paddle.Tensor, name: str, nan_policy: str = "raise") -> None:
     check_tensor(s, name, dtypes=(paddle.float32,))
-    check_finite(s, name)
+    if check_nan_policy(nan_policy) == "raise":
+        check_finite(s, name, NAN_POLICY_HINT)
     if bool((s <= 0).any()):
         flat = int(paddle.nonzero((s <= 0).flatten())[0, 0])
         raise ValueError(f"{name}: scales must be > 0, got {float(s.flatten()[flat])} at flat index {flat}")
 
 
-def ceil_to_ue8m0(s: paddle.Tensor) -> paddle.Tensor:
+def ceil_to_ue8m0(s: paddle.Tensor, nan_policy: str = "raise") -> paddle.Tensor:
     """Smallest power of two >= s, bit-exact (SPEC §2).
 
     s [...] float32, finite and > 0 -> [...] float32 powers of two in [2^-126, 2^127].
     Exponent field of s, plus one when the mantissa is non-zero, clamped to 1..254.
     (Taking only the exponent field would round *down*: the bug that broke B200 serving.)
+    nan_policy="raise" (default): a NaN or inf in s raises, naming its index. "propagate": a NaN or
+    inf scale becomes 2^127 (byte 254, the largest finite UE8M0 value), as DeepGEMM's reference
+    quantizer gives for a group whose amax is not finite; the group's codes then carry the NaN
+    (e4m3 0x7F) or saturate to +-448 in `cast_to_e4m3(..., nan_policy="propagate")`.
     """
-    _check_positive_finite(s, "s")
+    _check_positive_finite(s, "s", nan_policy)
     bits = _float32_bits(s)
     exp = paddle.bitwise_right_shift(bits, paddle.to_tensor(23, dtype=paddle.int32))
     exp = paddle.bitwise_and(exp, paddle.to_tensor(0xFF, dtype=paddle.int32))
     mantissa = paddle.bitwise_and(bits, paddle.to_tensor(_MANTISSA_MASK, dtype=paddle.int32))
     exp = exp + (mantissa != 0).astype(paddle.int32)
     exp = paddle.clip(exp, UE8M0_MIN_EXP, UE8M0_MAX_EXP)
+    if nan_policy == "propagate":   # exponent field 255 (NaN, inf) would clamp to 254 too; say it outright
+        exp = paddle.where(paddle.isfinite(s), exp, paddle.full_like(exp, UE8M0_MAX_EXP))
     return paddle.bitwise_left_shift(exp, paddle.to_tensor(23, dtype=paddle.int32)).view(paddle.float32)
 
 

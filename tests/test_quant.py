@@ -145,3 +145,57 @@ def test_expand_block_scale_to_rows():
     assert rows.shape == (130, 2)
     np.testing.assert_array_equal(rows[127], [1.0, 2.0])
     np.testing.assert_array_equal(rows[128], [3.0, 4.0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_propagate_policy_quantizes_non_finite_groups(bad, use_ue8m0):
+    # issue 15 item 9: with nan_policy="propagate" the UE8M0 path raised and told the caller to pass
+    # nan_policy='propagate', which they had. Expected (DeepGEMM's reference): the bad group's UE8M0
+    # scale is 2^127, its NaN element is the e4m3 NaN code; the other groups are untouched.
+    x = np.ones((2, 256), np.float32)
+    x[0, 3] = bad
+    q, s = quant.per_token_group_quant(paddle.to_tensor(x), use_ue8m0=use_ue8m0, nan_policy="propagate")
+    s = s.numpy()
+    codes = q.view(paddle.uint8).numpy()
+    ref_q, ref_s = quant.per_token_group_quant(paddle.to_tensor(np.ones((1, 128), np.float32)), use_ue8m0=use_ue8m0)
+    assert np.array_equal(s[0, 1:], np.broadcast_to(ref_s.numpy()[0, 0], (1,)))
+    assert np.array_equal(s[1], np.broadcast_to(ref_s.numpy()[0, 0], (2,)))
+    assert np.array_equal(codes[1], np.tile(ref_q.view(paddle.uint8).numpy()[0], 2))
+    if use_ue8m0:
+        assert s[0, 0] == 2.0 ** 127
+    else:
+        assert not np.isfinite(s[0, 0])
+    if np.isnan(bad):
+        assert codes[0, 3] & 0x7F == 0x7F
+    elif use_ue8m0:   # inf / 2^127 = inf, saturated to +-448 by the clamp-then-cast rule
+        assert codes[0, 3] == (0x7E if bad > 0 else 0xFE)
+
+
+def test_nan_error_hint_only_where_the_policy_exists():
+    x = paddle.to_tensor(np.array([[1.0, np.nan]], np.float32))
+    with pytest.raises(ValueError, match="pass nan_policy='propagate'"):
+        quant.per_token_group_quant(x)
+    from moe_ref.routing import softmax_topk
+    with pytest.raises(ValueError, match="logits: non-finite") as err:
+        softmax_topk(x, 1)
+    assert "nan_policy" not in str(err.value)
+
+
+def test_block_size_int_is_a_square_block_and_bad_values_are_named():
+    w = paddle.to_tensor(np.random.default_rng(0).standard_normal((130, 260)).astype(np.float32))
+    q_int, s_int = quant.per_block_quant(w, block_size=64, use_ue8m0=True)
+    q_pair, s_pair = quant.per_block_quant(w, block_size=(64, 64), use_ue8m0=True)
+    assert list(s_int.shape) == [3, 5]
+    assert np.array_equal(q_int.view(paddle.uint8).numpy(), q_pair.view(paddle.uint8).numpy())
+    assert np.array_equal(quant.dequant_per_block(q_int, s_int, 64).numpy(),
+                          quant.dequant_per_block(q_pair, s_pair, (64, 64)).numpy())
+    for bad in ["128", (128,), (128, 128, 1), None]:
+        with pytest.raises(ValueError, match="block_size: expected an int"):
+            quant.per_block_quant(w, block_size=bad)
+
+
+@pytest.mark.parametrize("floor", [float("inf"), float("nan"), 0.0, -1.0, True])
+def test_amax_floor_must_be_finite_and_positive(floor):
+    with pytest.raises(ValueError, match="amax_floor: expected a finite float > 0"):
+        quant.per_token_group_quant(paddle.ones([2, 128]), amax_floor=floor)
