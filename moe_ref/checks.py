@@ -81,3 +81,22 @@ def check_ids_in_range(ids: paddle.Tensor, name: str, upper: int, what: str, bou
         raise ValueError(f"{name}: expected {what} in [-1, {bound if bound is not None else upper}){note}, "
                          f"got {int(ids[at])} at index {at}")
     return ids
+
+
+def check_distinct_experts(ids: paddle.Tensor, name: str) -> None:
+    """ids [T, K_top] int: every token's top-k experts must be distinct (-1 padding may repeat).
+
+    A repeated expert would take two rows of that expert's masked buffer, so the worst case of
+    M rows per expert (one per token) would no longer hold; routers never produce one, so it is
+    rejected where the layer's paths start, not met later as a misleading overflow error.
+    """
+    if int(ids.shape[0]) == 0 or int(ids.shape[1]) < 2:
+        return
+    srt = paddle.sort(ids.astype(paddle.int64), axis=1)
+    same = paddle.logical_and(srt[:, 1:] == srt[:, :-1], srt[:, 1:] >= 0)
+    if bool(same.any()):
+        t, j = first_index(same)
+        expert = int(srt[t, j])
+        where = [k for k, v in enumerate(ids[t].astype(paddle.int64).tolist()) if v == expert]
+        raise ValueError(f"{name}: token {t} repeats expert {expert} at top-k positions {where}; "
+                         f"each token's experts must be distinct")

@@ -18,8 +18,8 @@ import dataclasses
 import numpy as np
 
 from ._paddle import paddle
-from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_finite, check_ids_in_range, check_positive_int,
-                     check_tensor)
+from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_distinct_experts, check_finite, check_ids_in_range,
+                     check_positive_int, check_tensor)
 from .fp8 import pack_scale_ue8m0, to_mn_major_tma_aligned, unpack_scale_ue8m0  # noqa: F401  (re-exported)
 from .layout import (CONTIGUOUS_SEGMENT_ALIGN, ContiguousLayout, MaskedLayout, depermute_contiguous_combine,
                      depermute_prefill_combine, permute_to_contiguous, prefill_permute_to_masked_gemm)
@@ -184,6 +184,7 @@ def _check_layer_args(x, topk_weights, topk_ids, num_experts: int, hidden_size: 
         raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
                          f"got {list(topk_weights.shape)}")
     check_ids_in_range(topk_ids, "topk_ids", num_experts, "expert ids", f"E={num_experts}")
+    check_distinct_experts(topk_ids, "topk_ids")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -441,3 +441,20 @@ def test_forward_buffer_bytes():
 def test_method_module_is_light():
     assert isinstance(bm.BlackwellGemmFusedMoeMethod(BlockWiseFP8Config()).checkpoint_tensor_names, tuple)
     assert BlackwellGemmFusedMoeMethod(BlockWiseFP8Config()).last_provider_name is None
+
+
+@pytest.mark.parametrize("path", ["tp", "ht", "ll"])
+def test_repeated_expert_in_a_token_is_rejected_on_every_path(model, path):
+    # issue 15 item 7: the same error on the ht, ll and tp paths, whatever the other tokens hold
+    x, tw, ti = inputs(t=8, seed=7)
+    ids = ti.numpy().copy()
+    ids[5, 3] = ids[5, 1]
+    ti = paddle.to_tensor(ids)
+    want = rf"topk_ids: token 5 repeats expert {int(ids[5, 1])} at top-k positions \[1, 3\]"
+    if path == "tp":
+        with pytest.raises(ValueError, match=want):
+            model.layer("bf16")(x, topk=(tw, ti))
+        return
+    # 2 ranks take 4 tokens each: global token 5 is token 1 of rank 1, and the error names the rank
+    with pytest.raises(ValueError, match="rank 1: " + want.replace("token 5", "token 1")):
+        run_ep(model, "bf16", x, tw, ti, 2, "prefill" if path == "ht" else "decode")

@@ -268,3 +268,18 @@ def test_generator_is_seeded_and_has_outliers():
     heavy = make_moe_weights(2, 128, 64, seed=3, outlier_fraction=1e-2, dtype=paddle.float32).w_up.numpy()
     # normal(0, 0.02) almost never exceeds 0.2 (10 sigma); x50 outliers do, in about 1e-2 · P(|z| > 0.2) of entries
     assert (np.abs(heavy) > 0.2).mean() > 5e-3 and (np.abs(a.w_up.numpy()) > 0.2).mean() == 0
+
+
+def test_repeated_expert_in_a_token_is_rejected_naming_token_and_positions():
+    # issue 15 item 7: a token that repeats an expert was accepted or rejected depending on the other
+    # tokens, with an overflow error about a max_token_num the caller never set
+    from moe_ref.moe import make_moe_weights, moe_forward_fp8
+    w = make_moe_weights(4, 256, 128, seed=0)
+    x = paddle.ones([3, 256], dtype=paddle.bfloat16)
+    ids = paddle.to_tensor([[0, 1, 2], [3, 1, 3], [2, 0, 1]], dtype=paddle.int64)
+    tw = paddle.full([3, 3], 1.0 / 3, dtype=paddle.float32)
+    with pytest.raises(ValueError, match=r"topk_ids: token 1 repeats expert 3 at top-k positions \[0, 2\]"):
+        moe_forward_fp8(x, w.w_up, w.w_down, tw, ids)
+    ids_pad = paddle.to_tensor([[0, -1, -1], [3, 1, -1], [2, 0, 1]], dtype=paddle.int64)   # -1 may repeat
+    out = moe_forward_fp8(x, w.w_up, w.w_down, tw, ids_pad)
+    assert list(out.shape) == [3, 256]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_ids_in_range, check_tensor
+from moe_ref.checks import check_dim, check_distinct_experts, check_ids_in_range, check_tensor
 from moe_ref.fp8 import BYTES_PER_WORD, E4M3_MAX, TMA_ALIGN, UE8M0_MAX_EXP, UE8M0_MIN_EXP, align
 from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, GROUP_SIZE
 
@@ -289,6 +289,7 @@ class BlackwellGemmFusedMoeMethod:
                              f"got {list(topk_weights.shape)}")
         ids = check_ids_in_range(topk_ids, "topk_ids", layer.num_experts, "global expert ids",
                                  f"num_experts = {layer.num_experts}")
+        check_distinct_experts(ids, "topk_ids")
         return topk_weights, ids
 
     def _path(self, layer, runner) -> str:
