@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ._paddle import paddle
-from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_tensor
+from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_nonnegative_int,
+                     check_positive_int, check_tensor)
 from .fp8 import BYTES_PER_WORD, MNMajorScale, to_mn_major_tma_aligned
 from .quant import GROUP_SIZE
 
@@ -206,7 +207,7 @@ def weighted_gather_combine(rows: paddle.Tensor, indice_map: paddle.Tensor, topk
     """
     check_tensor(indice_map, "indice_map", dtypes=INT_DTYPES, ndim=2)
     check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES, ndim=2)
-    w_rows = check_positive_int(num_worst_tokens, "num_worst_tokens")
+    w_rows = check_nonnegative_int(num_worst_tokens, "num_worst_tokens")   # W = 0: no tokens on this rank
     check_dim(indice_map, 0, w_rows, "indice_map", "num_worst_tokens")
     if list(topk_weights.shape) != list(indice_map.shape):
         raise ValueError(f"topk_weights: expected shape {list(indice_map.shape)} (as indice_map), "

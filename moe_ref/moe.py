@@ -264,7 +264,7 @@ def fused_mask_swiglu_fp8_quant_ref(up: paddle.Tensor, token_nums_per_expert: pa
     act_bits = paddle.where(valid, act_bits, paddle.zeros_like(act_bits))
     act = act_bits.astype(paddle.uint8).view(paddle.float8_e4m3fn)
     scale = paddle.where(valid, scale, paddle.zeros_like(scale))
-    return act.reshape([e, m, two_i // 2]), to_mn_major_tma_aligned(scale.reshape([e, m, -1]))
+    return act.reshape([e, m, two_i // 2]), to_mn_major_tma_aligned(scale.reshape([e, m, int(scale.shape[-1])]))
 
 
 @dataclasses.dataclass
@@ -330,7 +330,8 @@ def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights:
     x_q [W, H] fp8, x_scale_op [W, S] float32 or packed UE8M0 int32 [W, ceil(S/4)] (use_ue8m0),
     topk_weights [W, K_top] float32, topk_ids [W, K_top] int64 local ids or -1
     -> out [W, H] bf16 (this rank's weighted partial, SPEC §8), or (out, MoEFP8Trace) with return_trace.
-    M = max_token_num defaults to W (the worst case with distinct ids per token).
+    M = max_token_num defaults to max(W, 1) (the worst case with distinct ids per token; one unused
+    row when W = 0, so that T = 0 gives an empty result rather than an error about an M nobody set).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
@@ -340,7 +341,7 @@ def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights:
     check_dim(x_q, 1, hidden, "x_q", "H (columns of w_up)")
     w_rows = int(x_q.shape[0])
     groups = -(-hidden // GROUP_SIZE)
-    m = w_rows if max_token_num is None else max_token_num
+    m = max(w_rows, 1) if max_token_num is None else max_token_num
     up_f32, down_f32 = qw.dequantized()
 
     if layout == "masked":

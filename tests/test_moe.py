@@ -247,9 +247,12 @@ def test_layer_errors_name_the_argument():
         moe_forward_fp8(x, w.w_up, w.w_down, tw[:, :1], ti)
     with pytest.raises(ValueError, match=r"topk_ids: expected shape\[0\] == T"):
         moe_forward_fp8(x, w.w_up, w.w_down, tw[:5], ti[:5])
-    all_zero = paddle.zeros([6, 2], dtype=paddle.int64)
-    with pytest.raises(ValueError, match="max_token_num: expert 0 receives 12 rows, more than M = 6"):
+    all_zero = paddle.zeros([6, 2], dtype=paddle.int64)     # a token repeating an expert: rejected first
+    with pytest.raises(ValueError, match="topk_ids: token 0 repeats expert 0"):
         moe_forward_fp8(x, w.w_up, w.w_down, tw, all_zero)
+    zero_one = paddle.to_tensor([[0, 1]] * 6, dtype=paddle.int64)
+    with pytest.raises(ValueError, match="max_token_num: expert 0 receives 6 rows, more than M = 4"):
+        moe_forward_fp8(x, w.w_up, w.w_down, tw, zero_one, max_token_num=4)
     with pytest.raises(ValueError, match="layout: expected one of"):
         moe_forward_fp8(x, w.w_up, w.w_down, tw, ti, layout="grouped")
     qw = quantize_moe_weights(w.w_up, w.w_down, use_ue8m0=True)
@@ -283,3 +286,23 @@ def test_repeated_expert_in_a_token_is_rejected_naming_token_and_positions():
     ids_pad = paddle.to_tensor([[0, -1, -1], [3, 1, -1], [2, 0, 1]], dtype=paddle.int64)   # -1 may repeat
     out = moe_forward_fp8(x, w.w_up, w.w_down, tw, ids_pad)
     assert list(out.shape) == [3, 256]
+
+
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+@pytest.mark.parametrize("layout", ["masked", "contiguous"])
+def test_zero_tokens_give_an_empty_result(use_ue8m0, layout):
+    # issue 15 item 9: T = 0 complained about a max_token_num the caller never set
+    w = make_moe_weights(4, 256, 128, seed=0)
+    x = paddle.zeros([0, 256], dtype=paddle.bfloat16)
+    out = moe_forward_fp8(x, w.w_up, w.w_down, paddle.zeros([0, 2]), paddle.zeros([0, 2], dtype=paddle.int64),
+                          use_ue8m0=use_ue8m0, layout=layout)
+    assert list(out.shape) == [0, 256] and out.dtype == paddle.bfloat16
+
+
+@pytest.mark.parametrize("use_ue8m0", [False, True])
+def test_swiglu_reference_with_zero_rows_per_expert(use_ue8m0):
+    # issue 15 item 9: M = 0 was a raw reshape error
+    act, scale = fused_mask_swiglu_fp8_quant_ref(paddle.zeros([3, 0, 640], dtype=paddle.bfloat16),
+                                                 paddle.zeros([3], dtype=paddle.int32), use_ue8m0=use_ue8m0)
+    assert list(act.shape) == [3, 0, 320]
+    assert list(scale.shape) == [3, 0, 1 if use_ue8m0 else 3]
