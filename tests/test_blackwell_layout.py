@@ -1,0 +1,121 @@
+"""moe_ref.blackwell_layout: the two fused blackwell_ops ops of FastDeploy #7374 (docs/upstream.md §2).
+
+The old path of #7053 (FastDeploy's permute / SwiGLU quant, then unpack_and_convert_scale) and the new
+fused ops must hand the GEMM the same bytes where both apply (1x128 UE8M0 scales): compared exactly.
+"""
+import ml_dtypes
+import numpy as np
+import paddle
+import pytest
+
+from backend.ops import cutlass_sf, get_provider
+from moe_ref import layout
+from moe_ref.blackwell_layout import (fused_mask_swiglu_fp8_quant_blackwell, prefill_permute_to_blackwell_masked_gemm,
+                                      sf_columns, ue8m0_bytes_to_cutlass_sf)
+from moe_ref.fp8 import pack_scale_ue8m0
+from moe_ref.quant import per_token_group_quant
+
+
+def _routing(w, k_top, e, seed, pad_rows=2):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(e, size=k_top, replace=False) for _ in range(w)]).astype(np.int64)
+    ids[rng.random(ids.shape) < 0.2] = -1
+    ids[rng.choice(w, size=pad_rows, replace=False)] = -1          # all -1 padding rows anywhere
+    return paddle.to_tensor(ids)
+
+
+def _quantized_tokens(w, h, seed, group_size=128):
+    rng = np.random.default_rng(seed)
+    x = paddle.to_tensor((rng.standard_normal((w, h)) * np.exp(rng.uniform(-4, 4, (w, 1)))).astype(np.float32))
+    return per_token_group_quant(x, group_size=group_size, use_ue8m0=True)
+
+
+@pytest.mark.parametrize("w,h,e,m,k_top", [(40, 256, 4, 48, 4), (33, 640, 8, 130, 6), (20, 1024, 8, 24, 8)])
+def test_permute_agrees_with_fastdeploy_permute_plus_unpack_and_convert_scale(w, h, e, m, k_top):
+    q, s = _quantized_tokens(w, h, seed=w)
+    words = pack_scale_ue8m0(s)                                          # [W, ceil(S/4)] int32, as DeepEP delivers
+    ids = _routing(w, k_top, e, seed=h)
+    new = prefill_permute_to_blackwell_masked_gemm(q, words, ids, e, m)
+    old = layout.prefill_permute_to_masked_gemm(q, words, ids, e, m)
+    paddle_ops = get_provider("paddle")
+    old_sf = paddle_ops.unpack_and_convert_scale(old.permute_scale.logical_view(), old.token_nums_per_expert)
+    assert new.permute_sf.dtype == paddle.uint8
+    assert list(new.permute_sf.shape) == list(old_sf.shape) == [e, -(-m // 128) * 128, sf_columns(h, 128)]
+    np.testing.assert_array_equal(new.permute_sf.numpy(), old_sf.numpy())
+    assert list(new.permute_x.shape) == [e * m, h]
+    np.testing.assert_array_equal(new.permute_x.view(paddle.uint8).numpy(),
+                                  old.permute_x.view(paddle.uint8).reshape([e * m, h]).numpy())
+    np.testing.assert_array_equal(new.permuted_indice_map.numpy(), old.permuted_indice_map.numpy())
+    np.testing.assert_array_equal(new.token_nums_per_expert.numpy(), old.token_nums_per_expert.numpy())
+    assert new.permuted_indice_map.dtype == paddle.int32 and list(new.token_nums_per_expert.shape) == [e, 1]
+
+
+@pytest.mark.parametrize("e,m,i,group", [(3, 40, 256, 128), (2, 130, 384, 128), (4, 16, 96, 32), (2, 129, 160, 32)])
+def test_swiglu_quant_scales_are_the_gemm_bytes(e, m, i, group):
+    rng = np.random.default_rng(e * m + i)
+    up = paddle.to_tensor(rng.standard_normal((e * m, 2 * i)).astype(np.float32) * 3).astype(paddle.bfloat16)
+    counts = paddle.to_tensor(rng.integers(0, m + 1, size=e).astype(np.int32))
+    act, sf = fused_mask_swiglu_fp8_quant_blackwell(up, counts, group_size=group)
+    assert act.dtype == paddle.float8_e4m3fn and list(act.shape) == [e * m, i]
+    assert sf.dtype == paddle.uint8 and list(sf.shape) == [e, -(-m // 128) * 128, sf_columns(i, group)]
+    # Independent derivation (numpy + ml_dtypes): bf16 SwiGLU, per-group amax, exponent of the next power of two.
+    u = up.astype(paddle.float32).numpy().astype(np.float64)
+    gate, lin = u[:, :i], u[:, i:]
+    y = (lin * gate / (1.0 + np.exp(-gate))).astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    amax = np.maximum(np.abs(y).reshape(e * m, -1, group).max(-1), 1e-10)
+    mant, ex = np.frexp((amax / np.float32(448.0)).astype(np.float32))
+    exp_byte = (ex - 1 + (mant != 0.5) + 127).astype(np.uint8)         # ceil(log2(s)) + 127
+    valid = (np.arange(m)[None, :] < counts.numpy()[:, None]).reshape(e * m, 1)
+    exp_byte = np.where(valid, exp_byte, 0)
+    want = np.zeros(sf.shape, np.uint8)
+    wide = np.repeat(exp_byte, group // 32, axis=1).reshape(e, m, -1)
+    want[:, :m, : wide.shape[2]] = wide
+    np.testing.assert_array_equal(cutlass_sf.unswizzle(sf).numpy(), want)
+    s = 2.0 ** (exp_byte.astype(np.float64) - 127)
+    q_want = np.clip(y / np.repeat(s, group, axis=1), -448, 448).astype(ml_dtypes.float8_e4m3fn)
+    q_want = np.where(valid, q_want.view(np.uint8), 0)
+    np.testing.assert_array_equal(act.view(paddle.uint8).numpy(), q_want)
+
+
+@pytest.mark.parametrize("e,m,i", [(3, 40, 256), (2, 130, 640)])
+def test_swiglu_quant_agrees_with_fused_mask_swiglu_plus_unpack_and_convert_scale(e, m, i):
+    rng = np.random.default_rng(m)
+    up = paddle.to_tensor(rng.standard_normal((e, m, 2 * i)).astype(np.float32) * 5).astype(paddle.bfloat16)
+    counts = paddle.to_tensor(rng.integers(0, m + 1, size=(e, 1)).astype(np.int32))
+    paddle_ops = get_provider("paddle")
+    act_old, scale_old = paddle_ops.fused_mask_swiglu_fp8_quant(up, counts, 128, True)
+    sf_old = paddle_ops.unpack_and_convert_scale(scale_old, counts)
+    act, sf = fused_mask_swiglu_fp8_quant_blackwell(up.reshape([e * m, 2 * i]), counts, group_size=128)
+    np.testing.assert_array_equal(sf.numpy(), sf_old.numpy())
+    np.testing.assert_array_equal(act.view(paddle.uint8).numpy(), act_old.view(paddle.uint8).reshape([e * m, i]).numpy())
+
+
+def test_permute_takes_1x32_bytes():
+    w, h, e, m = 24, 192, 5, 24
+    q, s = _quantized_tokens(w, h, seed=5, group_size=32)
+    b = (np.log2(s.numpy()).astype(np.int32) + 127).astype(np.uint8)     # [W, H/32] raw bytes, as group_wise_quant
+    ids = _routing(w, 4, e, seed=6)
+    out = prefill_permute_to_blackwell_masked_gemm(q, paddle.to_tensor(b), ids, e, m)
+    rm = cutlass_sf.unswizzle(out.permute_sf).numpy()
+    idx = out.permuted_indice_map.numpy()
+    for t, k in zip(*np.nonzero(idx >= 0)):
+        ex, slot = divmod(int(idx[t, k]), m)
+        np.testing.assert_array_equal(rm[ex, slot, : h // 32], b[t])
+    counts = out.token_nums_per_expert.numpy().ravel()
+    for ex in range(e):
+        assert not rm[ex, counts[ex]:].any()
+
+
+def test_errors_name_the_argument():
+    q, s = _quantized_tokens(8, 256, seed=1)
+    words = pack_scale_ue8m0(s)
+    ids = _routing(8, 4, 4, seed=2, pad_rows=0)
+    with pytest.raises(TypeError, match="topk_ids"):
+        prefill_permute_to_blackwell_masked_gemm(q, words, ids.astype(paddle.int32), 4, 16)
+    with pytest.raises(ValueError, match="scale"):
+        prefill_permute_to_blackwell_masked_gemm(q, words[:, :0], ids, 4, 16)
+    up = paddle.zeros([10, 64], dtype=paddle.bfloat16)
+    with pytest.raises(ValueError, match="up"):
+        fused_mask_swiglu_fp8_quant_blackwell(up, paddle.to_tensor([1, 2, 3], dtype=paddle.int32))
+    with pytest.raises(ValueError, match="group_size"):
+        ue8m0_bytes_to_cutlass_sf(paddle.zeros([1, 4, 2], dtype=paddle.uint8), 64, 8)
