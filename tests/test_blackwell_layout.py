@@ -10,8 +10,9 @@ import pytest
 
 from backend.ops import cutlass_sf, get_provider
 from moe_ref import layout
-from moe_ref.blackwell_layout import (fused_mask_swiglu_fp8_quant_blackwell, prefill_permute_to_blackwell_masked_gemm,
-                                      sf_columns, ue8m0_bytes_to_cutlass_sf)
+from moe_ref.blackwell_layout import (dequant_group_wise, fused_mask_swiglu_fp8_quant_blackwell, group_wise_quant,
+                                      prefill_permute_to_blackwell_masked_gemm, quantize_weights_1x32, sf_columns,
+                                      ue8m0_bytes_to_cutlass_sf)
 from moe_ref.fp8 import pack_scale_ue8m0
 from moe_ref.quant import per_token_group_quant
 
@@ -119,3 +120,71 @@ def test_errors_name_the_argument():
         fused_mask_swiglu_fp8_quant_blackwell(up, paddle.to_tensor([1, 2, 3], dtype=paddle.int32))
     with pytest.raises(ValueError, match="group_size"):
         ue8m0_bytes_to_cutlass_sf(paddle.zeros([1, 4, 2], dtype=paddle.uint8), 64, 8)
+
+
+# ------------------------------------------------------------------ the 1x32 recipe of #7666 (group_wise_quant)
+
+def _ue8m0_bytes_numpy(x32: np.ndarray, group: int = 32, floor: float = 1e-10) -> np.ndarray:
+    """Per row and group: the UE8M0 byte of the smallest power of two >= amax/448 (numpy, zero-padded ragged group)."""
+    n, k = x32.shape
+    pad = np.zeros((n, -(-k // group) * group), np.float32)
+    pad[:, :k] = x32
+    amax = np.maximum(np.abs(pad).reshape(n, -1, group).max(-1), floor).astype(np.float32)
+    mant, ex = np.frexp(amax / np.float32(448.0))
+    return (ex - 1 + (mant != 0.5) + 127).astype(np.uint8)
+
+
+@pytest.mark.parametrize("n,k", [(7, 256), (5, 200), (128, 96)])
+def test_group_wise_quant_matches_numpy_and_ml_dtypes(n, k):
+    rng = np.random.default_rng(n + k)
+    x = paddle.to_tensor((rng.standard_normal((n, k)) * np.exp(rng.uniform(-6, 6, (n, 1)))).astype(np.float32))
+    x = x.astype(paddle.bfloat16)
+    q, sf = group_wise_quant(x)
+    x32 = x.astype(paddle.float32).numpy()
+    want = _ue8m0_bytes_numpy(x32)
+    assert sf.dtype == paddle.uint8 and list(sf.shape) == [n, -(-k // 32)]
+    np.testing.assert_array_equal(sf.numpy(), want)
+    s = np.repeat(2.0 ** (want.astype(np.float64) - 127), 32, axis=1)[:, :k]
+    q_want = np.clip(x32 / s, -448, 448).astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    np.testing.assert_array_equal(q.view(paddle.uint8).numpy(), q_want)
+    np.testing.assert_array_equal(dequant_group_wise(q, sf).numpy(), q_want.view(ml_dtypes.float8_e4m3fn).astype(np.float32) * s)
+
+
+def test_group_wise_quant_scales_are_never_coarser_than_1x128():
+    rng = np.random.default_rng(3)
+    x = paddle.to_tensor((rng.standard_normal((64, 512)) * np.exp(rng.uniform(-5, 5, (64, 512)))).astype(np.float32))
+    _, sf32 = group_wise_quant(x)
+    _, s128 = per_token_group_quant(x, group_size=128, use_ue8m0=True, amax_floor=1e-10)
+    e128 = np.log2(s128.numpy()).astype(np.int64) + 127
+    # a 32-group's amax is at most its 128-group's: its power-of-two scale can only be smaller or equal
+    assert (sf32.numpy().astype(np.int64) <= np.repeat(e128, 4, axis=1)).all()
+    assert (sf32.numpy().astype(np.int64) < np.repeat(e128, 4, axis=1)).any()
+
+
+def test_group_wise_quant_swizzled_weights_and_1x32_gemm():
+    e, m, n, k = 2, 16, 128, 256
+    rng = np.random.default_rng(11)
+    w_up = paddle.to_tensor(rng.standard_normal((e, n, k)).astype(np.float32) * 0.05).astype(paddle.bfloat16)
+    w_down = paddle.to_tensor(rng.standard_normal((e, 128, n)).astype(np.float32)).astype(paddle.bfloat16)
+    up_q, up_sf, down_q, down_sf = quantize_weights_1x32(w_up, w_down)
+    assert list(up_sf.shape) == [e, n, k // 32] and list(down_sf.shape) == [e, 128, n // 32]
+    plain_q, plain_sf = group_wise_quant(w_up)
+    np.testing.assert_array_equal(up_sf.numpy(), cutlass_sf.swizzle(plain_sf).numpy())
+    np.testing.assert_array_equal(up_q.view(paddle.uint8).numpy(), plain_q.view(paddle.uint8).numpy())
+    with pytest.raises(ValueError, match="use_swizzle"):
+        group_wise_quant(w_up[:, :100], use_swizzle=True)
+    # activations in 1x32 groups -> GEMM-ready bytes -> the masked GEMM reads one byte per 32 K-elements
+    a = paddle.to_tensor(rng.standard_normal((e * m, k)).astype(np.float32) * np.exp(rng.uniform(-3, 3, (1, k))))
+    a_q, a_sf = group_wise_quant(a.astype(paddle.bfloat16))
+    sfa = ue8m0_bytes_to_cutlass_sf(a_sf.reshape([e, m, -1]), 32, sf_columns(k, 32))
+    counts = paddle.to_tensor([m, 9], dtype=paddle.int32)
+    out = paddle.zeros([e * m, n], dtype=paddle.bfloat16)
+    out = get_provider("paddle").group_gemm_masked(a_q, up_q, sfa, up_sf, counts, out, None, m, -1)
+    a_deq = dequant_group_wise(a_q, a_sf).numpy().astype(np.float64).reshape(e, m, k)
+    w_deq = dequant_group_wise(up_q, up_sf, swizzled=True).numpy().astype(np.float64)
+    want = np.einsum("emk,enk->emn", a_deq, w_deq)
+    got = out.astype(paddle.float32).numpy().reshape(e, m, n)
+    for ex, c in enumerate([m, 9]):
+        # only float32 summation order and the final bf16 rounding (2^-8 relative) separate the two
+        np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=2 ** -8, atol=1e-6 * np.abs(want).max())
+        assert not got[ex, c:].any()

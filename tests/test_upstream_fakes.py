@@ -208,3 +208,28 @@ def test_develop_fused_ops():
         with pytest.raises(TypeError):
             bw.fused_mask_swiglu_fp8_quant_blackwell(up, counts, 128)
         assert log.ops()[:2] == ["blackwell_ops.prefill_permute_to_blackwell_masked_gemm"] * 2
+
+
+def test_7666_group_wise_quant_and_1x32_path():
+    e, m, i, h = 2, 8, 128, 256
+    with install_fakes("7666") as log:
+        import blackwell_ops as bw
+        x = paddle.randn([12, h]).astype(paddle.bfloat16)
+        q, sf = bw.group_wise_quant(x, False, False)
+        assert q.dtype == paddle.float8_e4m3fn and sf.dtype == paddle.uint8 and list(sf.shape) == [12, h // 32]
+        w = paddle.randn([2 * i, h]).astype(paddle.bfloat16)
+        wq, wsf = bw.group_wise_quant(w, False, True)
+        assert list(wsf.shape) == [2 * i, h // 32]
+        with pytest.raises(ValueError, match="flag"):
+            bw.group_wise_quant(x, True, False)
+        with pytest.raises(TypeError, match="x expected dtype"):
+            bw.group_wise_quant(x.astype(paddle.float32), False, False)
+        with pytest.raises(TypeError):
+            bw.group_wise_quant(x, False)
+        ids = _routing(12, 4, e * 2, 9)
+        px, sfa, imap, counts = bw.prefill_permute_to_blackwell_masked_gemm(q, sf, ids, e * 2, 2 * m)
+        assert sfa.dtype == paddle.uint8 and list(sfa.shape) == [e * 2, 128, h // 32]
+        up = paddle.randn([e * m, 2 * i]).astype(paddle.bfloat16)
+        act, asf = bw.fused_mask_swiglu_fp8_quant_blackwell(up, paddle.to_tensor([m, 3], dtype=paddle.int32))
+        assert list(asf.shape) == [e, 128, i // 32]
+        assert log.ops()[0] == "blackwell_ops.group_wise_quant"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import paddle
 
-from ._base import fake_op, need_counts, need_dim, need_in, need_int, need_tensor
+from ._base import fake_op, need_bool, need_counts, need_dim, need_in, need_int, need_tensor
 
 MODULE = "blackwell_ops"
 SF_VEC = 32            # K-elements per scale byte the GEMM reads
@@ -121,3 +121,16 @@ def make_fused_swiglu(group_size: int):
         from moe_ref.blackwell_layout import fused_mask_swiglu_fp8_quant_blackwell as ref
         return ref(up, token_nums_per_expert, group_size=group_size)
     return fused_mask_swiglu_fp8_quant_blackwell
+
+
+@fake_op(MODULE)
+def group_wise_quant(x, flag, use_swizzle, /):
+    """#7666 (BW f0ea6f80:454-458, 632): x [N, K] bf16 -> (fp8 [N, K], uint8 [N, ceil(K/32)] UE8M0 bytes, 1x32 groups),
+    CUTLASS-swizzled when use_swizzle (weights). `flag` is always False upstream; its meaning is unknown."""
+    op = "group_wise_quant"
+    need_tensor(op, "x", x, (paddle.bfloat16,), ndim=2)
+    need_bool(op, "flag", flag)
+    need_bool(op, "use_swizzle", use_swizzle)
+    need_in(op, "flag", flag, {False}, "the only value upstream passes; what True does is unknown")
+    from moe_ref.blackwell_layout import group_wise_quant as ref
+    return ref(x, use_swizzle=use_swizzle)
