@@ -144,7 +144,7 @@ def fused_mask_swiglu_fp8_quant_blackwell(up: paddle.Tensor, token_nums_per_expe
     act_sf [E, align(M, 128), KB] uint8 CUTLASS SF bytes, KB = sf_columns(I, group_size)).
     y = bf16(lin · gate / (1 + exp(-gate))) in float32; per group_size-wide group amax = max(|y|, 1e-10),
     s = ceil_to_ue8m0(amax / 448), q = e4m3(y / s) (SPEC §7, no log2 bias). Rows at or past the
-    count of an expert are zero in act and act_sf.
+    count of an expert are not read (they may hold garbage) and are zero in act and act_sf.
     """
     check_tensor(up, "up", dtypes=(paddle.bfloat16,), ndim=2)
     check_tensor(token_nums_per_expert, "token_nums_per_expert", dtypes=INT_DTYPES, ndim=(1, 2))
@@ -158,9 +158,11 @@ def fused_mask_swiglu_fp8_quant_blackwell(up: paddle.Tensor, token_nums_per_expe
         raise ValueError(f"token_nums_per_expert: expected values in [0, M={m}], got {counts.tolist()}")
     if group_size not in SF_GROUP_SIZES:
         raise ValueError(f"group_size: expected one of {SF_GROUP_SIZES}, got {group_size!r}")
-    y = swiglu(up.astype(paddle.float32)).astype(paddle.bfloat16)
-    q, s = per_token_group_quant(y, group_size=group_size, use_ue8m0=True, amax_floor=SWIGLU_AMAX_FLOOR)
     valid = (paddle.arange(m, dtype=paddle.int64).unsqueeze(0) < counts.unsqueeze(1)).reshape([rows, 1])
+    # rows past the counts are never read: upstream allocates `up` with paddle.empty since #7374 (BW:740)
+    up32 = paddle.where(valid, up.astype(paddle.float32), paddle.zeros([1, two_i], dtype=paddle.float32))
+    y = swiglu(up32).astype(paddle.bfloat16)
+    q, s = per_token_group_quant(y, group_size=group_size, use_ue8m0=True, amax_floor=SWIGLU_AMAX_FLOOR)
     q_bits = q.view(paddle.uint8).astype(paddle.int32)
     q = paddle.where(valid, q_bits, paddle.zeros_like(q_bits)).astype(paddle.uint8).view(paddle.float8_e4m3fn)
     b = paddle.where(valid, ue8m0_encode(s).astype(paddle.int32), paddle.zeros(s.shape, dtype=paddle.int32))

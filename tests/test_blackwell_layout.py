@@ -188,3 +188,15 @@ def test_group_wise_quant_swizzled_weights_and_1x32_gemm():
         # only float32 summation order and the final bf16 rounding (2^-8 relative) separate the two
         np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=2 ** -8, atol=1e-6 * np.abs(want).max())
         assert not got[ex, c:].any()
+
+
+def test_swiglu_quant_never_reads_rows_past_the_counts():
+    e, m, i = 2, 8, 128
+    up = paddle.randn([e * m, 2 * i]).astype(paddle.bfloat16)
+    counts = paddle.to_tensor([3, 8], dtype=paddle.int32)
+    garbage = up.clone()
+    garbage[3:m] = float("nan")                                   # paddle.empty leftovers of expert 0
+    act, sf = fused_mask_swiglu_fp8_quant_blackwell(up, counts)
+    act_g, sf_g = fused_mask_swiglu_fp8_quant_blackwell(garbage, counts)
+    np.testing.assert_array_equal(act_g.view(paddle.uint8).numpy(), act.view(paddle.uint8).numpy())
+    np.testing.assert_array_equal(sf_g.numpy(), sf.numpy())

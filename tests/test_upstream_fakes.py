@@ -233,3 +233,63 @@ def test_7666_group_wise_quant_and_1x32_path():
         act, asf = bw.fused_mask_swiglu_fp8_quant_blackwell(up, paddle.to_tensor([m, 3], dtype=paddle.int32))
         assert list(asf.shape) == [e, 128, i // 32]
         assert log.ops()[0] == "blackwell_ops.group_wise_quant"
+
+
+# ------------------------------------------------------------------ upstream's call sequences replayed on the fakes
+
+def _recv_tokens(w, h, e, k_top, seed):
+    """What DeepEP's normal dispatch hands the rank: fp8 rows, packed UE8M0 int32 scales, local ids (-1 elsewhere)."""
+    rng = np.random.default_rng(seed)
+    x = paddle.to_tensor(rng.standard_normal((w, h)).astype(np.float32))
+    q, s = per_token_group_quant(x, use_ue8m0=True)
+    ids = _routing(w, k_top, e, seed + 1)
+    weights = paddle.to_tensor(rng.random((w, k_top)).astype(np.float32))
+    return x, q, pack_scale_ue8m0(s), ids, weights
+
+
+def _load_weights(mw):
+    from fakes.upstream_paths import load_weights_128
+    return (*load_weights_128(mw.w_up), *load_weights_128(mw.w_down))
+
+
+def test_ht_replays_call_what_each_generation_calls_and_agree():
+    from fakes.upstream_paths import EXPECTED, ht_7053, ht_develop
+    from moe_ref.metrics import calc_diff
+    from moe_ref.moe import make_moe_weights, moe_forward_oracle
+    w, h, i, e, m = 24, 256, 128, 6, 32
+    mw = make_moe_weights(e, h, i, seed=2)
+    x, q, words, ids, topk_weights = _recv_tokens(w, h, e, 4, seed=3)
+    outs = {}
+    for gen, replay in (("7053", ht_7053), ("develop", ht_develop)):
+        with install_fakes(gen) as log:
+            outs[gen] = replay(q, words, ids.astype(paddle.int32), topk_weights, _load_weights(mw), e, m)
+            assert log.ops() == EXPECTED[(gen, "ht")]
+    np.testing.assert_array_equal(outs["7053"].astype(paddle.float32).numpy(),
+                                  outs["develop"].astype(paddle.float32).numpy())
+    oracle = moe_forward_oracle(x, mw.w_up.astype(paddle.float32), mw.w_down.astype(paddle.float32), topk_weights, ids)
+    # two FP8 GEMMs with UE8M0 scales and an FP8 requantization: DeepGEMM accepts 1e-3 for one GEMM (SPEC §12)
+    assert calc_diff(outs["develop"], oracle) < 5e-3
+
+
+def test_ll_replay_calls_what_develop_calls():
+    from fakes.upstream_paths import EXPECTED, ll_develop
+    from moe_ref.metrics import calc_diff
+    from moe_ref.moe import make_moe_weights, moe_forward_oracle
+    h, i, e, m = 256, 128, 3, 16
+    mw = make_moe_weights(e, h, i, seed=4)
+    rng = np.random.default_rng(5)
+    x = paddle.to_tensor(rng.standard_normal((e * m, h)).astype(np.float32))
+    q, s = per_token_group_quant(x, use_ue8m0=True)
+    packed_scale = to_mn_major_tma_aligned(pack_scale_ue8m0(s).reshape([e, m, -1])).logical_view()
+    counts = paddle.to_tensor([16, 5, 0], dtype=paddle.int32)
+    with install_fakes("develop") as log:
+        out = ll_develop(q.reshape([e, m, h]), packed_scale, counts, _load_weights(mw))
+        assert log.ops() == EXPECTED[("develop", "ll")]
+    for ex, c in enumerate(counts.numpy()):
+        if c:
+            rows = x.reshape([e, m, h])[ex, :c]
+            ones = paddle.ones([int(c), 1], dtype=paddle.float32)
+            ref = moe_forward_oracle(rows, mw.w_up[ex:ex + 1].astype(paddle.float32),
+                                     mw.w_down[ex:ex + 1].astype(paddle.float32), ones,
+                                     paddle.zeros([int(c), 1], dtype=paddle.int64))
+            assert calc_diff(out[ex, :c], ref) < 5e-3          # as the ht replay: FP8 vs float oracle
