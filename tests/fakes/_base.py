@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import paddle
 
@@ -49,7 +50,7 @@ def fake_op(module: str):
             described = tuple(describe(a) for a in args) + tuple(f"{k}={describe(v)}" for k, v in kwargs.items())
             CALL_LOG.append(Call(module, fn.__name__, described))
             return fn(*args, **kwargs)
-        op.__signature__ = __import__("inspect").signature(fn)
+        op.__signature__ = inspect.signature(fn)
         return op
     return wrap
 

@@ -40,7 +40,10 @@ def _fd_ops_module(generation: str) -> types.ModuleType:
     mod = types.ModuleType(FD_OPS, impl.__doc__)
     for name in impl.OPS:
         setattr(mod, name, getattr(impl, name))
-    mod.__getattr__ = lambda name: (_ for _ in ()).throw(missing_op(FD_OPS, generation, name))
+    def __getattr__(name):
+        raise missing_op(FD_OPS, generation, name)
+
+    mod.__getattr__ = __getattr__
     return mod
 
 
