@@ -15,7 +15,8 @@ import dataclasses
 from typing import Any
 
 from ._paddle import paddle
-from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_tensor
+from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_same_shape,
+                     check_tensor)
 from .fp8 import concat_rows, gather_rows_zero_fill, pack_scale_ue8m0
 from .layout import prefill_permute_to_masked_gemm, weighted_gather_combine
 from .quant import DEEPGEMM_AMAX_FLOOR, per_token_group_quant
@@ -86,9 +87,7 @@ def _check_per_rank_inputs(x, topk_ids, topk_weights, num_local_experts):
         topk_weights = _as_list(topk_weights, "topk_weights", num_ranks)
         for s in range(num_ranks):
             check_tensor(topk_weights[s], f"topk_weights[{s}]", dtypes=FLOAT_DTYPES, ndim=2)
-            if list(topk_weights[s].shape) != list(topk_ids[s].shape):
-                raise ValueError(f"topk_weights[{s}]: expected shape {list(topk_ids[s].shape)} (as topk_ids[{s}]), "
-                                 f"got {list(topk_weights[s].shape)}")
+            check_same_shape(topk_weights[s], f"topk_weights[{s}]", topk_ids[s], f"topk_ids[{s}]")
     return num_ranks, e, ids_all
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from ._paddle import paddle
-from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_tensor
+from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_same_shape,
+                     check_tensor)
 from .fp8 import MNMajorScale, gather_rows_zero_fill, num_scale_groups, packed_words, to_mn_major_tma_aligned
 
 CONTIGUOUS_SEGMENT_ALIGN = 128   # DeepGEMM's contiguous grouped GEMM: each expert's rows padded to the M block
@@ -194,9 +195,7 @@ def weighted_gather_combine(rows: paddle.Tensor, indice_map: paddle.Tensor, topk
     check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES, ndim=2)
     w_rows = check_positive_int(num_worst_tokens, "num_worst_tokens")
     check_dim(indice_map, 0, w_rows, "indice_map", "num_worst_tokens")
-    if list(topk_weights.shape) != list(indice_map.shape):
-        raise ValueError(f"topk_weights: expected shape {list(indice_map.shape)} (as indice_map), "
-                         f"got {list(topk_weights.shape)}")
+    check_same_shape(topk_weights, "topk_weights", indice_map, "indice_map")
     n = int(rows.shape[0])
     idx = check_ids_in_range(indice_map, "indice_map", n, "values", note=f" (rows of {rows_name})")
     weights = topk_weights.astype(paddle.float32)

@@ -19,7 +19,8 @@ import numpy as np
 
 from ._paddle import paddle
 from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_finite, check_ids_in_range, check_positive_int,
-                     check_tensor)
+                     check_same_shape, check_tensor)
+from .ep import ep_combine, ep_dispatch
 from .fp8 import concat_rows, pack_scale_ue8m0, to_mn_major_tma_aligned, unpack_scale_ue8m0  # noqa: F401  (re-exported)
 from .layout import (CONTIGUOUS_SEGMENT_ALIGN, ContiguousLayout, MaskedLayout, depermute_contiguous_combine,
                      depermute_prefill_combine, permute_to_contiguous, prefill_permute_to_masked_gemm)
@@ -180,9 +181,7 @@ def _check_layer_args(x, topk_weights, topk_ids, num_experts: int, hidden_size: 
     check_tensor(topk_ids, "topk_ids", dtypes=INT_DTYPES, ndim=2)
     check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES, ndim=2)
     check_dim(topk_ids, 0, int(x.shape[0]), "topk_ids", f"T (rows of {x_name})")
-    if list(topk_weights.shape) != list(topk_ids.shape):
-        raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
-                         f"got {list(topk_weights.shape)}")
+    check_same_shape(topk_weights, "topk_weights", topk_ids, "topk_ids")
     check_ids_in_range(topk_ids, "topk_ids", num_experts, "expert ids", f"E={num_experts}")
 
 
@@ -492,8 +491,6 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
     bf16 partials. W = num_worst_tokens defaults to Σ_s T_s (nothing can overflow).
     For R = 1 the result equals moe_forward_fp8 on the same tokens exactly.
     """
-    from .ep import ep_combine, ep_dispatch       # ep imports layout only; imported here to keep moe's top light
-
     if not isinstance(x, (list, tuple)) or len(x) == 0:
         raise TypeError("x: expected a non-empty list with one [T, H] tensor per rank")
     num_ranks = len(x)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_ids_in_range, check_tensor
+from moe_ref.checks import check_dim, check_ids_in_range, check_same_shape, check_tensor
 from moe_ref.constants import GROUP_SIZE, num_scale_groups
 
 from .. import ops
@@ -171,9 +171,7 @@ class BlackwellGemmFusedMoeMethod(UpstreamPathNames):
         check_tensor(topk_ids, "topk_ids", dtypes=_ID_DTYPES, ndim=2)
         check_dim(topk_ids, 0, t, "topk_ids", "T (rows of x)")
         check_dim(topk_ids, 1, layer.top_k, "topk_ids", "K_top (layer.top_k)")
-        if list(topk_weights.shape) != list(topk_ids.shape):
-            raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
-                             f"got {list(topk_weights.shape)}")
+        check_same_shape(topk_weights, "topk_weights", topk_ids, "topk_ids")
         ids = check_ids_in_range(topk_ids, "topk_ids", layer.num_experts, "global expert ids",
                                  f"num_experts = {layer.num_experts}")
         return topk_weights, ids

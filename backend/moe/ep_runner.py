@@ -40,7 +40,7 @@ from typing import Any, Callable
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_ids_in_range, check_positive_int, check_tensor
+from moe_ref.checks import check_dim, check_ids_in_range, check_positive_int, check_same_shape, check_tensor
 from moe_ref.ep import DispatchOutput
 from moe_ref.fp8 import concat_rows, gather_rows_zero_fill, to_mn_major_view
 
@@ -158,9 +158,7 @@ class EPRunner:
         ids = check_ids_in_range(topk_ids, "topk_ids", self.num_experts, "global expert ids").numpy()
         if topk_weights is not None:
             check_tensor(topk_weights, "topk_weights", dtypes=(paddle.float32,), ndim=2)
-            if list(topk_weights.shape) != list(topk_ids.shape):
-                raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
-                                 f"got {list(topk_weights.shape)}")
+            check_same_shape(topk_weights, "topk_weights", topk_ids, "topk_ids")
         return ids
 
     def _check_same_across_ranks(self, payloads: list[dict], keys: tuple[str, ...]) -> None:
