@@ -58,8 +58,8 @@ bench-cpu: setup
 # Expert parallelism over real processes (Paddle gloo, CPU): per-rank token counts, bytes and time,
 # every rank compared bit for bit with the in-process simulation.
 ep-demo: setup
-	OMP_NUM_THREADS=1 $(PY) -m backend.moe.ep_launch --ranks 2 --scenarios random,uneven,overflow,ll --check --timeout 180
-	OMP_NUM_THREADS=1 $(PY) -m backend.moe.ep_launch --ranks 4 --scenarios random,uneven,ll --check --timeout 240
+	OMP_NUM_THREADS=1 $(PY) -m tests.ep_harness --ranks 2 --scenarios random,uneven,overflow,ll --check --timeout 180
+	OMP_NUM_THREADS=1 $(PY) -m tests.ep_harness --ranks 4 --scenarios random,uneven,ll --check --timeout 240
 
 clean:
 	rm -rf build build-test.log .pytest_cache

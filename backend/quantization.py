@@ -24,6 +24,7 @@ from typing import Sequence
 from moe_ref.quant import GROUP_SIZE
 
 from . import envs
+from .moe.blackwell_method import BlackwellGemmFusedMoeMethod
 
 SUPPORTED_WEIGHT_BLOCK_SIZE = [GROUP_SIZE, GROUP_SIZE]
 
@@ -88,6 +89,12 @@ def _check_weight_block_size(weight_block_size) -> list[int]:
     return wbs
 
 
+def _is_fused_moe(layer) -> bool:
+    """Whether `layer` is a `backend.moe.layer.FusedMoE` (or a subclass), without importing that module:
+    it imports this one (a layer takes its config), so importing it back would make a cycle."""
+    return any(c.__module__ == "backend.moe.layer" and c.__name__ == "FusedMoE" for c in type(layer).__mro__)
+
+
 class BlockWiseFP8Config:
     """FP8 e4m3 weights in 128x128 blocks, activations quantized per token in 1x128 groups.
 
@@ -119,16 +126,12 @@ class BlockWiseFP8Config:
         A layer that is not a FusedMoE is a TypeError: upstream returns its linear method there,
         which this project does not rebuild.
         """
-        from .moe.layer import FusedMoE
-
-        if not isinstance(layer, FusedMoE):
+        if not _is_fused_moe(layer):
             raise TypeError(f"layer: expected a backend.moe.layer.FusedMoE, got {type(layer).__name__} "
                             f"(upstream's BlockWiseFP8LinearMethod is not part of this project)")
         use_blackwell = envs.use_blackwell_gemm()
         use_deep_gemm = envs.use_deep_gemm()
         if use_blackwell:
-            from .moe.blackwell_method import BlackwellGemmFusedMoeMethod
-
             return BlackwellGemmFusedMoeMethod(self)
         if layer.ep_size > 1 or use_deep_gemm:
             return DeepGemmFusedMoeMethod(self)

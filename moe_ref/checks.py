@@ -39,6 +39,12 @@ def check_dim(x, axis: int, expected: int, name: str, what: str) -> None:
         raise ValueError(f"{name}: expected shape[{axis}] == {what} = {expected}, got shape {list(x.shape)}")
 
 
+def check_same_shape(x, name: str, like, like_name: str) -> None:
+    """Raise ValueError "{name}: expected shape [...] (as {like_name}), got [...]" unless x.shape == like.shape."""
+    if list(x.shape) != list(like.shape):
+        raise ValueError(f"{name}: expected shape {list(like.shape)} (as {like_name}), got {list(x.shape)}")
+
+
 def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value!r}")

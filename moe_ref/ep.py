@@ -1,15 +1,10 @@
 """Expert-parallel dispatch and combine (SPEC §9), simulated in one process for R ranks.
 
 Every argument that lives on a rank is a list with one tensor per rank (index = rank).
-The order of everything is fixed by docs/design.md ("Expert-parallel semantics, exact"), so
-that this simulation, the in-process runner and the paddle.distributed runner agree bit for bit:
-
-- global expert g lives on rank g // E with local id g % E;
-- rank r receives, ordered by (source rank, source token), each token having at least one
-  expert on r, once; its ids row holds local ids for r's experts, -1 elsewhere (same k
-  positions); its weights row is unchanged; rows past the real count up to W are padding
-  (x and scale zero, ids -1, weights zero); more than W rows is a ValueError;
-- combine: token t of rank s gets bf16(Σ_{r ascending, t sent to r} float32(partial_r[row])).
+The order of everything (owner of each global expert, receive order, padding rows, the W
+overflow error, the summation order of combine) is fixed once, in docs/design.md
+("Expert-parallel semantics, exact"), so that this simulation, the in-process runner and the
+paddle.distributed runner agree bit for bit.
 
 The low-latency ("ll", decode) pair returns the masked layout directly: [E, R·N, H] per rank
 with slots ordered (source rank, source token, k) and a per-expert count.
@@ -17,11 +12,13 @@ with slots ordered (source rank, source token, k) and a per-expert count.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from ._paddle import paddle
-from .checks import FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_tensor
-from .fp8 import pack_scale_ue8m0
-from .layout import gather_rows_zero_fill, weighted_gather_combine, prefill_permute_to_masked_gemm
+from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_same_shape,
+                     check_tensor)
+from .fp8 import concat_rows, gather_rows_zero_fill, pack_scale_ue8m0
+from .layout import prefill_permute_to_masked_gemm, weighted_gather_combine
 from .quant import DEEPGEMM_AMAX_FLOOR, per_token_group_quant
 
 
@@ -46,14 +43,16 @@ class DispatchOutput:
 
     recv_x [W, H] dtype of x; recv_x_scale [W, S'] dtype of x_scale or None;
     recv_topk_ids [W, K_top] int64 local ids or -1; recv_topk_weights [W, K_top] float32;
-    num_recv_tokens: real rows (the rest is padding); handle: shared by all ranks, for ep_combine.
+    num_recv_tokens: real rows (the rest is padding); handle: what combine needs to route rows back
+    (here an EPHandle shared by all ranks, for ep_combine; each EP runner of `backend.moe` returns its
+    own handle in this same class).
     """
     recv_x: paddle.Tensor
     recv_x_scale: paddle.Tensor | None
     recv_topk_ids: paddle.Tensor
     recv_topk_weights: paddle.Tensor
     num_recv_tokens: int
-    handle: EPHandle
+    handle: Any
 
 
 def _as_list(value, name: str, num_ranks: int) -> list:
@@ -88,9 +87,7 @@ def _check_per_rank_inputs(x, topk_ids, topk_weights, num_local_experts):
         topk_weights = _as_list(topk_weights, "topk_weights", num_ranks)
         for s in range(num_ranks):
             check_tensor(topk_weights[s], f"topk_weights[{s}]", dtypes=FLOAT_DTYPES, ndim=2)
-            if list(topk_weights[s].shape) != list(topk_ids[s].shape):
-                raise ValueError(f"topk_weights[{s}]: expected shape {list(topk_ids[s].shape)} (as topk_ids[{s}]), "
-                                 f"got {list(topk_weights[s].shape)}")
+            check_same_shape(topk_weights[s], f"topk_weights[{s}]", topk_ids[s], f"topk_ids[{s}]")
     return num_ranks, e, ids_all
 
 
@@ -98,12 +95,6 @@ def _local_ids(ids: paddle.Tensor, rank: int, num_local_experts: int) -> paddle.
     """Global ids [N, K_top] -> local ids of `rank`'s experts, -1 for the others and for -1."""
     on_rank = paddle.logical_and(ids >= 0, ids // num_local_experts == rank)
     return paddle.where(on_rank, ids - rank * num_local_experts, paddle.full_like(ids, -1))
-
-
-def _concat_rows(tensors: list[paddle.Tensor]) -> paddle.Tensor:
-    if tensors[0].dtype == paddle.float8_e4m3fn:
-        return paddle.concat([t.view(paddle.uint8) for t in tensors], axis=0).view(paddle.float8_e4m3fn)
-    return paddle.concat(tensors, axis=0)
 
 
 def ep_dispatch(x: list, x_scale: list | None, topk_ids: list, topk_weights: list, num_local_experts: int,
@@ -128,7 +119,7 @@ def ep_dispatch(x: list, x_scale: list | None, topk_ids: list, topk_weights: lis
     num_tokens = [int(t.shape[0]) for t in x]
 
     # All source tokens in (source rank, source token) order: the receive order of every rank.
-    x_all = _concat_rows(list(x))
+    x_all = concat_rows(list(x))
     scale_all = None if x_scale is None else paddle.concat(list(x_scale), axis=0)
     ids = paddle.concat(ids_all, axis=0)
     weights = paddle.concat([w.astype(paddle.float32) for w in topk_weights], axis=0)
@@ -201,7 +192,7 @@ def ep_combine(partial: list, handle: EPHandle) -> list[paddle.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class LLHandle:
+class EPLLHandle:
     """indice_map[r]: [ΣT_s, K_top] int32, slot e·(R·N) + j on rank r of entry (global token, k), or -1.
     num_tokens: T_s per source rank; global token order is (source rank, source token)."""
     num_local_experts: int
@@ -229,7 +220,7 @@ def ll_dispatch(x: list, topk_ids: list, num_max_dispatch_tokens_per_rank: int, 
         raise ValueError("use_ue8m0: only meaningful with use_fp8=True")
     if use_fp8:
         quantized = [per_token_group_quant(t, use_ue8m0=use_ue8m0, amax_floor=amax_floor) for t in x]
-        x_all = _concat_rows([q for q, _ in quantized])
+        x_all = concat_rows([q for q, _ in quantized])
         scale_all = paddle.concat([s for _, s in quantized], axis=0)
         if use_ue8m0:
             scale_all = pack_scale_ue8m0(scale_all)
@@ -242,18 +233,18 @@ def ll_dispatch(x: list, topk_ids: list, num_max_dispatch_tokens_per_rank: int, 
         lay = prefill_permute_to_masked_gemm(x_all, scale_all, _local_ids(ids, r, e), e, num_ranks * n)
         maps.append(lay.permuted_indice_map)
         results.append([lay.permute_x, lay.permute_scale, lay.token_nums_per_expert.flatten()])
-    handle = LLHandle(e, n, [int(t.shape[0]) for t in x], maps)
+    handle = EPLLHandle(e, n, [int(t.shape[0]) for t in x], maps)
     return [tuple(res) + (handle,) for res in results]
 
 
-def ll_combine(expert_out: list, topk_ids: list, topk_weights: list, handle: LLHandle) -> list[paddle.Tensor]:
+def ll_combine(expert_out: list, topk_ids: list, topk_weights: list, handle: EPLLHandle) -> list[paddle.Tensor]:
     """DeepEP low-latency combine over R simulated ranks.
 
     expert_out[r] [E, R·N, H] bf16, topk_ids[s] / topk_weights[s] [T_s, K_top] (as given to ll_dispatch)
     -> out[s] [T_s, H] bf16 = bf16(Σ_{k ascending, id >= 0} w[t, k] · float32(expert_out[id // E][id % E, slot])).
     """
-    if not isinstance(handle, LLHandle):
-        raise TypeError(f"handle: expected LLHandle from ll_dispatch, got {type(handle).__name__}")
+    if not isinstance(handle, EPLLHandle):
+        raise TypeError(f"handle: expected EPLLHandle from ll_dispatch, got {type(handle).__name__}")
     num_ranks = len(handle.num_tokens)
     e, n = handle.num_local_experts, handle.num_max_dispatch_tokens_per_rank
     expert_out = _as_list(expert_out, "expert_out", num_ranks)

@@ -1,6 +1,10 @@
-"""FP8 e4m3fn and UE8M0 numerics (SPEC §1-2), in plain Paddle.
+"""FP8 e4m3fn and UE8M0 numerics and storage (SPEC §1-2), in plain Paddle.
 
-The constants of the format live in `moe_ref.constants` (Paddle-free) and are re-exported here.
+The one home of the format helpers every layer imports (the reference, the providers, the
+method, the EP runners): e4m3 cast, UE8M0 ceil/encode/decode/pack/unpack, MN-major TMA-aligned
+storage, fp8 byte views, row gather with a zero row. The constants and the integer formulas of
+the format live in `moe_ref.constants` (Paddle-free) and are re-exported here; `moe_ref.fp8_torch`
+is the torch front-end of the storage helpers (for the Triton launchers, where Paddle is absent).
 """
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ import dataclasses
 from ._paddle import paddle
 from .checks import FLOAT_DTYPES, NAN_POLICY_HINT, check_finite, check_tensor
 from .constants import (BYTES_PER_WORD, E4M3_MAX, E4M3_MIN_SUBNORMAL, TMA_ALIGN,  # noqa: F401 - re-exported
-                        UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN, align)
+                        UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN, align, ceil_div, mn_major_strides,
+                        num_scale_groups, packed_words)
 
 
 _MANTISSA_MASK = (1 << 23) - 1
@@ -122,7 +127,7 @@ def pack_ue8m0(b: paddle.Tensor) -> paddle.Tensor:
     """
     check_tensor(b, "b", dtypes=(paddle.uint8,), min_ndim=1)
     g = int(b.shape[-1])
-    words = -(-g // BYTES_PER_WORD)
+    words = packed_words(g)
     v = b.astype(paddle.int64)
     if words * BYTES_PER_WORD != g:
         pad = paddle.zeros(list(b.shape[:-1]) + [words * BYTES_PER_WORD - g], dtype=paddle.int64)
@@ -187,12 +192,11 @@ class MNMajorScale:
     @property
     def strides(self) -> tuple[int, int, int]:
         """Element strides of the logical view: (C * align(MN, 4), 1, align(MN, 4))."""
-        _, c, mn_pad = self.physical.shape
-        return (int(c) * int(mn_pad), 1, int(mn_pad))
+        return mn_major_strides(self.mn, int(self.physical.shape[1]))
 
     def logical_view(self) -> paddle.Tensor:
         """[B, MN, C] strided view of the physical buffer (no copy)."""
-        return paddle.as_strided(self.physical, self.shape, list(self.strides))
+        return mn_major_view(self.physical, self.mn)
 
     def to_contiguous(self) -> paddle.Tensor:
         """[B, MN, C] contiguous copy of the logical tensor."""
@@ -212,3 +216,52 @@ def to_mn_major_tma_aligned(scale: paddle.Tensor) -> MNMajorScale:
     if mn_pad != mn:
         physical = paddle.concat([physical, paddle.zeros([b, c, mn_pad - mn], dtype=s.dtype)], axis=2)
     return MNMajorScale(physical.contiguous(), mn)
+
+
+def mn_major_view(physical: paddle.Tensor, mn: int) -> paddle.Tensor:
+    """physical [B, C, align(MN, 4)] -> the logical [B, MN, C] strided view (no copy), strides
+    (C · align(MN, 4), 1, align(MN, 4)): what the ops contract passes as an MN-major scale."""
+    b, c, _ = (int(d) for d in physical.shape)
+    return paddle.as_strided(physical, [b, int(mn), c], list(mn_major_strides(mn, c)))
+
+
+def to_mn_major_view(scale: paddle.Tensor) -> paddle.Tensor:
+    """scale [B, MN, C] or [MN, C] contiguous -> its MN-major TMA-aligned copy as the logical strided view
+    (`to_mn_major_tma_aligned(scale).logical_view()`)."""
+    return to_mn_major_tma_aligned(scale).logical_view()
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8 rows as bytes: Paddle's CPU kernels have no float8 gather/concat, so fp8 moves as uint8
+# ---------------------------------------------------------------------------------------------
+
+def as_bytes(x: paddle.Tensor) -> paddle.Tensor:
+    """x [...] float8_e4m3fn -> the same bytes as uint8 (a view); any other dtype unchanged."""
+    return x.view(paddle.uint8) if x.dtype == paddle.float8_e4m3fn else x
+
+
+def from_bytes(b: paddle.Tensor, dtype) -> paddle.Tensor:
+    """Inverse of as_bytes: uint8 bytes back to float8_e4m3fn when dtype is fp8; otherwise b unchanged."""
+    return b.view(paddle.float8_e4m3fn) if dtype == paddle.float8_e4m3fn else b
+
+
+def concat_rows(tensors: list[paddle.Tensor]) -> paddle.Tensor:
+    """Row-wise concatenation of [N_i, C] tensors of one dtype, fp8 included (moved as bytes).
+    Empty pieces are skipped (all empty: the first one is returned)."""
+    dtype = tensors[0].dtype
+    pieces = [as_bytes(t) for t in tensors if int(t.shape[0]) > 0]
+    if not pieces:
+        return tensors[0]
+    return from_bytes(paddle.concat(pieces, axis=0) if len(pieces) > 1 else pieces[0], dtype)
+
+
+def gather_rows_zero_fill(x: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
+    """x [N, C] any dtype, src [R] int64: a row of x, or -1 (or N) for a zero row -> [R, C].
+
+    A zero row is appended to x before the gather, which also keeps the source non-empty
+    (Paddle's CPU gather reads out of bounds from an empty source instead of failing).
+    """
+    data = as_bytes(x)
+    padded = paddle.concat([data, paddle.zeros([1, int(x.shape[1])], dtype=data.dtype)], axis=0)
+    index = paddle.where(src >= 0, src, paddle.full_like(src, int(x.shape[0])))
+    return from_bytes(paddle.gather(padded, index, axis=0), x.dtype)

@@ -17,9 +17,8 @@ from typing import NamedTuple
 
 from ._paddle import paddle
 from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_nonnegative_int,
-                     check_positive_int, check_tensor)
-from .fp8 import BYTES_PER_WORD, MNMajorScale, to_mn_major_tma_aligned
-from .quant import GROUP_SIZE
+                     check_positive_int, check_same_shape, check_tensor)
+from .fp8 import MNMajorScale, gather_rows_zero_fill, num_scale_groups, packed_words, to_mn_major_tma_aligned
 
 CONTIGUOUS_SEGMENT_ALIGN = 128   # DeepGEMM's contiguous grouped GEMM: each expert's rows padded to the M block
 
@@ -76,9 +75,9 @@ def _check_x_and_scale(x, scale, topk_ids):
         return
     check_tensor(scale, "scale", dtypes=_SCALE_DTYPES, ndim=2)
     check_dim(scale, 0, int(x.shape[0]), "scale", "W (rows of x)")
-    groups = -(-int(x.shape[1]) // GROUP_SIZE)
+    groups = num_scale_groups(int(x.shape[1]))
     if scale.dtype == paddle.int32:
-        check_dim(scale, 1, -(-groups // BYTES_PER_WORD), "scale", "ceil(S/4) packed UE8M0 words")
+        check_dim(scale, 1, packed_words(groups), "scale", "ceil(S/4) packed UE8M0 words")
     else:
         check_dim(scale, 1, groups, "scale", "S = ceil(H/128)")
 
@@ -98,19 +97,6 @@ def _slots_in_expert(ids: paddle.Tensor, num_local_experts: int):
     slot_sorted = paddle.arange(n, dtype=paddle.int64) - paddle.gather(starts, paddle.gather(key, order))
     slot = paddle.scatter(paddle.zeros([n], dtype=paddle.int64), order, slot_sorted)
     return slot, counts.astype(paddle.int64)
-
-
-def gather_rows_zero_fill(x: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
-    """x [N, C] any dtype, src [R] int64 row of x or -1 -> [R, C]; rows with src = -1 are zero.
-
-    fp8 rows move as raw bytes (Paddle's CPU gather has no float8 kernel).
-    """
-    is_fp8 = x.dtype == paddle.float8_e4m3fn
-    data = x.view(paddle.uint8) if is_fp8 else x
-    padded = paddle.concat([data, paddle.zeros([1, int(x.shape[1])], dtype=data.dtype)], axis=0)
-    index = paddle.where(src >= 0, src, paddle.full_like(src, int(x.shape[0])))
-    out = paddle.gather(padded, index, axis=0)
-    return out.view(paddle.float8_e4m3fn) if is_fp8 else out
 
 
 def _scatter_sources(dest: paddle.Tensor, valid: paddle.Tensor, num_rows: int, k: int) -> paddle.Tensor:
@@ -209,9 +195,7 @@ def weighted_gather_combine(rows: paddle.Tensor, indice_map: paddle.Tensor, topk
     check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES, ndim=2)
     w_rows = check_nonnegative_int(num_worst_tokens, "num_worst_tokens")   # W = 0: no tokens on this rank
     check_dim(indice_map, 0, w_rows, "indice_map", "num_worst_tokens")
-    if list(topk_weights.shape) != list(indice_map.shape):
-        raise ValueError(f"topk_weights: expected shape {list(indice_map.shape)} (as indice_map), "
-                         f"got {list(topk_weights.shape)}")
+    check_same_shape(topk_weights, "topk_weights", indice_map, "indice_map")
     n = int(rows.shape[0])
     idx = check_ids_in_range(indice_map, "indice_map", n, "values", note=f" (rows of {rows_name})")
     weights = topk_weights.astype(paddle.float32)

@@ -18,9 +18,10 @@ import dataclasses
 import numpy as np
 
 from ._paddle import paddle
-from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_distinct_experts, check_finite, check_ids_in_range,
-                     check_positive_int, check_tensor)
-from .fp8 import pack_scale_ue8m0, to_mn_major_tma_aligned, unpack_scale_ue8m0  # noqa: F401  (re-exported)
+from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_distinct_experts, check_finite, check_ids_in_range, check_positive_int,
+                     check_same_shape, check_tensor)
+from .ep import ep_combine, ep_dispatch
+from .fp8 import concat_rows, pack_scale_ue8m0, to_mn_major_tma_aligned, unpack_scale_ue8m0  # noqa: F401  (re-exported)
 from .layout import (CONTIGUOUS_SEGMENT_ALIGN, ContiguousLayout, MaskedLayout, depermute_contiguous_combine,
                      depermute_prefill_combine, permute_to_contiguous, prefill_permute_to_masked_gemm)
 from .quant import (DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE, dequant_per_block,
@@ -180,9 +181,7 @@ def _check_layer_args(x, topk_weights, topk_ids, num_experts: int, hidden_size: 
     check_tensor(topk_ids, "topk_ids", dtypes=INT_DTYPES, ndim=2)
     check_tensor(topk_weights, "topk_weights", dtypes=FLOAT_DTYPES, ndim=2)
     check_dim(topk_ids, 0, int(x.shape[0]), "topk_ids", f"T (rows of {x_name})")
-    if list(topk_weights.shape) != list(topk_ids.shape):
-        raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
-                         f"got {list(topk_weights.shape)}")
+    check_same_shape(topk_weights, "topk_weights", topk_ids, "topk_ids")
     check_ids_in_range(topk_ids, "topk_ids", num_experts, "expert ids", f"E={num_experts}")
     check_distinct_experts(topk_ids, "topk_ids")
 
@@ -303,9 +302,7 @@ def _rows_to_buffer(pieces: list[tuple[int, paddle.Tensor]], starts: list[int], 
         parts.append(paddle.zeros([total_rows - cursor, width], dtype=dtype))
     if not parts:
         return paddle.zeros([total_rows, width], dtype=dtype)
-    if dtype == paddle.float8_e4m3fn:
-        return paddle.concat([p.view(paddle.uint8) for p in parts], axis=0).view(paddle.float8_e4m3fn)
-    return paddle.concat(parts, axis=0)
+    return concat_rows(parts)
 
 
 def expert_ffn_fp8(a_q: paddle.Tensor, a_scale: paddle.Tensor, w_up: paddle.Tensor, w_down: paddle.Tensor,
@@ -320,6 +317,51 @@ def expert_ffn_fp8(a_q: paddle.Tensor, a_scale: paddle.Tensor, w_up: paddle.Tens
     act, act_scale = swiglu_fp8_quant_rows(gemm1, use_ue8m0)
     gemm2 = paddle.matmul(dequant_per_token_group(act, act_scale), w_down, transpose_y=True).astype(paddle.bfloat16)
     return gemm1, act, act_scale, gemm2
+
+
+@dataclasses.dataclass
+class _ExpertRows:
+    """One permuted layout seen as flat rows: expert e's valid rows are rows[starts[e]: starts[e] + counts[e]]
+    of rows_x [total, H] fp8 and rows_scale [total, S'] (row-major)."""
+    layout: MaskedLayout | ContiguousLayout
+    rows_x: paddle.Tensor
+    rows_scale: paddle.Tensor
+    counts: list[int]
+    starts: list[int]
+    total: int
+
+
+def _permute_rows(x_q, x_scale_op, topk_ids, num_experts: int, layout: str, m: int) -> _ExpertRows:
+    """Permute (SPEC §5) in the masked or contiguous layout, and flatten it to expert row ranges."""
+    hidden = int(x_q.shape[1])
+    if layout == "masked":
+        lay = prefill_permute_to_masked_gemm(x_q, x_scale_op, topk_ids, num_experts, m)
+        rows_scale = lay.permute_scale.physical.transpose([0, 2, 1])[:, :m, :].reshape([num_experts * m, -1])
+        counts = [int(c) for c in lay.token_nums_per_expert.flatten().tolist()]
+        return _ExpertRows(lay, lay.permute_x.reshape([num_experts * m, hidden]), rows_scale, counts,
+                           [e * m for e in range(num_experts)], num_experts * m)
+    lay = permute_to_contiguous(x_q, x_scale_op, topk_ids, num_experts)
+    counts = [int(c) for c in lay.token_nums_per_expert.flatten().tolist()]
+    padded = [-(-c // CONTIGUOUS_SEGMENT_ALIGN) * CONTIGUOUS_SEGMENT_ALIGN for c in counts]
+    starts = [int(s) for s in np.concatenate([[0], np.cumsum(padded)[:-1]])]
+    return _ExpertRows(lay, lay.permute_x, lay.permute_scale, counts, starts, int(lay.permute_x.shape[0]))
+
+
+def _run_experts(rows: _ExpertRows, qw: QuantizedMoEWeights) -> list:
+    """expert_ffn_fp8 on each expert's valid rows -> per expert (gemm1, act, act_scale, gemm2) or None."""
+    up_f32, down_f32 = qw.dequantized()
+    groups = -(-qw.hidden_size // GROUP_SIZE)
+    results = []
+    for e in range(qw.num_experts):              # one GEMM pair per expert, on its valid rows only
+        n, start = rows.counts[e], rows.starts[e]
+        if n == 0:
+            results.append(None)
+            continue
+        a_scale = rows.rows_scale[start: start + n]
+        if qw.use_ue8m0:
+            a_scale = unpack_scale_ue8m0(a_scale, groups)
+        results.append(expert_ffn_fp8(rows.rows_x[start: start + n], a_scale, up_f32[e], down_f32[e], qw.use_ue8m0))
+    return results
 
 
 def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights: paddle.Tensor,
@@ -340,42 +382,16 @@ def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights:
     check_tensor(x_q, "x_q", dtypes=(paddle.float8_e4m3fn,), ndim=2)
     check_dim(x_q, 1, hidden, "x_q", "H (columns of w_up)")
     w_rows = int(x_q.shape[0])
-    groups = -(-hidden // GROUP_SIZE)
     m = max(w_rows, 1) if max_token_num is None else max_token_num
-    up_f32, down_f32 = qw.dequantized()
-
-    if layout == "masked":
-        lay = prefill_permute_to_masked_gemm(x_q, x_scale_op, topk_ids, num_experts, m)
-        rows_x = lay.permute_x.reshape([num_experts * m, hidden])
-        rows_scale = lay.permute_scale.physical.transpose([0, 2, 1])[:, :m, :].reshape([num_experts * m, -1])
-        counts = [int(c) for c in lay.token_nums_per_expert.flatten().tolist()]
-        starts = [e * m for e in range(num_experts)]
-        total = num_experts * m
-    else:
-        lay = permute_to_contiguous(x_q, x_scale_op, topk_ids, num_experts)
-        rows_x, rows_scale = lay.permute_x, lay.permute_scale
-        counts = [int(c) for c in lay.token_nums_per_expert.flatten().tolist()]
-        padded = [-(-c // CONTIGUOUS_SEGMENT_ALIGN) * CONTIGUOUS_SEGMENT_ALIGN for c in counts]
-        starts = [int(s) for s in np.concatenate([[0], np.cumsum(padded)[:-1]])]
-        total = int(rows_x.shape[0])
-
-    results = []
-    for e in range(num_experts):                 # one GEMM pair per expert, on its valid rows only
-        n = counts[e]
-        if n == 0:
-            results.append(None)
-            continue
-        a_q = rows_x[starts[e]: starts[e] + n]
-        a_scale = rows_scale[starts[e]: starts[e] + n]
-        if qw.use_ue8m0:
-            a_scale = unpack_scale_ue8m0(a_scale, groups)
-        results.append(expert_ffn_fp8(a_q, a_scale, up_f32[e], down_f32[e], qw.use_ue8m0))
+    rows = _permute_rows(x_q, x_scale_op, topk_ids, num_experts, layout, m)
+    results = _run_experts(rows, qw)
 
     def buffer(j: int, width: int, dtype) -> paddle.Tensor:
-        pieces = [(0, None) if r is None else (counts[e], r[j]) for e, r in enumerate(results)]
-        return _rows_to_buffer(pieces, starts, total, width, dtype)
+        pieces = [(0, None) if r is None else (rows.counts[e], r[j]) for e, r in enumerate(results)]
+        return _rows_to_buffer(pieces, rows.starts, rows.total, width, dtype)
 
     gemm2_out = buffer(3, hidden, paddle.bfloat16)
+    lay = rows.layout
     if layout == "masked":
         out = depermute_prefill_combine(gemm2_out.reshape([num_experts, m, hidden]), lay.permuted_indice_map,
                                         topk_weights, w_rows)
@@ -384,7 +400,7 @@ def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights:
     if not return_trace:
         return out
 
-    shape = (lambda width: [num_experts, m, width]) if layout == "masked" else (lambda width: [total, width])
+    shape = (lambda width: [num_experts, m, width]) if layout == "masked" else (lambda width: [rows.total, width])
     act_groups = -(-inter // GROUP_SIZE)
     trace = MoEFP8Trace(
         x_q=x_q, x_scale=None, x_scale_op=x_scale_op, layout=lay,
@@ -477,8 +493,6 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
     bf16 partials. W = num_worst_tokens defaults to Σ_s T_s (nothing can overflow).
     For R = 1 the result equals moe_forward_fp8 on the same tokens exactly.
     """
-    from .ep import ep_combine, ep_dispatch       # ep imports layout only; imported here to keep moe's top light
-
     if not isinstance(x, (list, tuple)) or len(x) == 0:
         raise TypeError("x: expected a non-empty list with one [T, H] tensor per rank")
     num_ranks = len(x)

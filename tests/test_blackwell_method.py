@@ -26,8 +26,7 @@ import pytest
 
 from backend import ops
 from backend.moe import blackwell_method as bm
-from backend.moe.blackwell_method import (BlackwellGemmFusedMoeMethod, forward_buffer_bytes, pack_row_scales_ue8m0,
-                                          quantize_weight_blocks_ue8m0)
+from backend.moe.blackwell_method import BlackwellGemmFusedMoeMethod
 from backend.moe.ep_runner import InProcessEPGroup, SingleRankEPRunner
 from backend.moe.layer import FusedMoE
 from backend.quantization import BlockWiseFP8Config
@@ -68,9 +67,7 @@ class Model:
     def layer(self, ckpt, k=K_TOP, ep_size=1, ep_rank=0, **kw):
         layer = FusedMoE(self.e, k, self.h, self.i, BlockWiseFP8Config(is_checkpoint_bf16=ckpt == "bf16"),
                          ep_size=ep_size, ep_rank=ep_rank, **kw)
-        a, b = layer.local_expert_range()
-        tensors = self.bf16 if ckpt == "bf16" else self.fp8
-        layer.load_weights(*[t[a:b] for t in tensors])
+        layer.load_global_weights(*(self.bf16 if ckpt == "bf16" else self.fp8))
         return layer
 
 
@@ -360,16 +357,6 @@ def test_weight_processing_errors(model):
     with pytest.raises(ValueError, match=r"up_gate_proj_weight_scale: expected finite scales > 0, got 0.0 at index \(1, 0, 0\)"):
         fp8.load_weights(up.astype(paddle.float8_e4m3fn), down.astype(paddle.float8_e4m3fn), scale,
                          paddle.ones([2, 1, 1]))
-    with pytest.raises(ValueError, match="powers of two"):
-        pack_row_scales_ue8m0(paddle.full([1, 1, 1], 0.75), 4)
-
-
-def test_weight_quantizer_matches_reference_on_ragged_shapes():
-    w = paddle.to_tensor(np.random.default_rng(8).normal(0, 0.5, size=(200, 72)).astype(np.float32))
-    q, s = quantize_weight_blocks_ue8m0(w)
-    q_ref, s_ref = quant.per_block_quant(w, use_ue8m0=True)
-    np.testing.assert_array_equal(q.view(paddle.uint8).numpy(), q_ref.view(paddle.uint8).numpy())
-    np.testing.assert_array_equal(s.numpy(), s_ref.numpy())
 
 
 # ---------------------------------------------------------------------- argument checks and sizing
@@ -416,18 +403,8 @@ def test_upstream_path_names(model):
         method.apply_ep_decode(prefill, x, (tw, ti), SingleRankEPRunner(E))
 
 
-def test_forward_buffer_bytes():
-    # SPEC §13: upstream zero-fills E·M·2I bf16 every call: 17.2 GB at E=32, M=65536, I=2048
-    sizes = forward_buffer_bytes(32, 65536, 7168, 2048)
-    assert sizes["upstream"]["zero_filled"] == 32 * 65536 * 4096 * 2 == 17_179_869_184
-    assert sizes["ours"]["zero_filled"] == 0
-    assert sizes["ours"]["up_gate_proj_out [E·M, 2I] bf16"] == 17_179_869_184
-    assert sizes["ours"]["total"] == sizes["upstream"]["total"] > 17_179_869_184
-    assert sizes["gemm_written_valid_rows"] is None
-    reuse = forward_buffer_bytes(4, 100, 512, 256, num_worst_tokens=50, top_k=8, valid_rows=70)
-    assert reuse["ours"]["ffn_out [E·M, H] bf16"] == 0                    # H == 2I: GEMM 2 reuses GEMM 1's buffer
-    assert reuse["ours"]["partial [W, H] bf16"] == 50 * 512 * 2
-    assert reuse["gemm_written_valid_rows"] == 70 * (512 + 512) * 2
+def test_forward_buffer_bytes_of_the_layer():
+    """The method's wrapper of backend.moe.memory.forward_buffer_bytes (tests/test_memory.py) picks M per path."""
     layer = FusedMoE(16, 8, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=True), ep_size=2,
                      max_tokens_per_rank=1024, num_max_dispatch_tokens_per_rank=128)
     method = layer.quant_method

@@ -1,5 +1,5 @@
 """Expert parallelism over real processes: `PaddleDistributedEPRunner` on Paddle's gloo backend,
-launched by `backend.moe.ep_launch` (R spawned CPU processes, free ports).
+launched by the harness tests/ep_harness.py (R spawned CPU processes, free ports).
 
 Every check compares against the in-process simulation with the same R bit for bit
 (docs/design.md "Expert-parallel semantics, exact"): the layer output of every rank (ht and ll),
@@ -17,8 +17,8 @@ import numpy as np
 import paddle
 import pytest
 
-from backend.moe import ep_launch
-from backend.moe.ep_launch import INJECTED_FAILURE, launch, simulate
+import ep_harness
+from ep_harness import INJECTED_FAILURE, launch, simulate
 
 CFG = dict(tokens=6, hidden=256, intermediate=128, experts_per_rank=2, top_k=2, seed=0, fail_rank=1,
            collective_timeout_s=60.0)
@@ -99,12 +99,12 @@ def _check_exchange_against_moe_ref(got, world_size: int) -> None:
     from moe_ref.ep import ep_combine, ep_dispatch
     from moe_ref.quant import per_token_group_quant
 
-    cases = [ep_launch.make_case("exchange", world_size, r, CFG) for r in range(world_size)]
+    cases = [ep_harness.make_case("exchange", world_size, r, CFG) for r in range(world_size)]
     quant = [per_token_group_quant(c["x"]) for c in cases]
     w = cases[0]["layer"]["num_worst_tokens"]
     outs = ep_dispatch([q for q, _ in quant], [s for _, s in quant], [c["topk_ids"] for c in cases],
                        [c["topk_weights"] for c in cases], CFG["experts_per_rank"], w)
-    combined = ep_combine([ep_launch.exchange_partial(o.recv_x, r) for r, o in enumerate(outs)], outs[0].handle)
+    combined = ep_combine([ep_harness.exchange_partial(o.recv_x, r) for r, o in enumerate(outs)], outs[0].handle)
     for r, o in enumerate(outs):
         have = got[r]["exchange"]
         assert have["num_recv_tokens"] == o.num_recv_tokens
@@ -142,7 +142,7 @@ def _die_without_a_word(world_size, rank, cfg):
                                        timeout_s=cfg["collective_timeout_s"])
     if rank == 1:
         os._exit(3)               # a crash that reports nothing (segfault, OOM kill)
-    return ep_launch.run_scenarios(world_size, rank, cfg, runner)
+    return ep_harness.run_scenarios(world_size, rank, cfg, runner)
 
 
 @pytest.mark.slow
@@ -234,7 +234,7 @@ def test_torch_port_of_the_exchange_matches_moe_ref_ep():
         assert np.array_equal(sc, o.recv_x_scale.numpy())
         assert np.array_equal(ids, o.recv_topk_ids.numpy())
         assert np.array_equal(wts.view(np.uint32), o.recv_topk_weights.numpy().view(np.uint32))
-    combined = ep_combine([ep_launch.exchange_partial(o.recv_x, r) for r, o in enumerate(outs)], outs[0].handle)
+    combined = ep_combine([ep_harness.exchange_partial(o.recv_x, r) for r, o in enumerate(outs)], outs[0].handle)
     for s in range(world):
         assert np.array_equal(t_out[s].view(torch.int16).numpy(), combined[s].numpy().view(np.int16))
 

@@ -178,3 +178,21 @@ def test_mn_major_tma_aligned_layout():
     assert fp8.to_mn_major_tma_aligned(s[0]).shape == [1, 5, 3]
     with pytest.raises(ValueError, match="scale: expected rank"):
         fp8.to_mn_major_tma_aligned(paddle.ones([3]))
+
+
+def test_storage_helpers_gather_concat_and_mn_major_view():
+    x = paddle.to_tensor(np.array([[1.5, -2.0], [448.0, 0.25]], dtype=np.float32)).astype(paddle.float8_e4m3fn)
+    got = fp8.gather_rows_zero_fill(x, paddle.to_tensor([1, -1, 0, 2], dtype=paddle.int64))
+    assert got.dtype == paddle.float8_e4m3fn                        # fp8 moved as bytes, not converted
+    bits = got.view(paddle.uint8).numpy()
+    np.testing.assert_array_equal(bits[[0, 2]], x.view(paddle.uint8).numpy()[[1, 0]])
+    assert not bits[[1, 3]].any()                                   # -1 and N both select the zero row
+    empty = fp8.gather_rows_zero_fill(paddle.zeros([0, 3], dtype=paddle.int32), paddle.full([2], -1, dtype=paddle.int64))
+    assert list(empty.shape) == [2, 3] and not empty.numpy().any()  # an empty source still gives zero rows
+    cat = fp8.concat_rows([x[:0], x, x[1:]])
+    assert cat.dtype == paddle.float8_e4m3fn and list(cat.shape) == [3, 2]
+    np.testing.assert_array_equal(cat.view(paddle.uint8).numpy()[2], x.view(paddle.uint8).numpy()[1])
+    s = paddle.arange(2 * 5 * 3, dtype=paddle.int32).reshape([2, 5, 3])
+    view = fp8.to_mn_major_view(s)
+    np.testing.assert_array_equal(view.numpy(), s.numpy())
+    assert tuple(view.strides) == fp8.mn_major_strides(5, 3) == (24, 1, 8)

@@ -18,142 +18,31 @@ ours run the same masked chain everywhere, which is why FD_USE_DEEP_GEMM is not 
 
 Buffers: the GEMM outputs are allocated with `paddle.empty`, never zero-filled: the provider
 writes only the valid rows (SPEC §6) and every later op reads only those. Upstream zero-fills
-an E·M·2I bf16 buffer every call (SPEC §13); `forward_buffer_bytes` reports both sizings.
+an E·M·2I bf16 buffer every call (SPEC §13); `backend.moe.memory.forward_buffer_bytes` reports both sizings.
+
+The weight quantization at load lives in `backend.moe.quantize`, the memory report in
+`backend.moe.memory`, upstream's names of the three paths in `backend.moe.upstream`.
 """
 from __future__ import annotations
 
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_distinct_experts, check_ids_in_range, check_tensor
-from moe_ref.fp8 import BYTES_PER_WORD, E4M3_MAX, TMA_ALIGN, UE8M0_MAX_EXP, UE8M0_MIN_EXP, align
-from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, GROUP_SIZE
+from moe_ref.checks import check_dim, check_distinct_experts, check_ids_in_range, check_same_shape, check_tensor
+from moe_ref.constants import GROUP_SIZE, num_scale_groups
 
-from ..ops.cutlass_sf import SF_TILE_ROWS
+from .. import ops
+from .memory import forward_buffer_bytes
+from .quantize import dequantize_weight_blocks, pack_row_scales_ue8m0, quantize_tokens, quantize_weight_blocks_ue8m0
+from .upstream import UpstreamPathNames
 
 FP8 = paddle.float8_e4m3fn
 _ID_DTYPES = (paddle.int32, paddle.int64)
 
 
-# ---------------------------------------------------------------------- weight quantization (load time)
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def quantize_weight_blocks_ue8m0(w: paddle.Tensor, amax_floor: float = DEEPGEMM_AMAX_FLOOR):
-    """128x128 block quantization of one expert's weight with UE8M0 scales (SPEC §3).
-
-    w [N, K] float32 -> (q [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] float32 powers of two).
-    amax = max(|block|, amax_floor); s = smallest power of two >= amax / 448 (exponent field,
-    plus one when the mantissa is non-zero, clamped to UE8M0's 2^-126..2^127); q = e4m3(clamp(w / s)).
-    Ragged edges are zero-padded for the amax. Non-finite input is a ValueError.
-    """
-    n, k = (int(d) for d in w.shape)
-    if not bool(paddle.isfinite(w).all()):
-        bad = np.argwhere(~np.isfinite(w.numpy()))[0]
-        raise ValueError(f"w: non-finite value at index {tuple(int(i) for i in bad)}")
-    nb, kb = _ceil_div(n, GROUP_SIZE), _ceil_div(k, GROUP_SIZE)
-    wp = w
-    if kb * GROUP_SIZE != k:
-        wp = paddle.concat([wp, paddle.zeros([n, kb * GROUP_SIZE - k], dtype=wp.dtype)], axis=1)
-    if nb * GROUP_SIZE != n:
-        wp = paddle.concat([wp, paddle.zeros([nb * GROUP_SIZE - n, kb * GROUP_SIZE], dtype=wp.dtype)], axis=0)
-    blocks = wp.reshape([nb, GROUP_SIZE, kb, GROUP_SIZE])
-    amax = paddle.clip(blocks.abs().max(axis=[1, 3]), min=float(amax_floor))             # [nb, kb]
-    bits = (amax / E4M3_MAX).view(paddle.int32)
-    exp = paddle.bitwise_right_shift(bits, paddle.full_like(bits, 23))
-    exp = exp + (paddle.bitwise_and(bits, paddle.full_like(bits, (1 << 23) - 1)) != 0).astype(paddle.int32)
-    exp = paddle.clip(exp, UE8M0_MIN_EXP, UE8M0_MAX_EXP)
-    scale = paddle.bitwise_left_shift(exp, paddle.full_like(exp, 23)).view(paddle.float32)
-    q = paddle.clip(blocks / scale.reshape([nb, 1, kb, 1]), -E4M3_MAX, E4M3_MAX)
-    q = q.reshape([nb * GROUP_SIZE, kb * GROUP_SIZE])[:n, :k].astype(FP8)
-    return q, scale
-
-
-def dequantize_weight_blocks(q: paddle.Tensor, scale: paddle.Tensor) -> paddle.Tensor:
-    """q [N, K] fp8, scale [ceil(N/128), ceil(K/128)] float32 -> [N, K] float32 q · s."""
-    n, k = (int(d) for d in q.shape)
-    s = paddle.repeat_interleave(paddle.repeat_interleave(scale, GROUP_SIZE, axis=0), GROUP_SIZE, axis=1)
-    return q.astype(paddle.float32) * s[:n, :k]
-
-
-def pack_row_scales_ue8m0(scale: paddle.Tensor, num_rows: int) -> paddle.Tensor:
-    """Per-row packed UE8M0 weight scales for SM100 (SPEC §3 end, §2).
-
-    scale [E, ceil(N/128), KB] float32 powers of two -> [E, N, ceil(KB/4)] int32 contiguous:
-    sf_row[n, kb] = scale[n // 128, kb], its exponent byte (log2 s + 127) packed 4 to a word,
-    little-endian, missing groups byte 0. A scale that is not a power of two is a ValueError
-    (taking the exponent of one would round it down: SPEC §2).
-    """
-    bits = scale.view(paddle.int32).numpy()
-    if ((bits & ((1 << 23) - 1)) != 0).any() or ((bits >> 23) < UE8M0_MIN_EXP).any() \
-            or ((bits >> 23) > UE8M0_MAX_EXP).any():
-        raise ValueError("scale: UE8M0 packing needs positive normal powers of two")
-    exp_bytes = (bits >> 23).astype(np.uint8)                                         # [E, nb, KB]
-    rows = np.repeat(exp_bytes, GROUP_SIZE, axis=1)[:, :num_rows, :]                  # [E, N, KB]
-    e, _, kbn = rows.shape
-    words = _ceil_div(kbn, BYTES_PER_WORD)
-    padded = np.zeros([e, num_rows, words * BYTES_PER_WORD], dtype=np.uint8)
-    padded[..., :kbn] = rows
-    return paddle.to_tensor(padded.view("<i4").astype(np.int32))
-
-
-# ---------------------------------------------------------------------- buffer sizing
-
-def forward_buffer_bytes(num_local_experts: int, max_m_per_expert: int, hidden_size: int,
-                         moe_intermediate_size: int, *, num_worst_tokens: int | None = None,
-                         top_k: int | None = None, valid_rows: int | None = None) -> dict:
-    """Bytes one forward of the masked chain allocates, ours next to upstream's (PR #7053).
-
-    E = num_local_experts, M = max_m_per_expert, H, I; W = num_worst_tokens and K_top = top_k add the
-    token-row tensors (x_q, dispatch output, indice map, partial); valid_rows (Σ masked_m) adds the
-    bytes the two GEMMs actually write. Returns
-    {"ours": {buffer: bytes, ..., "total", "zero_filled"}, "upstream": {..., "total", "zero_filled"},
-     "gemm_written_valid_rows": bytes or None}.
-
-    Both allocate the same masked buffers (they are the layout's worst case: every row on one
-    expert). The difference is the memset: upstream zero-fills up_gate_proj_out (E·M·2I bf16)
-    every call, 17.2 GB at E=32, M=65536, I=2048 (SPEC §13), and allocates a separate E·M·H bf16
-    output unless H == 2I; ours zero-fills nothing (paddle.empty; the provider writes valid rows
-    only) and reuses the GEMM 1 buffer for GEMM 2 when H == 2I, as upstream does.
-    """
-    e, m, h, i = (int(v) for v in (num_local_experts, max_m_per_expert, hidden_size, moe_intermediate_size))
-    c_h = _ceil_div(_ceil_div(h, GROUP_SIZE), BYTES_PER_WORD)       # packed UE8M0 words per row, K = H
-    c_i = _ceil_div(_ceil_div(i, GROUP_SIZE), BYTES_PER_WORD)       # K = I
-    m_tma, m_sf = align(m, TMA_ALIGN), align(m, SF_TILE_ROWS)
-    masked = {
-        "permute_x [E, M, H] fp8": e * m * h,
-        "permute_scale [E, C_H, align(M,4)] int32": e * c_h * m_tma * 4,
-        "sfa GEMM1 [E, align(M,128), 16 C_H] uint8": e * m_sf * 16 * c_h,
-        "up_gate_proj_out [E·M, 2I] bf16": e * m * 2 * i * 2,
-        "act [E, M, I] fp8": e * m * i,
-        "act_scale [E, C_I, align(M,4)] int32": e * c_i * m_tma * 4,
-        "sfa GEMM2 [E, align(M,128), 16 C_I] uint8": e * m_sf * 16 * c_i,
-        "ffn_out [E·M, H] bf16": 0 if h == 2 * i else e * m * h * 2,
-    }
-    rows = {}
-    if num_worst_tokens is not None:
-        w = int(num_worst_tokens)
-        rows["recv_x [W, H] fp8 + recv_x_scale [W, C_H] int32"] = w * h + w * c_h * 4
-        rows["partial [W, H] bf16"] = w * h * 2
-        if top_k is not None:
-            rows["indice_map [W, K_top] int32 + recv ids/weights"] = w * int(top_k) * (4 + 8 + 4)
-    ours = {**masked, **rows}
-    ours["total"] = sum(ours.values())
-    ours["zero_filled"] = 0
-    upstream = dict(masked)
-    upstream["ffn_out [E·M, H] bf16"] = 0 if h == 2 * i else e * m * h * 2
-    upstream.update(rows)
-    upstream["total"] = sum(upstream.values())
-    upstream["zero_filled"] = e * m * 2 * i * 2
-    written = None if valid_rows is None else int(valid_rows) * (2 * i + h) * 2
-    return {"ours": ours, "upstream": upstream, "gemm_written_valid_rows": written}
-
-
 # ---------------------------------------------------------------------- the method
 
-class BlackwellGemmFusedMoeMethod:
+class BlackwellGemmFusedMoeMethod(UpstreamPathNames):
     """Fused MoE on FP8 e4m3 weights with 128x128 UE8M0 block scales and 1x128 UE8M0 activations.
 
     Weight attributes after `process_weights_after_loading` (X = up_gate_proj with N = 2I, K = H,
@@ -221,7 +110,7 @@ class BlackwellGemmFusedMoeMethod:
             param.stop_gradient = True
             setattr(layer, f"{w}_weight", param)
             if not bf16:
-                scale = layer.create_parameter(shape=[e, _ceil_div(n, GROUP_SIZE), _ceil_div(k, GROUP_SIZE)],
+                scale = layer.create_parameter(shape=[e, num_scale_groups(n), num_scale_groups(k)],
                                                dtype=paddle.float32,
                                                default_initializer=paddle.nn.initializer.Constant(1.0))
                 scale.stop_gradient = True
@@ -233,8 +122,6 @@ class BlackwellGemmFusedMoeMethod:
         build the per-row packed scales and CUTLASS SF bytes. Expert by expert: the extra memory is one
         expert's weight in float32 plus the new FP8 weights (the checkpoint tensors are released when
         the new parameters replace them). Calling it twice is an error (the weights are FP8 then)."""
-        from .. import ops
-
         if getattr(self, "_processed", False):
             raise RuntimeError("process_weights_after_loading: already called for this layer")
         provider = ops.get_provider()
@@ -284,9 +171,7 @@ class BlackwellGemmFusedMoeMethod:
         check_tensor(topk_ids, "topk_ids", dtypes=_ID_DTYPES, ndim=2)
         check_dim(topk_ids, 0, t, "topk_ids", "T (rows of x)")
         check_dim(topk_ids, 1, layer.top_k, "topk_ids", "K_top (layer.top_k)")
-        if list(topk_weights.shape) != list(topk_ids.shape):
-            raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
-                             f"got {list(topk_weights.shape)}")
+        check_same_shape(topk_weights, "topk_weights", topk_ids, "topk_ids")
         ids = check_ids_in_range(topk_ids, "topk_ids", layer.num_experts, "global expert ids",
                                  f"num_experts = {layer.num_experts}")
         check_distinct_experts(ids, "topk_ids")
@@ -309,8 +194,6 @@ class BlackwellGemmFusedMoeMethod:
         topk_ids [T, K_top] int64 global ids or -1), runner: EP runner or None (TP)
         -> [T, H] bf16: Σ_k w · Down(SwiGLU(Up(x))) over this token's experts on all ranks (SPEC §11).
         Records `last_provider_name` and `last_path` ("ht", "ll" or "tp")."""
-        from .. import ops
-
         if not getattr(self, "_processed", False):
             raise RuntimeError("apply: call process_weights_after_loading (FusedMoE.load_weights) first")
         check_tensor(x, "x", dtypes=(paddle.bfloat16,), ndim=2)
@@ -326,19 +209,11 @@ class BlackwellGemmFusedMoeMethod:
             return self._apply_ll(provider, layer, x, topk_weights, topk_ids, runner)
         return self._apply_tp(provider, layer, x, topk_weights, topk_ids)
 
-    @staticmethod
-    def _quantize(provider, x):
-        t, h = (int(d) for d in x.shape)
-        if t == 0:
-            return (paddle.zeros([0, h], dtype=FP8),
-                    paddle.zeros([0, _ceil_div(_ceil_div(h, GROUP_SIZE), BYTES_PER_WORD)], dtype=paddle.int32))
-        return provider.per_token_quant(x, GROUP_SIZE, True)
-
     def _apply_tp(self, provider, layer, x, topk_weights, topk_ids):
         t = int(x.shape[0])
         if t == 0:
             return paddle.zeros([0, layer.hidden_size], dtype=paddle.bfloat16)
-        x_q, x_scale = self._quantize(provider, x)
+        x_q, x_scale = quantize_tokens(provider, x, True)
         m = t               # no dispatch: an expert sees at most every token once
         permute_x, permute_scale, indice_map, counts = provider.prefill_permute_to_masked_gemm(
             x_q, x_scale, topk_ids, layer.num_local_experts, m)
@@ -351,7 +226,7 @@ class BlackwellGemmFusedMoeMethod:
         if t > layer.max_tokens_per_rank:
             raise ValueError(f"x: {t} tokens on rank {layer.ep_rank}, more than max_tokens_per_rank = "
                              f"{layer.max_tokens_per_rank}")
-        x_q, x_scale = self._quantize(provider, x)
+        x_q, x_scale = quantize_tokens(provider, x, True)
         w = layer.num_worst_tokens
         d = runner.dispatch(x_q, x_scale, topk_ids, topk_weights, w)
         permute_x, permute_scale, indice_map, counts = provider.prefill_permute_to_masked_gemm(
@@ -394,20 +269,3 @@ class BlackwellGemmFusedMoeMethod:
             m, w = layer.ll_rows_per_expert(), None
         return forward_buffer_bytes(layer.num_local_experts, m, layer.hidden_size, layer.moe_intermediate_size,
                                     num_worst_tokens=w, top_k=layer.top_k)
-
-    # upstream names of the three paths, for readers coming from PR #7053
-    def apply_ep_prefill(self, layer, x, routing, runner):
-        """Upstream name of the ht path: `apply` with a runner and moe_phase "prefill"."""
-        if layer.ep_mode != "ht":
-            raise ValueError(f"layer: moe_phase is {layer.moe_phase!r}, apply_ep_prefill needs 'prefill'")
-        return self.apply(layer, x, routing, runner)
-
-    def apply_ep_decode(self, layer, x, routing, runner):
-        """Upstream name of the ll path: `apply` with a runner and moe_phase "decode"."""
-        if layer.ep_mode != "ll":
-            raise ValueError(f"layer: moe_phase is {layer.moe_phase!r}, apply_ep_decode needs 'decode'")
-        return self.apply(layer, x, routing, runner)
-
-    def apply_tp(self, layer, x, routing):
-        """Upstream name of the TP path: `apply` without a runner (ep_size 1)."""
-        return self.apply(layer, x, routing, None)

@@ -35,7 +35,7 @@ How one exchange runs (every rank calls the same collectives in the same order):
 Time bounds: `timeout_s` arms a watchdog thread per collective; a collective still blocked after
 timeout_s (a peer died without reporting, e.g. killed) prints the op to stderr and ends the
 process with exit code 124 (NCCL's watchdog takes the same approach: a rank stuck in a collective
-cannot be unblocked from Python). Launchers (`backend.moe.ep_launch`) add a wall-clock bound and
+cannot be unblocked from Python). Launchers (tests/ep_harness.py) add a wall-clock bound and
 kill stragglers.
 """
 from __future__ import annotations
@@ -52,8 +52,12 @@ import numpy as np
 import paddle
 
 from moe_ref.checks import check_positive_int
+from moe_ref.ep import DispatchOutput
+from moe_ref.fp8 import gather_rows_zero_fill, to_mn_major_view
 
-from .ep_runner import (FP8, DispatchOutput, EPRunner, _gather_rows, _mn_major, _quantize_tokens)
+from .. import ops
+from .ep_runner import FP8, EPRunner, RunnerHandle, weighted_sum_over_k
+from .quantize import quantize_tokens
 
 HEADER_LEN = 16
 MESSAGE_BYTES = 1024
@@ -74,34 +78,26 @@ class EPRemoteError(RuntimeError):
 
 
 @dataclasses.dataclass
-class DistHTHandle:
+class DistHTHandle(RunnerHandle):
     """Bookkeeping of one ht dispatch on one rank.
 
     counts [R, R] int64: tokens source s sent to rank r (every rank holds the same matrix);
     sent_tokens[r]: int64 [n] this rank's tokens sent to rank r, ascending (the order in which r
     returns their partial rows); num_tokens T, hidden_size H, num_worst_tokens W of the dispatch.
     """
-    runner_id: int
-    ep_rank: int
-    num_tokens: int
-    hidden_size: int
     num_worst_tokens: int
     counts: np.ndarray
     sent_tokens: list
 
 
 @dataclasses.dataclass
-class DistLLHandle:
+class DistLLHandle(RunnerHandle):
     """Bookkeeping of one ll dispatch on one rank.
 
     entries[r]: (t, k) int64 arrays, this rank's (token, k) pairs whose expert lives on rank r, in
     row-major order (the order r returns their rows); return_slots[s]: int64 flat slot indices
     e·(R·N) + j into this rank's expert_out of source s's entries, in s's row-major order.
     """
-    runner_id: int
-    ep_rank: int
-    num_tokens: int
-    hidden_size: int
     rows_per_expert: int
     top_k: int
     entries: list
@@ -398,10 +394,10 @@ class PaddleDistributedEPRunner(EPRunner):
                   (paddle.int64, k_top), (paddle.float32, k_top)]
         r_x, r_scale, r_ids, r_w = _unpack_columns(recv, layout)
 
-        pad = np.full([w], n_recv, dtype=np.int64)          # index n_recv: _gather_rows' zero row
+        pad = np.full([w], n_recv, dtype=np.int64)          # index n_recv: gather_rows_zero_fill's zero row
         pad[:n_recv] = np.arange(n_recv)
-        recv_x = _gather_rows([r_x], pad)
-        recv_scale = None if x_scale is None else _gather_rows([r_scale], pad)
+        recv_x = gather_rows_zero_fill(r_x, paddle.to_tensor(pad))
+        recv_scale = None if x_scale is None else gather_rows_zero_fill(r_scale, paddle.to_tensor(pad))
         g = r_ids.numpy()
         ids_out = np.full([w, k_top], -1, dtype=np.int64)
         ids_out[:n_recv] = np.where((g >= 0) & (g // e == me), g % e, -1)
@@ -429,7 +425,7 @@ class PaddleDistributedEPRunner(EPRunner):
                 continue
             index = np.full([t], tokens.size, dtype=np.int64)
             index[tokens] = np.arange(tokens.size)
-            vals = _gather_rows([_from_bytes(back[r], paddle.bfloat16)], index)
+            vals = gather_rows_zero_fill(_from_bytes(back[r], paddle.bfloat16), paddle.to_tensor(index))
             mask = np.zeros([t, 1], dtype=bool)
             mask[tokens] = True
             acc = paddle.where(paddle.to_tensor(mask), acc + vals.astype(paddle.float32), acc)
@@ -449,40 +445,59 @@ class PaddleDistributedEPRunner(EPRunner):
         k_top, rn = int(ids.shape[1]), self.ep_size * n
         q, scale = x, None
         if use_fp8 and t <= n:
-            q, scale = _quantize_tokens(x, use_ue8m0)
+            q, scale = quantize_tokens(ops.get_provider(), x, use_ue8m0)
         dest = np.where(ids >= 0, ids // e, -1)
         sent_tokens = [np.nonzero((dest == r).any(axis=1))[0].astype(np.int64) for r in range(size)]
         per_expert = np.bincount(ids[ids >= 0], minlength=self.num_experts).astype(np.int64)
 
-        def exchange():
-            table = self._header(_OP_LL_DISPATCH, [n, h, k_top, int(use_fp8), int(use_ue8m0), t])
-            self._agree(table, ["num_max_dispatch_tokens_per_rank", "H", "K_top", "use_fp8", "use_ue8m0"])
-            for r in range(size):
-                if table[r, 8] > n:
-                    raise ValueError(f"x: rank {r} has T = {int(table[r, 8])} tokens, more than "
-                                     f"num_max_dispatch_tokens_per_rank N = {n}")
-            vec = np.concatenate([[len(tk) for tk in sent_tokens], per_expert]).astype(np.int64)
-            gathered = np.stack([c.numpy() for c in self._all_gather(paddle.to_tensor(vec), "ll dispatch counts")])
-            fills = gathered[:, size:].sum(axis=0)
-            self.stats["last_send_counts"] = [int(c) for c in gathered[me, :size]]
-            self.stats["last_recv_count"] = int(gathered[:, me].sum())
-            for g in range(self.num_experts):
-                if fills[g] > rn:
-                    raise ValueError(f"topk_ids: expert {g % e} of rank {g // e} receives {int(fills[g])} (token, k) "
-                                     f"pairs, more than R·N = {rn} slots")
-            return gathered[:, :size]
-
-        counts = self._collective_errors(exchange)
+        counts = self._collective_errors(lambda: self._ll_dispatch_counts(n, h, k_top, use_fp8, use_ue8m0, t,
+                                                                          sent_tokens, per_expert))
         s_cols = 0 if scale is None else int(scale.shape[1])
         rows = _pack_columns([q, scale, paddle.to_tensor(ids)])
         recv = paddle.concat(self._alltoallv([_rows(rows, tk) for tk in sent_tokens], counts, int(rows.shape[1])),
                              axis=0)
         r_x, r_scale, r_ids = _unpack_columns(recv, [(q.dtype, h), None if scale is None else (scale.dtype, s_cols),
                                                      (paddle.int64, k_top)])
-        g = r_ids.numpy()
+        index, recv_count, return_slots = self._ll_slots(r_ids.numpy(), counts, rn)
+        recv_x = gather_rows_zero_fill(r_x, paddle.to_tensor(index.reshape([-1]))).reshape([e, rn, h])
+        recv_scale = None
+        if use_fp8:
+            flat = gather_rows_zero_fill(r_scale, paddle.to_tensor(index.reshape([-1])))
+            recv_scale = to_mn_major_view(flat.reshape([e, rn, s_cols]))
+        entries = []
+        for r in range(size):
+            tt, kk = np.nonzero(dest == r)
+            entries.append((tt.astype(np.int64), kk.astype(np.int64)))
+        handle = DistLLHandle(id(self), me, t, h, rn, k_top, entries, return_slots)
+        return recv_x, recv_scale, paddle.to_tensor(recv_count), handle
+
+    def _ll_dispatch_counts(self, n, h, k_top, use_fp8, use_ue8m0, t, sent_tokens, per_expert) -> np.ndarray:
+        """Header and counts of an ll dispatch (every rank raises the same errors) -> [R, R] tokens s sends to r."""
+        size, e, rn = self.ep_size, self.num_local_experts, self.ep_size * n
+        table = self._header(_OP_LL_DISPATCH, [n, h, k_top, int(use_fp8), int(use_ue8m0), t])
+        self._agree(table, ["num_max_dispatch_tokens_per_rank", "H", "K_top", "use_fp8", "use_ue8m0"])
+        for r in range(size):
+            if table[r, 8] > n:
+                raise ValueError(f"x: rank {r} has T = {int(table[r, 8])} tokens, more than "
+                                 f"num_max_dispatch_tokens_per_rank N = {n}")
+        vec = np.concatenate([[len(tk) for tk in sent_tokens], per_expert]).astype(np.int64)
+        gathered = np.stack([c.numpy() for c in self._all_gather(paddle.to_tensor(vec), "ll dispatch counts")])
+        fills = gathered[:, size:].sum(axis=0)
+        self.stats["last_send_counts"] = [int(c) for c in gathered[self.ep_rank, :size]]
+        self.stats["last_recv_count"] = int(gathered[:, self.ep_rank].sum())
+        for g in range(self.num_experts):
+            if fills[g] > rn:
+                raise ValueError(f"topk_ids: expert {g % e} of rank {g // e} receives {int(fills[g])} (token, k) "
+                                 f"pairs, more than R·N = {rn} slots")
+        return gathered[:, :size]
+
+    def _ll_slots(self, g: np.ndarray, counts: np.ndarray, rn: int):
+        """g [n_recv, K_top] global ids of the received rows (source rank, token order), counts [R, R]
+        -> (index [E, R·N] received row of each slot, n_recv for an empty one; recv_count [E] int32;
+        return_slots[s]: flat slots e·(R·N) + j of source s's entries, in its row-major (token, k) order)."""
+        e, me, size = self.num_local_experts, self.ep_rank, self.ep_size
         local = np.where((g >= 0) & (g // e == me), g % e, -1)
-        n_recv = int(recv.shape[0])
-        index = np.full([e, rn], n_recv, dtype=np.int64)      # n_recv: the zero row of _gather_rows
+        index = np.full([e, rn], int(g.shape[0]), dtype=np.int64)   # n_recv: the zero row of gather_rows_zero_fill
         slot = np.full(local.shape, -1, dtype=np.int64)
         recv_count = np.zeros([e], dtype=np.int32)
         for le in range(e):
@@ -494,18 +509,8 @@ class PaddleDistributedEPRunner(EPRunner):
         return_slots = []
         for s in range(size):
             mine = slot[src_of_row == s]
-            return_slots.append(mine[mine >= 0])              # row-major over (token, k) of source s
-        recv_x = _gather_rows([r_x], index.reshape([-1])).reshape([e, rn, h])
-        recv_scale = None
-        if use_fp8:
-            flat = _gather_rows([r_scale], index.reshape([-1]))
-            recv_scale = _mn_major(flat.reshape([e, rn, s_cols]))
-        entries = []
-        for r in range(size):
-            tt, kk = np.nonzero(dest == r)
-            entries.append((tt.astype(np.int64), kk.astype(np.int64)))
-        handle = DistLLHandle(id(self), me, t, h, rn, k_top, entries, return_slots)
-        return recv_x, recv_scale, paddle.to_tensor(recv_count), handle
+            return_slots.append(mine[mine >= 0])
+        return index, recv_count, return_slots
 
     def low_latency_combine(self, expert_out, topk_ids, topk_weights, handle) -> paddle.Tensor:
         """expert_out [E, R·N, H] bf16, topk_ids / topk_weights [T, K_top] of this rank's tokens (as
@@ -524,9 +529,8 @@ class PaddleDistributedEPRunner(EPRunner):
         counts = self._ll_return_counts(np.array([sl.size for sl in handle.return_slots], dtype=np.int64))
         back = self._alltoallv(chunks, counts, int(flat.shape[1]))
         t, k_top = handle.num_tokens, handle.top_k
-        acc = paddle.zeros([t, hdim], dtype=paddle.float32)
         if t == 0 or n_valid == 0:
-            return acc.astype(paddle.bfloat16)
+            return paddle.zeros([t, hdim], dtype=paddle.bfloat16)
         index = np.full([t * k_top], n_valid, dtype=np.int64)
         at = 0
         for r in range(size):
@@ -534,12 +538,8 @@ class PaddleDistributedEPRunner(EPRunner):
             index[tt * k_top + kk] = at + np.arange(tt.size)
             at += tt.size
         rows = paddle.concat([_from_bytes(b, paddle.bfloat16) for b in back], axis=0)
-        vals = _gather_rows([rows], index).astype(paddle.float32).reshape([t, k_top, hdim])
-        mask = paddle.to_tensor(valid)
-        for k in range(k_top):
-            term = topk_weights[:, k:k + 1] * vals[:, k]
-            acc = paddle.where(mask[:, k:k + 1], acc + term, acc)
-        return acc.astype(paddle.bfloat16)
+        vals = gather_rows_zero_fill(rows, paddle.to_tensor(index)).astype(paddle.float32).reshape([t, k_top, hdim])
+        return weighted_sum_over_k(vals, topk_weights, valid)
 
     def _ll_return_counts(self, mine: np.ndarray) -> np.ndarray:
         """[R] rows this rank sends back to each source -> the [R, R] matrix of every rank's
@@ -645,9 +645,9 @@ class DeepEPRunner(EPRunner):
                              f"num_worst_tokens W = {w}")
         else:
             index = np.concatenate([np.arange(n_recv), np.full([w - n_recv], n_recv)]).astype(np.int64)
-            recv_x = _gather_rows([recv_x], index)
-            recv_scale = None if recv_scale is None else _gather_rows([recv_scale], index)
-            recv_w = _gather_rows([recv_w], index)
+            recv_x = gather_rows_zero_fill(recv_x, paddle.to_tensor(index))
+            recv_scale = None if recv_scale is None else gather_rows_zero_fill(recv_scale, paddle.to_tensor(index))
+            recv_w = gather_rows_zero_fill(recv_w, paddle.to_tensor(index))
             recv_ids = paddle.concat([recv_ids.astype(paddle.int64),
                                       paddle.full([w - n_recv, int(recv_ids.shape[1])], -1, dtype=paddle.int64)])
         return DispatchOutput(recv_x, recv_scale, recv_ids.astype(paddle.int64), recv_w, n_recv,

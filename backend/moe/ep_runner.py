@@ -10,25 +10,12 @@ Interface (`EPRunner`), called by each rank's `apply`:
         -> (recv_x [E, R·N, H], recv_x_scale, recv_count [E] int32, handle)
     runner.low_latency_combine(expert_out, topk_ids, topk_weights, handle) -> [T, H] bf16
 
-Semantics, exact (every runner agrees bit for bit with `moe_ref.ep`):
-
-- Global expert g lives on rank g // E with local id g % E.
-- dispatch ("ht", DeepEP normal): rank r receives, ordered by (source rank, source token), every
-  token with at least one expert on r, once. recv_topk_ids holds the local id where the global
-  id lives on r, else -1 (same k positions); recv_topk_weights is the token's weight row.
-  Rows past the real count up to W = num_worst_tokens are padding: x and scale rows zero, ids
-  -1, weights 0. A rank receiving more than W rows is a ValueError raised on every rank,
-  naming that rank, its count and W.
-- combine: token t of source rank s gets bf16(Σ_{r ascending, t sent to r} float32(partial_r[row])),
-  one rounding at the end; tokens sent nowhere get zeros. (Weights were applied before, SPEC §8.)
-- low_latency_dispatch ("ll", decode): the sender quantizes x [T, H] bf16 per token
-  (`backend.ops.per_token_quant`, 1x128, UE8M0 packed when use_ue8m0) when use_fp8; rank r's
-  local expert e gets, in slots ordered by (source rank, source token, k), every (t, k) whose
-  global id is r·E + e. recv_x rows past recv_count[e] are zero. recv_x_scale has the logical
-  shape [E, R·N, C] (C = ceil(S/4) int32 words with use_ue8m0, else S fp32), MN-major as the
-  contract's permute returns it; None without use_fp8. T > N on any rank is a ValueError.
-- low_latency_combine: out[t] = bf16(Σ_k topk_weights[t, k] · float32(expert_out[slot(t, k)])),
-  float32 accumulation in k order over valid ids; tokens with no valid id get zeros.
+Semantics, exact (every runner agrees bit for bit with `moe_ref.ep`): docs/design.md
+"Expert-parallel semantics (SPEC §9), exact", their one statement (owner of each global expert,
+receive order, padding rows, the W overflow error, the summation order of both combines).
+On the "ll" path the sender quantizes with `backend.moe.quantize.quantize_tokens` (the ops
+contract's per_token_quant, 1x128, UE8M0 packed when use_ue8m0) when use_fp8; recv_x_scale is
+MN-major as the contract's permute returns it.
 
 Every collective is called by all R ranks in the same order (as with NCCL/DeepEP). Inputs are
 checked before the exchange; values that only make sense across ranks (H, K_top, dtypes, W)
@@ -39,7 +26,9 @@ Implementations:
 - `InProcessEPGroup(world_size, num_experts)`: R runners in one process that exchange through a
   shared mailbox and a `threading.Barrier`; run one thread per rank with `run_ranks`.
 The paddle.distributed runner (`backend.moe.ep_distributed`) implements the same interface;
-the bookkeeping below is written from the design, independently of `moe_ref.ep`.
+the bookkeeping below is written from the design, independently of `moe_ref.ep` (only the output
+class `moe_ref.ep.DispatchOutput` is shared: one class for what a rank receives, whoever dispatched;
+its `handle` is this module's HTHandle).
 """
 from __future__ import annotations
 
@@ -51,9 +40,12 @@ from typing import Any, Callable
 import numpy as np
 import paddle
 
-from moe_ref.checks import check_dim, check_ids_in_range, check_positive_int, check_tensor
-from moe_ref.fp8 import TMA_ALIGN, align
-from moe_ref.quant import GROUP_SIZE
+from moe_ref.checks import check_dim, check_ids_in_range, check_positive_int, check_same_shape, check_tensor
+from moe_ref.ep import DispatchOutput
+from moe_ref.fp8 import concat_rows, gather_rows_zero_fill, to_mn_major_view
+
+from .. import ops
+from .quantize import quantize_tokens
 
 FP8 = paddle.float8_e4m3fn
 _ID_DTYPES = (paddle.int32, paddle.int64)
@@ -61,44 +53,30 @@ DEFAULT_TIMEOUT_S = 60.0
 
 
 @dataclasses.dataclass
-class DispatchOutput:
-    """What one rank receives from `dispatch` (W = num_worst_tokens rows, padding last).
-
-    recv_x [W, H] fp8 | bf16; recv_x_scale [W, S'] (fp32 S' = S, or packed UE8M0 int32
-    S' = ceil(S/4)) or None; recv_topk_ids [W, K_top] int64 local ids or -1;
-    recv_topk_weights [W, K_top] float32; num_recv_tokens: real rows (<= W); handle: for combine.
-    """
-    recv_x: paddle.Tensor
-    recv_x_scale: paddle.Tensor | None
-    recv_topk_ids: paddle.Tensor
-    recv_topk_weights: paddle.Tensor
-    num_recv_tokens: int
-    handle: Any
+class RunnerHandle:
+    """What every runner's handle records: the runner and rank that dispatched (combine checks them),
+    T = num_tokens and H = hidden_size of that dispatch."""
+    runner_id: int
+    ep_rank: int
+    num_tokens: int
+    hidden_size: int
 
 
 @dataclasses.dataclass
-class HTHandle:
+class HTHandle(RunnerHandle):
     """Bookkeeping of one ht dispatch, kept by the source rank for `combine`.
 
     rows_on_rank[r]: int64 [T] row of each of this rank's tokens in rank r's received
     tensors, -1 where the token was not sent to r. num_worst_tokens: W of that dispatch.
     """
-    runner_id: int
-    ep_rank: int
-    num_tokens: int
-    hidden_size: int
     num_worst_tokens: int
     rows_on_rank: list
 
 
 @dataclasses.dataclass
-class LLHandle:
+class LLHandle(RunnerHandle):
     """Bookkeeping of one ll dispatch: slot_on_rank[t, k] = r · E · R·N + e · R·N + slot of
     (t, k) over the concatenated expert outputs of all ranks, -1 for ids of -1."""
-    runner_id: int
-    ep_rank: int
-    num_tokens: int
-    hidden_size: int
     rows_per_expert: int
     slot: np.ndarray
 
@@ -180,9 +158,7 @@ class EPRunner:
         ids = check_ids_in_range(topk_ids, "topk_ids", self.num_experts, "global expert ids").numpy()
         if topk_weights is not None:
             check_tensor(topk_weights, "topk_weights", dtypes=(paddle.float32,), ndim=2)
-            if list(topk_weights.shape) != list(topk_ids.shape):
-                raise ValueError(f"topk_weights: expected shape {list(topk_ids.shape)} (as topk_ids), "
-                                 f"got {list(topk_weights.shape)}")
+            check_same_shape(topk_weights, "topk_weights", topk_ids, "topk_ids")
         return ids
 
     def _check_same_across_ranks(self, payloads: list[dict], keys: tuple[str, ...]) -> None:
@@ -330,7 +306,7 @@ class EPRunner:
                              f"num_max_dispatch_tokens_per_rank N = {n}")
         q, scale = x, None
         if use_fp8:
-            q, scale = _quantize_tokens(x, use_ue8m0)
+            q, scale = quantize_tokens(ops.get_provider(), x, use_ue8m0)
         payloads = self._exchange("low_latency_dispatch", {
             "x": q, "x_scale": scale, "ids": ids, "N": n, "H": h, "K_top": int(ids.shape[1]),
             "use_fp8": use_fp8, "use_ue8m0": use_ue8m0})
@@ -364,7 +340,7 @@ class EPRunner:
         recv_scale = None
         if use_fp8:
             flat = _gather_rows([p["x_scale"] for p in payloads], index.reshape([-1]))
-            recv_scale = _mn_major(flat.reshape([e, rn, int(flat.shape[1])]))
+            recv_scale = to_mn_major_view(flat.reshape([e, rn, int(flat.shape[1])]))
         handle = LLHandle(id(self), r_me, t, h, rn, slot_of[r_me])
         return recv_x, recv_scale, paddle.to_tensor(counts.astype(np.int32)), handle
 
@@ -377,61 +353,35 @@ class EPRunner:
             raise ValueError("topk_ids: differ from the ids given to low_latency_dispatch")
         payloads = self._exchange("low_latency_combine", {"expert_out": expert_out})
         t, k_top = handle.slot.shape
-        acc = paddle.zeros([t, handle.hidden_size], dtype=paddle.float32)
         if t == 0 or not (handle.slot >= 0).any():
-            return acc.astype(paddle.bfloat16)
+            return paddle.zeros([t, handle.hidden_size], dtype=paddle.bfloat16)
         outs = [p["expert_out"].reshape([-1, handle.hidden_size]) for p in payloads]
         pad = sum(int(o.shape[0]) for o in outs)
         vals = _gather_rows(outs, np.where(handle.slot >= 0, handle.slot, pad).reshape([-1]))
-        vals = vals.astype(paddle.float32).reshape([t, k_top, handle.hidden_size])
-        valid = paddle.to_tensor(handle.slot >= 0)
-        for k in range(k_top):
-            term = topk_weights[:, k:k + 1] * vals[:, k]
-            acc = paddle.where(valid[:, k:k + 1], acc + term, acc)
-        return acc.astype(paddle.bfloat16)
+        return weighted_sum_over_k(vals.astype(paddle.float32).reshape([t, k_top, handle.hidden_size]),
+                                   topk_weights, handle.slot >= 0)
 
 
 # ---------------------------------------------------------------------- tensor helpers
 
-def _raw(t: paddle.Tensor) -> paddle.Tensor:
-    """Paddle's CPU gather has no float8 kernel: move fp8 as its bytes."""
-    return t.view(paddle.uint8) if t.dtype == FP8 else t
+def weighted_sum_over_k(vals: paddle.Tensor, topk_weights: paddle.Tensor, valid: np.ndarray) -> paddle.Tensor:
+    """The ll combine's sum: vals [T, K_top, H] float32 (the expert row of each (t, k)), topk_weights
+    [T, K_top] float32, valid [T, K_top] bool -> [T, H] bf16 = bf16(Σ_{k ascending, valid} w[t, k] · vals[t, k]),
+    float32 accumulation in k order, one rounding; rows with no valid k are zero."""
+    t, k_top, h = (int(d) for d in vals.shape)
+    acc = paddle.zeros([t, h], dtype=paddle.float32)
+    mask = paddle.to_tensor(valid)
+    for k in range(k_top):
+        term = topk_weights[:, k:k + 1] * vals[:, k]
+        acc = paddle.where(mask[:, k:k + 1], acc + term, acc)
+    return acc.astype(paddle.bfloat16)
 
 
 def _gather_rows(sources: list, index: np.ndarray) -> paddle.Tensor:
     """Rows `index` of the row-wise concatenation of `sources` [T_s, C], where the index
     sum(T_s) (one past the last row) selects a zero row. Returns [len(index), C], dtype of sources."""
-    dtype = sources[0].dtype
-    cols = int(sources[0].shape[1])
-    raw = [_raw(s) for s in sources if int(s.shape[0]) > 0]
-    # the appended zero row also keeps the gather source non-empty: Paddle's CPU gather reads
-    # out of bounds from an empty source instead of failing
-    raw.append(paddle.zeros([1, cols], dtype=_raw(sources[0]).dtype))
-    src = paddle.concat(raw, axis=0) if len(raw) > 1 else raw[0]
-    out = paddle.gather(src, paddle.to_tensor(np.asarray(index, dtype=np.int64)), axis=0)
-    return out.view(FP8) if dtype == FP8 else out
-
-
-def _mn_major(scale: paddle.Tensor) -> paddle.Tensor:
-    """[E, MN, C] contiguous -> the same logical tensor stored MN-major, MN padded to 4 (SPEC §2)."""
-    e, mn, c = (int(d) for d in scale.shape)
-    mn_pad = align(mn, TMA_ALIGN)
-    physical = scale.transpose([0, 2, 1])
-    if mn_pad != mn:
-        physical = paddle.concat([physical, paddle.zeros([e, c, mn_pad - mn], dtype=scale.dtype)], axis=2)
-    return paddle.as_strided(physical.contiguous(), [e, mn, c], [c * mn_pad, 1, mn_pad])
-
-
-def _quantize_tokens(x: paddle.Tensor, use_ue8m0: bool):
-    """Sender-side FP8 cast of ll dispatch, through the ops contract (1x128 groups)."""
-    from .. import ops
-
-    t, h = (int(d) for d in x.shape)
-    if t == 0:
-        s = -(-h // GROUP_SIZE)
-        cols, dtype = (-(-s // 4), paddle.int32) if use_ue8m0 else (s, paddle.float32)
-        return paddle.zeros([0, h], dtype=FP8), paddle.zeros([0, cols], dtype=dtype)
-    return ops.get_provider().per_token_quant(x, GROUP_SIZE, use_ue8m0)
+    rows = concat_rows(list(sources))
+    return gather_rows_zero_fill(rows, paddle.to_tensor(np.asarray(index, dtype=np.int64)))
 
 
 # ---------------------------------------------------------------------- runners

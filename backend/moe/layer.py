@@ -24,25 +24,15 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import paddle
 
-from moe_ref.checks import FLOAT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor
+from moe_ref.checks import FLOAT_DTYPES, check_dim, check_finite, check_nonnegative_int, check_positive_int, check_tensor
+from moe_ref.routing import noaux_tc_topk, softmax_topk
+
+from ..quantization import BlockWiseFP8Config
 
 TOPK_METHODS = ("softmax", "noaux_tc")
 MOE_PHASES = {"prefill": "ht", "decode": "ll"}
-RENORMALIZE_MIN_SUM = 1e-12     # noaux_tc divides by max(sum of weights, this) (SPEC §10)
-
-
-def _check_nonneg_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
-        raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
-    return int(value)
-
-
-def _rank_desc(scores: paddle.Tensor) -> paddle.Tensor:
-    """[T, N] -> column indices best first; equal scores keep index order (stable), SPEC §10."""
-    return paddle.argsort(-scores, axis=-1, stable=True)
 
 
 class FusedMoE(paddle.nn.Layer):
@@ -69,14 +59,24 @@ class FusedMoE(paddle.nn.Layer):
                  moe_phase: str = "prefill", max_tokens_per_rank: int | None = None,
                  num_worst_tokens: int | None = None, num_max_dispatch_tokens_per_rank: int | None = None):
         super().__init__()
-        from ..quantization import BlockWiseFP8Config
+        self._init_sizes(num_experts, top_k, hidden_size, moe_intermediate_size, ep_size, ep_rank)
+        self._init_routing(topk_method, renormalize, n_group, topk_group, e_score_correction_bias,
+                           routed_scaling_factor)
+        self._init_ep_paths(moe_phase, max_tokens_per_rank, num_worst_tokens, num_max_dispatch_tokens_per_rank)
+        if not isinstance(quant_config, BlockWiseFP8Config):
+            raise TypeError(f"quant_config: expected a backend.quantization.BlockWiseFP8Config, "
+                            f"got {type(quant_config).__name__}")
+        self.quant_config = quant_config
+        self.quant_method = quant_config.get_quant_method(self)
+        self.quant_method.create_weights(self)
 
+    def _init_sizes(self, num_experts, top_k, hidden_size, moe_intermediate_size, ep_size, ep_rank) -> None:
         self.num_experts = check_positive_int(num_experts, "num_experts")
         self.top_k = check_positive_int(top_k, "top_k")
         self.hidden_size = check_positive_int(hidden_size, "hidden_size")
         self.moe_intermediate_size = check_positive_int(moe_intermediate_size, "moe_intermediate_size")
         self.ep_size = check_positive_int(ep_size, "ep_size")
-        self.ep_rank = _check_nonneg_int(ep_rank, "ep_rank")
+        self.ep_rank = check_nonnegative_int(ep_rank, "ep_rank")
         if self.ep_rank >= self.ep_size:
             raise ValueError(f"ep_rank: expected 0 <= ep_rank < ep_size = {self.ep_size}, got {ep_rank}")
         if self.num_experts % self.ep_size:
@@ -86,6 +86,8 @@ class FusedMoE(paddle.nn.Layer):
         self.num_local_experts = self.num_experts // self.ep_size
         self.expert_id_offset = self.ep_rank * self.num_local_experts
 
+    def _init_routing(self, topk_method, renormalize, n_group, topk_group, e_score_correction_bias,
+                      routed_scaling_factor) -> None:
         if topk_method not in TOPK_METHODS:
             raise ValueError(f"topk_method: expected one of {', '.join(TOPK_METHODS)}, got {topk_method!r}")
         self.topk_method = topk_method
@@ -107,22 +109,27 @@ class FusedMoE(paddle.nn.Layer):
                 raise ValueError("e_score_correction_bias, n_group, topk_group: apply to topk_method='noaux_tc' "
                                  f"only, got bias={'set' if e_score_correction_bias is not None else None}, "
                                  f"n_group={n_group}, topk_group={topk_group} with 'softmax'")
-        else:
-            if self.num_experts % self.n_group:
-                raise ValueError(f"n_group: expected a divisor of num_experts = {self.num_experts}, got {n_group}")
-            if self.topk_group > self.n_group:
-                raise ValueError(f"topk_group: expected <= n_group = {self.n_group}, got {topk_group}")
-            per_group = self.num_experts // self.n_group
-            if self.top_k > self.topk_group * per_group:
-                raise ValueError(f"top_k: expected <= topk_group · num_experts / n_group = "
-                                 f"{self.topk_group * per_group}, got {top_k}")
-            if e_score_correction_bias is None:
-                e_score_correction_bias = paddle.zeros([self.num_experts], dtype=paddle.float32)
-            check_tensor(e_score_correction_bias, "e_score_correction_bias", dtypes=FLOAT_DTYPES, ndim=1)
-            check_dim(e_score_correction_bias, 0, self.num_experts, "e_score_correction_bias", "num_experts")
-            check_finite(e_score_correction_bias, "e_score_correction_bias")
-            self.e_score_correction_bias = e_score_correction_bias.astype(paddle.float32)
+            return
+        self._init_noaux_tc(n_group, topk_group, e_score_correction_bias)
 
+    def _init_noaux_tc(self, n_group, topk_group, e_score_correction_bias) -> None:
+        if self.num_experts % self.n_group:
+            raise ValueError(f"n_group: expected a divisor of num_experts = {self.num_experts}, got {n_group}")
+        if self.topk_group > self.n_group:
+            raise ValueError(f"topk_group: expected <= n_group = {self.n_group}, got {topk_group}")
+        per_group = self.num_experts // self.n_group
+        if self.top_k > self.topk_group * per_group:
+            raise ValueError(f"top_k: expected <= topk_group · num_experts / n_group = "
+                             f"{self.topk_group * per_group}, got {self.top_k}")
+        if e_score_correction_bias is None:
+            e_score_correction_bias = paddle.zeros([self.num_experts], dtype=paddle.float32)
+        check_tensor(e_score_correction_bias, "e_score_correction_bias", dtypes=FLOAT_DTYPES, ndim=1)
+        check_dim(e_score_correction_bias, 0, self.num_experts, "e_score_correction_bias", "num_experts")
+        check_finite(e_score_correction_bias, "e_score_correction_bias")
+        self.e_score_correction_bias = e_score_correction_bias.astype(paddle.float32)
+
+    def _init_ep_paths(self, moe_phase, max_tokens_per_rank, num_worst_tokens,
+                       num_max_dispatch_tokens_per_rank) -> None:
         if moe_phase not in MOE_PHASES:
             raise ValueError(f"moe_phase: expected one of {', '.join(MOE_PHASES)}, got {moe_phase!r}")
         self.moe_phase = moe_phase
@@ -136,13 +143,6 @@ class FusedMoE(paddle.nn.Layer):
         self.num_max_dispatch_tokens_per_rank = (
             None if num_max_dispatch_tokens_per_rank is None
             else check_positive_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank"))
-
-        if not isinstance(quant_config, BlockWiseFP8Config):
-            raise TypeError(f"quant_config: expected a backend.quantization.BlockWiseFP8Config, "
-                            f"got {type(quant_config).__name__}")
-        self.quant_config = quant_config
-        self.quant_method = quant_config.get_quant_method(self)
-        self.quant_method.create_weights(self)
 
     # ------------------------------------------------------------------ sizes of the EP paths
 
@@ -172,46 +172,14 @@ class FusedMoE(paddle.nn.Layer):
     def route(self, gate_logits: paddle.Tensor):
         """gate_logits [T, num_experts] float, finite -> (topk_weights [T, K_top] float32,
         topk_ids [T, K_top] int64 global expert ids); columns in descending weight, ties to the
-        lowest expert id (stable argsort of negated scores)."""
+        lowest expert id: `moe_ref.routing.softmax_topk` or `noaux_tc_topk` with the layer's options."""
         check_tensor(gate_logits, "gate_logits", dtypes=FLOAT_DTYPES, ndim=2)
         check_dim(gate_logits, 1, self.num_experts, "gate_logits", "num_experts")
         check_finite(gate_logits, "gate_logits")
-        logits = gate_logits.astype(paddle.float32)
         if self.topk_method == "softmax":
-            p = paddle.nn.functional.softmax(logits, axis=-1)
-            ids = _rank_desc(p)[:, : self.top_k]
-            weights = paddle.take_along_axis(p, ids, axis=-1)
-            if self.renormalize:
-                weights = weights / weights.sum(axis=-1, keepdim=True)
-            return weights, ids.astype(paddle.int64)
-        return self._route_noaux_tc(logits)
-
-    def _route_noaux_tc(self, logits: paddle.Tensor):
-        t = int(logits.shape[0])
-        p = paddle.nn.functional.sigmoid(logits)
-        choice = p + self.e_score_correction_bias.unsqueeze(0)
-        per_group = self.num_experts // self.n_group
-        if self.topk_group < self.n_group:
-            # group score: sum of the group's two best `choice` values (its only one if a group has one expert)
-            top2 = paddle.sort(choice.reshape([t, self.n_group, per_group]), axis=-1,
-                               descending=True)[:, :, : min(2, per_group)]
-            kept = _rank_desc(top2.sum(axis=-1))[:, : self.topk_group]
-            keep = paddle.zeros([t, self.n_group], dtype=paddle.int32)
-            keep = paddle.put_along_axis(keep, kept, paddle.ones_like(kept, dtype=paddle.int32), axis=-1)
-            keep = paddle.repeat_interleave(keep, per_group, axis=-1) > 0
-            choice = paddle.where(keep, choice, paddle.full_like(choice, float("-inf")))
-        ids = _rank_desc(choice)[:, : self.top_k]
-        weights = paddle.take_along_axis(p, ids, axis=-1)
-        if self.renormalize:
-            weights = weights / paddle.clip(weights.sum(axis=-1, keepdim=True), min=RENORMALIZE_MIN_SUM)
-        weights = weights * self.routed_scaling_factor
-        # columns by descending weight, ties to the lowest id: sort by id first, then stably by weight
-        by_id = paddle.argsort(ids, axis=-1, stable=True)
-        ids = paddle.take_along_axis(ids, by_id, axis=-1)
-        weights = paddle.take_along_axis(weights, by_id, axis=-1)
-        order = _rank_desc(weights)
-        return (paddle.take_along_axis(weights, order, axis=-1),
-                paddle.take_along_axis(ids, order, axis=-1).astype(paddle.int64))
+            return softmax_topk(gate_logits, self.top_k, self.renormalize)
+        return noaux_tc_topk(gate_logits, self.e_score_correction_bias, self.n_group, self.topk_group, self.top_k,
+                             self.renormalize, self.routed_scaling_factor)
 
     # ------------------------------------------------------------------ weights and forward
 
@@ -247,6 +215,20 @@ class FusedMoE(paddle.nn.Layer):
                 raise ValueError(f"{name}: expected shape {list(param.shape)}, got {list(value.shape)}")
             param.set_value(value)
         self.quant_method.process_weights_after_loading(self)
+
+    def load_global_weights(self, up_gate_proj_weight: paddle.Tensor, down_proj_weight: paddle.Tensor,
+                            up_gate_proj_weight_scale: paddle.Tensor | None = None,
+                            down_proj_weight_scale: paddle.Tensor | None = None) -> None:
+        """`load_weights` from the whole model's checkpoint tensors (leading axis num_experts = E · R):
+        this rank keeps experts `local_expert_range()` of each. Shapes and dtypes as in `load_weights`."""
+        first, last = self.local_expert_range()
+        tensors = (up_gate_proj_weight, down_proj_weight, up_gate_proj_weight_scale, down_proj_weight_scale)
+        for name, t in zip(("up_gate_proj_weight", "down_proj_weight", "up_gate_proj_weight_scale",
+                            "down_proj_weight_scale"), tensors):
+            if t is not None:
+                check_tensor(t, name, min_ndim=1)
+                check_dim(t, 0, self.num_experts, name, "num_experts (global checkpoint)")
+        self.load_weights(*(None if t is None else t[first:last] for t in tensors))
 
     def forward(self, x: paddle.Tensor, gate_logits: paddle.Tensor | None = None, *, topk=None, runner=None):
         """x [T, H] bf16 -> [T, H] bf16 routed-expert output (summed over ranks on EP paths).

@@ -1,8 +1,8 @@
 """Portable provider of the ops contract: vectorized Paddle, CPU or GPU.
 
 Arguments arrive validated by `backend.ops`; see the docstrings there for shapes and layouts.
-This is an implementation of its own, not a call into `moe_ref` (only constants and the
-CUTLASS formula are shared): slots come from a running one-hot count per expert and rows
+This is an implementation of its own, not a call into `moe_ref`'s ops (only the format helpers of
+`moe_ref.fp8` - constants, MN-major storage, gather with a zero row - and the CUTLASS formula are shared): slots come from a running one-hot count per expert and rows
 move by scattering source indices, scale exponents come from `frexp`, packed words are read through a byte view.
 CPU Paddle has no arithmetic on float8 and no uint8 `scatter`/`max`/`multiply`, so fp8 rows
 move as uint8 bytes (gather only) and all math is float32 or int32/int64.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import paddle
 
-from moe_ref.fp8 import (BYTES_PER_WORD, E4M3_MAX, TMA_ALIGN, UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN,
-                         align)
+from moe_ref.fp8 import (BYTES_PER_WORD, E4M3_MAX, UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN, align,
+                         gather_rows_zero_fill, to_mn_major_view)
 from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE
 
 from . import cutlass_sf
@@ -116,21 +116,9 @@ def _scatter_source_index(dest: paddle.Tensor, num_rows: int, num_src: int) -> p
     return paddle.scatter(src, dest, paddle.arange(dest.shape[0], dtype=paddle.int64), overwrite=True)
 
 
-def _gather_rows_or_zero(x: paddle.Tensor, src: paddle.Tensor) -> paddle.Tensor:
-    """x [V, L] (uint8 / int32 / float32 / bf16), src [R] in [0, V] -> [R, L]; index V gives a zero row."""
-    padded = paddle.concat([x, paddle.zeros([1, int(x.shape[1])], dtype=x.dtype)], axis=0)
-    return paddle.gather(padded, src)
-
-
 def _mn_major(rows: paddle.Tensor, e: int, m: int) -> paddle.Tensor:
-    """rows [E·M, C] -> MN-major strided view, logical [E, M, C], strides (C·align(M,4), 1, align(M,4))."""
-    c = int(rows.shape[1])
-    m_pad = align(m, TMA_ALIGN)
-    physical = rows.reshape([e, m, c]).transpose([0, 2, 1])
-    if m_pad != m:
-        physical = paddle.concat([physical, paddle.zeros([e, c, m_pad - m], dtype=rows.dtype)], axis=2)
-    physical = physical.contiguous()
-    return paddle.as_strided(physical, [e, m, c], [c * m_pad, 1, m_pad])
+    """rows [E·M, C] -> MN-major strided view, logical [E, M, C] (moe_ref.fp8's storage helper)."""
+    return to_mn_major_view(rows.reshape([e, m, int(rows.shape[1])]))
 
 
 # ----------------------------------------------------------------------------- ops
@@ -160,14 +148,10 @@ def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_to
     src_token = paddle.full([e * m], w, dtype=paddle.int64)
     if int(routed.shape[0]):
         src_token = paddle.scatter(src_token, paddle.gather(dest, routed), routed // k_top, overwrite=True)
-    x_rows = x.view(paddle.uint8) if x.dtype == FP8 else x
-    permute_x = _gather_rows_or_zero(x_rows, src_token)
-    if x.dtype == FP8:
-        permute_x = permute_x.view(FP8)
-    permute_x = permute_x.reshape([e, m, int(x.shape[1])])
+    permute_x = gather_rows_zero_fill(x, src_token).reshape([e, m, int(x.shape[1])])
     permute_scale = None
     if scale is not None:
-        permute_scale = _mn_major(_gather_rows_or_zero(scale, src_token), e, m)
+        permute_scale = _mn_major(gather_rows_zero_fill(scale, src_token), e, m)
     return (permute_x, permute_scale, dest.reshape([w, k_top]).astype(paddle.int32),
             counts.astype(paddle.int32).reshape([e, 1]))
 
@@ -272,8 +256,8 @@ def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0
     q, s, exp_bytes = _quantize_groups(y, block_size, use_ue8m0, FASTDEPLOY_AMAX_FLOOR)
     scale_rows = _pack_bytes(exp_bytes) if use_ue8m0 else s
     src = _scatter_source_index(rows, e * m, v)
-    act = _gather_rows_or_zero(q, src).view(FP8).reshape([e, m, i])
-    return act, _mn_major(_gather_rows_or_zero(scale_rows, src), e, m)
+    act = gather_rows_zero_fill(q, src).view(FP8).reshape([e, m, i])
+    return act, _mn_major(gather_rows_zero_fill(scale_rows, src), e, m)
 
 
 def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_tokens):

@@ -17,6 +17,7 @@ import triton
 
 from moe_ref.constants import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE, TMA_ALIGN
 from moe_ref.constants import align as _align
+from moe_ref.fp8_torch import as_bytes as _fp8_bytes, mn_major_view, mn_major_zeros
 
 from . import kernels as K
 
@@ -37,10 +38,6 @@ def _pow2(n: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _fp8_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- §3
@@ -161,7 +158,7 @@ def permute_rows(x: torch.Tensor, scale: torch.Tensor | None, indice_map: torch.
     s_cols = 0 if scale is None else scale.shape[1]
     ps_phys = None
     if scale is not None:
-        ps_phys = torch.zeros((e_num, s_cols, m_pad), dtype=scale.dtype, device=dev)
+        ps_phys = mn_major_zeros(e_num, m, s_cols, scale.dtype, dev)
     xv = _row_view(x.contiguous())
     pxv = _row_view(permute_x.view(e_num * m, h))
     row = xv.shape[1]
@@ -180,7 +177,7 @@ def permute_rows(x: torch.Tensor, scale: torch.Tensor | None, indice_map: torch.
                                                               BLOCK=min(512, _pow2(row)), num_warps=4)
     permute_scale = None
     if ps_phys is not None:
-        permute_scale = ps_phys.as_strided((e_num, m, s_cols), (s_cols * m_pad, 1, m_pad))
+        permute_scale = mn_major_view(ps_phys, m)
     return permute_x, permute_scale
 
 
@@ -533,14 +530,14 @@ def fused_mask_swiglu_fp8_quant(up: torch.Tensor, token_nums_per_expert: torch.T
     s_cols = -(-s // 4) if use_ue8m0 else s
     m_pad = _align(m, TMA_ALIGN)
     act = torch.empty((e_num, m, i), dtype=torch.float8_e4m3fn, device=up.device)
-    phys = torch.zeros((e_num, s_cols, m_pad), dtype=torch.int32 if use_ue8m0 else torch.float32, device=up.device)
+    phys = mn_major_zeros(e_num, m, s_cols, torch.int32 if use_ue8m0 else torch.float32, up.device)
     block_r = max(1, min(16, 4096 // (4 * block_size)))
     grid = (e_num, triton.cdiv(m, block_r), triton.cdiv(s, 4))
     if m and i:
         K.swiglu_quant_kernel[grid](up, counts, _fp8_bytes(act), phys, m, i, s_cols, m_pad, up.stride(0), up.stride(1),
                                     float(amax_floor), GROUP=block_size, BLOCK_R=block_r, UE8M0=bool(use_ue8m0),
                                     EXACT_CAST=interpreting(), num_warps=4)
-    return act, phys.as_strided((e_num, m, s_cols), (s_cols * m_pad, 1, m_pad))
+    return act, mn_major_view(phys, m)
 
 
 # ----------------------------------------------------------------------------- §8

@@ -12,6 +12,8 @@ import os
 import numpy as np
 import paddle
 
+from moe_ref.fp8 import mn_major_view
+
 NAME = "triton"
 
 _FP8 = paddle.float8_e4m3fn
@@ -79,7 +81,7 @@ def _mn_major_to_paddle(view) -> paddle.Tensor:
     b, mn, c = view.shape
     mn_pad = view.stride(2)
     phys = torch.as_strided(view, (b, c, mn_pad), (c * mn_pad, mn_pad, 1))
-    return paddle.as_strided(_to_paddle(phys), [b, mn, c], [c * mn_pad, 1, mn_pad])
+    return mn_major_view(_to_paddle(phys), mn)
 
 
 # ----------------------------------------------------------------------------- the contract

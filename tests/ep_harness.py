@@ -1,6 +1,8 @@
 """Run the MoE layer with expert parallelism over R CPU processes (Paddle, gloo backend).
 
-    python -m backend.moe.ep_launch --ranks 2 [--tokens 8 --hidden 256 --intermediate 128
+A test harness, not part of the product: tests/test_ep_distributed.py and `make ep-demo` share it.
+
+    python -m tests.ep_harness --ranks 2 [--tokens 8 --hidden 256 --intermediate 128
         --experts-per-rank 2 --top-k 2 --scenarios random,uneven,ll --timeout 120 --check]
 
 Each rank is a process started with multiprocessing's "spawn" (what paddle.distributed.spawn does,
@@ -83,10 +85,9 @@ _WEIGHTS = {}
 def build_layer(world_size: int, rank: int, cfg: dict, layer_kwargs: dict):
     """This rank's FusedMoE shard (FD_USE_BLACKWELL_GEMM=1, BF16 checkpoint, seeded global weights)."""
     os.environ["FD_USE_BLACKWELL_GEMM"] = "1"
+    from backend.moe.layer import FusedMoE
+    from backend.quantization import BlockWiseFP8Config
     from moe_ref.moe import make_moe_weights
-
-    from ..quantization import BlockWiseFP8Config
-    from .layer import FusedMoE
 
     e_total = cfg["experts_per_rank"] * world_size
     key = (e_total, cfg["hidden"], cfg["intermediate"], cfg["seed"])
@@ -95,8 +96,7 @@ def build_layer(world_size: int, rank: int, cfg: dict, layer_kwargs: dict):
     w = _WEIGHTS[key]
     layer = FusedMoE(e_total, cfg["top_k"], cfg["hidden"], cfg["intermediate"],
                      BlockWiseFP8Config(is_checkpoint_bf16=True), ep_size=world_size, ep_rank=rank, **layer_kwargs)
-    lo, hi = layer.local_expert_range()
-    layer.load_weights(w.w_up[lo:hi], w.w_down[lo:hi])
+    layer.load_global_weights(w.w_up, w.w_down)
     return layer
 
 
@@ -128,7 +128,7 @@ def _run_exchange(runner, case: dict, rank: int) -> dict:
 
 def _is_collective(err, runner) -> bool:
     """An error every rank raised together (so the group is still in step)."""
-    from .ep_distributed import EPRemoteError
+    from backend.moe.ep_distributed import EPRemoteError
 
     if isinstance(err, EPRemoteError):
         return True
@@ -179,7 +179,7 @@ def run_scenarios(world_size: int, rank: int, cfg: dict, runner, catch_errors: b
 def simulate(world_size: int, cfg: dict, timeout_s: float = 300.0) -> list[dict]:
     """The same scenarios in one process: `InProcessEPGroup` (threads) instead of processes and
     gloo -> per rank {scenario: entry}, comparable bit for bit with `launch`'s results."""
-    from .ep_runner import InProcessEPGroup, run_ranks
+    from backend.moe.ep_runner import InProcessEPGroup, run_ranks
 
     group = InProcessEPGroup(world_size, cfg["experts_per_rank"] * world_size, timeout_s=timeout_s)
     return run_ranks(world_size, lambda r: run_scenarios(world_size, r, cfg, group.runner(r)), group=group,
@@ -193,7 +193,7 @@ def _guard(runner):
 
 def layer_worker(world_size: int, rank: int, cfg: dict) -> dict:
     """Entry of one rank in `launch` (the process group is up)."""
-    from .ep_distributed import PaddleDistributedEPRunner
+    from backend.moe.ep_distributed import PaddleDistributedEPRunner
 
     runner = PaddleDistributedEPRunner(num_experts=cfg["experts_per_rank"] * world_size,
                                        timeout_s=cfg.get("collective_timeout_s"))
@@ -245,7 +245,7 @@ def launch(world_size: int, cfg: dict, worker=layer_worker, *, timeout_s: float 
     ctx = mp.get_context("spawn")
     cfg = dict(cfg, endpoint_ports=[free_port() for _ in range(world_size)])
     port = free_port()
-    out_dir = tempfile.mkdtemp(prefix="ep_launch_")
+    out_dir = tempfile.mkdtemp(prefix="ep_harness_")
     procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, worker, cfg, out_dir),
                          name=f"ep-rank-{r}", daemon=True) for r in range(world_size)]
     start = time.monotonic()
@@ -261,6 +261,14 @@ def launch(world_size: int, cfg: dict, worker=layer_worker, *, timeout_s: float 
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    ended, killed = _watch(procs, start, timeout_s, grace_s)
+    return _collect(procs, out_dir, ended, killed, start)
+
+
+def _watch(procs, start: float, timeout_s: float, grace_s: float):
+    """Poll the rank processes until all ended, timeout_s passed, or grace_s passed after a first error;
+    terminate (then kill) what still runs -> (seconds each rank ran or None, {rank: "timeout" | "killed"})."""
+    world_size = len(procs)
     ended = [None] * world_size
     killed = {}
     first_error = None
@@ -295,6 +303,11 @@ def launch(world_size: int, cfg: dict, worker=layer_worker, *, timeout_s: float 
             if p.is_alive():
                 p.kill()
                 p.join(5)
+    return ended, killed
+
+
+def _collect(procs, out_dir: str, ended: list, killed: dict, start: float) -> list[dict]:
+    """Read each rank's pickled result -> one record per rank (see `launch`)."""
     out = []
     for r, p in enumerate(procs):
         path = os.path.join(out_dir, f"rank{r}.pkl")

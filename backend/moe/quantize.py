@@ -1,0 +1,64 @@
+"""The method's FP8 quantization outside the contract's fused ops: expert weights at load time
+(128x128 blocks, UE8M0 scales, per-row packed scales for SM100) and tokens before a dispatch.
+
+The math is the reference's (`moe_ref.quant.per_block_quant(use_ue8m0=True)`, `dequant_per_block`,
+`expand_block_scale_to_rows`, `moe_ref.fp8.pack_scale_ue8m0`): weights are quantized once, at load,
+where a second implementation would only be a second thing to keep bit-identical. Tokens go through
+the ops contract (`provider.per_token_quant`), which is what the tests compare with the reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+import paddle
+
+from moe_ref.fp8 import num_scale_groups, pack_scale_ue8m0, packed_words
+from moe_ref.quant import (DEEPGEMM_AMAX_FLOOR, GROUP_SIZE, dequant_per_block, expand_block_scale_to_rows,
+                           per_block_quant)
+
+FP8 = paddle.float8_e4m3fn
+
+
+def quantize_weight_blocks_ue8m0(w: paddle.Tensor, amax_floor: float = DEEPGEMM_AMAX_FLOOR):
+    """128x128 block quantization of one expert's weight with UE8M0 scales (SPEC §3).
+
+    w [N, K] float32 -> (q [N, K] float8_e4m3fn, scale [ceil(N/128), ceil(K/128)] float32 powers of two):
+    `moe_ref.quant.per_block_quant(w, use_ue8m0=True)`. Non-finite input is a ValueError naming the
+    index ("w: non-finite value at index (n, k)", which the method prefixes with the tensor and expert).
+    """
+    if not bool(paddle.isfinite(w).all()):
+        bad = np.argwhere(~np.isfinite(w.numpy()))[0]
+        raise ValueError(f"w: non-finite value at index {tuple(int(i) for i in bad)}")
+    return per_block_quant(w, use_ue8m0=True, amax_floor=amax_floor)
+
+
+def dequantize_weight_blocks(q: paddle.Tensor, scale: paddle.Tensor) -> paddle.Tensor:
+    """q [N, K] fp8, scale [ceil(N/128), ceil(K/128)] float32 -> [N, K] float32 q · s (`dequant_per_block`)."""
+    return dequant_per_block(q, scale)
+
+
+def pack_row_scales_ue8m0(scale: paddle.Tensor, num_rows: int) -> paddle.Tensor:
+    """Per-row packed UE8M0 weight scales for SM100 (SPEC §3 end, §2).
+
+    scale [E, ceil(N/128), KB] float32 powers of two -> [E, N, ceil(KB/4)] int32 contiguous:
+    sf_row[n, kb] = scale[n // 128, kb], its exponent byte (log2 s + 127) packed 4 to a word,
+    little-endian, missing groups byte 0. A scale that is not a power of two is a ValueError
+    (taking the exponent of one would round it down: SPEC §2).
+    """
+    try:
+        return pack_scale_ue8m0(expand_block_scale_to_rows(scale, num_rows))
+    except ValueError as err:
+        raise ValueError(f"scale: UE8M0 packing needs positive normal powers of two ({err})") from None
+
+
+def quantize_tokens(provider, x: paddle.Tensor, use_ue8m0: bool):
+    """1x128 FP8 quantization of tokens through the ops contract: x [T, H] bf16 ->
+    (x_q [T, H] fp8, scale [T, ceil(S/4)] packed UE8M0 int32 (use_ue8m0) | [T, S] float32).
+
+    T = 0 (a rank with no tokens) returns the empty tensors without launching the provider's op.
+    """
+    t, h = (int(d) for d in x.shape)
+    if t == 0:
+        s = num_scale_groups(h)
+        cols, dtype = (packed_words(s), paddle.int32) if use_ue8m0 else (s, paddle.float32)
+        return paddle.zeros([0, h], dtype=FP8), paddle.zeros([0, cols], dtype=dtype)
+    return provider.per_token_quant(x, GROUP_SIZE, use_ue8m0)
