@@ -1,5 +1,7 @@
 """Argument checks of the `blackwell_ops` contract (backend.ops), run once per call before the provider.
 
+`CHECKS[op]` takes the arguments of a row of `backend.ops.contract.OPS` (defaults applied, keyword-only
+options as keywords) and returns them validated and normalized, in the row's parameter order.
 Imported by `backend.ops` at the first op, not at import: this module imports Paddle, and
 `backend.ops` must not (its subpackage `triton` runs on machines without Paddle).
 Errors name the argument, the expected and the seen value (`moe_ref.checks`).
@@ -120,7 +122,7 @@ def _check_cutlass_to_fp32(sf, num_rows):
     return sf, num_rows
 
 
-def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count):
+def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, *, sfb_per_block):
     check_tensor(b, "b", dtypes=(FP8,), ndim=3)
     e, n, k = (int(d) for d in b.shape)
     m = check_positive_int(max_m_per_expert, "max_m_per_expert")
@@ -145,7 +147,7 @@ def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
         check_dim(bias, 0, e, "bias", "E")
         check_dim(bias, 1, n, "bias", "N")
     sm_count = _check_int(sm_count, "sm_count")
-    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count
+    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, _check_bool(sfb_per_block, "sfb_per_block")
 
 
 def _check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0):
@@ -171,3 +173,14 @@ def _check_depermute(ffn_out, indice_map, topk_weights, num_worst_tokens):
                          f"got {list(topk_weights.shape)}")
     check_ids_in_range(indice_map, "indice_map", e * m, "values", note=" (E·M)")
     return ffn_out, indice_map, topk_weights, w
+
+
+CHECKS = {
+    "per_token_quant": _check_per_token_quant,
+    "prefill_permute_to_masked_gemm": _check_prefill_permute,
+    "unpack_and_convert_scale": _check_unpack,
+    "cutlass_scale_to_fp32": _check_cutlass_to_fp32,
+    "group_gemm_masked": _check_group_gemm,
+    "fused_mask_swiglu_fp8_quant": _check_swiglu,
+    "depermute_prefill_combine": _check_depermute,
+}

@@ -228,7 +228,8 @@ def _fp8_to_float(x: paddle.Tensor) -> paddle.Tensor:
     return x.view(FP8).astype(paddle.float32)
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count):
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, *, sfb_per_block):
+    # sm_count and sfb_per_block change nothing here: every row's scale bytes are decoded, whatever they hold.
     e, n, k = (int(d) for d in b.shape)
     m = max_m_per_expert
     counts = [int(c) for c in masked_m.tolist()]
