@@ -238,14 +238,14 @@ def _dequant_ref(a, sa, b, sb, e, m, n, k, bias=None):
     return out
 
 
-def _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts):
+def _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts, **options):
     """group_gemm_masked of the triton and the paddle provider (no bias) on out poisoned with 7.0: valid rows
     within one bf16 step, rows past counts[e] untouched."""
     e, n, _ = (int(d) for d in b.shape)
     m = int(a.shape[0]) // e
     poison = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
-    got = f32(T.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m)).reshape(e, m, n)
-    want = f32(P.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m)).reshape(e, m, n)
+    got = f32(T.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m, **options)).reshape(e, m, n)
+    want = f32(P.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m, **options)).reshape(e, m, n)
     for ex, c in enumerate(counts):
         np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=BF16_ULP, atol=1e-2)
         assert np.all(got[ex, c:] == 7.0)
@@ -347,23 +347,26 @@ def _to_torch(x):
     return torch.from_numpy(x.numpy())
 
 
-def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths, monkeypatch):
-    """Block-constant weight bytes take the one-FMA kernel, a single row that differs inside a 128-row block
-    takes the per-row kernel; both equal the Paddle provider (which decodes every row) and the dequantized
-    product. Provider (impl='auto'): decided in its one synchronization, one kernel launched. launch's
-    default (impl='explicit'): both variants queued behind the device-side check, exactly one does tiles."""
+def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths):
+    """sfb_per_block=True (block-constant weight bytes, stated by the caller) takes the one-FMA kernel; the
+    default, False, the per-row kernel, right for any bytes (a single row that differs inside a 128-row
+    block). Each equals the Paddle provider (which decodes every row) and the dequantized product, through
+    the provider and the launcher; nothing is guessed, one kernel is launched per call. A false promise
+    (True on rows that differ) reads the block's first row: wrong exactly where a row differs."""
     from backend.ops.triton import launch as L
     e, m, n, k = 2, 64, 192, 256
     counts = [50, 64]
     a, sa, b, sb, masked_m = _gemm_case(e, m, n, k, counts, seed=31)
     sfa, sfb = _sf_bytes(T, sa, sb, e, m, n)
-    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts)
+    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts, sfb_per_block=True)
     assert gemm_paths == ["explicit_ue8m0"]
+    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts)
+    assert gemm_paths[1:] == ["explicit_ue8m0_per_row"]
     rows_b = np.repeat(sb.numpy(), 128, axis=1)[:, :n].copy()
     rows_b[1, 130, 1] *= 4.0                                          # row 2 of block 1, K group 1
     sfb_rows = _rows_sf(T, paddle.to_tensor(rows_b))
     _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb_rows, masked_m, counts)
-    assert gemm_paths[1:] == ["explicit_ue8m0_per_row"]
+    assert gemm_paths[2:] == ["explicit_ue8m0_per_row"]
     a_d = (f32(a).reshape(e, m, k) * np.repeat(sa.numpy().reshape(e, m, -1), 128, axis=2)).astype(np.float64)
     ref = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_b, 128, axis=2)).astype(np.float64))
     rows_blk = np.repeat(sb.numpy(), 128, axis=1)[:, :n]
@@ -376,8 +379,8 @@ def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths, monkeypatch):
         L.group_gemm_masked(ta, tb, tsfa, _to_torch(sf_b), tm, out, None, m, **kw)
         return out.float().view(e, m, n).numpy(), list(gemm_paths)
 
-    both = ["explicit_ue8m0", "explicit_ue8m0_per_row"]
-    for sf_b, want, kw, paths in [(sfb, ref_blk, {}, both), (sfb_rows, ref, {}, both),
+    for sf_b, want, kw, paths in [(sfb, ref_blk, {}, ["explicit_ue8m0_per_row"]),
+                                  (sfb_rows, ref, {}, ["explicit_ue8m0_per_row"]),
                                   (sfb, ref_blk, dict(sfb_per_block=True), ["explicit_ue8m0"]),
                                   (sfb_rows, ref, dict(sfb_per_block=False), ["explicit_ue8m0_per_row"])]:
         got, seen = run(sf_b, **kw)
@@ -385,21 +388,14 @@ def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths, monkeypatch):
         for ex, c in enumerate(counts):
             assert np.all(got[ex, c:] == 7.0)
             assert calc_diff(got[ex, :c], want[ex, :c]) < 1e-5
-    # The flag gates each variant: forced to "per block" on rows that differ, only the block kernel works
-    # (row 130's byte replaced by row 128's: wrong), and a flag that matches neither variant writes nothing.
-    monkeypatch.setattr(L, "_sf_block_uniform", lambda *args: torch.tensor(True))
-    got, _ = run(sfb_rows)
+    got, _ = run(sfb_rows, sfb_per_block=True)           # row 130's byte replaced by row 128's: wrong
     assert calc_diff(got[1, :, 130], ref[1, :, 130]) > 1e-3
     assert calc_diff(got[1, :, 129], ref[1, :, 129]) < 1e-5
-    monkeypatch.setattr(L, "_sf_block_uniform", lambda *args: torch.tensor(2))
-    got, seen = run(sfb_rows)
-    assert seen == both and np.all(got == 7.0)
 
 
-def test_group_gemm_masked_remembers_static_weight_bytes(T, P, gemm_paths):
-    """Weight scale bytes are static: the first call with an sfb object queues both variants behind the
-    device-side check, the next ones launch only the variant it found. Writing the same object in place
-    (its version counter moves) makes the next call check again, so a stale answer is never used."""
+def test_group_gemm_masked_keeps_no_state_per_weight_tensor(T, P, gemm_paths):
+    """Nothing is remembered about an sfb object: the same tensor rewritten in place (block-constant bytes,
+    then rows that differ) gives the right product at every call, with the kernel its call asks for."""
     from backend.ops.triton import launch as L
     e, m, n, k = 2, 64, 192, 256
     counts = [40, 64]
@@ -414,20 +410,49 @@ def test_group_gemm_masked_remembers_static_weight_bytes(T, P, gemm_paths):
     want_rows = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_b, 128, axis=2)).astype(np.float64))
     ta, tb, tsfa, tm = (_to_torch(x) for x in (a, b, sfa, masked_m))
     tsfb = _to_torch(sfb).clone()
-    both = ["explicit_ue8m0", "explicit_ue8m0_per_row"]
-    for want, paths in [(want_blk, both), (want_blk, ["explicit_ue8m0"]), (want_blk, ["explicit_ue8m0"]),
-                        ("rewrite", None), (want_rows, both), (want_rows, ["explicit_ue8m0_per_row"])]:
+    for want, kw, paths in [(want_blk, dict(sfb_per_block=True), ["explicit_ue8m0"]),
+                            (want_blk, {}, ["explicit_ue8m0_per_row"]), ("rewrite", None, None),
+                            (want_rows, {}, ["explicit_ue8m0_per_row"]),
+                            (want_rows, {}, ["explicit_ue8m0_per_row"])]:
         if isinstance(want, str):
-            tsfb.copy_(_to_torch(sfb_rows))                          # in place: same object, new version
+            tsfb.copy_(_to_torch(sfb_rows))                          # in place: same object, new bytes
             continue
         del gemm_paths[:]
         out = torch.full((e * m, n), 7.0, dtype=torch.bfloat16)
-        L.group_gemm_masked(ta, tb, tsfa, tsfb, tm, out, None, m)
+        L.group_gemm_masked(ta, tb, tsfa, tsfb, tm, out, None, m, **kw)
         assert gemm_paths == paths
         got = out.float().view(e, m, n).numpy()
         for ex, c in enumerate(counts):
             assert np.all(got[ex, c:] == 7.0)
             assert calc_diff(got[ex, :c], want[ex, :c]) < 1e-5
+
+
+def test_layer_states_block_weight_bytes_and_triton_uses_them(monkeypatch, gemm_paths):
+    """process_weights_after_loading decides sfb_per_block once: its CUTLASS weight bytes are block-constant
+    (sf_block_uniform agrees, N = 2I = 144 not a multiple of 128), and the triton provider's forward then
+    runs the one-FMA kernel for both GEMMs, equal to the paddle provider's forward."""
+    from backend.moe.layer import FusedMoE
+    from backend.ops.triton import launch as L
+    from backend.quantization import BlockWiseFP8Config
+    from moe_ref import moe
+    e, h, i, k_top = 4, 256, 72, 2
+    w = moe.make_moe_weights(e, h, i, seed=3)
+    x, tw, ti = moe.make_moe_inputs(12, h, e, k_top, seed=4)
+    monkeypatch.setenv("FD_USE_BLACKWELL_GEMM", "1")
+    outs = []
+    for name in ("paddle", "triton"):
+        monkeypatch.setenv("FD_MOE_OPS_PROVIDER", name)
+        ops.reset_provider_cache()
+        layer = FusedMoE(e, k_top, h, i, BlockWiseFP8Config(is_checkpoint_bf16=True))
+        layer.load_weights(w.w_up, w.w_down)
+        assert layer.weight_scale_bw_per_block is True
+        for sf, n, k in ((layer.up_gate_proj_weight_scale_bw, 2 * i, h), (layer.down_proj_weight_scale_bw, h, i)):
+            assert L.sf_block_uniform(_to_torch(sf), n, k)
+        del gemm_paths[:]
+        outs.append(f32(layer(x, topk=(tw, ti))))
+    ops.reset_provider_cache()
+    assert gemm_paths == ["explicit_ue8m0"] * 2
+    np.testing.assert_allclose(outs[1], outs[0], rtol=BF16_ULP, atol=1e-3)   # same FP8 math, sums reordered
 
 
 def test_group_gemm_masked_per_32_bytes_through_the_provider(T, P):

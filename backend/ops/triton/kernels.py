@@ -427,38 +427,33 @@ def _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N,
 
 
 @triton.jit
-def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, bias_ptr, flag_ptr,
+def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, bias_ptr,
                              E, M, N, K,
                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                              SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, USE_TMA: tl.constexpr,
+                             EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
                              SB_SCALAR: tl.constexpr, SCALE_PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
-                             FLAG_WANT: tl.constexpr, EXACT_CAST: tl.constexpr):
+                             EXACT_CAST: tl.constexpr):
     """Masked grouped GEMM with explicit per-128 scales (SPEC §6), fp32 accumulation.
 
     a [E·M, K] e4m3, b [E, N, K] e4m3 (both K-contiguous; with USE_TMA, host tensor descriptors of
     a [E·M, K] and b viewed [E·N, K]), out [E·M, N] bf16 written for rows < counts[e] only.
     Tiles exist only for valid rows (a table built from counts in every program), so the time follows
-    the valid rows; a program walks tiles pid, pid + nprog, ... (GRID_MODE picks nprog in the launcher:
-    one tile per program, or a persistent grid). Each 128-wide K step: acc += (a·bᵀ) · sa ⊗ sb.
+    the valid rows; a program walks tiles pid, pid + nprog, ... (the launcher's grid: one tile per
+    program, or a persistent grid). Each 128-wide K step: acc += (a·bᵀ) · sa ⊗ sb.
     The scale loads are not operands of the dot, so Triton's pipeliner leaves them in the loop and
     every step waits for them (ncu: L1TEX scoreboard stalls); SCALE_PREFETCH loads the next step's
     scales one iteration ahead, LOOP_STAGES asks the pipeliner (tl.range num_stages) to pipeline them.
     SB_SCALAR (BLOCK_N dividing 128): the tile lies in one 128x128 weight block, one weight scale per
     K step, so the promotion is one FMA per element, acc += d · (sa·sb), instead of two. SCALE_MODE 0
     always (128x128 FP32 weight scales). SCALE_MODE 1 has per-row weight bytes (SPEC §6 allows any):
-    the launcher sets SB_SCALAR only after checking on the host, once per call, that the bytes are
-    constant over every 128-row block (then the tile reads its first row's byte); else the per-row,
-    two-multiply promotion. Deciding inside the kernel broke or slowed Triton 3.6's SM90 pipeliner
-    (benchmarks/NOTES_gpu.md, runs 4-5); a constexpr keeps one K loop.
-    FLAG_WANT >= 0: the program does its tiles only when the int32 at flag_ptr equals FLAG_WANT (else no
-    tile at all): the launcher queues both SB_SCALAR variants behind a device-side check of the weight
-    bytes, and exactly one of them works, with no host synchronization. FLAG_WANT = -1: no flag.
+    SB_SCALAR is set when the caller states that the bytes are constant over every 128-row block
+    (`sfb_per_block`, known when the weights are quantized 128x128; then the tile reads its first row's
+    byte); else the per-row, two-multiply promotion. Deciding inside the kernel broke or slowed Triton
+    3.6's SM90 pipeliner (benchmarks/NOTES_gpu.md, runs 4-5); a constexpr keeps one K loop.
     """
     gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
-    if FLAG_WANT >= 0:
-        total = total * (tl.load(flag_ptr) == FLAG_WANT).to(tl.int32)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -479,7 +474,7 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
                                         E, M, N, K, sfa_se, sfa_cols, sfb_se, sfb_cols,
                                         HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                        EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, EMULATE: tl.constexpr,
+                                        EVEN_K: tl.constexpr, EMULATE: tl.constexpr,
                                         EXACT_CAST: tl.constexpr):
     """Masked grouped GEMM on `tl.dot_scaled`: e4m3 operands with one UE8M0 byte per 32 K-elements.
 

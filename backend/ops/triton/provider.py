@@ -108,7 +108,8 @@ def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
     # impl="auto": the fast per-128 kernel when every 4-byte group of sfa/sfb repeats one byte (always so
     # for unpack_and_convert_scale's output), else tl.dot_scaled, which honours one byte per 32 K.
     _launch().group_gemm_masked(_to_torch(a), _to_torch(b), _to_torch(sfa), _to_torch(sfb), _to_torch(masked_m),
-                                out_t, _to_torch(bias), max_m_per_expert, sm_count, impl="auto")
+                                out_t, _to_torch(bias), max_m_per_expert, sm_count, impl="auto",
+                                sfb_per_block=sfb_per_block)
     if not out_t.is_cuda or out_t.data_ptr() != _data_ptr(out):
         paddle.assign(_to_paddle(out_t), output=out)      # CPU: the torch copy goes back into `out`
     return out
