@@ -353,6 +353,13 @@ TW = paddle.ones([2, 2])
 NAN_X = paddle.to_tensor([[1.0, float("nan")] + [0.0] * 126])
 
 
+def _sf_with(sf, index, byte):
+    """A copy of CUTLASS SF bytes with one byte set."""
+    arr = sf.numpy().copy()
+    arr[index] = byte
+    return paddle.to_tensor(arr)
+
+
 def _gemm(**kw):
     args = dict(a=A, b=B, sfa=SFA, sfb=SFA, masked_m=MM, out=OUT, bias=None, max_m_per_expert=4, sm_count=-1)
     args.update(kw)
@@ -449,6 +456,10 @@ BAD_CALLS = {
     "gemm bias": (_gemm(bias=paddle.zeros([2, 8])), ValueError, r"^bias: expected shape\[1\] == N = 16"),
     "gemm M": (_gemm(max_m_per_expert=0), ValueError, r"^max_m_per_expert: expected a positive int, got 0"),
     "gemm sm_count": (_gemm(sm_count="all"), TypeError, r"^sm_count: expected an int, got 'all'"),
+    "gemm sfa NaN byte": (_gemm(sfa=_sf_with(SFA, (1, 3, 5), 255)), ValueError,
+                          r"^sfa: byte at index \(1, 3, 5\) is 255 \(UE8M0 NaN\); expected exponents 0..254"),
+    "gemm sfb NaN byte": (_gemm(sfb=_sf_with(SFA, (0, 127, 7), 255)), ValueError,
+                          r"^sfb: byte at index \(0, 127, 7\) is 255"),
     "gemm sfb_per_block": (_gemm(sfb_per_block=1), TypeError, r"^sfb_per_block: expected a bool, got 1"),
     "gemm 10 positional": (lambda: ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT, None, 4, -1, True),
                            TypeError, r"too many positional arguments"),

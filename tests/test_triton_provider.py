@@ -455,6 +455,84 @@ def test_layer_states_block_weight_bytes_and_triton_uses_them(monkeypatch, gemm_
     np.testing.assert_allclose(outs[1], outs[0], rtol=BF16_ULP, atol=1e-3)   # same FP8 math, sums reordered
 
 
+def _uniform_sf(P, byte, e, rows, c=1):
+    """CUTLASS SF bytes of packed words whose every byte is `byte` ([E, align(rows, 128), 16·c])."""
+    words = np.full([e, rows, c], byte * 0x01010101, dtype=np.uint32).view(np.int32)
+    return P.unpack_and_convert_scale(paddle.to_tensor(words), None)
+
+
+@pytest.mark.parametrize("options", [{}, dict(sfb_per_block=True)])
+def test_group_gemm_masked_decodes_scale_bytes_alike(T, P, options):
+    """SPEC §2: UE8M0 byte 0 is 2^-127, not 0 (a plain `byte << 23` made it 0 in the triton kernels), on both
+    providers, for sfa and for sfb; with byte 254 (2^127) on the other operand the product is bf16(a·b)
+    (operands in quarters up to 0.5, so that 2^127 times them stays finite and every float32 sum is exact)."""
+    e, m, n, k = 2, 8, 64, 256
+    rng = np.random.default_rng(41)
+    a = paddle.to_tensor(rng.integers(-2, 3, (e * m, k)).astype(np.float32) / 4).astype(paddle.float8_e4m3fn)
+    b = paddle.to_tensor(rng.integers(-2, 3, (e, n, k)).astype(np.float32) / 4).astype(paddle.float8_e4m3fn)
+    want = np.einsum("emk,enk->emn", f32(a).reshape(e, m, k), f32(b)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    counts = [8, 5]
+    masked_m = paddle.to_tensor(np.array(counts, np.int32))
+    for sfa, sfb in [(_uniform_sf(P, 0, e, m, 2), _uniform_sf(P, 254, e, n, 2)),
+                     (_uniform_sf(P, 254, e, m, 2), _uniform_sf(P, 0, e, n, 2))]:
+        for prov in (T, P):
+            out = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
+            got = f32(prov.group_gemm_masked(a, b, sfa, sfb, masked_m, out, None, m, **options)).reshape(e, m, n)
+            for ex, c in enumerate(counts):
+                np.testing.assert_array_equal(got[ex, :c], want[ex, :c])
+                assert np.all(got[ex, c:] == 7.0)
+
+
+@pytest.mark.parametrize("nan_byte", [0x7F, 0xFF])
+def test_group_gemm_masked_e4m3_nan_propagates_alike(T, P, nan_byte):
+    """An e4m3 NaN byte in a (or b) makes NaN exactly the outputs whose sums read it, on both providers and
+    both triton kernels (the interpreter's own fp8 conversion read 0x7F as 480: 608 came out, not NaN)."""
+    from backend.ops.triton import launch as L
+    e, m, n, k = 2, 8, 64, 256
+    a_bytes = np.full((e * m, k), 0x38, np.uint8)                   # e4m3 1.0
+    b_bytes = np.full((e, n, k), 0x38, np.uint8)
+    a_bytes[3, 17] = a_bytes[9, 200] = nan_byte
+    b_bytes[1, 40, 5] = nan_byte
+    a = paddle.to_tensor(a_bytes).view(paddle.float8_e4m3fn)
+    b = paddle.to_tensor(b_bytes).view(paddle.float8_e4m3fn)
+    sfa, sfb = _uniform_sf(P, 127, e, m, 2), _uniform_sf(P, 127, e, n, 2)
+    masked_m = paddle.to_tensor(np.array([8, 8], np.int32))
+    want_nan = np.zeros((e, m, n), bool)
+    want_nan[0, 3, :] = want_nan[1, 1, :] = True                    # rows 3 and 9 of a
+    want_nan[1, :, 40] = True                                       # column 40 of expert 1's b
+    runs = [prov.group_gemm_masked(a, b, sfa, sfb, masked_m, paddle.zeros([e * m, n], dtype=paddle.bfloat16),
+                                   None, m) for prov in (T, P)]
+    got = [f32(r).reshape(e, m, n) for r in runs]
+    out = torch.zeros((e * m, n), dtype=torch.bfloat16)
+    L.group_gemm_masked(_to_torch(a), _to_torch(b), _to_torch(sfa), _to_torch(sfb), _to_torch(masked_m), out,
+                        None, m, impl="dot_scaled")
+    got.append(out.float().view(e, m, n).numpy())
+    for g in got:
+        np.testing.assert_array_equal(np.isnan(g), want_nan)
+        assert np.all(g[~want_nan] == k)
+
+
+def test_prefill_permute_with_no_tokens(T, P):
+    """W = 0 rows (a rank that received no token): empty map, zero counts, all-zero layout, like paddle and
+    moe_ref (a raw torch stride error before), for bf16 x and for fp8 x with FP32 or packed scales."""
+    e, m, h = 3, 4, 256
+    ids = paddle.zeros([0, 2], dtype=paddle.int64)
+    cases = [(paddle.zeros([0, h], dtype=paddle.bfloat16), None),
+             (paddle.zeros([0, h], dtype=paddle.float8_e4m3fn), paddle.zeros([0, 2])),
+             (paddle.zeros([0, h], dtype=paddle.float8_e4m3fn), paddle.zeros([0, 1], dtype=paddle.int32))]
+    for x, scale in cases:
+        px, ps, imap, counts = T.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+        ref = ref_layout.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+        _, ps_p, _, _ = P.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+        assert px.dtype == x.dtype and list(px.shape) == [e, m, h] and not bits(px).any()
+        assert list(imap.shape) == [0, 2] and counts.numpy().tolist() == [[0]] * e
+        np.testing.assert_array_equal(bits(px), bits(ref.permute_x))
+        if scale is None:
+            assert ps is None and ps_p is None
+        else:
+            assert list(ps.strides) == list(ps_p.strides) and not ps.numpy().any()
+
+
 def test_group_gemm_masked_per_32_bytes_through_the_provider(T, P):
     """SF bytes that differ inside a 128-group reach the dot_scaled kernel (impl='auto'), never silently the
     per-128 one: the result equals the Paddle provider's, which decodes every byte."""

@@ -57,6 +57,15 @@ def _check_no_nan_byte(words: paddle.Tensor, name: str) -> None:
                          f"expected exponents 0..{UE8M0_NAN - 1}")
 
 
+def _check_no_nan_sf_bytes(sfa: paddle.Tensor, sfb: paddle.Tensor) -> None:
+    """CUTLASS SF bytes (uint8) of both operands: no byte may be 255 (the UE8M0 NaN); one synchronization."""
+    bad_a, bad_b = sfa == UE8M0_NAN, sfb == UE8M0_NAN
+    if bool(paddle.logical_or(bad_a.any(), bad_b.any())):
+        name, bad = ("sfa", bad_a) if bool(bad_a.any()) else ("sfb", bad_b)
+        raise ValueError(f"{name}: byte at index {tuple(first_index(bad))} is {UE8M0_NAN} (UE8M0 NaN); "
+                         f"expected exponents 0..{UE8M0_NAN - 1}")
+
+
 def _check_per_token_quant(x, block_size, use_ue8m0):
     check_tensor(x, "x", dtypes=(paddle.bfloat16, paddle.float32), ndim=2)
     block_size = check_positive_int(block_size, "block_size")
@@ -147,7 +156,9 @@ def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
         check_dim(bias, 0, e, "bias", "E")
         check_dim(bias, 1, n, "bias", "N")
     sm_count = _check_int(sm_count, "sm_count")
-    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, _check_bool(sfb_per_block, "sfb_per_block")
+    sfb_per_block = _check_bool(sfb_per_block, "sfb_per_block")
+    _check_no_nan_sf_bytes(sfa, sfb)
+    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, sfb_per_block
 
 
 def _check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0):

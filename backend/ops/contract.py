@@ -107,6 +107,9 @@ OPS = (
     sm_count: SMs the kernel may use (-1 all; ignored by the portable providers).
     For m < masked_m[e]: out[e·M + m, n] = bf16(Σ_k a·2^(sfa-127)·b·2^(sfb-127) (+ bias[e, n])),
     float32 accumulation, one scale byte per 32 K-elements. Rows >= masked_m[e] are not touched.
+    Scale bytes (SPEC §2): byte 0 is 2^-127 (not 0); byte 255 (UE8M0 NaN) in sfa or sfb is a ValueError,
+    as in unpack_and_convert_scale. An e4m3 NaN byte (0x7F / 0xFF, SPEC §1) in a or b is not checked:
+    every output whose sum reads it is NaN, on every provider (as the tensor cores give it).
     sfb_per_block (keyword-only, ours; never passed to the real package): True promises that sfb holds
     one byte per 128 rows x 128 K (weights quantized in 128x128 blocks, each block's byte copied to
     its rows, as `BlackwellGemmFusedMoeMethod.process_weights_after_loading` builds them); the triton

@@ -79,7 +79,11 @@ def per_token_quant(x: torch.Tensor, block_size: int = GROUP_SIZE, use_ue8m0: bo
 # ----------------------------------------------------------------------------- §5
 
 def _row_view(x: torch.Tensor) -> torch.Tensor:
-    """Contiguous [W, H] of any dtype -> its bytes as int32 words per row when they divide, else uint8."""
+    """Contiguous [W, H] of any dtype -> its bytes as int32 words per row when they divide, else uint8.
+    An empty x gets standard strides first (torch calls any empty tensor contiguous, whatever its strides,
+    and refuses to view one whose last stride is not 1)."""
+    if x.numel() == 0:
+        x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     b = x.view(torch.uint8)
     return b.view(torch.int32) if b.shape[1] % 4 == 0 else b
 
