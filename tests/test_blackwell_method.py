@@ -441,3 +441,17 @@ def test_forward_buffer_bytes():
 def test_method_module_is_light():
     assert isinstance(bm.BlackwellGemmFusedMoeMethod(BlockWiseFP8Config()).checkpoint_tensor_names, tuple)
     assert BlackwellGemmFusedMoeMethod(BlockWiseFP8Config()).last_provider_name is None
+
+
+def test_gemm1_overflow_names_the_intermediate_not_x(gemm1_overflow_case):
+    """x is finite, its GEMM 1 output is not: the layer raises naming GEMM 1's output (not x, and no silent
+    6.6e-37 or -3.2e37 output as before), and moe_ref names gemm1_out."""
+    x, w_up, w_down, tw, ti = gemm1_overflow_case
+    assert bool(paddle.isfinite(x.astype(paddle.float32)).all())
+    layer = FusedMoE(2, 1, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=True))
+    layer.load_weights(w_up.astype(paddle.bfloat16), w_down.astype(paddle.bfloat16))
+    with pytest.raises(ValueError, match=r"^GEMM 1 output \(up = x · up_gate_proj_weightᵀ, \[E, M, 2I\]\): "
+                                         r"up: non-finite value -?inf at index \(0, \d+, \d+\), a valid row"):
+        layer(x, topk=(tw, ti))
+    with pytest.raises(ValueError, match=r"^gemm1_out: non-finite value -?inf at index"):
+        moe.moe_forward_fp8(x, w_up, w_down, tw, ti, use_ue8m0=True)

@@ -610,6 +610,60 @@ def test_fused_mask_swiglu_fp8_quant_matches_paddle(T, P, use_ue8m0, i):
         assert np.all(bits(act)[ex, c:] == 0) and np.all(vals[ex, c:] == 0)
 
 
+@pytest.mark.parametrize("value, half", [(float("nan"), "gate"), (float("inf"), "lin"), (-float("inf"), "gate"),
+                                         (1e30, "both")])
+@pytest.mark.parametrize("use_ue8m0, i", [(True, 128), (False, 200)])
+def test_fused_swiglu_non_finite_is_an_error_everywhere(T, P, value, half, use_ue8m0, i):
+    """SPEC §1 for the fused SwiGLU + quant (issue 15 item 1): a NaN / inf of up in a valid row raises naming
+    "up" and its index; a finite up whose lin · gate overflows (1e30 · 1e30) raises naming "SwiGLU(up)", on
+    both providers and in moe_ref (which said "x" before, and the providers quantized silently, disagreeing).
+    The same values in rows past the counts are never read: no error, outputs equal."""
+    e, m = 2, 5
+    counts = paddle.to_tensor(np.array([5, 2], np.int32))
+    base = (np.random.default_rng(7).standard_normal((e, m, 2 * i)) * 2).astype(np.float32)
+    cols = {"gate": [3], "lin": [i + 3], "both": [3, i + 3]}[half]
+    bad, ignored = base.copy(), base.copy()
+    bad[1, 1, cols] = value                                          # row 1 < counts[1] = 2: read
+    ignored[1, 3, cols] = value                                      # row 3 >= 2: never read
+    up_bad, up_ignored = (paddle.to_tensor(u).astype(paddle.bfloat16) for u in (bad, ignored))
+    name = r"SwiGLU\(up\)" if np.isfinite(value) else "up"
+    for prov in (T, P):
+        with pytest.raises(ValueError, match=rf"^{name}: .*non-finite"):
+            prov.fused_mask_swiglu_fp8_quant(up_bad, counts, 128, use_ue8m0)
+    with pytest.raises(ValueError, match=rf"^{name}: non-finite value"):
+        moe_ref_swiglu(up_bad, counts, use_ue8m0)
+    if np.isfinite(value):
+        return
+    got = [prov.fused_mask_swiglu_fp8_quant(up_ignored, counts, 128, use_ue8m0) for prov in (T, P)]
+    ref_act, ref_scale = moe_ref_swiglu(up_ignored, counts, use_ue8m0)
+    for act, scale in got:
+        np.testing.assert_array_equal(bits(act), bits(ref_act))
+        np.testing.assert_array_equal(scale.numpy(), ref_scale.logical_view().numpy())
+
+
+def moe_ref_swiglu(up, counts, use_ue8m0):
+    from moe_ref.moe import fused_mask_swiglu_fp8_quant_ref
+    return fused_mask_swiglu_fp8_quant_ref(up, counts, use_ue8m0=use_ue8m0)
+
+
+def test_layer_gemm1_overflow_raises_on_triton(monkeypatch, gemm1_overflow_case):
+    """The issue's layer case on the triton provider: finite x, GEMM 1 overflows -> an error naming GEMM 1's
+    output (it returned -3.2e37 before)."""
+    from backend.moe.layer import FusedMoE
+    from backend.quantization import BlockWiseFP8Config
+    monkeypatch.setenv("FD_USE_BLACKWELL_GEMM", "1")
+    monkeypatch.setenv("FD_MOE_OPS_PROVIDER", "triton")
+    ops.reset_provider_cache()
+    x, w_up, w_down, tw, ti = gemm1_overflow_case
+    layer = FusedMoE(2, 1, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=True))
+    layer.load_weights(w_up.astype(paddle.bfloat16), w_down.astype(paddle.bfloat16))
+    try:
+        with pytest.raises(ValueError, match=r"^GEMM 1 output .*: up: non-finite value -?inf at index"):
+            layer(x, topk=(tw, ti))
+    finally:
+        ops.reset_provider_cache()
+
+
 # ----------------------------------------------------------------------------- §8
 
 def test_depermute_prefill_combine_matches_reference(T, P):

@@ -378,7 +378,10 @@ class BlackwellGemmFusedMoeMethod:
         provider.group_gemm_masked(a.reshape([e * m, h]), layer.up_gate_proj_weight, sfa,
                                    layer.up_gate_proj_weight_scale_bw, counts, up, None, m, -1,
                                    sfb_per_block=layer.weight_scale_bw_per_block)
-        act, act_scale = provider.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * i]), counts, GROUP_SIZE, True)
+        try:
+            act, act_scale = provider.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * i]), counts, GROUP_SIZE, True)
+        except ValueError as err:      # name the intermediate: x may be finite while its GEMM 1 overflows
+            raise ValueError(f"GEMM 1 output (up = x · up_gate_proj_weightᵀ, [E, M, 2I]): {err}") from None
         sfa = provider.unpack_and_convert_scale(act_scale, counts)
         # GEMM 2 reads act, not up: when H == 2I its output can reuse up's storage (as upstream does)
         down = up if h == 2 * i else paddle.empty([e * m, h], dtype=paddle.bfloat16)

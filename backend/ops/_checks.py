@@ -161,12 +161,26 @@ def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
     return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, sfb_per_block
 
 
+def _check_finite_rows(x: paddle.Tensor, counts: paddle.Tensor, name: str, count_name: str) -> None:
+    """x [E, M, L] float: no NaN / inf in rows m < counts[e] (the rows an op reads; the others may hold
+    anything), ValueError naming the first; one synchronization."""
+    m = int(x.shape[1])
+    valid = paddle.arange(m, dtype=paddle.int32).unsqueeze(0) < counts.unsqueeze(1)
+    bad = paddle.logical_and(paddle.logical_not(paddle.isfinite(x)), valid.unsqueeze(-1))
+    if bool(bad.any()):
+        e, row, col = first_index(bad)
+        raise ValueError(f"{name}: non-finite value {float(x[e, row, col])} at index ({e}, {row}, {col}), a valid row "
+                         f"(row {row} < {count_name}[{e}] = {int(counts[e])}); SPEC §1: quantization input must be "
+                         f"finite")
+
+
 def _check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0):
     check_tensor(up, "up", dtypes=(paddle.bfloat16, paddle.float32), ndim=3)
     e, m, i2 = (int(d) for d in up.shape)
     if i2 == 0 or i2 % 2:
         raise ValueError(f"up: expected shape[2] == 2I (even, > 0), got shape {list(up.shape)}")
     counts = _check_counts(token_nums_per_expert, "token_nums_per_expert", e, m, "M")
+    _check_finite_rows(up, counts, "up", "token_nums_per_expert")
     block_size = check_positive_int(block_size, "block_size")
     use_ue8m0 = _check_bool(use_ue8m0, "use_ue8m0")
     return up, counts, block_size, use_ue8m0

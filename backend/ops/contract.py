@@ -126,6 +126,9 @@ OPS = (
     Returns (act [E, M, I] fp8, act_scale): act_scale is MN-major (M padded to 4) with logical
     shape [E, M, ceil(I/block_size/4)] packed UE8M0 int32 (use_ue8m0) or [E, M, ceil(I/block_size)]
     fp32. Rows >= token_nums_per_expert[e] are zero in act and act_scale.
+    Non-finite values (SPEC §1: a quantization's input must be finite): a NaN / inf of up in a valid row
+    is a ValueError naming "up" and its index; a finite up whose y is not finite (lin · gate overflows)
+    one naming "SwiGLU(up)"; on every provider. Rows past the counts are never read, whatever they hold.
     """),
     _row("depermute_prefill_combine", "ffn_out indice_map topk_weights num_worst_tokens", {}, """
     Gather expert outputs back to tokens and combine with the routing weights (SPEC §8).

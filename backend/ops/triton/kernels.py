@@ -540,14 +540,14 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
 # ----------------------------------------------------------------------------- §7 SwiGLU + quant
 
 @triton.jit
-def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, stride_ue, stride_um,
+def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, bad_ptr, M, I, S_COLS, M_PAD, stride_ue, stride_um,
                         amax_floor, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, UE8M0: tl.constexpr,
-                        EXACT_CAST: tl.constexpr):
+                        COUNT_BAD: tl.constexpr, EXACT_CAST: tl.constexpr):
     """up [E, M, 2I] -> q [E, M, I] uint8 (e4m3 bits), s physical [E, S_COLS, M_PAD] (MN-major).
 
     One program: BLOCK_R rows x 4 groups (one packed word). y = bf16(lin · gate / (1 + exp(-gate)))
     in float32 (fast division and exp on a GPU: see below); rows >= counts[e] are written as zeros
-    (q and s) without reading up.
+    (q and s) without reading up. COUNT_BAD: bad[program] = number of NaN / inf y in its valid rows.
     """
     e = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -565,6 +565,10 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, s
     # except in rare ties (the interpreter divides exactly). tl.exp is approximate on a GPU too.
     y = (lin * gate) / (1.0 + tl.exp(-gate))
     y = _to_bf16(y, EXACT_CAST).to(tl.float32)
+    if COUNT_BAD:      # SPEC §1: the launcher raises when a valid row's y is NaN or inf
+        bad = ld & ((y != y) | (tl.abs(y) == float("inf")))
+        flat = (e * tl.num_programs(1) + pid_r) * tl.num_programs(2) + pid_w
+        tl.store(bad_ptr + flat, tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0))
     y3 = tl.reshape(y, (BLOCK_R, 4, GROUP))
     amax = tl.maximum(tl.max(tl.abs(y3), axis=2), amax_floor)
     s, ex = _scale_from_amax(amax, UE8M0)

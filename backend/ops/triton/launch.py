@@ -504,12 +504,16 @@ def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tens
 # ----------------------------------------------------------------------------- §7
 
 def fused_mask_swiglu_fp8_quant(up: torch.Tensor, token_nums_per_expert: torch.Tensor, block_size: int = GROUP_SIZE,
-                                use_ue8m0: bool = True, amax_floor: float = SWIGLU_AMAX_FLOOR):
+                                use_ue8m0: bool = True, amax_floor: float = SWIGLU_AMAX_FLOOR,
+                                check_finite: bool = False):
     """SwiGLU + 1 x block_size FP8 quant on the masked layout (SPEC §7).
 
     up [E, M, 2I] bf16|fp32 -> (act [E, M, I] float8_e4m3fn, act_scale MN-major view, logical
     [E, M, ceil(I/block_size/4)] packed int32 (use_ue8m0) or [E, M, ceil(I/block_size)] fp32, strides
     (C·align(M,4), 1, align(M,4))). Rows >= token_nums_per_expert[e] are zero in act and act_scale.
+    check_finite: a NaN / inf y = SwiGLU(up) in a valid row (non-finite up, or lin · gate overflowing) is a
+    ValueError (SPEC §1; counted by the kernel, one synchronization); False: not looked for (the output of
+    such rows is then meaningless), as the benchmarks time it.
     """
     if block_size & (block_size - 1):
         raise ValueError(f"block_size: the Triton kernel needs a power of two, got {block_size}")
@@ -524,10 +528,16 @@ def fused_mask_swiglu_fp8_quant(up: torch.Tensor, token_nums_per_expert: torch.T
     phys = torch.zeros((e_num, s_cols, m_pad), dtype=torch.int32 if use_ue8m0 else torch.float32, device=up.device)
     block_r = max(1, min(16, 4096 // (4 * block_size)))
     grid = (e_num, triton.cdiv(m, block_r), triton.cdiv(s, 4))
+    bad = torch.zeros((grid[0] * grid[1] * grid[2],) if check_finite else (1,), dtype=torch.int32, device=up.device)
     if m and i:
-        K.swiglu_quant_kernel[grid](up, counts, _fp8_bytes(act), phys, m, i, s_cols, m_pad, up.stride(0), up.stride(1),
-                                    float(amax_floor), GROUP=block_size, BLOCK_R=block_r, UE8M0=bool(use_ue8m0),
-                                    EXACT_CAST=interpreting(), num_warps=4)
+        K.swiglu_quant_kernel[grid](up, counts, _fp8_bytes(act), phys, bad, m, i, s_cols, m_pad, up.stride(0),
+                                    up.stride(1), float(amax_floor), GROUP=block_size, BLOCK_R=block_r,
+                                    UE8M0=bool(use_ue8m0), COUNT_BAD=bool(check_finite), EXACT_CAST=interpreting(),
+                                    num_warps=4)
+    n_bad = int(bad.sum()) if check_finite else 0
+    if n_bad:
+        raise ValueError(f"SwiGLU(up): {n_bad} non-finite values in valid rows (non-finite up, or lin · gate "
+                         f"overflowing); SPEC §1: quantization input must be finite")
     return act, phys.as_strided((e_num, m, s_cols), (s_cols * m_pad, 1, m_pad))
 
 

@@ -124,7 +124,7 @@ def _data_ptr(x: paddle.Tensor) -> int:
 
 def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0):
     act, s = _launch().fused_mask_swiglu_fp8_quant(_to_torch(up), _to_torch(token_nums_per_expert),
-                                                   block_size, use_ue8m0)
+                                                   block_size, use_ue8m0, check_finite=True)
     return _to_paddle(act), _mn_major_to_paddle(s)
 
 
