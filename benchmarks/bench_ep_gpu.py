@@ -143,11 +143,11 @@ class Experts:
         px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x_q, x_scale, ids, e, m)
         up = torch.empty(e * m, 2 * i, dtype=torch.bfloat16, device=x_q.device)
         L.group_gemm_masked(px.view(e * m, h), self.up_q, L.unpack_and_convert_scale(ps, counts), self.up_sf,
-                            counts, up, None, m)
+                            counts, up, None, m, sfb_per_block=True)
         act, act_s = L.fused_mask_swiglu_fp8_quant(up.view(e, m, 2 * i), counts, GROUP, True)
         down = torch.empty(e * m, h, dtype=torch.bfloat16, device=x_q.device)
         L.group_gemm_masked(act.view(e * m, i), self.dn_q, L.unpack_and_convert_scale(act_s, counts), self.dn_sf,
-                            counts, down, None, m)
+                            counts, down, None, m, sfb_per_block=True)
         return L.depermute_prefill_combine(down.view(e, m, h), imap, weights, w)
 
     def _torch_chain(self, x_q, x_scale, ids, weights):

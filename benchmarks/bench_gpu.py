@@ -50,7 +50,7 @@ T0 = time.time()
 
 
 def save():
-    RESULTS["gemm_tuning"] = dict(log=L.tuning_log, chosen={"|".join(map(str, k)): v for k, v in L._tuned.items()})
+    RESULTS["gemm_tuning"] = dict(log=L.TUNER.log, chosen={"|".join(map(str, k)): v for k, v in L.TUNER.chosen().items()})
     if OUT_PATH is not None:
         write_json(OUT_PATH, RESULTS, indent=1, newline=False, default=str)
 
@@ -228,7 +228,7 @@ def gemm_bench(shapes, e_num, m_cap, fills):
         fa_mn = mn_major(fa)
         out = torch.empty((e_num * m_cap, n), dtype=torch.bfloat16, device=DEV)
         kernels = {
-            "explicit_ue8m0": lambda c: L.group_gemm_masked(a, b, sfa, sfb, c, out, None, m_cap),
+            "explicit_ue8m0": lambda c: L.group_gemm_masked(a, b, sfa, sfb, c, out, None, m_cap, sfb_per_block=True),
             "explicit_fp32": lambda c: L.group_gemm_masked_fp32(a, b, fa_mn, fb, c, out, None, m_cap),
             "dot_scaled_ue8m0": lambda c: L.group_gemm_masked(a, b, sfa, sfb, c, out, None, m_cap, impl="dot_scaled"),
         }
@@ -286,7 +286,7 @@ def gemm_bench(shapes, e_num, m_cap, fills):
             save()
         del a, b, out
         torch.cuda.empty_cache() if not DRY else None
-    return dict(rows=rows_out, tuning=L.tuning_log, chosen={"|".join(map(str, k)): v for k, v in L._tuned.items()})
+    return dict(rows=rows_out, tuning=L.TUNER.log, chosen={"|".join(map(str, k)): v for k, v in L.TUNER.chosen().items()})
 
 
 # ----------------------------------------------------------------------------- memory-bound kernels
@@ -453,7 +453,8 @@ def chain(w_tok, h, inter, e_num, k_top):
         def s_gemm1():
             if ue:
                 sfa = L.unpack_and_convert_scale(st["ps"], st["counts"])
-                L.group_gemm_masked(st["px"].view(e_num * m_cap, h), w_up, sfa, sfb_up, st["counts"], up, None, m_cap)
+                L.group_gemm_masked(st["px"].view(e_num * m_cap, h), w_up, sfa, sfb_up, st["counts"], up, None, m_cap,
+                                    sfb_per_block=True)
             else:
                 L.group_gemm_masked_fp32(st["px"].view(e_num * m_cap, h), w_up, st["ps"], s_up, st["counts"], up,
                                          None, m_cap)
@@ -465,7 +466,7 @@ def chain(w_tok, h, inter, e_num, k_top):
             if ue:
                 sfa = L.unpack_and_convert_scale(st["act_s"], st["counts"])
                 L.group_gemm_masked(st["act"].view(e_num * m_cap, inter), w_dn, sfa, sfb_dn, st["counts"], down,
-                                    None, m_cap)
+                                    None, m_cap, sfb_per_block=True)
             else:
                 L.group_gemm_masked_fp32(st["act"].view(e_num * m_cap, inter), w_dn, st["act_s"], s_dn, st["counts"],
                                          down, None, m_cap)
@@ -598,14 +599,14 @@ def ncu_one(cfg_json: str):
     sfb = L.unpack_and_convert_scale(pack_words(eb.repeat_interleave(128, 1)), None)
     out = torch.empty((e_num * m_cap, n), dtype=torch.bfloat16, device=DEV)
     counts = torch.full((e_num,), m_cap, dtype=torch.int32, device=DEV)
-    L._tuned[("explicit_ue8m0", n, k, str(a.device))] = cfg
-    L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m_cap)
+    L.TUNER.choose(("explicit_ue8m0", n, k, str(a.device)), cfg)
+    L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m_cap, sfb_per_block=True)
     torch.cuda.synchronize()
 
 
 def run_ncu():
     """Profile the chosen explicit-UE8M0 config once with Nsight Compute (clocks left alone)."""
-    cfg = L._tuned.get(("explicit_ue8m0", 4096, 7168, "cuda:0"))
+    cfg = L.TUNER.chosen().get(("explicit_ue8m0", 4096, 7168, "cuda:0"))
     if cfg is None or OUT_PATH is None:
         return
     rep = OUT_PATH.parent / "ncu_gemm.txt"

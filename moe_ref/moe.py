@@ -229,13 +229,17 @@ def moe_forward_oracle(x: paddle.Tensor, w_up: paddle.Tensor, w_down: paddle.Ten
 # FP8 path
 # ---------------------------------------------------------------------------------------------
 
-def swiglu_fp8_quant_rows(up: paddle.Tensor, use_ue8m0: bool = False):
+def swiglu_fp8_quant_rows(up: paddle.Tensor, use_ue8m0: bool = False, name: str = "up"):
     """SwiGLU + 1x128 requantization of rows (SPEC §7), the math of fused_mask_swiglu_fp8_quant per row.
 
     up [N, 2I] bf16 -> (act [N, I] fp8, act_scale [N, ceil(I/128)] float32, powers of two when use_ue8m0).
     y = bf16(lin · gate / (1 + exp(-gate))) computed in float32; amax floor 1e-10.
+    Non-finite input to the quantization is an error (SPEC §1) naming what holds it: `name` (the caller's
+    name for up, e.g. "gemm1_out") for a NaN / inf in up, "SwiGLU(name)" for a finite up whose y overflows.
     """
+    check_finite(up, name)
     y = swiglu(up.astype(paddle.float32)).astype(paddle.bfloat16)
+    check_finite(y, f"SwiGLU({name})")
     return per_token_group_quant(y, use_ue8m0=use_ue8m0, amax_floor=SWIGLU_AMAX_FLOOR)
 
 
@@ -255,10 +259,12 @@ def fused_mask_swiglu_fp8_quant_ref(up: paddle.Tensor, token_nums_per_expert: pa
     check_dim(counts, 0, e, "token_nums_per_expert", "E")
     if bool(((counts < 0) | (counts > m)).any()):
         raise ValueError(f"token_nums_per_expert: expected values in [0, M={m}], got {counts.tolist()}")
-    act, scale = swiglu_fp8_quant_rows(up.reshape([e * m, two_i]), use_ue8m0)
+    valid = (paddle.arange(m, dtype=paddle.int64).unsqueeze(0) < counts.unsqueeze(1)).reshape([e * m, 1])
+    # Only valid rows are read (SPEC §7): rows past the counts may hold anything, NaN included.
+    rows = paddle.where(valid, up.reshape([e * m, two_i]).astype(paddle.float32), paddle.zeros([1, two_i]))
+    act, scale = swiglu_fp8_quant_rows(rows, use_ue8m0)
     if use_ue8m0:
         scale = pack_scale_ue8m0(scale)
-    valid = (paddle.arange(m, dtype=paddle.int64).unsqueeze(0) < counts.unsqueeze(1)).reshape([e * m, 1])
     act_bits = act.view(paddle.uint8).astype(paddle.int32)
     act_bits = paddle.where(valid, act_bits, paddle.zeros_like(act_bits))
     act = act_bits.astype(paddle.uint8).view(paddle.float8_e4m3fn)
@@ -314,7 +320,7 @@ def expert_ffn_fp8(a_q: paddle.Tensor, a_scale: paddle.Tensor, w_up: paddle.Tens
     GEMMs multiply dequantized operands in float32 and round the output to bf16, as the kernels do.
     """
     gemm1 = paddle.matmul(dequant_per_token_group(a_q, a_scale), w_up, transpose_y=True).astype(paddle.bfloat16)
-    act, act_scale = swiglu_fp8_quant_rows(gemm1, use_ue8m0)
+    act, act_scale = swiglu_fp8_quant_rows(gemm1, use_ue8m0, "gemm1_out")
     gemm2 = paddle.matmul(dequant_per_token_group(act, act_scale), w_down, transpose_y=True).astype(paddle.bfloat16)
     return gemm1, act, act_scale, gemm2
 

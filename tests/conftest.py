@@ -9,6 +9,8 @@ TRITON_INTERPRET yourself (0 on a GPU machine) to keep this hook out.
 """
 import os
 
+import pytest
+
 
 def _decorate_triton_kernels_for_the_interpreter() -> None:
     if "TRITON_INTERPRET" in os.environ:
@@ -25,3 +27,15 @@ def _decorate_triton_kernels_for_the_interpreter() -> None:
 
 
 _decorate_triton_kernels_for_the_interpreter()
+
+
+@pytest.fixture
+def gemm1_overflow_case():
+    """A finite x (1e37, bf16) whose GEMM 1 overflows: gate weights -1, up weights +1, every token on expert 0
+    (issue 15 item 1). (x [3, 256] bf16, w_up [2, 256, 256], w_down [2, 256, 128] fp32, topk_weights [3, 1],
+    topk_ids [3, 1]) for a layer with E = 2, K_top = 1, H = 256, I = 128."""
+    import paddle
+    e, h, i, t = 2, 256, 128, 3
+    w_up = paddle.concat([paddle.full([e, i, h], -1.0), paddle.ones([e, i, h])], axis=1)
+    x = paddle.full([t, h], 1e37).astype(paddle.bfloat16)
+    return x, w_up, paddle.full([e, h, i], 0.01), paddle.ones([t, 1]), paddle.zeros([t, 1], dtype=paddle.int64)

@@ -204,10 +204,10 @@ def test_expert_without_tokens_and_all_tokens_on_one_expert(model, monkeypatch):
         def __getattr__(self, op):
             fn = getattr(real, op)
 
-            def call(*args):
+            def call(*args, **options):
                 if op == "group_gemm_masked":
                     counts_seen.append((args[4].reshape([-1]).tolist(), args[7]))
-                return fn(*args)
+                return fn(*args, **options)
             return call
 
     monkeypatch.setattr(ops, "get_provider", lambda name=None: Spy())
@@ -435,3 +435,17 @@ def test_repeated_expert_in_a_token_is_rejected_on_every_path(model, path):
     # 2 ranks take 4 tokens each: global token 5 is token 1 of rank 1, and the error names the rank
     with pytest.raises(ValueError, match="rank 1: " + want.replace("token 5", "token 1")):
         run_ep(model, "bf16", x, tw, ti, 2, "prefill" if path == "ht" else "decode")
+
+
+def test_gemm1_overflow_names_the_intermediate_not_x(gemm1_overflow_case):
+    """x is finite, its GEMM 1 output is not: the layer raises naming GEMM 1's output (not x, and no silent
+    6.6e-37 or -3.2e37 output as before), and moe_ref names gemm1_out."""
+    x, w_up, w_down, tw, ti = gemm1_overflow_case
+    assert bool(paddle.isfinite(x.astype(paddle.float32)).all())
+    layer = FusedMoE(2, 1, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=True))
+    layer.load_weights(w_up.astype(paddle.bfloat16), w_down.astype(paddle.bfloat16))
+    with pytest.raises(ValueError, match=r"^GEMM 1 output \(up = x · up_gate_proj_weightᵀ, \[E, M, 2I\]\): "
+                                         r"up: non-finite value -?inf at index \(0, \d+, \d+\), a valid row"):
+        layer(x, topk=(tw, ti))
+    with pytest.raises(ValueError, match=r"^gemm1_out: non-finite value -?inf at index"):
+        moe.moe_forward_fp8(x, w_up, w_down, tw, ti, use_ue8m0=True)

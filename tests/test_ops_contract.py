@@ -3,6 +3,7 @@ the blackwell_ops adapter's availability logic (with fake packages and fake GPUs
 argument checks of every op (errors name the argument, the expected and the seen value).
 """
 import importlib
+import inspect
 import logging
 import sys
 import threading
@@ -296,6 +297,39 @@ def test_provider_object_has_the_seven_documented_ops():
     assert paddle_provider.is_available()[0]
 
 
+def _params(fn):
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_functions_and_methods_come_from_one_table():
+    """backend.ops.<op> and OpsProvider.<op> have the signature (defaults included) and docstring of the op's
+    row in backend.ops.contract.OPS; every provider module implements each op with the row's parameters and
+    no default (defaults are stated once: a provider's own default could drift, as a literal 128 once did)."""
+    from backend.ops import contract
+    from backend.ops._checks import CHECKS
+    assert ops.OP_NAMES == tuple(row.name for row in contract.OPS) and set(CHECKS) == set(ops.OP_NAMES)
+    triton_provider = pytest.importorskip("backend.ops.triton.provider")
+    for row in contract.OPS:
+        want = [(p.name, p.kind, p.default) for p in row.signature.parameters.values()]
+        assert _params(getattr(ops, row.name)) == want and getattr(ops, row.name).__doc__ == row.doc
+        assert _params(getattr(ops.OpsProvider, row.name))[1:] == want
+        for module in (paddle_provider, triton_provider):
+            got = _params(getattr(module, row.name))
+            assert [(n, k) for n, k, _ in got] == [(n, k) for n, k, _ in want], (module.__name__, row.name)
+            assert all(d is inspect.Parameter.empty for _, _, d in got), (module.__name__, row.name, got)
+    assert inspect.signature(ops.per_token_quant).parameters["block_size"].default == 128
+
+
+def test_blackwell_forwarder_keeps_our_options(fake_blackwell):
+    """sfb_per_block is ours: the package gets the 9 upstream positional arguments, as upstream calls it."""
+    out = paddle.zeros([8, 16], dtype=paddle.bfloat16)
+    a, b = paddle.zeros([8, 128], dtype=FP8), paddle.zeros([2, 16, 128], dtype=FP8)
+    sf, mm = paddle.zeros([2, 128, 4], dtype=paddle.uint8), paddle.to_tensor([4, 0], dtype=paddle.int32)
+    assert ops.get_provider("blackwell_ops").group_gemm_masked(a, b, sf, sf, mm, out, None, 4, sfb_per_block=True) is out
+    gemm = dict(fake_blackwell.calls)["group_gemm_masked"]
+    assert len(gemm) == 9 and gemm[5:] == (out, None, 4, -1)
+
+
 # ----------------------------------------------------------------------------- argument checks
 
 def _words(e, mn, c, byte=127):
@@ -317,6 +351,13 @@ FFN = paddle.zeros([2, 4, 8], dtype=paddle.bfloat16)
 IMAP = paddle.to_tensor([[0, 5], [-1, -1]], dtype=paddle.int32)
 TW = paddle.ones([2, 2])
 NAN_X = paddle.to_tensor([[1.0, float("nan")] + [0.0] * 126])
+
+
+def _sf_with(sf, index, byte):
+    """A copy of CUTLASS SF bytes with one byte set."""
+    arr = sf.numpy().copy()
+    arr[index] = byte
+    return paddle.to_tensor(arr)
 
 
 def _gemm(**kw):
@@ -415,6 +456,13 @@ BAD_CALLS = {
     "gemm bias": (_gemm(bias=paddle.zeros([2, 8])), ValueError, r"^bias: expected shape\[1\] == N = 16"),
     "gemm M": (_gemm(max_m_per_expert=0), ValueError, r"^max_m_per_expert: expected a positive int, got 0"),
     "gemm sm_count": (_gemm(sm_count="all"), TypeError, r"^sm_count: expected an int, got 'all'"),
+    "gemm sfa NaN byte": (_gemm(sfa=_sf_with(SFA, (1, 3, 5), 255)), ValueError,
+                          r"^sfa: byte at index \(1, 3, 5\) is 255 \(UE8M0 NaN\); expected exponents 0..254"),
+    "gemm sfb NaN byte": (_gemm(sfb=_sf_with(SFA, (0, 127, 7), 255)), ValueError,
+                          r"^sfb: byte at index \(0, 127, 7\) is 255"),
+    "gemm sfb_per_block": (_gemm(sfb_per_block=1), TypeError, r"^sfb_per_block: expected a bool, got 1"),
+    "gemm 10 positional": (lambda: ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT, None, 4, -1, True),
+                           TypeError, r"too many positional arguments"),
     # fused_mask_swiglu_fp8_quant
     "swiglu dtype": (lambda: ops.fused_mask_swiglu_fp8_quant(UP.astype("int32"), MM),
         TypeError, r"^up: expected dtype"),

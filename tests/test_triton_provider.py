@@ -238,14 +238,14 @@ def _dequant_ref(a, sa, b, sb, e, m, n, k, bias=None):
     return out
 
 
-def _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts):
+def _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts, **options):
     """group_gemm_masked of the triton and the paddle provider (no bias) on out poisoned with 7.0: valid rows
     within one bf16 step, rows past counts[e] untouched."""
     e, n, _ = (int(d) for d in b.shape)
     m = int(a.shape[0]) // e
     poison = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
-    got = f32(T.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m)).reshape(e, m, n)
-    want = f32(P.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m)).reshape(e, m, n)
+    got = f32(T.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m, **options)).reshape(e, m, n)
+    want = f32(P.group_gemm_masked(a, b, sfa, sfb, masked_m, poison.clone(), None, m, **options)).reshape(e, m, n)
     for ex, c in enumerate(counts):
         np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=BF16_ULP, atol=1e-2)
         assert np.all(got[ex, c:] == 7.0)
@@ -347,23 +347,26 @@ def _to_torch(x):
     return torch.from_numpy(x.numpy())
 
 
-def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths, monkeypatch):
-    """Block-constant weight bytes take the one-FMA kernel, a single row that differs inside a 128-row block
-    takes the per-row kernel; both equal the Paddle provider (which decodes every row) and the dequantized
-    product. Provider (impl='auto'): decided in its one synchronization, one kernel launched. launch's
-    default (impl='explicit'): both variants queued behind the device-side check, exactly one does tiles."""
+def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths):
+    """sfb_per_block=True (block-constant weight bytes, stated by the caller) takes the one-FMA kernel; the
+    default, False, the per-row kernel, right for any bytes (a single row that differs inside a 128-row
+    block). Each equals the Paddle provider (which decodes every row) and the dequantized product, through
+    the provider and the launcher; nothing is guessed, one kernel is launched per call. A false promise
+    (True on rows that differ) reads the block's first row: wrong exactly where a row differs."""
     from backend.ops.triton import launch as L
     e, m, n, k = 2, 64, 192, 256
     counts = [50, 64]
     a, sa, b, sb, masked_m = _gemm_case(e, m, n, k, counts, seed=31)
     sfa, sfb = _sf_bytes(T, sa, sb, e, m, n)
-    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts)
+    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts, sfb_per_block=True)
     assert gemm_paths == ["explicit_ue8m0"]
+    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts)
+    assert gemm_paths[1:] == ["explicit_ue8m0_per_row"]
     rows_b = np.repeat(sb.numpy(), 128, axis=1)[:, :n].copy()
     rows_b[1, 130, 1] *= 4.0                                          # row 2 of block 1, K group 1
     sfb_rows = _rows_sf(T, paddle.to_tensor(rows_b))
     _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb_rows, masked_m, counts)
-    assert gemm_paths[1:] == ["explicit_ue8m0_per_row"]
+    assert gemm_paths[2:] == ["explicit_ue8m0_per_row"]
     a_d = (f32(a).reshape(e, m, k) * np.repeat(sa.numpy().reshape(e, m, -1), 128, axis=2)).astype(np.float64)
     ref = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_b, 128, axis=2)).astype(np.float64))
     rows_blk = np.repeat(sb.numpy(), 128, axis=1)[:, :n]
@@ -376,8 +379,8 @@ def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths, monkeypatch):
         L.group_gemm_masked(ta, tb, tsfa, _to_torch(sf_b), tm, out, None, m, **kw)
         return out.float().view(e, m, n).numpy(), list(gemm_paths)
 
-    both = ["explicit_ue8m0", "explicit_ue8m0_per_row"]
-    for sf_b, want, kw, paths in [(sfb, ref_blk, {}, both), (sfb_rows, ref, {}, both),
+    for sf_b, want, kw, paths in [(sfb, ref_blk, {}, ["explicit_ue8m0_per_row"]),
+                                  (sfb_rows, ref, {}, ["explicit_ue8m0_per_row"]),
                                   (sfb, ref_blk, dict(sfb_per_block=True), ["explicit_ue8m0"]),
                                   (sfb_rows, ref, dict(sfb_per_block=False), ["explicit_ue8m0_per_row"])]:
         got, seen = run(sf_b, **kw)
@@ -385,21 +388,14 @@ def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths, monkeypatch):
         for ex, c in enumerate(counts):
             assert np.all(got[ex, c:] == 7.0)
             assert calc_diff(got[ex, :c], want[ex, :c]) < 1e-5
-    # The flag gates each variant: forced to "per block" on rows that differ, only the block kernel works
-    # (row 130's byte replaced by row 128's: wrong), and a flag that matches neither variant writes nothing.
-    monkeypatch.setattr(L, "_sf_block_uniform", lambda *args: torch.tensor(True))
-    got, _ = run(sfb_rows)
+    got, _ = run(sfb_rows, sfb_per_block=True)           # row 130's byte replaced by row 128's: wrong
     assert calc_diff(got[1, :, 130], ref[1, :, 130]) > 1e-3
     assert calc_diff(got[1, :, 129], ref[1, :, 129]) < 1e-5
-    monkeypatch.setattr(L, "_sf_block_uniform", lambda *args: torch.tensor(2))
-    got, seen = run(sfb_rows)
-    assert seen == both and np.all(got == 7.0)
 
 
-def test_group_gemm_masked_remembers_static_weight_bytes(T, P, gemm_paths):
-    """Weight scale bytes are static: the first call with an sfb object queues both variants behind the
-    device-side check, the next ones launch only the variant it found. Writing the same object in place
-    (its version counter moves) makes the next call check again, so a stale answer is never used."""
+def test_group_gemm_masked_keeps_no_state_per_weight_tensor(T, P, gemm_paths):
+    """Nothing is remembered about an sfb object: the same tensor rewritten in place (block-constant bytes,
+    then rows that differ) gives the right product at every call, with the kernel its call asks for."""
     from backend.ops.triton import launch as L
     e, m, n, k = 2, 64, 192, 256
     counts = [40, 64]
@@ -414,20 +410,127 @@ def test_group_gemm_masked_remembers_static_weight_bytes(T, P, gemm_paths):
     want_rows = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_b, 128, axis=2)).astype(np.float64))
     ta, tb, tsfa, tm = (_to_torch(x) for x in (a, b, sfa, masked_m))
     tsfb = _to_torch(sfb).clone()
-    both = ["explicit_ue8m0", "explicit_ue8m0_per_row"]
-    for want, paths in [(want_blk, both), (want_blk, ["explicit_ue8m0"]), (want_blk, ["explicit_ue8m0"]),
-                        ("rewrite", None), (want_rows, both), (want_rows, ["explicit_ue8m0_per_row"])]:
+    for want, kw, paths in [(want_blk, dict(sfb_per_block=True), ["explicit_ue8m0"]),
+                            (want_blk, {}, ["explicit_ue8m0_per_row"]), ("rewrite", None, None),
+                            (want_rows, {}, ["explicit_ue8m0_per_row"]),
+                            (want_rows, {}, ["explicit_ue8m0_per_row"])]:
         if isinstance(want, str):
-            tsfb.copy_(_to_torch(sfb_rows))                          # in place: same object, new version
+            tsfb.copy_(_to_torch(sfb_rows))                          # in place: same object, new bytes
             continue
         del gemm_paths[:]
         out = torch.full((e * m, n), 7.0, dtype=torch.bfloat16)
-        L.group_gemm_masked(ta, tb, tsfa, tsfb, tm, out, None, m)
+        L.group_gemm_masked(ta, tb, tsfa, tsfb, tm, out, None, m, **kw)
         assert gemm_paths == paths
         got = out.float().view(e, m, n).numpy()
         for ex, c in enumerate(counts):
             assert np.all(got[ex, c:] == 7.0)
             assert calc_diff(got[ex, :c], want[ex, :c]) < 1e-5
+
+
+def test_layer_states_block_weight_bytes_and_triton_uses_them(monkeypatch, gemm_paths):
+    """process_weights_after_loading decides sfb_per_block once: its CUTLASS weight bytes are block-constant
+    (sf_block_uniform agrees, N = 2I = 144 not a multiple of 128), and the triton provider's forward then
+    runs the one-FMA kernel for both GEMMs, equal to the paddle provider's forward."""
+    from backend.moe.layer import FusedMoE
+    from backend.ops.triton import launch as L
+    from backend.quantization import BlockWiseFP8Config
+    from moe_ref import moe
+    e, h, i, k_top = 4, 256, 72, 2
+    w = moe.make_moe_weights(e, h, i, seed=3)
+    x, tw, ti = moe.make_moe_inputs(12, h, e, k_top, seed=4)
+    monkeypatch.setenv("FD_USE_BLACKWELL_GEMM", "1")
+    outs = []
+    for name in ("paddle", "triton"):
+        monkeypatch.setenv("FD_MOE_OPS_PROVIDER", name)
+        ops.reset_provider_cache()
+        layer = FusedMoE(e, k_top, h, i, BlockWiseFP8Config(is_checkpoint_bf16=True))
+        layer.load_weights(w.w_up, w.w_down)
+        assert layer.weight_scale_bw_per_block is True
+        for sf, n, k in ((layer.up_gate_proj_weight_scale_bw, 2 * i, h), (layer.down_proj_weight_scale_bw, h, i)):
+            assert L.sf_block_uniform(_to_torch(sf), n, k)
+        del gemm_paths[:]
+        outs.append(f32(layer(x, topk=(tw, ti))))
+    ops.reset_provider_cache()
+    assert gemm_paths == ["explicit_ue8m0"] * 2
+    np.testing.assert_allclose(outs[1], outs[0], rtol=BF16_ULP, atol=1e-3)   # same FP8 math, sums reordered
+
+
+def _uniform_sf(P, byte, e, rows, c=1):
+    """CUTLASS SF bytes of packed words whose every byte is `byte` ([E, align(rows, 128), 16·c])."""
+    words = np.full([e, rows, c], byte * 0x01010101, dtype=np.uint32).view(np.int32)
+    return P.unpack_and_convert_scale(paddle.to_tensor(words), None)
+
+
+@pytest.mark.parametrize("options", [{}, dict(sfb_per_block=True)])
+def test_group_gemm_masked_decodes_scale_bytes_alike(T, P, options):
+    """SPEC §2: UE8M0 byte 0 is 2^-127, not 0 (a plain `byte << 23` made it 0 in the triton kernels), on both
+    providers, for sfa and for sfb; with byte 254 (2^127) on the other operand the product is bf16(a·b)
+    (operands in quarters up to 0.5, so that 2^127 times them stays finite and every float32 sum is exact)."""
+    e, m, n, k = 2, 8, 64, 256
+    rng = np.random.default_rng(41)
+    a = paddle.to_tensor(rng.integers(-2, 3, (e * m, k)).astype(np.float32) / 4).astype(paddle.float8_e4m3fn)
+    b = paddle.to_tensor(rng.integers(-2, 3, (e, n, k)).astype(np.float32) / 4).astype(paddle.float8_e4m3fn)
+    want = np.einsum("emk,enk->emn", f32(a).reshape(e, m, k), f32(b)).astype(ml_dtypes.bfloat16).astype(np.float32)
+    counts = [8, 5]
+    masked_m = paddle.to_tensor(np.array(counts, np.int32))
+    for sfa, sfb in [(_uniform_sf(P, 0, e, m, 2), _uniform_sf(P, 254, e, n, 2)),
+                     (_uniform_sf(P, 254, e, m, 2), _uniform_sf(P, 0, e, n, 2))]:
+        for prov in (T, P):
+            out = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
+            got = f32(prov.group_gemm_masked(a, b, sfa, sfb, masked_m, out, None, m, **options)).reshape(e, m, n)
+            for ex, c in enumerate(counts):
+                np.testing.assert_array_equal(got[ex, :c], want[ex, :c])
+                assert np.all(got[ex, c:] == 7.0)
+
+
+@pytest.mark.parametrize("nan_byte", [0x7F, 0xFF])
+def test_group_gemm_masked_e4m3_nan_propagates_alike(T, P, nan_byte):
+    """An e4m3 NaN byte in a (or b) makes NaN exactly the outputs whose sums read it, on both providers and
+    both triton kernels (the interpreter's own fp8 conversion read 0x7F as 480: 608 came out, not NaN)."""
+    from backend.ops.triton import launch as L
+    e, m, n, k = 2, 8, 64, 256
+    a_bytes = np.full((e * m, k), 0x38, np.uint8)                   # e4m3 1.0
+    b_bytes = np.full((e, n, k), 0x38, np.uint8)
+    a_bytes[3, 17] = a_bytes[9, 200] = nan_byte
+    b_bytes[1, 40, 5] = nan_byte
+    a = paddle.to_tensor(a_bytes).view(paddle.float8_e4m3fn)
+    b = paddle.to_tensor(b_bytes).view(paddle.float8_e4m3fn)
+    sfa, sfb = _uniform_sf(P, 127, e, m, 2), _uniform_sf(P, 127, e, n, 2)
+    masked_m = paddle.to_tensor(np.array([8, 8], np.int32))
+    want_nan = np.zeros((e, m, n), bool)
+    want_nan[0, 3, :] = want_nan[1, 1, :] = True                    # rows 3 and 9 of a
+    want_nan[1, :, 40] = True                                       # column 40 of expert 1's b
+    runs = [prov.group_gemm_masked(a, b, sfa, sfb, masked_m, paddle.zeros([e * m, n], dtype=paddle.bfloat16),
+                                   None, m) for prov in (T, P)]
+    got = [f32(r).reshape(e, m, n) for r in runs]
+    out = torch.zeros((e * m, n), dtype=torch.bfloat16)
+    L.group_gemm_masked(_to_torch(a), _to_torch(b), _to_torch(sfa), _to_torch(sfb), _to_torch(masked_m), out,
+                        None, m, impl="dot_scaled")
+    got.append(out.float().view(e, m, n).numpy())
+    for g in got:
+        np.testing.assert_array_equal(np.isnan(g), want_nan)
+        assert np.all(g[~want_nan] == k)
+
+
+def test_prefill_permute_with_no_tokens(T, P):
+    """W = 0 rows (a rank that received no token): empty map, zero counts, all-zero layout, like paddle and
+    moe_ref (a raw torch stride error before), for bf16 x and for fp8 x with FP32 or packed scales."""
+    e, m, h = 3, 4, 256
+    ids = paddle.zeros([0, 2], dtype=paddle.int64)
+    cases = [(paddle.zeros([0, h], dtype=paddle.bfloat16), None),
+             (paddle.zeros([0, h], dtype=paddle.float8_e4m3fn), paddle.zeros([0, 2])),
+             (paddle.zeros([0, h], dtype=paddle.float8_e4m3fn), paddle.zeros([0, 1], dtype=paddle.int32))]
+    for x, scale in cases:
+        px, ps, imap, counts = T.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+        ref = ref_layout.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+        _, ps_p, _, _ = P.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+        assert px.dtype == x.dtype and list(px.shape) == [e, m, h] and not bits(px).any()
+        assert list(imap.shape) == [0, 2] and counts.numpy().tolist() == [[0]] * e
+        np.testing.assert_array_equal(bits(px), bits(ref.permute_x))
+        if scale is None:
+            assert ps is None and ps_p is None
+        else:
+            assert list(ps.strides) == list(ps_p.strides) and not ps.numpy().any()
 
 
 def test_group_gemm_masked_per_32_bytes_through_the_provider(T, P):
@@ -505,6 +608,60 @@ def test_fused_mask_swiglu_fp8_quant_matches_paddle(T, P, use_ue8m0, i):
     np.testing.assert_array_equal(vals, vals_p)
     for ex, c in enumerate([24, 0, 9]):
         assert np.all(bits(act)[ex, c:] == 0) and np.all(vals[ex, c:] == 0)
+
+
+@pytest.mark.parametrize("value, half", [(float("nan"), "gate"), (float("inf"), "lin"), (-float("inf"), "gate"),
+                                         (1e30, "both")])
+@pytest.mark.parametrize("use_ue8m0, i", [(True, 128), (False, 200)])
+def test_fused_swiglu_non_finite_is_an_error_everywhere(T, P, value, half, use_ue8m0, i):
+    """SPEC §1 for the fused SwiGLU + quant (issue 15 item 1): a NaN / inf of up in a valid row raises naming
+    "up" and its index; a finite up whose lin · gate overflows (1e30 · 1e30) raises naming "SwiGLU(up)", on
+    both providers and in moe_ref (which said "x" before, and the providers quantized silently, disagreeing).
+    The same values in rows past the counts are never read: no error, outputs equal."""
+    e, m = 2, 5
+    counts = paddle.to_tensor(np.array([5, 2], np.int32))
+    base = (np.random.default_rng(7).standard_normal((e, m, 2 * i)) * 2).astype(np.float32)
+    cols = {"gate": [3], "lin": [i + 3], "both": [3, i + 3]}[half]
+    bad, ignored = base.copy(), base.copy()
+    bad[1, 1, cols] = value                                          # row 1 < counts[1] = 2: read
+    ignored[1, 3, cols] = value                                      # row 3 >= 2: never read
+    up_bad, up_ignored = (paddle.to_tensor(u).astype(paddle.bfloat16) for u in (bad, ignored))
+    name = r"SwiGLU\(up\)" if np.isfinite(value) else "up"
+    for prov in (T, P):
+        with pytest.raises(ValueError, match=rf"^{name}: .*non-finite"):
+            prov.fused_mask_swiglu_fp8_quant(up_bad, counts, 128, use_ue8m0)
+    with pytest.raises(ValueError, match=rf"^{name}: non-finite value"):
+        moe_ref_swiglu(up_bad, counts, use_ue8m0)
+    if np.isfinite(value):
+        return
+    got = [prov.fused_mask_swiglu_fp8_quant(up_ignored, counts, 128, use_ue8m0) for prov in (T, P)]
+    ref_act, ref_scale = moe_ref_swiglu(up_ignored, counts, use_ue8m0)
+    for act, scale in got:
+        np.testing.assert_array_equal(bits(act), bits(ref_act))
+        np.testing.assert_array_equal(scale.numpy(), ref_scale.logical_view().numpy())
+
+
+def moe_ref_swiglu(up, counts, use_ue8m0):
+    from moe_ref.moe import fused_mask_swiglu_fp8_quant_ref
+    return fused_mask_swiglu_fp8_quant_ref(up, counts, use_ue8m0=use_ue8m0)
+
+
+def test_layer_gemm1_overflow_raises_on_triton(monkeypatch, gemm1_overflow_case):
+    """The issue's layer case on the triton provider: finite x, GEMM 1 overflows -> an error naming GEMM 1's
+    output (it returned -3.2e37 before)."""
+    from backend.moe.layer import FusedMoE
+    from backend.quantization import BlockWiseFP8Config
+    monkeypatch.setenv("FD_USE_BLACKWELL_GEMM", "1")
+    monkeypatch.setenv("FD_MOE_OPS_PROVIDER", "triton")
+    ops.reset_provider_cache()
+    x, w_up, w_down, tw, ti = gemm1_overflow_case
+    layer = FusedMoE(2, 1, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=True))
+    layer.load_weights(w_up.astype(paddle.bfloat16), w_down.astype(paddle.bfloat16))
+    try:
+        with pytest.raises(ValueError, match=r"^GEMM 1 output .*: up: non-finite value -?inf at index"):
+            layer(x, topk=(tw, ti))
+    finally:
+        ops.reset_provider_cache()
 
 
 # ----------------------------------------------------------------------------- §8

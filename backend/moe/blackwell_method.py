@@ -154,6 +154,9 @@ class BlackwellGemmFusedMoeMethod(UpstreamPathNames):
             self._set_param(layer, f"{w}_weight_scale", s_all)
             self._set_param(layer, f"{w}_weight_scale_ue8m0", packed)
             self._set_param(layer, f"{w}_weight_scale_bw", provider.unpack_and_convert_scale(packed, None))
+        # Every weight was quantized in 128x128 blocks above and each block's byte copied to its 128 rows, so
+        # the CUTLASS weight bytes hold one byte per block: group_gemm_masked's sfb_per_block, decided once here.
+        layer.weight_scale_bw_per_block = True
         self._processed = True
 
     # ------------------------------------------------------------------ forward
@@ -249,13 +252,18 @@ class BlackwellGemmFusedMoeMethod(UpstreamPathNames):
         sfa = provider.unpack_and_convert_scale(a_scale, counts)
         up = paddle.empty([e * m, 2 * i], dtype=paddle.bfloat16)
         provider.group_gemm_masked(a.reshape([e * m, h]), layer.up_gate_proj_weight, sfa,
-                                   layer.up_gate_proj_weight_scale_bw, counts, up, None, m, -1)
-        act, act_scale = provider.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * i]), counts, GROUP_SIZE, True)
+                                   layer.up_gate_proj_weight_scale_bw, counts, up, None, m, -1,
+                                   sfb_per_block=layer.weight_scale_bw_per_block)
+        try:
+            act, act_scale = provider.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * i]), counts, GROUP_SIZE, True)
+        except ValueError as err:      # name the intermediate: x may be finite while its GEMM 1 overflows
+            raise ValueError(f"GEMM 1 output (up = x · up_gate_proj_weightᵀ, [E, M, 2I]): {err}") from None
         sfa = provider.unpack_and_convert_scale(act_scale, counts)
         # GEMM 2 reads act, not up: when H == 2I its output can reuse up's storage (as upstream does)
         down = up if h == 2 * i else paddle.empty([e * m, h], dtype=paddle.bfloat16)
         provider.group_gemm_masked(act.reshape([e * m, i]), layer.down_proj_weight, sfa,
-                                   layer.down_proj_weight_scale_bw, counts, down, None, m, -1)
+                                   layer.down_proj_weight_scale_bw, counts, down, None, m, -1,
+                                   sfb_per_block=layer.weight_scale_bw_per_block)
         return down.reshape([e, m, h])
 
     def forward_buffer_bytes(self, layer, num_tokens: int | None = None) -> dict:

@@ -1,5 +1,7 @@
 """Argument checks of the `blackwell_ops` contract (backend.ops), run once per call before the provider.
 
+`CHECKS[op]` takes the arguments of a row of `backend.ops.contract.OPS` (defaults applied, keyword-only
+options as keywords) and returns them validated and normalized, in the row's parameter order.
 Imported by `backend.ops` at the first op, not at import: this module imports Paddle, and
 `backend.ops` must not (its subpackage `triton` runs on machines without Paddle).
 Errors name the argument, the expected and the seen value (`moe_ref.checks`).
@@ -52,6 +54,15 @@ def _check_no_nan_byte(words: paddle.Tensor, name: str) -> None:
     if bool(bad.any()):
         *lead, byte = first_index(bad.reshape(list(words.shape) + [BYTES_PER_WORD]))
         raise ValueError(f"{name}: UE8M0 byte {byte} of word {tuple(lead)} is {UE8M0_NAN} (NaN); "
+                         f"expected exponents 0..{UE8M0_NAN - 1}")
+
+
+def _check_no_nan_sf_bytes(sfa: paddle.Tensor, sfb: paddle.Tensor) -> None:
+    """CUTLASS SF bytes (uint8) of both operands: no byte may be 255 (the UE8M0 NaN); one synchronization."""
+    bad_a, bad_b = sfa == UE8M0_NAN, sfb == UE8M0_NAN
+    if bool(paddle.logical_or(bad_a.any(), bad_b.any())):
+        name, bad = ("sfa", bad_a) if bool(bad_a.any()) else ("sfb", bad_b)
+        raise ValueError(f"{name}: byte at index {tuple(first_index(bad))} is {UE8M0_NAN} (UE8M0 NaN); "
                          f"expected exponents 0..{UE8M0_NAN - 1}")
 
 
@@ -120,7 +131,7 @@ def _check_cutlass_to_fp32(sf, num_rows):
     return sf, num_rows
 
 
-def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count):
+def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, *, sfb_per_block):
     check_tensor(b, "b", dtypes=(FP8,), ndim=3)
     e, n, k = (int(d) for d in b.shape)
     m = check_positive_int(max_m_per_expert, "max_m_per_expert")
@@ -145,7 +156,22 @@ def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
         check_dim(bias, 0, e, "bias", "E")
         check_dim(bias, 1, n, "bias", "N")
     sm_count = _check_int(sm_count, "sm_count")
-    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count
+    sfb_per_block = _check_bool(sfb_per_block, "sfb_per_block")
+    _check_no_nan_sf_bytes(sfa, sfb)
+    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, sfb_per_block
+
+
+def _check_finite_rows(x: paddle.Tensor, counts: paddle.Tensor, name: str, count_name: str) -> None:
+    """x [E, M, L] float: no NaN / inf in rows m < counts[e] (the rows an op reads; the others may hold
+    anything), ValueError naming the first; one synchronization."""
+    m = int(x.shape[1])
+    valid = paddle.arange(m, dtype=paddle.int32).unsqueeze(0) < counts.unsqueeze(1)
+    bad = paddle.logical_and(paddle.logical_not(paddle.isfinite(x)), valid.unsqueeze(-1))
+    if bool(bad.any()):
+        e, row, col = first_index(bad)
+        raise ValueError(f"{name}: non-finite value {float(x[e, row, col])} at index ({e}, {row}, {col}), a valid row "
+                         f"(row {row} < {count_name}[{e}] = {int(counts[e])}); SPEC §1: quantization input must be "
+                         f"finite")
 
 
 def _check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0):
@@ -154,6 +180,7 @@ def _check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0):
     if i2 == 0 or i2 % 2:
         raise ValueError(f"up: expected shape[2] == 2I (even, > 0), got shape {list(up.shape)}")
     counts = _check_counts(token_nums_per_expert, "token_nums_per_expert", e, m, "M")
+    _check_finite_rows(up, counts, "up", "token_nums_per_expert")
     block_size = check_positive_int(block_size, "block_size")
     use_ue8m0 = _check_bool(use_ue8m0, "use_ue8m0")
     return up, counts, block_size, use_ue8m0
@@ -171,3 +198,14 @@ def _check_depermute(ffn_out, indice_map, topk_weights, num_worst_tokens):
                          f"got {list(topk_weights.shape)}")
     check_ids_in_range(indice_map, "indice_map", e * m, "values", note=" (E·M)")
     return ffn_out, indice_map, topk_weights, w
+
+
+CHECKS = {
+    "per_token_quant": _check_per_token_quant,
+    "prefill_permute_to_masked_gemm": _check_prefill_permute,
+    "unpack_and_convert_scale": _check_unpack,
+    "cutlass_scale_to_fp32": _check_cutlass_to_fp32,
+    "group_gemm_masked": _check_group_gemm,
+    "fused_mask_swiglu_fp8_quant": _check_swiglu,
+    "depermute_prefill_combine": _check_depermute,
+}

@@ -1,7 +1,7 @@
 """Adapter to the real `blackwell_ops` package (FastDeploy PR #7053; SM100+ GPUs only).
 
 Each op forwards its already-validated arguments to `blackwell_ops` in the upstream argument
-order. `cutlass_scale_to_fp32` is ours (the package has no inverse), so it runs the portable
+order (forwarders made from the rows of `backend.ops.contract.OPS`; our keyword-only options stay here). `cutlass_scale_to_fp32` is ours (the package has no inverse), so it runs the portable
 Paddle implementation on the same device.
 
 Upstream imports `blackwell_ops` in a bare try/except, so a missing package shows up later as a
@@ -17,6 +17,7 @@ from types import ModuleType
 import paddle
 
 from . import paddle_provider
+from .contract import OPS, ContractOp
 
 NAME = "blackwell_ops"
 PACKAGE = "blackwell_ops"
@@ -62,30 +63,23 @@ def _package() -> ModuleType:
     return package
 
 
-def per_token_quant(x, block_size, use_ue8m0):
-    return _package().per_token_quant(x, block_size, use_ue8m0)
+def _forwarder(row: ContractOp):
+    """The op `row` of the package, called with the upstream positional arguments; our keyword-only options
+    (e.g. group_gemm_masked's sfb_per_block) stay here. An op that writes an argument returns it."""
+    def forward(*args, **options):
+        result = getattr(_package(), row.name)(*args)
+        return args[row.positional.index(row.writes)] if row.writes else result
+    forward.__name__ = forward.__qualname__ = row.name
+    forward.__doc__ = f"`blackwell_ops.{row.name}` (see backend.ops.contract)."
+    return forward
 
 
-def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
-    return _package().prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num)
-
-
-def unpack_and_convert_scale(scale, masked_m):
-    return _package().unpack_and_convert_scale(scale, masked_m)
+for _row in OPS:
+    if _row.upstream:
+        globals()[_row.name] = _forwarder(_row)
+del _row
 
 
 def cutlass_scale_to_fp32(sf, num_rows):
+    """Ours, not the package's: the portable implementation on the same device."""
     return paddle_provider.cutlass_scale_to_fp32(sf, num_rows)
-
-
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count):
-    _package().group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count)
-    return out
-
-
-def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0):
-    return _package().fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0)
-
-
-def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_tokens):
-    return _package().depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_tokens)

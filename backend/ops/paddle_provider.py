@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import paddle
 
+from moe_ref.checks import first_index
 from moe_ref.fp8 import (BYTES_PER_WORD, E4M3_MAX, UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN, align,
                          gather_rows_zero_fill, to_mn_major_view)
 from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE
@@ -212,7 +213,8 @@ def _fp8_to_float(x: paddle.Tensor) -> paddle.Tensor:
     return x.view(FP8).astype(paddle.float32)
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count):
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, *, sfb_per_block):
+    # sm_count and sfb_per_block change nothing here: every row's scale bytes are decoded, whatever they hold.
     e, n, k = (int(d) for d in b.shape)
     m = max_m_per_expert
     counts = [int(c) for c in masked_m.tolist()]
@@ -241,6 +243,17 @@ def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
     return out
 
 
+def _check_swiglu_finite(y: paddle.Tensor, rows: paddle.Tensor, m: int) -> None:
+    """y [V, I] float32 of the valid rows `rows` (flat e·M + m): all finite, else ValueError (SPEC §1). The
+    contract has checked that up is finite: a non-finite y here is lin · gate overflowing float32 / bf16."""
+    bad = paddle.logical_not(paddle.isfinite(y))
+    if bool(bad.any()):
+        r, j = first_index(bad)
+        flat = int(rows[r])
+        raise ValueError(f"SwiGLU(up): non-finite value {float(y[r, j])} at index ({flat // m}, {flat % m}, {j}) "
+                         f"for a finite up (lin · gate overflows); SPEC §1: quantization input must be finite")
+
+
 def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0):
     e, m, i2 = (int(d) for d in up.shape)
     i = i2 // 2
@@ -253,6 +266,7 @@ def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0
     lin = paddle.gather(halves, rows * 2 + 1).astype(paddle.float32)
     den = paddle.exp(-gate).scale_(1.0, 1.0)                                 # 1 + exp(-gate), in place
     y = (lin * gate).divide_(den).astype(paddle.bfloat16).astype(paddle.float32)
+    _check_swiglu_finite(y, rows, m)
     q, s, exp_bytes = _quantize_groups(y, block_size, use_ue8m0, FASTDEPLOY_AMAX_FLOOR)
     scale_rows = _pack_bytes(exp_bytes) if use_ue8m0 else s
     src = _scatter_source_index(rows, e * m, v)

@@ -280,6 +280,25 @@ def unpack_sf_kernel(w_ptr, counts_ptr, out_ptr, MN, NUM_GROUPS, stride_e, strid
 
 
 @triton.jit
+def _ue8m0_to_f32(b):
+    """UE8M0 exponent bytes (int32 0..255) -> float32 2^(b - 127) (SPEC §2): byte 0 -> 2^-127 (subnormal,
+    not the 0 a plain `b << 23` gives), 255 -> NaN, as moe_ref.fp8.ue8m0_decode."""
+    bits = tl.where(b == 0, 1 << 22, tl.where(b == 255, 0x7FC00000, b << 23))
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_operand(x, EXACT: tl.constexpr):
+    """An e4m3 GEMM operand as the tensor cores read it. Under the interpreter (EXACT) as float32 with the
+    NaN bytes 0x7F / 0xFF made NaN (the interpreter's own fp8 conversion reads them as +-480); on a GPU
+    unchanged (the MMA honours e4m3 NaN)."""
+    if EXACT:
+        bits = x.to(tl.uint8, bitcast=True)
+        return tl.where((bits & 0x7F) == 0x7F, float("nan"), x.to(tl.float32))
+    return x
+
+
+@triton.jit
 def sf_to_fp32_kernel(sf_ptr, out_ptr, bad_ptr, NUM_ROWS, MN_PAD, NUM_GROUPS, BLOCK_G: tl.constexpr):
     """CUTLASS SF bytes (as int32 words) -> fp32 [E, NUM_ROWS, NUM_GROUPS]: 2^(byte - 127) per 128-group.
 
@@ -296,9 +315,8 @@ def sf_to_fp32_kernel(sf_ptr, out_ptr, bad_ptr, NUM_ROWS, MN_PAD, NUM_GROUPS, BL
                    mask=ok, other=0)
     b0 = word & 0xFF
     same = (((word >> 8) & 0xFF) == b0) & (((word >> 16) & 0xFF) == b0) & (((word >> 24) & 0xFF) == b0)
-    bits = tl.where(b0 == 0, 1 << 22, tl.where(b0 == 255, 0x7FC00000, b0 << 23))
     tl.store(out_ptr + (e.to(tl.int64) * NUM_ROWS + r[None, :]) * NUM_GROUPS + g[:, None],
-             bits.to(tl.float32, bitcast=True), mask=ok)
+             _ue8m0_to_f32(b0), mask=ok)
     flat = (e * tl.num_programs(1) + rt) * tl.num_programs(2) + pid_g
     tl.store(bad_ptr + flat, tl.sum(tl.sum((ok & ~same).to(tl.int32), axis=1), axis=0))
 
@@ -374,14 +392,14 @@ def _step_scales(sa_ptr, sb_ptr, e, rows, cols, pid_n, kb,
             sb = tl.load(sb_ptr + e * sb_se + (cols // 128) * sb_sn + kb * sb_sk)
     else:
         wa = tl.load(sa_ptr + e.to(tl.int64) * sa_se + _sf_word_offset(rows, kb, sa_sk))
-        sa = ((wa & 0xFF) << 23).to(tl.float32, bitcast=True)
+        sa = _ue8m0_to_f32(wa & 0xFF)
         if SB_SCALAR:
             wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(pid_n * BLOCK_N, kb, sb_sk))
-            sb = ((wb & 0xFF) << 23).to(tl.float32, bitcast=True)
+            sb = _ue8m0_to_f32(wb & 0xFF)
             sa = sa * sb
         else:
             wb = tl.load(sb_ptr + e.to(tl.int64) * sb_se + _sf_word_offset(cols, kb, sb_sk))
-            sb = ((wb & 0xFF) << 23).to(tl.float32, bitcast=True)
+            sb = _ue8m0_to_f32(wb & 0xFF)
     return sa, sb
 
 
@@ -390,8 +408,9 @@ def _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N,
             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
             SCALE_MODE: tl.constexpr, SB_SCALAR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_TMA: tl.constexpr, SCALE_PREFETCH: tl.constexpr,
-            LOOP_STAGES: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32 = Σ_kb (a_kb · b_kbᵀ) · scales_kb for one output tile."""
+            LOOP_STAGES: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 = Σ_kb (a_kb · b_kbᵀ) · scales_kb for one output tile (EXACT_CAST: the
+    interpreter, see _e4m3_operand)."""
     offs_k = tl.arange(0, BLOCK_K)
     if not USE_TMA:
         a_ptrs = a_ptr + (e.to(tl.int64) * M + rows_c)[:, None] * K + offs_k[None, :]
@@ -415,7 +434,7 @@ def _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N,
         else:
             sa, sb = _step_scales(sa_ptr, sb_ptr, e, rows_c, cols_c, pid_n, kb, sa_se, sa_sm, sa_sk,
                                   sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_N)
-        d = tl.dot(a, tl.trans(b))
+        d = tl.dot(_e4m3_operand(a, EXACT_CAST), tl.trans(_e4m3_operand(b, EXACT_CAST)))
         if SB_SCALAR:
             acc += d * sa[:, None]                     # one FMA per element
         else:
@@ -427,38 +446,33 @@ def _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N,
 
 
 @triton.jit
-def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, bias_ptr, flag_ptr,
+def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, bias_ptr,
                              E, M, N, K,
                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                              SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                             EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, USE_TMA: tl.constexpr,
+                             EVEN_K: tl.constexpr, USE_TMA: tl.constexpr,
                              SB_SCALAR: tl.constexpr, SCALE_PREFETCH: tl.constexpr, LOOP_STAGES: tl.constexpr,
-                             FLAG_WANT: tl.constexpr, EXACT_CAST: tl.constexpr):
+                             EXACT_CAST: tl.constexpr):
     """Masked grouped GEMM with explicit per-128 scales (SPEC §6), fp32 accumulation.
 
     a [E·M, K] e4m3, b [E, N, K] e4m3 (both K-contiguous; with USE_TMA, host tensor descriptors of
     a [E·M, K] and b viewed [E·N, K]), out [E·M, N] bf16 written for rows < counts[e] only.
     Tiles exist only for valid rows (a table built from counts in every program), so the time follows
-    the valid rows; a program walks tiles pid, pid + nprog, ... (GRID_MODE picks nprog in the launcher:
-    one tile per program, or a persistent grid). Each 128-wide K step: acc += (a·bᵀ) · sa ⊗ sb.
+    the valid rows; a program walks tiles pid, pid + nprog, ... (the launcher's grid: one tile per
+    program, or a persistent grid). Each 128-wide K step: acc += (a·bᵀ) · sa ⊗ sb.
     The scale loads are not operands of the dot, so Triton's pipeliner leaves them in the loop and
     every step waits for them (ncu: L1TEX scoreboard stalls); SCALE_PREFETCH loads the next step's
     scales one iteration ahead, LOOP_STAGES asks the pipeliner (tl.range num_stages) to pipeline them.
     SB_SCALAR (BLOCK_N dividing 128): the tile lies in one 128x128 weight block, one weight scale per
     K step, so the promotion is one FMA per element, acc += d · (sa·sb), instead of two. SCALE_MODE 0
     always (128x128 FP32 weight scales). SCALE_MODE 1 has per-row weight bytes (SPEC §6 allows any):
-    the launcher sets SB_SCALAR only after checking on the host, once per call, that the bytes are
-    constant over every 128-row block (then the tile reads its first row's byte); else the per-row,
-    two-multiply promotion. Deciding inside the kernel broke or slowed Triton 3.6's SM90 pipeliner
-    (benchmarks/NOTES_gpu.md, runs 4-5); a constexpr keeps one K loop.
-    FLAG_WANT >= 0: the program does its tiles only when the int32 at flag_ptr equals FLAG_WANT (else no
-    tile at all): the launcher queues both SB_SCALAR variants behind a device-side check of the weight
-    bytes, and exactly one of them works, with no host synchronization. FLAG_WANT = -1: no flag.
+    SB_SCALAR is set when the caller states that the bytes are constant over every 128-row block
+    (`sfb_per_block`, known when the weights are quantized 128x128; then the tile reads its first row's
+    byte); else the per-row, two-multiply promotion. Deciding inside the kernel broke or slowed Triton
+    3.6's SM90 pipeliner (benchmarks/NOTES_gpu.md, runs 4-5); a constexpr keeps one K loop.
     """
     gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, N, BLOCK_M, BLOCK_N, E_PAD)
-    if FLAG_WANT >= 0:
-        total = total * (tl.load(flag_ptr) == FLAG_WANT).to(tl.int32)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -470,7 +484,7 @@ def group_gemm_masked_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, out_ptr, 
         cols_c = tl.minimum(cols, N - 1)
         acc = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, pid_n, rows_c, cols_c, M, N, K, k_tiles,
                       sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_M, BLOCK_N,
-                      BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES)
+                      BLOCK_K, EVEN_K, USE_TMA, SCALE_PREFETCH, LOOP_STAGES, EXACT_CAST)
         _store_tile(acc, out_ptr, bias_ptr, e, rows, cols, cols_c, cnt, M, N, HAS_BIAS, EXACT_CAST)
 
 
@@ -479,7 +493,7 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
                                         E, M, N, K, sfa_se, sfa_cols, sfb_se, sfb_cols,
                                         HAS_BIAS: tl.constexpr, E_PAD: tl.constexpr,
                                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                        EVEN_K: tl.constexpr, GRID_MODE: tl.constexpr, EMULATE: tl.constexpr,
+                                        EVEN_K: tl.constexpr, EMULATE: tl.constexpr,
                                         EXACT_CAST: tl.constexpr):
     """Masked grouped GEMM on `tl.dot_scaled`: e4m3 operands with one UE8M0 byte per 32 K-elements.
 
@@ -511,11 +525,11 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
             sa = tl.load(sfa_base + _sf_byte_offset(rows_c[:, None], kcol[None, :], sfa_cols))     # [BM, SK] uint8
             sb = tl.load(sfb_base + _sf_byte_offset(cols_c[:, None], kcol[None, :], sfb_cols))     # [BN, SK]
             if EMULATE:
-                fa = ((sa.to(tl.int32) << 23).to(tl.float32, bitcast=True))
-                fb = ((sb.to(tl.int32) << 23).to(tl.float32, bitcast=True))
+                fa = _ue8m0_to_f32(sa.to(tl.int32))
+                fb = _ue8m0_to_f32(sb.to(tl.int32))
                 fa = tl.reshape(tl.broadcast_to(fa[:, :, None], (BLOCK_M, SK, SF_VEC_SIZE)), (BLOCK_M, BLOCK_K))
                 fb = tl.reshape(tl.broadcast_to(fb[:, :, None], (BLOCK_N, SK, SF_VEC_SIZE)), (BLOCK_N, BLOCK_K))
-                acc += tl.dot(a.to(tl.float32) * fa, tl.trans(b.to(tl.float32) * fb))
+                acc += tl.dot(_e4m3_operand(a, True) * fa, tl.trans(_e4m3_operand(b, True) * fb))
             else:
                 acc = tl.dot_scaled(a, sa, "e4m3", tl.trans(b), sb, "e4m3", acc)
             a_ptrs += BLOCK_K
@@ -526,14 +540,14 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
 # ----------------------------------------------------------------------------- §7 SwiGLU + quant
 
 @triton.jit
-def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, stride_ue, stride_um,
+def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, bad_ptr, M, I, S_COLS, M_PAD, stride_ue, stride_um,
                         amax_floor, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, UE8M0: tl.constexpr,
-                        EXACT_CAST: tl.constexpr):
+                        COUNT_BAD: tl.constexpr, EXACT_CAST: tl.constexpr):
     """up [E, M, 2I] -> q [E, M, I] uint8 (e4m3 bits), s physical [E, S_COLS, M_PAD] (MN-major).
 
     One program: BLOCK_R rows x 4 groups (one packed word). y = bf16(lin · gate / (1 + exp(-gate)))
     in float32 (fast division and exp on a GPU: see below); rows >= counts[e] are written as zeros
-    (q and s) without reading up.
+    (q and s) without reading up. COUNT_BAD: bad[program] = number of NaN / inf y in its valid rows.
     """
     e = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -551,6 +565,10 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, M, I, S_COLS, M_PAD, s
     # except in rare ties (the interpreter divides exactly). tl.exp is approximate on a GPU too.
     y = (lin * gate) / (1.0 + tl.exp(-gate))
     y = _to_bf16(y, EXACT_CAST).to(tl.float32)
+    if COUNT_BAD:      # SPEC §1: the launcher raises when a valid row's y is NaN or inf
+        bad = ld & ((y != y) | (tl.abs(y) == float("inf")))
+        flat = (e * tl.num_programs(1) + pid_r) * tl.num_programs(2) + pid_w
+        tl.store(bad_ptr + flat, tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0))
     y3 = tl.reshape(y, (BLOCK_R, 4, GROUP))
     amax = tl.maximum(tl.max(tl.abs(y3), axis=2), amax_floor)
     s, ex = _scale_from_amax(amax, UE8M0)

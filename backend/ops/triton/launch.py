@@ -3,14 +3,16 @@
 Every function here takes already-shaped tensors on one device (CUDA, or CPU under
 TRITON_INTERPRET=1) and returns new torch tensors (group_gemm_* write `out` in place).
 Shapes use SPEC §0 names. GEMM tile configs are picked at the first call of a shape
-(a short timing of the candidates on the GPU, cached per process; `FD_TRITON_AUTOTUNE=0`
-uses the first candidate); nothing is tuned or queried at import.
+(a short timing of the candidates on the GPU, kept per process in `TUNER`, under a lock;
+`FD_TRITON_AUTOTUNE=0` uses the first candidate); nothing is tuned or queried at import. What a
+kernel needs to know about the weights (`sfb_per_block`) is passed by the caller, never guessed here.
 """
 from __future__ import annotations
 
 import functools
 import os
-import weakref
+import threading
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -74,7 +76,11 @@ def per_token_quant(x: torch.Tensor, block_size: int = GROUP_SIZE, use_ue8m0: bo
 # ----------------------------------------------------------------------------- §5
 
 def _row_view(x: torch.Tensor) -> torch.Tensor:
-    """Contiguous [W, H] of any dtype -> its bytes as int32 words per row when they divide, else uint8."""
+    """Contiguous [W, H] of any dtype -> its bytes as int32 words per row when they divide, else uint8.
+    An empty x gets standard strides first (torch calls any empty tensor contiguous, whatever its strides,
+    and refuses to view one whose last stride is not 1)."""
+    if x.numel() == 0:
+        x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     b = x.view(torch.uint8)
     return b.view(torch.int32) if b.shape[1] % 4 == 0 else b
 
@@ -226,12 +232,12 @@ def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None) -> torc
 # ----------------------------------------------------------------------------- §6
 
 # Candidates timed at the first call of a (kernel, N, K, device) on a GPU; the first is the default.
-# GRID_MODE 0: one program per possible tile (programs past the valid tiles exit at once);
-# 1: persistent, one program per SM walking the valid tiles. USE_TMA: host tensor descriptors
-# (Hopper's bulk tensor copy) instead of pointer loads. SCALE_PREFETCH / LOOP_STAGES: see the kernel.
-# 64x128 tiles with 4 warps fit two CTAs per SM (registers), so one CTA's scale promotion
-# overlaps the other's MMAs. Measured on an H200 (benchmarks/NOTES_gpu.md): 64x128 / 128x64 with
-# TMA and scale prefetch win; pointer loads, 8-warp 128x128 tiles and LOOP_STAGES lose.
+# GRID_MODE (read by the launcher, not passed to the kernel) 0: one program per possible tile (programs
+# past the valid tiles exit at once); 1: persistent, one program per SM walking the valid tiles. USE_TMA:
+# host tensor descriptors (Hopper's bulk tensor copy) instead of pointer loads. SCALE_PREFETCH /
+# LOOP_STAGES: see the kernel. 64x128 tiles with 4 warps fit two CTAs per SM (registers), so one CTA's
+# scale promotion overlaps the other's MMAs. Measured on an H200 (benchmarks/NOTES_gpu.md): 64x128 /
+# 128x64 with TMA and scale prefetch win; pointer loads, 8-warp 128x128 tiles and LOOP_STAGES lose.
 _BASE = dict(GRID_MODE=0, USE_TMA=True, SCALE_PREFETCH=True, LOOP_STAGES=None)
 GEMM_CONFIGS = (
     dict(_BASE, BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
@@ -248,8 +254,102 @@ INTERPRETER_CONFIG = dict(_BASE, BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages
                           SCALE_PREFETCH=False)
 INTERPRETER_CONFIG_DOT_SCALED = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, GRID_MODE=1)
 BLOCK_K = 128
-_tuned: dict[tuple, dict] = {}
-tuning_log: list[dict] = []     # (key, config, ms) of every timing made, for the benchmark's report
+GEMM_IMPLS = ("explicit", "dot_scaled", "auto")
+
+
+class GemmTuner:
+    """The tile config chosen per key (kernel name, N, K, device string): timed at the first call of a key
+    on a GPU (a short do_bench of each candidate), then kept for the process. One lock guards the table
+    and the timings, so rank threads that reach a new key together time it once and share the result.
+    FD_TRITON_AUTOTUNE=0 takes the first candidate. `log` holds every timing made (the benchmark reports it).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chosen: dict[tuple, dict] = {}
+        self.log: list[dict] = []
+
+    def chosen(self) -> dict[tuple, dict]:
+        """A copy of the table: key -> config."""
+        with self._lock:
+            return dict(self._chosen)
+
+    def choose(self, key: tuple, cfg: dict) -> None:
+        """Fix the config of `key` (e.g. to profile one config)."""
+        with self._lock:
+            self._chosen[key] = cfg
+
+    def config(self, key: tuple, configs: tuple, launch) -> dict:
+        """The config of `key`, timing launch(cfg) for each candidate on its first request."""
+        with self._lock:
+            if key not in self._chosen:
+                self._chosen[key] = self._fastest(key, configs, launch)
+            return self._chosen[key]
+
+    def _fastest(self, key: tuple, configs: tuple, launch) -> dict:
+        if os.environ.get("FD_TRITON_AUTOTUNE", "1") == "0":
+            return configs[0]
+        best = None
+        for cand in configs:
+            entry = dict(kernel=key[0], key=list(key[1:]), config=cand)
+            try:
+                entry["ms"] = triton.testing.do_bench(lambda: launch(cand), warmup=10, rep=40, return_mode="median")
+            except Exception as exc:   # a config that does not fit (shared memory, registers) is skipped
+                entry["error"] = repr(exc)[:200]
+            self.log.append(entry)
+            if "ms" in entry and (best is None or entry["ms"] < best[0]):
+                best = (entry["ms"], cand)
+        return best[1] if best else configs[0]
+
+
+TUNER = GemmTuner()     # the launchers' only state: tuned configs, keyed by kernel, shape and device
+
+
+def _run_tuned(name: str, configs: tuple, key: tuple, launch, interpreter_config: dict = INTERPRETER_CONFIG) -> None:
+    """launch(cfg) with the config TUNER holds for (name,) + key; the fixed interpreter config on CPU."""
+    launch(interpreter_config if interpreting() else TUNER.config((name,) + key, configs, launch))
+
+
+@dataclass(frozen=True)
+class _MaskedGemm:
+    """One masked GEMM call as the kernels take it: a [E·M, K], b [E, N, K] K-contiguous; scales sa, sb
+    (CUTLASS bytes, or fp32 scales with their element strides `scale_strides`); counts [E] int32."""
+    a: torch.Tensor
+    b: torch.Tensor
+    sa: torch.Tensor
+    sb: torch.Tensor
+    counts: torch.Tensor
+    out: torch.Tensor
+    bias: torch.Tensor | None
+    m: int
+    sm_count: int
+    scale_strides: tuple = ()
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(E, M, N, K)."""
+        e_num, n, k = self.b.shape
+        return e_num, self.m, n, k
+
+    def grid(self, cfg: dict) -> tuple[int]:
+        e_num, m, n, _ = self.shape
+        return _gemm_grid(cfg, e_num, m, n, self.sm_count, self.a.device)
+
+    def head(self) -> tuple:
+        """The kernels' common leading arguments after the scales: counts, out, bias, E, M, N, K."""
+        return (self.counts, self.out, self.out if self.bias is None else self.bias, *self.shape)
+
+    def meta(self, cfg: dict) -> dict:
+        """Constexprs shared by both kernels, and cfg's kernel settings (GRID_MODE is the launcher's)."""
+        e_num, _, _, k = self.shape
+        return dict({key: v for key, v in cfg.items() if key != "GRID_MODE"}, HAS_BIAS=self.bias is not None,
+                    E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, EXACT_CAST=interpreting())
+
+
+def _problem(a, b, sa, sb, masked_m, out, bias, max_m_per_expert, sm_count, scale_strides=()) -> _MaskedGemm:
+    m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // b.shape[0]
+    return _MaskedGemm(a.contiguous(), b.contiguous(), sa, sb, _counts_i32(masked_m), out,
+                       None if bias is None else bias.contiguous(), m, int(sm_count), scale_strides)
 
 
 def _gemm_grid(cfg: dict, e_num: int, m: int, n: int, sm_count: int, device) -> tuple[int]:
@@ -262,33 +362,6 @@ def _gemm_grid(cfg: dict, e_num: int, m: int, n: int, sm_count: int, device) -> 
     if sm_count > 0:
         return (max(1, min(upper, sm_count)),)
     return (max(1, upper),)
-
-
-def _run_tuned(name: str, configs, key: tuple, launch, interpreter_config=None, tune_launch=None) -> None:
-    """launch(cfg) runs the kernel with a config; pick (and cache) the fastest config for `key`, timing
-    tune_launch(cfg) when given (the same kernel made to do its work; see group_gemm_masked)."""
-    if interpreting():
-        launch(interpreter_config or INTERPRETER_CONFIG)
-        return
-    cfg = _tuned.get((name,) + key)
-    if cfg is None:
-        if os.environ.get("FD_TRITON_AUTOTUNE", "1") == "0":
-            cfg = configs[0]
-        else:
-            best = None
-            for cand in configs:
-                try:
-                    ms = triton.testing.do_bench(lambda: (tune_launch or launch)(cand), warmup=10, rep=40,
-                                                 return_mode="median")
-                except Exception as exc:   # a config that does not fit (shared memory, registers) is skipped
-                    tuning_log.append(dict(kernel=name, key=list(key), config=cand, error=repr(exc)[:200]))
-                    continue
-                tuning_log.append(dict(kernel=name, key=list(key), config=cand, ms=ms))
-                if best is None or ms < best[0]:
-                    best = (ms, cand)
-            cfg = best[1] if best else configs[0]
-        _tuned[(name,) + key] = cfg
-    launch(cfg)
 
 
 def _operands(a: torch.Tensor, b: torch.Tensor, cfg: dict):
@@ -318,83 +391,61 @@ def sf_repeats_per_128(sf: torch.Tensor) -> bool:
     return bool(_repeats_per_128(sf.contiguous().view(torch.int32)))
 
 
-def _sf_block_uniform(sf: torch.Tensor, num_rows: int, k: int) -> torch.Tensor:
-    """0-dim bool tensor: in CUTLASS SF bytes [E, MN_pad, KB], every 128-row block x 128-wide K group
-    holds one byte (its 4 bytes per row equal, and equal over the block's rows < num_rows), for the
-    ceil(k/128) groups a GEMM of depth k reads.
+def sf_block_uniform(sf: torch.Tensor, num_rows: int, k: int) -> bool:
+    """True when the CUTLASS SF bytes [E, MN_pad, KB] hold one byte per 128-row block x 128-wide K group
+    (its 4 bytes per row equal, and equal over the block's rows < num_rows), for the ceil(k/128) groups a
+    GEMM of depth k reads: what `group_gemm_masked(..., sfb_per_block=True)` assumes of sfb, checked once
+    (one pass, one synchronization), e.g. by a test of the weights a loader builds.
 
     In SPEC §4's layout one 512-byte tile is 128 rows x 4 bytes, rows in the order
     (r % 32)·4 + (r % 128) // 32, so viewed as int32 words [E, MN_pad/128, KB/4, 128] a block's word
     of row r0 (its first row, position 0) must equal every other valid row's word, and repeat its byte.
     """
     e_num, mn_pad, kb = sf.shape
-    w = sf.contiguous().view(torch.int32).view(e_num, mn_pad // K.SF_TILE_ROWS.value, kb // 4, K.SF_TILE_ROWS.value)
-    w = w[:, :, :-(-k // BLOCK_K)]
+    rows = K.SF_TILE_ROWS.value
+    w = sf.contiguous().view(torch.int32).view(e_num, mn_pad // rows, kb // 4, rows)[:, :, :-(-k // BLOCK_K)]
     b0 = w[..., :1] & 0xFF
     same = w == (b0 | (b0 << 8) | (b0 << 16) | (b0 << 24))
-    if num_rows % K.SF_TILE_ROWS.value:
-        p = torch.arange(K.SF_TILE_ROWS.value, device=sf.device)
-        r = (torch.arange(mn_pad // K.SF_TILE_ROWS.value, device=sf.device)[:, None] * K.SF_TILE_ROWS.value
+    if num_rows % rows:
+        p = torch.arange(rows, device=sf.device)
+        r = (torch.arange(mn_pad // rows, device=sf.device)[:, None] * rows
              + p // 4 + K.SF_ROW_GROUP.value * (p % 4))                   # row of position p in block nb
         same = same | (r >= num_rows)[None, :, None, :]
-    return torch.all(same)
+    return bool(torch.all(same))
 
 
-def sf_block_uniform(sf: torch.Tensor, num_rows: int, k: int) -> bool:
-    """True when the CUTLASS SF bytes hold one value per 128 rows x 128 K (weights quantized 128x128 and
-    expanded per row, as unpack_and_convert_scale of per-row copies writes them); one synchronization."""
-    return bool(_sf_block_uniform(sf, num_rows, k))
+def _word_strides(sf: torch.Tensor) -> tuple[int, int, int]:
+    """(expert, unused, K-group) strides in int32 words of CUTLASS SF bytes [E, MN_pad, KB]."""
+    return sf.shape[1] * sf.shape[2] // 4, 0, sf.shape[2] // 4
 
 
-_FLAG_CONSTS: dict[tuple, torch.Tensor] = {}
-
-# Weight scale bytes are static: what sf_block_uniform found for one sfb tensor object is kept,
-# keyed by id() and checked against the object itself (weakref) and its in-place version counter, so a
-# freed tensor whose id is reused, or one written in place, is checked again.
-_SFB_PER_BLOCK: dict[int, tuple] = {}
-_PENDING_FLAGS: dict[int, tuple] = {}      # device flags queued at a first call, read at the next one
-
-
-def _sfb_per_block_cached(sfb: torch.Tensor, n: int, k: int) -> bool | None:
-    """What sf_block_uniform found for this very sfb object (None: not known yet)."""
-    for table in (_SFB_PER_BLOCK, _PENDING_FLAGS):
-        entry = table.get(id(sfb))
-        if entry is None:
-            continue
-        ref, version, key, value = entry
-        if ref() is not sfb or version != sfb._version or key != (n, k):
-            del table[id(sfb)]
-            continue
-        if table is _PENDING_FLAGS:
-            del _PENDING_FLAGS[id(sfb)]
-            value = bool(value.item())
-            _remember_sfb_per_block(sfb, n, k, value)
-        return value
-    return None
+def _explicit_ue8m0(g: _MaskedGemm, sfb_per_block: bool, cfg: dict) -> None:
+    """The per-128 kernel on CUTLASS bytes read as int32 words (SCALE_MODE 1); SB_SCALAR: one weight byte
+    per tile and K step (sfb_per_block, BLOCK_N dividing 128)."""
+    K.group_gemm_masked_kernel[g.grid(cfg)](
+        *_operands(g.a, g.b, cfg), g.sa.view(torch.int32), g.sb.view(torch.int32), *g.head(),
+        *_word_strides(g.sa), *_word_strides(g.sb), SCALE_MODE=1, SB_SCALAR=sfb_per_block and 128 % cfg["BLOCK_N"] == 0,
+        **g.meta(cfg))
 
 
-def _remember(table: dict, sfb: torch.Tensor, n: int, k: int, value) -> None:
-    for key in [key for key, entry in table.items() if entry[0]() is None]:    # tensors since freed
-        del table[key]
-    table[id(sfb)] = (weakref.ref(sfb), sfb._version, (n, k), value)
+def _explicit_fp32(g: _MaskedGemm, cfg: dict) -> None:
+    """The per-128 kernel on FP32 scales (SCALE_MODE 0: 1x128 activations, 128x128 weights)."""
+    K.group_gemm_masked_kernel[g.grid(cfg)](
+        *_operands(g.a, g.b, cfg), g.sa, g.sb, *g.head(), *g.scale_strides,
+        SCALE_MODE=0, SB_SCALAR=128 % cfg["BLOCK_N"] == 0, **g.meta(cfg))
 
 
-def _remember_sfb_per_block(sfb: torch.Tensor, n: int, k: int, value: bool) -> None:
-    _remember(_SFB_PER_BLOCK, sfb, n, k, bool(value))
-
-
-def _flag_const(value: int, device) -> torch.Tensor:
-    """A device int32 [1] holding `value` (kept per process): the flag the tuner's timings run with."""
-    key = (str(device), value)
-    if key not in _FLAG_CONSTS:
-        _FLAG_CONSTS[key] = torch.full((1,), value, dtype=torch.int32, device=device)
-    return _FLAG_CONSTS[key]
+def _dot_scaled(g: _MaskedGemm, cfg: dict) -> None:
+    """tl.dot_scaled on CUTLASS bytes, one byte per 32 K-elements (emulated under the interpreter)."""
+    K.group_gemm_masked_dot_scaled_kernel[g.grid(cfg)](
+        g.a, g.b, g.sa, g.sb, *g.head(), g.sa.shape[1] * g.sa.shape[2], g.sa.shape[2],
+        g.sb.shape[1] * g.sb.shape[2], g.sb.shape[2], EMULATE=interpreting(), **g.meta(cfg))
 
 
 def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
                       masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
                       max_m_per_expert: int | None = None, sm_count: int = -1, impl: str = "explicit",
-                      sfb_per_block: bool | None = None):
+                      sfb_per_block: bool = False):
     """Masked grouped FP8 GEMM, CUTLASS UE8M0 scale bytes decoded in the kernel (SPEC §6). Writes `out`.
 
     a [E·M, K] fp8; b [E, N, K] fp8; sfa [E, align(M,128), KB] and sfb [E, align(N,128), KB'] uint8
@@ -403,83 +454,28 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     impl="explicit": one scale per 128 K (first byte of each group of 4; unpack_and_convert_scale
     repeats every byte 4 times, so this is exact for its output). impl="dot_scaled": tl.dot_scaled,
     one byte per 32 K-elements honoured (native on SM100, decomposed to bf16 on SM90, ~10x slower
-    there). impl="auto": "explicit" when sf_repeats_per_128(sfa) and (sfb), else "dot_scaled", so
-    bytes that differ inside a group are never dropped silently (one synchronization).
-
-    sfb_per_block (explicit kernel): True when sfb holds one byte per 128 rows x 128 K (weights quantized
-    128x128, per-row copies of the block scale, as in this method): the kernel reads one weight byte per
-    tile and K step and promotes with one FMA per element, as the FP32 recipe; False: per-row weight
-    bytes, two multiplies per element. None (default): decided from the bytes (sf_block_uniform), in
-    auto's synchronization with impl="auto"; with impl="explicit" on the device, with no synchronization:
-    both variants are queued behind the check and the one that does not apply does no tile (the per-row
-    fallback runs on one program per SM: its idle launch costs microseconds of GPU time, but a second
-    host launch, which shows where the calls are launch-bound, e.g. <= 256 rows per expert in
-    benchmarks/NOTES_gpu.md run 8). What was found is kept per sfb tensor object (weight scales are
-    static): from the next call on with the same object, one kernel is launched and nothing is checked.
+    there). impl="auto": "explicit" when every group of 4 bytes of sfa (and of sfb, unless sfb_per_block)
+    repeats one byte, else "dot_scaled": bytes that differ inside a group are never dropped (one sync).
+    sfb_per_block (explicit kernel): True promises one sfb byte per 128 rows x 128 K (weights quantized
+    128x128, the block byte copied to its rows, as `BlackwellGemmFusedMoeMethod` builds them; not checked
+    here, `sf_block_uniform` checks it): one weight byte per tile and K step, one FMA per element to
+    promote, as the FP32 recipe. False (default): per-row weight bytes, two multiplies per element,
+    correct for any bytes.
     """
-    e_num, n, k = b.shape
-    m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
-    counts = _counts_i32(masked_m)
-    even_k = k % BLOCK_K == 0
-    has_bias = bias is not None
-    bias_arg = bias.contiguous() if has_bias else out
-    if sfb_per_block is None:
-        sfb_per_block = _sfb_per_block_cached(sfb, n, k)
-    sfb_given = sfb
-    a, b = a.contiguous(), b.contiguous()
-    sfa, sfb = sfa.contiguous(), sfb.contiguous()
+    if impl not in GEMM_IMPLS:
+        raise ValueError(f"impl: expected one of {', '.join(GEMM_IMPLS)}, got {impl!r}")
+    g = _problem(a, b, sfa.contiguous(), sfb.contiguous(), masked_m, out, bias, max_m_per_expert, sm_count)
     if impl == "auto":
-        flags = [_repeats_per_128(sfa.view(torch.int32)), _repeats_per_128(sfb.view(torch.int32))]
-        if sfb_per_block is None:
-            flags.append(_sf_block_uniform(sfb, n, k))
-        got = torch.stack(flags).tolist()                # the one synchronization
-        impl = "explicit" if got[0] and got[1] else "dot_scaled"
-        if sfb_per_block is None:
-            sfb_per_block = bool(got[2])
-            _remember_sfb_per_block(sfb_given, n, k, sfb_per_block)
-    if impl == "explicit":
-        sfa_w, sfb_w = sfa.view(torch.int32), sfb.view(torch.int32)
-        strides = (sfa.shape[1] * sfa.shape[2] // 4, 0, sfa.shape[2] // 4,
-                   sfb.shape[1] * sfb.shape[2] // 4, 0, sfb.shape[2] // 4)
-        key = (n, k, str(a.device))
-
-        def launcher(per_block: bool, flag: torch.Tensor | None, persistent: bool = False):
-            """The kernel with one weight byte per block (per_block) or per row; flag: does its tiles only
-            when flag[0] == int(per_block) (None: always); persistent: one program per SM at most."""
-            def launch(cfg):
-                grid = _gemm_grid(dict(cfg, GRID_MODE=1) if persistent else cfg, e_num, m, n, sm_count, a.device)
-                K.group_gemm_masked_kernel[grid](
-                    *_operands(a, b, cfg), sfa_w, sfb_w, counts, out, bias_arg,
-                    counts if flag is None else flag, e_num, m, n, k, *strides,
-                    SCALE_MODE=1, SB_SCALAR=per_block and 128 % cfg["BLOCK_N"] == 0, HAS_BIAS=has_bias,
-                    E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k,
-                    FLAG_WANT=-1 if flag is None else int(per_block), EXACT_CAST=interpreting(), **cfg)
-            return launch
-
-        if sfb_per_block is not None:
-            pb = bool(sfb_per_block)
-            _run_tuned("explicit_ue8m0" if pb else "explicit_ue8m0_per_row", GEMM_CONFIGS, key, launcher(pb, None))
-        else:
-            # First sight of this sfb object: decide on the device (no synchronization) and queue both
-            # variants; the flag's value is read back at the next call (by then it is computed).
-            flag = _sf_block_uniform(sfb, n, k).to(torch.int32).reshape(1)
-            _remember(_PENDING_FLAGS, sfb_given, n, k, flag)
-            # The block variant first, the per-row one last: the tuner times each with its flag forced on,
-            # and the per-row kernel is right for any bytes, so whatever a timing wrote, the last write is right.
-            _run_tuned("explicit_ue8m0", GEMM_CONFIGS, key, launcher(True, flag),
-                       tune_launch=launcher(True, _flag_const(1, a.device)))
-            _run_tuned("explicit_ue8m0_per_row", GEMM_CONFIGS, key, launcher(False, flag, persistent=True),
-                       tune_launch=launcher(False, _flag_const(0, a.device), persistent=True))
-    elif impl == "dot_scaled":
-        def launch(cfg):
-            K.group_gemm_masked_dot_scaled_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
-                a, b, sfa, sfb, counts, out, bias_arg, e_num, m, n, k,
-                sfa.shape[1] * sfa.shape[2], sfa.shape[2], sfb.shape[1] * sfb.shape[2], sfb.shape[2],
-                HAS_BIAS=has_bias, E_PAD=_pow2(e_num), BLOCK_K=BLOCK_K, EVEN_K=even_k,
-                EMULATE=interpreting(), EXACT_CAST=interpreting(), **cfg)
-        _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, (n, k, str(a.device)), launch, INTERPRETER_CONFIG_DOT_SCALED)
+        words = [g.sa] if sfb_per_block else [g.sa, g.sb]
+        repeats = torch.stack([_repeats_per_128(w.view(torch.int32)) for w in words])
+        impl = "explicit" if bool(repeats.all()) else "dot_scaled"        # the one synchronization
+    key = tuple(g.shape[2:]) + (str(g.a.device),)
+    if impl == "dot_scaled":
+        _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, key, functools.partial(_dot_scaled, g),
+                   INTERPRETER_CONFIG_DOT_SCALED)
     else:
-        raise ValueError(f"impl: expected 'explicit', 'dot_scaled' or 'auto', got {impl!r}")
+        _run_tuned("explicit_ue8m0" if sfb_per_block else "explicit_ue8m0_per_row", GEMM_CONFIGS, key,
+                   functools.partial(_explicit_ue8m0, g, bool(sfb_per_block)))
     return out
 
 
@@ -492,33 +488,29 @@ def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tens
     prefill_permute_to_masked_gemm returns it, or contiguous); b [E, N, K] fp8 with b_scale fp32
     [E, ceil(N/128), ceil(K/128)] (128x128). out [E·M, N] bf16, rows < masked_m[e] only.
     """
-    e_num, n, k = b.shape
+    e_num = b.shape[0]
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
-    counts = _counts_i32(masked_m)
     a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
-    has_bias = bias is not None
-    bias_arg = bias.contiguous() if has_bias else out
-    a, b = a.contiguous(), b.contiguous()
-    strides = tuple(a_scale.stride()) + tuple(b_scale.stride())
-
-    def launch(cfg):
-        K.group_gemm_masked_kernel[_gemm_grid(cfg, e_num, m, n, sm_count, a.device)](
-            *_operands(a, b, cfg), a_scale, b_scale, counts, out, bias_arg, counts, e_num, m, n, k, *strides,
-            SCALE_MODE=0, SB_SCALAR=128 % cfg["BLOCK_N"] == 0, HAS_BIAS=has_bias, E_PAD=_pow2(e_num),
-            BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, FLAG_WANT=-1, EXACT_CAST=interpreting(), **cfg)
-    _run_tuned("explicit_fp32", GEMM_CONFIGS, (n, k, str(a.device)), launch)
+    g = _problem(a, b, a_scale, b_scale, masked_m, out, bias, m, sm_count,
+                 tuple(a_scale.stride()) + tuple(b_scale.stride()))
+    _run_tuned("explicit_fp32", GEMM_CONFIGS, tuple(g.shape[2:]) + (str(g.a.device),),
+               functools.partial(_explicit_fp32, g))
     return out
 
 
 # ----------------------------------------------------------------------------- §7
 
 def fused_mask_swiglu_fp8_quant(up: torch.Tensor, token_nums_per_expert: torch.Tensor, block_size: int = GROUP_SIZE,
-                                use_ue8m0: bool = True, amax_floor: float = SWIGLU_AMAX_FLOOR):
+                                use_ue8m0: bool = True, amax_floor: float = SWIGLU_AMAX_FLOOR,
+                                check_finite: bool = False):
     """SwiGLU + 1 x block_size FP8 quant on the masked layout (SPEC §7).
 
     up [E, M, 2I] bf16|fp32 -> (act [E, M, I] float8_e4m3fn, act_scale MN-major view, logical
     [E, M, ceil(I/block_size/4)] packed int32 (use_ue8m0) or [E, M, ceil(I/block_size)] fp32, strides
     (C·align(M,4), 1, align(M,4))). Rows >= token_nums_per_expert[e] are zero in act and act_scale.
+    check_finite: a NaN / inf y = SwiGLU(up) in a valid row (non-finite up, or lin · gate overflowing) is a
+    ValueError (SPEC §1; counted by the kernel, one synchronization); False: not looked for (the output of
+    such rows is then meaningless), as the benchmarks time it.
     """
     if block_size & (block_size - 1):
         raise ValueError(f"block_size: the Triton kernel needs a power of two, got {block_size}")
@@ -533,10 +525,16 @@ def fused_mask_swiglu_fp8_quant(up: torch.Tensor, token_nums_per_expert: torch.T
     phys = mn_major_zeros(e_num, m, s_cols, torch.int32 if use_ue8m0 else torch.float32, up.device)
     block_r = max(1, min(16, 4096 // (4 * block_size)))
     grid = (e_num, triton.cdiv(m, block_r), triton.cdiv(s, 4))
+    bad = torch.zeros((grid[0] * grid[1] * grid[2],) if check_finite else (1,), dtype=torch.int32, device=up.device)
     if m and i:
-        K.swiglu_quant_kernel[grid](up, counts, _fp8_bytes(act), phys, m, i, s_cols, m_pad, up.stride(0), up.stride(1),
-                                    float(amax_floor), GROUP=block_size, BLOCK_R=block_r, UE8M0=bool(use_ue8m0),
-                                    EXACT_CAST=interpreting(), num_warps=4)
+        K.swiglu_quant_kernel[grid](up, counts, _fp8_bytes(act), phys, bad, m, i, s_cols, m_pad, up.stride(0),
+                                    up.stride(1), float(amax_floor), GROUP=block_size, BLOCK_R=block_r,
+                                    UE8M0=bool(use_ue8m0), COUNT_BAD=bool(check_finite), EXACT_CAST=interpreting(),
+                                    num_warps=4)
+    n_bad = int(bad.sum()) if check_finite else 0
+    if n_bad:
+        raise ValueError(f"SwiGLU(up): {n_bad} non-finite values in valid rows (non-finite up, or lin · gate "
+                         f"overflowing); SPEC §1: quantization input must be finite")
     return act, mn_major_view(phys, m)
 
 

@@ -86,7 +86,7 @@ def _mn_major_to_paddle(view) -> paddle.Tensor:
 
 # ----------------------------------------------------------------------------- the contract
 
-def per_token_quant(x, block_size=128, use_ue8m0=False):
+def per_token_quant(x, block_size, use_ue8m0):
     q, s = _launch().per_token_quant(_to_torch(x), block_size, use_ue8m0)
     return _to_paddle(q), _to_paddle(s)
 
@@ -97,20 +97,21 @@ def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_to
     return (_to_paddle(px), None if ps is None else _mn_major_to_paddle(ps), _to_paddle(imap), _to_paddle(counts))
 
 
-def unpack_and_convert_scale(scale, masked_m=None):
+def unpack_and_convert_scale(scale, masked_m):
     return _to_paddle(_launch().unpack_and_convert_scale(_to_torch(scale), _to_torch(masked_m)))
 
 
-def cutlass_scale_to_fp32(sf, num_rows=None):
+def cutlass_scale_to_fp32(sf, num_rows):
     return _to_paddle(_launch().cutlass_scale_to_fp32(_to_torch(sf), num_rows))
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count=-1):
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, *, sfb_per_block):
     out_t = _to_torch(out)
     # impl="auto": the fast per-128 kernel when every 4-byte group of sfa/sfb repeats one byte (always so
     # for unpack_and_convert_scale's output), else tl.dot_scaled, which honours one byte per 32 K.
     _launch().group_gemm_masked(_to_torch(a), _to_torch(b), _to_torch(sfa), _to_torch(sfb), _to_torch(masked_m),
-                                out_t, _to_torch(bias), max_m_per_expert, sm_count, impl="auto")
+                                out_t, _to_torch(bias), max_m_per_expert, sm_count, impl="auto",
+                                sfb_per_block=sfb_per_block)
     if not out_t.is_cuda or out_t.data_ptr() != _data_ptr(out):
         paddle.assign(_to_paddle(out_t), output=out)      # CPU: the torch copy goes back into `out`
     return out
@@ -123,9 +124,9 @@ def _data_ptr(x: paddle.Tensor) -> int:
         return -1
 
 
-def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size=128, use_ue8m0=True):
+def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0):
     act, s = _launch().fused_mask_swiglu_fp8_quant(_to_torch(up), _to_torch(token_nums_per_expert),
-                                                   block_size, use_ue8m0)
+                                                   block_size, use_ue8m0, check_finite=True)
     return _to_paddle(act), _mn_major_to_paddle(s)
 
 

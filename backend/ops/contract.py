@@ -1,0 +1,151 @@
+"""The table of the `blackwell_ops` contract ops (SPEC §4-8): one row per op, stated once.
+
+A row gives the op's name, its signature (the upstream positional order of FastDeploy PR #7053's
+calls, the defaults; keyword-only parameters are ours and never reach the real package) and its
+docstring (shapes and dtypes in SPEC §0 names). From it `backend.ops` makes the module-level
+function and the `OpsProvider` method, and `backend.ops.blackwell_provider` its forwarders; the
+argument check of a row is `backend.ops._checks.CHECKS[name]`. A provider module implements each
+op with the same parameters, without defaults: it receives validated, complete arguments.
+
+Layouts used below (SPEC §2): "packed UE8M0" = 4 UE8M0 bytes per int32, little-endian along
+the 128-wide group axis (word p holds groups 4p..4p+3, missing groups are byte 0).
+"MN-major" = a strided paddle view of logical shape [B, MN, C] with strides
+(C · align(MN, 4), 1, align(MN, 4)) over a zero-padded physical [B, C, align(MN, 4)] buffer.
+"CUTLASS SF" = uint8 bytes in SM100 SfAtom order (`backend.ops.cutlass_sf`), one byte per
+32 K-elements.
+
+Imports no Paddle (nor anything that does).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+from moe_ref.constants import GROUP_SIZE
+
+__all__ = ["ContractOp", "OPS", "OP_NAMES", "op"]
+
+
+@dataclass(frozen=True)
+class ContractOp:
+    """One contract op. `upstream`: the real `blackwell_ops` package has it (ours otherwise);
+    `writes`: the argument the op writes in place and returns (None: it returns new tensors)."""
+    name: str
+    signature: inspect.Signature
+    doc: str
+    upstream: bool = True
+    writes: str | None = None
+
+    @property
+    def positional(self) -> tuple[str, ...]:
+        """The upstream positional parameters, in order."""
+        return tuple(p.name for p in self.signature.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Our keyword-only parameters (not passed to the real package)."""
+        return tuple(p.name for p in self.signature.parameters.values() if p.kind is p.KEYWORD_ONLY)
+
+
+def _row(name: str, required: str, defaults: dict, doc: str, options: dict | None = None, **kw) -> ContractOp:
+    par = inspect.Parameter
+    params = [par(n, par.POSITIONAL_OR_KEYWORD) for n in required.split()]
+    params += [par(n, par.POSITIONAL_OR_KEYWORD, default=v) for n, v in defaults.items()]
+    params += [par(n, par.KEYWORD_ONLY, default=v) for n, v in (options or {}).items()]
+    return ContractOp(name, inspect.Signature(params), inspect.cleandoc(doc), **kw)
+
+
+OPS = (
+    _row("per_token_quant", "x", dict(block_size=GROUP_SIZE, use_ue8m0=False), """
+    1 x block_size activation quantization (SPEC §3).
+
+    x [T, H] bf16 | fp32, finite -> (q [T, H] float8_e4m3fn, scale).
+    scale: [T, S] fp32 row-major (S = ceil(H/block_size)), x ~= q · s per group; with
+    use_ue8m0=True the scales are powers of two (smallest >= amax/448), returned packed UE8M0
+    [T, ceil(S/4)] int32 row-major. amax floor 1e-4 (moe_ref.quant.DEEPGEMM_AMAX_FLOOR), no
+    log2 bias (SPEC §3 "ours"; the real package follows FastDeploy's kernel).
+    A ragged last group is zero-padded for its amax.
+    """),
+    _row("prefill_permute_to_masked_gemm", "x scale topk_ids num_local_experts max_token_num", {}, """
+    Scatter tokens to the masked per-expert layout (SPEC §5).
+
+    x [W, H] fp8 | bf16; scale [W, S'] fp32 (S' = S = ceil(H/128)) or packed UE8M0 int32
+    (S' = ceil(S/4)), or None for bf16 x; topk_ids [W, K_top] int64 | int32 local expert ids or -1
+    (-1 rows may sit anywhere); num_local_experts E; max_token_num M.
+    Returns (permute_x [E, M, H] dtype of x, permute_scale, permuted_indice_map [W, K_top] int32,
+    token_nums_per_expert [E, 1] int32):
+    - slots inside an expert follow token order, then k (deterministic);
+    - permuted_indice_map[t, k] = e · M + slot, or -1 where topk_ids is -1;
+    - permute_scale: MN-major strided view, logical [E, M, S'], strides (S'·align(M,4), 1, align(M,4))
+      (None when scale is None);
+    - rows past the count of an expert are zero (x and scale).
+    ValueError for an id outside [-1, E) or an expert receiving more than M rows (names both).
+    """),
+    _row("unpack_and_convert_scale", "scale", dict(masked_m=None), """
+    Packed UE8M0 scales -> CUTLASS SM100 scale-factor bytes (SPEC §4).
+
+    scale [E, MN, C] int32 packed UE8M0, any strides (MN-major or contiguous); masked_m None
+    (weights) or int32 | int64 [E] or [E, 1] (activations: rows >= masked_m[e] become zero bytes).
+    Returns uint8 [E, MN_pad, 16·C], MN_pad = align(MN, 128): each 128-group byte repeated 4 times
+    (one byte per 32 K-elements), swizzled per expert with `cutlass_sf.sf_byte_offset`. Rows
+    MN..MN_pad-1 are zero bytes (upstream requires MN % 128 == 0 and writes out of range otherwise).
+    A byte equal to 255 (UE8M0 NaN) is a ValueError; a non-int32 scale is a TypeError.
+    """),
+    _row("cutlass_scale_to_fp32", "sf", dict(num_rows=None), """
+    Inverse of unpack_and_convert_scale (ours): CUTLASS SF bytes -> FP32 128-group scales.
+
+    sf [E, MN_pad, KB] uint8 (MN_pad % 128 == 0, KB % 4 == 0) -> [E, num_rows, KB/4] fp32,
+    value 2^(byte - 127) (byte 0 gives 2^-127). num_rows (default MN_pad) drops padding rows.
+    The 4 bytes of a 128-group (one per 32 K-elements) must agree: ValueError otherwise.
+    """, upstream=False),
+    _row("group_gemm_masked", "a b sfa sfb masked_m out bias max_m_per_expert", dict(sm_count=-1), """
+    Masked grouped FP8 GEMM, NT, block-scaled (SPEC §6); writes `out` in place, returns it.
+
+    a [E·M, K] fp8 (M = max_m_per_expert); b [E, N, K] fp8; sfa [E, align(M,128), KB] and
+    sfb [E, align(N,128), KB'] uint8 CUTLASS SF bytes (unpack_and_convert_scale), KB, KB' >= ceil(K/32);
+    masked_m [E] (or [E, 1]) int32 in [0, M]; out [E·M, N] bf16; bias [E, N] bf16 | fp32 | None;
+    sm_count: SMs the kernel may use (-1 all; ignored by the portable providers).
+    For m < masked_m[e]: out[e·M + m, n] = bf16(Σ_k a·2^(sfa-127)·b·2^(sfb-127) (+ bias[e, n])),
+    float32 accumulation, one scale byte per 32 K-elements. Rows >= masked_m[e] are not touched.
+    Scale bytes (SPEC §2): byte 0 is 2^-127 (not 0); byte 255 (UE8M0 NaN) in sfa or sfb is a ValueError,
+    as in unpack_and_convert_scale. An e4m3 NaN byte (0x7F / 0xFF, SPEC §1) in a or b is not checked:
+    every output whose sum reads it is NaN, on every provider (as the tensor cores give it).
+    sfb_per_block (keyword-only, ours; never passed to the real package): True promises that sfb holds
+    one byte per 128 rows x 128 K (weights quantized in 128x128 blocks, each block's byte copied to
+    its rows, as `BlackwellGemmFusedMoeMethod.process_weights_after_loading` builds them); the triton
+    provider then reads one weight byte per tile and K step. The promise is not verified per call
+    (`backend.ops.triton.launch.sf_block_uniform` checks it once, e.g. in a test). False (default):
+    per-row weight bytes, the general kernel, correct for any bytes.
+    """, options=dict(sfb_per_block=False), writes="out"),
+    _row("fused_mask_swiglu_fp8_quant", "up token_nums_per_expert", dict(block_size=GROUP_SIZE, use_ue8m0=True), """
+    SwiGLU on the masked layout, then 1 x block_size FP8 quantization (SPEC §7).
+
+    up [E, M, 2I] bf16 | fp32 (gate = up[..., :I], lin = up[..., I:]); token_nums_per_expert
+    int32 | int64 [E] or [E, 1] in [0, M]. y = bf16(lin · gate / (1 + exp(-gate))) in float32;
+    amax floor 1e-10; s = amax/448 (use_ue8m0: rounded up to a power of two).
+    Returns (act [E, M, I] fp8, act_scale): act_scale is MN-major (M padded to 4) with logical
+    shape [E, M, ceil(I/block_size/4)] packed UE8M0 int32 (use_ue8m0) or [E, M, ceil(I/block_size)]
+    fp32. Rows >= token_nums_per_expert[e] are zero in act and act_scale.
+    Non-finite values (SPEC §1: a quantization's input must be finite): a NaN / inf of up in a valid row
+    is a ValueError naming "up" and its index; a finite up whose y is not finite (lin · gate overflows)
+    one naming "SwiGLU(up)"; on every provider. Rows past the counts are never read, whatever they hold.
+    """),
+    _row("depermute_prefill_combine", "ffn_out indice_map topk_weights num_worst_tokens", {}, """
+    Gather expert outputs back to tokens and combine with the routing weights (SPEC §8).
+
+    ffn_out [E, M, H] bf16 | fp32; indice_map [W, K_top] int32 | int64 with values e · M + slot or -1;
+    topk_weights [W, K_top] fp32; num_worst_tokens W (= rows of indice_map).
+    Returns [W, H] bf16: out[t] = bf16(Σ_{k: idx >= 0} topk_weights[t, k] · ffn_out[idx // M, idx % M]),
+    float32 accumulation in k order; rows with no valid index are zero.
+    """),
+)
+OP_NAMES = tuple(row.name for row in OPS)
+_BY_NAME = {row.name: row for row in OPS}
+
+
+def op(name: str) -> ContractOp:
+    """The row of contract op `name` (KeyError naming the known ops otherwise)."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"op: expected one of {', '.join(OP_NAMES)}, got {name!r}") from None
