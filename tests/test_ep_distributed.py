@@ -133,6 +133,38 @@ def test_failing_rank_ends_every_rank_with_its_error():
     print(f"\nfailure on rank {failing}: every rank ended with it after {elapsed:.1f} s")
 
 
+@pytest.mark.parametrize("world_size, fail_rank", [(2, 1), (3, 2)])
+def test_failing_rank_with_caught_errors_keeps_the_good_results(world_size, fail_rank, capsys):
+    """Issue 15 item 4, the CLI's default mode (catch_errors): every rank ends by itself with an error
+    naming the failing rank (no gloo TIMEOUT or "Connection reset by peer" from a final barrier
+    with a rank that left), the scenario before the failure is reported bit-exact, the one after is
+    not run, and the report prints both on every rank."""
+    scenarios = ["random", "fail", "uneven"]
+    cfg = dict(CFG, scenarios=scenarios, fail_rank=fail_rank)
+    records = launch(world_size, cfg, timeout_s=LAUNCH_TIMEOUT_S, grace_s=30.0)
+    ref = simulate(world_size, dict(cfg, scenarios=["random"]))
+    own = f"RuntimeError: {INJECTED_FAILURE} on rank {fail_rank}"
+    for rec in records:
+        r = rec["rank"]
+        assert rec["status"] == "error", (r, rec["status"], rec["error"], rec.get("traceback"))
+        if r == fail_rank:
+            assert rec["error"] == own
+        else:
+            assert rec["error"].startswith(f"EPRemoteError: rank {r}: combine aborted: rank {fail_rank} failed: "
+                                           f"{own}"), rec["error"]
+        result = rec["result"]
+        assert list(result) == scenarios, result
+        _assert_same(result["random"], ref[r]["random"], r, "random")
+        assert result["fail"]["error"] == rec["error"]
+        assert result["uneven"] == {"skipped": "not run: scenario 'fail' failed"}
+    assert ep_harness._print_report(records, cfg, 0.0) == 1
+    printed = capsys.readouterr().out
+    for r in range(world_size):
+        assert f"rank {r} random   T=" in printed and f"rank {r}: error (exit 1)" in printed
+    assert printed.count(f"rank {fail_rank} failed: {own}") == 2 * (world_size - 1)   # scenario line + rank line
+    assert "TIMEOUT" not in printed and "reset by peer" not in printed
+
+
 def _die_without_a_word(world_size, rank, cfg):
     import os
 
