@@ -490,7 +490,8 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
 
     Each rank quantizes its tokens (1x128), ep_dispatch sends them, each rank runs moe_experts_fp8
     on its W received rows and local experts (M = max_token_num, default W), ep_combine sums the
-    bf16 partials. W = num_worst_tokens defaults to Σ_s T_s (nothing can overflow).
+    bf16 partials. W = num_worst_tokens defaults to max(1, Σ_s T_s) (nothing can overflow; every rank
+    may be empty, T_s = 0, and gets [0, H]).
     For R = 1 the result equals moe_forward_fp8 on the same tokens exactly.
     """
     if not isinstance(x, (list, tuple)) or len(x) == 0:
@@ -502,7 +503,8 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
     e = qw.num_experts // num_ranks
     for s in range(num_ranks):
         _check_layer_args(x[s], topk_weights[s], topk_ids[s], qw.num_experts, qw.hidden_size, f"x[{s}]")
-    w_rows = sum(int(t.shape[0]) for t in x) if num_worst_tokens is None else num_worst_tokens
+    # at least one row: a dispatch has W >= 1 (DeepEP's num_worst_tokens), also when every rank is empty
+    w_rows = max(1, sum(int(t.shape[0]) for t in x)) if num_worst_tokens is None else num_worst_tokens
 
     quantized = [quantize_activations(t, use_ue8m0, amax_floor) for t in x]
     dispatched = ep_dispatch([q[0] for q in quantized], [q[2] for q in quantized], list(topk_ids),
