@@ -330,3 +330,35 @@ def test_ep_with_every_rank_empty_gives_empty_results(num_ranks, layout):
         np.testing.assert_array_equal(busy[0].numpy(), single.numpy())
     assert calc_diff(busy[0], single) < 3e-5
     assert [list(o.shape) for o in busy[1:]] == [[0, 256]] * (num_ranks - 1)
+
+
+def _with(t, index, value):
+    a = t.astype(paddle.float32).numpy()
+    a[index] = value
+    return paddle.to_tensor(a).astype(t.dtype)
+
+
+def test_non_finite_errors_name_the_tensor_and_offer_no_missing_argument():
+    """Issue 15 item 9: functions without a nan_policy argument named the inner quantizer's argument
+    ("x" or "w") and told the caller to pass nan_policy='propagate'. Now: the caller's tensor, no hint."""
+    from moe_ref.blackwell_layout import group_wise_quant, quantize_weights_1x32
+    from moe_ref.ep import ll_dispatch
+    from moe_ref.moe import quantize_activations
+
+    w = make_moe_weights(4, 256, 128, seed=0)
+    x, tw, ti = make_moe_inputs(5, 256, 4, 2, seed=1)
+    cases = [
+        (lambda: moe_forward_fp8(_with(x, (2, 5), np.inf), w.w_up, w.w_down, tw, ti, True), r"x: .* inf at index \(2, 5\)"),
+        (lambda: moe_forward_fp8(x, _with(w.w_up, (1, 3, 4), np.nan), w.w_down, tw, ti), r"w_up: .* nan at index \(1, 3, 4\)"),
+        (lambda: moe_forward_fp8(x, w.w_up, _with(w.w_down, (3, 0, 1), -np.inf), tw, ti),
+         r"w_down: .* -inf at index \(3, 0, 1\)"),
+        (lambda: moe_forward_ep([x, _with(x, (4, 0), np.nan)], w.w_up, w.w_down, [tw, tw], [ti, ti], True),
+         r"x\[1\]: .* nan at index \(4, 0\)"),
+        (lambda: quantize_activations(_with(x, (0, 255), np.inf)), r"x: .* inf at index \(0, 255\)"),
+        (lambda: ll_dispatch([x, _with(x, (1, 1), np.nan)], [ti, ti], 8, 2, use_ue8m0=True), r"x\[1\]: .* nan at index \(1, 1\)"),
+        (lambda: group_wise_quant(_with(x, (3, 7), np.inf)), r"x: .* inf at index \(3, 7\)"),
+        (lambda: quantize_weights_1x32(w.w_up, _with(w.w_down, (0, 2, 2), np.nan)), r"w_down: .* nan at index \(0, 2, 2\)"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(ValueError, match=r"^" + pattern.replace(".*", "non-finite value") + r"$"):
+            fn()
