@@ -193,8 +193,8 @@ def group_wise_quant(x: paddle.Tensor, use_swizzle: bool = False, amax_floor: fl
     if use_swizzle:
         n, kb = int(sf.shape[-2]), int(sf.shape[-1])
         if n % cutlass_sf.SF_TILE_ROWS or kb % cutlass_sf.SF_TILE_COLS:
-            raise ValueError(f"{name}: use_swizzle needs N a multiple of {cutlass_sf.SF_TILE_ROWS} and ceil(K/32) a multiple "
-                             f"of {cutlass_sf.SF_TILE_COLS} (whole SfAtom tiles), got shape {list(x.shape)}")
+            raise ValueError(f"{name}: use_swizzle needs N a multiple of {cutlass_sf.SF_TILE_ROWS} and ceil(K/32) "
+                             f"a multiple of {cutlass_sf.SF_TILE_COLS} (whole SfAtom tiles), got shape {list(x.shape)}")
         sf = cutlass_sf.swizzle(sf)
     return q, sf
 

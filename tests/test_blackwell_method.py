@@ -459,8 +459,8 @@ def test_overflowing_checkpoint_scale_is_named(w, at, value):
     amax = float(np.abs(q.astype(paddle.float32).numpy()).max())
     assert amax * value > float(np.finfo(np.float32).max)     # the case really overflows
     layer = FusedMoE(4, 2, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=False))
-    pattern = (rf"{w}_weight_scale: expert {at[0]}: scale\[{at[1]}, {at[2]}\] = {re.escape(f'{value:g}')} times the FP8 weight "
-               rf"\S+ at \(\d+, \d+\) is \S+: q · s overflows float32 and bf16")
+    pattern = (rf"{w}_weight_scale: expert {at[0]}: scale\[{at[1]}, {at[2]}\] = {re.escape(f'{value:g}')} "
+               rf"times the FP8 weight \S+ at \(\d+, \d+\) is \S+: q · s overflows float32 and bf16")
     with pytest.raises(ValueError, match=pattern):
         layer.load_weights(qu, qd, paddle.to_tensor(scales["up_gate_proj"]), paddle.to_tensor(scales["down_proj"]))
 

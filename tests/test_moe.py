@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from moe_ref.fp8 import TMA_ALIGN, align
 from moe_ref.metrics import calc_diff
 from moe_ref.moe import (MoEWeights, fused_mask_swiglu_fp8_quant_ref, make_moe_inputs, make_moe_weights,
-                         moe_forward_ep, moe_forward_fp8, moe_forward_oracle, quantize_moe_weights, swiglu, swiglu_fp8_quant_rows,
+                         moe_forward_ep, moe_forward_fp8, moe_forward_oracle, quantize_moe_weights, swiglu,
+                         swiglu_fp8_quant_rows,
                          unpack_scale_ue8m0)
 from moe_ref.quant import GROUP_SIZE, dequant_per_token_group
 
@@ -348,16 +349,20 @@ def test_non_finite_errors_name_the_tensor_and_offer_no_missing_argument():
     w = make_moe_weights(4, 256, 128, seed=0)
     x, tw, ti = make_moe_inputs(5, 256, 4, 2, seed=1)
     cases = [
-        (lambda: moe_forward_fp8(_with(x, (2, 5), np.inf), w.w_up, w.w_down, tw, ti, True), r"x: .* inf at index \(2, 5\)"),
-        (lambda: moe_forward_fp8(x, _with(w.w_up, (1, 3, 4), np.nan), w.w_down, tw, ti), r"w_up: .* nan at index \(1, 3, 4\)"),
+        (lambda: moe_forward_fp8(_with(x, (2, 5), np.inf), w.w_up, w.w_down, tw, ti, True),
+         r"x: .* inf at index \(2, 5\)"),
+        (lambda: moe_forward_fp8(x, _with(w.w_up, (1, 3, 4), np.nan), w.w_down, tw, ti),
+         r"w_up: .* nan at index \(1, 3, 4\)"),
         (lambda: moe_forward_fp8(x, w.w_up, _with(w.w_down, (3, 0, 1), -np.inf), tw, ti),
          r"w_down: .* -inf at index \(3, 0, 1\)"),
         (lambda: moe_forward_ep([x, _with(x, (4, 0), np.nan)], w.w_up, w.w_down, [tw, tw], [ti, ti], True),
          r"x\[1\]: .* nan at index \(4, 0\)"),
         (lambda: quantize_activations(_with(x, (0, 255), np.inf)), r"x: .* inf at index \(0, 255\)"),
-        (lambda: ll_dispatch([x, _with(x, (1, 1), np.nan)], [ti, ti], 8, 2, use_ue8m0=True), r"x\[1\]: .* nan at index \(1, 1\)"),
+        (lambda: ll_dispatch([x, _with(x, (1, 1), np.nan)], [ti, ti], 8, 2, use_ue8m0=True),
+         r"x\[1\]: .* nan at index \(1, 1\)"),
         (lambda: group_wise_quant(_with(x, (3, 7), np.inf)), r"x: .* inf at index \(3, 7\)"),
-        (lambda: quantize_weights_1x32(w.w_up, _with(w.w_down, (0, 2, 2), np.nan)), r"w_down: .* nan at index \(0, 2, 2\)"),
+        (lambda: quantize_weights_1x32(w.w_up, _with(w.w_down, (0, 2, 2), np.nan)),
+         r"w_down: .* nan at index \(0, 2, 2\)"),
     ]
     for fn, pattern in cases:
         with pytest.raises(ValueError, match=r"^" + pattern.replace(".*", "non-finite value") + r"$"):
