@@ -31,7 +31,7 @@ from typing import NamedTuple
 from backend.ops import cutlass_sf
 
 from ._paddle import paddle
-from .checks import INT_DTYPES, check_dim, check_positive_int, check_tensor
+from .checks import INT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor
 from .constants import BYTES_PER_WORD, GROUP_SIZE, align
 from .fp8 import e4m3_to_float32, ue8m0_decode, ue8m0_encode, unpack_ue8m0
 from .layout import _scatter_sources, gather_rows_zero_fill, prefill_permute_to_masked_gemm
@@ -174,7 +174,8 @@ def fused_mask_swiglu_fp8_quant_blackwell(up: paddle.Tensor, token_nums_per_expe
 # The 1x32 recipe of #7666: blackwell_ops.group_wise_quant (docs/upstream.md §2)
 # ---------------------------------------------------------------------------------------------
 
-def group_wise_quant(x: paddle.Tensor, use_swizzle: bool = False, amax_floor: float = SWIGLU_AMAX_FLOOR):
+def group_wise_quant(x: paddle.Tensor, use_swizzle: bool = False, amax_floor: float = SWIGLU_AMAX_FLOOR,
+                     name: str = "x"):
     """1x32 UE8M0 quantization, #7666's `blackwell_ops.group_wise_quant(x, False, use_swizzle)`.
 
     x [..., N, K] bf16 | fp32 -> (q [..., N, K] float8_e4m3fn, sf [..., N, ceil(K/32)] uint8): per row and 32-wide
@@ -182,16 +183,18 @@ def group_wise_quant(x: paddle.Tensor, use_swizzle: bool = False, amax_floor: fl
     use_swizzle=False (activations, BW f0ea6f80:632): sf row-major. use_swizzle=True (weights, BW:454-458): the same
     bytes in CUTLASS SF order (`cutlass_sf.swizzle` per [N, ceil(K/32)] matrix, so N % 128 == 0 and ceil(K/32) % 4 == 0),
     what `group_gemm_masked` reads as sfb; the container keeps create_weights' shape [E, N, ceil(K/32)].
-    amax_floor: not known upstream (closed kernel); default FastDeploy's 1e-10.
+    amax_floor: not known upstream (closed kernel); default FastDeploy's 1e-10. Errors name x as `name`;
+    NaN/inf is a ValueError (SPEC §1).
     """
-    check_tensor(x, "x", dtypes=(paddle.bfloat16, paddle.float32), min_ndim=2)
+    check_tensor(x, name, dtypes=(paddle.bfloat16, paddle.float32), min_ndim=2)
+    check_finite(x, name)                            # SPEC §1; no nan_policy here
     q, s = per_token_group_quant(x, group_size=cutlass_sf.SF_VEC_SIZE, use_ue8m0=True, amax_floor=amax_floor)
     sf = ue8m0_encode(s)
     if use_swizzle:
         n, kb = int(sf.shape[-2]), int(sf.shape[-1])
         if n % cutlass_sf.SF_TILE_ROWS or kb % cutlass_sf.SF_TILE_COLS:
-            raise ValueError(f"x: use_swizzle needs N a multiple of {cutlass_sf.SF_TILE_ROWS} and ceil(K/32) a multiple "
-                             f"of {cutlass_sf.SF_TILE_COLS} (whole SfAtom tiles), got shape {list(x.shape)}")
+            raise ValueError(f"{name}: use_swizzle needs N a multiple of {cutlass_sf.SF_TILE_ROWS} and ceil(K/32) "
+                             f"a multiple of {cutlass_sf.SF_TILE_COLS} (whole SfAtom tiles), got shape {list(x.shape)}")
         sf = cutlass_sf.swizzle(sf)
     return q, sf
 
@@ -202,8 +205,8 @@ def quantize_weights_1x32(w_up: paddle.Tensor, w_down: paddle.Tensor):
     w_up [E, 2I, H], w_down [E, H, I] bf16 | fp32 (NT, SPEC §0) -> (up_q [E, 2I, H] fp8, up_sf [E, 2I, H/32] uint8,
     down_q [E, H, I] fp8, down_sf [E, H, I/32] uint8), the sf in CUTLASS SF order per expert (group_wise_quant).
     """
-    up_q, up_sf = group_wise_quant(w_up, use_swizzle=True)
-    down_q, down_sf = group_wise_quant(w_down, use_swizzle=True)
+    up_q, up_sf = group_wise_quant(w_up, use_swizzle=True, name="w_up")
+    down_q, down_sf = group_wise_quant(w_down, use_swizzle=True, name="w_down")
     return up_q, up_sf, down_q, down_sf
 
 

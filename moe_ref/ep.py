@@ -15,8 +15,8 @@ import dataclasses
 from typing import Any
 
 from ._paddle import paddle
-from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_positive_int, check_same_shape,
-                     check_tensor)
+from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_finite, check_ids_in_range, check_positive_int,
+                     check_same_shape, check_tensor)
 from .fp8 import concat_rows, gather_rows_zero_fill, pack_scale_ue8m0
 from .layout import prefill_permute_to_masked_gemm, weighted_gather_combine
 from .quant import DEEPGEMM_AMAX_FLOOR, per_token_group_quant
@@ -219,6 +219,8 @@ def ll_dispatch(x: list, topk_ids: list, num_max_dispatch_tokens_per_rank: int, 
     if use_ue8m0 and not use_fp8:
         raise ValueError("use_ue8m0: only meaningful with use_fp8=True")
     if use_fp8:
+        for s, t in enumerate(x):
+            check_finite(t, f"x[{s}]")               # SPEC §1; no nan_policy here
         quantized = [per_token_group_quant(t, use_ue8m0=use_ue8m0, amax_floor=amax_floor) for t in x]
         x_all = concat_rows([q for q, _ in quantized])
         scale_all = paddle.concat([s for _, s in quantized], axis=0)

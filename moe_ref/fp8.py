@@ -235,6 +235,13 @@ def to_mn_major_view(scale: paddle.Tensor) -> paddle.Tensor:
 # fp8 rows as bytes: Paddle's CPU kernels have no float8 gather/concat, so fp8 moves as uint8
 # ---------------------------------------------------------------------------------------------
 
+def contiguous_copy(x: paddle.Tensor) -> paddle.Tensor:
+    """x itself when contiguous, else a contiguous copy (`clone`). Never `Tensor.contiguous()` on a
+    caller's tensor: Paddle 3.3 rewrites a strided view in place, so the caller's view would stop
+    sharing memory with the buffer it was sliced from."""
+    return x if x.is_contiguous() else x.clone()
+
+
 def as_bytes(x: paddle.Tensor) -> paddle.Tensor:
     """x [...] float8_e4m3fn -> the same bytes as uint8 (a view); any other dtype unchanged."""
     return x.view(paddle.uint8) if x.dtype == paddle.float8_e4m3fn else x

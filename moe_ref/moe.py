@@ -164,8 +164,11 @@ class QuantizedMoEWeights:
 
 def quantize_moe_weights(w_up: paddle.Tensor, w_down: paddle.Tensor, use_ue8m0: bool = False,
                          amax_floor: float = DEEPGEMM_AMAX_FLOOR) -> QuantizedMoEWeights:
-    """w_up [E, 2I, H], w_down [E, H, I] float -> QuantizedMoEWeights (per_block_quant, 128x128 blocks)."""
+    """w_up [E, 2I, H], w_down [E, H, I] float -> QuantizedMoEWeights (per_block_quant, 128x128 blocks).
+    NaN/inf in a weight is a ValueError naming it (SPEC §1)."""
     _check_weight_shapes(w_up, w_down)
+    check_finite(w_up, "w_up")
+    check_finite(w_down, "w_down")
     up_q, up_s = per_block_quant(w_up, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
     down_q, down_s = per_block_quant(w_down, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
     return QuantizedMoEWeights(up_q, up_s, down_q, down_s, bool(use_ue8m0))
@@ -436,9 +439,12 @@ def _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0: bool,
     return qw
 
 
-def quantize_activations(x: paddle.Tensor, use_ue8m0: bool = False, amax_floor: float = DEEPGEMM_AMAX_FLOOR):
+def quantize_activations(x: paddle.Tensor, use_ue8m0: bool = False, amax_floor: float = DEEPGEMM_AMAX_FLOOR,
+                         name: str = "x"):
     """x [T, H] float -> (x_q [T, H] fp8, x_scale [T, S] float32, x_scale_op): x_scale_op is x_scale
-    (FP32 scales) or its packed UE8M0 int32 form [T, ceil(S/4)] (what the ops contract takes)."""
+    (FP32 scales) or its packed UE8M0 int32 form [T, ceil(S/4)] (what the ops contract takes).
+    NaN/inf in x is a ValueError naming it as `name` (SPEC §1; there is no nan_policy here)."""
+    check_finite(x, name)
     x_q, x_scale = per_token_group_quant(x, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
     return x_q, x_scale, (pack_scale_ue8m0(x_scale) if use_ue8m0 else x_scale)
 
@@ -496,7 +502,8 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
 
     Each rank quantizes its tokens (1x128), ep_dispatch sends them, each rank runs moe_experts_fp8
     on its W received rows and local experts (M = max_token_num, default W), ep_combine sums the
-    bf16 partials. W = num_worst_tokens defaults to Σ_s T_s (nothing can overflow).
+    bf16 partials. W = num_worst_tokens defaults to max(1, Σ_s T_s) (nothing can overflow; every rank
+    may be empty, T_s = 0, and gets [0, H]).
     For R = 1 the result equals moe_forward_fp8 on the same tokens exactly.
     """
     if not isinstance(x, (list, tuple)) or len(x) == 0:
@@ -508,9 +515,10 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
     e = qw.num_experts // num_ranks
     for s in range(num_ranks):
         _check_layer_args(x[s], topk_weights[s], topk_ids[s], qw.num_experts, qw.hidden_size, f"x[{s}]")
-    w_rows = sum(int(t.shape[0]) for t in x) if num_worst_tokens is None else num_worst_tokens
+    # at least one row: a dispatch has W >= 1 (DeepEP's num_worst_tokens), also when every rank is empty
+    w_rows = max(1, sum(int(t.shape[0]) for t in x)) if num_worst_tokens is None else num_worst_tokens
 
-    quantized = [quantize_activations(t, use_ue8m0, amax_floor) for t in x]
+    quantized = [quantize_activations(t, use_ue8m0, amax_floor, f"x[{s}]") for s, t in enumerate(x)]
     dispatched = ep_dispatch([q[0] for q in quantized], [q[2] for q in quantized], list(topk_ids),
                              list(topk_weights), e, w_rows)
     qw.dequantized()                               # once, so each rank's slice shares it

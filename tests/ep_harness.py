@@ -19,7 +19,9 @@ Scenarios (`make_case`; every rank builds the same global weights from the seed)
            0 receives all of them, every other rank receives nothing
   overflow as uneven with W = R·T - 1: a ValueError on every rank
   ll       decode path (low_latency_dispatch / combine), N = T
-  fail     as random, but the expert computation of rank `fail_rank` raises
+  fail     as random, but the expert computation of rank `fail_rank` raises: every rank ends with an
+           error naming that rank (EPRemoteError on the others), later scenarios are not run, and
+           the scenarios before it are still reported (`run_scenarios`)
   exchange the runner alone: dispatch of fp8 x with FP32 scales (random routing), a partial that
            is a function of the received rows, combine; every received tensor is returned
 Bounds: every collective has a watchdog (`timeout_s`); the launcher kills the other ranks
@@ -126,12 +128,9 @@ def _run_exchange(runner, case: dict, rank: int) -> dict:
             "num_recv_tokens": d.num_recv_tokens, "out": out.numpy()}
 
 
-def _is_collective(err, runner) -> bool:
-    """An error every rank raised together (so the group is still in step)."""
-    from backend.moe.ep_distributed import EPRemoteError
-
-    if isinstance(err, EPRemoteError):
-        return True
+def _in_step(err, runner) -> bool:
+    """An error every rank raised together, after which every rank can go on with the next scenario.
+    Not EPRemoteError: the rank it names has failed and is leaving the group."""
     if not hasattr(runner, "report_failure"):           # in-process runners: their errors are per-call
         return isinstance(err, ValueError)
     return isinstance(err, ValueError) and getattr(err, "_ep_collective", False)
@@ -139,22 +138,22 @@ def _is_collective(err, runner) -> bool:
 
 def run_scenarios(world_size: int, rank: int, cfg: dict, runner, catch_errors: bool = True) -> dict:
     """Run cfg["scenarios"] on this rank with `runner` -> {scenario: {tokens, out (bf16 bits, uint16)
-    or error, layer_s, stats}}. With catch_errors an error every rank raised together is recorded
-    and the next scenario runs (the group is still in step); any other error is reported to the
-    other ranks (runner.guard) and re-raised."""
+    or error, layer_s, stats}}.
+
+    With catch_errors an error every rank raised together (a ValueError of the runner's cross-rank
+    checks) is recorded and the next scenario runs: the group is still in step. Any other error
+    ends the run on every rank: this rank's own error is reported to the others (runner.guard), who
+    raise EPRemoteError naming it at their next exchange. Either is re-raised (the final barrier is
+    skipped: the failing rank has left the group) with the scenarios run so far attached as
+    `err.ep_results` (the failing scenario's entry holds the error; later ones are "skipped"), so that
+    the launcher reports the good results next to the error on every rank."""
     layers, results = {}, {}
-    for scenario in cfg["scenarios"]:
+    for i, scenario in enumerate(cfg["scenarios"]):
         case = make_case(scenario, world_size, rank, cfg)
-        key = tuple(sorted(case["layer"].items()))
-        if scenario != "exchange" and key not in layers:
-            layers[key] = build_layer(world_size, rank, cfg, case["layer"])
-        layer = layers.get(key)
-        if scenario == "fail" and rank == cfg["fail_rank"]:
-            layer = build_layer(world_size, rank, cfg, case["layer"])
-            _inject_failure(layer, rank)
+        layer = _layer_for(scenario, world_size, rank, cfg, case, layers)
         before = dict(getattr(runner, "stats", {}))
         start = time.perf_counter()
-        entry = {"tokens": int(case["x"].shape[0])}
+        entry = results[scenario] = {"tokens": int(case["x"].shape[0])}
         try:
             with _guard(runner):
                 if scenario == "exchange":
@@ -162,18 +161,36 @@ def run_scenarios(world_size: int, rank: int, cfg: dict, runner, catch_errors: b
                 else:
                     out = layer(case["x"], topk=(case["topk_weights"], case["topk_ids"]), runner=runner)
                     entry["out"] = out.numpy()
-        except Exception as err:  # noqa: BLE001 - recorded or re-raised below
-            if not (catch_errors and _is_collective(err, runner)):
-                raise
+        except Exception as err:  # noqa: BLE001 - recorded, then re-raised unless every rank raised it together
             entry["error"] = f"{type(err).__name__}: {err}"
-        entry["layer_s"] = time.perf_counter() - start
-        stats = getattr(runner, "stats", None)
-        if stats is not None:
-            entry["stats"] = {k: (v - before[k] if k in _ACCUMULATED else v) for k, v in stats.items()}
-        results[scenario] = entry
+            if not (catch_errors and _in_step(err, runner)):
+                for later in cfg["scenarios"][i + 1:]:
+                    results[later] = {"skipped": f"not run: scenario {scenario!r} failed"}
+                err.ep_results = results
+                raise
+        finally:
+            entry["layer_s"] = time.perf_counter() - start
+            stats = getattr(runner, "stats", None)
+            if stats is not None:
+                entry["stats"] = {k: (v - before[k] if k in _ACCUMULATED else v) for k, v in stats.items()}
     if hasattr(runner, "barrier"):
         runner.barrier()
     return results
+
+
+def _layer_for(scenario: str, world_size: int, rank: int, cfg: dict, case: dict, layers: dict):
+    """The FusedMoE shard `scenario` runs on (built once per layer configuration; the failing rank of
+    "fail" gets its own, with the injected failure); None for "exchange" (the runner alone)."""
+    if scenario == "exchange":
+        return None
+    if scenario == "fail" and rank == cfg["fail_rank"]:
+        layer = build_layer(world_size, rank, cfg, case["layer"])
+        _inject_failure(layer, rank)
+        return layer
+    key = tuple(sorted(case["layer"].items()))
+    if key not in layers:
+        layers[key] = build_layer(world_size, rank, cfg, case["layer"])
+    return layers[key]
 
 
 def simulate(world_size: int, cfg: dict, timeout_s: float = 300.0) -> list[dict]:
@@ -221,7 +238,8 @@ def _rank_main(rank: int, world_size: int, port: int, worker, cfg: dict, out_dir
         result = {"ok": True, "result": worker(world_size, rank, cfg)}
         code = 0
     except BaseException as err:  # noqa: BLE001 - recorded for the launcher, exit code says it failed
-        result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        result = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(),
+                  "result": getattr(err, "ep_results", None)}
         code = 1
     with open(path + ".tmp", "wb") as f:
         pickle.dump(result, f)
@@ -332,25 +350,34 @@ def _collect(procs, out_dir: str, ended: list, killed: dict, start: float) -> li
 # ---------------------------------------------------------------------- CLI
 
 def _print_report(records: list[dict], cfg: dict, wall: float) -> int:
+    """One line per rank and scenario (the scenarios that ran, also on a rank that ended with an
+    error), then the rank's error -> exit code 0 if every rank ended ok, else 1."""
     print(f"EP layer over {len(records)} CPU processes (gloo), H={cfg['hidden']} I={cfg['intermediate']} "
           f"E={cfg['experts_per_rank']}/rank K_top={cfg['top_k']} T={cfg['tokens']}/rank; wall {wall:.1f} s")
     rc = 0
     for rec in records:
+        for scenario, entry in (rec["result"] or {}).items():
+            print(_scenario_line(rec["rank"], scenario, entry))
         if rec["status"] != "ok":
             rc = 1
             print(f"rank {rec['rank']}: {rec['status']} (exit {rec['exitcode']}) after {rec['seconds']:.1f} s: "
                   f"{rec['error']}")
-            continue
-        for scenario, entry in rec["result"].items():
-            st = entry.get("stats", {})
-            line = (f"rank {rec['rank']} {scenario:8s} T={entry['tokens']:3d} sent/rank={st.get('last_send_counts')} "
-                    f"recv={st.get('last_recv_count')} payload sent={st.get('payload_bytes_sent', 0)} B "
-                    f"recv={st.get('payload_bytes_received', 0)} B wire={st.get('wire_bytes_sent', 0)} B "
-                    f"comm={st.get('comm_s', 0.0) * 1e3:.1f} ms layer={entry['layer_s'] * 1e3:.1f} ms")
-            if "error" in entry:
-                line += f"  -> {entry['error']}"
-            print(line)
     return rc
+
+
+def _scenario_line(rank: int, scenario: str, entry: dict) -> str:
+    if "skipped" in entry:
+        return f"rank {rank} {scenario:8s} {entry['skipped']}"
+    st = entry.get("stats", {})
+    line = (f"rank {rank} {scenario:8s} T={entry['tokens']:3d} sent/rank={st.get('last_send_counts')} "
+            f"recv={st.get('last_recv_count')} payload sent={st.get('payload_bytes_sent', 0)} B "
+            f"recv={st.get('payload_bytes_received', 0)} B wire={st.get('wire_bytes_sent', 0)} B "
+            f"comm={st.get('comm_s', 0.0) * 1e3:.1f} ms")
+    if "layer_s" in entry:
+        line += f" layer={entry['layer_s'] * 1e3:.1f} ms"
+    if "error" in entry:
+        line += f"  -> {entry['error']}"
+    return line
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,8 @@ Bounds (SPEC §12), measured at the reference's test shape (T=96, H=384, I=256, 
   the checkpoint's own (dequantized) weights: measured 2.16e-3 .. 2.23e-3, the same range: the
   requantization is one more rounding of the block scale, invisible at this size; same bound.
 """
+import re
+
 import numpy as np
 import paddle
 import pytest
@@ -357,6 +359,122 @@ def test_weight_processing_errors(model):
     with pytest.raises(ValueError, match=r"up_gate_proj_weight_scale: expected finite scales > 0, got 0.0 at index \(1, 0, 0\)"):
         fp8.load_weights(up.astype(paddle.float8_e4m3fn), down.astype(paddle.float8_e4m3fn), scale,
                          paddle.ones([2, 1, 1]))
+
+
+# ---------------------------------------------------------------------- failed loads change nothing (issue 15 item 2)
+
+WEIGHT_ATTRS = [f"{w}_weight{suffix}" for w in ("up_gate_proj", "down_proj")
+                for suffix in ("", "_scale", "_scale_ue8m0", "_scale_bw")]
+
+
+def _small_checkpoints(seed):
+    """A 4-expert H = 256, I = 128 model in both checkpoint forms: bf16 (up, down) and fp8 (qu, qd, su, sd)."""
+    w = moe.make_moe_weights(4, 256, 128, seed=seed)
+    (qu, su), (qd, sd) = quant.per_block_quant(w.w_up), quant.per_block_quant(w.w_down)
+    return {"bf16": [w.w_up, w.w_down], "fp8": [qu, qd, su, sd]}
+
+
+def _weight_bytes(layer):
+    return {a: getattr(layer, a).view(paddle.uint8).numpy().copy() if getattr(layer, a).dtype == paddle.float8_e4m3fn
+            else getattr(layer, a).numpy().copy() for a in WEIGHT_ATTRS}
+
+
+def _bad_load(kind, ckpt, tensors):
+    """A checkpoint `kind` of wrong that load_weights must refuse; tensors: a valid checkpoint. The
+    wrong value sits in down_proj, so that up_gate_proj would be copied and converted first."""
+    t = list(tensors)
+    if kind == "wrong shape":                       # the last tensor: every other one would be copied first
+        t[-1] = t[-1][:, :1]
+    elif kind == "wrong dtype":
+        t[1] = t[1].astype(paddle.float32)
+    elif kind == "non-finite weight" and ckpt == "fp8":
+        raw = t[1].view(paddle.uint8).numpy().copy()
+        raw[1, 0, 0] = 0x7F                         # an e4m3 NaN byte
+        t[1] = paddle.to_tensor(raw).view(paddle.float8_e4m3fn)
+    elif kind in ("non-finite weight", "non-finite scale", "overflowing scale"):
+        j = 1 if kind == "non-finite weight" else 3
+        bad = t[j].astype(paddle.float32).numpy()
+        bad[1, 0, 0] = {"non-finite weight": np.nan, "non-finite scale": np.inf, "overflowing scale": 1e37}[kind]
+        t[j] = paddle.to_tensor(bad).astype(t[j].dtype)
+    return t
+
+
+BAD_LOADS = {"bf16": ["another checkpoint", "the same checkpoint", "wrong shape", "wrong dtype",
+                      "non-finite weight"],
+             "fp8": ["another checkpoint", "the same checkpoint", "wrong shape", "wrong dtype", "non-finite weight",
+                     "non-finite scale", "overflowing scale"]}
+
+
+@pytest.mark.parametrize("ckpt, kind", [(c, k) for c, kinds in BAD_LOADS.items() for k in kinds])
+def test_failed_second_load_changes_nothing(ckpt, kind):
+    """A loaded layer refuses any second load before copying anything: every weight attribute and the
+    forward output stay bit-identical (today's main copied FP8 weights and FP32 scales in first)."""
+    first, other = _small_checkpoints(0)[ckpt], _small_checkpoints(1)[ckpt]
+    layer = FusedMoE(4, 2, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=ckpt == "bf16"))
+    layer.load_weights(*first)
+    x, tw, ti = inputs(t=16, seed=5, h=256, e=4, k=2)
+    out, weights = layer(x, topk=(tw, ti)).numpy(), _weight_bytes(layer)
+    tensors = first if kind == "the same checkpoint" else other if kind == "another checkpoint" \
+        else _bad_load(kind, ckpt, other)
+    with pytest.raises(RuntimeError, match="load_weights: already called for this layer"):
+        layer.load_weights(*tensors)
+    after = _weight_bytes(layer)
+    for a in WEIGHT_ATTRS:
+        np.testing.assert_array_equal(after[a], weights[a], err_msg=a)
+    np.testing.assert_array_equal(layer(x, topk=(tw, ti)).numpy(), out)
+
+
+@pytest.mark.parametrize("ckpt, kind", [(c, k) for c, kinds in BAD_LOADS.items() for k in kinds
+                                         if k not in ("another checkpoint", "the same checkpoint", "wrong dtype")])
+def test_failed_first_load_leaves_the_layer_loadable(ckpt, kind):
+    """A first load that fails (here in down_proj, after up_gate_proj converted fine) replaces no
+    attribute: the layer stays unprocessed with its checkpoint dtypes, and a good load afterwards
+    computes bit for bit what a fresh layer computes (main left up_gate_proj converted to FP8, so a
+    BF16 retry was refused)."""
+    good = _small_checkpoints(0)[ckpt]
+    config = BlockWiseFP8Config(is_checkpoint_bf16=ckpt == "bf16")
+    layer, fresh = FusedMoE(4, 2, 256, 128, config), FusedMoE(4, 2, 256, 128, config)
+    with pytest.raises(ValueError, match="down_proj_weight" if kind != "wrong shape" else "expected shape"):
+        layer.load_weights(*_bad_load(kind, ckpt, good))
+    for w in ("up_gate_proj", "down_proj"):
+        assert getattr(layer, f"{w}_weight").dtype == (paddle.bfloat16 if ckpt == "bf16" else paddle.float8_e4m3fn)
+        assert not hasattr(layer, f"{w}_weight_scale_bw")
+    x, tw, ti = inputs(t=16, seed=5, h=256, e=4, k=2)
+    with pytest.raises(RuntimeError, match="process_weights_after_loading"):
+        layer(x, topk=(tw, ti))
+    layer.load_weights(*good)
+    fresh.load_weights(*good)
+    np.testing.assert_array_equal(layer(x, topk=(tw, ti)).numpy(), fresh(x, topk=(tw, ti)).numpy())
+
+
+@pytest.mark.parametrize("w, at, value", [("up_gate_proj", (1, 0, 1), 1e37), ("down_proj", (3, 1, 0), 3e36),
+                                          ("down_proj", (0, 0, 0), 3.4e38)])
+def test_overflowing_checkpoint_scale_is_named(w, at, value):
+    """A finite FP8 checkpoint scale whose q · s overflows float32 is reported as that scale (tensor,
+    expert, block, value, product), not as a non-finite weight (issue 15 item 9)."""
+    qu, qd, su, sd = _small_checkpoints(0)["fp8"]
+    scales = {"up_gate_proj": su.numpy(), "down_proj": sd.numpy()}
+    scales[w][at] = value
+    q = (qu if w == "up_gate_proj" else qd)[at[0], at[1] * 128: at[1] * 128 + 128, at[2] * 128: at[2] * 128 + 128]
+    amax = float(np.abs(q.astype(paddle.float32).numpy()).max())
+    assert amax * value > float(np.finfo(np.float32).max)     # the case really overflows
+    layer = FusedMoE(4, 2, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=False))
+    pattern = (rf"{w}_weight_scale: expert {at[0]}: scale\[{at[1]}, {at[2]}\] = {re.escape(f'{value:g}')} "
+               rf"times the FP8 weight \S+ at \(\d+, \d+\) is \S+: q · s overflows float32 and bf16")
+    with pytest.raises(ValueError, match=pattern):
+        layer.load_weights(qu, qd, paddle.to_tensor(scales["up_gate_proj"]), paddle.to_tensor(scales["down_proj"]))
+
+
+def test_huge_scale_on_a_zero_block_is_accepted():
+    """The overflow check is on q · s, not on the scale: 1e37 times an all-zero block is 0."""
+    qu, qd, su, sd = _small_checkpoints(0)["fp8"]
+    qd_np = qd.view(paddle.uint8).numpy().copy()
+    qd_np[2, :128, :128] = 0
+    sd_np = sd.numpy()
+    sd_np[2, 0, 0] = 1e37
+    layer = FusedMoE(4, 2, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=False))
+    layer.load_weights(qu, paddle.to_tensor(qd_np).view(paddle.float8_e4m3fn), su, paddle.to_tensor(sd_np))
+    assert not layer.down_proj_weight[2, :128, :128].view(paddle.uint8).numpy().any()
 
 
 # ---------------------------------------------------------------------- argument checks and sizing

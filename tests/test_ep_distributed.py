@@ -133,6 +133,38 @@ def test_failing_rank_ends_every_rank_with_its_error():
     print(f"\nfailure on rank {failing}: every rank ended with it after {elapsed:.1f} s")
 
 
+@pytest.mark.parametrize("world_size, fail_rank", [(2, 1), (3, 2)])
+def test_failing_rank_with_caught_errors_keeps_the_good_results(world_size, fail_rank, capsys):
+    """Issue 15 item 4, the CLI's default mode (catch_errors): every rank ends by itself with an error
+    naming the failing rank (no gloo TIMEOUT or "Connection reset by peer" from a final barrier
+    with a rank that left), the scenario before the failure is reported bit-exact, the one after is
+    not run, and the report prints both on every rank."""
+    scenarios = ["random", "fail", "uneven"]
+    cfg = dict(CFG, scenarios=scenarios, fail_rank=fail_rank)
+    records = launch(world_size, cfg, timeout_s=LAUNCH_TIMEOUT_S, grace_s=30.0)
+    ref = simulate(world_size, dict(cfg, scenarios=["random"]))
+    own = f"RuntimeError: {INJECTED_FAILURE} on rank {fail_rank}"
+    for rec in records:
+        r = rec["rank"]
+        assert rec["status"] == "error", (r, rec["status"], rec["error"], rec.get("traceback"))
+        if r == fail_rank:
+            assert rec["error"] == own
+        else:
+            assert rec["error"].startswith(f"EPRemoteError: rank {r}: combine aborted: rank {fail_rank} failed: "
+                                           f"{own}"), rec["error"]
+        result = rec["result"]
+        assert list(result) == scenarios, result
+        _assert_same(result["random"], ref[r]["random"], r, "random")
+        assert result["fail"]["error"] == rec["error"]
+        assert result["uneven"] == {"skipped": "not run: scenario 'fail' failed"}
+    assert ep_harness._print_report(records, cfg, 0.0) == 1
+    printed = capsys.readouterr().out
+    for r in range(world_size):
+        assert f"rank {r} random   T=" in printed and f"rank {r}: error (exit 1)" in printed
+    assert printed.count(f"rank {fail_rank} failed: {own}") == 2 * (world_size - 1)   # scenario line + rank line
+    assert "TIMEOUT" not in printed and "reset by peer" not in printed
+
+
 def _die_without_a_word(world_size, rank, cfg):
     import os
 
@@ -262,3 +294,101 @@ def test_gpu_benchmark_logic_on_gloo_cpu(tmp_path):
     assert result["checks"]["random"]["bit_exact_all_ranks"]
     assert result["checks"]["uneven"]["bit_exact_all_ranks"]
     assert result["checks"]["uneven"]["recv_tokens_per_rank"] == [result["shape"]["W"], 0]
+
+
+# ---------------------------------------------------------------------- strided caller views (issue 15 item 5)
+
+def _widen(t, pad: int = 8):
+    """t [n, c] (or [a, n, c]) -> (view of t's values, the wider buffer it is a column slice of)."""
+    fp8 = t.dtype == paddle.float8_e4m3fn
+    base = t.view(paddle.uint8) if fp8 else t
+    zeros = paddle.zeros(list(base.shape[:-1]) + [pad], dtype=base.dtype)
+    buf = paddle.concat([zeros, base, zeros], axis=-1)
+    if fp8:
+        buf = buf.view(paddle.float8_e4m3fn)
+    return buf[..., pad: pad + int(t.shape[-1])], buf
+
+
+def _still_a_view(view, buf, ptr_before: int) -> bool:
+    return (not view.is_contiguous()) and view.data_ptr() == ptr_before and view.data_ptr() != buf.data_ptr()
+
+
+def _same_bits(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    a_np, b_np = (np.ascontiguousarray((t.view(paddle.uint8) if t.dtype == paddle.float8_e4m3fn else t).numpy())
+                  for t in (a, b))
+    return a_np.dtype == b_np.dtype and a_np.shape == b_np.shape and np.array_equal(a_np.view(np.uint8),
+                                                                                    b_np.view(np.uint8))
+
+
+def _strided_view_checks(world_size: int, rank: int, cfg: dict, runner) -> dict:
+    """Every runner entry point called with column-slice views of wider caller buffers, then with
+    contiguous copies: -> {call: (every view still a view of its buffer, results bit-identical)}."""
+    from moe_ref.quant import per_token_group_quant
+
+    case = ep_harness.make_case("exchange", world_size, rank, cfg)
+    x, ids, weights = case["x"], case["topk_ids"], case["topk_weights"]
+    w, n = case["layer"]["num_worst_tokens"], cfg["tokens"]
+    q, scale = per_token_group_quant(x)
+    out = {}
+
+    def call(fn, *tensors):
+        views = [_widen(t) for t in tensors]
+        ptrs = [v.data_ptr() for v, _ in views]
+        got = fn(*(v for v, _ in views))
+        kept = all(_still_a_view(v, b, p) for (v, b), p in zip(views, ptrs))
+        want = fn(*tensors)
+        return got, want, kept
+
+    got, want, kept = call(lambda a, s, wt: runner.dispatch(a, s, ids, wt, w), q, scale, weights)
+    same = all(_same_bits(getattr(got, f), getattr(want, f))
+               for f in ("recv_x", "recv_x_scale", "recv_topk_ids", "recv_topk_weights"))
+    out["dispatch"] = (kept, same and got.num_recv_tokens == want.num_recv_tokens)
+    partial = ep_harness.exchange_partial(want.recv_x, rank)
+    c_got, c_want, kept = call(lambda p: runner.combine(p, got.handle if p is not partial
+                                                                    else want.handle), partial)
+    out["combine"] = (kept, _same_bits(c_got, c_want))
+    for use_fp8 in (False, True):
+        (lx, ls, lc, lh), (rx, rs, rc, rh), kept = call(
+            lambda a: runner.low_latency_dispatch(a, ids, n, use_fp8, use_fp8), x)
+        out[f"low_latency_dispatch fp8={use_fp8}"] = (kept, _same_bits(lx, rx) and _same_bits(lc, rc) and
+                                                      (ls is None or _same_bits(ls.contiguous(), rs.contiguous())))
+    expert_out = rx if rx.dtype == paddle.bfloat16 else (rx.astype(paddle.float32) * (rank + 1)).astype(paddle.bfloat16)
+    o_got, o_want, kept = call(lambda e, wt: runner.low_latency_combine(
+        e, ids, wt, lh if e is not expert_out else rh), expert_out, weights)
+    out["low_latency_combine"] = (kept, _same_bits(o_got, o_want))
+    return out
+
+
+def _strided_view_worker(world_size, rank, cfg):
+    from backend.moe.ep_distributed import PaddleDistributedEPRunner
+
+    runner = PaddleDistributedEPRunner(num_experts=cfg["experts_per_rank"] * world_size,
+                                       timeout_s=cfg["collective_timeout_s"])
+    return _strided_view_checks(world_size, rank, cfg, runner)
+
+
+def _assert_views_kept(results) -> None:
+    for rank, checks in enumerate(results):
+        assert len(checks) == 5, checks
+        for name, (kept, same) in checks.items():
+            assert kept, f"rank {rank} {name}: the caller's strided view no longer shares its buffer's memory"
+            assert same, f"rank {rank} {name}: a strided view gives other bytes than a contiguous copy"
+
+
+def test_distributed_runner_leaves_strided_views_alone():
+    """Issue 15 item 5: dispatch/combine (ht) and low_latency_dispatch/combine (ll, bf16 and fp8) over
+    gloo's scatter exchange (the one gloo has; alltoall packs rows through the same byte view)."""
+    _assert_views_kept(_ok(launch(2, dict(CFG, scenarios=[]), worker=_strided_view_worker,
+                                  timeout_s=LAUNCH_TIMEOUT_S)))
+
+
+def test_in_process_runner_leaves_strided_views_alone():
+    from backend.moe.ep_runner import InProcessEPGroup, run_ranks
+
+    cfg = dict(CFG, scenarios=[])
+    for world in (2, 3):
+        group = InProcessEPGroup(world, cfg["experts_per_rank"] * world, timeout_s=60.0)
+        _assert_views_kept(run_ranks(world, lambda r: _strided_view_checks(world, r, cfg, group.runner(r)),
+                                     group=group))

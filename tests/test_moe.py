@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from moe_ref.fp8 import TMA_ALIGN, align
 from moe_ref.metrics import calc_diff
 from moe_ref.moe import (MoEWeights, fused_mask_swiglu_fp8_quant_ref, make_moe_inputs, make_moe_weights,
-                         moe_forward_fp8, moe_forward_oracle, quantize_moe_weights, swiglu, swiglu_fp8_quant_rows,
+                         moe_forward_ep, moe_forward_fp8, moe_forward_oracle, quantize_moe_weights, swiglu,
+                         swiglu_fp8_quant_rows,
                          unpack_scale_ue8m0)
 from moe_ref.quant import GROUP_SIZE, dequant_per_token_group
 
@@ -306,3 +307,63 @@ def test_swiglu_reference_with_zero_rows_per_expert(use_ue8m0):
                                                  paddle.zeros([3], dtype=paddle.int32), use_ue8m0=use_ue8m0)
     assert list(act.shape) == [3, 0, 320]
     assert list(scale.shape) == [3, 0, 1 if use_ue8m0 else 3]
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["masked", "contiguous"])
+def test_ep_with_every_rank_empty_gives_empty_results(num_ranks, layout):
+    # issue 15 item 9 (the T = 0 case on the EP reference): W defaulted to Σ T_s = 0, which the dispatch rejects
+    w = make_moe_weights(6, 256, 128, seed=0)
+    empty = [paddle.zeros([0, 256], dtype=paddle.bfloat16) for _ in range(num_ranks)]
+    tw = [paddle.zeros([0, 2]) for _ in range(num_ranks)]
+    ti = [paddle.zeros([0, 2], dtype=paddle.int64) for _ in range(num_ranks)]
+    out, trace = moe_forward_ep(empty, w.w_up, w.w_down, tw, ti, True, layout=layout, return_trace=True)
+    assert [list(o.shape) for o in out] == [[0, 256]] * num_ranks
+    assert all(o.dtype == paddle.bfloat16 for o in out)
+    assert all(d.num_recv_tokens == 0 for d in trace.dispatch)
+    # empty ranks next to a busy one: the busy rank gets the single-rank layer's output, bit for bit at
+    # R = 1; for R > 1 each rank's partial is rounded to bf16 before the sum (SPEC §9), so two bf16
+    # roundings: calc_diff <= (2 · 2^-8)^2 / 2 = 3e-5
+    x, wts, ids = make_moe_inputs(5, 256, 6, 2, seed=3)
+    busy = moe_forward_ep([x] + empty[1:], w.w_up, w.w_down, [wts] + tw[1:], [ids] + ti[1:], True, layout=layout)
+    single = moe_forward_fp8(x, w.w_up, w.w_down, wts, ids, True)
+    if num_ranks == 1:
+        np.testing.assert_array_equal(busy[0].numpy(), single.numpy())
+    assert calc_diff(busy[0], single) < 3e-5
+    assert [list(o.shape) for o in busy[1:]] == [[0, 256]] * (num_ranks - 1)
+
+
+def _with(t, index, value):
+    a = t.astype(paddle.float32).numpy()
+    a[index] = value
+    return paddle.to_tensor(a).astype(t.dtype)
+
+
+def test_non_finite_errors_name_the_tensor_and_offer_no_missing_argument():
+    """Issue 15 item 9: functions without a nan_policy argument named the inner quantizer's argument
+    ("x" or "w") and told the caller to pass nan_policy='propagate'. Now: the caller's tensor, no hint."""
+    from moe_ref.blackwell_layout import group_wise_quant, quantize_weights_1x32
+    from moe_ref.ep import ll_dispatch
+    from moe_ref.moe import quantize_activations
+
+    w = make_moe_weights(4, 256, 128, seed=0)
+    x, tw, ti = make_moe_inputs(5, 256, 4, 2, seed=1)
+    cases = [
+        (lambda: moe_forward_fp8(_with(x, (2, 5), np.inf), w.w_up, w.w_down, tw, ti, True),
+         r"x: .* inf at index \(2, 5\)"),
+        (lambda: moe_forward_fp8(x, _with(w.w_up, (1, 3, 4), np.nan), w.w_down, tw, ti),
+         r"w_up: .* nan at index \(1, 3, 4\)"),
+        (lambda: moe_forward_fp8(x, w.w_up, _with(w.w_down, (3, 0, 1), -np.inf), tw, ti),
+         r"w_down: .* -inf at index \(3, 0, 1\)"),
+        (lambda: moe_forward_ep([x, _with(x, (4, 0), np.nan)], w.w_up, w.w_down, [tw, tw], [ti, ti], True),
+         r"x\[1\]: .* nan at index \(4, 0\)"),
+        (lambda: quantize_activations(_with(x, (0, 255), np.inf)), r"x: .* inf at index \(0, 255\)"),
+        (lambda: ll_dispatch([x, _with(x, (1, 1), np.nan)], [ti, ti], 8, 2, use_ue8m0=True),
+         r"x\[1\]: .* nan at index \(1, 1\)"),
+        (lambda: group_wise_quant(_with(x, (3, 7), np.inf)), r"x: .* inf at index \(3, 7\)"),
+        (lambda: quantize_weights_1x32(w.w_up, _with(w.w_down, (0, 2, 2), np.nan)),
+         r"w_down: .* nan at index \(0, 2, 2\)"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(ValueError, match=r"^" + pattern.replace(".*", "non-finite value") + r"$"):
+            fn()

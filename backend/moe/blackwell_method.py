@@ -117,47 +117,62 @@ class BlackwellGemmFusedMoeMethod(UpstreamPathNames):
                 setattr(layer, f"{w}_weight_scale", scale)
         self._processed = False
 
+    @property
+    def weights_processed(self) -> bool:
+        """True once `process_weights_after_loading` succeeded (the weights are UE8M0 FP8 then)."""
+        return getattr(self, "_processed", False)
+
     def process_weights_after_loading(self, layer) -> None:
         """Quantize (BF16 checkpoint) or requantize (FP8 checkpoint) to UE8M0 128x128 blocks and
-        build the per-row packed scales and CUTLASS SF bytes. Expert by expert: the extra memory is one
-        expert's weight in float32 plus the new FP8 weights (the checkpoint tensors are released when
-        the new parameters replace them). Calling it twice is an error (the weights are FP8 then)."""
-        if getattr(self, "_processed", False):
+        build the per-row packed scales and CUTLASS SF bytes. All or nothing: every check and
+        conversion runs before the first attribute is replaced, so an error leaves the layer as it
+        was (its checkpoint parameters untouched, still unprocessed). Expert by expert: the extra
+        memory is one expert's weight in float32 plus the new FP8 weights and scales of both tensors
+        (the checkpoint tensors are released when the new parameters replace them). Calling it
+        twice is an error (the weights are FP8 then)."""
+        if self.weights_processed:
             raise RuntimeError("process_weights_after_loading: already called for this layer")
         provider = ops.get_provider()
-        bf16 = self.quant_config.is_checkpoint_bf16
-        for w, (n, k) in self._shapes(layer).items():
-            weight = getattr(layer, f"{w}_weight")
-            ckpt_scale = None if bf16 else getattr(layer, f"{w}_weight_scale")
-            if ckpt_scale is not None:
-                s_np = ckpt_scale.numpy()
-                if not (np.isfinite(s_np).all() and (s_np > 0).all()):
-                    at = tuple(int(j) for j in np.argwhere(~(np.isfinite(s_np) & (s_np > 0)))[0])
-                    raise ValueError(f"{w}_weight_scale: expected finite scales > 0, got {float(s_np[at])} "
-                                     f"at index {at}")
-            q_list, s_list = [], []
-            for ex in range(layer.num_local_experts):
-                if bf16:
-                    wf = weight[ex].astype(paddle.float32)
-                else:
-                    wf = dequantize_weight_blocks(weight[ex], ckpt_scale[ex])
-                try:
-                    q, s = quantize_weight_blocks_ue8m0(wf)
-                except ValueError as err:
-                    raise ValueError(f"{w}_weight: expert {ex}: {err}") from None
-                q_list.append(q.view(paddle.uint8))
-                s_list.append(s)
-            q_all = paddle.stack(q_list).view(FP8)
-            s_all = paddle.stack(s_list)
+        new = {}
+        for w, (n, _) in self._shapes(layer).items():
+            q_all, s_all = self._requantize(layer, w)
             packed = pack_row_scales_ue8m0(s_all, n)
-            self._set_param(layer, f"{w}_weight", q_all)
-            self._set_param(layer, f"{w}_weight_scale", s_all)
-            self._set_param(layer, f"{w}_weight_scale_ue8m0", packed)
-            self._set_param(layer, f"{w}_weight_scale_bw", provider.unpack_and_convert_scale(packed, None))
+            new.update({f"{w}_weight": q_all, f"{w}_weight_scale": s_all, f"{w}_weight_scale_ue8m0": packed,
+                        f"{w}_weight_scale_bw": provider.unpack_and_convert_scale(packed, None)})
+        for name, value in new.items():
+            self._set_param(layer, name, value)
         # Every weight was quantized in 128x128 blocks above and each block's byte copied to its 128 rows, so
         # the CUTLASS weight bytes hold one byte per block: group_gemm_masked's sfb_per_block, decided once here.
         layer.weight_scale_bw_per_block = True
         self._processed = True
+
+    def _requantize(self, layer, w: str):
+        """The checkpoint's `w`_weight (and `w`_weight_scale) -> (q [E, N, K] fp8, s [E, ceil(N/128),
+        ceil(K/128)] float32 UE8M0), expert by expert; writes nothing. Errors name the tensor and expert."""
+        weight = getattr(layer, f"{w}_weight")
+        ckpt_scale = None if self.quant_config.is_checkpoint_bf16 else getattr(layer, f"{w}_weight_scale")
+        if ckpt_scale is not None:
+            s_np = ckpt_scale.numpy()
+            if not (np.isfinite(s_np).all() and (s_np > 0).all()):
+                at = tuple(int(j) for j in np.argwhere(~(np.isfinite(s_np) & (s_np > 0)))[0])
+                raise ValueError(f"{w}_weight_scale: expected finite scales > 0, got {float(s_np[at])} "
+                                 f"at index {at}")
+        q_list, s_list = [], []
+        for ex in range(layer.num_local_experts):
+            if ckpt_scale is None:
+                wf = weight[ex].astype(paddle.float32)
+            else:
+                try:
+                    wf = dequantize_weight_blocks(weight[ex], ckpt_scale[ex])
+                except ValueError as err:
+                    raise ValueError(f"{w}_weight_scale: expert {ex}: {err}") from None
+            try:
+                q, s = quantize_weight_blocks_ue8m0(wf)
+            except ValueError as err:
+                raise ValueError(f"{w}_weight: expert {ex}: {err}") from None
+            q_list.append(q.view(paddle.uint8))
+            s_list.append(s)
+        return paddle.stack(q_list).view(FP8), paddle.stack(s_list)
 
     # ------------------------------------------------------------------ forward
 
@@ -197,7 +212,7 @@ class BlackwellGemmFusedMoeMethod(UpstreamPathNames):
         topk_ids [T, K_top] int64 global ids or -1), runner: EP runner or None (TP)
         -> [T, H] bf16: Σ_k w · Down(SwiGLU(Up(x))) over this token's experts on all ranks (SPEC §11).
         Records `last_provider_name` and `last_path` ("ht", "ll" or "tp")."""
-        if not getattr(self, "_processed", False):
+        if not self.weights_processed:
             raise RuntimeError("apply: call process_weights_after_loading (FusedMoE.load_weights) first")
         check_tensor(x, "x", dtypes=(paddle.bfloat16,), ndim=2)
         check_dim(x, 1, layer.hidden_size, "x", "H (layer.hidden_size)")

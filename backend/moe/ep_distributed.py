@@ -53,7 +53,7 @@ import paddle
 
 from moe_ref.checks import check_positive_int
 from moe_ref.ep import DispatchOutput
-from moe_ref.fp8 import gather_rows_zero_fill, to_mn_major_view
+from moe_ref.fp8 import contiguous_copy, gather_rows_zero_fill, to_mn_major_view
 
 from .. import ops
 from .ep_runner import FP8, EPRunner, RunnerHandle, weighted_sum_over_k
@@ -107,12 +107,13 @@ class DistLLHandle(RunnerHandle):
 # ---------------------------------------------------------------------- byte packing
 
 def _as_bytes(t: paddle.Tensor) -> paddle.Tensor:
-    """[n, c] any dtype -> [n, c·itemsize] uint8 (the same bytes, row-major)."""
+    """[n, c] any dtype -> [n, c·itemsize] uint8 (the same bytes, row-major; a strided view is copied,
+    never made contiguous in place: see `contiguous_copy`)."""
     n = int(t.shape[0])
     width = int(t.shape[1]) * _itemsize(t.dtype)
     if n == 0:
         return paddle.zeros([0, width], dtype=paddle.uint8)
-    return t.contiguous().view(paddle.uint8)
+    return contiguous_copy(t).view(paddle.uint8)
 
 
 def _from_bytes(b: paddle.Tensor, dtype) -> paddle.Tensor:
@@ -120,7 +121,7 @@ def _from_bytes(b: paddle.Tensor, dtype) -> paddle.Tensor:
     n, width = int(b.shape[0]), int(b.shape[1])
     if n == 0:
         return paddle.zeros([0, width // _itemsize(dtype)], dtype=dtype)
-    return b.contiguous().view(dtype)
+    return contiguous_copy(b).view(dtype)
 
 
 def _itemsize(dtype) -> int:

@@ -194,7 +194,15 @@ class FusedMoE(paddle.nn.Layer):
         up_gate_proj_weight_scale [E, ceil(2I/128), ceil(H/128)] and
         down_proj_weight_scale [E, ceil(H/128), ceil(I/128)].
         E is num_local_experts: slice global tensors with `local_expert_range()`.
+
+        All or nothing: every tensor is checked before the first is copied, and the conversion
+        replaces the layer's weights only when it succeeds (`process_weights_after_loading`), so a
+        failed load leaves a loaded layer computing exactly what it computed before. A second load
+        is an error, raised before anything is copied (the weights are converted by then).
         """
+        if getattr(self.quant_method, "weights_processed", False):
+            raise RuntimeError("load_weights: already called for this layer (its weights are converted to "
+                               "UE8M0 FP8); build a new FusedMoE to load another checkpoint")
         given = {"up_gate_proj_weight": up_gate_proj_weight, "down_proj_weight": down_proj_weight,
                  "up_gate_proj_weight_scale": up_gate_proj_weight_scale,
                  "down_proj_weight_scale": down_proj_weight_scale}
@@ -213,7 +221,8 @@ class FusedMoE(paddle.nn.Layer):
             check_tensor(value, name, dtypes=(param.dtype,), ndim=param.ndim)
             if list(value.shape) != list(param.shape):
                 raise ValueError(f"{name}: expected shape {list(param.shape)}, got {list(value.shape)}")
-            param.set_value(value)
+        for name in expected:
+            getattr(self, name).set_value(given[name])
         self.quant_method.process_weights_after_loading(self)
 
     def load_global_weights(self, up_gate_proj_weight: paddle.Tensor, down_proj_weight: paddle.Tensor,

@@ -11,11 +11,13 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from moe_ref.fp8 import num_scale_groups, pack_scale_ue8m0, packed_words
+from moe_ref.checks import first_index
+from moe_ref.fp8 import e4m3_to_float32, num_scale_groups, pack_scale_ue8m0, packed_words
 from moe_ref.quant import (DEEPGEMM_AMAX_FLOOR, GROUP_SIZE, dequant_per_block, expand_block_scale_to_rows,
                            per_block_quant)
 
 FP8 = paddle.float8_e4m3fn
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def quantize_weight_blocks_ue8m0(w: paddle.Tensor, amax_floor: float = DEEPGEMM_AMAX_FLOOR):
@@ -32,8 +34,22 @@ def quantize_weight_blocks_ue8m0(w: paddle.Tensor, amax_floor: float = DEEPGEMM_
 
 
 def dequantize_weight_blocks(q: paddle.Tensor, scale: paddle.Tensor) -> paddle.Tensor:
-    """q [N, K] fp8, scale [ceil(N/128), ceil(K/128)] float32 -> [N, K] float32 q · s (`dequant_per_block`)."""
-    return dequant_per_block(q, scale)
+    """q [N, K] fp8, scale [ceil(N/128), ceil(K/128)] float32 finite -> [N, K] float32 q · s (`dequant_per_block`).
+
+    A finite q whose q · s overflows float32 (so bf16 too) is a ValueError naming the scale's block,
+    its value and the product ("scale[i, j] = 1e+37 times ...", which the method prefixes with the
+    scale tensor and expert): the scale is wrong, not the weight. A non-finite q (e4m3 NaN byte) is
+    left to `quantize_weight_blocks_ue8m0`, which names the weight.
+    """
+    wf = dequant_per_block(q, scale)
+    overflow = paddle.isinf(wf) & paddle.isfinite(e4m3_to_float32(q))
+    if bool(overflow.any()):
+        n, k = first_index(overflow)
+        i, j = n // GROUP_SIZE, k // GROUP_SIZE
+        s, v = float(scale.numpy()[i, j]), float(e4m3_to_float32(q[n: n + 1, k: k + 1]).numpy()[0, 0])
+        raise ValueError(f"scale[{i}, {j}] = {s:g} times the FP8 weight {v:g} at ({n}, {k}) is {s * v:.3g}: "
+                         f"q · s overflows float32 and bf16 (largest finite {FLOAT32_MAX:.3g})")
+    return wf
 
 
 def pack_row_scales_ue8m0(scale: paddle.Tensor, num_rows: int) -> paddle.Tensor:
