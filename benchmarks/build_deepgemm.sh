@@ -5,6 +5,9 @@
 #                                            # trees of its third-party cutlass (f3fde58) and fmt (553ec11), ~29 MB
 #   benchmarks/build_deepgemm.sh build DIR    # GPU machine (no network): prints the folder to put on PYTHONPATH
 #
+# A DIR/prebuilt/_C*.so (or dg_prebuilt.tgz holding it) from an earlier build on the same machine image skips
+# the 90 s compile: the package is then assembled as setup.py's build_py step would.
+#
 # DIR is git-ignored (never committed). The build uses the system compiler: the image's other g++ crashed
 # building DeepGEMM 2.6.1 (benchmarks/NOTES_gpu.md). DeepGEMM JIT-compiles each kernel at its first call
 # with the machine's nvcc; DG_JIT_CACHE_DIR keeps those compilations (the bench puts it under DIR).
@@ -38,6 +41,7 @@ fetch)
 build)
     cd "$dir"
     lib=$(ls -d build/lib.* 2>/dev/null | head -1 || true)
+    [ -f prebuilt/dg_prebuilt.tgz ] && ! ls prebuilt/_C*.so >/dev/null 2>&1 && tar xzf prebuilt/dg_prebuilt.tgz -C prebuilt
     if [ -z "$lib" ] && ls prebuilt/_C*.so >/dev/null 2>&1; then
         # a _C*.so built on an earlier machine of the same image (saved by the bench call): setup.py's
         # build_py step done by hand (package, cute/cutlass headers for the JIT, envs.py)
