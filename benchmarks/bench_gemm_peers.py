@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import pathlib
 import sys
 import time
@@ -70,7 +71,10 @@ def make_inputs(n: int, k: int, e_num: int, m_cap: int, gen):
     return x
 
 
-def our_kernels(x, out, m_cap, gluon, expected_m):
+CANDIDATES = ("tl_fp32", "tl_ue8m0", "gluon_fp32", "gluon_ue8m0")    # what a provider call would run
+
+
+def our_kernels(x, out, m_cap, gluon, expected_m, variants=None):
     """name -> (recipe, fn(counts)) for every kernel of ours that this machine can run."""
     a, b = x["a"], x["b"]
     ks = {
@@ -87,6 +91,10 @@ def our_kernels(x, out, m_cap, gluon, expected_m):
         other = 4096 if expected_m <= 64 else 64
         ks["gluon_fp32_alt"] = ("fp32", lambda c: gluon.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out,
                                                                                None, m_cap, expected_m=other))
+        for vname, over in (variants or {}).items():     # explicit configs (DIAG ones give wrong results)
+            cfg = dict(gluon.pick_config(expected_m, b.shape[1]), **over)
+            ks[f"gluon_fp32_{vname}"] = ("fp32", lambda c, cfg=cfg: gluon.group_gemm_masked_fp32(
+                a, b, x["fa_mn"], x["fb"], c, out, None, m_cap, config=cfg))
     return ks
 
 
@@ -98,7 +106,7 @@ def deepgemm_call(dg, x, out, e_num, m_cap, recipe, expected_m):
                                                      disable_ue8m0_cast=True)
 
 
-def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon):
+def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
     counts = BG.counts_for(fill, e_num, gen)
     valid = int(counts.sum())
     flops = 2.0 * valid * n * k
@@ -118,7 +126,7 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon):
         rec["deepgemm_ms"] = BG.bench_ms(lambda: fn(counts))
         rec["deepgemm_tflops"] = flops / rec["deepgemm_ms"] / 1e9
     tl_out = {}
-    for name, (recipe, fn) in our_kernels(x, outs["ours"], m_cap, gluon, expected_m).items():
+    for name, (recipe, fn) in our_kernels(x, outs["ours"], m_cap, gluon, expected_m, variants).items():
         try:
             outs["ours"].fill_(float("nan"))
             fn(counts)
@@ -147,8 +155,8 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon):
 
 def pick_ours(rec: dict) -> dict:
     """The issue's flat record keys: ours = the fastest correct kernel of ours as a call picks it (named in
-    `kernel`; the `_alt` runs force the other tile shape and are not candidates)."""
-    best = max((kn for kn in rec if isinstance(rec[kn], dict) and rec[kn].get("correct") and not kn.endswith("_alt")),
+    `kernel`; runs with a forced config, `_alt` and the variants, are not candidates)."""
+    best = max((kn for kn in CANDIDATES if isinstance(rec.get(kn), dict) and rec[kn].get("correct")),
                key=lambda kn: rec[kn]["tflops"], default=None)
     rec["kernel"] = best
     rec["ours_tflops"] = rec[best]["tflops"] if best else float("nan")
@@ -163,6 +171,7 @@ def main():
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--no-gluon", action="store_true")
+    ap.add_argument("--variants", default="{}", help='JSON {name: config overrides} of extra Gluon FP32 runs')
     args = ap.parse_args()
     fills = [int(f) if f.isdigit() else f for f in args.fills.split(",")]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
@@ -182,7 +191,7 @@ def main():
         outs = {nm: torch.empty((e_num * m_cap, n), dtype=torch.bfloat16, device="cuda") for nm in ("dg", "ours")}
         for fill in fills:
             try:
-                rec = pick_ours(run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon))
+                rec = pick_ours(run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, json.loads(args.variants)))
             except Exception as exc:
                 traceback.print_exc()
                 rec = dict(n=n, k=k, experts=e_num, rows_per_expert=fill, error=repr(exc)[:500])
@@ -201,8 +210,8 @@ def summary_line(rec: dict) -> str:
         return f"N={rec['n']} K={rec['k']} fill={rec['rows_per_expert']}: ERROR {rec['error'][:200]}"
     cells = [f"N={rec['n']} K={rec['k']} fill={rec['rows_per_expert']!s:>13} cuBLAS {rec['cublas_tflops']:5.0f}"
              f" DG {rec.get('deepgemm_tflops', float('nan')):5.0f}"]
-    for name in ("tl_fp32", "tl_ue8m0", "gluon_fp32", "gluon_ue8m0", "gluon_fp32_alt"):
-        r = rec.get(name)
+    for name in [kn for kn in rec if kn.startswith(("tl_", "gluon_")) and isinstance(rec[kn], dict)]:
+        r = rec[name]
         if r is None:
             continue
         if "error" in r:
@@ -215,7 +224,6 @@ def summary_line(rec: dict) -> str:
 
 def merge(path: pathlib.Path, res: dict) -> None:
     """Add card, date and gemm_vs_peers at the top level of a bench_gpu.py result, keeping its sections."""
-    import json
     base = json.loads(path.read_text()) if path.exists() else {"sections": {}, "errors": []}
     base.update(card=res["card"], date=res["date"], gemm_vs_peers=res["gemm_vs_peers"],
                 gemm_vs_peers_meta={k: res[k] for k in ("environment", "deepgemm", "gluon_error", "command")})

@@ -30,7 +30,6 @@ import torch
 from backend.ops import cutlass_sf
 
 try:        # Gluon ships with Triton >= 3.5; the module imports without it (CI), available() says so
-    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
@@ -95,7 +94,7 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr):
+                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr):
         """TMA loads: for each tile and K step, A rows [BM, 128] (NA boxes of 64 rows) and B rows
         [BN_CTA, 128] (NB boxes of BN rows) into slot it % STAGES once both math warpgroups freed it."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
@@ -126,26 +125,52 @@ if _IMPORT_ERROR is None:
                 it += 1
 
     @gluon.jit
-    def _step_scales(sa_ptr, sb_ptr, e, rows_c, col0, kb, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
-                     UE8M0: gl.constexpr):
-        """sa [64] · sb of one K step as one float32 vector (the 64 x BN sub-tile lies in one 128x128 weight
-        block). FP32: sa logical [E, M, S] (any strides), sb [E, ceil(N/128), S]. UE8M0: CUTLASS SF bytes read
-        as int32 words, expert strides sa_se / sb_se words, sa_sk / sb_sk = KB // 4 groups; the first byte of
-        each 128-group is used (the tl kernel's rule; the four are equal in unpack_and_convert_scale's output)."""
+    def _scale_pointers(sa_ptr, sb_ptr, e, rows_c, col_c, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                        UE8M0: gl.constexpr):
+        """Where the K step 0 scales of a sub-tile are, and how far one K step moves them: (sa pointers [64],
+        sb pointer, sa step, sb step). FP32: sa logical [E, M, S] (any strides), sb [E, ceil(N/128), S].
+        UE8M0: CUTLASS SF bytes read as int32 words (expert strides sa_se / sb_se words, sa_sk / sb_sk = KB // 4
+        groups): group g of row r is word _sf_word_offset(r, g), i.e. a row part plus g · 128 words."""
+        e64 = e.to(gl.int64)
         if UE8M0:
-            wa = gl.load(sa_ptr + e.to(gl.int64) * sa_se + _sf_word_offset(rows_c, kb, sa_sk))
-            wb = gl.load(sb_ptr + e.to(gl.int64) * sb_se + _sf_word_offset(col0, kb, sb_sk))
-            sa = ((wa & 0xFF) << 23).to(gl.float32, bitcast=True)
-            sb = ((wb & 0xFF) << 23).to(gl.float32, bitcast=True)
+            sa_p = sa_ptr + e64 * sa_se + _sf_word_offset(rows_c, 0, sa_sk)
+            sb_p = sb_ptr + e64 * sb_se + _sf_word_offset(col_c, 0, sb_sk)
+            return sa_p, sb_p, SF_TILE_BYTES // SF_TILE_COLS, SF_TILE_BYTES // SF_TILE_COLS
         else:
-            sa = gl.load(sa_ptr + e.to(gl.int64) * sa_se + rows_c * sa_sm + kb * sa_sk)
-            sb = gl.load(sb_ptr + e.to(gl.int64) * sb_se + (col0 // 128) * sb_sn + kb * sb_sk)
+            return sa_ptr + e64 * sa_se + rows_c * sa_sm, sb_ptr + e64 * sb_se + (col_c // 128) * sb_sn, sa_sk, sb_sk
+
+    @gluon.jit
+    def _load_scales(sa_p, sb_p, sa_step, sb_step, kb, like, DIAG: gl.constexpr):
+        """The raw scales of K step kb: (sa [64], sb) as loaded (fp32 values or int32 SF words). Nothing is computed
+        on them here: an instruction that used them at once would stall on the load (the SASS showed the FMUL
+        sa·sb right after the loads), so _step_scale combines them where they are used, two steps later."""
+        if DIAG == 1:
+            return like, gl.load(sb_p)
+        else:
+            return gl.load(sa_p + kb * sa_step), gl.load(sb_p + kb * sb_step)
+
+    @gluon.jit
+    def _step_scale(sa, sb, UE8M0: gl.constexpr):
+        """sa [64] · sb of one K step as one float32 vector (a 64 x BN sub-tile lies in one 128x128 weight block).
+        UE8M0: the first byte of each 128-group's 4 (the tl kernel's rule; unpack_and_convert_scale writes 4 equal)."""
+        if UE8M0:
+            sa = ((sa & 0xFF) << 23).to(gl.float32, bitcast=True)
+            sb = ((sb & 0xFF) << 23).to(gl.float32, bitcast=True)
         return sa * sb
 
     @gluon.jit
-    def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
-              UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr):
-        """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16."""
+    def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
+              BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr):
+        """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16.
+
+        Per K step: wait for the slot, wgmma (4 x m64nBNk32) into a fresh accumulator, wait for it, release
+        the slot, promote `final += acc · (sa ⊗ sb)` on the CUDA cores; the other math warpgroup's wgmma
+        runs meanwhile (DeepGEMM's scheme). One accumulator only: a second one in flight while this one is
+        promoted needs 3 x 64 fp32 registers per thread, over the 168 that ptxas allows every partition
+        of a 384-thread kernel (it spilled, with or without .maxnreg), and ptxas serializes every wgmma when
+        an accumulator's registers are written while another wgmma runs (C7515; benchmarks/NOTES_gpu.md).
+        A step's scales are loaded two steps ahead (global loads: L2 latency). DIAG (measurement only,
+        wrong results): 1 = no per-step scale loads, 2 = no output store."""
         a_bufs, b_bufs, ready, empty = p[2], p[3], p[4], p[5]
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         sa_ptr, sb_ptr, out_ptr, bias_ptr = p[11], p[12], p[13], p[14]
@@ -170,46 +195,54 @@ if _IMPORT_ERROR is None:
             local = t - base
             rows = (local % m_tiles) * BM + A_SUB * WG_ROWS_C + gl.arange(0, WG_ROWS_C, layout=row_l)
             col0 = (local // m_tiles) * (NB * BN) + B_SUB * BN
-            rows_c = gl.minimum(rows, cnt - 1)          # rows past the count read a valid row's scale
-            col_c = gl.minimum(col0, N - 1)             # a sub-tile past N (masked) reads a valid weight scale
-            scale_next = _step_scales(sa_ptr, sb_ptr, e, rows_c, col_c, 0, sa_se, sa_sm, sa_sk,
-                                      sb_se, sb_sn, sb_sk, UE8M0)
+            # rows past the count, and a sub-tile past N (both masked at the store), read valid scales
+            sa_p, sb_p, sa_step, sb_step = _scale_pointers(sa_ptr, sb_ptr, e, gl.minimum(rows, cnt - 1),
+                                                           gl.minimum(col0, N - 1), sa_se, sa_sm, sa_sk,
+                                                           sb_se, sb_sn, sb_sk, UE8M0)
+            like = gl.full([WG_ROWS_C], 1, sa_ptr.dtype.element_ty, row_l)
+            last = k_steps - 1
+            sa0, sb0 = _load_scales(sa_p, sb_p, sa_step, sb_step, 0, like, DIAG)
+            sa1, sb1 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(1, last), like, DIAG)
             final = zero
             for kb in range(k_steps):
-                scale = scale_next
-                scale_next = _step_scales(sa_ptr, sb_ptr, e, rows_c, col_c, gl.minimum(kb + 1, k_steps - 1),
-                                          sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, UE8M0)
+                sa2, sb2 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(kb + 2, last), like, DIAG)
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 acc = warpgroup_mma(a_bufs.index(s * NA + A_SUB), b_bufs.index(s * NB + B_SUB).permute((1, 0)), zero,
                                     use_acc=False, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                 mbarrier.arrive(empty.index(s), count=1)
-                final = final + acc * gl.expand_dims(scale, 1)
+                final = final + acc * gl.expand_dims(_step_scale(sa0, sb0, UE8M0), 1)
+                sa0 = sa1
+                sb0 = sb1
+                sa1 = sa2
+                sb1 = sb2
                 it += 1
-            cols = col0 + gl.arange(0, BN, layout=col_l)
-            if HAS_BIAS:
-                bias = gl.load(bias_ptr + e * N + gl.minimum(cols, N - 1)).to(gl.float32)
-                final = final + gl.expand_dims(bias, 0)
-            offs = (e.to(gl.int64) * M + gl.expand_dims(rows, 1)) * N + gl.expand_dims(cols, 0)
-            mask = gl.expand_dims(rows < cnt, 1) & gl.expand_dims(cols < N, 0)
-            gl.store(out_ptr + offs, final.to(gl.bfloat16), mask=mask)
+            if DIAG != 2:
+                cols = col0 + gl.arange(0, BN, layout=col_l)
+                if HAS_BIAS:
+                    bias = gl.load(bias_ptr + e * N + gl.minimum(cols, N - 1)).to(gl.float32)
+                    final = final + gl.expand_dims(bias, 0)
+                offs = (e.to(gl.int64) * M + gl.expand_dims(rows, 1)) * N + gl.expand_dims(cols, 0)
+                mask = gl.expand_dims(rows < cnt, 1) & gl.expand_dims(cols < N, 0)
+                gl.store(out_ptr + offs, final.to(gl.bfloat16), mask=mask)
 
     @gluon.jit
     def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr):
-        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS)
+                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr):
+        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG)
 
     @gluon.jit
     def _math_wg1(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr):
-        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS)
+                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr):
+        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG)
 
     @gluon.jit
     def masked_gemm_ws_kernel(a_desc, b_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, E, M, N, K,
                               sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                               STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                              HAS_BIAS: gl.constexpr, MATH_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                              HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, MATH_REGS: gl.constexpr,
+                              PRODUCER_REGS: gl.constexpr):
         """a_desc: a [E·M, K] fp8, box [64, 128]; b_desc: b viewed [E·N, K] fp8, box [BN, 128]; out [E·M, N] bf16."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * NA] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * NB] + b_desc.block_type.shape, b_desc.layout)
@@ -221,9 +254,9 @@ if _IMPORT_ERROR is None:
         fence_async_shared()
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk)
-        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS)),
-                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS)),
-                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS))],
+        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG)),
+                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG)),
+                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG))],
                            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
@@ -269,7 +302,7 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     masked_gemm_ws_kernel[grid](
         a_desc, b_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
-        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias,
+        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0),
         MATH_REGS=cfg.get("MATH_REGS", 232), PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40),
         num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
     return out
