@@ -94,7 +94,8 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr):
+                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
+              TMA_STORE: gl.constexpr):
         """TMA loads: for each tile and K step, A rows [BM, 128] (NA boxes of 64 rows) and B rows
         [BN_CTA, 128] (NB boxes of BN rows) into slot it % STAGES once both math warpgroups freed it."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
@@ -159,8 +160,38 @@ if _IMPORT_ERROR is None:
         return sa * sb
 
     @gluon.jit
+    def _store_tile(final, c_desc, c_buf, out_ptr, bias_ptr, e, row0, rows, col0, cnt, M, N, BN: gl.constexpr,
+                    mma: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr):
+        """final [64, BN] fp32 (+ bias) -> bf16 out[e·M + rows, col0:col0+BN] (rows = row0 + 0..63), rows < cnt and
+        columns < N only.
+
+        A sub-tile whose 64 rows are all valid goes through shared memory and one TMA store, which runs on
+        while the warpgroup goes on to its next tile (only the next epilogue waits for it; the TMA clips
+        columns >= N). Stores straight from the wgmma register layout (4 bytes per thread and row) took
+        40 % of the kernel's time (benchmarks/NOTES_gpu.md). The one partial sub-tile per expert and n-tile
+        (rows past the count must not be written) uses masked stores."""
+        cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + e * N + gl.minimum(cols, N - 1)).to(gl.float32)
+            final = final + gl.expand_dims(bias, 0)
+        val = final.to(gl.bfloat16)
+        if TMA_STORE and row0 + WG_ROWS_C <= cnt:
+            tma.store_wait(pendings=0)              # the previous tile's store has read c_buf
+            gl.thread_barrier()
+            c_buf.store(val)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(c_desc, [e * M + row0, col0], c_buf)
+        else:
+            offs = (e.to(gl.int64) * M + gl.expand_dims(rows, 1)) * N + gl.expand_dims(cols, 0)
+            mask = gl.expand_dims(rows < cnt, 1) & gl.expand_dims(cols < N, 0)
+            gl.store(out_ptr + offs, val, mask=mask)
+
+    @gluon.jit
     def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
-              BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr):
+              BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
+              TMA_STORE: gl.constexpr):
         """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16.
 
         Per K step: wait for the slot, wgmma (4 x m64nBNk32) into a fresh accumulator, wait for it, release
@@ -175,6 +206,7 @@ if _IMPORT_ERROR is None:
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         sa_ptr, sb_ptr, out_ptr, bias_ptr = p[11], p[12], p[13], p[14]
         sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk = p[15], p[16], p[17], p[18], p[19], p[20]
+        c_desc, c_bufs = p[21], p[22]
         A_SUB: gl.constexpr = WG * (NA - 1)          # M split (NA = 2): warpgroup WG takes A box WG
         B_SUB: gl.constexpr = WG * (NB - 1)          # N split (NB = 2): warpgroup WG takes B box WG
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
@@ -193,7 +225,8 @@ if _IMPORT_ERROR is None:
             cnt = gl.load(counts_ptr + e)
             m_tiles = tiles_e // n_tiles
             local = t - base
-            rows = (local % m_tiles) * BM + A_SUB * WG_ROWS_C + gl.arange(0, WG_ROWS_C, layout=row_l)
+            row0 = (local % m_tiles) * BM + A_SUB * WG_ROWS_C
+            rows = row0 + gl.arange(0, WG_ROWS_C, layout=row_l)
             col0 = (local // m_tiles) * (NB * BN) + B_SUB * BN
             # rows past the count, and a sub-tile past N (both masked at the store), read valid scales
             sa_p, sb_p, sa_step, sb_step = _scale_pointers(sa_ptr, sb_ptr, e, gl.minimum(rows, cnt - 1),
@@ -219,31 +252,30 @@ if _IMPORT_ERROR is None:
                 sb1 = sb2
                 it += 1
             if DIAG != 2:
-                cols = col0 + gl.arange(0, BN, layout=col_l)
-                if HAS_BIAS:
-                    bias = gl.load(bias_ptr + e * N + gl.minimum(cols, N - 1)).to(gl.float32)
-                    final = final + gl.expand_dims(bias, 0)
-                offs = (e.to(gl.int64) * M + gl.expand_dims(rows, 1)) * N + gl.expand_dims(cols, 0)
-                mask = gl.expand_dims(rows < cnt, 1) & gl.expand_dims(cols < N, 0)
-                gl.store(out_ptr + offs, final.to(gl.bfloat16), mask=mask)
+                _store_tile(final, c_desc, c_bufs.index(WG), out_ptr, bias_ptr, e, row0, rows, col0, cnt, M, N, BN, mma,
+                            HAS_BIAS, TMA_STORE)
+        tma.store_wait(pendings=0)
 
     @gluon.jit
     def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr):
-        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG)
+                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
+              TMA_STORE: gl.constexpr):
+        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE)
 
     @gluon.jit
     def _math_wg1(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr):
-        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG)
+                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
+              TMA_STORE: gl.constexpr):
+        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE)
 
     @gluon.jit
-    def masked_gemm_ws_kernel(a_desc, b_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, E, M, N, K,
+    def masked_gemm_ws_kernel(a_desc, b_desc, c_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, E, M, N, K,
                               sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                               STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                              HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, MATH_REGS: gl.constexpr,
+                              HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr, MATH_REGS: gl.constexpr,
                               PRODUCER_REGS: gl.constexpr):
-        """a_desc: a [E·M, K] fp8, box [64, 128]; b_desc: b viewed [E·N, K] fp8, box [BN, 128]; out [E·M, N] bf16."""
+        """a_desc: a [E·M, K] fp8, box [64, 128]; b_desc: b viewed [E·N, K] fp8, box [BN, 128]; c_desc: out [E·M, N]
+        bf16, box [64, BN] (with TMA_STORE; else any descriptor, unused)."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * NA] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * NB] + b_desc.block_type.shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -252,11 +284,12 @@ if _IMPORT_ERROR is None:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)          # both math warpgroups release a slot
         fence_async_shared()
+        c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
-             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk)
-        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG)),
-                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG)),
-                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG))],
+             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs)
+        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE)),
+                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE)),
+                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE))],
                            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
@@ -274,15 +307,18 @@ def pick_config(expected_m: int, n: int) -> dict:
     bn = 128 if n % 128 == 0 or n > 64 else 64
     na, nb = (1, 2) if split_n else (2, 1)
     stage_bytes = (na * WG_ROWS + nb * bn) * BLOCK_K
-    return dict(BN=bn, SPLIT_N=split_n, STAGES=max(2, min(8, SMEM_BYTES // stage_bytes)))
+    out_bytes = 2 * WG_ROWS * bn * 2                      # one bf16 [64, BN] store buffer per math warpgroup
+    return dict(BN=bn, SPLIT_N=split_n, STAGES=max(2, min(8, (SMEM_BYTES - out_bytes) // stage_bytes)))
 
 
-def _descriptors(a: torch.Tensor, b: torch.Tensor, cfg: dict):
+def _descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: dict):
     a_layout = gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_K], gl.float8e4nv)
     b_layout = gl.NVMMASharedLayout.get_default_for([cfg["BN"], BLOCK_K], gl.float8e4nv)
+    c_layout = gl.NVMMASharedLayout.get_default_for([WG_ROWS, cfg["BN"]], gl.bfloat16)
     b2 = b.view(-1, b.shape[-1])
     return (TensorDescriptor.from_tensor(a, [WG_ROWS, BLOCK_K], a_layout),
-            TensorDescriptor.from_tensor(b2, [cfg["BN"], BLOCK_K], b_layout))
+            TensorDescriptor.from_tensor(b2, [cfg["BN"], BLOCK_K], b_layout),
+            TensorDescriptor.from_tensor(out, [WG_ROWS, cfg["BN"]], c_layout))
 
 
 def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m, config):
@@ -296,13 +332,14 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     counts = counts if counts.dtype == torch.int32 and counts.is_contiguous() else counts.to(torch.int32).contiguous()
     cfg = config or pick_config(int(expected_m if expected_m is not None else m), n)
     a, b = a.contiguous(), b.contiguous()
-    a_desc, b_desc = _descriptors(a, b, cfg)
+    tma_store = out.is_contiguous() and (out.shape[-1] * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+    a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
     has_bias = bias is not None
     grid = (_sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device()),)
     masked_gemm_ws_kernel[grid](
-        a_desc, b_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
+        a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
-        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0),
+        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0), TMA_STORE=tma_store,
         MATH_REGS=cfg.get("MATH_REGS", 232), PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40),
         num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
     return out
