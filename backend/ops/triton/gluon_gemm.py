@@ -211,7 +211,6 @@ if _IMPORT_ERROR is None:
         B_SUB: gl.constexpr = WG * (NB - 1)          # N split (NB = 2): warpgroup WG takes B box WG
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
         row_l: gl.constexpr = gl.SliceLayout(1, mma)
-        col_l: gl.constexpr = gl.SliceLayout(0, mma)
         zero = gl.zeros([WG_ROWS_C, BN], gl.float32, mma)
         n_tiles = gl.cdiv(N, NB * BN)
         k_steps = gl.cdiv(K, BLOCK_K_C)
