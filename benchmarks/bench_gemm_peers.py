@@ -172,7 +172,11 @@ def main():
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--no-gluon", action="store_true")
     ap.add_argument("--variants", default="{}", help='JSON {name: config overrides} of extra Gluon FP32 runs')
+    ap.add_argument("--ncu-one", type=int, default=None, metavar="ROWS",
+                    help="for Nsight Compute: two calls each of the Gluon FP32 kernel and DeepGEMM at the first shape")
     args = ap.parse_args()
+    if args.ncu_one:
+        return ncu_one(args)
     fills = [int(f) if f.isdigit() else f for f in args.fills.split(",")]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     dg, dg_err = optional_import("deep_gemm")
@@ -203,6 +207,23 @@ def main():
     if args.merge_into:
         merge(pathlib.Path(args.merge_into), res)
     print("\n".join(summary_line(r) for r in res["gemm_vs_peers"]), flush=True)
+
+
+def ncu_one(args):
+    """Two calls each of the Gluon FP32 kernel and DeepGEMM, ROWS valid rows per expert, nothing timed (for ncu)."""
+    from backend.ops.triton import gluon_gemm
+    n, k = (tuple(map(int, s.split("x"))) for s in args.shapes.split(",")).__next__()
+    dg, _ = optional_import("deep_gemm")
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    x = make_inputs(n, k, args.experts, args.ncu_one, gen)
+    out = torch.empty((args.experts * args.ncu_one, n), dtype=torch.bfloat16, device="cuda")
+    counts = torch.full((args.experts,), args.ncu_one, dtype=torch.int32, device="cuda")
+    for _ in range(2):
+        gluon_gemm.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, args.ncu_one,
+                                          expected_m=args.ncu_one)
+        if dg is not None:
+            deepgemm_call(dg, x, out, args.experts, args.ncu_one, "fp32", args.ncu_one)(counts)
+    torch.cuda.synchronize()
 
 
 def summary_line(rec: dict) -> str:

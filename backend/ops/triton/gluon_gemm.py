@@ -93,9 +93,18 @@ if _IMPORT_ERROR is None:
         return e, base, tiles_e
 
     @gluon.jit
+    def _tile_mn(local, m_tiles, n_tiles, M_FAST: gl.constexpr):
+        """An expert's tile number -> (m-tile, n-tile); M_FAST: m-tiles of one n-tile are consecutive (the CTAs
+        working at once share B tiles, as the tl kernel orders them), else n-tiles of one m-tile (share A)."""
+        if M_FAST:
+            return local % m_tiles, local // m_tiles
+        else:
+            return local // n_tiles, local % n_tiles
+
+    @gluon.jit
     def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
                   HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr):
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
         """TMA loads: for each tile and K step, A rows [BM, 128] (NA boxes of 64 rows) and B rows
         [BN_CTA, 128] (NB boxes of BN rows) into slot it % STAGES once both math warpgroups freed it."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
@@ -111,8 +120,9 @@ if _IMPORT_ERROR is None:
             e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
             m_tiles = tiles_e // n_tiles
             local = t - base
-            row0 = e * M + (local % m_tiles) * BM
-            col0 = e * N + (local // m_tiles) * (NB * BN)
+            mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
+            row0 = e * M + mt * BM
+            col0 = e * N + nt * (NB * BN)
             for kb in range(k_steps):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -191,7 +201,7 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
               BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr):
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
         """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16.
 
         Per K step: wait for the slot, wgmma (4 x m64nBNk32) into a fresh accumulator, wait for it, release
@@ -224,9 +234,10 @@ if _IMPORT_ERROR is None:
             cnt = gl.load(counts_ptr + e)
             m_tiles = tiles_e // n_tiles
             local = t - base
-            row0 = (local % m_tiles) * BM + A_SUB * WG_ROWS_C
+            mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
+            row0 = mt * BM + A_SUB * WG_ROWS_C
             rows = row0 + gl.arange(0, WG_ROWS_C, layout=row_l)
-            col0 = (local // m_tiles) * (NB * BN) + B_SUB * BN
+            col0 = nt * (NB * BN) + B_SUB * BN
             # rows past the count, and a sub-tile past N (both masked at the store), read valid scales
             sa_p, sb_p, sa_step, sb_step = _scale_pointers(sa_ptr, sb_ptr, e, gl.minimum(rows, cnt - 1),
                                                            gl.minimum(col0, N - 1), sa_se, sa_sm, sa_sk,
@@ -258,20 +269,20 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
                   HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr):
-        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE)
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
+        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST)
 
     @gluon.jit
     def _math_wg1(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
                   HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr):
-        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE)
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
+        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST)
 
     @gluon.jit
     def masked_gemm_ws_kernel(a_desc, b_desc, c_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, E, M, N, K,
                               sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                               STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                              HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr, MATH_REGS: gl.constexpr,
+                              HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, MATH_REGS: gl.constexpr,
                               PRODUCER_REGS: gl.constexpr):
         """a_desc: a [E·M, K] fp8, box [64, 128]; b_desc: b viewed [E·N, K] fp8, box [BN, 128]; c_desc: out [E·M, N]
         bf16, box [64, BN] (with TMA_STORE; else any descriptor, unused)."""
@@ -286,9 +297,9 @@ if _IMPORT_ERROR is None:
         c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs)
-        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE)),
-                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE)),
-                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE))],
+        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST)),
+                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST)),
+                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST))],
                            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
@@ -338,7 +349,7 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     masked_gemm_ws_kernel[grid](
         a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
-        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0), TMA_STORE=tma_store,
+        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0), TMA_STORE=tma_store, M_FAST=cfg.get("M_FAST", True),
         MATH_REGS=cfg.get("MATH_REGS", 232), PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40),
         num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
     return out
