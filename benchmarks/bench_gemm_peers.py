@@ -92,7 +92,7 @@ def our_kernels(x, out, m_cap, gluon, expected_m, variants=None):
         ks["gluon_fp32_alt"] = ("fp32", lambda c: gluon.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out,
                                                                                None, m_cap, expected_m=other))
         for vname, over in (variants or {}).items():     # explicit configs (DIAG ones give wrong results)
-            cfg = dict(gluon.pick_config(expected_m, b.shape[1]), **over)
+            cfg = dict(gluon.pick_config(expected_m, b.shape[1], kg=over.get("KG", 1)), **over)
             ks[f"gluon_fp32_{vname}"] = ("fp32", lambda c, cfg=cfg: gluon.group_gemm_masked_fp32(
                 a, b, x["fa_mn"], x["fb"], c, out, None, m_cap, config=cfg))
     return ks

@@ -42,6 +42,7 @@ except ImportError as exc:       # pragma: no cover - depends on the installed T
 BLOCK_K = 128                    # one promotion per 128 K (the scale granularity)
 WG_ROWS = 64                     # rows of one warpgroup's wgmma tile (m64nNk32)
 SMEM_BYTES = 220 * 1024          # H100/H200: 227 KB of shared memory per CTA, some kept for barriers
+SMEM_LIMIT = 226 * 1024          # the most this kernel may ask for (barriers take < 1 KB)
 
 
 def unavailable_reason() -> str | None:
@@ -104,13 +105,14 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
                   HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
-        """TMA loads: for each tile and K step, A rows [BM, 128] (NA boxes of 64 rows) and B rows
-        [BN_CTA, 128] (NB boxes of BN rows) into slot it % STAGES once both math warpgroups freed it."""
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr,
+              KG: gl.constexpr):
+        """TMA loads: for each tile and stage of KG 128-wide K steps, A rows [BM, 128] (NA boxes of 64 rows) and
+        B rows [BN_CTA, 128] (NB boxes of BN rows) per step into slot it % STAGES once both math warpgroups freed it."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         n_tiles = gl.cdiv(N, NB * BN)
-        k_steps = gl.cdiv(K, BLOCK_K_C)
+        k_stages = gl.cdiv(K, BLOCK_K_C * KG)
         total = _total_tiles(counts_ptr, E, n_tiles, BM)
         e = 0
         base = 0
@@ -123,16 +125,18 @@ if _IMPORT_ERROR is None:
             mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
             row0 = e * M + mt * BM
             col0 = e * N + nt * (NB * BN)
-            for kb in range(k_steps):
+            for kb in range(k_stages):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), NA * a_desc.block_type.nbytes + NB * b_desc.block_type.nbytes)
-                for i in gl.static_range(NA):
-                    tma.async_copy_global_to_shared(a_desc, [row0 + i * WG_ROWS_C, kb * BLOCK_K_C], ready.index(s),
-                                                    a_bufs.index(s * NA + i))
-                for j in gl.static_range(NB):
-                    tma.async_copy_global_to_shared(b_desc, [col0 + j * BN, kb * BLOCK_K_C], ready.index(s),
-                                                    b_bufs.index(s * NB + j))
+                mbarrier.expect(ready.index(s), KG * (NA * a_desc.block_type.nbytes + NB * b_desc.block_type.nbytes))
+                for g in gl.static_range(KG):
+                    k0 = (kb * KG + g) * BLOCK_K_C
+                    for i in gl.static_range(NA):
+                        tma.async_copy_global_to_shared(a_desc, [row0 + i * WG_ROWS_C, k0], ready.index(s),
+                                                        a_bufs.index((s * KG + g) * NA + i))
+                    for j in gl.static_range(NB):
+                        tma.async_copy_global_to_shared(b_desc, [col0 + j * BN, k0], ready.index(s),
+                                                        b_bufs.index((s * KG + g) * NB + j))
                 it += 1
 
     @gluon.jit
@@ -201,7 +205,8 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
               BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr,
+              KG: gl.constexpr):
         """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16.
 
         Per K step: wait for the slot, wgmma (4 x m64nBNk32) into a fresh accumulator, wait for it, release
@@ -247,19 +252,22 @@ if _IMPORT_ERROR is None:
             sa0, sb0 = _load_scales(sa_p, sb_p, sa_step, sb_step, 0, like, DIAG)
             sa1, sb1 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(1, last), like, DIAG)
             final = zero
-            for kb in range(k_steps):
-                sa2, sb2 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(kb + 2, last), like, DIAG)
+            for kb in range(gl.cdiv(k_steps, KG)):
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-                acc = warpgroup_mma(a_bufs.index(s * NA + A_SUB), b_bufs.index(s * NB + B_SUB).permute((1, 0)), zero,
-                                    use_acc=False, is_async=True)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-                mbarrier.arrive(empty.index(s), count=1)
-                final = final + acc * gl.expand_dims(_step_scale(sa0, sb0, UE8M0), 1)
-                sa0 = sa1
-                sb0 = sb1
-                sa1 = sa2
-                sb1 = sb2
+                for g in gl.static_range(KG):
+                    sa2, sb2 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(kb * KG + g + 2, last), like, DIAG)
+                    acc = warpgroup_mma(a_bufs.index((s * KG + g) * NA + A_SUB),
+                                        b_bufs.index((s * KG + g) * NB + B_SUB).permute((1, 0)), zero,
+                                        use_acc=False, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    if g == KG - 1:
+                        mbarrier.arrive(empty.index(s), count=1)
+                    final = final + acc * gl.expand_dims(_step_scale(sa0, sb0, UE8M0), 1)
+                    sa0 = sa1
+                    sb0 = sb1
+                    sa1 = sa2
+                    sb1 = sb2
                 it += 1
             if DIAG != 2:
                 _store_tile(final, c_desc, c_bufs.index(WG), out_ptr, bias_ptr, e, row0, rows, col0, cnt, M, N, BN, mma,
@@ -269,25 +277,27 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
                   HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
-        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST)
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr,
+              KG: gl.constexpr):
+        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)
 
     @gluon.jit
     def _math_wg1(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
                   HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
-        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST)
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr,
+              KG: gl.constexpr):
+        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)
 
     @gluon.jit
     def masked_gemm_ws_kernel(a_desc, b_desc, c_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, E, M, N, K,
                               sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
                               STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                              HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, MATH_REGS: gl.constexpr,
+                              HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr, MATH_REGS: gl.constexpr,
                               PRODUCER_REGS: gl.constexpr):
         """a_desc: a [E·M, K] fp8, box [64, 128]; b_desc: b viewed [E·N, K] fp8, box [BN, 128]; c_desc: out [E·M, N]
         bf16, box [64, BN] (with TMA_STORE; else any descriptor, unused)."""
-        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * NA] + a_desc.block_type.shape, a_desc.layout)
-        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * NB] + b_desc.block_type.shape, b_desc.layout)
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * KG * NA] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * KG * NB] + b_desc.block_type.shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
@@ -297,9 +307,9 @@ if _IMPORT_ERROR is None:
         c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs)
-        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST)),
-                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST)),
-                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST))],
+        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)),
+                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)),
+                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG))],
                            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
@@ -310,15 +320,17 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def pick_config(expected_m: int, n: int) -> dict:
+def pick_config(expected_m: int, n: int, kg: int = 1) -> dict:
     """Tile config for about expected_m valid rows per expert: 64 x 2BN CTA tiles (SPLIT_N) up to 64 rows,
-    else 128 x BN. BN = 128 (one weight-scale block per sub-tile, one wgmma of N=128)."""
+    else 128 x BN. BN = 128 (one weight-scale block per sub-tile, one wgmma of N=128). KG 128-wide K steps
+    per pipeline stage (one ready/empty handshake per KG steps). As many stages as shared memory holds."""
     split_n = expected_m <= WG_ROWS
     bn = 128 if n % 128 == 0 or n > 64 else 64
     na, nb = (1, 2) if split_n else (2, 1)
-    stage_bytes = (na * WG_ROWS + nb * bn) * BLOCK_K
+    stage_bytes = (na * WG_ROWS + nb * bn) * BLOCK_K * kg
     out_bytes = 2 * WG_ROWS * bn * 2                      # one bf16 [64, BN] store buffer per math warpgroup
-    return dict(BN=bn, SPLIT_N=split_n, STAGES=max(2, min(8, (SMEM_BYTES - out_bytes) // stage_bytes)))
+    budget = SMEM_BYTES if kg == 1 else SMEM_LIMIT       # kg = 1: the measured default (5 stages at 128 x 128)
+    return dict(BN=bn, SPLIT_N=split_n, KG=kg, STAGES=max(2, min(8, (budget - out_bytes) // stage_bytes)))
 
 
 def _descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: dict):
@@ -341,6 +353,7 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     counts = counts.reshape(-1)
     counts = counts if counts.dtype == torch.int32 and counts.is_contiguous() else counts.to(torch.int32).contiguous()
     cfg = config or pick_config(int(expected_m if expected_m is not None else m), n)
+    kg = cfg.get("KG", 1) if -(-k // BLOCK_K) % cfg.get("KG", 1) == 0 else 1      # K steps per stage
     a, b = a.contiguous(), b.contiguous()
     tma_store = out.is_contiguous() and (out.shape[-1] * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
     a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
@@ -349,7 +362,7 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     masked_gemm_ws_kernel[grid](
         a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
-        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0), TMA_STORE=tma_store, M_FAST=cfg.get("M_FAST", True),
+        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0), TMA_STORE=tma_store, M_FAST=cfg.get("M_FAST", True), KG=kg,
         MATH_REGS=cfg.get("MATH_REGS", 232), PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40),
         num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
     return out
