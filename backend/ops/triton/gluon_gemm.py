@@ -27,8 +27,6 @@ import functools
 
 import torch
 
-from backend.ops import cutlass_sf
-
 try:        # Gluon ships with Triton >= 3.5; the module imports without it (CI), available() says so
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -64,10 +62,7 @@ def available() -> bool:
 if _IMPORT_ERROR is None:
     WG_ROWS_C = gl.constexpr(WG_ROWS)
     BLOCK_K_C = gl.constexpr(BLOCK_K)
-    SF_TILE_ROWS = gl.constexpr(cutlass_sf.SF_TILE_ROWS)
-    SF_TILE_COLS = gl.constexpr(cutlass_sf.SF_TILE_COLS)
-    SF_ROW_GROUP = gl.constexpr(cutlass_sf.SF_ROW_GROUP)
-    SF_TILE_BYTES = gl.constexpr(cutlass_sf.SF_TILE_BYTES)
+    from .kernels import SF_ROW_GROUP, SF_TILE_BYTES, SF_TILE_COLS, SF_TILE_ROWS   # the tl kernels' constexprs
 
     @gluon.jit
     def _sf_word_offset(r, g, num_groups):
