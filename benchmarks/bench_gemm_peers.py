@@ -131,7 +131,8 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
             outs["ours"].fill_(float("nan"))
             fn(counts)
             got = valid_rows(outs["ours"], counts, e_num, m_cap).float()
-            r = dict(tail_untouched=untouched_tail(outs["ours"], counts, e_num, m_cap), nan=bool(torch.isnan(got).any()))
+            r = dict(tail_untouched=untouched_tail(outs["ours"], counts, e_num, m_cap),
+                     nan=bool(torch.isnan(got).any()))
             if recipe in ref:
                 r["calc_diff_vs_deepgemm"] = BG.calc_diff(got, ref[recipe])
             r["ms"] = BG.bench_ms(lambda: fn(counts))

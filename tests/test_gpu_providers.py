@@ -56,7 +56,8 @@ def case(request, peers):
 
 
 def _reference(x, counts, n, k, recipe):
-    """SPEC §6 in float32: out[e, r] = Σ_kb (sa[e, r, kb] · sb[e, n // 128, kb]) · a[e, r, kb-block] · b[e, n, kb-block]ᵀ."""
+    """SPEC §6 in float32: out[e, r, n] = Σ_kb sa[e, r, kb] · sb[e, n // 128, kb] · (a[e, r, kb-block] ·
+    b[e, n, kb-block])."""
     sa, sb = (x["fa_mn"], x["fb"]) if recipe == "fp32" else (x["pa_mn"], x["pb"])
     rows = []
     for e in range(E_NUM):
@@ -94,7 +95,8 @@ def test_gluon_runs_on_hopper():
     """On an SM90 GPU the Gluon kernel must be usable (a failure here is a broken install, never a skip)."""
     from backend.ops.triton import gluon_gemm
     if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip(f"Gluon kernel is SM90-only, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}")
+        cap = "".join(map(str, torch.cuda.get_device_capability()))
+        pytest.skip(f"the Gluon kernel is SM90-only, this GPU is sm_{cap}")
     assert gluon_gemm.unavailable_reason() is None
 
 

@@ -98,10 +98,9 @@ if _IMPORT_ERROR is None:
             return local // n_tiles, local % n_tiles
 
     @gluon.jit
-    def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr,
-              KG: gl.constexpr):
+    def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
+                  UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
+                  M_FAST: gl.constexpr, KG: gl.constexpr):
         """TMA loads: for each tile and stage of KG 128-wide K steps, A rows [BM, 128] (NA boxes of 64 rows) and
         B rows [BN_CTA, 128] (NB boxes of BN rows) per step into slot it % STAGES once both math warpgroups freed it."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
@@ -200,8 +199,7 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
               BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr,
-              KG: gl.constexpr):
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr):
         """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16.
 
         Per K step: wait for the slot, wgmma (4 x m64nBNk32) into a fresh accumulator, wait for it, release
@@ -270,24 +268,23 @@ if _IMPORT_ERROR is None:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr,
-              KG: gl.constexpr):
+    def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
+                  UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
+                  M_FAST: gl.constexpr, KG: gl.constexpr):
         _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)
 
     @gluon.jit
-    def _math_wg1(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                  HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr,
-              KG: gl.constexpr):
+    def _math_wg1(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
+                  UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
+                  M_FAST: gl.constexpr, KG: gl.constexpr):
         _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)
 
     @gluon.jit
     def masked_gemm_ws_kernel(a_desc, b_desc, c_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, E, M, N, K,
                               sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
-                              STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                              HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr, MATH_REGS: gl.constexpr,
+                              STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
+                              BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
+                              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr, MATH_REGS: gl.constexpr,
                               PRODUCER_REGS: gl.constexpr):
         """a_desc: a [E·M, K] fp8, box [64, 128]; b_desc: b viewed [E·N, K] fp8, box [BN, 128]; c_desc: out [E·M, N]
         bf16, box [64, BN] (with TMA_STORE; else any descriptor, unused)."""
@@ -357,7 +354,8 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     masked_gemm_ws_kernel[grid](
         a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
-        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0), TMA_STORE=tma_store, M_FAST=cfg.get("M_FAST", True), KG=kg,
+        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0),
+        TMA_STORE=tma_store, M_FAST=cfg.get("M_FAST", True), KG=kg,
         MATH_REGS=cfg.get("MATH_REGS", 232), PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40),
         num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
     return out
