@@ -176,8 +176,8 @@ if _IMPORT_ERROR is None:
 
         A sub-tile whose 64 rows are all valid goes through shared memory and one TMA store, which runs on
         while the warpgroup goes on to its next tile (only the next epilogue waits for it; the TMA clips
-        columns >= N). Stores straight from the wgmma register layout (4 bytes per thread and row) took
-        40 % of the kernel's time (benchmarks/NOTES_gpu.md). The one partial sub-tile per expert and n-tile
+        columns >= N). Stores straight from the wgmma register layout (4 bytes per thread and row, both
+        warpgroups stalled at once) made the kernel 15-35 % slower (benchmarks/NOTES_gpu.md, issue 11 run 4). The one partial sub-tile per expert and n-tile
         (rows past the count must not be written) uses masked stores."""
         cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
         if HAS_BIAS:
