@@ -169,16 +169,16 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _store_tile(final, c_desc, c_buf, out_ptr, bias_ptr, e, row0, rows, col0, cnt, M, N, BN: gl.constexpr,
-                    mma: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr):
+                    mma: gl.constexpr, HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr):
         """final [64, BN] fp32 (+ bias) -> bf16 out[e·M + rows, col0:col0+BN] (rows = row0 + 0..63), rows < cnt and
         columns < N only.
 
         A sub-tile whose 64 rows are all valid goes through shared memory and one TMA store, which runs on
         while the warpgroup goes on to its next tile (only the next epilogue waits for it; the TMA clips
         columns >= N). Stores straight from the wgmma register layout (4 bytes per thread and row, both
-        warpgroups stalled at once) made the kernel 15-35 % slower (benchmarks/NOTES_gpu.md, issue 11 run 4). The one partial sub-tile per expert and n-tile
-        (rows past the count must not be written) uses masked stores."""
+        warpgroups stalled at once) made the kernel 15-35 % slower (benchmarks/NOTES_gpu.md, issue 11 run 4).
+        The one partial sub-tile per expert and n-tile (rows past the count must not be written) uses masked
+        stores."""
         cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
         if HAS_BIAS:
             bias = gl.load(bias_ptr + e * N + gl.minimum(cols, N - 1)).to(gl.float32)
