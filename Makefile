@@ -11,7 +11,7 @@ export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 export FLAGS_use_system_allocator := 0
 
-.PHONY: setup notebooks test bench bench-cpu ep-demo clean
+.PHONY: setup notebooks test test-gpu bench bench-cpu ep-demo clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,14 @@ test: setup
 	@# upstream shipped this backend with 1.7 % patch coverage: ours must stay above 90 %
 	@$(PY) -m coverage combine --append >/dev/null 2>&1 || true
 	@printf 'coverage of backend/: '; $(PY) -m coverage report --include='backend/*' --fail-under=90 --format=total
+
+# The `gpu` tests, on a GPU machine with its own python3 (torch + triton; no Paddle, no venv): every masked
+# grouped GEMM that machine runs (tl, Gluon on SM90, DeepGEMM when DEEPGEMM=<source dir> is given, built by
+# benchmarks/build_deepgemm.sh) at DeepSeek-V3 shapes. TRITON_INTERPRET=0 keeps tests/conftest.py's hook out.
+test-gpu:
+	@set -o pipefail; DG=$$( [ -n "$(DEEPGEMM)" ] && bash benchmarks/build_deepgemm.sh build "$(DEEPGEMM)" ); \
+	TRITON_INTERPRET=0 PYTHONPATH="$(CURDIR)$${DG:+:$$DG}" $(PYTHON) -m pytest -p no:cacheprovider -q \
+	  tests/test_gpu_providers.py $(PYTEST_ARGS) 2>&1 | tee build-test-gpu.log
 
 # CPU benchmarks (the GPU ones run on a GPU machine: see benchmarks/).
 bench: bench-cpu

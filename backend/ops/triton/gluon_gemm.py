@@ -1,0 +1,399 @@
+"""Warp-specialized masked grouped FP8 GEMM for Hopper (SM90), written in Gluon (issue 11).
+
+The same contract and numerics as launch.group_gemm_masked / group_gemm_masked_fp32 (SPEC §6): torch
+tensors in, `out` written for rows < masked_m[e] only, fp32 accumulation promoted every 128 K
+(`acc += (a_kb · b_kbᵀ) · sa ⊗ sb`, DeepGEMM's recipe), CUTLASS UE8M0 bytes decoded in the kernel or
+FP32 1x128 / 128x128 scales. The `tl` kernel (kernels.group_gemm_masked_kernel) stays its CPU-testable
+twin: Gluon has no interpreter, so this module runs on an SM90 GPU only.
+
+Why Gluon: the tl kernel promotes in the warpgroup that issues the wgmma, so the tensor core idles
+during every promotion (benchmarks/NOTES_gpu.md). Here one CTA per SM runs three partitions:
+
+    producer (1 warp)       TMA loads of the A and B tiles of each 128-wide K step into a ring of
+                            STAGES shared-memory slots (mbarriers `ready` / `empty`)
+    math warpgroup 0, 1     each: wgmma of its 64 x BN sub-tile for one K step, wait, release the slot,
+                            promote into its fp32 accumulator while the other warpgroup's wgmma runs
+
+The CTA tile is 128 x BN (SPLIT_N=False: the warpgroups take rows 0-63 and 64-127, sharing B) or
+64 x 2BN (SPLIT_N=True, for few rows per expert: they take column halves, sharing A). The grid is
+persistent (one CTA per SM); every partition walks the same tiles pid, pid + grid, ... of a tile
+list built on the device from masked_m (expert, n-tile, m-tile fastest, as the tl kernel), so there
+is no host synchronization and the call is CUDA-graph safe. Rows past masked_m get no tile beyond
+the last partial one and are never stored.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:        # Gluon ships with Triton >= 3.5; the module imports without it (CI), available() says so
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma,
+                                                                  warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    _IMPORT_ERROR = None
+except ImportError as exc:       # pragma: no cover - depends on the installed Triton
+    _IMPORT_ERROR = exc
+
+BLOCK_K = 128                    # one promotion per 128 K (the scale granularity)
+WG_ROWS = 64                     # rows of one warpgroup's wgmma tile (m64nNk32)
+SMEM_BYTES = 220 * 1024          # H100/H200: 227 KB of shared memory per CTA, some kept for barriers
+SMEM_LIMIT = 226 * 1024          # the most this kernel may ask for (barriers take < 1 KB)
+
+
+def unavailable_reason() -> str | None:
+    """None when this process can run the kernel (Gluon importable, a CUDA device of compute capability 9.x)."""
+    if _IMPORT_ERROR is not None:
+        return f"triton.experimental.gluon not importable: {_IMPORT_ERROR!r}"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    cap = torch.cuda.get_device_capability()
+    if cap[0] != 9:
+        return f"needs an SM90 (Hopper) GPU, this one is sm_{cap[0]}{cap[1]}"
+    return None
+
+
+def available() -> bool:
+    return unavailable_reason() is None
+
+
+if _IMPORT_ERROR is None:
+    WG_ROWS_C = gl.constexpr(WG_ROWS)
+    BLOCK_K_C = gl.constexpr(BLOCK_K)
+    from .kernels import SF_ROW_GROUP, SF_TILE_BYTES, SF_TILE_COLS, SF_TILE_ROWS   # the tl kernels' constexprs
+
+    @gluon.jit
+    def _sf_word_offset(r, g, num_groups):
+        """Word offset of the 4 CUTLASS SF bytes of row r, 128-wide K group g (cutlass_sf.sf_byte_offset of
+        (r, 4g) / 4: the group's 4 bytes are one int32 word); num_groups = KB // 4."""
+        tile = (r // SF_TILE_ROWS) * num_groups + g
+        return (tile * SF_TILE_BYTES + (r % SF_ROW_GROUP) * (SF_TILE_COLS * (SF_TILE_ROWS // SF_ROW_GROUP))
+                + ((r % SF_TILE_ROWS) // SF_ROW_GROUP) * SF_TILE_COLS) // SF_TILE_COLS
+
+    @gluon.jit
+    def _total_tiles(counts_ptr, E, N_TILES, BM: gl.constexpr):
+        total = 0
+        for e in range(E):
+            total += gl.cdiv(gl.load(counts_ptr + e), BM) * N_TILES
+        return total
+
+    @gluon.jit
+    def _advance(t, e, base, tiles_e, counts_ptr, N_TILES, BM: gl.constexpr):
+        """Move (expert e, its first tile id base, its tile count) forward until tile t lies in expert e."""
+        while t >= base + tiles_e:
+            base += tiles_e
+            e += 1
+            tiles_e = gl.cdiv(gl.load(counts_ptr + e), BM) * N_TILES
+        return e, base, tiles_e
+
+    @gluon.jit
+    def _tile_mn(local, m_tiles, n_tiles, M_FAST: gl.constexpr):
+        """An expert's tile number -> (m-tile, n-tile); M_FAST: m-tiles of one n-tile are consecutive (the CTAs
+        working at once share B tiles, as the tl kernel orders them), else n-tiles of one m-tile (share A)."""
+        if M_FAST:
+            return local % m_tiles, local // m_tiles
+        else:
+            return local // n_tiles, local % n_tiles
+
+    @gluon.jit
+    def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
+                  UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
+                  M_FAST: gl.constexpr, KG: gl.constexpr):
+        """TMA loads: for each tile and stage of KG 128-wide K steps, A rows [BM, 128] (NA boxes of 64 rows) and
+        B rows [BN_CTA, 128] (NB boxes of BN rows) per step into slot it % STAGES once both math warpgroups freed it."""
+        a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
+        counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
+        n_tiles = gl.cdiv(N, NB * BN)
+        k_stages = gl.cdiv(K, BLOCK_K_C * KG)
+        total = _total_tiles(counts_ptr, E, n_tiles, BM)
+        e = 0
+        base = 0
+        tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
+            m_tiles = tiles_e // n_tiles
+            local = t - base
+            mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
+            row0 = e * M + mt * BM
+            col0 = e * N + nt * (NB * BN)
+            for kb in range(k_stages):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), KG * (NA * a_desc.block_type.nbytes + NB * b_desc.block_type.nbytes))
+                for g in gl.static_range(KG):
+                    k0 = (kb * KG + g) * BLOCK_K_C
+                    for i in gl.static_range(NA):
+                        tma.async_copy_global_to_shared(a_desc, [row0 + i * WG_ROWS_C, k0], ready.index(s),
+                                                        a_bufs.index((s * KG + g) * NA + i))
+                    for j in gl.static_range(NB):
+                        tma.async_copy_global_to_shared(b_desc, [col0 + j * BN, k0], ready.index(s),
+                                                        b_bufs.index((s * KG + g) * NB + j))
+                it += 1
+
+    @gluon.jit
+    def _scale_pointers(sa_ptr, sb_ptr, e, rows_c, col_c, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                        UE8M0: gl.constexpr):
+        """Where the K step 0 scales of a sub-tile are, and how far one K step moves them: (sa pointers [64],
+        sb pointer, sa step, sb step). FP32: sa logical [E, M, S] (any strides), sb [E, ceil(N/128), S].
+        UE8M0: CUTLASS SF bytes read as int32 words (expert strides sa_se / sb_se words, sa_sk / sb_sk = KB // 4
+        groups): group g of row r is word _sf_word_offset(r, g), i.e. a row part plus g · 128 words."""
+        e64 = e.to(gl.int64)
+        if UE8M0:
+            sa_p = sa_ptr + e64 * sa_se + _sf_word_offset(rows_c, 0, sa_sk)
+            sb_p = sb_ptr + e64 * sb_se + _sf_word_offset(col_c, 0, sb_sk)
+            return sa_p, sb_p, SF_TILE_BYTES // SF_TILE_COLS, SF_TILE_BYTES // SF_TILE_COLS
+        else:
+            return sa_ptr + e64 * sa_se + rows_c * sa_sm, sb_ptr + e64 * sb_se + (col_c // 128) * sb_sn, sa_sk, sb_sk
+
+    @gluon.jit
+    def _load_scales(sa_p, sb_p, sa_step, sb_step, kb, like, DIAG: gl.constexpr):
+        """The raw scales of K step kb: (sa [64], sb) as loaded (fp32 values or int32 SF words). Nothing is computed
+        on them here: an instruction that used them at once would stall on the load (the SASS showed the FMUL
+        sa·sb right after the loads), so _step_scale combines them where they are used, two steps later."""
+        if DIAG == 1:
+            return like, gl.load(sb_p)
+        else:
+            return gl.load(sa_p + kb * sa_step), gl.load(sb_p + kb * sb_step)
+
+    @gluon.jit
+    def _step_scale(sa, sb, UE8M0: gl.constexpr):
+        """sa [64] · sb of one K step as one float32 vector (a 64 x BN sub-tile lies in one 128x128 weight block).
+        UE8M0: the first byte of each 128-group's 4 (the tl kernel's rule; unpack_and_convert_scale writes 4 equal)."""
+        if UE8M0:
+            sa = ((sa & 0xFF) << 23).to(gl.float32, bitcast=True)
+            sb = ((sb & 0xFF) << 23).to(gl.float32, bitcast=True)
+        return sa * sb
+
+    @gluon.jit
+    def _store_tile(final, c_desc, c_buf, out_ptr, bias_ptr, e, row0, rows, col0, cnt, M, N, BN: gl.constexpr,
+                    mma: gl.constexpr, HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr):
+        """final [64, BN] fp32 (+ bias) -> bf16 out[e·M + rows, col0:col0+BN] (rows = row0 + 0..63), rows < cnt and
+        columns < N only.
+
+        A sub-tile whose 64 rows are all valid goes through shared memory and one TMA store, which runs on
+        while the warpgroup goes on to its next tile (only the next epilogue waits for it; the TMA clips
+        columns >= N). Stores straight from the wgmma register layout (4 bytes per thread and row, both
+        warpgroups stalled at once) made the kernel 15-35 % slower (benchmarks/NOTES_gpu.md, issue 11 run 4).
+        The one partial sub-tile per expert and n-tile (rows past the count must not be written) uses masked
+        stores."""
+        cols = col0 + gl.arange(0, BN, layout=gl.SliceLayout(0, mma))
+        if HAS_BIAS:
+            bias = gl.load(bias_ptr + e * N + gl.minimum(cols, N - 1)).to(gl.float32)
+            final = final + gl.expand_dims(bias, 0)
+        val = final.to(gl.bfloat16)
+        if TMA_STORE and row0 + WG_ROWS_C <= cnt:
+            tma.store_wait(pendings=0)              # the previous tile's store has read c_buf
+            gl.thread_barrier()
+            c_buf.store(val)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(c_desc, [e * M + row0, col0], c_buf)
+        else:
+            offs = (e.to(gl.int64) * M + gl.expand_dims(rows, 1)) * N + gl.expand_dims(cols, 0)
+            mask = gl.expand_dims(rows < cnt, 1) & gl.expand_dims(cols < N, 0)
+            gl.store(out_ptr + offs, val, mask=mask)
+
+    @gluon.jit
+    def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
+              BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr):
+        """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16.
+
+        Per K step: wait for the slot, wgmma (4 x m64nBNk32) into a fresh accumulator, wait for it, release
+        the slot, promote `final += acc · (sa ⊗ sb)` on the CUDA cores; the other math warpgroup's wgmma
+        runs meanwhile (DeepGEMM's scheme). One accumulator only: a second one in flight while this one is
+        promoted needs 3 x 64 fp32 registers per thread, over the 168 that ptxas allows every partition
+        of a 384-thread kernel (it spilled, with or without .maxnreg), and ptxas serializes every wgmma when
+        an accumulator's registers are written while another wgmma runs (C7515; benchmarks/NOTES_gpu.md).
+        A step's scales are loaded two steps ahead (global loads: L2 latency). DIAG (measurement only,
+        wrong results): 1 = no per-step scale loads, 2 = no output store."""
+        a_bufs, b_bufs, ready, empty = p[2], p[3], p[4], p[5]
+        counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
+        sa_ptr, sb_ptr, out_ptr, bias_ptr = p[11], p[12], p[13], p[14]
+        sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk = p[15], p[16], p[17], p[18], p[19], p[20]
+        c_desc, c_bufs = p[21], p[22]
+        A_SUB: gl.constexpr = WG * (NA - 1)          # M split (NA = 2): warpgroup WG takes A box WG
+        B_SUB: gl.constexpr = WG * (NB - 1)          # N split (NB = 2): warpgroup WG takes B box WG
+        mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+        row_l: gl.constexpr = gl.SliceLayout(1, mma)
+        zero = gl.zeros([WG_ROWS_C, BN], gl.float32, mma)
+        n_tiles = gl.cdiv(N, NB * BN)
+        k_steps = gl.cdiv(K, BLOCK_K_C)
+        total = _total_tiles(counts_ptr, E, n_tiles, BM)
+        e = 0
+        base = 0
+        tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
+            cnt = gl.load(counts_ptr + e)
+            m_tiles = tiles_e // n_tiles
+            local = t - base
+            mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
+            row0 = mt * BM + A_SUB * WG_ROWS_C
+            rows = row0 + gl.arange(0, WG_ROWS_C, layout=row_l)
+            col0 = nt * (NB * BN) + B_SUB * BN
+            # rows past the count, and a sub-tile past N (both masked at the store), read valid scales
+            sa_p, sb_p, sa_step, sb_step = _scale_pointers(sa_ptr, sb_ptr, e, gl.minimum(rows, cnt - 1),
+                                                           gl.minimum(col0, N - 1), sa_se, sa_sm, sa_sk,
+                                                           sb_se, sb_sn, sb_sk, UE8M0)
+            like = gl.full([WG_ROWS_C], 1, sa_ptr.dtype.element_ty, row_l)
+            last = k_steps - 1
+            sa0, sb0 = _load_scales(sa_p, sb_p, sa_step, sb_step, 0, like, DIAG)
+            sa1, sb1 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(1, last), like, DIAG)
+            final = zero
+            for kb in range(gl.cdiv(k_steps, KG)):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                for g in gl.static_range(KG):
+                    sa2, sb2 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(kb * KG + g + 2, last), like, DIAG)
+                    acc = warpgroup_mma(a_bufs.index((s * KG + g) * NA + A_SUB),
+                                        b_bufs.index((s * KG + g) * NB + B_SUB).permute((1, 0)), zero,
+                                        use_acc=False, is_async=True)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    if g == KG - 1:
+                        mbarrier.arrive(empty.index(s), count=1)
+                    final = final + acc * gl.expand_dims(_step_scale(sa0, sb0, UE8M0), 1)
+                    sa0 = sa1
+                    sb0 = sb1
+                    sa1 = sa2
+                    sb1 = sb2
+                it += 1
+            if DIAG != 2:
+                _store_tile(final, c_desc, c_bufs.index(WG), out_ptr, bias_ptr, e, row0, rows, col0, cnt, M, N, BN, mma,
+                            HAS_BIAS, TMA_STORE)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
+                  UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
+                  M_FAST: gl.constexpr, KG: gl.constexpr):
+        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)
+
+    @gluon.jit
+    def _math_wg1(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
+                  UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
+                  M_FAST: gl.constexpr, KG: gl.constexpr):
+        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)
+
+    @gluon.jit
+    def masked_gemm_ws_kernel(a_desc, b_desc, c_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, E, M, N, K,
+                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                              STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
+                              BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
+                              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr, MATH_REGS: gl.constexpr,
+                              PRODUCER_REGS: gl.constexpr):
+        """a_desc: a [E·M, K] fp8, box [64, 128]; b_desc: b viewed [E·N, K] fp8, box [BN, 128]; c_desc: out [E·M, N]
+        bf16, box [64, BN] (with TMA_STORE; else any descriptor, unused)."""
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * KG * NA] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * KG * NB] + b_desc.block_type.shape, b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)          # both math warpgroups release a slot
+        fence_async_shared()
+        c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
+        p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
+             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs)
+        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)),
+                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)),
+                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG))],
+                           [4, 1], [MATH_REGS, PRODUCER_REGS])
+
+
+# ----------------------------------------------------------------------------- launchers (torch)
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def pick_config(expected_m: int, n: int, kg: int = 1) -> dict:
+    """Tile config for about expected_m valid rows per expert: 64 x 2BN CTA tiles (SPLIT_N) up to 64 rows,
+    else 128 x BN. BN = 128 (one weight-scale block per sub-tile, one wgmma of N=128). KG 128-wide K steps
+    per pipeline stage (one ready/empty handshake per KG steps). As many stages as shared memory holds."""
+    split_n = expected_m <= WG_ROWS
+    bn = 128 if n % 128 == 0 or n > 64 else 64
+    na, nb = (1, 2) if split_n else (2, 1)
+    stage_bytes = (na * WG_ROWS + nb * bn) * BLOCK_K * kg
+    out_bytes = 2 * WG_ROWS * bn * 2                      # one bf16 [64, BN] store buffer per math warpgroup
+    budget = SMEM_BYTES if kg == 1 else SMEM_LIMIT       # kg = 1: the measured default (5 stages at 128 x 128)
+    return dict(BN=bn, SPLIT_N=split_n, KG=kg, STAGES=max(2, min(8, (budget - out_bytes) // stage_bytes)))
+
+
+def _descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: dict):
+    a_layout = gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_K], gl.float8e4nv)
+    b_layout = gl.NVMMASharedLayout.get_default_for([cfg["BN"], BLOCK_K], gl.float8e4nv)
+    c_layout = gl.NVMMASharedLayout.get_default_for([WG_ROWS, cfg["BN"]], gl.bfloat16)
+    b2 = b.view(-1, b.shape[-1])
+    return (TensorDescriptor.from_tensor(a, [WG_ROWS, BLOCK_K], a_layout),
+            TensorDescriptor.from_tensor(b2, [cfg["BN"], BLOCK_K], b_layout),
+            TensorDescriptor.from_tensor(out, [WG_ROWS, cfg["BN"]], c_layout))
+
+
+def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m, config):
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"gluon_gemm: {reason}")
+    e_num, n, k = b.shape
+    if k % 16:
+        raise ValueError(f"K: the TMA row stride must be 16-byte aligned, expected a multiple of 16, got {k}")
+    counts = counts.reshape(-1)
+    counts = counts if counts.dtype == torch.int32 and counts.is_contiguous() else counts.to(torch.int32).contiguous()
+    cfg = config or pick_config(int(expected_m if expected_m is not None else m), n)
+    kg = cfg.get("KG", 1) if -(-k // BLOCK_K) % cfg.get("KG", 1) == 0 else 1      # K steps per stage
+    a, b = a.contiguous(), b.contiguous()
+    tma_store = out.is_contiguous() and (out.shape[-1] * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+    a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
+    has_bias = bias is not None
+    grid = (_sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device()),)
+    masked_gemm_ws_kernel[grid](
+        a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
+        STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
+        BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0),
+        TMA_STORE=tma_store, M_FAST=cfg.get("M_FAST", True), KG=kg,
+        MATH_REGS=cfg.get("MATH_REGS", 232), PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40),
+        num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
+    return out
+
+
+def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                           masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
+                           max_m_per_expert: int | None = None, expected_m: int | None = None,
+                           config: dict | None = None) -> torch.Tensor:
+    """Masked grouped FP8 GEMM, FP32 scales (Hopper recipe), as launch.group_gemm_masked_fp32. Writes `out`.
+
+    a [E·M, K] fp8 with a_scale fp32 logical [E, M, ceil(K/128)] (any strides; MN-major is what
+    prefill_permute_to_masked_gemm returns); b [E, N, K] fp8 with b_scale fp32 [E, ceil(N/128), ceil(K/128)];
+    masked_m [E] int32; out [E·M, N] bf16, rows < masked_m[e] only; bias [E, N] | None.
+    expected_m: valid rows per expert to tune the tile for (default M); config: a pick_config() dict.
+    """
+    e_num = b.shape[0]
+    m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
+    a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
+    strides = tuple(a_scale.stride()) + tuple(b_scale.stride())
+    return _launch(a, b, a_scale, b_scale, strides, masked_m, out, bias, m, False, expected_m, config)
+
+
+def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
+                      masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
+                      max_m_per_expert: int | None = None, expected_m: int | None = None,
+                      config: dict | None = None) -> torch.Tensor:
+    """Masked grouped FP8 GEMM, CUTLASS UE8M0 scale bytes decoded in the kernel (SPEC §6). Writes `out`.
+
+    As launch.group_gemm_masked(impl="explicit", sfb_per_block=True): sfa [E, align(M,128), KB] and
+    sfb [E, align(N,128), KB'] uint8 (KB multiple of 4, one byte per 32 K, the first of each 4 used), and
+    sfb must hold one byte per 128 rows x 128 K (weights quantized 128x128, as this method's; check with
+    launch.sf_block_uniform): each 64 x 128 sub-tile reads one weight byte per K step.
+    """
+    e_num = b.shape[0]
+    m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
+    sfa, sfb = sfa.contiguous(), sfb.contiguous()
+    strides = (sfa.shape[1] * sfa.shape[2] // 4, 0, sfa.shape[2] // 4, sfb.shape[1] * sfb.shape[2] // 4, 0,
+               sfb.shape[2] // 4)
+    return _launch(a, b, sfa.view(torch.int32), sfb.view(torch.int32), strides, masked_m, out, bias, m, True,
+                   expected_m, config)
