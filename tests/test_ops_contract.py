@@ -518,7 +518,49 @@ BAD_CALLS = {
         TypeError, r"^num_worst_tokens: expected an int, got 2.0"),
     "deperm idx": (lambda: ops.depermute_prefill_combine(FFN, paddle.to_tensor([[0, 8], [-1, -1]], dtype=paddle.int32), TW, 2),
                    ValueError, r"^indice_map: expected values in \[-1, 8\) \(E·M\), got 8 at index \(0, 1\)"),
+    # prefill_permute_to_blackwell_masked_gemm
+    "bw perm x dtype": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q.astype("bfloat16"), W32, IDS, 2, 4),
+                        TypeError, r"^x: expected dtype in \(float8_e4m3fn\)"),
+    "bw perm scale fp32": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, S32, IDS, 2, 4),
+                           TypeError, r"^scale: expected dtype in \(int32, uint8\), got float32"),
+    "bw perm words": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, paddle.ones([3, 2], dtype="int32"), IDS, 2, 4),
+                      ValueError, r"^scale: expected shape\[1\] == ceil\(S/4\) \(packed UE8M0 scales, 1x128 groups\) = 1"),
+    "bw perm bytes": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, paddle.ones([3, 4], dtype="uint8"), IDS, 2, 4),
+                      ValueError, r"^scale: expected shape\[1\] == ceil\(H/32\) \(UE8M0 bytes, 1x32 groups\) = 8"),
+    "bw perm NaN byte": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(
+        Q, paddle.to_tensor(np.full([3, 8], 255, np.uint8)), IDS, 2, 4), ValueError, r"^scale: byte at index \(0, 0\) is 255"),
+    "bw perm NaN word": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, _words(1, 3, 1, 255)[0], IDS, 2, 4),
+                         ValueError, r"^scale: UE8M0 byte 0 of word \(0, 0\) is 255"),
+    "bw perm overflow": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, W32, IDS, 2, 2), ValueError,
+                         r"^topk_ids: expert 0 receives 3 rows, more than max_token_num = 2"),
+    "bw perm id": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, W32, IDS, 1, 4), ValueError,
+                   r"^topk_ids: expected expert ids in \[-1, 1\)"),
+    # fused_mask_swiglu_fp8_quant_blackwell
+    "bw swiglu 3-D": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP, MM), ValueError, r"^up: expected rank 2"),
+    "bw swiglu fp32": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2.astype("float32"), MM),
+                       TypeError, r"^up: expected dtype in \(bfloat16\)"),
+    "bw swiglu rows": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2[:7], MM), ValueError,
+                       r"^up: expected shape \[E·M, 2I\] with E = 2 .* got \[7, 256\]"),
+    "bw swiglu counts": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, paddle.to_tensor([5, 0], dtype="int32")),
+                         ValueError, r"^token_nums_per_expert: expert 0 has count 5, expected 0 <= count <= M = rows\(up\) / E = 4"),
+    "bw swiglu nan": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2_NAN, MM), ValueError,
+                      r"^up: non-finite value nan at index \(1, 0, 3\)"),
+    "bw swiglu group": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, MM, group_size=64), ValueError,
+                        r"^group_size: expected one of 32, 128, got 64"),
+    "bw swiglu positional group": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, MM, 128), TypeError,
+                                   r"too many positional arguments"),
+    # group_wise_quant
+    "gwq dtype": (lambda: ops.group_wise_quant(paddle.ones([2, 64], dtype="int32")), TypeError, r"^x: expected dtype"),
+    "gwq rank": (lambda: ops.group_wise_quant(paddle.ones([64])), ValueError, r"^x: expected rank 2 or 3"),
+    "gwq flag": (lambda: ops.group_wise_quant(paddle.ones([2, 64]), True), ValueError, r"^flag: expected False"),
+    "gwq swizzle": (lambda: ops.group_wise_quant(paddle.ones([100, 128]), False, True), ValueError,
+                    r"^x: use_swizzle needs N a multiple of 128 .* got shape \[100, 128\]"),
+    "gwq nan": (lambda: ops.group_wise_quant(NAN_X), ValueError, r"^x: non-finite value nan"),
 }
+W32 = paddle.ones([3, 1], dtype=paddle.int32) * 0x7F7F7F7F
+UP2 = paddle.zeros([8, 256], dtype=paddle.bfloat16)
+UP2_NAN = paddle.to_tensor(np.where(np.arange(8 * 256).reshape(8, 256) == 4 * 256 + 3, np.nan, 0).astype(np.float32)
+                           ).astype(paddle.bfloat16)
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
@@ -539,4 +581,8 @@ def test_valid_baseline_calls_pass(monkeypatch):
     ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT.clone(), paddle.zeros([2, 16]), 4)
     ops.fused_mask_swiglu_fp8_quant(UP, MM, 128, False)
     ops.depermute_prefill_combine(FFN, IMAP, TW, 2)
+    ops.prefill_permute_to_blackwell_masked_gemm(Q, W32, IDS, 2, 4)
+    ops.prefill_permute_to_blackwell_masked_gemm(Q, paddle.full([3, 8], 127, dtype=paddle.uint8), IDS, 2, 4)
+    ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, MM, group_size=32)
+    ops.group_wise_quant(paddle.ones([128, 128]), False, True)
     assert ops.last_provider_name() == "paddle"
