@@ -61,7 +61,7 @@ def gemm_fill_inputs(layer, provider, fill: float, rng: np.random.Generator):
     counts = paddle.full([E], valid, dtype=paddle.int32)
     sfa = provider.unpack_and_convert_scale(scale, counts)
     out = paddle.empty([E * m, 2 * I], dtype=paddle.bfloat16)
-    args = (a, layer.up_gate_proj_weight, sfa, layer.up_gate_proj_weight_scale_bw, counts, out, None, m, -1)
+    args = (a, layer.up_gate_proj_weight, sfa, layer.up_gate_proj_weight_scale_inv, counts, out, None, m, -1)
     return args, valid
 
 

@@ -283,17 +283,18 @@ def test_op_sequence_per_path(model, monkeypatch):
             return getattr(real, op)
 
     monkeypatch.setattr(ops, "get_provider", lambda name=None: Spy())
-    experts = ["unpack_and_convert_scale", "group_gemm_masked", "fused_mask_swiglu_fp8_quant",
-               "unpack_and_convert_scale", "group_gemm_masked"]
+    # the portable providers run develop's chain (#7374): the fused Blackwell permute and SwiGLU hand the GEMMs
+    # their CUTLASS bytes; #7053's chain is tested with the strict fakes (tests/test_upstream_method.py)
+    experts = ["group_gemm_masked", "fused_mask_swiglu_fp8_quant_blackwell", "group_gemm_masked"]
+    permute = ["per_token_quant", "prefill_permute_to_blackwell_masked_gemm"]
     x, tw, ti = inputs(t=8, seed=107)
     layer = model.layer("bf16")
     assert log == ["unpack_and_convert_scale"] * 2          # load time: the two weights' CUTLASS bytes
     log.clear()
     layer(x, topk=(tw, ti))
-    assert log == ["per_token_quant", "prefill_permute_to_masked_gemm"] + experts + ["depermute_prefill_combine"]
-    for phase, expected in (("prefill", ["per_token_quant", "prefill_permute_to_masked_gemm"] + experts
-                             + ["depermute_prefill_combine"]),
-                            ("decode", ["per_token_quant"] + experts)):     # ll: the runner quantizes
+    assert log == permute + experts + ["depermute_prefill_combine"]
+    for phase, expected in (("prefill", permute + experts + ["depermute_prefill_combine"]),
+                            ("decode", ["per_token_quant", "unpack_and_convert_scale"] + experts)):  # ll: the runner quantizes
         layer = model.layer("bf16", moe_phase=phase, max_tokens_per_rank=8, num_max_dispatch_tokens_per_rank=8)
         log.clear()
         layer(x, topk=(tw, ti), runner=SingleRankEPRunner(E))
@@ -309,8 +310,8 @@ def test_weight_formats_after_loading(model, ckpt):
     ref_w = model.ref_weights(ckpt)
     for name, w, (n, k) in (("up_gate_proj", ref_w[0], (2 * I, H)), ("down_proj", ref_w[1], (H, I))):
         q_ref, s_ref = quant.per_block_quant(w, use_ue8m0=True)
-        q, s = getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale")
-        packed, bw = getattr(layer, f"{name}_weight_scale_ue8m0"), getattr(layer, f"{name}_weight_scale_bw")
+        q, s = getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_weight_scale_fp32")
+        packed, bw = getattr(layer, f"{name}_weight_scale_ue8m0"), getattr(layer, f"{name}_weight_scale_inv")
         for attr in (q, s, packed, bw):
             assert attr is not None
         assert q.dtype == paddle.float8_e4m3fn and list(q.shape) == [E, n, k]
@@ -331,8 +332,8 @@ def test_fp8_checkpoint_with_power_of_two_scales_keeps_values():
     (qu, su), (qd, sd) = (quant.per_block_quant(t, use_ue8m0=True) for t in (w.w_up, w.w_down))
     layer = FusedMoE(2, 1, 256, 128, BlockWiseFP8Config(is_checkpoint_bf16=False))
     layer.load_weights(qu, qd, su, sd)
-    for q, s, got_q, got_s in ((qu, su, layer.up_gate_proj_weight, layer.up_gate_proj_weight_scale),
-                               (qd, sd, layer.down_proj_weight, layer.down_proj_weight_scale)):
+    for q, s, got_q, got_s in ((qu, su, layer.up_gate_proj_weight, layer.up_gate_proj_weight_scale_fp32),
+                               (qd, sd, layer.down_proj_weight, layer.down_proj_weight_scale_fp32)):
         np.testing.assert_array_equal(quant.dequant_per_block(got_q, got_s).numpy(),
                                       quant.dequant_per_block(q, s).numpy())
 
@@ -350,9 +351,13 @@ def test_weight_processing_errors(model):
         layer.load_weights(paddle.to_tensor(bad).astype(paddle.bfloat16), down)
     layer = FusedMoE(2, 1, 128, 128, BlockWiseFP8Config(is_checkpoint_bf16=True))
     layer.load_weights(up, down)                      # all-zero weights: amax floor, no NaN
-    assert np.isfinite(layer.up_gate_proj_weight_scale.numpy()).all()
-    with pytest.raises(RuntimeError, match="already called"):
-        layer.quant_method.process_weights_after_loading(layer)
+    assert np.isfinite(layer.up_gate_proj_weight_scale_fp32.numpy()).all()
+    # upstream calls the hook once per loaded weight and once more at the end: a call with nothing new to convert
+    # changes nothing (before issue 16 a second call raised "already called")
+    before = {a: getattr(layer, a).view(paddle.uint8).numpy().copy() for a in ("up_gate_proj_weight", "down_proj_weight")}
+    layer.quant_method.process_weights_after_loading(layer)
+    for a, value in before.items():
+        np.testing.assert_array_equal(getattr(layer, a).view(paddle.uint8).numpy(), value)
     fp8 = FusedMoE(2, 1, 128, 128, BlockWiseFP8Config(is_checkpoint_bf16=False))
     scale = paddle.ones([2, 2, 1])
     scale[1, 0, 0] = 0.0
@@ -364,7 +369,7 @@ def test_weight_processing_errors(model):
 # ---------------------------------------------------------------------- failed loads change nothing (issue 15 item 2)
 
 WEIGHT_ATTRS = [f"{w}_weight{suffix}" for w in ("up_gate_proj", "down_proj")
-                for suffix in ("", "_scale", "_scale_ue8m0", "_scale_bw")]
+                for suffix in ("", "_scale_fp32", "_scale_ue8m0", "_scale_inv")]
 
 
 def _small_checkpoints(seed):
@@ -438,7 +443,7 @@ def test_failed_first_load_leaves_the_layer_loadable(ckpt, kind):
         layer.load_weights(*_bad_load(kind, ckpt, good))
     for w in ("up_gate_proj", "down_proj"):
         assert getattr(layer, f"{w}_weight").dtype == (paddle.bfloat16 if ckpt == "bf16" else paddle.float8_e4m3fn)
-        assert not hasattr(layer, f"{w}_weight_scale_bw")
+        assert not hasattr(layer, f"{w}_weight_scale_fp32")        # nothing converted
     x, tw, ti = inputs(t=16, seed=5, h=256, e=4, k=2)
     with pytest.raises(RuntimeError, match="process_weights_after_loading"):
         layer(x, topk=(tw, ti))
@@ -512,13 +517,14 @@ def test_upstream_path_names(model):
     decode = model.layer("bf16", moe_phase="decode", num_max_dispatch_tokens_per_rank=4)
     method = prefill.quant_method
     base = f32(method.apply_tp(prefill, x, (tw, ti)))
-    np.testing.assert_array_equal(f32(method.apply_ep_prefill(prefill, x, (tw, ti), SingleRankEPRunner(E))), base)
+    np.testing.assert_array_equal(f32(method.apply_ep_prefill(prefill, x, (tw, ti), runner=SingleRankEPRunner(E))),
+                                  base)
     np.testing.assert_array_equal(
-        f32(decode.quant_method.apply_ep_decode(decode, x, (tw, ti), SingleRankEPRunner(E))), base)
+        f32(decode.quant_method.apply_ep_decode(decode, x, (tw, ti), runner=SingleRankEPRunner(E))), base)
     with pytest.raises(ValueError, match="apply_ep_prefill needs 'prefill'"):
-        method.apply_ep_prefill(decode, x, (tw, ti), SingleRankEPRunner(E))
+        method.apply_ep_prefill(decode, x, (tw, ti), runner=SingleRankEPRunner(E))
     with pytest.raises(ValueError, match="apply_ep_decode needs 'decode'"):
-        method.apply_ep_decode(prefill, x, (tw, ti), SingleRankEPRunner(E))
+        method.apply_ep_decode(prefill, x, (tw, ti), runner=SingleRankEPRunner(E))
 
 
 def test_forward_buffer_bytes_of_the_layer():

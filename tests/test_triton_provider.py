@@ -446,7 +446,7 @@ def test_layer_states_block_weight_bytes_and_triton_uses_them(monkeypatch, gemm_
         layer = FusedMoE(e, k_top, h, i, BlockWiseFP8Config(is_checkpoint_bf16=True))
         layer.load_weights(w.w_up, w.w_down)
         assert layer.weight_scale_bw_per_block is True
-        for sf, n, k in ((layer.up_gate_proj_weight_scale_bw, 2 * i, h), (layer.down_proj_weight_scale_bw, h, i)):
+        for sf, n, k in ((layer.up_gate_proj_weight_scale_inv, 2 * i, h), (layer.down_proj_weight_scale_inv, h, i)):
             assert L.sf_block_uniform(_to_torch(sf), n, k)
         del gemm_paths[:]
         outs.append(f32(layer(x, topk=(tw, ti))))

@@ -27,12 +27,16 @@ import math
 import paddle
 
 from moe_ref.checks import FLOAT_DTYPES, check_dim, check_finite, check_nonnegative_int, check_positive_int, check_tensor
-from moe_ref.routing import noaux_tc_topk, softmax_topk
-
 from ..quantization import BlockWiseFP8Config
+from .quantize import swap_last_two
+from .upstream import route_gate_out
 
 TOPK_METHODS = ("softmax", "noaux_tc")
 MOE_PHASES = {"prefill": "ht", "decode": "ll"}
+# load_weights argument ([E, N, K] orientation) -> the method's checkpoint parameter ([E, K, N], upstream's)
+_CHECKPOINT_PARAMS = {"up_gate_proj_weight": "up_gate_proj_weight", "down_proj_weight": "down_proj_weight",
+                      "up_gate_proj_weight_scale": "up_gate_proj_weight_scale_inv",
+                      "down_proj_weight_scale": "down_proj_weight_scale_inv"}
 
 
 class FusedMoE(paddle.nn.Layer):
@@ -144,6 +148,11 @@ class FusedMoE(paddle.nn.Layer):
             None if num_max_dispatch_tokens_per_rank is None
             else check_positive_int(num_max_dispatch_tokens_per_rank, "num_max_dispatch_tokens_per_rank"))
 
+    @property
+    def gate_correction_bias(self):
+        """Upstream's name of e_score_correction_bias (what the method's routing reads, MOE:260-265)."""
+        return self.e_score_correction_bias
+
     # ------------------------------------------------------------------ sizes of the EP paths
 
     @property
@@ -172,14 +181,9 @@ class FusedMoE(paddle.nn.Layer):
     def route(self, gate_logits: paddle.Tensor):
         """gate_logits [T, num_experts] float, finite -> (topk_weights [T, K_top] float32,
         topk_ids [T, K_top] int64 global expert ids); columns in descending weight, ties to the
-        lowest expert id: `moe_ref.routing.softmax_topk` or `noaux_tc_topk` with the layer's options."""
-        check_tensor(gate_logits, "gate_logits", dtypes=FLOAT_DTYPES, ndim=2)
-        check_dim(gate_logits, 1, self.num_experts, "gate_logits", "num_experts")
-        check_finite(gate_logits, "gate_logits")
-        if self.topk_method == "softmax":
-            return softmax_topk(gate_logits, self.top_k, self.renormalize)
-        return noaux_tc_topk(gate_logits, self.e_score_correction_bias, self.n_group, self.topk_group, self.top_k,
-                             self.renormalize, self.routed_scaling_factor)
+        lowest expert id: `moe_ref.routing.softmax_topk` or `noaux_tc_topk` with the layer's options
+        (`backend.moe.upstream.route_gate_out`, which reads upstream's attribute names)."""
+        return route_gate_out(self, gate_logits, "gate_logits")
 
     # ------------------------------------------------------------------ weights and forward
 
@@ -193,22 +197,25 @@ class FusedMoE(paddle.nn.Layer):
         FP8 checkpoint: the same shapes in float8_e4m3fn plus FP32 128x128 scales
         up_gate_proj_weight_scale [E, ceil(2I/128), ceil(H/128)] and
         down_proj_weight_scale [E, ceil(H/128), ceil(I/128)].
-        E is num_local_experts: slice global tensors with `local_expert_range()`.
+        E is num_local_experts: slice global tensors with `local_expert_range()`. The method's parameters
+        hold them transposed, [E, K, N] as upstream's FusedMoE loads them (BF16 ones marked fully loaded in
+        their `tensor_track`), and `process_weights_after_loading` converts both in one call.
 
         All or nothing: every tensor is checked before the first is copied, and the conversion
         replaces the layer's weights only when it succeeds (`process_weights_after_loading`), so a
         failed load leaves a loaded layer computing exactly what it computed before. A second load
         is an error, raised before anything is copied (the weights are converted by then).
         """
-        if getattr(self.quant_method, "weights_processed", False):
+        method = self.quant_method
+        if getattr(method, "processed_weights", lambda layer: ())(self):
             raise RuntimeError("load_weights: already called for this layer (its weights are converted to "
                                "UE8M0 FP8); build a new FusedMoE to load another checkpoint")
         given = {"up_gate_proj_weight": up_gate_proj_weight, "down_proj_weight": down_proj_weight,
                  "up_gate_proj_weight_scale": up_gate_proj_weight_scale,
                  "down_proj_weight_scale": down_proj_weight_scale}
-        expected = getattr(self.quant_method, "checkpoint_tensor_names", None)
+        expected = getattr(method, "checkpoint_tensor_names", None)
         if expected is None:
-            raise NotImplementedError(f"load_weights: {type(self.quant_method).__name__} declares no checkpoint "
+            raise NotImplementedError(f"load_weights: {type(method).__name__} declares no checkpoint "
                                       f"tensors (it is not implemented in this project)")
         for name, value in given.items():
             if name not in expected:
@@ -217,13 +224,17 @@ class FusedMoE(paddle.nn.Layer):
                                      f"{'BF16' if self.quant_config.is_checkpoint_bf16 else 'FP8'} checkpoint, "
                                      f"expected None")
                 continue
-            param = getattr(self, name)
+            param = getattr(self, _CHECKPOINT_PARAMS[name])
             check_tensor(value, name, dtypes=(param.dtype,), ndim=param.ndim)
-            if list(value.shape) != list(param.shape):
-                raise ValueError(f"{name}: expected shape {list(param.shape)}, got {list(value.shape)}")
-        for name in expected:
-            getattr(self, name).set_value(given[name])
-        self.quant_method.process_weights_after_loading(self)
+            want = [param.shape[0], param.shape[2], param.shape[1]]      # the parameter is [E, K, N]
+            if list(value.shape) != want:
+                raise ValueError(f"{name}: expected shape {want}, got {list(value.shape)}")
+        for name in expected:            # what upstream's weight_loader does shard by shard, whole tensors here
+            param = getattr(self, _CHECKPOINT_PARAMS[name])
+            param.set_value(swap_last_two(given[name]))
+            if getattr(param, "tensor_track", None) is not None:
+                param.tensor_track.mark_all()
+        method.process_weights_after_loading(self)
 
     def load_global_weights(self, up_gate_proj_weight: paddle.Tensor, down_proj_weight: paddle.Tensor,
                             up_gate_proj_weight_scale: paddle.Tensor | None = None,
@@ -250,7 +261,7 @@ class FusedMoE(paddle.nn.Layer):
             raise ValueError("gate_logits, topk: expected exactly one of them, got "
                              f"{'both' if topk is not None else 'neither'}")
         routing = gate_logits if gate_logits is not None else topk
-        return self.quant_method.apply(self, x, routing, runner)
+        return self.quant_method.apply(self, x, routing, runner=runner)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "

@@ -12,7 +12,7 @@ import numpy as np
 import paddle
 
 from moe_ref.checks import first_index
-from moe_ref.fp8 import e4m3_to_float32, num_scale_groups, pack_scale_ue8m0, packed_words
+from moe_ref.fp8 import as_bytes, e4m3_to_float32, from_bytes, num_scale_groups, pack_scale_ue8m0, packed_words
 from moe_ref.quant import (DEEPGEMM_AMAX_FLOOR, GROUP_SIZE, dequant_per_block, expand_block_scale_to_rows,
                            per_block_quant)
 
@@ -78,3 +78,10 @@ def quantize_tokens(provider, x: paddle.Tensor, use_ue8m0: bool):
         cols, dtype = (packed_words(s), paddle.int32) if use_ue8m0 else (s, paddle.float32)
         return paddle.zeros([0, h], dtype=FP8), paddle.zeros([0, cols], dtype=dtype)
     return provider.per_token_quant(x, GROUP_SIZE, use_ue8m0)
+
+
+def swap_last_two(t: paddle.Tensor) -> paddle.Tensor:
+    """[E, A, B] -> a contiguous [E, B, A] copy (fp8 moved as bytes: Paddle has no fp8 transpose kernel on
+    every device). Between upstream's load orientation [E, K, N] and the GEMM's [E, N, K]."""
+    moved = as_bytes(t).transpose([0, 2, 1]).clone()
+    return from_bytes(moved, t.dtype)
