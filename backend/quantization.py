@@ -112,10 +112,14 @@ def _check_quant_group_size(quant_group_size, is_checkpoint_bf16: bool) -> int:
     return int(quant_group_size)
 
 
+# the FusedMoE classes whose quant method this config returns: ours and upstream FastDeploy's (the method is a drop-in)
+FUSED_MOE_MODULES = ("backend.moe.layer", "fastdeploy.model_executor.layers.moe.moe")
+
+
 def _is_fused_moe(layer) -> bool:
-    """Whether `layer` is a `backend.moe.layer.FusedMoE` (or a subclass), without importing that module:
-    it imports this one (a layer takes its config), so importing it back would make a cycle."""
-    return any(c.__module__ == "backend.moe.layer" and c.__name__ == "FusedMoE" for c in type(layer).__mro__)
+    """Whether `layer` is a FusedMoE of `FUSED_MOE_MODULES` (or a subclass), without importing those modules:
+    ours imports this one (a layer takes its config), so importing it back would make a cycle."""
+    return any(c.__module__ in FUSED_MOE_MODULES and c.__name__ == "FusedMoE" for c in type(layer).__mro__)
 
 
 class BlockWiseFP8Config:
@@ -155,7 +159,7 @@ class BlockWiseFP8Config:
         which this project does not rebuild.
         """
         if not _is_fused_moe(layer):
-            raise TypeError(f"layer: expected a backend.moe.layer.FusedMoE, got {type(layer).__name__} "
+            raise TypeError(f"layer: expected a FusedMoE of {' or '.join(FUSED_MOE_MODULES)}, got {type(layer).__name__} "
                             f"(upstream's BlockWiseFP8LinearMethod is not part of this project)")
         use_blackwell = envs.use_blackwell_gemm()
         use_deep_gemm = envs.use_deep_gemm()

@@ -64,6 +64,12 @@ def _new_param(layer, shape, dtype, fill: float, attrs: dict | None = None):
     return param
 
 
+def _add(out: paddle.Tensor, extra: paddle.Tensor) -> paddle.Tensor:
+    """out + extra (the shared experts' output, upstream's `tmp_ffn_out += s_x`) in out's dtype: the sum is formed in
+    float32 and rounded once, what a bf16 add does on the GPU (Paddle's CPU has no bf16 add kernel)."""
+    return (out.astype(paddle.float32) + extra.astype(paddle.float32)).astype(out.dtype)
+
+
 def _is_sf_bytes(t) -> bool:
     return isinstance(t, paddle.Tensor) and t.dtype == paddle.uint8
 
@@ -279,7 +285,7 @@ class BlackwellGemmFusedMoeMethod:
         path, runner = self._path(layer, runner)
         if path == "tp":
             out = self.apply_tp(layer, x, gate, topk_ids_hookfunc, fc1_latent_proj, fc2_latent_proj)
-            return out if shared_experts is None else out + shared_experts(x)
+            return out if shared_experts is None else _add(out, shared_experts(x))
         entry = self.apply_ep_prefill if path == "ht" else self.apply_ep_decode
         return entry(layer, x, gate, topk_ids_hookfunc, shared_experts, fc1_latent_proj, fc2_latent_proj,
                      runner=runner)
@@ -383,7 +389,7 @@ class BlackwellGemmFusedMoeMethod:
             out = self._apply_tp(provider, gen, layer, h_in, topk_weights, topk_ids)
         if fc2_latent_proj is not None:
             out = fc2_latent_proj(out)
-        return out if shared_experts is None else out + shared_experts(x)
+        return out if shared_experts is None else _add(out, shared_experts(x))
 
     # ------------------------------------------------------------------ forward: the three paths
 
