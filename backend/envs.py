@@ -55,6 +55,12 @@ def use_deep_gemm() -> bool:
     return _read_switch("FD_USE_DEEP_GEMM")
 
 
+def normalize_ops_provider_name(value: str) -> str:
+    """The one reading rule of a provider name, from the variable or from `get_provider(name)`:
+    case and surrounding spaces ignored, the empty string means the default ("auto")."""
+    return value.strip().lower() or DEFAULT_OPS_PROVIDER
+
+
 def get_ops_provider_name() -> str:
     """FD_MOE_OPS_PROVIDER: one of auto | blackwell_ops | paddle | triton (unset = auto).
 
@@ -65,7 +71,7 @@ def get_ops_provider_name() -> str:
     value = os.environ.get(OPS_PROVIDER_VAR)
     if value is None:
         return DEFAULT_OPS_PROVIDER
-    v = value.strip().lower() or DEFAULT_OPS_PROVIDER
+    v = normalize_ops_provider_name(value)
     if v not in OPS_PROVIDERS:
         raise ValueError(f"{OPS_PROVIDER_VAR}: expected one of {', '.join(OPS_PROVIDERS)} (unset means "
                          f"{DEFAULT_OPS_PROVIDER}), got {value!r}")

@@ -148,9 +148,11 @@ def _module_function(row: ContractOp):
 def _requested_name(name: str | None) -> str:
     if name is None:
         return envs.get_ops_provider_name()      # the one reader of the variable (ValueError naming it)
-    if not isinstance(name, str) or name not in PROVIDER_NAMES:
-        raise ValueError(f"name: expected one of {', '.join(PROVIDER_NAMES)} or None, got {name!r}")
-    return name
+    normalized = envs.normalize_ops_provider_name(name) if isinstance(name, str) else None
+    if normalized not in PROVIDER_NAMES:
+        raise ValueError(f"name: expected one of {', '.join(PROVIDER_NAMES)} (case and spaces ignored) or None, "
+                         f"got {name!r}")
+    return normalized
 
 
 def get_provider(name: str | None = None) -> OpsProvider:
