@@ -5,6 +5,7 @@
 | `FD_USE_BLACKWELL_GEMM` | 0, 1 | 0 | `BlockWiseFP8Config.get_quant_method` returns `BlackwellGemmFusedMoeMethod` |
 | `FD_USE_DEEP_GEMM`      | 0, 1 | 0 | otherwise: DeepGEMM fused-MoE method (upstream's; not implemented here) |
 | `FD_MOE_OPS_PROVIDER`   | auto, blackwell_ops, paddle, triton | auto | which provider `backend.ops.get_provider()` returns |
+| `FD_BLACKWELL_OPS_GENERATION` | auto, 7053, develop | auto | which upstream generation of `blackwell_ops` the `blackwell_ops` provider calls (auto: detected from the installed package) |
 
 Mapping to upstream FastDeploy (PR #7053):
 
@@ -19,6 +20,12 @@ Mapping to upstream FastDeploy (PR #7053):
   (`backend.ops`). `FD_USE_DEEP_GEMM` only matters when `FD_USE_BLACKWELL_GEMM=0`, where it
   picks upstream's DeepGEMM method exactly as upstream does.
 
+`FD_BLACKWELL_OPS_GENERATION` is ours (upstream has one generation per checkout): `7053` calls
+`group_gemm_masked` with FastDeploy #7053's 9 arguments and has no fused Blackwell permute / SwiGLU ops;
+`develop` (#7374 and later) passes the tenth argument `"w8a8"` and has them. auto (unset or empty) detects
+develop when the installed `blackwell_ops` has `prefill_permute_to_blackwell_masked_gemm`, else 7053
+(`backend.ops.blackwell_provider.generation`).
+
 Module attributes mirror upstream's `envs.FD_USE_BLACKWELL_GEMM` style: reading
 `backend.envs.FD_USE_BLACKWELL_GEMM` evaluates the variable at that moment (module
 `__getattr__`), so a test can change `os.environ` between two reads.
@@ -31,6 +38,8 @@ SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM")
 OPS_PROVIDER_VAR = "FD_MOE_OPS_PROVIDER"
 OPS_PROVIDERS = ("auto", "blackwell_ops", "paddle", "triton")
 DEFAULT_OPS_PROVIDER = "auto"
+GENERATION_VAR = "FD_BLACKWELL_OPS_GENERATION"
+GENERATIONS = ("auto", "7053", "develop")
 
 
 def _read_switch(name: str) -> bool:
@@ -55,10 +64,22 @@ def use_deep_gemm() -> bool:
     return _read_switch("FD_USE_DEEP_GEMM")
 
 
-def normalize_ops_provider_name(value: str) -> str:
-    """The one reading rule of a provider name, from the variable or from `get_provider(name)`:
-    case and surrounding spaces ignored, the empty string means the default ("auto")."""
-    return value.strip().lower() or DEFAULT_OPS_PROVIDER
+def normalize_choice(value: str, default: str) -> str:
+    """The one reading rule of a choice, from a variable or from an argument such as `get_provider(name)`:
+    case and surrounding spaces ignored, the empty string means the default."""
+    return value.strip().lower() or default
+
+
+def _read_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """A variable taking one of `choices` (read by `normalize_choice`), unset = default;
+    anything else is a ValueError naming the variable, the allowed values and the value seen."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    v = normalize_choice(value, default)
+    if v not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(choices)} (unset means {default}), got {value!r}")
+    return v
 
 
 def get_ops_provider_name() -> str:
@@ -68,20 +89,24 @@ def get_ops_provider_name() -> str:
     `backend.ops.get_provider` reads it); any other value is a ValueError naming the variable,
     the allowed values and the value seen.
     """
-    value = os.environ.get(OPS_PROVIDER_VAR)
-    if value is None:
-        return DEFAULT_OPS_PROVIDER
-    v = normalize_ops_provider_name(value)
-    if v not in OPS_PROVIDERS:
-        raise ValueError(f"{OPS_PROVIDER_VAR}: expected one of {', '.join(OPS_PROVIDERS)} (unset means "
-                         f"{DEFAULT_OPS_PROVIDER}), got {value!r}")
-    return v
+    return _read_choice(OPS_PROVIDER_VAR, OPS_PROVIDERS, DEFAULT_OPS_PROVIDER)
+
+
+def normalize_ops_provider_name(value: str) -> str:
+    """An explicit provider name read as FD_MOE_OPS_PROVIDER is read (see `normalize_choice`)."""
+    return normalize_choice(value, DEFAULT_OPS_PROVIDER)
+
+
+def get_blackwell_ops_generation() -> str:
+    """FD_BLACKWELL_OPS_GENERATION: one of auto | 7053 | develop (unset or empty = auto); ValueError otherwise."""
+    return _read_choice(GENERATION_VAR, GENERATIONS, "auto")
 
 
 _READERS = {
     "FD_USE_BLACKWELL_GEMM": use_blackwell_gemm,
     "FD_USE_DEEP_GEMM": use_deep_gemm,
     "FD_MOE_OPS_PROVIDER": get_ops_provider_name,
+    "FD_BLACKWELL_OPS_GENERATION": get_blackwell_ops_generation,
 }
 
 

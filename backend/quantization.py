@@ -11,6 +11,14 @@
 | 0 | 0   | 1   | `TritonBlockWiseFP8MoEMethod` (upstream's `BlockWiseFP8MoEMethod`) |
 
 Upstream asserts `FD_USE_DEEP_GEMM=1` in the first row; ours does not (see `backend.envs`).
+
+Scale groups (`quant_group_size`, FastDeploy #7666, open; docs/upstream.md §2, §4): 128 (default; #7053 and
+develop) quantizes activations in 1x128 groups and reads 128x128 weight blocks; 32 quantizes weights (at
+load, from a BF16 checkpoint) and activations in 1x32 UE8M0 groups, uint8 scales `[E, N, ceil(K/32)]`
+(`backend.ops.group_wise_quant`). Upstream sets it on the layer (`layer.quant_group_size = 32` whenever
+FD_USE_BLACKWELL_GEMM, MOE f0ea6f80:271-274), not through `weight_block_size`, which keeps describing the
+checkpoint's FP8 blocks: `weight_block_size=[1, 32]` is refused with a pointer to `quant_group_size=32`.
+A method runs 32 only if it says so (`QUANT_GROUP_SIZES`); `get_quant_method` refuses it otherwise.
 The upstream methods are represented by small named classes whose `apply` raises
 `NotImplementedError`: they are upstream's kernels, not this project's, and exist here only so
 the switch can be tested. Upstream's Cutlass fused-MoE method (`fused_moe_cutlass_backend.py`)
@@ -27,6 +35,7 @@ from . import envs
 from .moe.blackwell_method import BlackwellGemmFusedMoeMethod
 
 SUPPORTED_WEIGHT_BLOCK_SIZE = [GROUP_SIZE, GROUP_SIZE]
+QUANT_GROUP_SIZES = (GROUP_SIZE, 32)          # 1x128 (#7053, develop) and 1x32 UE8M0 groups (#7666)
 
 
 class UpstreamFusedMoeMethod:
@@ -85,8 +94,22 @@ def _check_weight_block_size(weight_block_size) -> list[int]:
     if wbs != SUPPORTED_WEIGHT_BLOCK_SIZE:
         # The Blackwell kernels, DeepGEMM and the UE8M0 per-row scale layout all assume 128x128
         # weight blocks and 1x128 activation groups (SPEC §3); upstream asserts the same for UE8M0.
-        raise ValueError(f"weight_block_size: expected {SUPPORTED_WEIGHT_BLOCK_SIZE}, got {weight_block_size!r}")
+        hint = (" (1x32 groups are quant_group_size=32, #7666: weight_block_size describes an FP8 checkpoint's "
+                "blocks)" if wbs == [1, 32] else "")
+        raise ValueError(f"weight_block_size: expected {SUPPORTED_WEIGHT_BLOCK_SIZE}, got {weight_block_size!r}{hint}")
     return wbs
+
+
+def _check_quant_group_size(quant_group_size, is_checkpoint_bf16: bool) -> int:
+    if isinstance(quant_group_size, bool) or quant_group_size not in QUANT_GROUP_SIZES:
+        raise ValueError(f"quant_group_size: expected one of {', '.join(map(str, QUANT_GROUP_SIZES))}, "
+                         f"got {quant_group_size!r}")
+    if quant_group_size != GROUP_SIZE and not is_checkpoint_bf16:
+        # #7666 quantizes BF16 weights at load; its FP8-checkpoint branch never runs (docs/upstream.md §4).
+        raise ValueError(f"quant_group_size: {quant_group_size} needs a BF16 checkpoint (weights quantized at load "
+                         f"in 1x{quant_group_size} groups, as FastDeploy #7666); an FP8 checkpoint's 128x128 scales "
+                         f"take quant_group_size={GROUP_SIZE}")
+    return int(quant_group_size)
 
 
 def _is_fused_moe(layer) -> bool:
@@ -96,18 +119,22 @@ def _is_fused_moe(layer) -> bool:
 
 
 class BlockWiseFP8Config:
-    """FP8 e4m3 weights in 128x128 blocks, activations quantized per token in 1x128 groups.
+    """FP8 e4m3 weights in 128x128 blocks, activations quantized per token in 1x128 groups; or, with
+    quant_group_size=32 (#7666), weights and activations in 1x32 UE8M0 groups.
 
     weight_block_size: must be [128, 128] (anything else is a ValueError naming it).
     is_checkpoint_bf16: True when the checkpoint holds BF16 weights (quantized online at load);
     False when it holds FP8 weights with FP32 128x128 scales.
+    quant_group_size: 128 (default) or 32 (BF16 checkpoints only); see the module docstring.
     """
 
-    def __init__(self, weight_block_size=(GROUP_SIZE, GROUP_SIZE), is_checkpoint_bf16: bool = False) -> None:
+    def __init__(self, weight_block_size=(GROUP_SIZE, GROUP_SIZE), is_checkpoint_bf16: bool = False,
+                 quant_group_size: int = GROUP_SIZE) -> None:
         self.weight_block_size = _check_weight_block_size(weight_block_size)
         if not isinstance(is_checkpoint_bf16, bool):
             raise TypeError(f"is_checkpoint_bf16: expected a bool, got {is_checkpoint_bf16!r}")
         self.is_checkpoint_bf16 = is_checkpoint_bf16
+        self.quant_group_size = _check_quant_group_size(quant_group_size, is_checkpoint_bf16)
 
     def name(self) -> str:
         return "block_wise_fp8"
@@ -115,9 +142,10 @@ class BlockWiseFP8Config:
     @classmethod
     def from_config(cls, config: dict) -> "BlockWiseFP8Config":
         """From a checkpoint's quantization_config: `weight_block_size` (default [128, 128]) and
-        `is_quantized` (default False, i.e. a BF16 checkpoint), as upstream reads them."""
+        `is_quantized` (default False, i.e. a BF16 checkpoint), as upstream reads them; `quant_group_size`
+        (ours, default 128: upstream #7666 sets it on the layer)."""
         return cls(config.get("weight_block_size", list(SUPPORTED_WEIGHT_BLOCK_SIZE)),
-                   not bool(config.get("is_quantized", False)))
+                   not bool(config.get("is_quantized", False)), config.get("quant_group_size", GROUP_SIZE))
 
     def get_quant_method(self, layer):
         """The fused-MoE method for `layer` (a `backend.moe.layer.FusedMoE`); see the module table.
@@ -132,11 +160,18 @@ class BlockWiseFP8Config:
         use_blackwell = envs.use_blackwell_gemm()
         use_deep_gemm = envs.use_deep_gemm()
         if use_blackwell:
-            return BlackwellGemmFusedMoeMethod(self)
-        if layer.ep_size > 1 or use_deep_gemm:
-            return DeepGemmFusedMoeMethod(self)
-        return TritonBlockWiseFP8MoEMethod(self)
+            method_cls = BlackwellGemmFusedMoeMethod
+        elif layer.ep_size > 1 or use_deep_gemm:
+            method_cls = DeepGemmFusedMoeMethod
+        else:
+            method_cls = TritonBlockWiseFP8MoEMethod
+        supported = getattr(method_cls, "QUANT_GROUP_SIZES", (GROUP_SIZE,))
+        if self.quant_group_size not in supported:
+            raise NotImplementedError(f"quant_group_size: {method_cls.__name__} runs {', '.join(map(str, supported))}, "
+                                      f"got {self.quant_group_size} (1x32 groups are FastDeploy #7666's "
+                                      f"BlackwellGemmFusedMoeMethod)")
+        return method_cls(self)
 
     def __repr__(self) -> str:
         return (f"BlockWiseFP8Config(weight_block_size={self.weight_block_size}, "
-                f"is_checkpoint_bf16={self.is_checkpoint_bf16})")
+                f"is_checkpoint_bf16={self.is_checkpoint_bf16}, quant_group_size={self.quant_group_size})")

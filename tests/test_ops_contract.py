@@ -15,7 +15,7 @@ import paddle
 import pytest
 
 import backend.ops as ops
-from backend.ops import blackwell_provider, paddle_provider
+from backend.ops import blackwell_provider, contract, paddle_provider
 
 ENV = "FD_MOE_OPS_PROVIDER"
 
@@ -28,15 +28,16 @@ def fresh_selection(monkeypatch):
     ops.reset_provider_cache()
 
 
-def _fake_module(name, available=True, reason="fake"):
-    """A provider-shaped module whose ops record their arguments and return ("fake", op name)."""
+def _fake_module(name, available=True, reason="fake", op_names=None):
+    """A provider-shaped module whose ops (default: every contract op) record their arguments and return
+    ("fake", op name)."""
     mod = types.ModuleType(f"fake_{name}")
     mod.NAME = name
     mod.calls = []
     mod.is_available = lambda: (available, reason)
-    for op in ops.OP_NAMES:
-        def fn(*args, _op=op):
-            mod.calls.append((_op, args))
+    for op in ops.OP_NAMES if op_names is None else op_names:
+        def fn(*args, _op=op, **kwargs):
+            mod.calls.append((_op, args + tuple(kwargs.values())))
             return ("fake", _op)
         setattr(mod, op, fn)
     return mod
@@ -65,11 +66,21 @@ def _fake_gpu(monkeypatch, capability):
     monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a: capability)
 
 
+def _fake_packages(monkeypatch):
+    """Loose fakes of `blackwell_ops` (develop's ops) and FastDeploy's ops, each holding the ops upstream takes from
+    it (contract.OPS' `package`); the strict fakes of tests/fakes check arity and dtypes (test_blackwell_provider)."""
+    from backend.ops.contract import BLACKWELL_OPS, FD_OPS
+    pkg = _fake_module("blackwell_ops", op_names=[r.name for r in contract.OPS if r.package == BLACKWELL_OPS])
+    pkg.fd = _fake_module(FD_OPS, op_names=[r.name for r in contract.OPS if r.package == FD_OPS])
+    monkeypatch.setitem(sys.modules, "blackwell_ops", pkg)
+    monkeypatch.setitem(sys.modules, FD_OPS, pkg.fd)
+    return pkg
+
+
 @pytest.fixture
 def fake_blackwell(monkeypatch):
-    """A fake `blackwell_ops` package on a fake SM100 GPU."""
-    pkg = _fake_module("blackwell_ops")
-    monkeypatch.setitem(sys.modules, "blackwell_ops", pkg)
+    """Fake `blackwell_ops` and FastDeploy ops packages on a fake SM100 GPU."""
+    pkg = _fake_packages(monkeypatch)
     _fake_gpu(monkeypatch, (10, 0))
     return pkg
 
@@ -174,7 +185,7 @@ def test_explicit_blackwell_without_package_raises(monkeypatch, no_blackwell_pac
     (None, r"no CUDA GPU visible to Paddle \(blackwell_ops needs compute capability >= 10\.0\)"),
 ])
 def test_blackwell_needs_sm100(monkeypatch, capability, message):
-    monkeypatch.setitem(sys.modules, "blackwell_ops", _fake_module("blackwell_ops"))
+    _fake_packages(monkeypatch)
     _fake_gpu(monkeypatch, capability)
     ok, reason = blackwell_provider.is_available()
     assert not ok and reason
@@ -194,13 +205,14 @@ def test_auto_picks_blackwell_on_sm100(monkeypatch, fake_blackwell, capability, 
     assert "provider 'blackwell_ops' selected (auto)" in caplog.text
 
 
-def test_blackwell_forwards_validated_arguments_in_upstream_order(fake_blackwell):
+def test_blackwell_forwards_validated_arguments_in_upstream_order(fake_blackwell, monkeypatch):
     bw = ops.get_provider("blackwell_ops")
+    fd = fake_blackwell.fd
     x = _x()
     bw.per_token_quant(x, 128, True)
     q = paddle.zeros([3, 128], dtype=paddle.float8_e4m3fn)
     s = paddle.ones([3, 1])
-    ids = paddle.to_tensor([[0], [1], [-1]])
+    ids = paddle.to_tensor([[0, -1, -1, -1], [1, -1, -1, -1], [-1] * 4], dtype=paddle.int32)
     bw.prefill_permute_to_masked_gemm(q, s, ids, 2, 4)
     words = paddle.full([2, 4, 1], 0x7F7F7F7F, dtype=paddle.int32)        # four groups of scale 2^0
     bw.unpack_and_convert_scale(words, paddle.to_tensor([[3], [1]], dtype=paddle.int64))
@@ -213,20 +225,29 @@ def test_blackwell_forwards_validated_arguments_in_upstream_order(fake_blackwell
     up = paddle.zeros([2, 4, 256], dtype=paddle.bfloat16)
     bw.fused_mask_swiglu_fp8_quant(up, mm, 128, True)
     ffn = paddle.zeros([2, 4, 8], dtype=paddle.bfloat16)
-    imap = paddle.to_tensor([[0], [5], [-1]], dtype=paddle.int32)
-    w = paddle.ones([3, 1])
-    bw.depermute_prefill_combine(ffn, imap, w, 3)
-    calls = dict(fake_blackwell.calls)
-    assert calls["per_token_quant"] == (x, 128, True)
-    permute_args = calls["prefill_permute_to_masked_gemm"]
-    assert permute_args[:2] == (q, s) and permute_args[2] is ids and permute_args[3:] == (2, 4)
-    scale_arg, masked = calls["unpack_and_convert_scale"]
-    assert scale_arg is words
+    imap = paddle.to_tensor([[0, -1, -1, -1], [5, -1, -1, -1], [-1] * 4], dtype=paddle.int64)
+    w = paddle.ones([3, 4])
+    monkeypatch.setattr(fd, "depermute_prefill_combine", lambda *args: fd.calls.append(
+        ("depermute_prefill_combine", args)) or paddle.full([3, 8], 7.0, dtype=paddle.bfloat16))
+    combined = bw.depermute_prefill_combine(ffn, imap, w, 3)
+    # FastDeploy leaves a row with no valid index unwritten: the provider zeroes it, as the contract says
+    assert combined.astype(paddle.float32).numpy()[:, 0].tolist() == [7.0, 7.0, 0.0]
+    fd_calls, bw_calls = dict(fd.calls), dict(fake_blackwell.calls)
+    assert set(fd_calls) == {"per_token_quant", "prefill_permute_to_masked_gemm", "fused_mask_swiglu_fp8_quant",
+                             "depermute_prefill_combine"}
+    assert set(bw_calls) == {"unpack_and_convert_scale", "group_gemm_masked"}
+    assert fd_calls["per_token_quant"] == (x, 128, True)
+    permute_args = fd_calls["prefill_permute_to_masked_gemm"]
+    assert permute_args[:2] == (q, s) and permute_args[3:] == (2, 4)
+    assert permute_args[2].dtype == paddle.int64 and permute_args[2].numpy().tolist() == ids.numpy().tolist()
+    scale_arg, masked = bw_calls["unpack_and_convert_scale"]
+    assert scale_arg.strides[1] == 1 and scale_arg.numpy().tolist() == words.numpy().tolist()    # made MN-major
     assert masked.dtype == paddle.int32 and masked.numpy().tolist() == [3, 1]   # [E, 1] int64 normalized to [E] int32
-    gemm = calls["group_gemm_masked"]
-    assert gemm[:4] == (a, b, sf, sf) and gemm[5:] == (out, None, 4, 132)
-    assert calls["fused_mask_swiglu_fp8_quant"][0] is up and calls["fused_mask_swiglu_fp8_quant"][2:] == (128, True)
-    assert calls["depermute_prefill_combine"] == (ffn, imap, w, 3)
+    gemm = bw_calls["group_gemm_masked"]
+    assert gemm[:4] == (a, b, sf, sf) and gemm[5:] == (out, None, 4, 132, "w8a8")    # develop: the tenth argument
+    assert fd_calls["fused_mask_swiglu_fp8_quant"][0] is up and fd_calls["fused_mask_swiglu_fp8_quant"][2:] == (128, True)
+    imap_arg = fd_calls["depermute_prefill_combine"][1]
+    assert imap_arg.dtype == paddle.int32 and imap_arg.numpy().tolist() == imap.numpy().tolist()
     # ours, not in the package: cutlass_scale_to_fp32 runs the portable implementation
     sf = paddle_provider.unpack_and_convert_scale(words, None)
     np.testing.assert_array_equal(bw.cutlass_scale_to_fp32(sf, 4).numpy(), np.ones([2, 4, 4], dtype=np.float32))
@@ -234,12 +255,14 @@ def test_blackwell_forwards_validated_arguments_in_upstream_order(fake_blackwell
 
 
 def test_blackwell_ops_fail_clearly_without_package(no_blackwell_package):
-    with pytest.raises(RuntimeError, match="blackwell_ops package cannot be imported"):
-        blackwell_provider.per_token_quant(_x(), 128, False)
+    with pytest.raises(RuntimeError, match="fastdeploy.model_executor.ops.gpu package cannot be imported"):
+        blackwell_provider.per_token_quant(_x(), 128, False)          # FastDeploy's op, not blackwell_ops
     for op, nargs in [("prefill_permute_to_masked_gemm", 5), ("unpack_and_convert_scale", 2),
-                      ("group_gemm_masked", 9), ("fused_mask_swiglu_fp8_quant", 4), ("depermute_prefill_combine", 4)]:
-        with pytest.raises(RuntimeError, match="blackwell_ops"):
-            getattr(blackwell_provider, op)(*([None] * nargs))
+                      ("group_gemm_masked", 10), ("fused_mask_swiglu_fp8_quant", 4), ("depermute_prefill_combine", 4),
+                      ("prefill_permute_to_blackwell_masked_gemm", 5), ("group_wise_quant", 3)]:
+        options = {name: None for name in contract.op(op).options}
+        with pytest.raises(RuntimeError, match="package cannot be imported"):
+            getattr(blackwell_provider, op)(*([None] * nargs), **options)
 
 
 def test_no_device_query_at_import(monkeypatch):
@@ -320,14 +343,17 @@ def test_functions_and_methods_come_from_one_table():
     assert inspect.signature(ops.per_token_quant).parameters["block_size"].default == 128
 
 
-def test_blackwell_forwarder_keeps_our_options(fake_blackwell):
-    """sfb_per_block is ours: the package gets the 9 upstream positional arguments, as upstream calls it."""
+@pytest.mark.parametrize("generation, tail", [("7053", (-1,)), ("develop", (-1, "w8a8"))])
+def test_blackwell_forwarder_keeps_our_options(fake_blackwell, monkeypatch, generation, tail):
+    """sfb_per_block is ours: the package gets the upstream positional arguments of its generation, as upstream
+    calls it (9 for #7053, 10 with "w8a8" for develop)."""
+    monkeypatch.setenv("FD_BLACKWELL_OPS_GENERATION", generation)
     out = paddle.zeros([8, 16], dtype=paddle.bfloat16)
     a, b = paddle.zeros([8, 128], dtype=FP8), paddle.zeros([2, 16, 128], dtype=FP8)
     sf, mm = paddle.zeros([2, 128, 4], dtype=paddle.uint8), paddle.to_tensor([4, 0], dtype=paddle.int32)
     assert ops.get_provider("blackwell_ops").group_gemm_masked(a, b, sf, sf, mm, out, None, 4, sfb_per_block=True) is out
     gemm = dict(fake_blackwell.calls)["group_gemm_masked"]
-    assert len(gemm) == 9 and gemm[5:] == (out, None, 4, -1)
+    assert gemm[5:] == (out, None, 4) + tail
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -461,8 +487,11 @@ BAD_CALLS = {
     "gemm sfb NaN byte": (_gemm(sfb=_sf_with(SFA, (0, 127, 7), 255)), ValueError,
                           r"^sfb: byte at index \(0, 127, 7\) is 255"),
     "gemm sfb_per_block": (_gemm(sfb_per_block=1), TypeError, r"^sfb_per_block: expected a bool, got 1"),
-    "gemm 10 positional": (lambda: ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT, None, 4, -1, True),
+    "gemm 11 positional": (lambda: ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT, None, 4, -1, "w8a8", True),
                            TypeError, r"too many positional arguments"),
+    "gemm recipe": (lambda: ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT, None, 4, -1, True), ValueError,
+                    r"^recipe: expected None \(#7053's nine arguments\) or 'w8a8' \(develop's tenth argument\), got True"),
+    "gemm recipe w4a8": (_gemm(recipe="w4a8"), ValueError, r"^recipe: .* got 'w4a8'"),
     # fused_mask_swiglu_fp8_quant
     "swiglu dtype": (lambda: ops.fused_mask_swiglu_fp8_quant(UP.astype("int32"), MM),
         TypeError, r"^up: expected dtype"),
@@ -489,7 +518,49 @@ BAD_CALLS = {
         TypeError, r"^num_worst_tokens: expected an int, got 2.0"),
     "deperm idx": (lambda: ops.depermute_prefill_combine(FFN, paddle.to_tensor([[0, 8], [-1, -1]], dtype=paddle.int32), TW, 2),
                    ValueError, r"^indice_map: expected values in \[-1, 8\) \(E·M\), got 8 at index \(0, 1\)"),
+    # prefill_permute_to_blackwell_masked_gemm
+    "bw perm x dtype": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q.astype("bfloat16"), W32, IDS, 2, 4),
+                        TypeError, r"^x: expected dtype in \(float8_e4m3fn\)"),
+    "bw perm scale fp32": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, S32, IDS, 2, 4),
+                           TypeError, r"^scale: expected dtype in \(int32, uint8\), got float32"),
+    "bw perm words": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, paddle.ones([3, 2], dtype="int32"), IDS, 2, 4),
+                      ValueError, r"^scale: expected shape\[1\] == ceil\(S/4\) \(packed UE8M0 scales, 1x128 groups\) = 1"),
+    "bw perm bytes": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, paddle.ones([3, 4], dtype="uint8"), IDS, 2, 4),
+                      ValueError, r"^scale: expected shape\[1\] == ceil\(H/32\) \(UE8M0 bytes, 1x32 groups\) = 8"),
+    "bw perm NaN byte": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(
+        Q, paddle.to_tensor(np.full([3, 8], 255, np.uint8)), IDS, 2, 4), ValueError, r"^scale: byte at index \(0, 0\) is 255"),
+    "bw perm NaN word": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, _words(1, 3, 1, 255)[0], IDS, 2, 4),
+                         ValueError, r"^scale: UE8M0 byte 0 of word \(0, 0\) is 255"),
+    "bw perm overflow": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, W32, IDS, 2, 2), ValueError,
+                         r"^topk_ids: expert 0 receives 3 rows, more than max_token_num = 2"),
+    "bw perm id": (lambda: ops.prefill_permute_to_blackwell_masked_gemm(Q, W32, IDS, 1, 4), ValueError,
+                   r"^topk_ids: expected expert ids in \[-1, 1\)"),
+    # fused_mask_swiglu_fp8_quant_blackwell
+    "bw swiglu 3-D": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP, MM), ValueError, r"^up: expected rank 2"),
+    "bw swiglu fp32": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2.astype("float32"), MM),
+                       TypeError, r"^up: expected dtype in \(bfloat16\)"),
+    "bw swiglu rows": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2[:7], MM), ValueError,
+                       r"^up: expected shape \[E·M, 2I\] with E = 2 .* got \[7, 256\]"),
+    "bw swiglu counts": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, paddle.to_tensor([5, 0], dtype="int32")),
+                         ValueError, r"^token_nums_per_expert: expert 0 has count 5, expected 0 <= count <= M = rows\(up\) / E = 4"),
+    "bw swiglu nan": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2_NAN, MM), ValueError,
+                      r"^up: non-finite value nan at index \(1, 0, 3\)"),
+    "bw swiglu group": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, MM, group_size=64), ValueError,
+                        r"^group_size: expected one of 32, 128, got 64"),
+    "bw swiglu positional group": (lambda: ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, MM, 128), TypeError,
+                                   r"too many positional arguments"),
+    # group_wise_quant
+    "gwq dtype": (lambda: ops.group_wise_quant(paddle.ones([2, 64], dtype="int32")), TypeError, r"^x: expected dtype"),
+    "gwq rank": (lambda: ops.group_wise_quant(paddle.ones([64])), ValueError, r"^x: expected rank 2 or 3"),
+    "gwq flag": (lambda: ops.group_wise_quant(paddle.ones([2, 64]), True), ValueError, r"^flag: expected False"),
+    "gwq swizzle": (lambda: ops.group_wise_quant(paddle.ones([100, 128]), False, True), ValueError,
+                    r"^x: use_swizzle needs N a multiple of 128 .* got shape \[100, 128\]"),
+    "gwq nan": (lambda: ops.group_wise_quant(NAN_X), ValueError, r"^x: non-finite value nan"),
 }
+W32 = paddle.ones([3, 1], dtype=paddle.int32) * 0x7F7F7F7F
+UP2 = paddle.zeros([8, 256], dtype=paddle.bfloat16)
+UP2_NAN = paddle.to_tensor(np.where(np.arange(8 * 256).reshape(8, 256) == 4 * 256 + 3, np.nan, 0).astype(np.float32)
+                           ).astype(paddle.bfloat16)
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
@@ -510,6 +581,10 @@ def test_valid_baseline_calls_pass(monkeypatch):
     ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT.clone(), paddle.zeros([2, 16]), 4)
     ops.fused_mask_swiglu_fp8_quant(UP, MM, 128, False)
     ops.depermute_prefill_combine(FFN, IMAP, TW, 2)
+    ops.prefill_permute_to_blackwell_masked_gemm(Q, W32, IDS, 2, 4)
+    ops.prefill_permute_to_blackwell_masked_gemm(Q, paddle.full([3, 8], 127, dtype=paddle.uint8), IDS, 2, 4)
+    ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, MM, group_size=32)
+    ops.group_wise_quant(paddle.ones([128, 128]), False, True)
     assert ops.last_provider_name() == "paddle"
 
 

@@ -453,3 +453,62 @@ def test_empty_inputs():
     assert_mn_major(ps, 2, 4, 1)
     out = P.depermute_prefill_combine(paddle.zeros([2, 4, 8]), imap, paddle.zeros([0, 2]), 0)
     assert out.shape == [0, 8] and out.dtype == paddle.bfloat16
+
+
+# ----------------------------------------------------------------------------- develop's fused ops, #7666's quant
+
+def _routed(w, e, k_top, seed):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(e, size=k_top, replace=False) for _ in range(w)]).astype(np.int64)
+    ids[rng.random(ids.shape) < 0.3] = -1
+    return paddle.to_tensor(ids)
+
+
+def _assert_same(got, want):
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and list(g.shape) == list(r.shape)
+        np.testing.assert_array_equal(g.view(paddle.uint8).numpy() if g.dtype == paddle.float8_e4m3fn else g.numpy(),
+                                      r.view(paddle.uint8).numpy() if r.dtype == paddle.float8_e4m3fn else r.numpy())
+
+
+@pytest.mark.parametrize("h,scales", [(384, "1x128"), (640, "1x128"), (384, "1x32"), (352, "1x32")])
+def test_blackwell_permute_equals_reference_and_the_old_path(h, scales):
+    """Byte for byte: moe_ref.blackwell_layout, and (1x128) FastDeploy's permute + unpack_and_convert_scale."""
+    from moe_ref import blackwell_layout as BL
+    w, e, m = 14, 4, 16
+    x = rng_tensor([w, h], seed=h)
+    if scales == "1x128":
+        q, s = per_token_group_quant(x, use_ue8m0=True)
+        scale = packed(s)
+    else:
+        q, scale = BL.group_wise_quant(x)
+    ids = _routed(w, e, 4, seed=h + 1)
+    got = P.prefill_permute_to_blackwell_masked_gemm(q, scale, ids.astype(paddle.int32), e, m)
+    _assert_same(got, BL.prefill_permute_to_blackwell_masked_gemm(q, scale, ids, e, m))
+    if scales == "1x128":
+        px, ps, imap, counts = P.prefill_permute_to_masked_gemm(q, scale, ids, e, m)
+        _assert_same(got, (px.reshape([e * m, h]), P.unpack_and_convert_scale(ps, counts), imap, counts))
+
+
+@pytest.mark.parametrize("i,group", [(256, 128), (384, 128), (256, 32), (96, 32)])
+def test_blackwell_swiglu_equals_reference_and_the_old_path(i, group):
+    """Byte for byte: moe_ref.blackwell_layout, and (1x128) fused_mask_swiglu_fp8_quant + unpack_and_convert_scale;
+    rows past the counts hold NaN and are never read."""
+    from moe_ref import blackwell_layout as BL
+    e, m = 3, 8
+    counts = paddle.to_tensor([8, 0, 5], dtype=paddle.int32)
+    up = rng_tensor([e, m, 2 * i], seed=i, scale=3.0).numpy()
+    up[2, 5:] = np.nan
+    up = paddle.to_tensor(up).astype(paddle.bfloat16).reshape([e * m, 2 * i])
+    got = P.fused_mask_swiglu_fp8_quant_blackwell(up, counts, group_size=group)
+    _assert_same(got, BL.fused_mask_swiglu_fp8_quant_blackwell(up, counts, group_size=group))
+    if group == 128:
+        act, s = P.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * i]), counts)
+        _assert_same(got, (act.reshape([e * m, i]), P.unpack_and_convert_scale(s, counts)))
+
+
+@pytest.mark.parametrize("shape,swizzle", [([12, 256], False), ([5, 200], False), ([2, 256, 384], True)])
+def test_group_wise_quant_equals_reference(shape, swizzle):
+    from moe_ref import blackwell_layout as BL
+    x = rng_tensor(shape, seed=len(shape), scale=5.0, dtype=paddle.bfloat16)
+    _assert_same(P.group_wise_quant(x, False, swizzle), BL.group_wise_quant(x, use_swizzle=swizzle))

@@ -103,3 +103,27 @@ def test_non_moe_layer_rejected(monkeypatch):
     _set(monkeypatch, "1", None)
     with pytest.raises(TypeError, match="FusedMoE.*BlockWiseFP8LinearMethod"):
         BlockWiseFP8Config().get_quant_method(paddle.nn.Linear(4, 4))
+
+
+def test_quant_group_size_32_is_the_1x32_recipe(monkeypatch):
+    """#7666's 1x32 groups: a config value of their own (upstream sets layer.quant_group_size), BF16 checkpoints only;
+    weight_block_size [1, 32] is refused with a pointer to it; a method that does not state 32 is never handed it."""
+    cfg = BlockWiseFP8Config(is_checkpoint_bf16=True, quant_group_size=32)
+    assert cfg.quant_group_size == 32 and "quant_group_size=32" in repr(cfg)
+    assert BlockWiseFP8Config().quant_group_size == 128
+    assert BlockWiseFP8Config.from_config({"quant_group_size": 32}).quant_group_size == 32
+    with pytest.raises(ValueError, match=r"weight_block_size: .* got \[1, 32\] \(1x32 groups are quant_group_size=32"):
+        BlockWiseFP8Config(weight_block_size=[1, 32])
+    with pytest.raises(ValueError, match="quant_group_size: 32 needs a BF16 checkpoint"):
+        BlockWiseFP8Config(is_checkpoint_bf16=False, quant_group_size=32)
+    for bad in (64, True, "32"):
+        with pytest.raises(ValueError, match=r"quant_group_size: expected one of 128, 32"):
+            BlockWiseFP8Config(is_checkpoint_bf16=True, quant_group_size=bad)
+    _set(monkeypatch, "1", None)
+    from backend.moe.blackwell_method import BlackwellGemmFusedMoeMethod
+    layer = _layer()
+    if 32 not in getattr(BlackwellGemmFusedMoeMethod, "QUANT_GROUP_SIZES", (128,)):
+        with pytest.raises(NotImplementedError, match="quant_group_size: BlackwellGemmFusedMoeMethod runs 128, got 32"):
+            cfg.get_quant_method(layer)
+    monkeypatch.setattr(BlackwellGemmFusedMoeMethod, "QUANT_GROUP_SIZES", (128, 32), raising=False)
+    assert isinstance(cfg.get_quant_method(layer), BlackwellGemmFusedMoeMethod)

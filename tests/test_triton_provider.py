@@ -721,3 +721,83 @@ def test_ht_prefill_chain_matches_paddle_provider(T, P):
         outs.append(prov.depermute_prefill_combine(down.reshape([e, m, h]), imap, wts, w))
     assert calc_diff(outs[0], outs[1]) < 1e-4
     assert not np.isnan(f32(outs[0])).any()
+
+
+# ----------------------------------------------------------------------------- develop's fused ops, #7666's 1x32
+
+def _same_bytes(got, want):
+    for g, r in zip(got, want):
+        assert g.dtype == r.dtype and list(g.shape) == list(r.shape)
+        np.testing.assert_array_equal(bits(g) if g.dtype == paddle.float8_e4m3fn else g.numpy(),
+                                      bits(r) if r.dtype == paddle.float8_e4m3fn else r.numpy())
+
+
+@pytest.mark.parametrize("scales", ["1x128", "1x32"])
+def test_blackwell_permute_matches_reference_and_old_path(T, P, scales):
+    from moe_ref import blackwell_layout as BL
+    w, h, e, m = 12, 352 if scales == "1x32" else 384, 3, 16
+    x = rng_tensor([w, h], seed=31)
+    rng = np.random.default_rng(32)
+    ids = np.stack([rng.choice(e, size=2, replace=False) for _ in range(w)]).astype(np.int64)
+    ids[rng.random(ids.shape) < 0.3] = -1
+    ids = paddle.to_tensor(ids)
+    if scales == "1x128":
+        q, s = per_token_group_quant(x, use_ue8m0=True)
+        scale = ref_fp8.pack_scale_ue8m0(s)
+    else:
+        q, scale = BL.group_wise_quant(x)
+    got = T.prefill_permute_to_blackwell_masked_gemm(q, scale, ids.astype(paddle.int32), e, m)
+    _same_bytes(got, BL.prefill_permute_to_blackwell_masked_gemm(q, scale, ids, e, m))
+    _same_bytes(got, P.prefill_permute_to_blackwell_masked_gemm(q, scale, ids, e, m))
+    if scales == "1x128":
+        px, ps, imap, counts = T.prefill_permute_to_masked_gemm(q, scale, ids, e, m)
+        _same_bytes(got, (px.reshape([e * m, h]), T.unpack_and_convert_scale(ps, counts), imap, counts))
+
+
+@pytest.mark.parametrize("i,group", [(256, 128), (96, 32)])
+def test_blackwell_swiglu_matches_reference_and_old_path(T, P, i, group):
+    """Rows past the counts hold NaN: never read (upstream's GEMM output is paddle.empty since #7374)."""
+    from moe_ref import blackwell_layout as BL
+    e, m = 3, 8
+    counts = paddle.to_tensor([8, 0, 5], dtype=paddle.int32)
+    up = (np.random.default_rng(i).standard_normal((e, m, 2 * i)) * 3).astype(np.float32)
+    up[2, 5:] = np.nan
+    up = paddle.to_tensor(up).astype(paddle.bfloat16).reshape([e * m, 2 * i])
+    got = T.fused_mask_swiglu_fp8_quant_blackwell(up, counts, group_size=group)
+    _same_bytes(got, BL.fused_mask_swiglu_fp8_quant_blackwell(up, counts, group_size=group))
+    if group == 128:
+        act, s = T.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * i]), counts)
+        _same_bytes(got, (act.reshape([e * m, i]), T.unpack_and_convert_scale(s, counts)))
+
+
+@pytest.mark.parametrize("shape,swizzle", [([5, 200], False), ([2, 128, 256], True)])
+def test_group_wise_quant_matches_reference(T, shape, swizzle):
+    from moe_ref import blackwell_layout as BL
+    x = rng_tensor(shape, seed=41, scale=5.0, dtype=paddle.bfloat16)
+    _same_bytes(T.group_wise_quant(x, False, swizzle), BL.group_wise_quant(x, use_swizzle=swizzle))
+
+
+def test_group_gemm_masked_honours_1x32_bytes_end_to_end(T, P):
+    """#7666's recipe: activations and weights in 1x32 UE8M0 groups (group_wise_quant), activations permuted by the
+    fused Blackwell permute. The triton GEMM (impl auto -> tl.dot_scaled, bytes differ inside 128-groups) equals the
+    paddle provider's and the float64 product of the dequantized operands."""
+    from moe_ref import blackwell_layout as BL
+    e, m, n, k, w = 2, 16, 128, 256, 10
+    x = rng_tensor([w, k], seed=51, scale=4.0) * paddle.to_tensor(
+        np.exp2(np.random.default_rng(52).integers(-6, 6, (1, k))).astype(np.float32))     # scales vary per 32
+    xq, xs = T.group_wise_quant(x, False, False)
+    wq, wsf = T.group_wise_quant(rng_tensor([e, n, k], seed=53), False, True)
+    ids = paddle.to_tensor(np.array([[i % e, -1] for i in range(w)], np.int64))
+    a, sfa, _, counts = T.prefill_permute_to_blackwell_masked_gemm(xq, xs, ids, e, m)
+    from backend.ops.triton import launch as L
+    assert not L.sf_repeats_per_128(torch.from_numpy(sfa.numpy()))       # the per-32 bytes differ inside a group
+    poison = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
+    got = f32(T.group_gemm_masked(a, wq, sfa, wsf, counts, poison.clone(), None, m, -1, "w8a8")).reshape(e, m, n)
+    want = f32(P.group_gemm_masked(a, wq, sfa, wsf, counts, poison.clone(), None, m, -1, "w8a8")).reshape(e, m, n)
+    a_deq = BL.dequant_group_wise(xq, xs).numpy().astype(np.float64)
+    w_deq = BL.dequant_group_wise(wq, wsf, swizzled=True).numpy().astype(np.float64)
+    for ex, c in enumerate(counts.numpy().reshape(-1)):
+        ref = a_deq[[t for t in range(w) if t % e == ex]] @ w_deq[ex].T
+        np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=BF16_ULP, atol=1e-2)   # fp32 sums in another order
+        np.testing.assert_allclose(got[ex, :c], ref, rtol=2 * BF16_ULP, atol=1e-2)        # + the bf16 rounding of out
+        assert np.all(got[ex, c:] == 7.0)

@@ -1,15 +1,19 @@
-"""The `blackwell_ops` contract (SPEC §4-8): names, argument orders, checks, provider selection.
+"""The `blackwell_ops` contract (SPEC §4-8, §14): names, argument orders, checks, provider selection.
 
-The seven ops keep the upstream names and argument orders of the unpublished `blackwell_ops`
-package that FastDeploy's `BlackwellGemmFusedMoeMethod` (PR #7053) calls, plus
-`cutlass_scale_to_fp32`, our inverse of `unpack_and_convert_scale`. Each op is one row of
-`backend.ops.contract.OPS` (signature, defaults, docstring with shapes and layouts); from it come
+The ops keep the names and argument orders upstream FastDeploy calls them with (docs/upstream.md):
+`group_gemm_masked`, `unpack_and_convert_scale` and, since #7374 (develop),
+`prefill_permute_to_blackwell_masked_gemm`, `fused_mask_swiglu_fp8_quant_blackwell` live in the unpublished
+`blackwell_ops` package, as does #7666's `group_wise_quant`; `per_token_quant`,
+`prefill_permute_to_masked_gemm`, `fused_mask_swiglu_fp8_quant`, `depermute_prefill_combine` are
+FastDeploy's own ops (`fastdeploy.model_executor.ops.gpu`); `cutlass_scale_to_fp32` is ours, the inverse
+of `unpack_and_convert_scale`. Each op is one row of `backend.ops.contract.OPS` (package, signature,
+defaults, docstring with shapes, layouts and the upstream generation it follows); from it come
 the module-level function `backend.ops.<op>(...)` (the selected provider) and the method
 `get_provider(name).<op>(...)`. A call checks its arguments once (`backend.ops._checks.CHECKS`;
 errors name the argument, the expected and the seen value), then calls the provider module,
 which receives validated, complete arguments:
 
-    blackwell_ops   the real package (SM100+ GPUs)                 backend/ops/blackwell_provider.py
+    blackwell_ops   the real packages (SM100+ GPUs)                backend/ops/blackwell_provider.py
     triton          Triton kernels (torch + triton + a CUDA GPU)   backend/ops/triton/provider.py
     paddle          vectorized Paddle, any device                  backend/ops/paddle_provider.py
 
@@ -42,7 +46,7 @@ from backend import envs
 from .contract import OP_NAMES, OPS, ContractOp
 
 __all__ = [  # noqa: F822 - the op functions are made from contract.OPS at the end of this module
-    *OP_NAMES, "get_provider", "last_provider_name", "reset_provider_cache", "OpsProvider",
+    *OP_NAMES, "get_provider", "last_provider_name", "reset_provider_cache", "OpsProvider", "ops_generation",
     "PROVIDER_ENV", "PROVIDER_NAMES", "OP_NAMES",
 ]
 
@@ -203,6 +207,15 @@ def reset_provider_cache() -> None:
     with _provider_lock:
         _provider_cache.clear()
         _last_provider = None
+
+
+def ops_generation(name: str | None = None) -> str:
+    """The upstream generation of ops that provider `name` (None: the selected one) serves: "develop" when it has
+    the fused Blackwell ops (`prefill_permute_to_blackwell_masked_gemm`, `fused_mask_swiglu_fp8_quant_blackwell`) and
+    `group_gemm_masked`'s recipe, "7053" when it has not. paddle and triton serve every op ("develop"); blackwell_ops
+    serves the installed package's generation (`blackwell_provider.generation()`, FD_BLACKWELL_OPS_GENERATION)."""
+    generation = getattr(get_provider(name).module, "generation", None)
+    return generation() if generation is not None else "develop"
 
 
 def last_provider_name() -> str | None:

@@ -15,10 +15,12 @@ from moe_ref.checks import check_dim, check_finite, check_ids_in_range, check_po
 from moe_ref.fp8 import BYTES_PER_WORD, UE8M0_NAN, align, contiguous_copy
 from moe_ref.quant import GROUP_SIZE
 
+from .contract import RECIPES
 from .cutlass_sf import SF_TILE_COLS, SF_TILE_ROWS, SF_VEC_SIZE
 
 FP8 = paddle.float8_e4m3fn
 _INT_IDS = (paddle.int32, paddle.int64)
+SF_GROUP_SIZES = (SF_VEC_SIZE, GROUP_SIZE)        # 1x32 (#7666) and 1x128 (#7053, develop) scale groups
 
 
 def _check_bool(value, name: str) -> bool:
@@ -57,13 +59,20 @@ def _check_no_nan_byte(words: paddle.Tensor, name: str) -> None:
                          f"expected exponents 0..{UE8M0_NAN - 1}")
 
 
+def _check_no_nan_bytes(b: paddle.Tensor, name: str) -> None:
+    """UE8M0 bytes (uint8): no byte may be 255 (the UE8M0 NaN)."""
+    bad = b == UE8M0_NAN
+    if bool(bad.any()):
+        raise ValueError(f"{name}: byte at index {tuple(first_index(bad))} is {UE8M0_NAN} (UE8M0 NaN); "
+                         f"expected exponents 0..{UE8M0_NAN - 1}")
+
+
 def _check_no_nan_sf_bytes(sfa: paddle.Tensor, sfb: paddle.Tensor) -> None:
     """CUTLASS SF bytes (uint8) of both operands: no byte may be 255 (the UE8M0 NaN); one synchronization."""
     bad_a, bad_b = sfa == UE8M0_NAN, sfb == UE8M0_NAN
     if bool(paddle.logical_or(bad_a.any(), bad_b.any())):
-        name, bad = ("sfa", bad_a) if bool(bad_a.any()) else ("sfb", bad_b)
-        raise ValueError(f"{name}: byte at index {tuple(first_index(bad))} is {UE8M0_NAN} (UE8M0 NaN); "
-                         f"expected exponents 0..{UE8M0_NAN - 1}")
+        name, sf = ("sfa", sfa) if bool(bad_a.any()) else ("sfb", sfb)
+        _check_no_nan_bytes(sf, name)
 
 
 def _check_per_token_quant(x, block_size, use_ue8m0):
@@ -91,6 +100,12 @@ def _check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num)
             check_dim(scale, 1, -(-s // BYTES_PER_WORD), "scale", "ceil(S/4) (packed UE8M0 scales)")
     elif x.dtype == FP8:
         raise ValueError("scale: expected a [W, S'] scale tensor for fp8 x, got None")
+    _check_routing(topk_ids, e, m)
+    return x, scale, topk_ids, e, m
+
+
+def _check_routing(topk_ids, e: int, m: int) -> None:
+    """topk_ids [W, K_top] int: ids in [-1, E), at most M rows per expert (ValueError naming topk_ids)."""
     ids = check_ids_in_range(topk_ids, "topk_ids", e, "expert ids", note=f" (num_local_experts = {e})")
     valid = ids.flatten()
     valid = valid[valid >= 0] if bool((valid >= 0).any()) else paddle.zeros([0], dtype=paddle.int64)
@@ -99,6 +114,25 @@ def _check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num)
         ex = first_index(counts > m)[0]
         raise ValueError(f"topk_ids: expert {ex} receives {int(counts[ex])} rows, more than "
                          f"max_token_num = {m}")
+
+
+def _check_blackwell_permute(x, scale, topk_ids, num_local_experts, max_token_num):
+    check_tensor(x, "x", dtypes=(FP8,), ndim=2)
+    w, h = (int(d) for d in x.shape)
+    check_tensor(scale, "scale", dtypes=(paddle.int32, paddle.uint8), ndim=2)
+    check_dim(scale, 0, w, "scale", "W (rows of x)")
+    if scale.dtype == paddle.int32:
+        check_dim(scale, 1, -(-(-(-h // GROUP_SIZE)) // BYTES_PER_WORD), "scale",
+                  "ceil(S/4) (packed UE8M0 scales, 1x128 groups)")
+        _check_no_nan_byte(scale, "scale")
+    else:
+        check_dim(scale, 1, -(-h // SF_VEC_SIZE), "scale", "ceil(H/32) (UE8M0 bytes, 1x32 groups)")
+        _check_no_nan_bytes(scale, "scale")
+    check_tensor(topk_ids, "topk_ids", dtypes=_INT_IDS, ndim=2)
+    check_dim(topk_ids, 0, w, "topk_ids", "W (rows of x)")
+    e = check_positive_int(num_local_experts, "num_local_experts")
+    m = check_positive_int(max_token_num, "max_token_num")
+    _check_routing(topk_ids, e, m)
     return x, scale, topk_ids, e, m
 
 
@@ -131,7 +165,14 @@ def _check_cutlass_to_fp32(sf, num_rows):
     return sf, num_rows
 
 
-def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, *, sfb_per_block):
+def _check_recipe(recipe):
+    if recipe is not None and not (isinstance(recipe, str) and recipe in RECIPES):
+        raise ValueError(f"recipe: expected None (#7053's nine arguments) or {' or '.join(map(repr, RECIPES))} "
+                         f"(develop's tenth argument), got {recipe!r}")
+    return recipe
+
+
+def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
     check_tensor(b, "b", dtypes=(FP8,), ndim=3)
     e, n, k = (int(d) for d in b.shape)
     m = check_positive_int(max_m_per_expert, "max_m_per_expert")
@@ -156,9 +197,10 @@ def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
         check_dim(bias, 0, e, "bias", "E")
         check_dim(bias, 1, n, "bias", "N")
     sm_count = _check_int(sm_count, "sm_count")
+    recipe = _check_recipe(recipe)
     sfb_per_block = _check_bool(sfb_per_block, "sfb_per_block")
     _check_no_nan_sf_bytes(sfa, sfb)
-    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, sfb_per_block
+    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, recipe, sfb_per_block
 
 
 def _check_finite_rows(x: paddle.Tensor, counts: paddle.Tensor, name: str, count_name: str) -> None:
@@ -186,6 +228,41 @@ def _check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0):
     return up, counts, block_size, use_ue8m0
 
 
+def _check_group_size(group_size) -> int:
+    if isinstance(group_size, bool) or group_size not in SF_GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {', '.join(map(str, SF_GROUP_SIZES))}, got {group_size!r}")
+    return int(group_size)
+
+
+def _check_swiglu_blackwell(up, token_nums_per_expert, *, group_size):
+    check_tensor(up, "up", dtypes=(paddle.bfloat16,), ndim=2)
+    check_tensor(token_nums_per_expert, "token_nums_per_expert", dtypes=_INT_IDS, ndim=(1, 2))
+    e = int(token_nums_per_expert.shape[0])
+    rows, i2 = (int(d) for d in up.shape)
+    if e == 0 or rows % e or i2 == 0 or i2 % 2:
+        raise ValueError(f"up: expected shape [E·M, 2I] with E = {e} (rows of token_nums_per_expert) and 2I even, "
+                         f"> 0, got {list(up.shape)}")
+    m = rows // e
+    counts = _check_counts(token_nums_per_expert, "token_nums_per_expert", e, m, "M = rows(up) / E")
+    _check_finite_rows(up.reshape([e, m, i2]), counts, "up", "token_nums_per_expert")
+    return up, counts, _check_group_size(group_size)
+
+
+def _check_group_wise_quant(x, flag, use_swizzle):
+    check_tensor(x, "x", dtypes=(paddle.bfloat16, paddle.float32), ndim=(2, 3))
+    flag = _check_bool(flag, "flag")
+    if flag:
+        raise ValueError("flag: expected False (the only value upstream passes; what True does is unknown), got True")
+    use_swizzle = _check_bool(use_swizzle, "use_swizzle")
+    n, k = int(x.shape[-2]), int(x.shape[-1])
+    kb = -(-k // SF_VEC_SIZE)
+    if use_swizzle and (n % SF_TILE_ROWS or kb % SF_TILE_COLS):
+        raise ValueError(f"x: use_swizzle needs N a multiple of {SF_TILE_ROWS} and ceil(K/32) a multiple of "
+                         f"{SF_TILE_COLS} (whole SfAtom tiles), got shape {list(x.shape)}")
+    check_finite(x, "x")
+    return x, flag, use_swizzle
+
+
 def _check_depermute(ffn_out, indice_map, topk_weights, num_worst_tokens):
     check_tensor(ffn_out, "ffn_out", dtypes=(paddle.bfloat16, paddle.float32), ndim=3)
     e, m, _ = (int(d) for d in ffn_out.shape)
@@ -208,4 +285,7 @@ CHECKS = {
     "group_gemm_masked": _check_group_gemm,
     "fused_mask_swiglu_fp8_quant": _check_swiglu,
     "depermute_prefill_combine": _check_depermute,
+    "prefill_permute_to_blackwell_masked_gemm": _check_blackwell_permute,
+    "fused_mask_swiglu_fp8_quant_blackwell": _check_swiglu_blackwell,
+    "group_wise_quant": _check_group_wise_quant,
 }

@@ -154,18 +154,27 @@ def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_to
             counts.astype(paddle.int32).reshape([e, 1]))
 
 
-def unpack_and_convert_scale(scale, masked_m):
-    e, mn, c = (int(d) for d in scale.shape)
+def _words_to_sf(words: paddle.Tensor, masked_m: paddle.Tensor | None, group_size: int) -> paddle.Tensor:
+    """Packed UE8M0 words [E, MN, C] (any strides; bytes = groups of group_size along K) -> CUTLASS SF bytes
+    [E, align(MN, 128), 4C · group_size/32]: each group byte repeated once per 32 K-elements, rows >= MN and
+    rows >= masked_m[e] zero, swizzled (SPEC §4). group_size 128: unpack_and_convert_scale; 32: the bytes as they are."""
+    e, mn, c = (int(d) for d in words.shape)
     mn_pad = align(mn, SF_TILE_ROWS)
-    b = _words_to_bytes(scale).astype(paddle.int32)                          # [E, MN, 4C]
+    b = _words_to_bytes(words).astype(paddle.int32)                          # [E, MN, 4C]
     if masked_m is not None:
         keep = paddle.arange(mn, dtype=paddle.int32).reshape([1, mn, 1]) < masked_m.reshape([e, 1, 1])
         b = b * keep.astype(paddle.int32)
-    # One byte per 32 K-elements: each 128-group byte covers SF_PER_GROUP of them.
-    b = b.unsqueeze(-1).expand([e, mn, c * BYTES_PER_WORD, SF_PER_GROUP]).reshape([e, mn, -1])
+    rep = group_size // SF_VEC_SIZE
+    if rep > 1:
+        b = b.unsqueeze(-1).expand([e, mn, c * BYTES_PER_WORD, rep]).reshape([e, mn, -1])
     if mn_pad != mn:
         b = paddle.concat([b, paddle.zeros([e, mn_pad - mn, int(b.shape[2])], dtype=b.dtype)], axis=1)
     return cutlass_sf.swizzle(b.astype(paddle.uint8))
+
+
+def unpack_and_convert_scale(scale, masked_m):
+    # One byte per 32 K-elements: each 128-group byte covers SF_PER_GROUP of them.
+    return _words_to_sf(scale, masked_m, GROUP_SIZE)
 
 
 def cutlass_scale_to_fp32(sf, num_rows):
@@ -210,8 +219,9 @@ def _fp8_to_float(x: paddle.Tensor) -> paddle.Tensor:
     return x.view(FP8).astype(paddle.float32)
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, *, sfb_per_block):
-    # sm_count and sfb_per_block change nothing here: every row's scale bytes are decoded, whatever they hold.
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
+    # sm_count, recipe (None or "w8a8": the same computation) and sfb_per_block change nothing here: every
+    # row's scale bytes are decoded, whatever they hold.
     e, n, k = (int(d) for d in b.shape)
     m = max_m_per_expert
     counts = [int(c) for c in masked_m.tolist()]
@@ -283,3 +293,35 @@ def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_token
         term = rows * topk_weights[:, k:k + 1]
         acc = acc + paddle.where(valid[:, k:k + 1], term, paddle.zeros_like(term))
     return acc.astype(paddle.bfloat16)
+
+
+# ----------------------------------------------------------------------------- develop's fused ops, #7666's quant
+# Composed of this provider's own ops (what one fused kernel does in a single pass); equal to the reference
+# moe_ref.blackwell_layout byte for byte (tests/test_paddle_provider.py).
+
+def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+    e, m = num_local_experts, max_token_num
+    group = GROUP_SIZE if scale.dtype == paddle.int32 else SF_VEC_SIZE
+    # 1x32 bytes travel through the permute packed 4 to a word, as 1x128 words do: the permute moves rows.
+    words = scale if group == GROUP_SIZE else _pack_bytes(scale.astype(paddle.int32))
+    permute_x, permute_words, indice_map, counts = prefill_permute_to_masked_gemm(x, words, topk_ids, e, m)
+    sf = _words_to_sf(permute_words, counts.reshape([-1]), group)
+    return permute_x.reshape([e * m, int(x.shape[1])]), sf, indice_map, counts
+
+
+def fused_mask_swiglu_fp8_quant_blackwell(up, token_nums_per_expert, *, group_size):
+    e = int(token_nums_per_expert.shape[0])
+    rows, i2 = (int(d) for d in up.shape)
+    act, words = fused_mask_swiglu_fp8_quant(up.reshape([e, rows // e, i2]), token_nums_per_expert, group_size, True)
+    return act.reshape([rows, i2 // 2]), _words_to_sf(words, token_nums_per_expert, group_size)
+
+
+def group_wise_quant(x, flag, use_swizzle):
+    # flag is always False (checked by the contract; its meaning upstream is unknown).
+    n, k = int(x.shape[-2]), int(x.shape[-1])
+    lead = list(x.shape[:-2])
+    q, _, exp_bytes = _quantize_groups(x.astype(paddle.float32).reshape([-1, k]), SF_VEC_SIZE, True,
+                                       FASTDEPLOY_AMAX_FLOOR)
+    q = (q.view(FP8) if q.numel() else q.astype(FP8)).reshape(lead + [n, k])
+    sf = exp_bytes.astype(paddle.uint8).reshape(lead + [n, -(-k // SF_VEC_SIZE)])
+    return q, (cutlass_sf.swizzle(sf) if use_swizzle else sf)

@@ -254,12 +254,14 @@ def zero_tail_rows_kernel(px_ptr, counts_ptr, M, ROW, BLOCK_R: tl.constexpr, BLO
 
 @triton.jit
 def unpack_sf_kernel(w_ptr, counts_ptr, out_ptr, MN, NUM_GROUPS, stride_e, stride_mn, stride_c,
-                     HAS_COUNTS: tl.constexpr, BLOCK_G: tl.constexpr):
+                     HAS_COUNTS: tl.constexpr, BLOCK_G: tl.constexpr, REPEAT: tl.constexpr = True):
     """Packed UE8M0 words [E, MN, C] (any strides) -> CUTLASS SF bytes, written as int32 words.
 
-    Group g of row r (byte g % 4 of word g // 4) becomes 4 equal bytes (one per 32 K-elements),
-    i.e. one output word. NUM_GROUPS = 4C = KB // 4. Rows >= MN (padding to 128) and rows >= counts[e]
-    are zero. out: [E, MN_pad, KB] bytes viewed as int32, expert stride MN_pad·KB/4 words.
+    REPEAT (1x128 groups): group g of row r (byte g % 4 of word g // 4) becomes 4 equal bytes (one per
+    32 K-elements), i.e. one output word; NUM_GROUPS = 4C = KB // 4. Not REPEAT (1x32 groups, one byte per
+    32 K-elements already): word g holds the 4 bytes of output word g; NUM_GROUPS = C = KB // 4.
+    Rows >= MN (padding to 128) and rows >= counts[e] are zero. out: [E, MN_pad, KB] bytes viewed as int32,
+    expert stride MN_pad·KB/4 words.
     """
     e = tl.program_id(0)
     rt = tl.program_id(1)
@@ -270,10 +272,13 @@ def unpack_sf_kernel(w_ptr, counts_ptr, out_ptr, MN, NUM_GROUPS, stride_e, strid
     if HAS_COUNTS:
         live = live & (r < tl.load(counts_ptr + e))
     ok = live[None, :] & (g < NUM_GROUPS)[:, None]                                  # [BLOCK_G, 128]
-    word = tl.load(w_ptr + e.to(tl.int64) * stride_e + r[None, :].to(tl.int64) * stride_mn
-                   + (g[:, None] // 4) * stride_c, mask=ok, other=0)
-    b = (word >> ((g[:, None] % 4) * 8)) & 0xFF
-    rep = b | (b << 8) | (b << 16) | (b << 24)
+    base = w_ptr + e.to(tl.int64) * stride_e + r[None, :].to(tl.int64) * stride_mn
+    if REPEAT:
+        word = tl.load(base + (g[:, None] // 4) * stride_c, mask=ok, other=0)
+        b = (word >> ((g[:, None] % 4) * 8)) & 0xFF
+        rep = b | (b << 8) | (b << 16) | (b << 24)
+    else:
+        rep = tl.load(base + g[:, None] * stride_c, mask=ok, other=0)
     mn_pad = tl.num_programs(1) * SF_TILE_ROWS
     dst = e.to(tl.int64) * mn_pad * NUM_GROUPS + _sf_word_offset(r[None, :], g[:, None], NUM_GROUPS)
     tl.store(out_ptr + dst, rep, mask=(g < NUM_GROUPS)[:, None])

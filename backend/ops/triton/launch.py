@@ -189,22 +189,27 @@ def permute_rows(x: torch.Tensor, scale: torch.Tensor | None, indice_map: torch.
 
 # ----------------------------------------------------------------------------- §4
 
-def unpack_and_convert_scale(scale: torch.Tensor, masked_m: torch.Tensor | None = None) -> torch.Tensor:
-    """Packed UE8M0 [E, MN, C] int32 (any strides) -> CUTLASS SM100 SF bytes uint8 [E, align(MN,128), 16·C].
+def unpack_and_convert_scale(scale: torch.Tensor, masked_m: torch.Tensor | None = None,
+                             group_size: int = GROUP_SIZE) -> torch.Tensor:
+    """Packed UE8M0 [E, MN, C] int32 (any strides) -> CUTLASS SM100 SF bytes uint8 [E, align(MN,128), KB].
 
-    Each 128-group byte is repeated 4 times (one per 32 K-elements) and swizzled (SPEC §4);
+    group_size 128 (the op): each 128-group byte is repeated 4 times (one per 32 K-elements), KB = 16·C;
+    group_size 32 (1x32 bytes packed 4 to a word): the bytes as they are, KB = 4·C. Swizzled (SPEC §4);
     rows >= MN and rows >= masked_m[e] (int32 [E] or [E, 1], optional) are zero bytes.
     """
+    if group_size not in (K.SF_VEC_SIZE.value, GROUP_SIZE):
+        raise ValueError(f"group_size: expected {K.SF_VEC_SIZE.value} or {GROUP_SIZE}, got {group_size!r}")
     e_num, mn, c = scale.shape
     mn_pad = _align(mn, K.SF_TILE_ROWS.value)
-    groups = 4 * c
-    out = torch.empty((e_num, mn_pad, 16 * c), dtype=torch.uint8, device=scale.device)
+    repeat = group_size == GROUP_SIZE
+    groups = 4 * c if repeat else c
+    out = torch.empty((e_num, mn_pad, 4 * groups), dtype=torch.uint8, device=scale.device)
     counts = None if masked_m is None else masked_m.reshape(-1).to(torch.int32).contiguous()
     block_g = min(16, _pow2(groups))
     grid = (e_num, mn_pad // K.SF_TILE_ROWS.value, triton.cdiv(groups, block_g))
     K.unpack_sf_kernel[grid](scale, counts if counts is not None else scale, out.view(torch.int32), mn, groups,
                              scale.stride(0), scale.stride(1), scale.stride(2), HAS_COUNTS=counts is not None,
-                             BLOCK_G=block_g, num_warps=4)
+                             BLOCK_G=block_g, REPEAT=repeat, num_warps=4)
     return out
 
 

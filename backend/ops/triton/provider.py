@@ -105,7 +105,8 @@ def cutlass_scale_to_fp32(sf, num_rows):
     return _to_paddle(_launch().cutlass_scale_to_fp32(_to_torch(sf), num_rows))
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, *, sfb_per_block):
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
+    # recipe (None or "w8a8", checked by the contract) names the one computation the kernels do.
     out_t = _to_torch(out)
     # impl="auto": the fast per-128 kernel when every 4-byte group of sfa/sfb repeats one byte (always so
     # for unpack_and_convert_scale's output), else tl.dot_scaled, which honours one byte per 32 K.
@@ -133,3 +134,54 @@ def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0
 def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_tokens):
     return _to_paddle(_launch().depermute_prefill_combine(_to_torch(ffn_out), _to_torch(indice_map),
                                                           _to_torch(topk_weights), num_worst_tokens))
+
+
+# ----------------------------------------------------------------------------- develop's fused ops, #7666's quant
+# Composed of this provider's own kernels (permute / SwiGLU quant, then the SF conversion); one fused kernel
+# each would save a pass over the scales. Equal byte for byte to moe_ref.blackwell_layout (tests).
+
+def _byte_words(b):
+    """torch uint8 [W, G] -> int32 [W, ceil(G/4)], 4 bytes to a word little-endian, zero-padded."""
+    import torch
+    pad = -int(b.shape[1]) % 4
+    if pad:
+        b = torch.nn.functional.pad(b, (0, pad))
+    return b.contiguous().view(torch.int32)
+
+
+def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+    e, m = num_local_experts, max_token_num
+    L = _launch()
+    group = 128 if scale.dtype == paddle.int32 else 32
+    words = _to_torch(scale)
+    words = words if group == 128 else _byte_words(words)
+    px, ps, imap, counts = L.prefill_permute_to_masked_gemm(_to_torch(x), words, _to_torch(topk_ids), e, m)
+    sf = L.unpack_and_convert_scale(ps, counts, group_size=group)
+    return _to_paddle(px.view(e * m, -1)), _to_paddle(sf), _to_paddle(imap), _to_paddle(counts)
+
+
+def fused_mask_swiglu_fp8_quant_blackwell(up, token_nums_per_expert, *, group_size):
+    L = _launch()
+    e = int(token_nums_per_expert.shape[0])
+    rows, i2 = (int(d) for d in up.shape)
+    counts = _to_torch(token_nums_per_expert)
+    act, words = L.fused_mask_swiglu_fp8_quant(_to_torch(up).view(e, rows // e, i2), counts, group_size, True,
+                                               check_finite=True)
+    sf = L.unpack_and_convert_scale(words, counts, group_size=group_size)
+    return _to_paddle(act.view(rows, i2 // 2)), _to_paddle(sf)
+
+
+def group_wise_quant(x, flag, use_swizzle):
+    # flag is always False (checked by the contract). The swizzle is the SF conversion of 1x32 bytes,
+    # one expert per matrix (N % 128 == 0 and ceil(K/32) % 4 == 0, checked by the contract).
+    import torch
+    L = _launch()
+    n, k = int(x.shape[-2]), int(x.shape[-1])
+    groups = -(-k // 32)
+    q, words = L.per_token_quant(_to_torch(x).reshape(-1, k), 32, True, amax_floor=L.SWIGLU_AMAX_FLOOR)
+    lead = list(x.shape[:-2])
+    if use_swizzle:
+        sf = L.unpack_and_convert_scale(words.view(-1, n, words.shape[-1]), None, group_size=32)
+    else:
+        sf = words.view(torch.uint8).view(-1, words.shape[-1] * 4)[:, :groups]
+    return _to_paddle(q).reshape(lead + [n, k]), _to_paddle(sf.contiguous()).reshape(lead + [n, groups])
