@@ -64,13 +64,19 @@ def use_deep_gemm() -> bool:
     return _read_switch("FD_USE_DEEP_GEMM")
 
 
+def normalize_choice(value: str, default: str) -> str:
+    """The one reading rule of a choice, from a variable or from an argument such as `get_provider(name)`:
+    case and surrounding spaces ignored, the empty string means the default."""
+    return value.strip().lower() or default
+
+
 def _read_choice(name: str, choices: tuple[str, ...], default: str) -> str:
-    """A variable taking one of `choices`: case and surrounding spaces ignored, unset or empty = default;
+    """A variable taking one of `choices` (read by `normalize_choice`), unset = default;
     anything else is a ValueError naming the variable, the allowed values and the value seen."""
     value = os.environ.get(name)
     if value is None:
         return default
-    v = value.strip().lower() or default
+    v = normalize_choice(value, default)
     if v not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(choices)} (unset means {default}), got {value!r}")
     return v
@@ -84,6 +90,11 @@ def get_ops_provider_name() -> str:
     the allowed values and the value seen.
     """
     return _read_choice(OPS_PROVIDER_VAR, OPS_PROVIDERS, DEFAULT_OPS_PROVIDER)
+
+
+def normalize_ops_provider_name(value: str) -> str:
+    """An explicit provider name read as FD_MOE_OPS_PROVIDER is read (see `normalize_choice`)."""
+    return normalize_choice(value, DEFAULT_OPS_PROVIDER)
 
 
 def get_blackwell_ops_generation() -> str:

@@ -1,5 +1,9 @@
 """Block quantization (SPEC §3): 1x128 activations, 128x128 weights, FP32 or UE8M0 scales.
 
+Non-finite input (NaN, inf) is an error naming the tensor and its first bad index unless
+nan_policy="propagate" (SPEC §1); the one statement of that policy for every quantizing function and
+op is the README's "Failure modes" section.
+
 Scale convention: `x ~= q * s`, one float32 scale per 1x128 group (activations) or per
 128x128 block (weights), row-major; UE8M0 scales are FP32 powers of two here (pack them
 with `moe_ref.fp8.ue8m0_encode` + `pack_ue8m0` when a kernel wants bytes).

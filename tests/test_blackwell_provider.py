@@ -94,7 +94,8 @@ def test_ht_sequence_reaches_the_right_modules_with_the_right_arity(generation):
     x, q, words, ids, weights = _tokens()
     replay = _ht_develop if generation == "develop" else _ht_7053
     with install_fakes(generation) as log:
-        assert blackwell_provider.generation() == generation
+        assert blackwell_provider.generation() == generation == ops.ops_generation()
+        assert ops.ops_generation("paddle") == "develop"
         out = replay(q, words, ids, weights)
         assert log.ops() == EXPECTED[generation]
         gemms = [c.args for c in log if c.op == "group_gemm_masked"]

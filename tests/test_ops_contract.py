@@ -586,3 +586,19 @@ def test_valid_baseline_calls_pass(monkeypatch):
     ops.fused_mask_swiglu_fp8_quant_blackwell(UP2, MM, group_size=32)
     ops.group_wise_quant(paddle.ones([128, 128]), False, True)
     assert ops.last_provider_name() == "paddle"
+
+
+# get_provider(name) reads an explicit name as FD_MOE_OPS_PROVIDER is read (issue 15 item 9)
+@pytest.mark.parametrize("name", ["Paddle", "PADDLE", " paddle ", "paddle\t", "Auto", " AUTO"])
+def test_explicit_name_ignores_case_and_spaces_like_the_variable(name, monkeypatch):
+    monkeypatch.setenv("FD_MOE_OPS_PROVIDER", name)
+    from_variable = ops.get_provider().name
+    assert ops.get_provider(name).name == from_variable
+    assert ops.get_provider(name).name == ops.get_provider(name.strip().lower()).name
+
+
+@pytest.mark.parametrize("name", ["padle", "paddle provider", 3])
+def test_explicit_name_that_is_no_provider_is_still_an_error(name, monkeypatch):
+    monkeypatch.delenv("FD_MOE_OPS_PROVIDER", raising=False)
+    with pytest.raises(ValueError, match=r"name: expected one of .* got"):
+        ops.get_provider(name)

@@ -46,7 +46,7 @@ from backend import envs
 from .contract import OP_NAMES, OPS, ContractOp
 
 __all__ = [  # noqa: F822 - the op functions are made from contract.OPS at the end of this module
-    *OP_NAMES, "get_provider", "last_provider_name", "reset_provider_cache", "OpsProvider",
+    *OP_NAMES, "get_provider", "last_provider_name", "reset_provider_cache", "OpsProvider", "ops_generation",
     "PROVIDER_ENV", "PROVIDER_NAMES", "OP_NAMES",
 ]
 
@@ -152,9 +152,11 @@ def _module_function(row: ContractOp):
 def _requested_name(name: str | None) -> str:
     if name is None:
         return envs.get_ops_provider_name()      # the one reader of the variable (ValueError naming it)
-    if not isinstance(name, str) or name not in PROVIDER_NAMES:
-        raise ValueError(f"name: expected one of {', '.join(PROVIDER_NAMES)} or None, got {name!r}")
-    return name
+    normalized = envs.normalize_ops_provider_name(name) if isinstance(name, str) else None
+    if normalized not in PROVIDER_NAMES:
+        raise ValueError(f"name: expected one of {', '.join(PROVIDER_NAMES)} (case and spaces ignored) or None, "
+                         f"got {name!r}")
+    return normalized
 
 
 def get_provider(name: str | None = None) -> OpsProvider:
@@ -205,6 +207,15 @@ def reset_provider_cache() -> None:
     with _provider_lock:
         _provider_cache.clear()
         _last_provider = None
+
+
+def ops_generation(name: str | None = None) -> str:
+    """The upstream generation of ops that provider `name` (None: the selected one) serves: "develop" when it has
+    the fused Blackwell ops (`prefill_permute_to_blackwell_masked_gemm`, `fused_mask_swiglu_fp8_quant_blackwell`) and
+    `group_gemm_masked`'s recipe, "7053" when it has not. paddle and triton serve every op ("develop"); blackwell_ops
+    serves the installed package's generation (`blackwell_provider.generation()`, FD_BLACKWELL_OPS_GENERATION)."""
+    generation = getattr(get_provider(name).module, "generation", None)
+    return generation() if generation is not None else "develop"
 
 
 def last_provider_name() -> str | None:
