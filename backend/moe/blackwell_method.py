@@ -4,8 +4,8 @@ calls them, docs/upstream.md §4) and the method of our own `backend.moe.layer.F
 
 Upstream generations (docs/upstream.md): the hooks, their signatures, the parameter shapes and attribute names
 follow develop (#7374, 92ae10c3 = dad5a432); the op chain follows the generation of the installed `blackwell_ops`
-(`backend.ops.blackwell_provider.generation()`, FD_BLACKWELL_OPS_GENERATION) on the blackwell_ops provider and
-develop on the portable ones:
+(`backend.ops.ops_generation()`: FD_BLACKWELL_OPS_GENERATION, or detected from the package) on the blackwell_ops
+provider, develop on the portable ones (their fused ops equal #7053's chain bit for bit):
 
     develop  ht  per_token_quant -> runner.dispatch (W rows) -> prefill_permute_to_blackwell_masked_gemm
                  -> experts -> depermute_prefill_combine -> runner.combine
@@ -45,14 +45,6 @@ FP8 = paddle.float8_e4m3fn
 WEIGHTS = ("up_gate_proj", "down_proj")
 RECIPE = "w8a8"                 # group_gemm_masked's tenth argument since #7374 (develop)
 _ID_DTYPES = (paddle.int32, paddle.int64)
-
-
-def ops_generation(provider) -> str:
-    """The op chain the method runs: the installed package's generation on the blackwell_ops provider
-    ("7053" | "develop"), develop's on the portable providers (their fused ops equal #7053's chain bit for bit)."""
-    if provider.name == "blackwell_ops":
-        return provider.module.generation()
-    return "develop"
 
 
 def _new_param(layer, shape, dtype, fill: float, attrs: dict | None = None):
@@ -379,7 +371,7 @@ class BlackwellGemmFusedMoeMethod:
         h_in = x if fc1_latent_proj is None else fc1_latent_proj(x)
         check_dim(h_in, 1, layer.hidden_size, "x", "H (layer.hidden_size)")
         provider = ops.get_provider()
-        gen = ops_generation(provider)
+        gen = ops.ops_generation()      # "7053" | "develop": which chain (module docstring)
         self.last_provider_name, self.last_path = provider.name, path
         if path == "ht":
             out = self._apply_ht(provider, gen, layer, h_in, topk_weights, topk_ids, runner)
