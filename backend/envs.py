@@ -6,6 +6,7 @@
 | `FD_USE_DEEP_GEMM`      | 0, 1 | 0 | otherwise: DeepGEMM fused-MoE method (upstream's; not implemented here) |
 | `FD_MOE_OPS_PROVIDER`   | auto, blackwell_ops, paddle, triton | auto | which provider `backend.ops.get_provider()` returns |
 | `FD_BLACKWELL_OPS_GENERATION` | auto, 7053, develop | auto | which upstream generation of `blackwell_ops` the `blackwell_ops` provider calls (auto: detected from the installed package) |
+| `FD_USE_PFCC_DEEP_EP`   | 0, 1 | 0 | `DeepEPRunner` imports PFCC's DeepEP (`paddlefleet.ops.deep_ep`, else `deep_ep`) under `paddle.enable_compat`, as upstream's `load_deep_ep` (ep.py:33-65) |
 
 Mapping to upstream FastDeploy (PR #7053):
 
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import os
 
-SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM")
+SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM", "FD_USE_PFCC_DEEP_EP")
 OPS_PROVIDER_VAR = "FD_MOE_OPS_PROVIDER"
 OPS_PROVIDERS = ("auto", "blackwell_ops", "paddle", "triton")
 DEFAULT_OPS_PROVIDER = "auto"
@@ -97,6 +98,11 @@ def normalize_ops_provider_name(value: str) -> str:
     return normalize_choice(value, DEFAULT_OPS_PROVIDER)
 
 
+def use_pfcc_deep_ep() -> bool:
+    """FD_USE_PFCC_DEEP_EP as a bool (unset = False); ValueError for anything but 0/1."""
+    return _read_switch("FD_USE_PFCC_DEEP_EP")
+
+
 def get_blackwell_ops_generation() -> str:
     """FD_BLACKWELL_OPS_GENERATION: one of auto | 7053 | develop (unset or empty = auto); ValueError otherwise."""
     return _read_choice(GENERATION_VAR, GENERATIONS, "auto")
@@ -105,6 +111,7 @@ def get_blackwell_ops_generation() -> str:
 _READERS = {
     "FD_USE_BLACKWELL_GEMM": use_blackwell_gemm,
     "FD_USE_DEEP_GEMM": use_deep_gemm,
+    "FD_USE_PFCC_DEEP_EP": use_pfcc_deep_ep,
     "FD_MOE_OPS_PROVIDER": get_ops_provider_name,
     "FD_BLACKWELL_OPS_GENERATION": get_blackwell_ops_generation,
 }

@@ -3,8 +3,9 @@ import pytest
 
 from backend import envs
 
-SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM")
-READERS = {"FD_USE_BLACKWELL_GEMM": envs.use_blackwell_gemm, "FD_USE_DEEP_GEMM": envs.use_deep_gemm}
+SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM", "FD_USE_PFCC_DEEP_EP")
+READERS = {"FD_USE_BLACKWELL_GEMM": envs.use_blackwell_gemm, "FD_USE_DEEP_GEMM": envs.use_deep_gemm,
+           "FD_USE_PFCC_DEEP_EP": envs.use_pfcc_deep_ep}
 
 
 @pytest.mark.parametrize("name", SWITCHES)

@@ -55,7 +55,7 @@ from moe_ref.checks import check_positive_int
 from moe_ref.ep import DispatchOutput
 from moe_ref.fp8 import contiguous_copy, gather_rows_zero_fill, to_mn_major_view
 
-from .. import ops
+from .. import envs, ops
 from .ep_runner import FP8, EPRunner, RunnerHandle, weighted_sum_over_k
 from .quantize import quantize_tokens
 
@@ -557,9 +557,16 @@ def _decode(msg: paddle.Tensor) -> str:
 # ---------------------------------------------------------------------- DeepEP adapter
 
 def import_deep_ep():
-    """The DeepEP module, or RuntimeError. Tries Paddle's port first (what FastDeploy imports,
-    `paddle.distributed.communication.deep_ep`, Paddle tensors), then the upstream `deep_ep`
-    package (torch tensors). Returns (module, tensor_kind) with tensor_kind "paddle" | "torch"."""
+    """The DeepEP module, as upstream's `load_deep_ep` picks it (ep.py:33-65 at develop dad5a432), or RuntimeError.
+    Returns (module, tensor_kind) with tensor_kind "paddle" | "torch".
+
+    FD_USE_PFCC_DEEP_EP=1: `paddle.enable_compat(scope={"deep_ep"})` first (PFCC's DeepEP is written against torch's
+    API, which compat mode maps onto Paddle, so it takes Paddle tensors), then `paddlefleet.ops.deep_ep`, else the
+    PFCCLab `deep_ep` package. Otherwise Paddle's port (`paddle.distributed.communication.deep_ep`, upstream's
+    default), then the upstream `deep_ep` package (torch tensors, converted through DLPack; not an upstream option).
+    """
+    if envs.use_pfcc_deep_ep():
+        return _import_pfcc_deep_ep(), "paddle"
     try:
         from paddle.distributed.communication import deep_ep as mod   # GPU builds of Paddle >= 3.0
         return mod, "paddle"
@@ -575,6 +582,33 @@ def import_deep_ep():
                            "PaddleDistributedEPRunner instead") from None
 
 
+def _import_pfcc_deep_ep():
+    paddle.enable_compat(scope={"deep_ep"})
+    try:
+        import paddlefleet.ops.deep_ep as mod
+        return mod
+    except ModuleNotFoundError:
+        pass
+    try:
+        import deep_ep as mod
+        return mod
+    except ImportError as err:
+        raise RuntimeError(f"DeepEPRunner: FD_USE_PFCC_DEEP_EP=1 but neither paddlefleet.ops.deep_ep (PaddleFleet) nor "
+                           f"deep_ep (PFCCLab/DeepEP) can be imported ({err}); unset it to use Paddle's DeepEP") from None
+
+
+@dataclasses.dataclass
+class DeepEPHandle:
+    """What DeepEPRunner.combine needs of a dispatch: DeepEP's own handle, T, the received tokens n_recv, the rows
+    DeepEP's handle holds (W when the dispatch took num_worst_tokens, else n_recv: its combine asserts
+    src_idx.size(0) == x.size(0)) and DeepEP's recv_topk_weights (passed back as upstream does, ep.py:684-692)."""
+    deep_handle: object
+    num_tokens: int
+    n_recv: int
+    rows: int
+    recv_topk_weights: object
+
+
 class DeepEPRunner(EPRunner):
     """The EP runner interface on DeepEP's `Buffer` (GPU, NVLink/RDMA kernels).
 
@@ -587,7 +621,9 @@ class DeepEPRunner(EPRunner):
     num_experts, use_fp8=, round_scale=, use_ue8m0=)`, `low_latency_combine(x, topk_idx,
     topk_weights, handle)`. Paddle's port (`paddle.distributed.communication.deep_ep`, used by
     FastDeploy) keeps these names; older releases of either lack `num_worst_tokens` and
-    `use_ue8m0`: then this adapter pads to W itself, and use_ue8m0 is a clear error.
+    `use_ue8m0`: then this adapter pads to W itself, and use_ue8m0 is a clear error. With num_worst_tokens the
+    combine gets all W rows back (DeepEP asserts src_idx.size(0) == x.size(0)), as upstream develop's does.
+    Which DeepEP: `import_deep_ep` (FD_USE_PFCC_DEEP_EP, as upstream's load_deep_ep).
 
     buffer: an existing `Buffer` (preferred: FastDeploy builds one per EP group), or None to build
     one on `group` with num_nvl_bytes / num_rdma_bytes.
@@ -607,6 +643,7 @@ class DeepEPRunner(EPRunner):
         self.buffer = buffer
         super().__init__(int(buffer.group_size), int(buffer.rank), num_experts)
         self._dispatch_args = set(inspect.signature(buffer.dispatch).parameters)
+        self._combine_args = set(inspect.signature(buffer.combine).parameters)
         self._ll_args = set(inspect.signature(buffer.low_latency_dispatch).parameters)
 
     def _exchange(self, op, payload):
@@ -625,21 +662,26 @@ class DeepEPRunner(EPRunner):
         return paddle.utils.dlpack.from_dlpack(tdl.to_dlpack(t.contiguous()))
 
     def dispatch(self, x, x_scale, topk_ids, topk_weights, num_worst_tokens) -> DispatchOutput:
-        """As EPRunner.dispatch, through Buffer.get_dispatch_layout + Buffer.dispatch."""
+        """As EPRunner.dispatch, through Buffer.get_dispatch_layout + Buffer.dispatch (upstream's arguments, ep.py:
+        630-668: num_worst_tokens and skip_x_record_stream where the Buffer takes them)."""
         w = check_positive_int(num_worst_tokens, "num_worst_tokens")
         self._check_routing(topk_ids, topk_weights, int(x.shape[0]))
         idx = self._to(topk_ids.astype(paddle.int64))
         per_rank, per_rdma, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(idx, self.num_experts)
         kwargs = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_rdma, is_token_in_rank=in_rank,
                       num_tokens_per_expert=per_expert, topk_idx=idx, topk_weights=self._to(topk_weights))
-        if "num_worst_tokens" in self._dispatch_args:
+        worst = "num_worst_tokens" in self._dispatch_args
+        if worst:
             kwargs["num_worst_tokens"] = w
+        if "skip_x_record_stream" in self._dispatch_args:
+            kwargs["skip_x_record_stream"] = worst
         payload = self._to(x) if x_scale is None else (self._to(x), self._to(x_scale))
         recv_x, recv_ids, recv_w, _, handle, _ = self.buffer.dispatch(payload, **kwargs)
+        deep_w = recv_w
         recv_x, recv_scale = recv_x if isinstance(recv_x, tuple) else (recv_x, None)
         recv_x, recv_scale, recv_ids, recv_w = (self._from(v) for v in (recv_x, recv_scale, recv_ids, recv_w))
-        n_recv = int(recv_x.shape[0])
-        if "num_worst_tokens" in self._dispatch_args:
+        rows = n_recv = int(recv_x.shape[0])
+        if worst:
             n_recv = int((recv_ids >= 0).any(axis=1).astype(paddle.int32).sum())
         elif n_recv > w:
             raise ValueError(f"num_worst_tokens: rank {self.ep_rank} receives {n_recv} tokens, more than "
@@ -652,12 +694,20 @@ class DeepEPRunner(EPRunner):
             recv_ids = paddle.concat([recv_ids.astype(paddle.int64),
                                       paddle.full([w - n_recv, int(recv_ids.shape[1])], -1, dtype=paddle.int64)])
         return DispatchOutput(recv_x, recv_scale, recv_ids.astype(paddle.int64), recv_w, n_recv,
-                              (handle, int(x.shape[0]), n_recv))
+                              DeepEPHandle(handle, int(x.shape[0]), n_recv, rows, deep_w))
 
     def combine(self, partial, handle) -> paddle.Tensor:
-        """As EPRunner.combine, through Buffer.combine (unweighted sum; weights applied before)."""
-        deep_handle, _, n_recv = handle
-        combined, _, _ = self.buffer.combine(self._to(partial[:n_recv]), deep_handle)
+        """As EPRunner.combine, through Buffer.combine (unweighted sum; the weights were applied before). partial
+        [W, H] bf16: every row DeepEP's handle holds goes back (all W when the dispatch took num_worst_tokens,
+        padding rows included, as upstream's combine passes them: develop BW:799-804, 939), else the n_recv
+        received ones. recv_topk_weights is passed as upstream does (ep.py:684-692)."""
+        if not isinstance(handle, DeepEPHandle):
+            raise TypeError(f"handle: expected the DeepEPHandle of this runner's dispatch, got {type(handle).__name__}")
+        x = partial if handle.rows == int(partial.shape[0]) else partial[:handle.rows]
+        kwargs = {"topk_weights": handle.recv_topk_weights}
+        if "skip_x_record_stream" in self._combine_args:
+            kwargs["skip_x_record_stream"] = "num_worst_tokens" in self._dispatch_args    # as the dispatch (ep.py:694)
+        combined, _, _ = self.buffer.combine(self._to(x), handle.deep_handle, **kwargs)
         return self._from(combined)
 
     def low_latency_dispatch(self, x, topk_ids, num_max_dispatch_tokens_per_rank, use_fp8=True, use_ue8m0=True):
