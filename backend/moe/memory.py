@@ -1,5 +1,6 @@
 """Memory report of one forward of the masked chain: the buffers `BlackwellGemmFusedMoeMethod`
-allocates, next to upstream's (FastDeploy PR #7053, SPEC §13). Pure arithmetic on the sizes.
+allocates, next to upstream's at FastDeploy PR #7053 (SPEC §13), the generation that zero-fills them.
+Pure arithmetic on the sizes; the buffers are #7053's chain (packed int32 scales between the ops).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ..ops.cutlass_sf import SF_TILE_ROWS
 def forward_buffer_bytes(num_local_experts: int, max_m_per_expert: int, hidden_size: int,
                          moe_intermediate_size: int, *, num_worst_tokens: int | None = None,
                          top_k: int | None = None, valid_rows: int | None = None) -> dict:
-    """Bytes one forward of the masked chain allocates, ours next to upstream's (PR #7053).
+    """Bytes one forward of the masked chain allocates, ours next to upstream's at #7053.
 
     E = num_local_experts, M = max_m_per_expert, H, I; W = num_worst_tokens and K_top = top_k add the
     token-row tensors (x_q, dispatch output, indice map, partial); valid_rows (Σ masked_m) adds the
@@ -20,9 +21,9 @@ def forward_buffer_bytes(num_local_experts: int, max_m_per_expert: int, hidden_s
      "gemm_written_valid_rows": bytes or None}.
 
     Both allocate the same masked buffers (they are the layout's worst case: every row on one
-    expert). The difference is the memset: upstream zero-fills up_gate_proj_out (E·M·2I bf16)
+    expert). The difference is the memset: upstream #7053 zero-fills up_gate_proj_out (E·M·2I bf16)
     every call, 17.2 GB at E=32, M=65536, I=2048 (SPEC §13), and allocates a separate E·M·H bf16
-    output unless H == 2I; ours zero-fills nothing (paddle.empty; the provider writes valid rows
+    output unless H == 2I (develop, #7374 on, allocates both with paddle.empty, as ours); ours zero-fills nothing (paddle.empty; the provider writes valid rows
     only) and reuses the GEMM 1 buffer for GEMM 2 when H == 2I, as upstream does.
     """
     e, m, h, i = (int(v) for v in (num_local_experts, max_m_per_expert, hidden_size, moe_intermediate_size))
