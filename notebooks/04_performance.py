@@ -245,7 +245,7 @@ plt.show()
 # fraction of it, so a kernel whose cost followed M would waste most of its time. Here GEMM 1
 # runs on `M = FILL_M` rows per expert with 10 % to 100 % of them valid; operands come from
 # the public ops (`per_token_quant`, `unpack_and_convert_scale`) and the layer's converted
-# weights (`up_gate_proj_weight`, `up_gate_proj_weight_scale_bw`). On CPU the Paddle provider
+# weights (`up_gate_proj_weight`, `up_gate_proj_weight_scale_inv`). On CPU the Paddle provider
 # also has a fixed part per call, independent of the rows: it decodes the FP8 weights and their
 # CUTLASS scale bytes to float32 (a GPU kernel does that inside the tensor-core pipeline).
 
@@ -258,7 +258,7 @@ def gemm1_inputs(fill):
     counts = paddle.full([NUM_EXPERTS], valid, dtype=paddle.int32)
     sfa = provider.unpack_and_convert_scale(a_words.reshape([NUM_EXPERTS, m, -1]), counts)
     out = paddle.empty([NUM_EXPERTS * m, 2 * INTER], dtype=paddle.bfloat16)
-    return (a_q, layer.up_gate_proj_weight, sfa, layer.up_gate_proj_weight_scale_bw, counts, out, None, m, -1), valid
+    return (a_q, layer.up_gate_proj_weight, sfa, layer.up_gate_proj_weight_scale_inv, counts, out, None, m, -1), valid
 
 
 fill_args = {f: gemm1_inputs(f) for f in FILLS}
@@ -367,7 +367,7 @@ print(f"{'attribute':34s} {'shape':>16s} {'dtype':>14s} {'bytes':>10s} {'% of FP
 for proj in ("up_gate_proj", "down_proj"):
     wt = getattr(layer, f"{proj}_weight")
     w_bytes = int(np.prod(wt.shape))
-    for suffix in ("_weight", "_weight_scale", "_weight_scale_ue8m0", "_weight_scale_bw"):
+    for suffix in ("_weight", "_weight_scale_fp32", "_weight_scale_ue8m0", "_weight_scale_inv"):
         t = getattr(layer, proj + suffix)
         nbytes = int(np.prod(t.shape)) * t.element_size()
         print(f"{proj + suffix:34s} {str(list(t.shape)):>16s} {str(t.dtype).replace('paddle.', ''):>14s} "
