@@ -1,10 +1,10 @@
 """The fused-MoE layer and its Blackwell method, in data-flow order:
 
     layer.py             FusedMoE: sizes, ranks, routing options, weights; forward -> quant method
-    blackwell_method.py  BlackwellGemmFusedMoeMethod: create / process weights / apply (ht, ll, tp)
+    blackwell_method.py  BlackwellGemmFusedMoeMethod: FastDeploy develop's hooks; apply (ht, ll, tp) by generation
     quantize.py          its quantization outside the fused ops: weights at load, tokens before dispatch
     memory.py            forward_buffer_bytes: the buffers of one forward, ours next to upstream's
-    upstream.py          upstream's names of the three paths (a mixin of the method)
+    upstream.py          what the method reads of upstream's FusedMoE (load tracker, routing attributes, sizes)
     ep_runner.py         EPRunner interface, SingleRankEPRunner, InProcessEPGroup + run_ranks
     ep_distributed.py    the same interface over paddle.distributed (separate module)
 
