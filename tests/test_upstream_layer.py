@@ -10,7 +10,9 @@ import paddle
 import pytest
 
 from backend import ops
+from backend.moe.blackwell_method import BlackwellGemmFusedMoeMethod
 from backend.moe.ep_runner import InProcessEPGroup
+from backend.moe.upstream import TensorTracker
 from backend.moe.layer import FusedMoE as OurFusedMoE
 from backend.quantization import BlockWiseFP8Config
 from moe_ref import moe, quant, routing
@@ -171,3 +173,59 @@ def test_develop_positional_call_that_breaks_upstream_works_here(weights):
     method = layer.quant_method
     out = method.apply_tp(layer, x, Gate(gate_w), None, None, None)
     np.testing.assert_array_equal(f32(out), f32(layer(x, Gate(gate_w))))
+
+
+def test_noaux_tc_routing_from_upstream_attributes(weights):
+    """DeepSeek-V3 routing read from upstream's attribute names (gate_correction_bias [1, E] as upstream stores it)."""
+    w_up, w_down, gate_w = weights
+    bias = paddle.to_tensor(np.random.default_rng(19).normal(size=(1, E)).astype(np.float32))
+    layer = make_layer(fd_config(), topk_method="noaux_tc", n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                       gate_correction_bias=bias)
+    load_checkpoint(layer, bf16_shards(w_up, w_down, range(E)))
+    x, _, _ = moe.make_moe_inputs(8, H, E, K_TOP, seed=20)
+    seen = []
+    out = layer(x, Gate(gate_w), lambda topk_ids: seen.append(topk_ids))
+    tw, ti = routing.noaux_tc_topk(paddle.matmul(x.astype(paddle.float32), gate_w), bias.reshape([-1]), 2, 1, K_TOP,
+                                   True, 2.5)
+    np.testing.assert_array_equal(seen[0].numpy(), ti.numpy())
+    close_to(out, moe.moe_forward_fp8(x, w_up, w_down, tw, ti, use_ue8m0=True), exact=True)
+
+
+def test_hook_argument_errors(weights):
+    w_up, w_down, gate_w = weights
+    with pytest.raises(NotImplementedError, match="model_format: expected 'paddle' or None, got 'torch'"):
+        BlackwellGemmFusedMoeMethod(BlockWiseFP8Config(is_checkpoint_bf16=True)).create_weights(
+            make_layer(fd_config()), model_format="torch")
+    layer = make_layer(fd_config())
+    with pytest.raises(ValueError, match="process_prequanted_weights: loads FP8 checkpoints"):
+        layer.quant_method.process_prequanted_weights(layer, {})
+    fp8 = make_layer(fd_config(is_checkpoint_bf16=False), ckpt="fp8", weight_key_map={
+        "up_gate_proj_expert_weight_key": "w{}", "up_gate_proj_expert_weight_scale_key": "s{}"})
+    with pytest.raises(NotImplementedError, match="is_rearrange"):
+        fp8.quant_method.process_prequanted_weights(fp8, {}, True)
+    state = {f"w{e}": paddle.zeros([H, I], dtype=paddle.float8_e4m3fn) for e in range(E)}   # [K, N/2]: wrong
+    with pytest.raises(ValueError, match=r"w\{\}: expected per-expert shape \[256, 256\], got \[256, 128\]"):
+        fp8.quant_method.process_prequanted_weights(fp8, state)
+    ep = make_layer(fd_config(ep_size=2))
+    load_checkpoint(ep, bf16_shards(w_up, w_down, range(E)))
+    x, _, _ = moe.make_moe_inputs(4, H, E, K_TOP, seed=21)
+    with pytest.raises(ValueError, match="runner: ep_size = 2 needs an EP runner"):
+        ep(x, Gate(gate_w))
+    with pytest.raises(ValueError, match="apply_tp needs 1"):
+        ep.quant_method.apply_tp(ep, x, Gate(gate_w))
+    with pytest.raises(ValueError, match="pass runner= or set method.ep_prefill_runner"):
+        ep.quant_method.apply_ep_prefill(ep, x, Gate(gate_w))
+
+
+def test_tensor_tracker_checks():
+    track = TensorTracker([2, 3, 4], output_dim=True)
+    with pytest.raises(ValueError, match="batch_id"):
+        track.mark(0, 4, None)
+    with pytest.raises(ValueError, match="start, end"):
+        track.mark(3, 2, 0)
+    with pytest.raises(ValueError, match="3-D"):
+        TensorTracker([2, 3], output_dim=False)
+    track.mark(0, 2, 0)
+    track.mark(2, 4, 0)
+    track.mark(0, None, 1)
+    assert track.is_fully_copied()
