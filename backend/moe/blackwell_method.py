@@ -17,8 +17,9 @@ ours run the same masked chain everywhere, which is why FD_USE_DEEP_GEMM is not 
 (`backend.envs`). All scales on every path are UE8M0 (powers of two), as SM100 wants.
 
 Buffers: the GEMM outputs are allocated with `paddle.empty`, never zero-filled: the provider
-writes only the valid rows (SPEC §6) and every later op reads only those. Upstream zero-fills
-an E·M·2I bf16 buffer every call (SPEC §13); `backend.moe.memory.forward_buffer_bytes` reports both sizings.
+writes only the valid rows (SPEC §6) and every later op reads only those. Upstream at #7053 zero-filled
+an E·M·2I bf16 buffer every call; from #7374 on it uses `paddle.empty` too (SPEC §13, docs/upstream.md §1);
+`backend.moe.memory.forward_buffer_bytes` reports ours against #7053's sizing.
 
 The weight quantization at load lives in `backend.moe.quantize`, the memory report in
 `backend.moe.memory`, upstream's names of the three paths in `backend.moe.upstream`.
