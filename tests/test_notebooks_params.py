@@ -17,6 +17,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 # (notebook, parameters, text that must appear in some output of the run)
 CASES = [
+    ("00_fp8_primer", {"SCALE_DEMO_GROUPS": 7, "SEED": 5}, "7 groups"),
     ("01_permute_semantics", {"NUM_TOKENS": 9, "NUM_EXPERTS": 5, "TOP_K": 3, "HIDDEN": 384, "MAX_TOKEN_NUM": 8,
                               "EP_RANKS": 3, "SEED": 3}, "T=9  E=5  K_top=3  H=384  S=3  M=8"),
     ("02_scale_conversion", {"NUM_TOKENS": 5, "HIDDEN": 512, "WEIGHT_ROWS": 100, "NUM_EXPERTS": 3, "TOP_K": 1,
