@@ -70,12 +70,12 @@ from nbtools import md, show
 np.set_printoptions(linewidth=110)
 
 # %% tags=["parameters"]
-NUM_TOKENS = 6        # T >= 2: tokens on this rank (every token is printed: keep it small)
-NUM_EXPERTS = 4       # E >= 1: local experts
-TOP_K = 2             # K_top, 1 <= K_top <= E: experts per token
-HIDDEN = 256          # H: any multiple of 128 (S = H / 128 scale groups)
-MAX_TOKEN_NUM = None  # M: rows per expert of the masked buffer; None = T (the worst case), else >= busiest count
-EP_RANKS = 2          # R >= 1 for the simulated expert-parallel section
+NUM_TOKENS = 6        # T, at least 2: tokens on this rank (every token is printed: keep it small)
+NUM_EXPERTS = 4       # E, at least 1: local experts
+TOP_K = 2             # K_top, 1 to E: experts per token
+HIDDEN = 256          # H: any multiple of 128 (S: H / 128 scale groups)
+MAX_TOKEN_NUM = None  # M: rows per expert of the masked buffer; None: T (the worst case), else at least the busiest count
+EP_RANKS = 2          # R, at least 1, for the simulated expert-parallel section
 SEED = 0
 
 # %%

@@ -87,14 +87,14 @@ os.environ["FD_USE_BLACKWELL_GEMM"] = "1"          # BlockWiseFP8Config picks Bl
 HIDDEN = 512                     # H: a multiple of 128
 INTER = 256                      # I (moe_intermediate_size): a multiple of 128
 NUM_EXPERTS = 8                  # E for the token sweep and the fill sweep
-TOP_K = 4                        # K_top <= every E used below
+TOP_K = 4                        # K_top: at most every E used below
 TOKENS = [32, 64, 128, 256, 512]  # T sweep: two or more values, increasing
 EXPERTS = [4, 8, 16, 32]         # E sweep at TOKENS_FOR_EXPERT_SWEEP tokens: two or more values, increasing
 TOKENS_FOR_EXPERT_SWEEP = 128
 FILL_M = 512                     # M of the fill sweep (rows per expert of the masked buffer)
-FILLS = [0.1, 0.25, 0.5, 1.0]    # fractions of M in (0, 1], increasing
+FILLS = [0.1, 0.25, 0.5, 1.0]    # two or more fractions of M in (0, 1], increasing
 REPEATS = 3                      # timed runs per point after one warm-up (min and median shown)
-# Memory at a DeepSeek-V3 scale: 256 experts over R = 8 ranks, H = 7168, I = 2048, K_top = 8
+# Memory at a DeepSeek-V3 scale: 256 experts over 8 ranks (E 32 each), H 7168, I 2048, K_top 8
 MEMORY_SHAPE = {"E": 32, "H": 7168, "I": 2048, "K": 8, "R": 8, "max_tokens_per_rank": 8192}
 RESULTS_DIR = "benchmarks/results"  # relative to the repository root
 RUN_GPU_LIVE = False             # True: run benchmarks/bench_gpu.py here (needs CUDA + Triton) instead of reading gpu_*.json
