@@ -1,4 +1,5 @@
-"""Every notebook runs with parameters other than its defaults (issue 14: "parameters that work").
+"""Every notebook runs with parameters other than its defaults (issue 14: "parameters that work"),
+and every committed pair opens in JupyterLab's jupytext pairing (`make lab`).
 
 nbval (in `make test`) re-runs each committed notebook with its default parameters; this test
 executes each one with papermill and a different parameter set, chosen to reach the code paths
@@ -8,6 +9,7 @@ output and that the outputs follow the parameters (a line computed from them app
 """
 from pathlib import Path
 
+import jupytext
 import nbformat
 import pytest
 
@@ -64,3 +66,22 @@ def test_notebook_runs_with_other_parameters(name, params, expected, tmp_path):
     assert not stderr, f"{name}: stderr output (warnings) with parameters {params} in cells starting {stderr}"
     text = _outputs_text(nb)
     assert expected in text, f"{name}: expected {expected!r} in the outputs of a run with {params}"
+
+
+def _body(text):
+    """py:percent text without its YAML header (jupytext rewrites the header; the cells are what pair)."""
+    lines = text.splitlines()
+    if lines and lines[0] == "# ---":
+        lines = lines[lines.index("# ---", 1) + 1:]
+    return "\n".join(lines).strip()
+
+
+@pytest.mark.parametrize("py", sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py")), ids=lambda p: p.name)
+def test_ipynb_renders_back_to_its_py(py):
+    """jupytext's contents manager (make lab) refuses to open a pair whose .ipynb is newer than its .py
+    and renders to different text, e.g. with the empty `tags` lists papermill adds to every cell
+    (`jupytext --to ipynb --update NN.py` after papermill removes them and keeps the outputs)."""
+    rendered = jupytext.writes(jupytext.read(py.with_suffix(".ipynb")), fmt="py:percent")
+    assert _body(rendered) == _body(py.read_text()), (
+        f"{py.with_suffix('.ipynb').name} renders to different py:percent text than {py.name}: "
+        f"run `jupytext --to ipynb --update {py.name}` in notebooks/")
