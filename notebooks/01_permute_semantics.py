@@ -168,6 +168,23 @@ for e in range(NUM_EXPERTS):
 print("masked layout: all invariants hold")
 
 # %% [markdown]
+# **The core of the permute, in numpy.** The slot of entry `(t, k)` is its rank among the
+# entries of its expert, counted in `(t, k)` order. A stable sort by expert id keeps that
+# order inside each expert; subtracting each expert's start turns positions into slots. These
+# few lines rebuild the reference's map from `topk_ids` alone:
+
+# %%
+flat = ids_np.ravel()                                          # entries in (t, k) order
+order = np.argsort(flat, kind="stable")                        # grouped by expert, (t, k) order kept
+order = order[flat[order] >= 0]                                # -1 entries (no local expert) get no slot
+starts = np.concatenate([[0], np.cumsum(np.bincount(flat[order], minlength=NUM_EXPERTS))])
+slot = np.full(flat.size, -1)
+slot[order] = np.arange(order.size) - starts[flat[order]]      # position minus the expert's first position
+my_map = np.where(flat >= 0, flat * M + slot, -1).reshape(ids_np.shape)
+print("numpy map == moe_ref map:", np.array_equal(my_map, idx))
+assert np.array_equal(my_map, idx)
+
+# %% [markdown]
 # **Backend.** The ops contract `backend.ops` runs the same permute on the selected provider
 # (the real `blackwell_ops` on SM100, Triton on other GPUs, vectorized Paddle on CPU). Its
 # result must equal the reference bit for bit: a permute only moves bytes.

@@ -458,6 +458,40 @@ for e in range(NUM_EXPERTS):
 print("weights: round trip exact")
 
 # %% [markdown]
+# ## 7. What the GEMM does with these bytes
+#
+# `group_gemm_masked` (SPEC §6) multiplies the permuted FP8 activations by the FP8 weights and
+# applies both scales per 128-wide K block. Its inner loop, written out in numpy for every
+# expert: one block of K at a time, the FP8 product accumulated in float32 (the tensor-core
+# MMA), then scaled by the activation row's and the weight row's scale for that block (read
+# back from the CUTLASS bytes of sections 5-6) and added to the accumulator; bf16 at the end.
+# The provider's result must agree up to float32 summation order (`calc_diff` below 1e-5, the
+# bound of notebook 03 for the same reason).
+
+# %%
+wq_e = paddle.stack([wq.view(paddle.uint8)] * NUM_EXPERTS).view(paddle.float8_e4m3fn)   # [E, N, H] (no fp8 stack on CPU)
+out = paddle.empty([NUM_EXPERTS * M, WEIGHT_ROWS], dtype=paddle.bfloat16)
+provider.group_gemm_masked(lay.permute_x.reshape([NUM_EXPERTS * M, HIDDEN]), wq_e, sfa, sfb,
+                           masked_m.reshape([-1]), out, None, M, -1)
+a_f = fp8.e4m3_to_float32(lay.permute_x).numpy()                                    # [E, M, H]
+b_f = fp8.e4m3_to_float32(wq).numpy()                                               # [N, H]
+sa = ops.cutlass_scale_to_fp32(sfa, M).numpy()                                      # [E, M, KB/4]: per 128 of K
+sb = ops.cutlass_scale_to_fp32(sfb, WEIGHT_ROWS).numpy()                            # [E, N, KB/4]
+got = out.astype(paddle.float32).numpy().reshape(NUM_EXPERTS, M, WEIGHT_ROWS)
+for e in range(NUM_EXPERTS):
+    m_e = int(masked_m.numpy()[e, 0])
+    acc = np.zeros((m_e, WEIGHT_ROWS), np.float32)
+    for g in range(S):                                                              # one 128-wide K block
+        k = slice(128 * g, 128 * (g + 1))
+        partial = a_f[e, :m_e, k] @ b_f[:, k].T                                     # the FP8 MMA, float32
+        acc += partial * sa[e, :m_e, g][:, None] * sb[e, :, g][None, :]             # promotion: both scales
+    expected = paddle.to_tensor(acc).astype(paddle.bfloat16).astype(paddle.float32).numpy()
+    d = calc_diff(got[e, :m_e], expected) if m_e else 0.0
+    print(f"expert {e}: {m_e} rows, calc_diff(provider, numpy loop) = {d:.1e}")
+    assert d < 1e-5
+print(f"provider {provider.name}: the GEMM reads the scale bytes where sections 5-6 put them")
+
+# %% [markdown]
 # **Failing safely.** Three inputs upstream would accept and misuse:
 
 # %%
@@ -485,5 +519,6 @@ for what, call in cases.items():
 # | weight rows | `quant.expand_block_scale_to_rows` | `[N/128, K/128]` → `[N, K/128]` | `sf_row[n] = sf[n // 128]` |
 # | to CUTLASS | `backend.ops.unpack_and_convert_scale` | `[E, MN, C]` int32 → `[E, align(MN,128), 16·C]` uint8 | 4 copies per byte, SfAtom swizzle, rows ≥ masked_m zero |
 # | inverse | `backend.ops.cutlass_scale_to_fp32` | uint8 → `[E, rows, KB/4]` fp32 | exact round trip (asserted above) |
+# | GEMM | `backend.ops.group_gemm_masked` | `[E·M, K]` fp8 × `[E, N, K]` fp8 → `[E·M, N]` bf16 | per 128 of K: FP8 product in float32 × both scales (section 7, against a numpy loop) |
 #
 # Next: `03_correctness` measures what these UE8M0 scales cost in accuracy across the layer.
