@@ -575,15 +575,22 @@ for path, run in gpu_runs:
     print(f"{path.name} ({card_of(run)}, {date_of(run)})")
     print(f"{'n':>5s} {'k':>5s} {'E':>3s} {'rows/expert':>11s} {'ours':>7s} {'DeepGEMM':>9s} {'cuBLAS':>7s} "
           f"{'ours/DeepGEMM':>14s}  kernel")
+    num = lambda v: float(v) if isinstance(v, (int, float)) and v > 0 else float("nan")   # noqa: E731 - None: not run
     for rec in peers:
-        print(f"{rec['n']:5d} {rec['k']:5d} {rec['experts']:3d} {rec['rows_per_expert']!s:>11s} {rec['ours_tflops']:7.0f} "
-              f"{rec['deepgemm_tflops']:9.0f} {rec['cublas_tflops']:7.0f} "
-              f"{rec['ours_tflops'] / rec['deepgemm_tflops']:14.2f}  {rec['kernel']}")
+        print(f"{rec['n']:5d} {rec['k']:5d} {rec['experts']:3d} {rec['rows_per_expert']!s:>11s} "
+              f"{num(rec['ours_tflops']):7.0f} {num(rec['deepgemm_tflops']):9.0f} {num(rec['cublas_tflops']):7.0f} "
+              f"{num(rec['ours_tflops']) / num(rec['deepgemm_tflops']):14.2f}  {rec['kernel']}")
+    vs_dg = np.array([num(r["ours_tflops"]) / num(r["deepgemm_tflops"]) for r in peers])
+    vs_cb = np.array([num(r["ours_tflops"]) / num(r["cublas_tflops"]) for r in peers])
+    if np.isfinite(vs_dg).any():
+        md(f"**{card_of(run)}** ({date_of(run)}), same run: ours at {np.nanmin(vs_dg):.2f}x to {np.nanmax(vs_dg):.2f}x "
+           f"DeepGEMM's TFLOP/s and {np.nanmin(vs_cb):.2f}x to {np.nanmax(vs_cb):.2f}x cuBLAS's over "
+           f"{len(peers)} shapes.")
     labels = [f"n={r['n']} k={r['k']}\n{r['rows_per_expert']} rows" for r in peers]
     xs_ = np.arange(len(peers))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(peers)), 3.6))
     for j, (key, name) in enumerate((("ours_tflops", "ours"), ("deepgemm_tflops", "DeepGEMM"), ("cublas_tflops", "cuBLAS"))):
-        ax.bar(xs_ + (j - 1) * 0.27, [r[key] for r in peers], 0.27, label=name)
+        ax.bar(xs_ + (j - 1) * 0.27, [num(r[key]) for r in peers], 0.27, label=name)
     ax.set_xticks(xs_, labels, fontsize=7)
     ax.set_ylabel("TFLOP/s")
     ax.set_title("masked grouped FP8 GEMM: ours vs DeepGEMM vs cuBLAS, same run", fontsize=10)
