@@ -11,9 +11,8 @@ from pathlib import Path
 
 import jupytext
 import nbformat
+import papermill
 import pytest
-
-papermill = pytest.importorskip("papermill")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
