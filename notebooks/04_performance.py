@@ -376,6 +376,12 @@ print(f"bytes the two GEMMs actually write at {valid} valid rows (balanced routi
 # %%
 assert mem["ours"]["zero_filled"] == 0
 assert mem["upstream"]["zero_filled"] == ms["E"] * m_rows * 2 * ms["I"] * 2        # E·M·2I bf16
+by_name = {k.split(" ")[0]: v for k, v in mem["ours"].items()}
+assert by_name["permute_x"] == ms["E"] * m_rows * ms["H"]                             # E·M·H fp8, 1 byte each
+assert by_name["up_gate_proj_out"] == ms["E"] * m_rows * 2 * ms["I"] * 2              # E·M·2I bf16
+assert by_name["act"] == ms["E"] * m_rows * ms["I"]                                   # E·M·I fp8
+assert by_name["ffn_out"] == ms["E"] * m_rows * ms["H"] * 2                           # E·M·H bf16
+assert mem["ours"]["total"] == mem["upstream"]["total"]                               # same allocation as upstream
 md(f"At this shape (`E={ms['E']}`, `M = R · max_tokens_per_rank = {m_rows}`, `I={ms['I']}`) upstream zero-fills "
    f"{mem['upstream']['zero_filled'] / 1e9:.2f} GB (`E·M·2I` bf16) on every call, while the two GEMMs write "
    f"{mem['gemm_written_valid_rows'] / 1e9:.2f} GB at {valid} valid rows; both allocate "
