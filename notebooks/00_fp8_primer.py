@@ -215,6 +215,12 @@ md(f"With one scale for the tensor, the smallest group (10^-{SCALE_DEMO_GROUPS -
 # | **FLOOR** | `2^(floor(log2 amax) − 8)` | the OCP MX v1.0 spec's reference conversion | [256, 512), clamped above 448 |
 # | **truncation** | `2^floor(log2(amax / 448))` (`bits >> 23` of the FP32 scale) | a bug (notebook 02) | [448, 896), clamped above 448 |
 #
+# The names are the field's: torchao's `ScaleCalculationMode` (`torchao/prototype/mx_formats/config.py`)
+# calls the OCP rule FLOOR and the round-up rule RCEIL, pointing for the latter to the cuBLAS
+# documentation ("Computing scaling and conversion factors for FP8 with UE8M0 scales",
+# https://docs.nvidia.com/cuda/cublas/index.html#d-block-quantization); it also has CEIL and
+# EVEN variants, not used by this project. "Truncation" is not a mode anyone chooses.
+#
 # The figure sweeps `amax` over two octaves and plots where the largest value lands under
 # each rule.
 

@@ -125,7 +125,9 @@ assert calc_diff(deq32, x) < 1e-3      # DeepGEMM's bound for one FP8 quantizati
 # | **RCEIL** (round up) | `2^ceil(log2(amax / 448))` | cuBLAS / NVIDIA's MXFP8 recipes, DeepGEMM's `ceil_to_ue8m0`; ours (`moe_ref.fp8.ceil_to_ue8m0`) | (224, 448]: nothing clamped |
 # | **truncation** of `amax / 448` | `2^floor(log2(amax / 448))`, i.e. `bits >> 23` of the FP32 scale | nobody on purpose: the bug | [448, 896): up to half the range clamped |
 #
-# RCEIL never clamps and uses at least half of e4m3's top octave; FLOOR keeps the block's
+# (FLOOR and RCEIL are the names of torchao's `ScaleCalculationMode`, which cites the OCP spec for
+# FLOOR and the cuBLAS documentation, "Computing scaling and conversion factors for FP8 with
+# UE8M0 scales", for RCEIL.) RCEIL never clamps and uses at least half of e4m3's top octave; FLOOR keeps the block's
 # largest values one step nearer the top but clamps those that land in (448, 512). Truncation
 # is what happens when an FP32 scale that is not a power of two is packed by taking its
 # exponent field: sglang hit it on B200 ([issue #12878](https://github.com/sgl-project/sglang/issues/12878),
