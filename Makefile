@@ -11,7 +11,7 @@ export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 export FLAGS_use_system_allocator := 0
 
-.PHONY: setup notebooks test test-gpu bench bench-cpu ep-demo clean
+.PHONY: setup notebooks lab test test-gpu bench bench-cpu ep-demo clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,13 @@ notebooks: setup
 	  $(PY) -m jupyter nbconvert --to html --log-level WARN build/$$name --output-dir build; \
 	done
 	@echo "executed notebooks and HTML are in build/"
+
+# Interactive use: JupyterLab on notebooks/ with the project's kernel (python3 of .venv). jupytext's
+# contents manager (installed with the notebooks extra, enabled as a server extension) keeps each
+# NN_name.py and NN_name.ipynb in step: saving in Lab writes both, and a .py edited elsewhere is
+# read back into the notebook when it is reopened. LAB_ARGS passes options, e.g. LAB_ARGS=--no-browser.
+lab: setup
+	cd notebooks && PYTHONPATH=$(CURDIR) ../$(VENV)/bin/jupyter lab --ServerApp.root_dir=. $(LAB_ARGS)
 
 # The whole test suite, executed notebooks included (nbval), with coverage; fails under 90 % on backend/.
 test: setup

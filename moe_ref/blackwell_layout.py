@@ -32,13 +32,12 @@ from backend.ops import cutlass_sf
 
 from ._paddle import paddle
 from .checks import INT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor
-from .constants import BYTES_PER_WORD, GROUP_SIZE, align
+from .constants import BYTES_PER_WORD, GROUP_SIZE, RECIPE_GROUP_SIZES, align
 from .fp8 import e4m3_to_float32, ue8m0_decode, ue8m0_encode, unpack_ue8m0
 from .layout import _scatter_sources, gather_rows_zero_fill, prefill_permute_to_masked_gemm
 from .moe import SWIGLU_AMAX_FLOOR, swiglu
 from .quant import per_token_group_quant
 
-SF_GROUP_SIZES = (cutlass_sf.SF_VEC_SIZE, GROUP_SIZE)   # 1x32 (#7666) and 1x128 (#7053, develop)
 
 
 class BlackwellMaskedLayout(NamedTuple):
@@ -74,8 +73,8 @@ def ue8m0_bytes_to_cutlass_sf(b: paddle.Tensor, group_size: int, num_cols: int) 
     rows MN.. zero, swizzled per expert with `cutlass_sf.swizzle`.
     """
     check_tensor(b, "b", dtypes=(paddle.uint8,), ndim=3)
-    if group_size not in SF_GROUP_SIZES:
-        raise ValueError(f"group_size: expected one of {SF_GROUP_SIZES}, got {group_size!r}")
+    if group_size not in RECIPE_GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {RECIPE_GROUP_SIZES}, got {group_size!r}")
     e, mn, g = (int(d) for d in b.shape)
     rep = group_size // cutlass_sf.SF_VEC_SIZE
     if g * rep > num_cols:
@@ -156,8 +155,8 @@ def fused_mask_swiglu_fp8_quant_blackwell(up: paddle.Tensor, token_nums_per_expe
     m, i = rows // e, two_i // 2
     if bool(((counts < 0) | (counts > m)).any()):
         raise ValueError(f"token_nums_per_expert: expected values in [0, M={m}], got {counts.tolist()}")
-    if group_size not in SF_GROUP_SIZES:
-        raise ValueError(f"group_size: expected one of {SF_GROUP_SIZES}, got {group_size!r}")
+    if group_size not in RECIPE_GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {RECIPE_GROUP_SIZES}, got {group_size!r}")
     valid = (paddle.arange(m, dtype=paddle.int64).unsqueeze(0) < counts.unsqueeze(1)).reshape([rows, 1])
     # rows past the counts are never read: upstream allocates `up` with paddle.empty since #7374 (BW:740)
     up32 = paddle.where(valid, up.astype(paddle.float32), paddle.zeros([1, two_i], dtype=paddle.float32))

@@ -20,6 +20,8 @@ TMA_ALIGN = 4               # MN axis of MN-major scales padded to 4 elements (1
 # §3: block quantization (moe_ref.quant)
 GROUP_SIZE = 128                 # 1x128 activation groups and 128x128 weight blocks
 BLOCK_SIZE = (GROUP_SIZE, GROUP_SIZE)
+MX_GROUP_SIZE = 32               # FastDeploy #7666: 1x32 groups for activations and weights (one UE8M0 byte per 32)
+RECIPE_GROUP_SIZES = (MX_GROUP_SIZE, GROUP_SIZE)   # the scale-group sizes along K of the recipes we follow
 DEEPGEMM_AMAX_FLOOR = 1e-4       # DeepGEMM's floor: our default
 FASTDEPLOY_AMAX_FLOOR = 1e-10    # FastDeploy kernels' floor
 FASTDEPLOY_LOG2_BIAS = 5e-7      # FastDeploy's per_token_quant adds this inside log2 before rounding up

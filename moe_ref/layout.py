@@ -18,6 +18,7 @@ from typing import NamedTuple
 from ._paddle import paddle
 from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_ids_in_range, check_nonnegative_int,
                      check_positive_int, check_same_shape, check_tensor)
+from .constants import GROUP_SIZE
 from .fp8 import MNMajorScale, gather_rows_zero_fill, num_scale_groups, packed_words, to_mn_major_tma_aligned
 
 CONTIGUOUS_SEGMENT_ALIGN = 128   # DeepGEMM's contiguous grouped GEMM: each expert's rows padded to the M block
@@ -66,7 +67,7 @@ def _check_topk_ids(topk_ids, num_local_experts: int) -> paddle.Tensor:
     return check_ids_in_range(topk_ids, "topk_ids", num_local_experts, "local expert ids", f"E={num_local_experts}")
 
 
-def _check_x_and_scale(x, scale, topk_ids):
+def _check_x_and_scale(x, scale, topk_ids, group_size: int = GROUP_SIZE):
     check_tensor(x, "x", dtypes=_X_DTYPES, ndim=2)
     check_dim(topk_ids, 0, int(x.shape[0]), "topk_ids", "W (rows of x)")
     if scale is None:
@@ -75,11 +76,11 @@ def _check_x_and_scale(x, scale, topk_ids):
         return
     check_tensor(scale, "scale", dtypes=_SCALE_DTYPES, ndim=2)
     check_dim(scale, 0, int(x.shape[0]), "scale", "W (rows of x)")
-    groups = num_scale_groups(int(x.shape[1]))
+    groups = num_scale_groups(int(x.shape[1]), group_size)
     if scale.dtype == paddle.int32:
         check_dim(scale, 1, packed_words(groups), "scale", "ceil(S/4) packed UE8M0 words")
     else:
-        check_dim(scale, 1, groups, "scale", "S = ceil(H/128)")
+        check_dim(scale, 1, groups, "scale", f"S = ceil(H/{group_size})")
 
 
 def _slots_in_expert(ids: paddle.Tensor, num_local_experts: int):
@@ -117,11 +118,13 @@ def _check_overflow(counts: paddle.Tensor, max_token_num: int) -> None:
 
 
 def prefill_permute_to_masked_gemm(x: paddle.Tensor, scale: paddle.Tensor | None, topk_ids: paddle.Tensor,
-                                   num_local_experts: int, max_token_num: int) -> MaskedLayout:
+                                   num_local_experts: int, max_token_num: int,
+                                   group_size: int = GROUP_SIZE) -> MaskedLayout:
     """Permute tokens into the masked grouped-GEMM layout (SPEC §5).
 
     x [W, H] fp8 | bf16, scale [W, S'] float32 (S' = S) | packed UE8M0 int32 (S' = ceil(S/4)) | None,
-    topk_ids [W, K_top] int64 local ids or -1, E = num_local_experts, M = max_token_num
+    topk_ids [W, K_top] int64 local ids or -1, E = num_local_experts, M = max_token_num;
+    S = ceil(H/group_size) (128, SPEC §5; 32 for #7666's 1x32 groups: the scale rows only move)
     -> MaskedLayout(permute_x [E, M, H], permute_scale (logical [E, M, S'] MN-major, physical
     [E, S', align(M, 4)]), permuted_indice_map [W, K_top] int32, token_nums_per_expert [E, 1] int32).
 
@@ -131,7 +134,7 @@ def prefill_permute_to_masked_gemm(x: paddle.Tensor, scale: paddle.Tensor | None
     num_experts = check_positive_int(num_local_experts, "num_local_experts")
     m = check_positive_int(max_token_num, "max_token_num")
     ids = _check_topk_ids(topk_ids, num_experts)
-    _check_x_and_scale(x, scale, topk_ids)
+    _check_x_and_scale(x, scale, topk_ids, group_size)
     k = int(ids.shape[1])
 
     slot, counts = _slots_in_expert(ids, num_experts)
@@ -151,7 +154,7 @@ def prefill_permute_to_masked_gemm(x: paddle.Tensor, scale: paddle.Tensor | None
 
 
 def permute_to_contiguous(x: paddle.Tensor, scale: paddle.Tensor | None, topk_ids: paddle.Tensor,
-                          num_local_experts: int) -> ContiguousLayout:
+                          num_local_experts: int, group_size: int = GROUP_SIZE) -> ContiguousLayout:
     """Permute tokens into the contiguous grouped-GEMM layout (SPEC §5).
 
     x [W, H] fp8 | bf16, scale [W, S'] float32 | packed int32 | None, topk_ids [W, K_top] int64 local ids or -1
@@ -161,7 +164,7 @@ def permute_to_contiguous(x: paddle.Tensor, scale: paddle.Tensor | None, topk_id
     """
     num_experts = check_positive_int(num_local_experts, "num_local_experts")
     ids = _check_topk_ids(topk_ids, num_experts)
-    _check_x_and_scale(x, scale, topk_ids)
+    _check_x_and_scale(x, scale, topk_ids, group_size)
     k = int(ids.shape[1])
 
     slot, counts = _slots_in_expert(ids, num_experts)

@@ -21,6 +21,7 @@ from ._paddle import paddle
 from .checks import (FLOAT_DTYPES, INT_DTYPES, check_dim, check_distinct_experts, check_finite, check_ids_in_range, check_positive_int,
                      check_same_shape, check_tensor)
 from .ep import ep_combine, ep_dispatch
+from .constants import RECIPE_GROUP_SIZES, num_scale_groups
 from .fp8 import concat_rows, pack_scale_ue8m0, to_mn_major_tma_aligned, unpack_scale_ue8m0  # noqa: F401  (re-exported)
 from .layout import (CONTIGUOUS_SEGMENT_ALIGN, ContiguousLayout, MaskedLayout, depermute_contiguous_combine,
                      depermute_prefill_combine, permute_to_contiguous, prefill_permute_to_masked_gemm)
@@ -122,10 +123,12 @@ def make_moe_inputs(num_tokens: int, hidden_size: int, num_experts: int, top_k: 
 
 @dataclasses.dataclass
 class QuantizedMoEWeights:
-    """128x128 block-quantized weights (SPEC §3); scales are float32 (powers of two when use_ue8m0).
+    """Block-quantized weights (SPEC §3); scales are float32 (powers of two when use_ue8m0).
 
-    w_up_q [E, 2I, H] fp8, w_up_scale [E, ceil(2I/128), ceil(H/128)] float32,
+    group_size 128: 128x128 blocks, w_up_q [E, 2I, H] fp8, w_up_scale [E, ceil(2I/128), ceil(H/128)] float32,
     w_down_q [E, H, I] fp8, w_down_scale [E, ceil(H/128), ceil(I/128)] float32.
+    group_size 32 (#7666's recipe): 1x32 groups along K, w_up_scale [E, 2I, ceil(H/32)], w_down_scale
+    [E, H, ceil(I/32)]; the activations are then quantized in 1x32 groups too.
     `dequantized()` returns the float32 weights q·s, computed once and cached: weights are
     constants, and the fp8 -> float32 cast is the slowest step of the CPU reference.
     """
@@ -135,6 +138,12 @@ class QuantizedMoEWeights:
     w_down_scale: paddle.Tensor
     use_ue8m0: bool
     _dequantized: tuple | None = dataclasses.field(default=None, repr=False, compare=False)
+    group_size: int = GROUP_SIZE
+
+    @property
+    def weight_block(self) -> tuple[int, int]:
+        """(BN, BK) of the weight scales: 128x128 blocks, or 1x32 groups for group_size 32."""
+        return weight_block(self.group_size)
 
     @property
     def num_experts(self) -> int:
@@ -151,27 +160,36 @@ class QuantizedMoEWeights:
     def dequantized(self):
         """-> (w_up [E, 2I, H] float32, w_down [E, H, I] float32), block-dequantized, cached."""
         if self._dequantized is None:
-            self._dequantized = (dequant_per_block(self.w_up_q, self.w_up_scale),
-                                 dequant_per_block(self.w_down_q, self.w_down_scale))
+            self._dequantized = (dequant_per_block(self.w_up_q, self.w_up_scale, self.weight_block),
+                                 dequant_per_block(self.w_down_q, self.w_down_scale, self.weight_block))
         return self._dequantized
 
     def experts(self, start: int, stop: int) -> "QuantizedMoEWeights":
         """Experts start..stop-1 (one EP rank's share); shares the dequantized cache if present."""
         cached = None if self._dequantized is None else tuple(w[start:stop] for w in self._dequantized)
         return QuantizedMoEWeights(self.w_up_q[start:stop], self.w_up_scale[start:stop], self.w_down_q[start:stop],
-                                   self.w_down_scale[start:stop], self.use_ue8m0, cached)
+                                   self.w_down_scale[start:stop], self.use_ue8m0, cached, self.group_size)
+
+
+def weight_block(group_size: int) -> tuple[int, int]:
+    """The weight scale block that goes with activation groups of `group_size` along K:
+    128 -> 128x128 blocks (DeepSeek-V3 checkpoints, #7053/develop); 32 -> 1x32 groups (#7666, MXFP8-style)."""
+    if group_size not in RECIPE_GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {RECIPE_GROUP_SIZES}, got {group_size!r}")
+    return (group_size, group_size) if group_size == GROUP_SIZE else (1, group_size)
 
 
 def quantize_moe_weights(w_up: paddle.Tensor, w_down: paddle.Tensor, use_ue8m0: bool = False,
-                         amax_floor: float = DEEPGEMM_AMAX_FLOOR) -> QuantizedMoEWeights:
-    """w_up [E, 2I, H], w_down [E, H, I] float -> QuantizedMoEWeights (per_block_quant, 128x128 blocks).
-    NaN/inf in a weight is a ValueError naming it (SPEC §1)."""
+                         amax_floor: float = DEEPGEMM_AMAX_FLOOR, group_size: int = GROUP_SIZE) -> QuantizedMoEWeights:
+    """w_up [E, 2I, H], w_down [E, H, I] float -> QuantizedMoEWeights (per_block_quant in `weight_block(group_size)`
+    blocks: 128x128, or 1x32 for group_size 32). NaN/inf in a weight is a ValueError naming it (SPEC §1)."""
     _check_weight_shapes(w_up, w_down)
     check_finite(w_up, "w_up")
     check_finite(w_down, "w_down")
-    up_q, up_s = per_block_quant(w_up, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
-    down_q, down_s = per_block_quant(w_down, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
-    return QuantizedMoEWeights(up_q, up_s, down_q, down_s, bool(use_ue8m0))
+    block = weight_block(group_size)
+    up_q, up_s = per_block_quant(w_up, block, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
+    down_q, down_s = per_block_quant(w_down, block, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
+    return QuantizedMoEWeights(up_q, up_s, down_q, down_s, bool(use_ue8m0), group_size=group_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,10 +250,10 @@ def moe_forward_oracle(x: paddle.Tensor, w_up: paddle.Tensor, w_down: paddle.Ten
 # FP8 path
 # ---------------------------------------------------------------------------------------------
 
-def swiglu_fp8_quant_rows(up: paddle.Tensor, use_ue8m0: bool = False, name: str = "up"):
-    """SwiGLU + 1x128 requantization of rows (SPEC §7), the math of fused_mask_swiglu_fp8_quant per row.
+def swiglu_fp8_quant_rows(up: paddle.Tensor, use_ue8m0: bool = False, name: str = "up", group_size: int = GROUP_SIZE):
+    """SwiGLU + 1 x group_size requantization of rows (SPEC §7), the math of fused_mask_swiglu_fp8_quant per row.
 
-    up [N, 2I] bf16 -> (act [N, I] fp8, act_scale [N, ceil(I/128)] float32, powers of two when use_ue8m0).
+    up [N, 2I] bf16 -> (act [N, I] fp8, act_scale [N, ceil(I/G)] float32, powers of two when use_ue8m0).
     y = bf16(lin · gate / (1 + exp(-gate))) computed in float32; amax floor 1e-10.
     Non-finite input to the quantization is an error (SPEC §1) naming what holds it: `name` (the caller's
     name for up, e.g. "gemm1_out") for a NaN / inf in up, "SwiGLU(name)" for a finite up whose y overflows.
@@ -243,7 +261,7 @@ def swiglu_fp8_quant_rows(up: paddle.Tensor, use_ue8m0: bool = False, name: str 
     check_finite(up, name)
     y = swiglu(up.astype(paddle.float32)).astype(paddle.bfloat16)
     check_finite(y, f"SwiGLU({name})")
-    return per_token_group_quant(y, use_ue8m0=use_ue8m0, amax_floor=SWIGLU_AMAX_FLOOR)
+    return per_token_group_quant(y, group_size, use_ue8m0=use_ue8m0, amax_floor=SWIGLU_AMAX_FLOOR)
 
 
 def fused_mask_swiglu_fp8_quant_ref(up: paddle.Tensor, token_nums_per_expert: paddle.Tensor,
@@ -315,16 +333,19 @@ def _rows_to_buffer(pieces: list[tuple[int, paddle.Tensor]], starts: list[int], 
 
 
 def expert_ffn_fp8(a_q: paddle.Tensor, a_scale: paddle.Tensor, w_up: paddle.Tensor, w_down: paddle.Tensor,
-                    use_ue8m0: bool):
+                    use_ue8m0: bool, group_size: int = GROUP_SIZE):
     """One expert's FFN on its valid rows (SPEC §6, §7, §6 again).
 
-    a_q [n, H] fp8, a_scale [n, S] float32, w_up [2I, H], w_down [H, I] float32 (block-dequantized)
-    -> (gemm1 [n, 2I] bf16, act [n, I] fp8, act_scale [n, ceil(I/128)] float32, gemm2 [n, H] bf16).
+    a_q [n, H] fp8, a_scale [n, S] float32 (S = ceil(H/G), G = group_size), w_up [2I, H], w_down [H, I]
+    float32 (block-dequantized) -> (gemm1 [n, 2I] bf16, act [n, I] fp8, act_scale [n, ceil(I/G)] float32,
+    gemm2 [n, H] bf16).
     GEMMs multiply dequantized operands in float32 and round the output to bf16, as the kernels do.
     """
-    gemm1 = paddle.matmul(dequant_per_token_group(a_q, a_scale), w_up, transpose_y=True).astype(paddle.bfloat16)
-    act, act_scale = swiglu_fp8_quant_rows(gemm1, use_ue8m0, "gemm1_out")
-    gemm2 = paddle.matmul(dequant_per_token_group(act, act_scale), w_down, transpose_y=True).astype(paddle.bfloat16)
+    a = dequant_per_token_group(a_q, a_scale, group_size)
+    gemm1 = paddle.matmul(a, w_up, transpose_y=True).astype(paddle.bfloat16)
+    act, act_scale = swiglu_fp8_quant_rows(gemm1, use_ue8m0, "gemm1_out", group_size)
+    gemm2 = paddle.matmul(dequant_per_token_group(act, act_scale, group_size), w_down,
+                          transpose_y=True).astype(paddle.bfloat16)
     return gemm1, act, act_scale, gemm2
 
 
@@ -340,16 +361,16 @@ class _ExpertRows:
     total: int
 
 
-def _permute_rows(x_q, x_scale_op, topk_ids, num_experts: int, layout: str, m: int) -> _ExpertRows:
+def _permute_rows(x_q, x_scale_op, topk_ids, num_experts: int, layout: str, m: int, group_size: int) -> _ExpertRows:
     """Permute (SPEC §5) in the masked or contiguous layout, and flatten it to expert row ranges."""
     hidden = int(x_q.shape[1])
     if layout == "masked":
-        lay = prefill_permute_to_masked_gemm(x_q, x_scale_op, topk_ids, num_experts, m)
+        lay = prefill_permute_to_masked_gemm(x_q, x_scale_op, topk_ids, num_experts, m, group_size)
         rows_scale = lay.permute_scale.physical.transpose([0, 2, 1])[:, :m, :].reshape([num_experts * m, -1])
         counts = [int(c) for c in lay.token_nums_per_expert.flatten().tolist()]
         return _ExpertRows(lay, lay.permute_x.reshape([num_experts * m, hidden]), rows_scale, counts,
                            [e * m for e in range(num_experts)], num_experts * m)
-    lay = permute_to_contiguous(x_q, x_scale_op, topk_ids, num_experts)
+    lay = permute_to_contiguous(x_q, x_scale_op, topk_ids, num_experts, group_size)
     counts = [int(c) for c in lay.token_nums_per_expert.flatten().tolist()]
     padded = [-(-c // CONTIGUOUS_SEGMENT_ALIGN) * CONTIGUOUS_SEGMENT_ALIGN for c in counts]
     starts = [int(s) for s in np.concatenate([[0], np.cumsum(padded)[:-1]])]
@@ -359,7 +380,7 @@ def _permute_rows(x_q, x_scale_op, topk_ids, num_experts: int, layout: str, m: i
 def _run_experts(rows: _ExpertRows, qw: QuantizedMoEWeights) -> list:
     """expert_ffn_fp8 on each expert's valid rows -> per expert (gemm1, act, act_scale, gemm2) or None."""
     up_f32, down_f32 = qw.dequantized()
-    groups = -(-qw.hidden_size // GROUP_SIZE)
+    groups = num_scale_groups(qw.hidden_size, qw.group_size)
     results = []
     for e in range(qw.num_experts):              # one GEMM pair per expert, on its valid rows only
         n, start = rows.counts[e], rows.starts[e]
@@ -369,7 +390,8 @@ def _run_experts(rows: _ExpertRows, qw: QuantizedMoEWeights) -> list:
         a_scale = rows.rows_scale[start: start + n]
         if qw.use_ue8m0:
             a_scale = unpack_scale_ue8m0(a_scale, groups)
-        results.append(expert_ffn_fp8(rows.rows_x[start: start + n], a_scale, up_f32[e], down_f32[e], qw.use_ue8m0))
+        results.append(expert_ffn_fp8(rows.rows_x[start: start + n], a_scale, up_f32[e], down_f32[e], qw.use_ue8m0,
+                                      qw.group_size))
     return results
 
 
@@ -392,7 +414,7 @@ def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights:
     check_dim(x_q, 1, hidden, "x_q", "H (columns of w_up)")
     w_rows = int(x_q.shape[0])
     m = max(w_rows, 1) if max_token_num is None else max_token_num
-    rows = _permute_rows(x_q, x_scale_op, topk_ids, num_experts, layout, m)
+    rows = _permute_rows(x_q, x_scale_op, topk_ids, num_experts, layout, m, qw.group_size)
     results = _run_experts(rows, qw)
 
     def buffer(j: int, width: int, dtype) -> paddle.Tensor:
@@ -410,7 +432,7 @@ def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights:
         return out
 
     shape = (lambda width: [num_experts, m, width]) if layout == "masked" else (lambda width: [rows.total, width])
-    act_groups = -(-inter // GROUP_SIZE)
+    act_groups = num_scale_groups(inter, qw.group_size)
     trace = MoEFP8Trace(
         x_q=x_q, x_scale=None, x_scale_op=x_scale_op, layout=lay,
         gemm1_out=buffer(0, 2 * inter, paddle.bfloat16).reshape(shape(2 * inter)),
@@ -420,17 +442,18 @@ def moe_experts_fp8(x_q: paddle.Tensor, x_scale_op: paddle.Tensor, topk_weights:
     return out, trace
 
 
-def _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0: bool, amax_floor: float):
+def _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0: bool, amax_floor: float,
+                               group_size: int = GROUP_SIZE):
     if quantized_weights is None:
         if w_up is None or w_down is None:
             raise ValueError("w_up, w_down: required when quantized_weights is None")
-        return quantize_moe_weights(w_up, w_down, use_ue8m0, amax_floor)
+        return quantize_moe_weights(w_up, w_down, use_ue8m0, amax_floor, group_size)
     qw = quantized_weights
     if not isinstance(qw, QuantizedMoEWeights):
         raise TypeError(f"quantized_weights: expected QuantizedMoEWeights, got {type(qw).__name__}")
-    if qw.use_ue8m0 != bool(use_ue8m0):
-        raise ValueError(f"quantized_weights: quantized with use_ue8m0={qw.use_ue8m0}, "
-                         f"called with use_ue8m0={use_ue8m0}")
+    if qw.use_ue8m0 != bool(use_ue8m0) or qw.group_size != group_size:
+        raise ValueError(f"quantized_weights: quantized with use_ue8m0={qw.use_ue8m0}, group_size={qw.group_size}, "
+                         f"called with use_ue8m0={use_ue8m0}, group_size={group_size}")
     if w_up is not None or w_down is not None:
         _check_weight_shapes(w_up, w_down)
         if list(w_up.shape) != list(qw.w_up_q.shape) or list(w_down.shape) != list(qw.w_down_q.shape):
@@ -440,12 +463,12 @@ def _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0: bool,
 
 
 def quantize_activations(x: paddle.Tensor, use_ue8m0: bool = False, amax_floor: float = DEEPGEMM_AMAX_FLOOR,
-                         name: str = "x"):
-    """x [T, H] float -> (x_q [T, H] fp8, x_scale [T, S] float32, x_scale_op): x_scale_op is x_scale
+                         name: str = "x", group_size: int = GROUP_SIZE):
+    """x [T, H] float -> (x_q [T, H] fp8, x_scale [T, S] float32 (S = ceil(H/group_size)), x_scale_op): x_scale_op is x_scale
     (FP32 scales) or its packed UE8M0 int32 form [T, ceil(S/4)] (what the ops contract takes).
     NaN/inf in x is a ValueError naming it as `name` (SPEC §1; there is no nan_policy here)."""
     check_finite(x, name)
-    x_q, x_scale = per_token_group_quant(x, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
+    x_q, x_scale = per_token_group_quant(x, group_size, use_ue8m0=use_ue8m0, amax_floor=amax_floor)
     return x_q, x_scale, (pack_scale_ue8m0(x_scale) if use_ue8m0 else x_scale)
 
 
@@ -453,7 +476,7 @@ def moe_forward_fp8(x: paddle.Tensor, w_up: paddle.Tensor | None, w_down: paddle
                     topk_weights: paddle.Tensor, topk_ids: paddle.Tensor, use_ue8m0: bool = False, *,
                     layout: str = "masked", max_token_num: int | None = None,
                     amax_floor: float = DEEPGEMM_AMAX_FLOOR, quantized_weights: QuantizedMoEWeights | None = None,
-                    return_trace: bool = False):
+                    return_trace: bool = False, group_size: int = GROUP_SIZE):
     """The FP8 block-quantized MoE layer, step by step with the reference ops (SPEC §11).
 
     x [T, H] bf16 | float32, w_up [E, 2I, H], w_down [E, H, I] float (may be None when
@@ -464,11 +487,13 @@ def moe_forward_fp8(x: paddle.Tensor, w_up: paddle.Tensor | None, w_down: paddle
     through the permute as on Blackwell; else FP32 scales. amax_floor applies to x and to the
     weights when they are quantized here (SPEC §3); the SwiGLU requant uses 1e-10 (SPEC §7). layout: "masked" or "contiguous" (same result).
     quantized_weights: from quantize_moe_weights, to quantize (and dequantize) the weights once.
+    group_size: 128 (1x128 activations, 128x128 weights: #7053, develop) or 32 (1x32 activations and
+    weights, the recipe of FastDeploy #7666; the same math with one scale per 32 K-elements).
     NaN/inf in x raises ValueError naming x.
     """
-    qw = _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0, amax_floor)
+    qw = _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0, amax_floor, group_size)
     _check_layer_args(x, topk_weights, topk_ids, qw.num_experts, qw.hidden_size)
-    x_q, x_scale, x_scale_op = quantize_activations(x, use_ue8m0, amax_floor)
+    x_q, x_scale, x_scale_op = quantize_activations(x, use_ue8m0, amax_floor, group_size=group_size)
     result = moe_experts_fp8(x_q, x_scale_op, topk_weights, topk_ids, qw, layout, max_token_num, return_trace)
     if return_trace:
         result[1].x_scale = x_scale
@@ -493,14 +518,14 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
                    topk_ids: list, use_ue8m0: bool = False, *, num_worst_tokens: int | None = None,
                    layout: str = "masked", max_token_num: int | None = None,
                    amax_floor: float = DEEPGEMM_AMAX_FLOOR, quantized_weights: QuantizedMoEWeights | None = None,
-                   return_trace: bool = False):
+                   return_trace: bool = False, group_size: int = GROUP_SIZE):
     """The FP8 layer over R = len(x) simulated expert-parallel ranks (SPEC §9, §11).
 
     x[s] [T_s, H] bf16, w_up [E·R, 2I, H], w_down [E·R, H, I] (all experts; rank r holds experts
     r·E .. r·E+E-1), topk_weights[s] [T_s, K_top] float32, topk_ids[s] [T_s, K_top] int64 global ids
     -> out: list of [T_s, H] bf16 (and MoEEPTrace with return_trace).
 
-    Each rank quantizes its tokens (1x128), ep_dispatch sends them, each rank runs moe_experts_fp8
+    Each rank quantizes its tokens (1 x group_size, as moe_forward_fp8), ep_dispatch sends them, each rank runs moe_experts_fp8
     on its W received rows and local experts (M = max_token_num, default W), ep_combine sums the
     bf16 partials. W = num_worst_tokens defaults to max(1, Σ_s T_s) (nothing can overflow; every rank
     may be empty, T_s = 0, and gets [0, H]).
@@ -509,7 +534,7 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
     if not isinstance(x, (list, tuple)) or len(x) == 0:
         raise TypeError("x: expected a non-empty list with one [T, H] tensor per rank")
     num_ranks = len(x)
-    qw = _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0, amax_floor)
+    qw = _resolve_quantized_weights(w_up, w_down, quantized_weights, use_ue8m0, amax_floor, group_size)
     if qw.num_experts % num_ranks:
         raise ValueError(f"w_up: E·R = {qw.num_experts} experts do not split evenly over R = {num_ranks} ranks")
     e = qw.num_experts // num_ranks
@@ -518,7 +543,7 @@ def moe_forward_ep(x: list, w_up: paddle.Tensor | None, w_down: paddle.Tensor | 
     # at least one row: a dispatch has W >= 1 (DeepEP's num_worst_tokens), also when every rank is empty
     w_rows = max(1, sum(int(t.shape[0]) for t in x)) if num_worst_tokens is None else num_worst_tokens
 
-    quantized = [quantize_activations(t, use_ue8m0, amax_floor, f"x[{s}]") for s, t in enumerate(x)]
+    quantized = [quantize_activations(t, use_ue8m0, amax_floor, f"x[{s}]", group_size) for s, t in enumerate(x)]
     dispatched = ep_dispatch([q[0] for q in quantized], [q[2] for q in quantized], list(topk_ids),
                              list(topk_weights), e, w_rows)
     qw.dequantized()                               # once, so each rank's slice shares it

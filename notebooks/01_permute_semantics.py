@@ -33,20 +33,24 @@
 # refer to `shared/SPEC.md`.
 
 # %%
-# Setup: quiet imports, seeded RNGs below.
+# Setup. Importing Paddle emits two known notices that say nothing about these notebooks:
+# "No ccache found" (a UserWarning, filtered where it arises, in moe_ref/_paddle.py) and, when
+# OMP_NUM_THREADS > 1 (`make` sets 2), advice about OMP_NUM_THREADS printed to stderr. Exactly
+# those advice lines are dropped here; any other warning or stderr line of the import shows.
 import contextlib
 import io
 import logging
-import warnings
+import sys
 
-warnings.filterwarnings("ignore")
-# Importing Paddle prints advice to stderr when OMP_NUM_THREADS > 1 (`make` sets 2) and warns
-# that ccache is missing; neither concerns these notebooks, and stderr must not vary by machine.
-with contextlib.redirect_stderr(io.StringIO()):
-    import paddle
+_import_stderr = io.StringIO()
+with contextlib.redirect_stderr(_import_stderr):
+    from moe_ref._paddle import paddle
+_PADDLE_OMP_ADVICE = ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
+sys.stderr.write("".join(line for line in _import_stderr.getvalue().splitlines(True)
+                         if not line.startswith(_PADDLE_OMP_ADVICE)))
 
 # Paddle installs an INFO handler on the root logger: keep library INFO lines (matplotlib's
-# font cache, the backend's provider choice) out of the outputs.
+# font cache, the backend's provider choice) out of the outputs. Warnings still show.
 for name in ("matplotlib", "backend"):
     logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -54,29 +58,32 @@ import numpy as np
 
 import matplotlib
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch, Rectangle
 
 from moe_ref import ep, layout, routing
 from moe_ref.fp8 import TMA_ALIGN, align
 from backend import ops
+from nbtools import md, show
 
 # %matplotlib inline
 np.set_printoptions(linewidth=110)
 
 # %% tags=["parameters"]
-NUM_TOKENS = 6        # T: tokens on this rank
-NUM_EXPERTS = 4       # E: local experts
-TOP_K = 2             # K_top: experts per token
-HIDDEN = 256          # H: two 128-wide scale groups (S = 2)
-MAX_TOKEN_NUM = 6     # M: rows per expert in the masked buffer (worst case here: T)
-EP_RANKS = 2          # R for the simulated expert-parallel section
+NUM_TOKENS = 6        # T, at least 2: tokens on this rank (every token is printed: keep it small)
+NUM_EXPERTS = 4       # E, at least 1: local experts
+TOP_K = 2             # K_top, 1 to E: experts per token
+HIDDEN = 256          # H: any multiple of 128 (S: H / 128 scale groups)
+MAX_TOKEN_NUM = None  # M: rows per expert of the masked buffer; None: T (the worst case), else at least the busiest count
+EP_RANKS = 2          # R, at least 1, for the simulated expert-parallel section
 SEED = 0
 
 # %%
 paddle.seed(SEED)
 rng = np.random.default_rng(SEED)
 S = -(-HIDDEN // 128)
-print(f"T={NUM_TOKENS}  E={NUM_EXPERTS}  K_top={TOP_K}  H={HIDDEN}  S={S}  M={MAX_TOKEN_NUM}")
+M = NUM_TOKENS if MAX_TOKEN_NUM is None else MAX_TOKEN_NUM     # one expert can get every token: M = T is safe
+print(f"T={NUM_TOKENS}  E={NUM_EXPERTS}  K_top={TOP_K}  H={HIDDEN}  S={S}  M={M}")
 
 # %% [markdown]
 # ## 1. Router output
@@ -119,7 +126,7 @@ x = paddle.to_tensor(np.repeat(np.arange(1, NUM_TOKENS + 1, dtype=np.float32)[:,
 scale = paddle.to_tensor(np.arange(1, NUM_TOKENS + 1, dtype=np.float32)[:, None] + np.arange(S, dtype=np.float32) / 10)
 
 ref = layout.prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts=NUM_EXPERTS,
-                                            max_token_num=MAX_TOKEN_NUM)
+                                            max_token_num=M)
 print("permute_x            ", ref.permute_x.shape, str(ref.permute_x.dtype))
 print("permute_scale logical", ref.permute_scale.shape, "physical", ref.permute_scale.physical.shape)
 print("permuted_indice_map [W, K_top] int32 (e*M + slot):\n", ref.permuted_indice_map.numpy())
@@ -132,8 +139,8 @@ print("token_nums_per_expert [E, 1] int32:", ref.token_nums_per_expert.numpy().r
 
 # %%
 idx = ref.permuted_indice_map.numpy()
-print("expert of (t, k):\n", idx // MAX_TOKEN_NUM)
-print("slot of (t, k):\n", idx % MAX_TOKEN_NUM)
+print("expert of (t, k):\n", idx // M)
+print("slot of (t, k):\n", idx % M)
 token_in_slot = ref.permute_x[:, :, 0].astype(paddle.float32).numpy().astype(int) - 1     # [E, M], -1 = empty
 for e in range(NUM_EXPERTS):
     print(f"expert {e}: " + " ".join("." if t < 0 else str(t) for t in token_in_slot[e]))
@@ -150,15 +157,32 @@ counts = ref.token_nums_per_expert.numpy().ravel()
 ids_np = topk_ids.numpy()
 assert counts.sum() == (ids_np >= 0).sum() == NUM_TOKENS * TOP_K
 assert np.array_equal(counts, np.bincount(ids_np.ravel(), minlength=NUM_EXPERTS))
-assert np.array_equal(idx // MAX_TOKEN_NUM, ids_np)                       # the map points at the right expert
+assert np.array_equal(idx // M, ids_np)                       # the map points at the right expert
 for t in range(NUM_TOKENS):
     for k in range(TOP_K):
-        assert token_in_slot[ids_np[t, k], idx[t, k] % MAX_TOKEN_NUM] == t   # ... and at this token's row
+        assert token_in_slot[ids_np[t, k], idx[t, k] % M] == t   # ... and at this token's row
 for e in range(NUM_EXPERTS):
     used = token_in_slot[e, :counts[e]]
     assert (used >= 0).all() and (np.diff(used) > 0).all()                 # token-major order
     assert (token_in_slot[e, counts[e]:] == -1).all()                       # rows past the count are zero
 print("masked layout: all invariants hold")
+
+# %% [markdown]
+# **The core of the permute, in numpy.** The slot of entry `(t, k)` is its rank among the
+# entries of its expert, counted in `(t, k)` order. A stable sort by expert id keeps that
+# order inside each expert; subtracting each expert's start turns positions into slots. These
+# few lines rebuild the reference's map from `topk_ids` alone:
+
+# %%
+flat = ids_np.ravel()                                          # entries in (t, k) order
+order = np.argsort(flat, kind="stable")                        # grouped by expert, (t, k) order kept
+order = order[flat[order] >= 0]                                # -1 entries (no local expert) get no slot
+starts = np.concatenate([[0], np.cumsum(np.bincount(flat[order], minlength=NUM_EXPERTS))])
+slot = np.full(flat.size, -1)
+slot[order] = np.arange(order.size) - starts[flat[order]]      # position minus the expert's first position
+my_map = np.where(flat >= 0, flat * M + slot, -1).reshape(ids_np.shape)
+print("numpy map == moe_ref map:", np.array_equal(my_map, idx))
+assert np.array_equal(my_map, idx)
 
 # %% [markdown]
 # **Backend.** The ops contract `backend.ops` runs the same permute on the selected provider
@@ -167,7 +191,7 @@ print("masked layout: all invariants hold")
 
 # %%
 provider = ops.get_provider()
-bx, bscale, bmap, bcounts = provider.prefill_permute_to_masked_gemm(x, scale, topk_ids, NUM_EXPERTS, MAX_TOKEN_NUM)
+bx, bscale, bmap, bcounts = provider.prefill_permute_to_masked_gemm(x, scale, topk_ids, NUM_EXPERTS, M)
 print("provider:", provider.name)
 assert np.array_equal(bx.astype(paddle.float32).numpy(), ref.permute_x.astype(paddle.float32).numpy())
 assert np.array_equal(bscale.numpy(), ref.permute_scale.logical_view().numpy())
@@ -177,23 +201,27 @@ print("backend permute == reference (x, scale, map, counts)")
 
 # %% [markdown]
 # **Picture.** Each token (left) sends one arrow per `k` into a slot of an expert slab
-# (right). Solid arrows are `k = 0` (the larger weight), dashed `k = 1`. Grey slots are the
-# masked-out rows past `token_nums_per_expert[e]`.
+# (right). Line style says which of the token's `K_top` choices the arrow is (legend: solid is
+# `k = 0`, the larger weight). Arrows run behind the slabs and end at the left edge of their
+# slot. Grey slots are the masked-out rows past `token_nums_per_expert[e]`.
 
 # %%
+K_STYLES = ["-", "--", ":", "-."]
+
+
 def draw_masked(ax, token_in_slot, ids, idx, m, title):
     t_n, k_n = ids.shape
     e_n = token_in_slot.shape[0]
     colors = plt.cm.tab10(np.arange(t_n) % 10)
     for t in range(t_n):
-        ax.add_patch(Rectangle((0, t_n - 1 - t), 1, 0.8, color=colors[t]))
+        ax.add_patch(Rectangle((0, t_n - 1 - t), 1, 0.8, color=colors[t], zorder=2))
         ax.text(0.5, t_n - 0.6 - t, f"t{t}", ha="center", va="center", color="white", fontsize=9)
     x0 = 4.0
     for e in range(e_n):
         for s in range(m):
             tok = token_in_slot[e, s]
             xs, ys = x0 + e * 1.6, t_n - 1 - s
-            ax.add_patch(Rectangle((xs, ys), 1.2, 0.8, color=colors[tok] if tok >= 0 else "0.88"))
+            ax.add_patch(Rectangle((xs, ys), 1.2, 0.8, color=colors[tok] if tok >= 0 else "0.88", zorder=2))
             ax.text(xs + 0.6, ys + 0.4, f"t{tok}" if tok >= 0 else "", ha="center", va="center", color="white",
                     fontsize=8)
         ax.text(x0 + e * 1.6 + 0.6, t_n + 0.1, f"e{e}\nm={int((token_in_slot[e] >= 0).sum())}", ha="center",
@@ -204,8 +232,10 @@ def draw_masked(ax, token_in_slot, ids, idx, m, title):
                 continue
             e, s = divmod(int(idx[t, k]), m)
             ax.add_patch(FancyArrowPatch((1.0, t_n - 0.6 - t), (x0 + e * 1.6, t_n - 0.6 - s), arrowstyle="->",
-                                         mutation_scale=8, color=colors[t], lw=1,
-                                         linestyle="-" if k == 0 else "--", alpha=0.8))
+                                         mutation_scale=8, color=colors[t], lw=1, zorder=1,
+                                         linestyle=K_STYLES[k % len(K_STYLES)], alpha=0.8))
+    ax.legend(handles=[Line2D([], [], color="0.3", ls=K_STYLES[k % len(K_STYLES)], label=f"k = {k}")
+                       for k in range(k_n)], loc="upper left", fontsize=7, frameon=False)
     ax.set_xlim(-0.3, x0 + e_n * 1.6)
     ax.set_ylim(min(-0.5, t_n - m - 0.5), t_n + 1.1)
     ax.set_title(title, fontsize=10)
@@ -213,10 +243,11 @@ def draw_masked(ax, token_in_slot, ids, idx, m, title):
 
 
 fig, ax = plt.subplots(figsize=(7.5, 4))
-draw_masked(ax, token_in_slot, ids_np, idx, MAX_TOKEN_NUM,
-            f"tokens → expert slots, masked layout [E={NUM_EXPERTS}, M={MAX_TOKEN_NUM}, H]")
+draw_masked(ax, token_in_slot, ids_np, idx, M,
+            f"tokens → expert slots, masked layout [E={NUM_EXPERTS}, M={M}, H]")
 fig.text(0.01, 0.01, "CPU · notebooks/01_permute_semantics.ipynb (make notebooks)", fontsize=7, color="0.4")
-plt.show()
+show(fig, f"{NUM_TOKENS} token boxes on the left, one arrow per top-k choice into {NUM_EXPERTS} expert slabs of "
+          f"{M} slots each; used slots per expert: {counts.tolist()}, the rest grey.")
 
 # %% [markdown]
 # ## 3. MN-major scale storage
@@ -231,13 +262,21 @@ plt.show()
 #
 # `moe_ref` represents it as `MNMajorScale`: the **physical** buffer `[E, S, align(M,4)]` as it
 # lies in memory, plus the strided **logical** view.
+#
+# **That rationale is Hopper's.** On Hopper, DeepGEMM's FP8 GEMM loads these FP32 (or packed
+# UE8M0) scales itself with TMA, so their layout is the GEMM's input format. The Blackwell GEMM
+# of PR #7053 (`group_gemm_masked`) does not read them: its block-scaled tensor-core MMA takes
+# one UE8M0 byte per 32 K-elements in CUTLASS's tiled byte order, which
+# `unpack_and_convert_scale` writes from this MN-major tensor (any strides accepted) right
+# before each GEMM (notebook 02, section 5). The permute still emits MN-major scales because
+# it is the same kernel interface as the Hopper path (SPEC §5).
 
 # %%
 ps = ref.permute_scale
-m_pad = align(MAX_TOKEN_NUM, TMA_ALIGN)
+m_pad = align(M, TMA_ALIGN)
 e_show = int(np.argmax(counts))                  # the busiest expert makes the best picture
 print(f"logical {ps.shape}, strides {ps.strides} (elements); physical {list(ps.physical.shape)}; "
-      f"align(M={MAX_TOKEN_NUM}, {TMA_ALIGN}) = {m_pad}")
+      f"align(M={M}, {TMA_ALIGN}) = {m_pad}")
 print(f"physical buffer of expert {e_show}, [S, align(M,4)] (label t+1 + g/10, 0 = empty):")
 print(ps.physical[e_show].numpy())
 print(f"logical view of expert {e_show}, [M, S]:")
@@ -246,7 +285,7 @@ print(ps.logical_view()[e_show].numpy())
 # %%
 assert ps.strides == (S * m_pad, 1, m_pad)
 assert list(ps.physical.shape) == [NUM_EXPERTS, S, m_pad]
-assert (ps.physical[:, :, MAX_TOKEN_NUM:].numpy() == 0).all()               # TMA padding rows are zero
+assert (ps.physical[:, :, M:].numpy() == 0).all()               # TMA padding rows are zero
 phys = ps.physical.numpy()
 for e in range(NUM_EXPERTS):
     for s_ in range(counts[e]):
@@ -284,10 +323,11 @@ def draw_mn_major(ax_l, ax_r, logical, m, m_pad, s_n):
 
 
 fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(10, 3), gridspec_kw={"width_ratios": [1, 3]})
-draw_mn_major(ax_l, ax_r, ps.logical_view()[e_show].numpy(), MAX_TOKEN_NUM, m_pad, S)
+draw_mn_major(ax_l, ax_r, ps.logical_view()[e_show].numpy(), M, m_pad, S)
 fig.text(0.01, 0.01, "CPU · notebooks/01_permute_semantics.ipynb (make notebooks)", fontsize=7, color="0.4")
 fig.tight_layout()
-plt.show()
+show(fig, f"Expert {e_show}'s scales: left the logical [M={M}, S={S}] matrix, right the same values in memory "
+          f"order, group by group, each group's {M} rows padded to {m_pad} (hatched).")
 
 # %% [markdown]
 # ## 4. The way back: depermute and weighted combine
@@ -344,8 +384,9 @@ print("contiguous layout: same rows in the same order as the masked one; round t
 # %% [markdown]
 # **Picture.** Row occupancy of the two layouts for the same routing: the masked buffer has
 # `E·M` rows, the contiguous one `Σ align(count, 128)`. Coloured by expert = a real token row,
-# grey = padding. (At this toy size the contiguous padding dominates; with thousands of
-# tokens per expert it is under 128 rows per expert, while the masked buffer stays `E·M`.)
+# grey = padding. **At this toy size the picture shows the opposite of the production
+# trade-off**: the contiguous layout pads every expert to 128 rows, which dwarfs a handful of
+# tokens. The table after the figure computes both row counts at a production size.
 
 # %%
 expert_cmap = matplotlib.colors.ListedColormap(["0.88"] + [plt.cm.tab10(e % 10) for e in range(NUM_EXPERTS)])
@@ -354,7 +395,7 @@ masked_rows = np.where(token_in_slot >= 0, np.arange(NUM_EXPERTS)[:, None] + 1, 
 ax1.imshow(masked_rows, cmap=expert_cmap, vmin=-0.5, vmax=NUM_EXPERTS + 0.5, aspect="auto")
 ax1.set_yticks(range(NUM_EXPERTS), [f"e{e}" for e in range(NUM_EXPERTS)])
 ax1.set_xlabel("slot (0..M-1)")
-ax1.set_title(f"masked [E·M = {NUM_EXPERTS * MAX_TOKEN_NUM} rows]", fontsize=10)
+ax1.set_title(f"masked [E·M = {NUM_EXPERTS * M} rows]", fontsize=10)
 ax2.imshow(np.where(m_idx >= 0, m_idx + 1, 0)[None, :], cmap=expert_cmap, aspect="auto", interpolation="nearest",
            vmin=-0.5, vmax=NUM_EXPERTS + 0.5)
 for e in range(NUM_EXPERTS):
@@ -366,7 +407,31 @@ ax2.set_xlabel("row of [Mc, H]")
 ax2.set_title(f"contiguous [Mc = {offsets[-1]} rows], segments padded to 128", fontsize=10)
 fig.text(0.01, 0.01, "CPU · notebooks/01_permute_semantics.ipynb (make notebooks)", fontsize=7, color="0.4")
 fig.tight_layout()
-plt.show()
+show(fig, f"Row occupancy for the same routing: masked buffer {NUM_EXPERTS}x{M} = {NUM_EXPERTS * M} rows, "
+          f"contiguous buffer {offsets[-1]} rows of which {counts.sum()} hold tokens.")
+
+# %% [markdown]
+# **At production size** (the rows only, no tensors): DeepSeek-V3 prefill on 8 ranks, 32 local
+# experts, `max_tokens_per_rank = 4096`, `K_top = 8`, so the masked buffer needs
+# `M = R · max_tokens_per_rank` rows per expert for the worst case, while a balanced routing gives
+# each expert about `R · T · K_top / E_total` rows. Counts drawn from a uniform routing:
+
+# %%
+prod = {"E": 32, "R": 8, "T": 4096, "K": 8}
+# R·T·K_top entries spread over E·R experts: this rank's E experts receive T·K_top of them on average
+prod_counts = np.random.default_rng(SEED).multinomial(prod["T"] * prod["K"], np.full(prod["E"], 1 / prod["E"]))
+prod_masked = prod["E"] * prod["R"] * prod["T"]
+prod_contig = sum(align(int(c), 128) for c in prod_counts)
+toy_masked, toy_contig = NUM_EXPERTS * M, int(offsets[-1])
+print(f"{'':22s} {'real rows':>10s} {'masked E·M':>12s} {'contiguous':>11s}")
+print(f"{'this toy example':22s} {int(counts.sum()):10d} {toy_masked:12d} {toy_contig:11d}")
+print(f"{'production (above)':22s} {int(prod_counts.sum()):10d} {prod_masked:12d} {prod_contig:11d}")
+assert prod_contig - prod_counts.sum() < 128 * prod["E"]          # at most 127 padding rows per expert
+assert prod_contig < prod_masked                                     # production: contiguous is the smaller one
+md(f"At production size the contiguous buffer needs {prod_contig / prod_counts.sum():.3f}x the real rows and the "
+   f"masked one {prod_masked / prod_counts.sum():.1f}x: the masked layout buys its fixed shapes (CUDA graphs, no "
+   f"host sync) with memory, the reverse of the toy picture above "
+   f"({'contiguous larger' if toy_contig > toy_masked else 'contiguous not larger'} at toy size).")
 
 # %% [markdown]
 # ## 6. Expert parallelism: dispatch with `num_worst_tokens` padding
@@ -382,14 +447,14 @@ plt.show()
 # real ones first (ordered by source rank, then source token), then padding rows with all ids
 # -1 and zero data. Shapes are fixed, so the step can live in a CUDA graph; this is what the
 # Blackwell "ht" path of PR #7053 relies on. `moe_ref.ep.ep_dispatch` simulates all ranks in
-# one process. Token `t` of rank `s` carries the label `10·s + t + 1`.
+# one process. Token `t` of rank `s` carries the label `T·s + t + 1` (exact in bf16 while `R·T <= 256`).
 
 # %%
 E_TOTAL = NUM_EXPERTS * EP_RANKS
 W = EP_RANKS * NUM_TOKENS                      # worst case: every token of every rank comes here
 xs, ids_g, ws = [], [], []
 for s in range(EP_RANKS):
-    lab = np.full((NUM_TOKENS, HIDDEN), 0, np.float32) + (10 * s + np.arange(1, NUM_TOKENS + 1))[:, None]
+    lab = np.full((NUM_TOKENS, HIDDEN), 0, np.float32) + (NUM_TOKENS * s + np.arange(1, NUM_TOKENS + 1))[:, None]
     xs.append(paddle.to_tensor(lab).astype(paddle.bfloat16))
     w_s, i_s = routing.softmax_topk(paddle.to_tensor(rng.normal(size=(NUM_TOKENS, E_TOTAL)).astype(np.float32)), TOP_K)
     ids_g.append(i_s)
@@ -455,15 +520,18 @@ for r, ax in enumerate(np.atleast_1d(axes)):
 np.atleast_1d(axes)[0].set_ylabel("received row")
 fig.text(0.01, 0.005, "CPU · notebooks/01_permute_semantics.ipynb (make notebooks)", fontsize=7, color="0.4")
 fig.tight_layout()
-plt.show()
+show(fig, f"One column per rank, W={W} received rows each, coloured by source rank; real rows per rank "
+          f"{[d.num_recv_tokens for d in recv]}, the rest grey padding.")
 
 # %% [markdown]
 # More rows than `W` cannot fit a fixed buffer. Upstream sizes `W` so that it never
-# happens; ours checks, on every rank, before anything is built:
+# happens; ours checks, on every rank, before anything is built. Here `W` is one less than
+# the busiest rank receives:
 
 # %%
+w_small = max(d.num_recv_tokens for d in recv) - 1
 try:
-    ep.ep_dispatch(xs, None, ids_g, ws, num_local_experts=NUM_EXPERTS, num_worst_tokens=NUM_TOKENS // 2)
+    ep.ep_dispatch(xs, None, ids_g, ws, num_local_experts=NUM_EXPERTS, num_worst_tokens=w_small)
     raise AssertionError("W too small must raise")
 except ValueError as err:
     print("ValueError:", err)
@@ -481,49 +549,66 @@ except ValueError as err:
 # independent) and neither does the combine, which follows the map. But two runs cannot be
 # compared row by row, and a bug that mixes up rows can hide. Ours is deterministic
 # (token-major, then k). A test of a non-deterministic provider must compare order-free:
-# through the map. Below, the slots inside each expert are shuffled the way an atomics run
-# could order them; the combine result is identical.
+# through the map.
+#
+# Below, the slots inside each expert are rotated by one (an order an atomics run could
+# produce, and one in which every expert with two or more rows really moves them), the rows
+# are moved accordingly and the map rewritten. Combining through the new map gives the same
+# output. That alone would pass for any map built consistently with its rows, so the cell also
+# runs the **negative control**: the moved rows with the *old* map, i.e. a row-by-row
+# comparison, which must give a different output.
 
 # %%
-again = layout.prefill_permute_to_masked_gemm(x, scale, topk_ids, NUM_EXPERTS, MAX_TOKEN_NUM)
+again = layout.prefill_permute_to_masked_gemm(x, scale, topk_ids, NUM_EXPERTS, M)
 assert np.array_equal(again.permuted_indice_map.numpy(), ref.permuted_indice_map.numpy())   # ours: same every run
 
-perm_rng = np.random.default_rng(SEED + 1)
-new_slot = np.full((NUM_EXPERTS, MAX_TOKEN_NUM), -1)
+new_slot = np.full((NUM_EXPERTS, M), -1)
 for e in range(NUM_EXPERTS):
-    new_slot[e, :counts[e]] = perm_rng.permutation(counts[e])         # one possible "atomics" order
-shuffled_map = np.where(idx >= 0, (idx // MAX_TOKEN_NUM) * MAX_TOKEN_NUM
-                        + new_slot[idx // MAX_TOKEN_NUM, idx % MAX_TOKEN_NUM], -1).astype(np.int32)
-x_rows = ref.permute_x.astype(paddle.float32).numpy().reshape(NUM_EXPERTS * MAX_TOKEN_NUM, HIDDEN)
+    new_slot[e, :counts[e]] = np.roll(np.arange(counts[e]), 1)         # one possible "atomics" order
+shuffled_map = np.where(idx >= 0, (idx // M) * M
+                        + new_slot[idx // M, idx % M], -1).astype(np.int32)
+x_rows = ref.permute_x.astype(paddle.float32).numpy().reshape(NUM_EXPERTS * M, HIDDEN)
 shuffled_x = np.zeros_like(x_rows)
 shuffled_x[shuffled_map[idx >= 0]] = x_rows[idx[idx >= 0]]
 print("an atomics-style map:\n", shuffled_map)
 out_shuffled = layout.depermute_prefill_combine(
-    paddle.to_tensor(shuffled_x.reshape(NUM_EXPERTS, MAX_TOKEN_NUM, HIDDEN)).astype(paddle.bfloat16),
+    paddle.to_tensor(shuffled_x.reshape(NUM_EXPERTS, M, HIDDEN)).astype(paddle.bfloat16),
     paddle.to_tensor(shuffled_map), topk_weights, NUM_TOKENS)
 np.testing.assert_array_equal(out_shuffled.astype(paddle.float32).numpy(), back.astype(paddle.float32).numpy())
-print("different slot order, same combined output: compare through the map, not row by row")
+print("different slot order, same combined output through the new map")
+assert (counts >= 2).any(), "negative control needs an expert with two rows: raise TOP_K or NUM_TOKENS"
+out_old_map = layout.depermute_prefill_combine(
+    paddle.to_tensor(shuffled_x.reshape(NUM_EXPERTS, M, HIDDEN)).astype(paddle.bfloat16),
+    ref.permuted_indice_map, topk_weights, NUM_TOKENS)
+wrong_tokens = np.nonzero((out_old_map.astype(paddle.float32).numpy() != x.astype(paddle.float32).numpy()).any(axis=1))[0]
+assert wrong_tokens.size > 0
+print(f"negative control: moved rows read through the old map give wrong rows for tokens {wrong_tokens.tolist()}")
 
 # %% [markdown]
 # ### 7b. Padding rows assumed at the end
 #
 # With EP, the `W = num_worst_tokens` received rows end with padding rows whose ids are all
 # -1. Upstream's kernel stops at the **first** all(-1) row, so a padding row anywhere else
-# silently drops every token after it. Ours skips -1 entries wherever they are. Here row 2
-# is turned into padding (as if a token had been sent to no local expert):
+# silently drops every token after it. Ours skips -1 entries wherever they are. Here the
+# middle row (`GAP_ROW` below) is turned into padding, as if a token had been sent to no
+# local expert. What upstream would do is **our arithmetic** from that stopping rule (SPEC §5),
+# not a run of upstream's kernel.
 
 # %%
+GAP_ROW = NUM_TOKENS // 2
 ids_gap = ids_np.copy()
-ids_gap[2] = -1
-gap = layout.prefill_permute_to_masked_gemm(x, scale, paddle.to_tensor(ids_gap), NUM_EXPERTS, MAX_TOKEN_NUM)
+ids_gap[GAP_ROW] = -1
+gap = layout.prefill_permute_to_masked_gemm(x, scale, paddle.to_tensor(ids_gap), NUM_EXPERTS, M)
 first_pad = int(np.argmax((ids_gap < 0).all(axis=1)))
 upstream_seen = (ids_gap[:first_pad] >= 0).sum()
 print("topk_ids with a padding row inside:\n", ids_gap)
 print("map:\n", gap.permuted_indice_map.numpy())
-print(f"ours routes {gap.token_nums_per_expert.numpy().sum()} entries; upstream would stop at row {first_pad} "
-      f"and route {upstream_seen}, dropping tokens {list(range(first_pad + 1, NUM_TOKENS))}")
-assert gap.token_nums_per_expert.numpy().sum() == (ids_gap >= 0).sum()
-assert (gap.permuted_indice_map.numpy()[2] == -1).all()
+print(f"ours routes {gap.token_nums_per_expert.numpy().sum()} entries; by its stop-at-first-padding rule upstream "
+      f"would stop at row {first_pad} and route {upstream_seen} (our arithmetic), dropping tokens "
+      f"{list(range(first_pad + 1, NUM_TOKENS))}")
+assert first_pad == GAP_ROW
+assert gap.token_nums_per_expert.numpy().sum() == (ids_gap >= 0).sum() == (NUM_TOKENS - 1) * TOP_K
+assert (gap.permuted_indice_map.numpy()[GAP_ROW] == -1).all()
 
 # %% [markdown]
 # ### 7c. No overflow or range check
@@ -546,11 +631,11 @@ for name, fn in (("moe_ref.layout", layout.prefill_permute_to_masked_gemm),
 
 # %%
 ids_global = ids_np.copy()
-ids_global[1, 0] = NUM_EXPERTS + 3                       # a global id where a local one belongs
+ids_global[NUM_TOKENS - 1, 0] = NUM_EXPERTS + 3           # a global id where a local one belongs
 for name, fn in (("moe_ref.layout", layout.prefill_permute_to_masked_gemm),
                  ("backend.ops   ", provider.prefill_permute_to_masked_gemm)):
     try:
-        fn(x, scale, paddle.to_tensor(ids_global), NUM_EXPERTS, MAX_TOKEN_NUM)
+        fn(x, scale, paddle.to_tensor(ids_global), NUM_EXPERTS, M)
         raise AssertionError("an out-of-range id must raise")
     except ValueError as err:
         print(f"{name}: ValueError: {err}")

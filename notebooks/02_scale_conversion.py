@@ -25,31 +25,38 @@
 # This notebook follows one scale all the way:
 #
 # 1. FP32 scale `amax / 448`;
-# 2. rounded **up** to a power of two (`ceil_to_ue8m0`), and why truncating (`bits >> 23`) breaks;
+# 2. rounded to a power of two: the three rounding rules in use (FLOOR, RCEIL, truncation) and
+#    why truncating `amax / 448` breaks;
 # 3. four UE8M0 bytes packed into one int32 word (what the quantization kernels emit);
 # 4. weights: per-128x128-block scales expanded to per-row scales;
 # 5. one byte per 32 K-elements (the 128 → 32 replication) and the CUTLASS tile swizzle, drawn;
 # 6. `unpack_and_convert_scale` (blackwell_ops) and its inverse `cutlass_scale_to_fp32`, round trip.
 #
 # Everything is computed by `moe_ref` (reference), `backend.ops` (the contract and its provider)
-# and `backend.ops.cutlass_sf` (the one swizzle formula); the notebook only calls, checks and
-# draws (timings are in `04_performance`).
+# and `backend.ops.cutlass_sf` (the one swizzle formula). Section 5 derives the swizzle a second
+# time, independently, the way Triton's block-scaled matmul tutorial and torchao write it, and
+# checks the provider's bytes against that derivation and against golden offsets (timings are
+# in `04_performance`). Notebook `00_fp8_primer` introduces e4m3, the amax floor and `calc_diff`.
 
 # %%
-# Setup: quiet imports, seeded RNGs below.
+# Setup. Importing Paddle emits two known notices that say nothing about these notebooks:
+# "No ccache found" (a UserWarning, filtered where it arises, in moe_ref/_paddle.py) and, when
+# OMP_NUM_THREADS > 1 (`make` sets 2), advice about OMP_NUM_THREADS printed to stderr. Exactly
+# those advice lines are dropped here; any other warning or stderr line of the import shows.
 import contextlib
 import io
 import logging
-import warnings
+import sys
 
-warnings.filterwarnings("ignore")
-# Importing Paddle prints advice to stderr when OMP_NUM_THREADS > 1 (`make` sets 2) and warns
-# that ccache is missing; neither concerns these notebooks, and stderr must not vary by machine.
-with contextlib.redirect_stderr(io.StringIO()):
-    import paddle
+_import_stderr = io.StringIO()
+with contextlib.redirect_stderr(_import_stderr):
+    from moe_ref._paddle import paddle
+_PADDLE_OMP_ADVICE = ("WARNING: OMP_NUM_THREADS set to", "PLEASE USE OMP_NUM_THREADS WISELY")
+sys.stderr.write("".join(line for line in _import_stderr.getvalue().splitlines(True)
+                         if not line.startswith(_PADDLE_OMP_ADVICE)))
 
 # Paddle installs an INFO handler on the root logger: keep library INFO lines (matplotlib's
-# font cache, the backend's provider choice) out of the outputs.
+# font cache, the backend's provider choice) out of the outputs. Warnings still show.
 for name in ("matplotlib", "backend"):
     logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -59,21 +66,22 @@ import matplotlib.pyplot as plt
 from matplotlib.patches import Rectangle
 
 from moe_ref import fp8, layout, quant, routing
-from moe_ref.fp8 import BYTES_PER_WORD, E4M3_MAX, UE8M0_BIAS
+from moe_ref.fp8 import BYTES_PER_WORD, E4M3_MAX, UE8M0_BIAS, align
 from moe_ref.metrics import calc_diff
 from backend import ops
 from backend.ops import cutlass_sf
+from nbtools import md, show
 
 # %matplotlib inline
 np.set_printoptions(linewidth=110, precision=4)
 
 # %% tags=["parameters"]
-NUM_TOKENS = 8        # T
-HIDDEN = 768          # H: S = 6 groups of 128 -> 2 packed words per row (the second half-full)
-WEIGHT_ROWS = 256     # N of a weight [N, K=H]: two 128-row blocks
-NUM_EXPERTS = 4       # E for the masked-layout part
-TOP_K = 2
-MAX_TOKEN_NUM = 8     # M: rows per expert (padded to 128 for the CUTLASS layout)
+NUM_TOKENS = 8        # T, at least 1
+HIDDEN = 768          # H: a multiple of 128, S groups of 128 (768: 6 groups -> 2 packed words, the second half-full)
+WEIGHT_ROWS = 256     # N, at least 1, rows of a weight [N, H] (256: two 128-row blocks)
+NUM_EXPERTS = 4       # E, at least 1, for the masked-layout part
+TOP_K = 2             # K_top, 1 to E
+MAX_TOKEN_NUM = None  # M: rows per expert (padded to 128 for the CUTLASS layout); None: T, the worst case
 SEED = 0
 
 # %%
@@ -81,6 +89,7 @@ paddle.seed(SEED)
 rng = np.random.default_rng(SEED)
 S = -(-HIDDEN // quant.GROUP_SIZE)
 C = -(-S // BYTES_PER_WORD)
+M = NUM_TOKENS if MAX_TOKEN_NUM is None else MAX_TOKEN_NUM
 # Activations whose groups span several orders of magnitude, so the scales differ.
 magnitude = 10.0 ** rng.uniform(-2, 1, size=(NUM_TOKENS, S))
 x_np = (rng.normal(size=(NUM_TOKENS, S, quant.GROUP_SIZE)) * magnitude[..., None]).reshape(NUM_TOKENS, -1)[:, :HIDDEN]
@@ -103,61 +112,103 @@ print(f"calc_diff(dequant, x) with FP32 scales: {calc_diff(deq32, x):.2e}")
 assert calc_diff(deq32, x) < 1e-3      # DeepGEMM's bound for one FP8 quantization (SPEC §12)
 
 # %% [markdown]
-# ## 2. `ceil_to_ue8m0`, and why truncation breaks
+# ## 2. Rounding a scale to a power of two: FLOOR, RCEIL, truncation
 #
 # UE8M0 stores only an exponent: byte `e` means `2^(e-127)` (SPEC §2). A float32 `s` is
 # `2^(E-127) · 1.m`, with `E = (bits >> 23) & 0xFF` its exponent field and `m` the 23-bit
-# mantissa. The right power of two is the smallest one **>= s** (`ceil_to_ue8m0`): exponent
-# field plus one when the mantissa is non-zero. Then `|x / s_ue8m0| <= 448` still holds.
+# mantissa. Three rules for turning a block's `amax` into a power-of-two scale are in use, and
+# the field names them:
 #
-# Taking just `bits >> 23` rounds **down** for every scale that is not already a power of
-# two. Two serving engines shipped exactly that and got garbage and NaN on B200 (SPEC §2).
+# | rule | scale | where it is used | `amax / s` lands in |
+# |---|---|---|---|
+# | **FLOOR** | `2^(floor(log2 amax) − 8)`, 8 = exponent of e4m3's largest power of two (256) | the OCP MX v1.0 spec's reference conversion | [256, 512): values above 448 are clamped |
+# | **RCEIL** (round up) | `2^ceil(log2(amax / 448))` | cuBLAS / NVIDIA's MXFP8 recipes, DeepGEMM's `ceil_to_ue8m0`; ours (`moe_ref.fp8.ceil_to_ue8m0`) | (224, 448]: nothing clamped |
+# | **truncation** of `amax / 448` | `2^floor(log2(amax / 448))`, i.e. `bits >> 23` of the FP32 scale | nobody on purpose: the bug | [448, 896): up to half the range clamped |
+#
+# (FLOOR and RCEIL are the names of torchao's `ScaleCalculationMode`, which cites the OCP spec for
+# FLOOR and the cuBLAS documentation, "Computing scaling and conversion factors for FP8 with
+# UE8M0 scales", for RCEIL.) RCEIL never clamps and uses at least half of e4m3's top octave; FLOOR keeps the block's
+# largest values one step nearer the top but clamps those that land in (448, 512). Truncation
+# is what happens when an FP32 scale that is not a power of two is packed by taking its
+# exponent field: sglang hit it on B200 ([issue #12878](https://github.com/sgl-project/sglang/issues/12878),
+# fixed by requantizing weight scales in [PR #13067](https://github.com/sgl-project/sglang/pull/13067):
+# DeepGEMM's Blackwell packer takes `value >> 23` of each FP32 scale) and vLLM on SM120
+# ([PR #51372](https://github.com/vllm-project/vllm/pull/51372): all-NaN DeepGEMM output with
+# non-power-of-two weight scales), SPEC §2.
+#
+# First the three rules on the scales of token 0, written out inline (a few lines each) and
+# checked against the package where it has them:
 
 # %%
-s_row = s32.numpy()[0]
-bits = s_row.view(np.int32)
-trunc = np.float32(2.0) ** (((bits >> 23) & 0xFF).astype(np.float32) - UE8M0_BIAS)   # the bug, for display
-ceil_ = fp8.ceil_to_ue8m0(paddle.to_tensor(s_row)).numpy()
-print(f"{'s (FP32)':>12} {'bits':>10} {'exp':>4} {'mantissa':>8} {'ceil (ours)':>12} {'bits>>23 (bug)':>14}")
-for s_, b_, c_, t_ in zip(s_row, bits.tolist(), ceil_, trunc):
-    print(f"{s_:12.4e} {b_ & 0xFFFFFFFF:#010x} {(b_ >> 23) & 0xFF:4d} {b_ & 0x7FFFFF:#8x} {c_:12.4e} {t_:14.4e}")
-assert (ceil_ >= s_row).all() and (ceil_ < 2 * s_row).all()
-assert (trunc <= s_row).all()
+def scale_floor_ocp(amax):
+    return np.float32(2.0) ** (np.floor(np.log2(amax)) - 8)          # OCP MX: 8 = floor(log2(448))
+
+
+def scale_rceil(amax):
+    return np.float32(2.0) ** np.ceil(np.log2(amax / np.float32(E4M3_MAX)))
+
+
+def scale_trunc(s_fp32):
+    exp_field = (s_fp32.astype(np.float32).view(np.int32) >> 23) & 0xFF   # the bug: drop the mantissa
+    return np.float32(2.0) ** (exp_field.astype(np.float32) - UE8M0_BIAS)
+
+
+s_all = s32.numpy()
+amax_all = np.maximum(np.abs(x.numpy().reshape(NUM_TOKENS, S, -1)).max(axis=-1), np.float32(quant.DEEPGEMM_AMAX_FLOOR))
+rules = {"FLOOR (OCP)": scale_floor_ocp(amax_all), "RCEIL (ours)": scale_rceil(amax_all),
+         "truncation": scale_trunc(s_all)}
+np.testing.assert_array_equal(rules["RCEIL (ours)"], fp8.ceil_to_ue8m0(s32).numpy())   # the package's RCEIL
+bits = s_all[0].view(np.int32)
+print(f"{'s = amax/448':>12} {'bits':>10} {'exp':>4} {'mantissa':>8} " + " ".join(f"{k:>13}" for k in rules))
+for g in range(S):
+    b_ = int(bits[g])
+    print(f"{s_all[0, g]:12.4e} {b_ & 0xFFFFFFFF:#010x} {(b_ >> 23) & 0xFF:4d} {b_ & 0x7FFFFF:#8x} "
+          + " ".join(f"{v[0, g]:13.4e}" for v in rules.values()))
+assert (rules["RCEIL (ours)"] >= s_all).all() and (rules["RCEIL (ours)"] < 2 * s_all).all()
+assert (rules["truncation"] <= s_all).all()
 
 # %% [markdown]
-# What the wrong rounding does. **(a) Broken pairing:** the data is quantized with one
-# scale and the GEMM multiplies by another. If a kernel quantizes with the FP32 `s` but the
-# packed scale was truncated to `2^floor(log2 s)`, every group comes back multiplied by
-# `s_trunc / s`, somewhere in (0.5, 1]: a silent, group-dependent shrink.
-# **(b) Overflow:** if the data is quantized *with* the truncated scale, `x / s_trunc` reaches up
-# to `2 · 448 = 896`, far past e4m3's largest value. A cast that does not clamp turns that into
-# NaN (PyTorch's classic cast: every `|v| > 464`, SPEC §1); ours clamps, which still destroys
-# the largest values of the group.
+# What each rule does to the data. Each quantizes `x` with its own scale (`q = e4m3(clamp(x / s))`)
+# and dequantizes with the same scale; the table counts the clamped values and measures the
+# error (`calc_diff`, 0 = exact; notebook 00 explains it). A fourth row shows the bug in its
+# other form, a **broken pairing**: data quantized with the FP32 `s` while the packed scale was
+# truncated, so every group comes back multiplied by `s_trunc / s`, somewhere in (0.5, 1].
+# With a cast that does not clamp, values beyond 464 become NaN (PyTorch's classic cast, SPEC §1).
 
 # %%
-s_all = s32.numpy()
-s_trunc = np.float32(2.0) ** ((((s_all.view(np.int32)) >> 23) & 0xFF).astype(np.float32) - UE8M0_BIAS)
-s_ceil = fp8.ceil_to_ue8m0(s32).numpy()
-# (a) pairing broken: q computed with s, dequantized with s_trunc
-deq_a = quant.dequant_per_token_group(q32, paddle.to_tensor(s_trunc))
-# (b) data quantized with s_trunc: beyond +-448 before the cast
-ratio = np.abs(x_np).reshape(NUM_TOKENS, S, -1) / s_trunc[..., None]
-q_b = fp8.cast_to_e4m3(paddle.to_tensor((x_np.reshape(NUM_TOKENS, S, -1) / s_trunc[..., None]).reshape(NUM_TOKENS, -1)
-                                         .astype(np.float32)))
-deq_b = quant.dequant_per_token_group(q_b, paddle.to_tensor(s_trunc))
-# correct: quantize with the ceil'ed UE8M0 scale
+groups = x.numpy().reshape(NUM_TOKENS, S, -1)             # float32, as the quantizer sees it
+rule_rows = {}
+for name, s_rule in rules.items():
+    v = groups / s_rule[..., None]
+    q = fp8.cast_to_e4m3(paddle.to_tensor(v.reshape(NUM_TOKENS, -1).astype(np.float32)))
+    deq = quant.dequant_per_token_group(q, paddle.to_tensor(s_rule.astype(np.float32)))
+    rule_rows[name] = {"clamped": int((np.abs(v) > E4M3_MAX).sum()), "nan": int((np.abs(v) > 464).sum()),
+                       "calc_diff": calc_diff(deq, x)}
+deq_pair = quant.dequant_per_token_group(q32, paddle.to_tensor(rules["truncation"]))
+rule_rows["broken pairing (q with s, scale truncated)"] = {"clamped": 0, "nan": 0, "calc_diff": calc_diff(deq_pair, x)}
+rule_rows["FP32 scales (no rounding)"] = {"clamped": 0, "nan": 0, "calc_diff": calc_diff(deq32, x)}
+n_vals = groups.size
+print(f"{'rule':44s} {'clamped':>8s} {'NaN if not clamped':>19s} {'calc_diff vs x':>15s}   ({n_vals} values)")
+for name, r in rule_rows.items():
+    print(f"{name:44s} {r['clamped']:8d} {r['nan']:19d} {r['calc_diff']:15.2e}")
 q_ue, s_ue = quant.per_token_group_quant(x, use_ue8m0=True)
 deq_ue = quant.dequant_per_token_group(q_ue, s_ue)
-assert np.array_equal(s_ue.numpy(), s_ceil)
-print(f"{'variant':48s} calc_diff vs x")
-print(f"{'FP32 scales':48s} {calc_diff(deq32, x):.2e}")
-print(f"{'UE8M0, ceil (ours)':48s} {calc_diff(deq_ue, x):.2e}")
-print(f"{'(a) quantized with s, scale truncated':48s} {calc_diff(deq_a, x):.2e}")
-print(f"{'(b) quantized with truncated scale, clamped':48s} {calc_diff(deq_b, x):.2e}")
-print(f"(b) values beyond 448: {(ratio > E4M3_MAX).sum()} of {ratio.size}; beyond 464 (NaN in a non-clamping cast): "
-      f"{(ratio > 464).sum()}")
-assert calc_diff(deq_ue, x) < 1e-3
-assert calc_diff(deq_a, x) > 10 * calc_diff(deq_ue, x) and calc_diff(deq_b, x) > 10 * calc_diff(deq_ue, x)
+assert np.array_equal(s_ue.numpy(), rules["RCEIL (ours)"])
+assert calc_diff(deq_ue, x) < 1e-3                                    # DeepGEMM's bound for one quantization
+assert abs(calc_diff(deq_ue, x) / rule_rows["RCEIL (ours)"]["calc_diff"] - 1) < 0.01   # same rule, same error
+assert rule_rows["RCEIL (ours)"]["clamped"] == 0 and rule_rows["truncation"]["clamped"] > 0
+worst_ok = max(rule_rows["RCEIL (ours)"]["calc_diff"], rule_rows["FLOOR (OCP)"]["calc_diff"])
+bad = min(rule_rows["truncation"]["calc_diff"], rule_rows["broken pairing (q with s, scale truncated)"]["calc_diff"])
+if NUM_TOKENS * S >= 8:     # on a handful of groups a truncation can land just above 448 and cost little
+    assert bad > worst_ok
+md(f"RCEIL and FLOOR cost about the same here (`calc_diff` {rule_rows['RCEIL (ours)']['calc_diff']:.1e} and "
+   f"{rule_rows['FLOOR (OCP)']['calc_diff']:.1e}; FLOOR clamped {rule_rows['FLOOR (OCP)']['clamped']} of {n_vals} "
+   f"values). Truncation clamped {rule_rows['truncation']['clamped']} values "
+   f"({rule_rows['truncation']['nan']} would be NaN without the clamp) and the broken pairing shrinks every group: "
+   f"{rule_rows['truncation']['calc_diff'] / worst_ok:.1f}x and "
+   f"{rule_rows['broken pairing (q with s, scale truncated)']['calc_diff'] / worst_ok:.1f}x the error of the worse of "
+   f"RCEIL and FLOOR. Ours is RCEIL, as DeepGEMM's; FastDeploy's `per_token_quant` "
+   f"computes RCEIL of `amax/448 + 5e-7` (notebook 00 shows when that bias changes a scale).")
 
 # %% [markdown]
 # Encoding never rounds silently: `ue8m0_encode` accepts only exact powers of two, so an FP32
@@ -175,8 +226,8 @@ except ValueError as err:
 #
 # Kernels move scales 4 bytes at a time: word `p` of a row holds groups `4p..4p+3`,
 # little-endian (byte `j` of the word = group `4p+j`), missing groups are byte 0 (SPEC §2).
-# In hex the **rightmost** two digits are group `4p`. With `S = 6` groups, word 1 holds
-# groups 4 and 5 and two zero bytes.
+# In hex the **rightmost** two digits are group `4p` (the sentence after the table spells it
+# out for this `S`).
 
 # %%
 b_ue = fp8.ue8m0_encode(s_ue)                              # [T, S] uint8
@@ -185,10 +236,13 @@ print("UE8M0 bytes [T, S] (e: scale = 2^(e-127)):\n", b_ue.numpy())
 print("packed words [T, C] as hex:")
 for t in range(NUM_TOKENS):
     print(f"  token {t}: " + "  ".join(f"{int(w) & 0xFFFFFFFF:08x}" for w in words.numpy()[t]))
+last = C - 1
+md(f"With `S = {S}` groups each row packs into `C = {C}` words; the last word (word {last}) holds groups "
+   f"{4 * last}..{S - 1}" + (f" and {4 * C - S} zero byte(s) (the leftmost hex digits)." if S % 4 else " (it is full)."))
 
 # %%
 w0 = int(words.numpy()[0, 0]) & 0xFFFFFFFF
-assert [(w0 >> (8 * j)) & 0xFF for j in range(4)] == b_ue.numpy()[0, :4].tolist()   # little-endian
+assert [(w0 >> (8 * j)) & 0xFF for j in range(min(4, S))] == b_ue.numpy()[0, :4].tolist()   # little-endian
 assert np.array_equal(fp8.unpack_ue8m0(words, S).numpy(), b_ue.numpy())              # round trip
 if S % BYTES_PER_WORD:
     assert ((words.numpy()[:, -1].astype(np.int64) & 0xFFFFFFFF) >> (8 * (S % BYTES_PER_WORD)) == 0).all()
@@ -224,10 +278,11 @@ w_rows = quant.expand_block_scale_to_rows(w_scale, WEIGHT_ROWS)
 w_words = fp8.pack_ue8m0(fp8.ue8m0_encode(w_rows))
 print("block scales", list(w_scale.shape), "-> per-row", list(w_rows.shape), "-> packed", list(w_words.shape),
       str(w_words.dtype))
-print("UE8M0 bytes of block rows 0 and 1:\n", fp8.ue8m0_encode(w_scale).numpy())
-for n in (0, 127, 128, WEIGHT_ROWS - 1):
-    print(f"  row {n:3d}: " + "  ".join(f"{int(v) & 0xFFFFFFFF:08x}" for v in w_words.numpy()[n]))
-assert np.array_equal(w_rows.numpy()[127], w_scale.numpy()[0]) and np.array_equal(w_rows.numpy()[128], w_scale.numpy()[1])
+print("UE8M0 bytes of the block scales [ceil(N/128), S]:\n", fp8.ue8m0_encode(w_scale).numpy())
+show_rows = sorted({0, min(127, WEIGHT_ROWS - 1), min(128, WEIGHT_ROWS - 1), WEIGHT_ROWS - 1})
+for n in show_rows:
+    print(f"  row {n:4d} (block {n // 128}): " + "  ".join(f"{int(v) & 0xFFFFFFFF:08x}" for v in w_words.numpy()[n]))
+np.testing.assert_array_equal(w_rows.numpy(), np.repeat(w_scale.numpy(), 128, axis=0)[:WEIGHT_ROWS])   # sf[n // 128]
 
 # %% [markdown]
 # ## 5. 128 → 32 replication and the CUTLASS tile swizzle
@@ -242,21 +297,55 @@ assert np.array_equal(w_rows.numpy()[127], w_scale.numpy()[0]) and np.array_equa
 # whole tile. CUTLASS writes the tile as the CuTe layout `((32,4),(SFVecSize,4)):((16,4),(0,1))`
 # (`SfKMajorAtom` of `Sm1xxBlockScaledBasicChunk` in `include/cutlass/detail/sm100_blockscaled_layout.hpp`);
 # the stride 0 over `SFVecSize` is the "one byte serves 32 K-elements" of the replication above.
-# Element `(r, kb)` of the `[MN, KB]` matrix goes to byte (SPEC §4,
-# `backend.ops.cutlass_sf.sf_byte_offset`):
+# Element `(r, kb)` of the `[MN, KB]` matrix goes to byte (SPEC §4, the package's
+# `backend.ops.cutlass_sf.sf_byte_offset`, which the providers use):
 #
 #     ((r // 128) · (KB // 4) + kb // 4) · 512  +  (r % 32) · 16  +  ((r % 128) // 32) · 4  +  kb % 4
+#
+# **An independent derivation.** Checking the provider's bytes against that same function would
+# be circular. Triton's block-scaled matmul tutorial (`python/tutorials/10-block-scaled-matmul.py`)
+# writes the scale layout as a 5-D shape `(MN/128, K/32/4, 32, 4, 4)`, and torchao's `to_blocked`
+# (`torchao/prototype/mx_formats/utils.py`) produces it with two reshapes and a transpose.
+# In numpy, from a row-major `[MN, KB]` matrix:
+#
+#     view as (MN/128, 4, 32, KB/4, 4)    = (row tile, row group of 32, row in group, column tile, column)
+#     transpose to (0, 3, 2, 1, 4)        = (row tile, column tile, row in group, row group, column)
+#
+# and the flattened result is the byte stream. The offsets below come from that derivation and
+# from literal numbers worked out by hand from the CuTe layout; the package formula must agree.
 
 # %%
-for r, kb in [(0, 0), (0, 1), (0, 3), (0, 4), (1, 0), (32, 0), (64, 2), (127, 3), (128, 0)]:
-    print(f"(r={r:3d}, kb={kb}) -> byte {cutlass_sf.sf_byte_offset(r, kb, 8):5d}   (KB = 8)")
-assert sorted(cutlass_sf.sf_index_map(256, 8).numpy().ravel().tolist()) == list(range(256 * 8))   # a permutation
+def to_blocked(sf):
+    """sf [MN, KB] (MN % 128 == 0, KB % 4 == 0) -> the flat byte stream in CUTLASS SfAtom order."""
+    mn, kb = sf.shape
+    return sf.reshape(mn // 128, 4, 32, kb // 4, 4).transpose(0, 3, 2, 1, 4).reshape(-1)
+
+
+def derived_offsets(mn, kb):
+    """[MN, KB] int64: the byte each element lands on, read off to_blocked of the element indices."""
+    off = np.empty(mn * kb, np.int64)
+    off[to_blocked(np.arange(mn * kb).reshape(mn, kb))] = np.arange(mn * kb)
+    return off.reshape(mn, kb)
+
+
+GOLDEN_KB8 = {(0, 0): 0, (0, 1): 1, (0, 3): 3, (0, 4): 512, (1, 0): 16, (32, 0): 4, (64, 2): 10,
+              (127, 3): 511, (128, 0): 1024, (255, 7): 2047}     # by hand, KB = 8
+off8 = derived_offsets(256, 8)
+for (r, kb), byte in GOLDEN_KB8.items():
+    print(f"(r={r:3d}, kb={kb}) -> byte {byte:5d}   derived {off8[r, kb]:5d}   package {cutlass_sf.sf_byte_offset(r, kb, 8):5d}")
+    assert off8[r, kb] == byte == cutlass_sf.sf_byte_offset(r, kb, 8)
+mn_chk, kb_chk = align(max(WEIGHT_ROWS, M), 128), 16 * C
+r_g, kb_g = np.meshgrid(np.arange(mn_chk), np.arange(kb_chk), indexing="ij")
+assert np.array_equal(derived_offsets(mn_chk, kb_chk), cutlass_sf.sf_byte_offset(r_g, kb_g, kb_chk))   # every element
+assert sorted(off8.ravel().tolist()) == list(range(256 * 8))                                         # a permutation
+print(f"package formula == derivation on all {mn_chk}x{kb_chk} elements of [align(max(N, M), 128), 16·C]")
 
 # %% [markdown]
-# **Picture.** Left: the `[MN=256, KB=8]` scale matrix of one expert, each cell coloured by the
-# byte offset it is stored at (four tiles: row tile 0 = bytes 0..1023, row tile 1 =
-# 1024..2047). Right: one 512-byte tile in memory, 32 lines of 16 bytes; each byte is labelled
-# with the `(row, column)` it holds. Rows 0, 32, 64, 96 share line 0.
+# **Picture.** Left: the `[MN, KB]` scale matrix of the weight of section 4
+# (`MN = align(N, 128)`, `KB = 16·C`), each cell coloured by the byte offset it is stored at,
+# white lines at tile borders (one row tile holds `KB/4` tiles of 512 bytes). Right: one
+# 512-byte tile in memory, 32 lines of 16 bytes; each byte is labelled with the `(row, column)`
+# it holds. Rows 0, 32, 64, 96 share line 0.
 
 # %%
 def draw_swizzle(ax_l, ax_r, mn, kb):
@@ -287,11 +376,14 @@ def draw_swizzle(ax_l, ax_r, mn, kb):
     ax_r.set_title("tile 0 in memory: byte → (row, kb); colour = row group r // 32", fontsize=10)
 
 
+mn_pic, kb_pic = align(WEIGHT_ROWS, 128), 16 * C
 fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.6]})
-draw_swizzle(ax_l, ax_r, 256, 8)
+draw_swizzle(ax_l, ax_r, mn_pic, kb_pic)
 fig.text(0.01, 0.01, "CPU · notebooks/02_scale_conversion.ipynb (make notebooks)", fontsize=7, color="0.4")
 fig.tight_layout()
-plt.show()
+show(fig, f"Left: byte offset of each element of a [{mn_pic}, {kb_pic}] scale matrix, in "
+          f"{(mn_pic // 128) * (kb_pic // 4)} tiles of 128 rows by 4 columns. Right: tile 0 as 32 lines of 16 bytes, "
+          f"line i holding rows i, i+32, i+64, i+96.")
 
 # %% [markdown]
 # ## 6. `unpack_and_convert_scale` and its inverse
@@ -310,45 +402,48 @@ plt.show()
 # %%
 logits = paddle.to_tensor(rng.normal(size=(NUM_TOKENS, NUM_EXPERTS)).astype(np.float32))
 _, topk_ids = routing.softmax_topk(logits, TOP_K)
-lay = layout.prefill_permute_to_masked_gemm(q_ue, words, topk_ids, NUM_EXPERTS, MAX_TOKEN_NUM)
+lay = layout.prefill_permute_to_masked_gemm(q_ue, words, topk_ids, NUM_EXPERTS, M)
 masked_m = lay.token_nums_per_expert
 scale_view = lay.permute_scale.logical_view()             # [E, M, C] int32, MN-major strides
 sfa = ops.unpack_and_convert_scale(scale_view, masked_m)
 print("permuted packed scales", list(scale_view.shape), "strides", lay.permute_scale.strides,
       "| masked_m", masked_m.numpy().ravel().tolist())
-print("CUTLASS SF bytes", list(sfa.shape), str(sfa.dtype), f"(MN {MAX_TOKEN_NUM} padded to {int(sfa.shape[1])}, "
+print("CUTLASS SF bytes", list(sfa.shape), str(sfa.dtype), f"(MN {M} padded to {int(sfa.shape[1])}, "
       f"KB = 16·C = {16 * C})")
-print("expert 0, first 32 bytes:", sfa.numpy()[0].ravel()[:32].tolist())
-print("  bytes 0-3: row 0, kb 0..3 (group 0, 4 copies); 4-15: rows 32, 64, 96 (past masked_m: 0); 16-19: row 1")
+mn_a, kb_a = int(sfa.shape[1]), int(sfa.shape[2])
+inv_a = np.argsort(derived_offsets(mn_a, kb_a).ravel())          # byte p holds row-major element inv_a[p]
+m0 = int(masked_m.numpy()[0, 0])
+print(f"expert 0 (masked_m = {m0}), first 32 bytes:", sfa.numpy()[0].ravel()[:32].tolist())
+for p0 in range(0, 32, 4):
+    r_, k_ = divmod(int(inv_a[p0]), kb_a)
+    print(f"  bytes {p0:2d}-{p0 + 3:2d}: row {r_:3d}, kb {k_}..{k_ + 3} (group {k_ // 4}, 4 copies)"
+          + ("" if r_ < m0 else "  past masked_m: zero"))
 
 # %% [markdown]
-# **Check against the formula.** For each valid row `r` and column `kb`, byte
-# `sf_byte_offset(r, kb, KB)` of the expert's buffer must hold group `kb // 4`'s UE8M0 byte;
-# every other byte (invalid rows, padding rows, padding groups) is zero.
+# **Check against the independent derivation.** For each expert, build the `[align(M,128), KB]`
+# matrix the contract describes (valid rows: group `kb // 4`'s UE8M0 byte; rows at or past
+# `masked_m[e]`, padding rows and padding groups: zero), run it through `to_blocked`, and
+# compare the whole byte stream with the provider's.
 
 # %%
 sfa_np = sfa.numpy().reshape(NUM_EXPERTS, -1)
 perm_bytes = fp8.unpack_ue8m0(lay.permute_scale.to_contiguous(), S).numpy()          # [E, M, S]
-kb_n = 16 * C
 for e in range(NUM_EXPERTS):
     m_e = int(masked_m.numpy()[e, 0])
-    r, kb = np.meshgrid(np.arange(m_e), np.arange(kb_n), indexing="ij")
-    expected = np.zeros((m_e, kb_n), np.uint8)
-    expected[:, : 4 * S] = np.repeat(perm_bytes[e, :m_e], 4, axis=1)               # 128 -> 32 replication
-    got = sfa_np[e][cutlass_sf.sf_byte_offset(r, kb, kb_n)]
-    assert np.array_equal(got, expected), e
-    assert sfa_np[e].astype(np.int64).sum() == expected.astype(np.int64).sum()      # nothing else is non-zero
-print("every byte is where the formula says; rows past masked_m are zero")
+    expected = np.zeros((mn_a, kb_a), np.uint8)
+    expected[:m_e, : 4 * S] = np.repeat(perm_bytes[e, :m_e], 4, axis=1)             # 128 -> 32 replication
+    assert np.array_equal(sfa_np[e], to_blocked(expected)), e
+print(f"all {NUM_EXPERTS} experts: provider bytes == to_blocked(contract matrix); rows past masked_m are zero")
 
 # %% [markdown]
 # **Round trip.** `cutlass_scale_to_fp32` must give back exactly the power-of-two scales of the
 # valid rows (each 128-group's 4 copies must agree, or it raises).
 
 # %%
-back = ops.cutlass_scale_to_fp32(sfa, MAX_TOKEN_NUM).numpy()                         # [E, M, KB/4]
+back = ops.cutlass_scale_to_fp32(sfa, M).numpy()                         # [E, M, KB/4]
 for e in range(NUM_EXPERTS):
     m_e = int(masked_m.numpy()[e, 0])
-    rows_tokens = np.nonzero(lay.permuted_indice_map.numpy() // MAX_TOKEN_NUM == e)[0]   # token of each slot, in order
+    rows_tokens = np.nonzero(lay.permuted_indice_map.numpy() // M == e)[0]   # token of each slot, in order
     np.testing.assert_array_equal(back[e, :m_e, :S], s_ue.numpy()[rows_tokens])
 print("activations: unpack_and_convert_scale -> cutlass_scale_to_fp32 == UE8M0 scales of the permuted tokens")
 
@@ -363,6 +458,40 @@ print("weight SF bytes", list(sfb.shape), "| round trip", list(back_w.shape))
 for e in range(NUM_EXPERTS):
     np.testing.assert_array_equal(back_w[e, :, :S], w_rows.numpy())
 print("weights: round trip exact")
+
+# %% [markdown]
+# ## 7. What the GEMM does with these bytes
+#
+# `group_gemm_masked` (SPEC §6) multiplies the permuted FP8 activations by the FP8 weights and
+# applies both scales per 128-wide K block. Its inner loop, written out in numpy for every
+# expert: one block of K at a time, the FP8 product accumulated in float32 (the tensor-core
+# MMA), then scaled by the activation row's and the weight row's scale for that block (read
+# back from the CUTLASS bytes of sections 5-6) and added to the accumulator; bf16 at the end.
+# The provider's result must agree up to float32 summation order (`calc_diff` below 1e-5, the
+# bound of notebook 03 for the same reason).
+
+# %%
+wq_e = paddle.stack([wq.view(paddle.uint8)] * NUM_EXPERTS).view(paddle.float8_e4m3fn)   # [E, N, H] (no fp8 stack on CPU)
+out = paddle.empty([NUM_EXPERTS * M, WEIGHT_ROWS], dtype=paddle.bfloat16)
+provider.group_gemm_masked(lay.permute_x.reshape([NUM_EXPERTS * M, HIDDEN]), wq_e, sfa, sfb,
+                           masked_m.reshape([-1]), out, None, M, -1)
+a_f = fp8.e4m3_to_float32(lay.permute_x).numpy()                                    # [E, M, H]
+b_f = fp8.e4m3_to_float32(wq).numpy()                                               # [N, H]
+sa = ops.cutlass_scale_to_fp32(sfa, M).numpy()                                      # [E, M, KB/4]: per 128 of K
+sb = ops.cutlass_scale_to_fp32(sfb, WEIGHT_ROWS).numpy()                            # [E, N, KB/4]
+got = out.astype(paddle.float32).numpy().reshape(NUM_EXPERTS, M, WEIGHT_ROWS)
+for e in range(NUM_EXPERTS):
+    m_e = int(masked_m.numpy()[e, 0])
+    acc = np.zeros((m_e, WEIGHT_ROWS), np.float32)
+    for g in range(S):                                                              # one 128-wide K block
+        k = slice(128 * g, 128 * (g + 1))
+        partial = a_f[e, :m_e, k] @ b_f[:, k].T                                     # the FP8 MMA, float32
+        acc += partial * sa[e, :m_e, g][:, None] * sb[e, :, g][None, :]             # promotion: both scales
+    expected = paddle.to_tensor(acc).astype(paddle.bfloat16).astype(paddle.float32).numpy()
+    d = calc_diff(got[e, :m_e], expected) if m_e else 0.0
+    print(f"expert {e}: {m_e} rows, calc_diff(provider, numpy loop) = {d:.1e}")
+    assert d < 1e-5
+print(f"provider {provider.name}: the GEMM reads the scale bytes where sections 5-6 put them")
 
 # %% [markdown]
 # **Failing safely.** Three inputs upstream would accept and misuse:
@@ -392,5 +521,6 @@ for what, call in cases.items():
 # | weight rows | `quant.expand_block_scale_to_rows` | `[N/128, K/128]` → `[N, K/128]` | `sf_row[n] = sf[n // 128]` |
 # | to CUTLASS | `backend.ops.unpack_and_convert_scale` | `[E, MN, C]` int32 → `[E, align(MN,128), 16·C]` uint8 | 4 copies per byte, SfAtom swizzle, rows ≥ masked_m zero |
 # | inverse | `backend.ops.cutlass_scale_to_fp32` | uint8 → `[E, rows, KB/4]` fp32 | exact round trip (asserted above) |
+# | GEMM | `backend.ops.group_gemm_masked` | `[E·M, K]` fp8 × `[E, N, K]` fp8 → `[E·M, N]` bf16 | per 128 of K: FP8 product in float32 × both scales (section 7, against a numpy loop) |
 #
 # Next: `03_correctness` measures what these UE8M0 scales cost in accuracy across the layer.

@@ -24,6 +24,7 @@ UE8M0 (powers of two), as SM100 wants.
 
 Buffers: the GEMM outputs are `paddle.empty`, never zero-filled (as develop; #7053 zero-filled them, SPEC §13):
 the provider writes only the valid rows (SPEC §6) and every later op reads only those.
+`backend.moe.memory.forward_buffer_bytes` reports ours against #7053's sizing.
 The weight quantization lives in `backend.moe.quantize`, the memory report in `backend.moe.memory`, what the
 method reads from upstream's layer (tracker, routing attributes, sizes) in `backend.moe.upstream`.
 """

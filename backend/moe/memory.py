@@ -21,9 +21,9 @@ def forward_buffer_bytes(num_local_experts: int, max_m_per_expert: int, hidden_s
      "gemm_written_valid_rows": bytes or None}.
 
     Both allocate the same masked buffers (they are the layout's worst case: every row on one
-    expert). The difference is the memset: upstream #7053 zero-fills up_gate_proj_out (E·M·2I bf16)
-    every call, 17.2 GB at E=32, M=65536, I=2048 (SPEC §13), and allocates a separate E·M·H bf16
-    output unless H == 2I (develop, #7374 on, allocates both with paddle.empty, as ours); ours zero-fills nothing (paddle.empty; the provider writes valid rows
+    expert). The difference is the memset: upstream at #7053 zero-fills up_gate_proj_out (E·M·2I bf16)
+    every call (from #7374 on it allocates with paddle.empty, as ours does), 17.2 GB at E=32, M=65536, I=2048 (SPEC §13), and allocates a separate E·M·H bf16
+    output unless H == 2I; ours zero-fills nothing (paddle.empty; the provider writes valid rows
     only) and reuses the GEMM 1 buffer for GEMM 2 when H == 2I, as upstream does.
     """
     e, m, h, i = (int(v) for v in (num_local_experts, max_m_per_expert, hidden_size, moe_intermediate_size))

@@ -13,6 +13,7 @@ import paddle
 
 from moe_ref.checks import check_dim, check_finite, check_ids_in_range, check_positive_int, check_tensor, first_index
 from moe_ref.fp8 import BYTES_PER_WORD, UE8M0_NAN, align, contiguous_copy
+from moe_ref.constants import MX_GROUP_SIZE, RECIPE_GROUP_SIZES, num_scale_groups, packed_words
 from moe_ref.quant import GROUP_SIZE
 
 from .contract import RECIPES
@@ -20,7 +21,6 @@ from .cutlass_sf import SF_TILE_COLS, SF_TILE_ROWS, SF_VEC_SIZE
 
 FP8 = paddle.float8_e4m3fn
 _INT_IDS = (paddle.int32, paddle.int64)
-SF_GROUP_SIZES = (SF_VEC_SIZE, GROUP_SIZE)        # 1x32 (#7666) and 1x128 (#7053, develop) scale groups
 
 
 def _check_bool(value, name: str) -> bool:
@@ -93,7 +93,7 @@ def _check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num)
     if scale is not None:
         check_tensor(scale, "scale", dtypes=(paddle.float32, paddle.int32), ndim=2)
         check_dim(scale, 0, w, "scale", "W (rows of x)")
-        s = -(-h // GROUP_SIZE)
+        s = num_scale_groups(h)
         if scale.dtype == paddle.float32:
             check_dim(scale, 1, s, "scale", "S = ceil(H/128) (FP32 scales)")
         else:
@@ -122,11 +122,11 @@ def _check_blackwell_permute(x, scale, topk_ids, num_local_experts, max_token_nu
     check_tensor(scale, "scale", dtypes=(paddle.int32, paddle.uint8), ndim=2)
     check_dim(scale, 0, w, "scale", "W (rows of x)")
     if scale.dtype == paddle.int32:
-        check_dim(scale, 1, -(-(-(-h // GROUP_SIZE)) // BYTES_PER_WORD), "scale",
+        check_dim(scale, 1, packed_words(num_scale_groups(h)), "scale",
                   "ceil(S/4) (packed UE8M0 scales, 1x128 groups)")
         _check_no_nan_byte(scale, "scale")
     else:
-        check_dim(scale, 1, -(-h // SF_VEC_SIZE), "scale", "ceil(H/32) (UE8M0 bytes, 1x32 groups)")
+        check_dim(scale, 1, num_scale_groups(h, MX_GROUP_SIZE), "scale", "ceil(H/32) (UE8M0 bytes, 1x32 groups)")
         _check_no_nan_bytes(scale, "scale")
     check_tensor(topk_ids, "topk_ids", dtypes=_INT_IDS, ndim=2)
     check_dim(topk_ids, 0, w, "topk_ids", "W (rows of x)")
@@ -229,8 +229,8 @@ def _check_swiglu(up, token_nums_per_expert, block_size, use_ue8m0):
 
 
 def _check_group_size(group_size) -> int:
-    if isinstance(group_size, bool) or group_size not in SF_GROUP_SIZES:
-        raise ValueError(f"group_size: expected one of {', '.join(map(str, SF_GROUP_SIZES))}, got {group_size!r}")
+    if isinstance(group_size, bool) or group_size not in RECIPE_GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {', '.join(map(str, RECIPE_GROUP_SIZES))}, got {group_size!r}")
     return int(group_size)
 
 
