@@ -353,8 +353,9 @@ md(text)
 # Two bugs of the kind this backend-vs-reference check exists to catch, planted in the
 # provider for one run each (then removed):
 #
-# 1. **unswizzled activation scales**: `unpack_and_convert_scale` returns the replicated bytes
-#    in plain row-major order instead of CUTLASS's tile order (notebook 02, section 5);
+# 1. **unswizzled activation scales**: the permute (`prefill_permute_to_blackwell_masked_gemm`, which
+#    the layer's develop chain calls) returns the activations' scale bytes in plain row-major order
+#    instead of CUTLASS's tile order (notebook 02, section 5);
 # 2. **slot off by one**: the permute's `permuted_indice_map` points at the next slot of the
 #    expert, so the combine reads a neighbour's row.
 #
@@ -378,23 +379,21 @@ def planted(provider_obj, op_name, wrap):
 
 
 def unswizzled(original):
-    def op(scale, masked_m=None):
-        out = original(scale, masked_m)                                   # [E, MN', KB] uint8, CUTLASS order
-        if masked_m is None:                                              # weights (at load): left correct
-            return out
-        e_n, mn, kb = out.shape
+    def op(x, scale, topk_ids, num_local_experts, max_token_num):
+        px, sf, idx, counts = original(x, scale, topk_ids, num_local_experts, max_token_num)   # sf: CUTLASS order
+        e_n, mn, kb = sf.shape
         rowmajor_idx = cutlass_sf.sf_index_map(mn, kb).reshape([-1])      # byte of (r, kb), row-major order
-        flat = out.reshape([e_n, -1]).astype(paddle.int32)                # index_select has no uint8 kernel on CPU
-        return flat.index_select(rowmajor_idx, axis=1).astype(paddle.uint8).reshape([e_n, mn, kb])
+        flat = sf.reshape([e_n, -1]).astype(paddle.int32)                 # index_select has no uint8 kernel on CPU
+        return px, flat.index_select(rowmajor_idx, axis=1).astype(paddle.uint8).reshape([e_n, mn, kb]), idx, counts
     return op
 
 
 def slot_off_by_one(original):
     def op(x, scale, topk_ids, num_local_experts, max_token_num):
-        px, ps, idx, counts = original(x, scale, topk_ids, num_local_experts, max_token_num)
+        px, sf, idx, counts = original(x, scale, topk_ids, num_local_experts, max_token_num)
         idx = paddle.where(idx >= 0, (idx // max_token_num) * max_token_num + (idx % max_token_num + 1) % max_token_num,
                            idx)
-        return px, ps, idx, counts
+        return px, sf, idx, counts
     return op
 
 
@@ -404,8 +403,8 @@ assert CONTROL_CONFIG["H"] >= 512 and CONTROL_CONFIG["T"] * CONTROL_CONFIG["K"] 
 control_case = make_case(CONTROL_CONFIG, "bf16")
 control_ref = run_reference(control_case, True)
 control = {"no bug": calc_diff(run_backend(control_case, "paddle"), control_ref)}
-for label, op_name, wrap in (("unswizzled activation scales", "unpack_and_convert_scale", unswizzled),
-                             ("slot off by one", "prefill_permute_to_masked_gemm", slot_off_by_one)):
+for label, op_name, wrap in (("unswizzled activation scales", "prefill_permute_to_blackwell_masked_gemm", unswizzled),
+                             ("slot off by one", "prefill_permute_to_blackwell_masked_gemm", slot_off_by_one)):
     with use_provider("paddle"), planted(ops.get_provider("paddle"), op_name, wrap):
         control[label] = calc_diff(run_backend(control_case, "paddle"), control_ref)
 print(f"{fmt_cfg(CONTROL_CONFIG)}, BF16 checkpoint, paddle provider; bound {BOUND_BACKEND_VS_REF:.0e}")
