@@ -35,8 +35,10 @@ import paddle
 
 from moe_ref.checks import check_dim, check_distinct_experts, check_ids_in_range, check_same_shape, check_tensor
 from moe_ref.constants import GROUP_SIZE, num_scale_groups
+from moe_ref.fp8 import ue8m0_decode
 
 from .. import ops
+from ..ops.cutlass_sf import SF_VEC_SIZE, unswizzle
 from .memory import forward_buffer_bytes
 from .quantize import (dequantize_weight_blocks, pack_row_scales_ue8m0, quantize_tokens, quantize_weight_blocks_ue8m0,
                        swap_last_two)
@@ -97,9 +99,16 @@ class BlackwellGemmFusedMoeMethod:
 
     FP8 checkpoints are dequantized (q · s in float32) and requantized to UE8M0 at load, as engines running such
     checkpoints on SM100 do: up to one bit of mantissa per block where s was not a power of two.
+
+    1x32 (`quant_config.quant_group_size = 32`, FastDeploy #7666, open; BF16 checkpoints only): weights and
+    activations in 1x32 UE8M0 groups through `group_wise_quant`; X_weight_scale_inv is then the swizzled uint8
+    [E, N, ceil(K/32)] (upstream's create_weights shape), X_weight_scale_fp32 their values [E, N, ceil(K/32)]
+    float32 row-major, and there is no X_weight_scale_ue8m0. The tp and ht paths run it with develop's fused ops
+    (ht through `prefill_permute_to_blackwell_masked_gemm`, #7666's unfused branch: its fused one lives in a DeepEP
+    fork that is not public); ll raises NotImplementedError for the same reason.
     """
 
-    QUANT_GROUP_SIZES = (GROUP_SIZE,)     # 1x32 (#7666) is not built on the method side yet
+    QUANT_GROUP_SIZES = (GROUP_SIZE, SF_VEC_SIZE)     # 1x128 (#7053, develop) and 1x32 (#7666, tp and ht)
 
     def __init__(self, quant_config) -> None:
         self.quant_config = quant_config
@@ -110,6 +119,12 @@ class BlackwellGemmFusedMoeMethod:
         self.ep_decoder_runner = None
         self.added_weight_attrs = [f"{w}_weight" for w in WEIGHTS]                  # upstream BASE:47
         self.added_scale_attrs = [f"{w}_weight_scale_inv" for w in WEIGHTS]         # upstream BW:443
+
+    @property
+    def group_size(self) -> int:
+        """128 (1x128 activations, 128x128 weight blocks) or 32 (#7666's 1x32 groups for both): the config's
+        quant_group_size (#7666 sets layer.quant_group_size = 32 instead, MOE f0ea6f80:271-274)."""
+        return getattr(self.quant_config, "quant_group_size", GROUP_SIZE)
 
     @property
     def checkpoint_tensor_names(self) -> tuple[str, ...]:
@@ -189,16 +204,32 @@ class BlackwellGemmFusedMoeMethod:
         provider = ops.get_provider()
         new = {}
         for w in todo:
-            n = self._shapes(layer)[w][0]
-            q_all, s_all = self._requantize(layer, w)
-            packed = pack_row_scales_ue8m0(s_all, n)
-            new.update({f"{w}_weight": q_all, f"{w}_weight_scale_fp32": s_all, f"{w}_weight_scale_ue8m0": packed,
-                        f"{w}_weight_scale_inv": provider.unpack_and_convert_scale(packed, None)})
+            new.update(self._convert_1x32(provider, layer, w) if self.group_size == SF_VEC_SIZE
+                       else self._convert_128(provider, layer, w))
         for name, value in new.items():
             self._set_param(layer, name, value)
-        # Weights are quantized in 128x128 blocks and each block's byte copied to its 128 rows, so the CUTLASS
-        # weight bytes hold one byte per block: group_gemm_masked's sfb_per_block, decided here.
-        layer.weight_scale_bw_per_block = True
+        # 1x128: weights are quantized in 128x128 blocks and each block's byte copied to its 128 rows, so the
+        # CUTLASS weight bytes hold one byte per block (group_gemm_masked's sfb_per_block); 1x32 bytes do not.
+        layer.weight_scale_bw_per_block = self.group_size == GROUP_SIZE
+
+    def _convert_128(self, provider, layer, w: str) -> dict:
+        """128x128 UE8M0 blocks (#7053, develop): the four attributes of the class docstring."""
+        n = self._shapes(layer)[w][0]
+        q_all, s_all = self._requantize(layer, w)
+        packed = pack_row_scales_ue8m0(s_all, n)
+        return {f"{w}_weight": q_all, f"{w}_weight_scale_fp32": s_all, f"{w}_weight_scale_ue8m0": packed,
+                f"{w}_weight_scale_inv": provider.unpack_and_convert_scale(packed, None)}
+
+    @staticmethod
+    def _convert_1x32(provider, layer, w: str) -> dict:
+        """#7666 (BW f0ea6f80:450-461): `group_wise_quant(w, False, True)` of the BF16 weight [E, N, K] -> fp8 and
+        the swizzled 1x32 UE8M0 bytes [E, N, ceil(K/32)] (X_weight_scale_inv, what the GEMM reads), plus their
+        float32 values row-major (X_weight_scale_fp32, 2^(byte - 127)). No per-row 1x128 words (nothing reads them)."""
+        try:
+            q, sf = provider.group_wise_quant(swap_last_two(getattr(layer, f"{w}_weight")), False, True)
+        except ValueError as err:
+            raise ValueError(f"{w}_weight: {err}") from None
+        return {f"{w}_weight": q, f"{w}_weight_scale_inv": sf, f"{w}_weight_scale_fp32": ue8m0_decode(unswizzle(sf))}
 
     def _ckpt_scale_nk(self, layer, w: str):
         """The FP8 checkpoint's block scales as [E, ceil(N/128), ceil(K/128)] float32 (checked finite, > 0), or None
@@ -373,6 +404,7 @@ class BlackwellGemmFusedMoeMethod:
         check_dim(h_in, 1, layer.hidden_size, "x", "H (layer.hidden_size)")
         provider = ops.get_provider()
         gen = ops.ops_generation()      # "7053" | "develop": which chain (module docstring)
+        self._check_recipe(path, gen)
         self.last_provider_name, self.last_path = provider.name, path
         if path == "ht":
             out = self._apply_ht(provider, gen, layer, h_in, topk_weights, topk_ids, runner)
@@ -384,13 +416,23 @@ class BlackwellGemmFusedMoeMethod:
             out = fc2_latent_proj(out)
         return out if shared_experts is None else _add(out, shared_experts(x))
 
+    def _check_recipe(self, path: str, gen: str) -> None:
+        if self.group_size != SF_VEC_SIZE:
+            return
+        if path == "ll":
+            raise NotImplementedError("quant_group_size: 32 on the ll path needs #7666's DeepEP low-latency dispatch "
+                                      "with 1x32 groups (not public); tp and ht run 1x32")
+        if gen != "develop":
+            raise RuntimeError(f"quant_group_size: 32 needs the fused Blackwell permute and SwiGLU (develop or "
+                               f"later), but the ops serve generation {gen}")
+
     # ------------------------------------------------------------------ forward: the three paths
 
     def _apply_tp(self, provider, gen, layer, x, topk_weights, topk_ids):
         t = int(x.shape[0])
         if t == 0:
             return paddle.zeros([0, layer.hidden_size], dtype=paddle.bfloat16)
-        x_q, x_scale = quantize_tokens(provider, x, True)
+        x_q, x_scale = quantize_tokens(provider, x, True, self.group_size)
         m = t               # no dispatch: an expert sees at most every token once
         a, sfa, indice_map, counts = self._permute(provider, gen, x_q, x_scale, topk_ids, layer.num_local_experts, m)
         ffn_out = self._experts(provider, gen, layer, a, sfa, counts, m)
@@ -402,7 +444,7 @@ class BlackwellGemmFusedMoeMethod:
         if t > max_tokens_per_rank:
             raise ValueError(f"x: {t} tokens on rank {layer.ep_rank}, more than max_tokens_per_rank = "
                              f"{max_tokens_per_rank}")
-        x_q, x_scale = quantize_tokens(provider, x, True)
+        x_q, x_scale = quantize_tokens(provider, x, True, self.group_size)
         d = runner.dispatch(x_q, x_scale, topk_ids, topk_weights, w)
         a, sfa, indice_map, counts = self._permute(provider, gen, d.recv_x, d.recv_x_scale, d.recv_topk_ids,
                                                    layer.num_local_experts, m)
@@ -429,11 +471,10 @@ class BlackwellGemmFusedMoeMethod:
         sfa = provider.unpack_and_convert_scale(permute_scale, counts)                        # #7053 BW:534
         return permute_x.reshape([e * m, int(x_q.shape[1])]), sfa, indice_map, counts
 
-    @staticmethod
-    def _swiglu(provider, gen, up, counts, e, m, i):
+    def _swiglu(self, provider, gen, up, counts, e, m, i):
         """up [E·M, 2I] bf16 -> (act [E·M, I] fp8, sfa uint8 CUTLASS SF)."""
-        if gen == "develop":
-            return provider.fused_mask_swiglu_fp8_quant_blackwell(up, counts)                 # BW:769, 1012
+        if gen == "develop":                                                                  # BW:769, 1012
+            return provider.fused_mask_swiglu_fp8_quant_blackwell(up, counts, group_size=self.group_size)
         act, act_scale = provider.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * i]), counts, GROUP_SIZE, True)
         return act.reshape([e * m, i]), provider.unpack_and_convert_scale(act_scale, counts)  # #7053 BW:557-578
 

@@ -69,8 +69,8 @@ _OP_FAILED, _OP_DISPATCH, _OP_COMBINE, _OP_LL_DISPATCH, _OP_LL_COMBINE, _OP_BARR
 _OP_NAMES = {_OP_FAILED: "failure report", _OP_DISPATCH: "dispatch", _OP_COMBINE: "combine",
              _OP_LL_DISPATCH: "low_latency_dispatch", _OP_LL_COMBINE: "low_latency_combine",
              _OP_BARRIER: "barrier"}
-_DTYPE_CODES = {None: 0, FP8: 1, paddle.bfloat16: 2, paddle.float32: 3, paddle.int32: 4}
-_DTYPE_NAMES = {0: "None", 1: "float8_e4m3fn", 2: "bfloat16", 3: "float32", 4: "int32"}
+_DTYPE_CODES = {None: 0, FP8: 1, paddle.bfloat16: 2, paddle.float32: 3, paddle.int32: 4, paddle.uint8: 5}
+_DTYPE_NAMES = {0: "None", 1: "float8_e4m3fn", 2: "bfloat16", 3: "float32", 4: "int32", 5: "uint8"}
 
 
 class EPRemoteError(RuntimeError):

@@ -186,7 +186,8 @@ class EPRunner:
             if x.dtype == FP8:
                 raise ValueError("x_scale: expected the [T, S'] scales of fp8 x, got None")
         else:
-            check_tensor(x_scale, "x_scale", dtypes=(paddle.float32, paddle.int32), ndim=2)
+            # float32 / packed int32 1x128 scales, or #7666's raw 1x32 UE8M0 bytes (uint8)
+            check_tensor(x_scale, "x_scale", dtypes=(paddle.float32, paddle.int32, paddle.uint8), ndim=2)
             check_dim(x_scale, 0, t, "x_scale", "T (rows of x)")
         if topk_weights is None:
             raise ValueError("topk_weights: expected the [T, K_top] float32 routing weights, got None")
@@ -226,7 +227,7 @@ class EPRunner:
     # ------------------------------------------------------------------ ht (DeepEP normal)
 
     def dispatch(self, x, x_scale, topk_ids, topk_weights, num_worst_tokens) -> DispatchOutput:
-        """x [T, H] fp8 | bf16; x_scale [T, S'] fp32 | int32 or None (required for fp8 x);
+        """x [T, H] fp8 | bf16; x_scale [T, S'] fp32 | int32 | uint8 or None (required for fp8 x);
         topk_ids [T, K_top] int32 | int64 global ids or -1; topk_weights [T, K_top] float32;
         num_worst_tokens W. Returns this rank's DispatchOutput (module docstring)."""
         t, h, ids, w = self._check_dispatch(x, x_scale, topk_ids, topk_weights, num_worst_tokens)

@@ -16,6 +16,8 @@ from moe_ref.fp8 import as_bytes, e4m3_to_float32, from_bytes, num_scale_groups,
 from moe_ref.quant import (DEEPGEMM_AMAX_FLOOR, GROUP_SIZE, dequant_per_block, expand_block_scale_to_rows,
                            per_block_quant)
 
+from ..ops.cutlass_sf import SF_VEC_SIZE
+
 FP8 = paddle.float8_e4m3fn
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -66,13 +68,21 @@ def pack_row_scales_ue8m0(scale: paddle.Tensor, num_rows: int) -> paddle.Tensor:
         raise ValueError(f"scale: UE8M0 packing needs positive normal powers of two ({err})") from None
 
 
-def quantize_tokens(provider, x: paddle.Tensor, use_ue8m0: bool):
-    """1x128 FP8 quantization of tokens through the ops contract: x [T, H] bf16 ->
-    (x_q [T, H] fp8, scale [T, ceil(S/4)] packed UE8M0 int32 (use_ue8m0) | [T, S] float32).
+def quantize_tokens(provider, x: paddle.Tensor, use_ue8m0: bool, group_size: int = GROUP_SIZE):
+    """FP8 quantization of tokens through the ops contract: x [T, H] bf16 ->
+    group_size 128: (x_q [T, H] fp8, scale [T, ceil(S/4)] packed UE8M0 int32 (use_ue8m0) | [T, S] float32),
+    `per_token_quant` (#7053, develop); group_size 32: (x_q, [T, ceil(H/32)] uint8 UE8M0 bytes, row-major),
+    `group_wise_quant(x, False, False)` as #7666 quantizes activations (BW f0ea6f80:632; needs use_ue8m0).
 
     T = 0 (a rank with no tokens) returns the empty tensors without launching the provider's op.
     """
     t, h = (int(d) for d in x.shape)
+    if group_size == SF_VEC_SIZE:
+        if not use_ue8m0:
+            raise ValueError("use_ue8m0: 1x32 groups are UE8M0 only (#7666), got False")
+        if t == 0:
+            return paddle.zeros([0, h], dtype=FP8), paddle.zeros([0, -(-h // SF_VEC_SIZE)], dtype=paddle.uint8)
+        return provider.group_wise_quant(x, False, False)
     if t == 0:
         s = num_scale_groups(h)
         cols, dtype = (packed_words(s), paddle.int32) if use_ue8m0 else (s, paddle.float32)
