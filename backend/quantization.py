@@ -159,7 +159,8 @@ class BlockWiseFP8Config:
         which this project does not rebuild.
         """
         if not _is_fused_moe(layer):
-            raise TypeError(f"layer: expected a FusedMoE of {' or '.join(FUSED_MOE_MODULES)}, got {type(layer).__name__} "
+            raise TypeError(f"layer: expected a FusedMoE of {' or '.join(FUSED_MOE_MODULES)}, "
+                            f"got {type(layer).__name__} "
                             f"(upstream's BlockWiseFP8LinearMethod is not part of this project)")
         use_blackwell = envs.use_blackwell_gemm()
         use_deep_gemm = envs.use_deep_gemm()

@@ -295,7 +295,8 @@ def test_op_sequence_per_path(model, monkeypatch):
     layer(x, topk=(tw, ti))
     assert log == permute + experts + ["depermute_prefill_combine"]
     for phase, expected in (("prefill", permute + experts + ["depermute_prefill_combine"]),
-                            ("decode", ["per_token_quant", "unpack_and_convert_scale"] + experts)):  # ll: the runner quantizes
+                            # ll: the runner quantizes, DeepEP-style MN-major words are converted
+                            ("decode", ["per_token_quant", "unpack_and_convert_scale"] + experts)):
         layer = model.layer("bf16", moe_phase=phase, max_tokens_per_rank=8, num_max_dispatch_tokens_per_rank=8)
         log.clear()
         layer(x, topk=(tw, ti), runner=SingleRankEPRunner(E))

@@ -233,7 +233,8 @@ class BlackwellGemmFusedMoeMethod:
 
     def _ckpt_scale_nk(self, layer, w: str):
         """The FP8 checkpoint's block scales as [E, ceil(N/128), ceil(K/128)] float32 (checked finite, > 0), or None
-        for a BF16 checkpoint. Errors call them `w`_weight_scale, the [N, K]-oriented name FusedMoE.load_weights takes."""
+        for a BF16 checkpoint. Errors call them `w`_weight_scale, the [N, K]-oriented name FusedMoE.load_weights
+        takes."""
         if self.quant_config.is_checkpoint_bf16:
             return None
         scale = swap_last_two(getattr(layer, f"{w}_weight_scale_inv"))
