@@ -34,14 +34,18 @@ def _blackwell(monkeypatch):
 SMALL = 64               # down_proj rows (output channels) 0..63 are 2^-17 times the others
 
 
-@pytest.fixture(scope="module")
-def model():
+def make_model():
     """Down-projection rows of very different magnitude in one 128-row block: a 128x128 UE8M0 scale, set by the large
     rows, pushes the small rows' e4m3 values into the subnormal range (or to zero); 1x32 groups along K keep them."""
     w = moe.make_moe_weights(E, H, I, seed=41)
     rows = np.ones([1, H, 1], dtype=np.float32)
     rows[:, :SMALL] = 2.0 ** -17
     return w.w_up, (w.w_down.astype(paddle.float32) * paddle.to_tensor(rows)).astype(paddle.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
 
 
 def layer_1x32(model, **kw):
@@ -89,13 +93,32 @@ def test_tp_and_ht_vs_reference(model):
     assert 5e-4 < calc_diff(tp, oracle) < 3e-3
 
 
-def test_ht_two_ranks(model):
+def _ht_rank(model, rank, runner):
+    """Rank `rank` of 2 on the ht path: its half of 16 tokens -> [8, H] float32."""
     x, tw, ti = moe.make_moe_inputs(T, H, E, K_TOP, seed=43)
+    part = slice(rank * 8, (rank + 1) * 8)
+    layer = layer_1x32(model, ep_size=2, ep_rank=rank, max_tokens_per_rank=T // 2)
+    return layer(x[part], topk=(tw[part], ti[part]), runner=runner).astype(paddle.float32).numpy()
+
+
+def _ht_1x32_worker(world_size, rank, cfg):
+    from backend.moe.ep_distributed import PaddleDistributedEPRunner
+    return _ht_rank(make_model(), rank, PaddleDistributedEPRunner(num_experts=E, timeout_s=60.0))
+
+
+def test_ht_two_ranks_in_process_and_over_gloo(model):
+    """1x32 scales (uint8) travel through both runners: in-process threads, and paddle.distributed processes (gloo)
+    bit for bit equal to them (docs/design.md: the runners agree exactly)."""
+    import ep_harness
+
     group = InProcessEPGroup(2, E, timeout_s=30)
-    layers = [layer_1x32(model, ep_size=2, ep_rank=r, max_tokens_per_rank=T // 2) for r in range(2)]
-    outs = group.run(lambda r: layers[r](x[r * 8:(r + 1) * 8], topk=(tw[r * 8:(r + 1) * 8], ti[r * 8:(r + 1) * 8]),
-                                         runner=group.runner(r)))
-    assert calc_diff(paddle.concat(outs), reference(model, x, tw, ti)) < EP_BOUND
+    outs = group.run(lambda r: _ht_rank(model, r, group.runner(r)))
+    x, tw, ti = moe.make_moe_inputs(T, H, E, K_TOP, seed=43)
+    assert calc_diff(paddle.to_tensor(np.concatenate(outs)), reference(model, x, tw, ti)) < EP_BOUND
+    records = ep_harness.launch(2, {}, worker=_ht_1x32_worker, timeout_s=150.0)
+    for rec in records:
+        assert rec["status"] == "ok", f"rank {rec['rank']}: {rec['error']}\n{rec.get('traceback')}"
+        np.testing.assert_array_equal(rec["result"], outs[rec["rank"]])
 
 
 def test_ll_and_7053_are_clear_errors(model, monkeypatch):

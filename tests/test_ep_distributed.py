@@ -392,3 +392,20 @@ def test_in_process_runner_leaves_strided_views_alone():
         group = InProcessEPGroup(world, cfg["experts_per_rank"] * world, timeout_s=60.0)
         _assert_views_kept(run_ranks(world, lambda r: _strided_view_checks(world, r, cfg, group.runner(r)),
                                      group=group))
+
+
+@pytest.mark.parametrize("scale_dtype", [paddle.uint8, paddle.int32, paddle.float32])
+def test_packed_rows_keep_row_slices(scale_dtype):
+    """A row slice (topk_weights[8:16], what a caller splitting a batch passes) packs to its own bytes: Paddle 3.3's
+    view to a dtype of another size misreads a tensor that starts inside its buffer (the runner copies it first)."""
+    from backend.moe.ep_distributed import _pack_columns, _rows, _unpack_columns
+
+    rng = np.random.default_rng(0)
+    weights = paddle.to_tensor(rng.random((16, 4)).astype(np.float32))
+    scale = paddle.to_tensor(rng.integers(0, 100, size=(16, 3))).astype(scale_dtype)
+    x = paddle.to_tensor(rng.integers(0, 255, size=(16, 32)).astype(np.uint8)).view(paddle.float8_e4m3fn)
+    rows = _pack_columns([x[8:], scale[8:], weights[8:]])
+    got = _unpack_columns(_rows(rows, np.array([1, 3, 5])), [(x.dtype, 32), (scale_dtype, 3), (paddle.float32, 4)])
+    for back, want in zip(got, (x[8:], scale[8:], weights[8:])):
+        np.testing.assert_array_equal(back.view(paddle.uint8).numpy() if back.dtype == x.dtype else back.numpy(),
+                                      (want.view(paddle.uint8) if want.dtype == x.dtype else want).numpy()[[1, 3, 5]])

@@ -113,7 +113,17 @@ def _as_bytes(t: paddle.Tensor) -> paddle.Tensor:
     width = int(t.shape[1]) * _itemsize(t.dtype)
     if n == 0:
         return paddle.zeros([0, width], dtype=paddle.uint8)
-    return contiguous_copy(t).view(paddle.uint8)
+    return _dtype_view(t, paddle.uint8)
+
+
+def _dtype_view(t: paddle.Tensor, dtype) -> paddle.Tensor:
+    """t viewed as `dtype` (same bytes). A tensor that starts inside its buffer (a row slice such as
+    topk_weights[8:16]) is copied first: Paddle 3.3's view to a dtype of another size keeps the byte offset
+    but reads it in the new element size, so the view holds other bytes (found with 1x32 scales, ep tests)."""
+    src = contiguous_copy(t)
+    if _itemsize(src.dtype) != _itemsize(dtype) and getattr(src, "_offset", lambda: 0)():
+        src = src.clone()
+    return src.view(dtype)
 
 
 def _from_bytes(b: paddle.Tensor, dtype) -> paddle.Tensor:
@@ -121,7 +131,7 @@ def _from_bytes(b: paddle.Tensor, dtype) -> paddle.Tensor:
     n, width = int(b.shape[0]), int(b.shape[1])
     if n == 0:
         return paddle.zeros([0, width // _itemsize(dtype)], dtype=dtype)
-    return contiguous_copy(b).view(dtype)
+    return _dtype_view(b, dtype)
 
 
 def _itemsize(dtype) -> int:
