@@ -70,7 +70,7 @@ from backend import ops
 from backend.moe.ep_runner import InProcessEPGroup
 from backend.moe.layer import FusedMoE
 from backend.quantization import BlockWiseFP8Config
-from backend.ops import cutlass_sf
+from moe_ref import cutlass_sf
 from nbtools import md, show
 
 # %matplotlib inline

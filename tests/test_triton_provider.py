@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import backend.ops as ops  # noqa: E402
-from backend.ops import cutlass_sf  # noqa: E402
+from moe_ref import cutlass_sf  # noqa: E402
 from moe_ref import fp8 as ref_fp8  # noqa: E402
 from moe_ref import layout as ref_layout  # noqa: E402
 from moe_ref.metrics import calc_diff  # noqa: E402
@@ -82,7 +82,7 @@ def mn_major_values(view):
 
 def test_kernels_import_without_paddle():
     """The kernels and launchers run on a GPU machine with torch and no Paddle: importing them (and the
-    format constants they import from moe_ref.constants and backend.ops.cutlass_sf) never imports Paddle."""
+    format constants they import from moe_ref.constants and moe_ref.cutlass_sf) never imports Paddle."""
     code = ("import sys; import backend.ops.triton.kernels, backend.ops.triton.launch; "
             "assert 'paddle' not in sys.modules, sorted(m for m in sys.modules if m.startswith('paddle'))[:5]")
     root = pathlib.Path(__file__).resolve().parents[1]

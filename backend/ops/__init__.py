@@ -31,7 +31,7 @@ Data checks (expert ids in range, per-expert counts <= M, no NaN byte 255 in sca
 quantization input) read values, which costs one device synchronization per call on a GPU.
 
 Importing this package does not import Paddle (the checks and the providers import it when first
-used), so that `backend.ops.triton.kernels` and `backend.ops.cutlass_sf` import where Paddle is absent.
+used), so that `backend.ops.triton.kernels` and `moe_ref.cutlass_sf` import where Paddle is absent.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from moe_ref.constants import MX_GROUP_SIZE, RECIPE_GROUP_SIZES, num_scale_group
 from moe_ref.quant import GROUP_SIZE
 
 from .contract import RECIPES
-from .cutlass_sf import SF_TILE_COLS, SF_TILE_ROWS, SF_VEC_SIZE
+from moe_ref.cutlass_sf import SF_TILE_COLS, SF_TILE_ROWS, SF_VEC_SIZE
 
 FP8 = paddle.float8_e4m3fn
 _INT_IDS = (paddle.int32, paddle.int64)

@@ -12,7 +12,7 @@ Layouts used below (SPEC §2): "packed UE8M0" = 4 UE8M0 bytes per int32, little-
 the 128-wide group axis (word p holds groups 4p..4p+3, missing groups are byte 0).
 "MN-major" = a strided paddle view of logical shape [B, MN, C] with strides
 (C · align(MN, 4), 1, align(MN, 4)) over a zero-padded physical [B, C, align(MN, 4)] buffer.
-"CUTLASS SF" = uint8 bytes in SM100 SfAtom order (`backend.ops.cutlass_sf`), one byte per
+"CUTLASS SF" = uint8 bytes in SM100 SfAtom order (`moe_ref.cutlass_sf`), one byte per
 32 K-elements.
 
 Generations (docs/upstream.md): "#7053" = FastDeploy merge 446b26bb; "develop" = #7374 (92ae10c3, equal

@@ -16,8 +16,8 @@ from moe_ref.fp8 import (BYTES_PER_WORD, E4M3_MAX, UE8M0_BIAS, UE8M0_MAX_EXP, UE
                          contiguous_copy, gather_rows_zero_fill, to_mn_major_view)
 from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE
 
-from . import cutlass_sf
-from .cutlass_sf import SF_TILE_ROWS, SF_VEC_SIZE
+from moe_ref import cutlass_sf
+from moe_ref.cutlass_sf import SF_TILE_ROWS, SF_VEC_SIZE
 
 NAME = "paddle"
 
