@@ -451,8 +451,11 @@ def _dot_scaled(g: _MaskedGemm, cfg: dict) -> None:
 # rows per expert: Gluon/tl (x DeepGEMM) at 64, 128, 256 rows: 0.96/0.94, 0.82/0.80, 0.70/0.70 (N=4096 K=7168)
 # and 0.96/0.77, 0.81/0.69, 0.73/0.68 (N=7168 K=2048); above, tl won at 512 (0.78 vs 0.70 both shapes) and
 # on the uneven fills (0.77-0.79 vs 0.72-0.74), Gluon at 2048 (0.78-0.80 vs 0.70-0.75): no clear winner, the
-# tl kernel (tuned per shape) stays. And only with block-uniform weight bytes (sfb_per_block): the Gluon
-# kernel reads one weight byte per 64 x 128 sub-tile and K step, it has no per-row variant.
+# tl kernel (tuned per shape) stays. The run after the wiring (14:05 UTC, benchmarks/results/gpu_h200.json)
+# agrees at <= 256 rows except one point within noise (0.79 vs 0.82 at N=4096 K=7168, 128 rows) and has Gluon
+# ahead above 256 (+0.02..+0.09): one run each way there, so the threshold stays until another run decides.
+# And only with block-uniform weight bytes (sfb_per_block): the Gluon kernel reads one weight byte per
+# 64 x 128 sub-tile and K step, it has no per-row variant.
 GLUON_UE8M0_MAX_ROWS = 256
 
 
