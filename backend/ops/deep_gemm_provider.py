@@ -34,7 +34,7 @@ import paddle
 
 from . import deep_gemm_launch as DG
 from . import paddle_provider
-from .blackwell_provider import _device_capability as _capability     # the one Paddle capability query
+from .blackwell_provider import device_capability as _capability     # the one Paddle capability query
 from .contract import OPS
 from .triton import provider as triton_provider
 
@@ -111,7 +111,7 @@ def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
     # recipe: None or "w8a8" (checked by the contract), the one recipe DeepGEMM's FP8 GEMM computes
     capability = _capability()
     arch = capability[0] if capability else 0
-    to_torch = triton_provider._to_torch
+    to_torch = triton_provider.to_torch
     e_num, n, k = (int(d) for d in b.shape)
     sfa_t, sfb_t = to_torch(sfa), to_torch(sfb)
     why = DG.unsupported_reason(arch, bias, sfb_per_block, sfa_t, sfb_t, max_m_per_expert, n, k)
@@ -125,8 +125,8 @@ def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
     DG.run_masked(module, to_torch(a), to_torch(b), DG.activation_scales(sfa_t, max_m_per_expert, k, arch),
                   DG.weight_scales(sfb_t, n, k, arch), to_torch(masked_m), out_t, max_m_per_expert, arch,
                   to_dg=_to_paddle_view if framework == "paddle" else (lambda t: t))
-    if not out_t.is_cuda or out_t.data_ptr() != triton_provider._data_ptr(out):
-        paddle.assign(triton_provider._to_paddle(out_t), output=out)      # CPU: the torch copy goes back into out
+    if not out_t.is_cuda or out_t.data_ptr() != triton_provider.data_ptr_of(out):
+        paddle.assign(triton_provider.to_paddle(out_t), output=out)      # CPU: the torch copy goes back into out
     return out
 
 
