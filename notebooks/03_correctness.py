@@ -630,9 +630,12 @@ md(f"UE8M0 costs {cost[('normal', 'normal')]:+.0%} of `calc_diff` without outlie
 # FastDeploy #7666 (open) quantizes activations, weights and the SwiGLU output in **1x32 UE8M0
 # groups** (one power-of-two byte per 32 K-elements, MXFP8-style; `blackwell_ops.group_wise_quant`,
 # docs/upstream.md §2) where #7053 and develop use 1x128 activation groups and 128x128 weight
-# blocks. Finer groups are usually taken to mean better accuracy; vLLM's and SGLang's accuracy
-# reports on Blackwell raise the question of what UE8M0 scales cost and whether smaller groups buy it
-# back. Here the same weights and the same tokens run through `moe_ref.moe.moe_forward_fp8` with
+# blocks. Serving engines have traced accuracy drops on Blackwell to UE8M0 scales: vLLM
+# ([issue #37804](https://github.com/vllm-project/vllm/issues/37804): Qwen3.5 FP8 loses GSM8K points with
+# DeepGEMM's power-of-two scales; [PR #38083](https://github.com/vllm-project/vllm/pull/38083) turns them off
+# for that model) and SGLang ([PR #9946](https://github.com/sgl-project/sglang/pull/9946): DeepSeek with
+# expert parallelism on B200). Finer groups are usually taken to mean better accuracy, which raises the
+# question whether 1x32 groups buy back what UE8M0 scales cost. Here the same weights and the same tokens run through `moe_ref.moe.moe_forward_fp8` with
 # four recipes, (FP32, 128), (UE8M0, 128), (UE8M0, 32) and (FP32, 32), against the float64 oracle,
 # on plain inputs and with a fraction `MX_OUTLIER_FRACTION` of the activation channels scaled by each
 # of `MX_OUTLIER_SCALES`.
