@@ -176,3 +176,32 @@ def test_weight_scales_are_the_block_scales(arch):
         as_bytes = torch.empty(got.shape, dtype=got.dtype).copy_(got).view(torch.uint8)     # row-major copy
         words = as_bytes.view(c["e"], c["n"], -1)[..., :exps.shape[-1]]
         assert got.dtype == torch.int32 and got.stride()[1] == 1 and torch.equal(words.to(torch.int32), exps)
+
+
+@pytest.mark.parametrize("arch", [9, 10])
+def test_prepared_weight_scales_are_made_once_and_used_as_given(monkeypatch, arch):
+    # issue 11: weight scales converted once at weight load, not per call
+    _fake_gpu(monkeypatch, (arch, 0))
+    c = _case()
+    conversions = []
+    real = DG.weight_scales
+    with install_deep_gemm("torch", arch) as dg:
+        provider = ops.get_provider("deep_gemm")
+        prepared = provider.prepare_weight_scales(c["b"], c["sfb"], sfb_per_block=True)
+        want_sb = DG.weight_scales(deep_gemm_provider.to_torch(c["sfb"]), c["n"], c["k"], arch)
+        assert torch.equal(prepared, want_sb)
+        monkeypatch.setattr(DG, "weight_scales", lambda *a, **k: conversions.append(1) or real(*a, **k))
+        got = _gemm(provider, c, sfb_per_block=True, sfb_prepared=prepared)
+        assert conversions == []
+        _gemm(provider, c, sfb_per_block=True)                 # without: converted in the call
+        assert conversions == [1]
+    assert len(dg.calls) == 2
+    _assert_matches_paddle(got, c, sfb_per_block=True)
+
+
+def test_prepare_weight_scales_is_none_where_nothing_is_converted(monkeypatch):
+    c = _case()
+    assert ops.get_provider("paddle").prepare_weight_scales(c["b"], c["sfb"], sfb_per_block=True) is None
+    _fake_gpu(monkeypatch, (9, 0))                      # SM90 needs block-uniform weight bytes
+    with install_deep_gemm("torch", 9):
+        assert ops.get_provider("deep_gemm").prepare_weight_scales(c["b"], c["sfb"], sfb_per_block=False) is None

@@ -124,6 +124,14 @@ class OpsProvider:
     def __repr__(self) -> str:
         return f"OpsProvider({self.name!r})"
 
+    def prepare_weight_scales(self, b, sfb, *, sfb_per_block: bool = False):
+        """Weight scales in this provider's own layout, made once when the weights are loaded, to pass back as
+        `group_gemm_masked(..., sfb_prepared=...)` with the same b and sfb: b [E, N, K] fp8 (the GEMM's b), sfb
+        [E, align(N,128), KB'] uint8 CUTLASS bytes (its sfb). None when the provider reads sfb as it is (every
+        provider but deep_gemm) or cannot use these bytes (the GEMM call then goes as without)."""
+        prepare = getattr(self.module, "prepare_weight_scales", None)
+        return None if prepare is None else prepare(b, sfb, bool(sfb_per_block))
+
     def _call(self, row: ContractOp, args: tuple, kwargs: dict):
         global _last_provider
         bound = row.signature.bind(*args, **kwargs)

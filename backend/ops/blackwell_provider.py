@@ -196,7 +196,8 @@ def unpack_and_convert_scale(scale, masked_m):
     return bw.unpack_and_convert_scale(scale, masked_m)
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
+                      sfb_prepared):
     # sfb_per_block is ours (a promise the triton provider uses); recipe None and "w8a8" are the same GEMM: the
     # package gets the arguments of its generation.
     gen = generation()

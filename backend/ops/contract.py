@@ -143,7 +143,11 @@ OPS = (
     provider then reads one weight byte per tile and K step. The promise is not verified per call
     (`backend.ops.triton.launch.sf_block_uniform` checks it once, e.g. in a test). False (default):
     per-row weight bytes, the general kernel, correct for any bytes.
-    """, options=dict(sfb_per_block=False), writes="out"),
+    sfb_prepared (keyword-only, ours; never passed to the real package): what
+    `OpsProvider.prepare_weight_scales(sfb, sfb_per_block=...)` of the same provider returned for this sfb
+    at weight load (the deep_gemm provider's weight scales in DeepGEMM's layout), so that no call converts
+    weight scales again; None: a provider that needs another layout converts sfb itself, per call.
+    """, options=dict(sfb_per_block=False, sfb_prepared=None), writes="out"),
     _row("fused_mask_swiglu_fp8_quant", "up token_nums_per_expert", dict(block_size=GROUP_SIZE, use_ue8m0=True), """
     SwiGLU on the masked layout, then 1 x block_size FP8 quantization (SPEC §7).
 

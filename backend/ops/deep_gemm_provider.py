@@ -37,6 +37,7 @@ from . import paddle_provider
 from .blackwell_provider import device_capability as _capability     # the one Paddle capability query
 from .contract import OPS
 from .triton import provider as triton_provider
+from .triton.provider import to_torch
 
 NAME = "deep_gemm"
 TORCH_BUILD = "deep_gemm"
@@ -107,23 +108,36 @@ def _to_paddle_view(t):
     return paddle.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(t))
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
+def prepare_weight_scales(b, sfb, sfb_per_block: bool):
+    """DeepGEMM's weight scales for b [E, N, K] fp8 and its CUTLASS bytes sfb [E, align(N,128), KB']
+    (`deep_gemm_launch.weight_scales`), made once at weight load; None where DeepGEMM cannot take these bytes
+    (the GEMM then hands the call on, as without)."""
+    capability = _capability()
+    arch = capability[0] if capability else 0
+    if arch not in DG.ARCHS or (arch == 9 and not sfb_per_block):
+        return None
+    _, n, k = (int(d) for d in b.shape)
+    return DG.weight_scales(to_torch(sfb), n, k, arch)
+
+
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
+                      sfb_prepared):
     # recipe: None or "w8a8" (checked by the contract), the one recipe DeepGEMM's FP8 GEMM computes
     capability = _capability()
     arch = capability[0] if capability else 0
-    to_torch = triton_provider.to_torch
     e_num, n, k = (int(d) for d in b.shape)
     sfa_t, sfb_t = to_torch(sfa), to_torch(sfb)
     why = DG.unsupported_reason(arch, bias, sfb_per_block, sfa_t, sfb_t, max_m_per_expert, n, k)
     if why is not None:
         return next_provider().group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count,
-                                                 recipe, sfb_per_block=sfb_per_block)
+                                                 recipe, sfb_per_block=sfb_per_block, sfb_prepared=None)
     module, framework, reason = find_build(capability)
     if module is None:
         raise RuntimeError(f"deep_gemm provider: {reason}")
     out_t = to_torch(out)
-    DG.run_masked(module, to_torch(a), to_torch(b), DG.activation_scales(sfa_t, max_m_per_expert, k, arch),
-                  DG.weight_scales(sfb_t, n, k, arch), to_torch(masked_m), out_t, max_m_per_expert, arch,
+    sb = DG.weight_scales(sfb_t, n, k, arch) if sfb_prepared is None else sfb_prepared   # prepared: made at load
+    DG.run_masked(module, to_torch(a), to_torch(b), DG.activation_scales(sfa_t, max_m_per_expert, k, arch), sb,
+                  to_torch(masked_m), out_t, max_m_per_expert, arch,
                   to_dg=_to_paddle_view if framework == "paddle" else (lambda t: t))
     if not out_t.is_cuda or out_t.data_ptr() != triton_provider.data_ptr_of(out):
         paddle.assign(triton_provider.to_paddle(out_t), output=out)      # CPU: the torch copy goes back into out

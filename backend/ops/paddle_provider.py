@@ -219,7 +219,8 @@ def _fp8_to_float(x: paddle.Tensor) -> paddle.Tensor:
     return x.view(FP8).astype(paddle.float32)
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
+                      sfb_prepared):
     # sm_count, recipe (None or "w8a8": the same computation) and sfb_per_block change nothing here: every
     # row's scale bytes are decoded, whatever they hold.
     e, n, k = (int(d) for d in b.shape)

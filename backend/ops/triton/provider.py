@@ -105,8 +105,10 @@ def cutlass_scale_to_fp32(sf, num_rows):
     return to_paddle(_launch().cutlass_scale_to_fp32(to_torch(sf), num_rows))
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
-    # recipe (None or "w8a8", checked by the contract) names the one computation the kernels do.
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
+                      sfb_prepared):
+    # recipe (None or "w8a8", checked by the contract) names the one computation the kernels do; the kernels
+    # read the CUTLASS bytes directly, so there is nothing to prepare (sfb_prepared is None here).
     out_t = to_torch(out)
     # impl="auto": the fast per-128 kernel when every 4-byte group of sfa/sfb repeats one byte (always so
     # for unpack_and_convert_scale's output), else tl.dot_scaled, which honours one byte per 32 K.
