@@ -4,7 +4,7 @@
 |---|---|---|---|
 | `FD_USE_BLACKWELL_GEMM` | 0, 1 | 0 | `BlockWiseFP8Config.get_quant_method` returns `BlackwellGemmFusedMoeMethod` |
 | `FD_USE_DEEP_GEMM`      | 0, 1 | 0 | otherwise: DeepGEMM fused-MoE method (upstream's; not implemented here) |
-| `FD_MOE_OPS_PROVIDER`   | auto, blackwell_ops, paddle, triton | auto | which provider `backend.ops.get_provider()` returns |
+| `FD_MOE_OPS_PROVIDER`   | auto, blackwell_ops, deep_gemm, paddle, triton | auto | which provider `backend.ops.get_provider()` returns |
 | `FD_BLACKWELL_OPS_GENERATION` | auto, 7053, develop | auto | which upstream generation of `blackwell_ops` the `blackwell_ops` provider calls (auto: detected from the installed package) |
 | `FD_USE_PFCC_DEEP_EP`   | 0, 1 | 0 | `DeepEPRunner` imports PFCC's DeepEP (`paddlefleet.ops.deep_ep`, else `deep_ep`) under `paddle.enable_compat`, as upstream's `load_deep_ep` (ep.py:33-65) |
 
@@ -37,7 +37,7 @@ import os
 
 SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM", "FD_USE_PFCC_DEEP_EP")
 OPS_PROVIDER_VAR = "FD_MOE_OPS_PROVIDER"
-OPS_PROVIDERS = ("auto", "blackwell_ops", "paddle", "triton")
+OPS_PROVIDERS = ("auto", "blackwell_ops", "deep_gemm", "paddle", "triton")
 DEFAULT_OPS_PROVIDER = "auto"
 GENERATION_VAR = "FD_BLACKWELL_OPS_GENERATION"
 GENERATIONS = ("auto", "7053", "develop")
@@ -84,7 +84,7 @@ def _read_choice(name: str, choices: tuple[str, ...], default: str) -> str:
 
 
 def get_ops_provider_name() -> str:
-    """FD_MOE_OPS_PROVIDER: one of auto | blackwell_ops | paddle | triton (unset = auto).
+    """FD_MOE_OPS_PROVIDER: one of auto | blackwell_ops | deep_gemm | paddle | triton (unset = auto).
 
     Case and surrounding spaces are ignored and the empty string means auto (as
     `backend.ops.get_provider` reads it); any other value is a ValueError naming the variable,

@@ -6,8 +6,12 @@ uneven fill), on one set of inputs:
 
 - DeepGEMM `m_grouped_fp8_gemm_nt_masked` (SM90: FP32 1x128 activation scales, MN-major TMA-aligned,
   and 128x128 weight scales), given the fill as its `expected_m`;
-- ours: the `tl` kernels of backend/ops/triton/launch.py (FP32 recipe and CUTLASS UE8M0 bytes) and, where
-  it imports and runs (SM90), the Gluon kernel of backend/ops/triton/gluon_gemm.py with both recipes;
+- ours: the `tl` kernels of backend/ops/triton/launch.py (FP32 recipe and CUTLASS UE8M0 bytes, forced with
+  kernel="tl") and, where it imports and runs (SM90), the Gluon kernel of backend/ops/triton/gluon_gemm.py with
+  both recipes; and the launchers as the `triton` provider calls them (`launch_fp32`, `launch_ue8m0`: the
+  kernel launch.masked_gemm_kernel picks for the fill, named in the record's `kernel` / `kernel_ue8m0`);
+- DeepGEMM as the `deep_gemm` provider runs it (backend/ops/deep_gemm_launch.py: CUTLASS bytes converted per
+  call, valid rows copied out of a scratch), `deep_gemm_provider`;
 - cuBLASLt blockwise dense (`torch._scaled_mm`) on one GEMM of the same rows (the yardstick of bench_gpu.py).
 
 Every output is poisoned with NaN first; each of ours is compared with DeepGEMM's output on the same inputs
@@ -29,6 +33,7 @@ import traceback
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_gpu as BG  # noqa: E402  (puts the repository on sys.path; torch-only)
 from _common import write_json  # noqa: E402
+from backend.ops import deep_gemm_launch as DGL  # noqa: E402
 from backend.ops.triton import launch as L  # noqa: E402
 import torch  # noqa: E402
 
@@ -78,9 +83,15 @@ def our_kernels(x, out, m_cap, gluon, expected_m, variants=None):
     """name -> (recipe, fn(counts)) for every kernel of ours that this machine can run."""
     a, b = x["a"], x["b"]
     ks = {
-        "tl_fp32": ("fp32", lambda c: L.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out, None, m_cap)),
+        "tl_fp32": ("fp32", lambda c: L.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out, None, m_cap,
+                                                               kernel="tl")),
         "tl_ue8m0": ("ue8m0", lambda c: L.group_gemm_masked(a, b, x["sfa"], x["sfb"], c, out, None, m_cap,
-                                                             sfb_per_block=True)),
+                                                             sfb_per_block=True, kernel="tl")),
+        "launch_fp32": ("fp32", lambda c: L.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out, None, m_cap,
+                                                                   expected_m=expected_m)),
+        "launch_ue8m0": ("ue8m0", lambda c: L.group_gemm_masked(a, b, x["sfa"], x["sfb"], c, out, None, m_cap,
+                                                                impl="auto", sfb_per_block=True,
+                                                                expected_m=expected_m)),
     }
     if gluon is not None:
         ks["gluon_fp32"] = ("fp32", lambda c: gluon.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out,
@@ -106,6 +117,15 @@ def deepgemm_call(dg, x, out, e_num, m_cap, recipe, expected_m):
                                                      disable_ue8m0_cast=True)
 
 
+def deep_gemm_provider_call(dg, x, out, e_num, m_cap, arch=9):
+    """DeepGEMM as the deep_gemm provider runs it on the contract's CUTLASS bytes: scales converted in the call
+    (the weights' too: the contract cannot carry them converted yet), scratch output, valid rows copied."""
+    a, b = x["a"], x["b"]
+    n, k = b.shape[1], b.shape[2]
+    return lambda c: DGL.run_masked(dg, a, b, DGL.activation_scales(x["sfa"], m_cap, k, arch),
+                                    DGL.weight_scales(x["sfb"], n, k, arch), c, out, m_cap, arch)
+
+
 def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
     counts = BG.counts_for(fill, e_num, gen)
     valid = int(counts.sum())
@@ -126,7 +146,10 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
         rec["deepgemm_ms"] = BG.bench_ms(lambda: fn(counts))
         rec["deepgemm_tflops"] = flops / rec["deepgemm_ms"] / 1e9
     tl_out = {}
-    for name, (recipe, fn) in our_kernels(x, outs["ours"], m_cap, gluon, expected_m, variants).items():
+    kernels = our_kernels(x, outs["ours"], m_cap, gluon, expected_m, variants)
+    if dg is not None:
+        kernels["deep_gemm_provider"] = ("ue8m0", deep_gemm_provider_call(dg, x, outs["ours"], e_num, m_cap))
+    for name, (recipe, fn) in kernels.items():
         try:
             outs["ours"].fill_(float("nan"))
             fn(counts)
@@ -155,12 +178,19 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
 
 
 def pick_ours(rec: dict) -> dict:
-    """The issue's flat record keys: ours = the fastest correct kernel of ours as a call picks it (named in
-    `kernel`; runs with a forced config, `_alt` and the variants, are not candidates)."""
+    """The issue's flat record keys: ours = what the FP32 launcher runs for this fill (`launch_fp32`, the kernel
+    launch.masked_gemm_kernel picks, named in `kernel`), ours_ue8m0 = what the triton provider's
+    group_gemm_masked runs (`launch_ue8m0`, `kernel_ue8m0`); `fastest_kernel`: the fastest correct of the four
+    candidates (runs with a forced config, `_alt` and the variants, are not candidates)."""
     best = max((kn for kn in CANDIDATES if isinstance(rec.get(kn), dict) and rec[kn].get("correct")),
                key=lambda kn: rec[kn]["tflops"], default=None)
-    rec["kernel"] = best
-    rec["ours_tflops"] = rec[best]["tflops"] if best else float("nan")
+    rec["fastest_kernel"] = best
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for key, launcher, recipe in (("", "launch_fp32", "fp32"), ("_ue8m0", "launch_ue8m0", "ue8m0")):
+        r = rec.get(launcher)
+        ok = isinstance(r, dict) and r.get("correct")
+        rec["kernel" + key] = f"{L.masked_gemm_kernel(recipe, dev, rec['k'], rec['expected_m'])}_{recipe}"
+        rec[f"ours{key}_tflops"] = r["tflops"] if ok else float("nan")
     return rec
 
 
@@ -232,7 +262,8 @@ def summary_line(rec: dict) -> str:
         return f"N={rec['n']} K={rec['k']} fill={rec['rows_per_expert']}: ERROR {rec['error'][:200]}"
     cells = [f"N={rec['n']} K={rec['k']} fill={rec['rows_per_expert']!s:>13} cuBLAS {rec['cublas_tflops']:5.0f}"
              f" DG {rec.get('deepgemm_tflops', float('nan')):5.0f}"]
-    for name in [kn for kn in rec if kn.startswith(("tl_", "gluon_")) and isinstance(rec[kn], dict)]:
+    ours = ("tl_", "gluon_", "launch_", "deep_gemm_provider")
+    for name in [kn for kn in rec if kn.startswith(ours) and isinstance(rec[kn], dict)]:
         r = rec[name]
         if r is None:
             continue

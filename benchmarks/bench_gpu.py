@@ -55,6 +55,16 @@ def save():
         write_json(OUT_PATH, RESULTS, indent=1, newline=False, default=str)
 
 
+# which kernel each timed GEMM runs (launch.masked_gemm_kernel: the launcher's rule, no expected_m given, so
+# rows = M; "explicit_fp32_tl" forces the tl kernel, the kernel the FP32 rows measured before the Gluon wiring)
+GEMM_KERNEL = {
+    "explicit_ue8m0": lambda dev, k, m: L.masked_gemm_kernel("ue8m0", dev, k, m, True),
+    "explicit_fp32": lambda dev, k, m: L.masked_gemm_kernel("fp32", dev, k, m),
+    "explicit_fp32_tl": lambda dev, k, m: "tl",
+    "dot_scaled_ue8m0": lambda dev, k, m: "tl_dot_scaled",
+}
+
+
 def log(*a):
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
 
@@ -230,6 +240,7 @@ def gemm_bench(shapes, e_num, m_cap, fills):
         kernels = {
             "explicit_ue8m0": lambda c: L.group_gemm_masked(a, b, sfa, sfb, c, out, None, m_cap, sfb_per_block=True),
             "explicit_fp32": lambda c: L.group_gemm_masked_fp32(a, b, fa_mn, fb, c, out, None, m_cap),
+            "explicit_fp32_tl": lambda c: L.group_gemm_masked_fp32(a, b, fa_mn, fb, c, out, None, m_cap, kernel="tl"),
             "dot_scaled_ue8m0": lambda c: L.group_gemm_masked(a, b, sfa, sfb, c, out, None, m_cap, impl="dot_scaled"),
         }
         check_experts = [0, e_num // 2, e_num - 1]
@@ -260,7 +271,7 @@ def gemm_bench(shapes, e_num, m_cap, fills):
                             ok = False                               # wrote past masked_m
                         if c == 0:
                             continue
-                        if name == "explicit_fp32":
+                        if name.startswith("explicit_fp32"):
                             da = a[ex * m_cap:ex * m_cap + c].float() * fa[ex, :c].repeat_interleave(128, 1)[:, :k]
                             db = b[ex].float() * fb[ex].repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
                         else:
@@ -276,7 +287,7 @@ def gemm_bench(shapes, e_num, m_cap, fills):
                             ok = False
                     t = bench_ms(lambda: fn(counts))
                     row[name] = dict(ms=t, tflops=flops / t / 1e9, vs_cublas=flops / t / 1e9 / cub_tflops,
-                                     correct=ok, calc_diff=worst)
+                                     correct=ok, calc_diff=worst, kernel=GEMM_KERNEL[name](a.device, k, m_cap))
                 except Exception as exc:
                     traceback.print_exc()
                     row[name] = dict(error=repr(exc)[:500])
@@ -488,7 +499,8 @@ def chain(w_tok, h, inter, e_num, k_top):
         times = {name: bench_ms(f) for name, f in stages.items()}
         t_chain = bench_ms(whole)
         res[recipe] = dict(ms=t_chain, stage_ms=times, gemm_share=(times["gemm1"] + times["gemm2"]) / t_chain,
-                           nan=bool(torch.isnan(fp8_out).any()), M=m_cap)
+                           nan=bool(torch.isnan(fp8_out).any()), M=m_cap,
+                           gemm_kernels=[L.masked_gemm_kernel(recipe, x.device, kk, m_cap, True) for kk in (h, inter)])
         log(recipe, res[recipe])
         save()
 
@@ -569,7 +581,7 @@ def summary():
     lines.append(f"copy {cp.get('tb_per_s', 0):.2f} TB/s")
     for row in (s.get("gemm") or {}).get("rows", []):
         cells = [f"N={row['N']} K={row['K']} fill={row['fill']!s:>14} cuBLAS {row['cublas_tflops']:6.0f}"]
-        for name in ("explicit_ue8m0", "explicit_fp32", "dot_scaled_ue8m0"):
+        for name in ("explicit_ue8m0", "explicit_fp32", "explicit_fp32_tl", "dot_scaled_ue8m0"):
             v = row.get(name, {})
             cells.append(f"{name} {v.get('tflops', float('nan')):6.0f} ({v.get('vs_cublas', float('nan')):.2f}x"
                          f"{'' if v.get('correct') else ' WRONG' if 'correct' in v else ' ERR'})")

@@ -10,7 +10,7 @@ and hands their scale outputs straight to `group_gemm_masked` as `sfa`, where #7
 `blackwell_ops` is unpublished, so what they return is derived from those call sites:
 
 - the scale output is what `group_gemm_masked` reads as `sfa`: CUTLASS SM100 scale-factor bytes
-  (SPEC §4, `backend.ops.cutlass_sf`), one UE8M0 byte per 32 K-elements. Sure: no conversion
+  (SPEC §4, `moe_ref.cutlass_sf`), one UE8M0 byte per 32 K-elements. Sure: no conversion
   sits between the op and the GEMM any more, and the GEMM's other `sfa` producer is
   `unpack_and_convert_scale`.
 - the activation output is 2-D `[E·M, K]`: #7053 reshaped to `[E·M, K]` before the GEMM, develop
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from backend.ops import cutlass_sf
+from . import cutlass_sf
 
 from ._paddle import paddle
 from .checks import INT_DTYPES, check_dim, check_finite, check_positive_int, check_tensor

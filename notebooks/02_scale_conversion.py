@@ -33,7 +33,7 @@
 # 6. `unpack_and_convert_scale` (blackwell_ops) and its inverse `cutlass_scale_to_fp32`, round trip.
 #
 # Everything is computed by `moe_ref` (reference), `backend.ops` (the contract and its provider)
-# and `backend.ops.cutlass_sf` (the one swizzle formula). Section 5 derives the swizzle a second
+# and `moe_ref.cutlass_sf` (the one swizzle formula). Section 5 derives the swizzle a second
 # time, independently, the way Triton's block-scaled matmul tutorial and torchao write it, and
 # checks the provider's bytes against that derivation and against golden offsets (timings are
 # in `04_performance`). Notebook `00_fp8_primer` introduces e4m3, the amax floor and `calc_diff`.
@@ -69,7 +69,7 @@ from moe_ref import fp8, layout, quant, routing
 from moe_ref.fp8 import BYTES_PER_WORD, E4M3_MAX, UE8M0_BIAS, align
 from moe_ref.metrics import calc_diff
 from backend import ops
-from backend.ops import cutlass_sf
+from moe_ref import cutlass_sf
 from nbtools import md, show
 
 # %matplotlib inline
@@ -298,7 +298,7 @@ np.testing.assert_array_equal(w_rows.numpy(), np.repeat(w_scale.numpy(), 128, ax
 # (`SfKMajorAtom` of `Sm1xxBlockScaledBasicChunk` in `include/cutlass/detail/sm100_blockscaled_layout.hpp`);
 # the stride 0 over `SFVecSize` is the "one byte serves 32 K-elements" of the replication above.
 # Element `(r, kb)` of the `[MN, KB]` matrix goes to byte (SPEC §4, the package's
-# `backend.ops.cutlass_sf.sf_byte_offset`, which the providers use):
+# `moe_ref.cutlass_sf.sf_byte_offset`, which the providers use):
 #
 #     ((r // 128) · (KB // 4) + kb // 4) · 512  +  (r % 32) · 16  +  ((r % 128) // 32) · 4  +  kb % 4
 #

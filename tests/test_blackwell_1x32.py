@@ -13,7 +13,7 @@ import pytest
 import backend.ops as ops
 from backend.moe.ep_runner import InProcessEPGroup, SingleRankEPRunner
 from backend.moe.layer import FusedMoE
-from backend.ops.cutlass_sf import unswizzle
+from moe_ref.cutlass_sf import unswizzle
 from backend.quantization import BlockWiseFP8Config
 from fakes import FD_OPS, install_fakes
 from moe_ref import blackwell_layout, moe

@@ -8,7 +8,8 @@ import numpy as np
 import paddle
 import pytest
 
-from backend.ops import cutlass_sf, get_provider
+from backend.ops import get_provider
+from moe_ref import cutlass_sf
 from moe_ref import layout
 from moe_ref.blackwell_layout import (dequant_group_wise, fused_mask_swiglu_fp8_quant_blackwell, group_wise_quant,
                                       prefill_permute_to_blackwell_masked_gemm, quantize_weights_1x32, sf_columns,

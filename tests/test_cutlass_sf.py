@@ -8,8 +8,8 @@ import numpy as np
 import paddle
 import pytest
 
-from backend.ops import cutlass_sf
-from backend.ops.cutlass_sf import (SF_TILE_BYTES, SF_TILE_COLS, SF_TILE_ROWS, check_sf_shape, sf_byte_offset,
+from moe_ref import cutlass_sf
+from moe_ref.cutlass_sf import (SF_TILE_BYTES, SF_TILE_COLS, SF_TILE_ROWS, check_sf_shape, sf_byte_offset,
                                     sf_index_map, sf_inverse_map, swizzle, unswizzle)
 
 

@@ -42,7 +42,8 @@ def test_switches_are_read_at_call_time(monkeypatch):
 
 @pytest.mark.parametrize("value, expected", [(None, "auto"), ("auto", "auto"), ("paddle", "paddle"),
                                              ("PADDLE", "paddle"), (" triton ", "triton"),
-                                             ("blackwell_ops", "blackwell_ops"), ("", "auto")])
+                                             ("blackwell_ops", "blackwell_ops"), (" Deep_GEMM", "deep_gemm"),
+                                             ("", "auto")])
 def test_ops_provider_name(monkeypatch, value, expected):
     if value is None:
         monkeypatch.delenv("FD_MOE_OPS_PROVIDER", raising=False)
@@ -54,7 +55,7 @@ def test_ops_provider_name(monkeypatch, value, expected):
 
 def test_ops_provider_bad_value(monkeypatch):
     monkeypatch.setenv("FD_MOE_OPS_PROVIDER", "cuda")
-    with pytest.raises(ValueError, match=r"FD_MOE_OPS_PROVIDER.*auto, blackwell_ops, paddle, triton.*'cuda'"):
+    with pytest.raises(ValueError, match=r"FD_MOE_OPS_PROVIDER.*auto, blackwell_ops, deep_gemm, paddle, triton.*'cuda'"):
         envs.get_ops_provider_name()
 
 

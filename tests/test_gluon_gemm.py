@@ -42,3 +42,54 @@ def test_launcher_refuses_without_a_gpu():
     with pytest.raises(RuntimeError, match="no CUDA device|not importable"):
         G.group_gemm_masked_fp32(a, b, torch.ones(e, m, 2), torch.ones(e, 1, 2), counts, out, None, m)
     assert not out.any()                                    # nothing was written
+
+
+@pytest.fixture
+def on_hopper(monkeypatch):
+    """launch's view of an SM90 GPU with Gluon (no kernel is compiled: the tests below stop at the dispatch)."""
+    from backend.ops.triton import launch as L
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(G, "available", lambda: True)
+    return L
+
+
+def test_which_kernel_runs_a_masked_gemm(on_hopper, monkeypatch):
+    L, cuda = on_hopper, torch.device("cuda", 0)
+    assert L.masked_gemm_kernel("fp32", cuda, 7168, 4096) == "gluon"           # FP32 recipe: always on SM90
+    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, L.GLUON_UE8M0_MAX_ROWS) == "gluon"
+    assert L.masked_gemm_kernel("ue8m0", cuda, 2048, L.GLUON_UE8M0_MAX_ROWS + 1) == "tl"   # measured not faster
+    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, 64, sfb_per_block=False) == "tl"      # per-row weight bytes
+    assert L.masked_gemm_kernel("fp32", cuda, 200, 64) == "tl"                 # TMA needs K % 16 == 0
+    assert L.masked_gemm_kernel("fp32", torch.device("cpu"), 7168, 64) == "tl"
+    monkeypatch.setattr(G, "available", lambda: False)                         # SM100, or no Gluon
+    assert L.masked_gemm_kernel("fp32", cuda, 7168, 64) == "tl"
+    with pytest.raises(ValueError, match="recipe: expected 'fp32' or 'ue8m0', got 'fp8'"):
+        L.masked_gemm_kernel("fp8", cuda, 7168, 64)
+
+
+def test_launchers_hand_sm90_calls_to_the_gluon_kernel(on_hopper, monkeypatch):
+    L = on_hopper
+    calls = []
+    monkeypatch.setattr(L, "masked_gemm_kernel", lambda recipe, device, k, rows, sfb_per_block=True:
+                        calls.append(("rule", recipe, k, rows, sfb_per_block)) or "gluon")
+    for name in ("group_gemm_masked", "group_gemm_masked_fp32"):
+        monkeypatch.setattr(G, name, lambda *args, _n=name, **kw: calls.append((_n, args[2].dtype, kw)) or args[5])
+    e, m, n, k = 2, 64, 128, 256
+    a = torch.zeros(e * m, k, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(e, n, k, dtype=torch.float8_e4m3fn)
+    out = torch.zeros(e * m, n, dtype=torch.bfloat16)
+    counts = torch.tensor([3, 0], dtype=torch.int32)
+    assert L.group_gemm_masked_fp32(a, b, torch.ones(e, m, 2), torch.ones(e, 1, 2), counts, out, None, m) is out
+    sf = torch.zeros(e, 128, 8, dtype=torch.uint8)
+    L.group_gemm_masked(a, b, sf, sf, counts, out, None, m, sm_count=7, sfb_per_block=True, expected_m=32)
+    assert calls == [("rule", "fp32", k, m, True), ("group_gemm_masked_fp32", torch.float32,
+                                                     dict(expected_m=None, sm_count=-1)),
+                     ("rule", "ue8m0", k, 32, True),
+                     ("group_gemm_masked", torch.uint8, dict(expected_m=32, sm_count=7))]
+    assert not out.any()                                   # the tl kernel did not run as well
+    calls.clear()
+    L.group_gemm_masked_fp32(a, b, torch.ones(e, m, 2), torch.ones(e, 1, 2), counts, out, None, m, kernel="gluon")
+    assert [c[0] for c in calls] == ["group_gemm_masked_fp32"]                 # a caller's choice skips the rule
+    with pytest.raises(ValueError, match="kernel: expected 'tl', 'gluon' or None, got 'cutlass'"):
+        L.group_gemm_masked_fp32(a, b, torch.ones(e, m, 2), torch.ones(e, 1, 2), counts, out, None, m,
+                                 kernel="cutlass")

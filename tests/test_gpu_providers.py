@@ -6,10 +6,13 @@ The GPU machine has no Paddle, so `moe_ref` cannot run there: the reference is S
 torch float32 (dequantize a and b with their scales, one matmul per expert), which
 tests/test_triton_provider.py checks against moe_ref on CPU through the `tl` kernel's interpreter run.
 
-Kernels: the `tl` kernel (launch.py, both recipes), the Gluon warp-specialized kernel
-(gluon_gemm.py, SM90 only, both recipes) and DeepGEMM's m_grouped_fp8_gemm_nt_masked when
-`deep_gemm` imports (benchmarks/build_deepgemm.sh). Outputs are poisoned with NaN before each run;
-inputs are fresh random data per case (benchmarks/bench_gemm_peers.make_inputs).
+Kernels: the `tl` kernel (launch.py, both recipes, forced with kernel="tl"), the Gluon warp-specialized kernel
+(gluon_gemm.py, SM90 only, both recipes), the launchers as the `triton` provider calls them (kernel chosen by
+launch.masked_gemm_kernel) and DeepGEMM's m_grouped_fp8_gemm_nt_masked when `deep_gemm` imports
+(benchmarks/build_deepgemm.sh), raw and as the `deep_gemm` provider runs it (backend/ops/deep_gemm_launch.py:
+the CUTLASS bytes converted, valid rows copied; the provider's Paddle adapter cannot run here, no Paddle).
+Outputs are poisoned with NaN before each run; inputs are fresh random data per case
+(benchmarks/bench_gemm_peers.make_inputs).
 """
 from __future__ import annotations
 
@@ -74,9 +77,14 @@ def _kernels(peers, x, out, m_cap, counts):
     from backend.ops.triton import gluon_gemm
     from backend.ops.triton import launch as L
     ks = {"tl_fp32": ("fp32", lambda: L.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, out,
-                                                               None, m_cap)),
+                                                               None, m_cap, kernel="tl")),
           "tl_ue8m0": ("ue8m0", lambda: L.group_gemm_masked(x["a"], x["b"], x["sfa"], x["sfb"], counts, out, None,
-                                                            m_cap))}
+                                                            m_cap, kernel="tl")),
+          "launch_fp32": ("fp32", lambda: L.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, out,
+                                                                   None, m_cap)),
+          "launch_ue8m0_m64": ("ue8m0", lambda: L.group_gemm_masked(x["a"], x["b"], x["sfa"], x["sfb"], counts, out,
+                                                                    None, m_cap, impl="auto", sfb_per_block=True,
+                                                                    expected_m=64))}
     if torch.cuda.get_device_capability()[0] == 9:
         for em in (64, 512):                   # both tile shapes: 64 x 2BN (SPLIT_N) and 128 x BN
             ks[f"gluon_fp32_m{em}"] = ("fp32", lambda em=em: gluon_gemm.group_gemm_masked_fp32(
@@ -88,6 +96,7 @@ def _kernels(peers, x, out, m_cap, counts):
         for recipe in ("fp32", "ue8m0"):
             fn = peers.deepgemm_call(dg, x, out, E_NUM, m_cap, recipe, max(1, int(counts.float().mean())))
             ks[f"deepgemm_{recipe}"] = (recipe, lambda fn=fn: fn(counts))
+        ks["deep_gemm_provider"] = ("ue8m0", lambda: peers.deep_gemm_provider_call(dg, x, out, E_NUM, m_cap)(counts))
     return ks
 
 

@@ -103,7 +103,7 @@ def test_env_selects_paddle(monkeypatch, value):
 @pytest.mark.parametrize("value", ["cuda", "blackwell", "1"])
 def test_bad_env_value_names_the_variable(monkeypatch, value):
     monkeypatch.setenv(ENV, value)
-    with pytest.raises(ValueError, match=rf"{ENV}: expected one of auto, blackwell_ops, paddle, triton.*{value!r}"):
+    with pytest.raises(ValueError, match=rf"{ENV}: expected one of auto, blackwell_ops, deep_gemm, paddle, triton.*{value!r}"):
         ops.get_provider()
     with pytest.raises(ValueError, match=ENV):
         ops.per_token_quant(_x())

@@ -12,7 +12,8 @@ import paddle
 import pytest
 
 import backend.ops as ops
-from backend.ops import cutlass_sf, paddle_provider
+from backend.ops import paddle_provider
+from moe_ref import cutlass_sf
 from moe_ref.fp8 import E4M3_MAX, pack_scale_ue8m0, to_mn_major_tma_aligned
 from moe_ref.metrics import calc_diff
 from moe_ref.quant import (dequant_per_block, dequant_per_token_group, expand_block_scale_to_rows, per_block_quant,

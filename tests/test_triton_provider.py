@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import backend.ops as ops  # noqa: E402
-from backend.ops import cutlass_sf  # noqa: E402
+from moe_ref import cutlass_sf  # noqa: E402
 from moe_ref import fp8 as ref_fp8  # noqa: E402
 from moe_ref import layout as ref_layout  # noqa: E402
 from moe_ref.metrics import calc_diff  # noqa: E402
@@ -82,7 +82,7 @@ def mn_major_values(view):
 
 def test_kernels_import_without_paddle():
     """The kernels and launchers run on a GPU machine with torch and no Paddle: importing them (and the
-    format constants they import from moe_ref.constants and backend.ops.cutlass_sf) never imports Paddle."""
+    format constants they import from moe_ref.constants and moe_ref.cutlass_sf) never imports Paddle."""
     code = ("import sys; import backend.ops.triton.kernels, backend.ops.triton.launch; "
             "assert 'paddle' not in sys.modules, sorted(m for m in sys.modules if m.startswith('paddle'))[:5]")
     root = pathlib.Path(__file__).resolve().parents[1]
@@ -341,7 +341,7 @@ def test_sf_block_uniform_detects_rows_that_differ():
     assert L.sf_block_uniform(raw, n, 128)                           # only group 0 is read when K = 128
 
 
-def _to_torch(x):
+def to_torch(x):
     if x.dtype == paddle.float8_e4m3fn:
         return torch.from_numpy(x.view(paddle.uint8).numpy()).view(torch.float8_e4m3fn)
     return torch.from_numpy(x.numpy())
@@ -371,12 +371,12 @@ def test_group_gemm_masked_weight_byte_dispatch(T, P, gemm_paths):
     ref = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_b, 128, axis=2)).astype(np.float64))
     rows_blk = np.repeat(sb.numpy(), 128, axis=1)[:, :n]
     ref_blk = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_blk, 128, axis=2)).astype(np.float64))
-    ta, tb, tsfa, tm = (_to_torch(x) for x in (a, b, sfa, masked_m))
+    ta, tb, tsfa, tm = (to_torch(x) for x in (a, b, sfa, masked_m))
 
     def run(sf_b, **kw):
         del gemm_paths[:]
         out = torch.full((e * m, n), 7.0, dtype=torch.bfloat16)
-        L.group_gemm_masked(ta, tb, tsfa, _to_torch(sf_b), tm, out, None, m, **kw)
+        L.group_gemm_masked(ta, tb, tsfa, to_torch(sf_b), tm, out, None, m, **kw)
         return out.float().view(e, m, n).numpy(), list(gemm_paths)
 
     for sf_b, want, kw, paths in [(sfb, ref_blk, {}, ["explicit_ue8m0_per_row"]),
@@ -408,14 +408,14 @@ def test_group_gemm_masked_keeps_no_state_per_weight_tensor(T, P, gemm_paths):
     want_blk = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(np.repeat(sb.numpy(), 128, axis=1)[:, :n],
                                                                  128, axis=2)).astype(np.float64))
     want_rows = np.einsum("emk,enk->emn", a_d, (f32(b) * np.repeat(rows_b, 128, axis=2)).astype(np.float64))
-    ta, tb, tsfa, tm = (_to_torch(x) for x in (a, b, sfa, masked_m))
-    tsfb = _to_torch(sfb).clone()
+    ta, tb, tsfa, tm = (to_torch(x) for x in (a, b, sfa, masked_m))
+    tsfb = to_torch(sfb).clone()
     for want, kw, paths in [(want_blk, dict(sfb_per_block=True), ["explicit_ue8m0"]),
                             (want_blk, {}, ["explicit_ue8m0_per_row"]), ("rewrite", None, None),
                             (want_rows, {}, ["explicit_ue8m0_per_row"]),
                             (want_rows, {}, ["explicit_ue8m0_per_row"])]:
         if isinstance(want, str):
-            tsfb.copy_(_to_torch(sfb_rows))                          # in place: same object, new bytes
+            tsfb.copy_(to_torch(sfb_rows))                          # in place: same object, new bytes
             continue
         del gemm_paths[:]
         out = torch.full((e * m, n), 7.0, dtype=torch.bfloat16)
@@ -447,7 +447,7 @@ def test_layer_states_block_weight_bytes_and_triton_uses_them(monkeypatch, gemm_
         layer.load_weights(w.w_up, w.w_down)
         assert layer.weight_scale_bw_per_block is True
         for sf, n, k in ((layer.up_gate_proj_weight_scale_inv, 2 * i, h), (layer.down_proj_weight_scale_inv, h, i)):
-            assert L.sf_block_uniform(_to_torch(sf), n, k)
+            assert L.sf_block_uniform(to_torch(sf), n, k)
         del gemm_paths[:]
         outs.append(f32(layer(x, topk=(tw, ti))))
     ops.reset_provider_cache()
@@ -504,7 +504,7 @@ def test_group_gemm_masked_e4m3_nan_propagates_alike(T, P, nan_byte):
                                    None, m) for prov in (T, P)]
     got = [f32(r).reshape(e, m, n) for r in runs]
     out = torch.zeros((e * m, n), dtype=torch.bfloat16)
-    L.group_gemm_masked(_to_torch(a), _to_torch(b), _to_torch(sfa), _to_torch(sfb), _to_torch(masked_m), out,
+    L.group_gemm_masked(to_torch(a), to_torch(b), to_torch(sfa), to_torch(sfb), to_torch(masked_m), out,
                         None, m, impl="dot_scaled")
     got.append(out.float().view(e, m, n).numpy())
     for g in got:

@@ -35,10 +35,10 @@ import paddle
 
 from moe_ref.checks import check_dim, check_distinct_experts, check_ids_in_range, check_same_shape, check_tensor
 from moe_ref.constants import GROUP_SIZE, num_scale_groups
+from moe_ref.cutlass_sf import SF_VEC_SIZE, unswizzle
 from moe_ref.fp8 import ue8m0_decode
 
 from .. import ops
-from ..ops.cutlass_sf import SF_VEC_SIZE, unswizzle
 from .memory import forward_buffer_bytes
 from .quantize import (dequantize_weight_blocks, pack_row_scales_ue8m0, quantize_tokens, quantize_weight_blocks_ue8m0,
                        swap_last_two)

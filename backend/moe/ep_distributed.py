@@ -532,7 +532,7 @@ class PaddleDistributedEPRunner(EPRunner):
         n_valid = sum(int(tt.size) for tt, _ in handle.entries)
         if int(valid.sum()) != n_valid:
             raise ValueError("topk_ids: differ from the ids given to low_latency_dispatch")
-        me, size = self.ep_rank, self.ep_size
+        size = self.ep_size
         self._collective_errors(lambda: self._header(_OP_LL_COMBINE, []))
         hdim = handle.hidden_size
         flat = _as_bytes(expert_out.reshape([-1, hdim]))

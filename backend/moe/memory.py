@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from moe_ref.constants import TMA_ALIGN, align, num_scale_groups, packed_words
 
-from ..ops.cutlass_sf import SF_TILE_ROWS
+from moe_ref.cutlass_sf import SF_TILE_ROWS
 
 
 def forward_buffer_bytes(num_local_experts: int, max_m_per_expert: int, hidden_size: int,

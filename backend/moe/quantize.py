@@ -12,11 +12,10 @@ import numpy as np
 import paddle
 
 from moe_ref.checks import first_index
+from moe_ref.cutlass_sf import SF_VEC_SIZE
 from moe_ref.fp8 import as_bytes, e4m3_to_float32, from_bytes, num_scale_groups, pack_scale_ue8m0, packed_words
 from moe_ref.quant import (DEEPGEMM_AMAX_FLOOR, GROUP_SIZE, dequant_per_block, expand_block_scale_to_rows,
                            per_block_quant)
-
-from ..ops.cutlass_sf import SF_VEC_SIZE
 
 FP8 = paddle.float8_e4m3fn
 FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -14,12 +14,14 @@ errors name the argument, the expected and the seen value), then calls the provi
 which receives validated, complete arguments:
 
     blackwell_ops   the real packages (SM100+ GPUs)                backend/ops/blackwell_provider.py
+    deep_gemm       DeepGEMM's masked GEMM (SM90 / SM100), the     backend/ops/deep_gemm_provider.py
+                    other ops on the next provider
     triton          Triton kernels (torch + triton + a CUDA GPU)   backend/ops/triton/provider.py
     paddle          vectorized Paddle, any device                  backend/ops/paddle_provider.py
 
-`get_provider(name)` picks one: `name` None reads `FD_MOE_OPS_PROVIDER` (auto | blackwell_ops |
-paddle | triton; default auto). auto takes the first available of blackwell_ops, triton (on a CUDA
-GPU only, never the interpreter), paddle.
+`get_provider(name)` picks one: `name` None reads `FD_MOE_OPS_PROVIDER` (auto | blackwell_ops | deep_gemm |
+paddle | triton; default auto). auto takes the first available of blackwell_ops, deep_gemm, triton (on a
+CUDA GPU only, never the interpreter), paddle.
 An explicit request for an unavailable provider raises RuntimeError saying what is missing.
 The provider that ran the last op is `last_provider_name()`; each selection logs one INFO line
 on the `backend.ops` logger.
@@ -31,7 +33,7 @@ Data checks (expert ids in range, per-expert counts <= M, no NaN byte 255 in sca
 quantization input) read values, which costs one device synchronization per call on a GPU.
 
 Importing this package does not import Paddle (the checks and the providers import it when first
-used), so that `backend.ops.triton.kernels` and `backend.ops.cutlass_sf` import where Paddle is absent.
+used), so that `backend.ops.triton.kernels` and `moe_ref.cutlass_sf` import where Paddle is absent.
 """
 from __future__ import annotations
 
@@ -53,10 +55,11 @@ __all__ = [  # noqa: F822 - the op functions are made from contract.OPS at the e
 logger = logging.getLogger(__name__)
 
 PROVIDER_ENV = envs.OPS_PROVIDER_VAR            # "FD_MOE_OPS_PROVIDER"
-PROVIDER_NAMES = envs.OPS_PROVIDERS           # auto, blackwell_ops, paddle, triton
-AUTO_ORDER = ("blackwell_ops", "triton", "paddle")
+PROVIDER_NAMES = envs.OPS_PROVIDERS           # auto, blackwell_ops, deep_gemm, paddle, triton
+AUTO_ORDER = ("blackwell_ops", "deep_gemm", "triton", "paddle")
 _PROVIDER_MODULES = {
     "blackwell_ops": "backend.ops.blackwell_provider",
+    "deep_gemm": "backend.ops.deep_gemm_provider",
     "triton": "backend.ops.triton.provider",
     "paddle": "backend.ops.paddle_provider",
 }
@@ -121,6 +124,14 @@ class OpsProvider:
     def __repr__(self) -> str:
         return f"OpsProvider({self.name!r})"
 
+    def prepare_weight_scales(self, b, sfb, *, sfb_per_block: bool = False):
+        """Weight scales in this provider's own layout, made once when the weights are loaded, to pass back as
+        `group_gemm_masked(..., sfb_prepared=...)` with the same b and sfb: b [E, N, K] fp8 (the GEMM's b), sfb
+        [E, align(N,128), KB'] uint8 CUTLASS bytes (its sfb). None when the provider reads sfb as it is (every
+        provider but deep_gemm) or cannot use these bytes (the GEMM call then goes as without)."""
+        prepare = getattr(self.module, "prepare_weight_scales", None)
+        return None if prepare is None else prepare(b, sfb, bool(sfb_per_block))
+
     def _call(self, row: ContractOp, args: tuple, kwargs: dict):
         global _last_provider
         bound = row.signature.bind(*args, **kwargs)
@@ -162,9 +173,10 @@ def _requested_name(name: str | None) -> str:
 def get_provider(name: str | None = None) -> OpsProvider:
     """The ops provider for `name` (None: env var FD_MOE_OPS_PROVIDER, default "auto").
 
-    "auto" -> the first available of blackwell_ops (package + SM100+ GPU), triton (torch + triton
-    + CUDA GPU), paddle. An explicit name whose provider is unavailable raises RuntimeError with
-    the reason (missing package, or compute capability found vs needed) and how to fix it.
+    "auto" -> the first available of blackwell_ops (package + SM100+ GPU), deep_gemm (a DeepGEMM build +
+    torch + SM90 / SM100 GPU), triton (torch + triton + CUDA GPU), paddle. An explicit name whose provider
+    is unavailable raises RuntimeError with the reason (missing package, or compute capability found vs
+    needed) and how to fix it.
     The choice is cached per requested name (`reset_provider_cache()` forgets it) and logged at INFO,
     once: concurrent first calls (threads) wait for one selection under a lock and share its object.
     """

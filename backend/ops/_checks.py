@@ -17,7 +17,7 @@ from moe_ref.constants import MX_GROUP_SIZE, RECIPE_GROUP_SIZES, num_scale_group
 from moe_ref.quant import GROUP_SIZE
 
 from .contract import RECIPES
-from .cutlass_sf import SF_TILE_COLS, SF_TILE_ROWS, SF_VEC_SIZE
+from moe_ref.cutlass_sf import SF_TILE_COLS, SF_TILE_ROWS, SF_VEC_SIZE
 
 FP8 = paddle.float8_e4m3fn
 _INT_IDS = (paddle.int32, paddle.int64)
@@ -172,7 +172,8 @@ def _check_recipe(recipe):
     return recipe
 
 
-def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
+def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
+                      sfb_prepared):
     check_tensor(b, "b", dtypes=(FP8,), ndim=3)
     e, n, k = (int(d) for d in b.shape)
     m = check_positive_int(max_m_per_expert, "max_m_per_expert")
@@ -200,7 +201,8 @@ def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
     recipe = _check_recipe(recipe)
     sfb_per_block = _check_bool(sfb_per_block, "sfb_per_block")
     _check_no_nan_sf_bytes(sfa, sfb)
-    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, recipe, sfb_per_block
+    # sfb_prepared is opaque (the provider's own format, made by its prepare_weight_scales): passed through
+    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, recipe, sfb_per_block, sfb_prepared
 
 
 def _check_finite_rows(x: paddle.Tensor, counts: paddle.Tensor, name: str, count_name: str) -> None:

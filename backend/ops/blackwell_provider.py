@@ -60,7 +60,7 @@ def _import_package(name: str) -> tuple[ModuleType | None, str]:
         return None, f"the {name} package cannot be imported ({e}); build and install {what} for SM100 into this environment"
 
 
-def _device_capability() -> tuple[int, int] | None:
+def device_capability() -> tuple[int, int] | None:
     """Compute capability of the current Paddle GPU, or None when Paddle sees no CUDA GPU."""
     if not paddle.is_compiled_with_cuda() or paddle.device.cuda.device_count() == 0:
         return None
@@ -74,7 +74,7 @@ def is_available() -> tuple[bool, str]:
         package, why = _import_package(name)
         if package is None:
             return False, why
-    capability = _device_capability()
+    capability = device_capability()
     need = f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
     if capability is None:
         return False, (f"no CUDA GPU visible to Paddle ({PACKAGE} needs compute capability >= {need}); "
@@ -196,7 +196,8 @@ def unpack_and_convert_scale(scale, masked_m):
     return bw.unpack_and_convert_scale(scale, masked_m)
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
+                      sfb_prepared):
     # sfb_per_block is ours (a promise the triton provider uses); recipe None and "w8a8" are the same GEMM: the
     # package gets the arguments of its generation.
     gen = generation()

@@ -12,7 +12,7 @@ Layouts used below (SPEC §2): "packed UE8M0" = 4 UE8M0 bytes per int32, little-
 the 128-wide group axis (word p holds groups 4p..4p+3, missing groups are byte 0).
 "MN-major" = a strided paddle view of logical shape [B, MN, C] with strides
 (C · align(MN, 4), 1, align(MN, 4)) over a zero-padded physical [B, C, align(MN, 4)] buffer.
-"CUTLASS SF" = uint8 bytes in SM100 SfAtom order (`backend.ops.cutlass_sf`), one byte per
+"CUTLASS SF" = uint8 bytes in SM100 SfAtom order (`moe_ref.cutlass_sf`), one byte per
 32 K-elements.
 
 Generations (docs/upstream.md): "#7053" = FastDeploy merge 446b26bb; "develop" = #7374 (92ae10c3, equal
@@ -143,7 +143,11 @@ OPS = (
     provider then reads one weight byte per tile and K step. The promise is not verified per call
     (`backend.ops.triton.launch.sf_block_uniform` checks it once, e.g. in a test). False (default):
     per-row weight bytes, the general kernel, correct for any bytes.
-    """, options=dict(sfb_per_block=False), writes="out"),
+    sfb_prepared (keyword-only, ours; never passed to the real package): what
+    `OpsProvider.prepare_weight_scales(sfb, sfb_per_block=...)` of the same provider returned for this sfb
+    at weight load (the deep_gemm provider's weight scales in DeepGEMM's layout), so that no call converts
+    weight scales again; None: a provider that needs another layout converts sfb itself, per call.
+    """, options=dict(sfb_per_block=False, sfb_prepared=None), writes="out"),
     _row("fused_mask_swiglu_fp8_quant", "up token_nums_per_expert", dict(block_size=GROUP_SIZE, use_ue8m0=True), """
     SwiGLU on the masked layout, then 1 x block_size FP8 quantization (SPEC §7).
 

@@ -16,8 +16,8 @@ from moe_ref.fp8 import (BYTES_PER_WORD, E4M3_MAX, UE8M0_BIAS, UE8M0_MAX_EXP, UE
                          contiguous_copy, gather_rows_zero_fill, to_mn_major_view)
 from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE
 
-from . import cutlass_sf
-from .cutlass_sf import SF_TILE_ROWS, SF_VEC_SIZE
+from moe_ref import cutlass_sf
+from moe_ref.cutlass_sf import SF_TILE_ROWS, SF_VEC_SIZE
 
 NAME = "paddle"
 
@@ -219,7 +219,8 @@ def _fp8_to_float(x: paddle.Tensor) -> paddle.Tensor:
     return x.view(FP8).astype(paddle.float32)
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
+                      sfb_prepared):
     # sm_count, recipe (None or "w8a8": the same computation) and sfb_per_block change nothing here: every
     # row's scale bytes are decoded, whatever they hold.
     e, n, k = (int(d) for d in b.shape)

@@ -335,7 +335,7 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: dict)
             TensorDescriptor.from_tensor(out, [WG_ROWS, cfg["BN"]], c_layout))
 
 
-def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m, config):
+def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m, config, sm_count=-1):
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"gluon_gemm: {reason}")
@@ -350,7 +350,8 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     tma_store = out.is_contiguous() and (out.shape[-1] * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
     a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
     has_bias = bias is not None
-    grid = (_sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device()),)
+    sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    grid = (min(sms, sm_count) if sm_count > 0 else sms,)         # persistent: one CTA per SM it may use
     masked_gemm_ws_kernel[grid](
         a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
@@ -364,25 +365,26 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
 def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                            masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
                            max_m_per_expert: int | None = None, expected_m: int | None = None,
-                           config: dict | None = None) -> torch.Tensor:
+                           config: dict | None = None, sm_count: int = -1) -> torch.Tensor:
     """Masked grouped FP8 GEMM, FP32 scales (Hopper recipe), as launch.group_gemm_masked_fp32. Writes `out`.
 
     a [E·M, K] fp8 with a_scale fp32 logical [E, M, ceil(K/128)] (any strides; MN-major is what
     prefill_permute_to_masked_gemm returns); b [E, N, K] fp8 with b_scale fp32 [E, ceil(N/128), ceil(K/128)];
     masked_m [E] int32; out [E·M, N] bf16, rows < masked_m[e] only; bias [E, N] | None.
-    expected_m: valid rows per expert to tune the tile for (default M); config: a pick_config() dict.
+    expected_m: valid rows per expert to tune the tile for (default M); config: a pick_config() dict;
+    sm_count: SMs the kernel may use (-1: all).
     """
     e_num = b.shape[0]
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
     a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
     strides = tuple(a_scale.stride()) + tuple(b_scale.stride())
-    return _launch(a, b, a_scale, b_scale, strides, masked_m, out, bias, m, False, expected_m, config)
+    return _launch(a, b, a_scale, b_scale, strides, masked_m, out, bias, m, False, expected_m, config, sm_count)
 
 
 def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
                       masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
                       max_m_per_expert: int | None = None, expected_m: int | None = None,
-                      config: dict | None = None) -> torch.Tensor:
+                      config: dict | None = None, sm_count: int = -1) -> torch.Tensor:
     """Masked grouped FP8 GEMM, CUTLASS UE8M0 scale bytes decoded in the kernel (SPEC §6). Writes `out`.
 
     As launch.group_gemm_masked(impl="explicit", sfb_per_block=True): sfa [E, align(M,128), KB] and
@@ -396,4 +398,4 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     strides = (sfa.shape[1] * sfa.shape[2] // 4, 0, sfa.shape[2] // 4, sfb.shape[1] * sfb.shape[2] // 4, 0,
                sfb.shape[2] // 4)
     return _launch(a, b, sfa.view(torch.int32), sfb.view(torch.int32), strides, masked_m, out, bias, m, True,
-                   expected_m, config)
+                   expected_m, config, sm_count)

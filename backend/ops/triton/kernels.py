@@ -1,7 +1,7 @@
 """Triton kernels of the FP8 block-quantized MoE path (SPEC §3-8), framework-neutral.
 
 The kernels take raw pointers; `launch.py` wraps them for torch tensors. Nothing here imports
-Paddle or torch (the format constants come from moe_ref.constants and backend.ops.cutlass_sf,
+Paddle or torch (the format constants come from moe_ref.constants and moe_ref.cutlass_sf,
 which import neither), and nothing runs at import time (no tuning, no device query).
 
 Layouts, in the order of the data flow:
@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from backend.ops import cutlass_sf
+from moe_ref import cutlass_sf
 from moe_ref import constants as C
 
 # Format constants, imported from their one home (both modules import without Paddle: the GPU
@@ -114,7 +114,7 @@ def _divide_by_scale(y, s, UE8M0: tl.constexpr, EXACT_CAST: tl.constexpr):
 
 @triton.jit
 def _sf_byte_offset(r, kb, num_cols):
-    """backend.ops.cutlass_sf.sf_byte_offset, written in Triton (byte (r, kb) of a [MN, KB] SF matrix)."""
+    """moe_ref.cutlass_sf.sf_byte_offset, written in Triton (byte (r, kb) of a [MN, KB] SF matrix)."""
     tile = (r // SF_TILE_ROWS) * (num_cols // SF_TILE_COLS) + kb // SF_TILE_COLS
     return (tile * SF_TILE_BYTES + (r % SF_ROW_GROUP) * (SF_TILE_COLS * (SF_TILE_ROWS // SF_ROW_GROUP))
             + ((r % SF_TILE_ROWS) // SF_ROW_GROUP) * SF_TILE_COLS + kb % SF_TILE_COLS)

@@ -21,6 +21,7 @@ from moe_ref.constants import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_
 from moe_ref.constants import align as _align
 from moe_ref.fp8_torch import as_bytes as _fp8_bytes, mn_major_view, mn_major_zeros
 
+from . import gluon_gemm
 from . import kernels as K
 
 SWIGLU_AMAX_FLOOR = FASTDEPLOY_AMAX_FLOOR     # fused SwiGLU quant floor (SPEC §7), as the paddle provider
@@ -447,10 +448,49 @@ def _dot_scaled(g: _MaskedGemm, cfg: dict) -> None:
         g.sb.shape[1] * g.sb.shape[2], g.sb.shape[2], EMULATE=interpreting(), **g.meta(cfg))
 
 
+# Which kernel runs a masked GEMM (issue 11). The Gluon warp-specialized kernel (gluon_gemm.py) needs an SM90
+# GPU, Gluon, and K % 16 == 0 (TMA row stride); the `tl` kernel runs everywhere else (SM100, the interpreter)
+# and is its twin (bit-identical outputs on SM90, benchmarks/NOTES_gpu.md). FP32 recipe: Gluon always, it
+# beat tl at every fill in both shapes (Gluon 0.81-0.98x DeepGEMM vs tl 0.65-0.83x, H200, 2026-11-30 run 6).
+# CUTLASS UE8M0 bytes: Gluon only where it measured not slower than tl, i.e. up to GLUON_UE8M0_MAX_ROWS valid
+# rows per expert: Gluon/tl (x DeepGEMM) at 64, 128, 256 rows: 0.96/0.94, 0.82/0.80, 0.70/0.70 (N=4096 K=7168)
+# and 0.96/0.77, 0.81/0.69, 0.73/0.68 (N=7168 K=2048); above, tl won at 512 (0.78 vs 0.70 both shapes) and
+# on the uneven fills (0.77-0.79 vs 0.72-0.74), Gluon at 2048 (0.78-0.80 vs 0.70-0.75): no clear winner, the
+# tl kernel (tuned per shape) stays. The run after the wiring (14:05 UTC, benchmarks/results/gpu_h200.json)
+# agrees at <= 256 rows except one point within noise (0.79 vs 0.82 at N=4096 K=7168, 128 rows) and has Gluon
+# ahead above 256 (+0.02..+0.09): one run each way there, so the threshold stays until another run decides.
+# And only with block-uniform weight bytes (sfb_per_block): the Gluon kernel reads one weight byte per
+# 64 x 128 sub-tile and K step, it has no per-row variant.
+GLUON_UE8M0_MAX_ROWS = 256
+
+
+def masked_gemm_kernel(recipe: str, device: torch.device, k: int, rows: int, sfb_per_block: bool = True) -> str:
+    """"gluon" or "tl": the kernel group_gemm_masked_fp32 (recipe "fp32") or group_gemm_masked with impl
+    "explicit" (recipe "ue8m0") runs for depth k and about `rows` valid rows per expert (the expected_m hint,
+    else max_m_per_expert) on `device`. The rule and its measurements: the comment above."""
+    if recipe not in ("fp32", "ue8m0"):
+        raise ValueError(f"recipe: expected 'fp32' or 'ue8m0', got {recipe!r}")
+    if interpreting() or device.type != "cuda" or k % 16 or not gluon_gemm.available():
+        return "tl"
+    if recipe == "fp32":
+        return "gluon"
+    return "gluon" if sfb_per_block and rows <= GLUON_UE8M0_MAX_ROWS else "tl"
+
+
+def _kernel_for(kernel: str | None, recipe: str, device, k: int, expected_m: int | None, m: int,
+                sfb_per_block: bool = True) -> str:
+    """The caller's `kernel` ("tl" | "gluon", e.g. a benchmark timing both), or masked_gemm_kernel's rule (None)."""
+    if kernel is None:
+        return masked_gemm_kernel(recipe, device, k, int(expected_m) if expected_m is not None else m, sfb_per_block)
+    if kernel not in ("tl", "gluon"):
+        raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
+    return kernel
+
+
 def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
                       masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
                       max_m_per_expert: int | None = None, sm_count: int = -1, impl: str = "explicit",
-                      sfb_per_block: bool = False):
+                      sfb_per_block: bool = False, expected_m: int | None = None, kernel: str | None = None):
     """Masked grouped FP8 GEMM, CUTLASS UE8M0 scale bytes decoded in the kernel (SPEC §6). Writes `out`.
 
     a [E·M, K] fp8; b [E, N, K] fp8; sfa [E, align(M,128), KB] and sfb [E, align(N,128), KB'] uint8
@@ -465,7 +505,9 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     128x128, the block byte copied to its rows, as `BlackwellGemmFusedMoeMethod` builds them; not checked
     here, `sf_block_uniform` checks it): one weight byte per tile and K step, one FMA per element to
     promote, as the FP32 recipe. False (default): per-row weight bytes, two multiplies per element,
-    correct for any bytes.
+    correct for any bytes. "explicit" runs the Gluon kernel where masked_gemm_kernel("ue8m0", ...) says so
+    (SM90, sfb_per_block, expected_m (default M) <= GLUON_UE8M0_MAX_ROWS), else the `tl` kernel; `kernel`
+    ("tl" | "gluon") overrides that rule.
     """
     if impl not in GEMM_IMPLS:
         raise ValueError(f"impl: expected one of {', '.join(GEMM_IMPLS)}, got {impl!r}")
@@ -478,6 +520,9 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     if impl == "dot_scaled":
         _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, key, functools.partial(_dot_scaled, g),
                    INTERPRETER_CONFIG_DOT_SCALED)
+    elif _kernel_for(kernel, "ue8m0", g.a.device, g.shape[3], expected_m, g.m, bool(sfb_per_block)) == "gluon":
+        gluon_gemm.group_gemm_masked(g.a, g.b, g.sa, g.sb, g.counts, out, g.bias, g.m, expected_m=expected_m,
+                                     sm_count=sm_count)
     else:
         _run_tuned("explicit_ue8m0" if sfb_per_block else "explicit_ue8m0_per_row", GEMM_CONFIGS, key,
                    functools.partial(_explicit_ue8m0, g, bool(sfb_per_block)))
@@ -486,16 +531,23 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
 
 def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
                            masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
-                           max_m_per_expert: int | None = None, sm_count: int = -1):
+                           max_m_per_expert: int | None = None, sm_count: int = -1, expected_m: int | None = None,
+                           kernel: str | None = None):
     """Masked grouped FP8 GEMM with FP32 scales, the Hopper recipe (DeepGEMM's). Writes `out`.
 
     a [E·M, K] fp8 with a_scale fp32 logical [E, M, ceil(K/128)] (1x128, any strides: MN-major as
     prefill_permute_to_masked_gemm returns it, or contiguous); b [E, N, K] fp8 with b_scale fp32
     [E, ceil(N/128), ceil(K/128)] (128x128). out [E·M, N] bf16, rows < masked_m[e] only.
+    On SM90 the Gluon kernel runs (masked_gemm_kernel), tuned for expected_m valid rows per expert
+    (default M); elsewhere the `tl` kernel. `kernel` ("tl" | "gluon") overrides that rule.
     """
     e_num = b.shape[0]
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
     a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
+    if _kernel_for(kernel, "fp32", a.device, b.shape[-1], expected_m, m) == "gluon":
+        gluon_gemm.group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, bias, m, expected_m=expected_m,
+                                          sm_count=sm_count)
+        return out
     g = _problem(a, b, a_scale, b_scale, masked_m, out, bias, m, sm_count,
                  tuple(a_scale.stride()) + tuple(b_scale.stride()))
     _run_tuned("explicit_fp32", GEMM_CONFIGS, tuple(g.shape[2:]) + (str(g.a.device),),

@@ -40,7 +40,7 @@ def _launch():
 
 # ----------------------------------------------------------------------------- paddle <-> torch
 
-def _to_torch(x: paddle.Tensor | None):
+def to_torch(x: paddle.Tensor | None):
     """Logical (contiguous) torch copy/view of a paddle tensor; fp8 and bf16 keep their bits."""
     if x is None:
         return None
@@ -60,7 +60,7 @@ def _to_torch(x: paddle.Tensor | None):
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def _to_paddle(t, like_place=None) -> paddle.Tensor:
+def to_paddle(t, like_place=None) -> paddle.Tensor:
     import torch
     if t.is_cuda:
         if t.dtype == torch.float8_e4m3fn:
@@ -81,44 +81,46 @@ def _mn_major_to_paddle(view) -> paddle.Tensor:
     b, mn, c = view.shape
     mn_pad = view.stride(2)
     phys = torch.as_strided(view, (b, c, mn_pad), (c * mn_pad, mn_pad, 1))
-    return mn_major_view(_to_paddle(phys), mn)
+    return mn_major_view(to_paddle(phys), mn)
 
 
 # ----------------------------------------------------------------------------- the contract
 
 def per_token_quant(x, block_size, use_ue8m0):
-    q, s = _launch().per_token_quant(_to_torch(x), block_size, use_ue8m0)
-    return _to_paddle(q), _to_paddle(s)
+    q, s = _launch().per_token_quant(to_torch(x), block_size, use_ue8m0)
+    return to_paddle(q), to_paddle(s)
 
 
 def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
     px, ps, imap, counts = _launch().prefill_permute_to_masked_gemm(
-        _to_torch(x), _to_torch(scale), _to_torch(topk_ids), num_local_experts, max_token_num)
-    return (_to_paddle(px), None if ps is None else _mn_major_to_paddle(ps), _to_paddle(imap), _to_paddle(counts))
+        to_torch(x), to_torch(scale), to_torch(topk_ids), num_local_experts, max_token_num)
+    return (to_paddle(px), None if ps is None else _mn_major_to_paddle(ps), to_paddle(imap), to_paddle(counts))
 
 
 def unpack_and_convert_scale(scale, masked_m):
-    return _to_paddle(_launch().unpack_and_convert_scale(_to_torch(scale), _to_torch(masked_m)))
+    return to_paddle(_launch().unpack_and_convert_scale(to_torch(scale), to_torch(masked_m)))
 
 
 def cutlass_scale_to_fp32(sf, num_rows):
-    return _to_paddle(_launch().cutlass_scale_to_fp32(_to_torch(sf), num_rows))
+    return to_paddle(_launch().cutlass_scale_to_fp32(to_torch(sf), num_rows))
 
 
-def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block):
-    # recipe (None or "w8a8", checked by the contract) names the one computation the kernels do.
-    out_t = _to_torch(out)
+def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
+                      sfb_prepared):
+    # recipe (None or "w8a8", checked by the contract) names the one computation the kernels do; the kernels
+    # read the CUTLASS bytes directly, so there is nothing to prepare (sfb_prepared is None here).
+    out_t = to_torch(out)
     # impl="auto": the fast per-128 kernel when every 4-byte group of sfa/sfb repeats one byte (always so
     # for unpack_and_convert_scale's output), else tl.dot_scaled, which honours one byte per 32 K.
-    _launch().group_gemm_masked(_to_torch(a), _to_torch(b), _to_torch(sfa), _to_torch(sfb), _to_torch(masked_m),
-                                out_t, _to_torch(bias), max_m_per_expert, sm_count, impl="auto",
+    _launch().group_gemm_masked(to_torch(a), to_torch(b), to_torch(sfa), to_torch(sfb), to_torch(masked_m),
+                                out_t, to_torch(bias), max_m_per_expert, sm_count, impl="auto",
                                 sfb_per_block=sfb_per_block)
-    if not out_t.is_cuda or out_t.data_ptr() != _data_ptr(out):
-        paddle.assign(_to_paddle(out_t), output=out)      # CPU: the torch copy goes back into `out`
+    if not out_t.is_cuda or out_t.data_ptr() != data_ptr_of(out):
+        paddle.assign(to_paddle(out_t), output=out)      # CPU: the torch copy goes back into `out`
     return out
 
 
-def _data_ptr(x: paddle.Tensor) -> int:
+def data_ptr_of(x: paddle.Tensor) -> int:
     try:
         return int(x.data_ptr())
     except Exception:   # older Paddle: no data_ptr; then always copy back
@@ -126,14 +128,14 @@ def _data_ptr(x: paddle.Tensor) -> int:
 
 
 def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0):
-    act, s = _launch().fused_mask_swiglu_fp8_quant(_to_torch(up), _to_torch(token_nums_per_expert),
+    act, s = _launch().fused_mask_swiglu_fp8_quant(to_torch(up), to_torch(token_nums_per_expert),
                                                    block_size, use_ue8m0, check_finite=True)
-    return _to_paddle(act), _mn_major_to_paddle(s)
+    return to_paddle(act), _mn_major_to_paddle(s)
 
 
 def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_tokens):
-    return _to_paddle(_launch().depermute_prefill_combine(_to_torch(ffn_out), _to_torch(indice_map),
-                                                          _to_torch(topk_weights), num_worst_tokens))
+    return to_paddle(_launch().depermute_prefill_combine(to_torch(ffn_out), to_torch(indice_map),
+                                                          to_torch(topk_weights), num_worst_tokens))
 
 
 # ----------------------------------------------------------------------------- develop's fused ops, #7666's quant
@@ -153,22 +155,22 @@ def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_exper
     e, m = num_local_experts, max_token_num
     L = _launch()
     group = 128 if scale.dtype == paddle.int32 else 32
-    words = _to_torch(scale)
+    words = to_torch(scale)
     words = words if group == 128 else _byte_words(words)
-    px, ps, imap, counts = L.prefill_permute_to_masked_gemm(_to_torch(x), words, _to_torch(topk_ids), e, m)
+    px, ps, imap, counts = L.prefill_permute_to_masked_gemm(to_torch(x), words, to_torch(topk_ids), e, m)
     sf = L.unpack_and_convert_scale(ps, counts, group_size=group)
-    return _to_paddle(px.view(e * m, -1)), _to_paddle(sf), _to_paddle(imap), _to_paddle(counts)
+    return to_paddle(px.view(e * m, -1)), to_paddle(sf), to_paddle(imap), to_paddle(counts)
 
 
 def fused_mask_swiglu_fp8_quant_blackwell(up, token_nums_per_expert, *, group_size):
     L = _launch()
     e = int(token_nums_per_expert.shape[0])
     rows, i2 = (int(d) for d in up.shape)
-    counts = _to_torch(token_nums_per_expert)
-    act, words = L.fused_mask_swiglu_fp8_quant(_to_torch(up).view(e, rows // e, i2), counts, group_size, True,
+    counts = to_torch(token_nums_per_expert)
+    act, words = L.fused_mask_swiglu_fp8_quant(to_torch(up).view(e, rows // e, i2), counts, group_size, True,
                                                check_finite=True)
     sf = L.unpack_and_convert_scale(words, counts, group_size=group_size)
-    return _to_paddle(act.view(rows, i2 // 2)), _to_paddle(sf)
+    return to_paddle(act.view(rows, i2 // 2)), to_paddle(sf)
 
 
 def group_wise_quant(x, flag, use_swizzle):
@@ -178,10 +180,10 @@ def group_wise_quant(x, flag, use_swizzle):
     L = _launch()
     n, k = int(x.shape[-2]), int(x.shape[-1])
     groups = -(-k // 32)
-    q, words = L.per_token_quant(_to_torch(x).reshape(-1, k), 32, True, amax_floor=L.SWIGLU_AMAX_FLOOR)
+    q, words = L.per_token_quant(to_torch(x).reshape(-1, k), 32, True, amax_floor=L.SWIGLU_AMAX_FLOOR)
     lead = list(x.shape[:-2])
     if use_swizzle:
         sf = L.unpack_and_convert_scale(words.view(-1, n, words.shape[-1]), None, group_size=32)
     else:
         sf = words.view(torch.uint8).view(-1, words.shape[-1] * 4)[:, :groups]
-    return _to_paddle(q).reshape(lead + [n, k]), _to_paddle(sf.contiguous()).reshape(lead + [n, groups])
+    return to_paddle(q).reshape(lead + [n, k]), to_paddle(sf.contiguous()).reshape(lead + [n, groups])
