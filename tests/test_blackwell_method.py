@@ -575,3 +575,39 @@ def test_gemm1_overflow_names_the_intermediate_not_x(gemm1_overflow_case):
         layer(x, topk=(tw, ti))
     with pytest.raises(ValueError, match=r"^gemm1_out: non-finite value -?inf at index"):
         moe.moe_forward_fp8(x, w_up, w_down, tw, ti, use_ue8m0=True)
+
+
+def test_weight_scales_prepared_once_at_load_and_passed_to_each_gemm(model, monkeypatch):
+    """OpsProvider.prepare_weight_scales (the deep_gemm provider's own weight-scale layout) runs once per weight at load;
+    each GEMM gets its weight's object as sfb_prepared, and only from the provider that made it."""
+    real = ops.get_provider()
+    made, seen = [], []
+
+    class Spy:
+        name = real.name
+
+        def prepare_weight_scales(self, b, sfb, *, sfb_per_block=False):
+            made.append((list(b.shape), list(sfb.shape), sfb_per_block))
+            return ("prepared", len(made) - 1)
+
+        def __getattr__(self, op):
+            fn = getattr(real, op)
+            if op != "group_gemm_masked":
+                return fn
+
+            def call(*args, **options):
+                seen.append(options.get("sfb_prepared"))
+                return fn(*args, **dict(options, sfb_prepared=None))     # the real provider reads sfb itself
+            return call
+
+    spy = Spy()
+    monkeypatch.setattr(ops, "get_provider", lambda name=None: spy)
+    layer = model.layer("bf16")
+    assert made == [([E, 2 * I, H], [E, 2 * I, 16], True), ([E, H, I], [E, H, 16], True)]
+    x, tw, ti = inputs(t=8, seed=110)
+    layer(x, topk=(tw, ti))
+    assert seen == [("prepared", 0), ("prepared", 1)]
+    spy.name = "another provider"                 # selected after the load: it converts the bytes itself
+    seen.clear()
+    layer(x, topk=(tw, ti))
+    assert seen == [None, None]

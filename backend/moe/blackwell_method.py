@@ -119,6 +119,9 @@ class BlackwellGemmFusedMoeMethod:
         self.ep_decoder_runner = None
         self.added_weight_attrs = [f"{w}_weight" for w in WEIGHTS]                  # upstream BASE:47
         self.added_scale_attrs = [f"{w}_weight_scale_inv" for w in WEIGHTS]         # upstream BW:443
+        # weight scales in the loading provider's own layout (OpsProvider.prepare_weight_scales), made once at
+        # load: {weight: (provider name, prepared)}; another provider at forward time gets None (it converts itself)
+        self._prepared_scales: dict = {}
 
     @property
     def group_size(self) -> int:
@@ -197,7 +200,9 @@ class BlackwellGemmFusedMoeMethod:
         the end for FP8 checkpoints (utils.py:247-272); our FusedMoE.load_weights calls it once for both. A weight:
         quantize (BF16) or requantize (FP8) to UE8M0 128x128 blocks, then the per-row packed scales and the CUTLASS
         bytes (`unpack_and_convert_scale(scale, None)`, develop BW:456-468). All or nothing per call: every weight
-        of the call is converted before the first attribute is replaced, so an error leaves the layer as it was."""
+        of the call is converted before the first attribute is replaced, so an error leaves the layer as it was.
+        Then the provider's own weight-scale layout, if it has one (`OpsProvider.prepare_weight_scales`, deep_gemm),
+        is made once and handed to each GEMM as sfb_prepared."""
         todo = [w for w in WEIGHTS if w not in self.processed_weights(layer) and self._fully_loaded(layer, w)]
         if not todo:
             return
@@ -211,6 +216,10 @@ class BlackwellGemmFusedMoeMethod:
         # 1x128: weights are quantized in 128x128 blocks and each block's byte copied to its 128 rows, so the
         # CUTLASS weight bytes hold one byte per block (group_gemm_masked's sfb_per_block); 1x32 bytes do not.
         layer.weight_scale_bw_per_block = self.group_size == GROUP_SIZE
+        for w in todo:
+            self._prepared_scales[w] = (provider.name, provider.prepare_weight_scales(
+                getattr(layer, f"{w}_weight"), getattr(layer, f"{w}_weight_scale_inv"),
+                sfb_per_block=layer.weight_scale_bw_per_block))
 
     def _convert_128(self, provider, layer, w: str) -> dict:
         """128x128 UE8M0 blocks (#7053, develop): the four attributes of the class docstring."""
@@ -485,9 +494,11 @@ class BlackwellGemmFusedMoeMethod:
         e, h, i = layer.num_local_experts, layer.hidden_size, layer.moe_intermediate_size
         recipe = RECIPE if gen == "develop" else None
         per_block = layer.weight_scale_bw_per_block
+        prepared = {w: p for w, (name, p) in self._prepared_scales.items() if name == provider.name}
         up = paddle.empty([e * m, 2 * i], dtype=paddle.bfloat16)
         provider.group_gemm_masked(a, layer.up_gate_proj_weight, sfa, layer.up_gate_proj_weight_scale_inv, counts,
-                                   up, None, m, -1, recipe, sfb_per_block=per_block)
+                                   up, None, m, -1, recipe, sfb_per_block=per_block,
+                                   sfb_prepared=prepared.get("up_gate_proj"))
         try:
             act, act_sf = self._swiglu(provider, gen, up, counts, e, m, i)
         except ValueError as err:      # name the intermediate: x may be finite while its GEMM 1 overflows
@@ -495,7 +506,8 @@ class BlackwellGemmFusedMoeMethod:
         # GEMM 2 reads act, not up: when H == 2I its output can reuse up's storage (as upstream does)
         down = up if h == 2 * i else paddle.empty([e * m, h], dtype=paddle.bfloat16)
         provider.group_gemm_masked(act, layer.down_proj_weight, act_sf, layer.down_proj_weight_scale_inv, counts,
-                                   down, None, m, -1, recipe, sfb_per_block=per_block)
+                                   down, None, m, -1, recipe, sfb_per_block=per_block,
+                                   sfb_prepared=prepared.get("down_proj"))
         return down.reshape([e, m, h])
 
     def forward_buffer_bytes(self, layer, num_tokens: int | None = None) -> dict:
