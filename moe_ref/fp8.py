@@ -242,6 +242,17 @@ def contiguous_copy(x: paddle.Tensor) -> paddle.Tensor:
     return x if x.is_contiguous() else x.clone()
 
 
+def dtype_view(t: paddle.Tensor, dtype) -> paddle.Tensor:
+    """t viewed as `dtype` (the same bytes, the last axis rescaled by the size ratio). A strided view is
+    copied first (`contiguous_copy`), and so is a tensor that starts inside its buffer (a row slice such as
+    words[8:16]) when the element size changes: Paddle 3.3's view to a dtype of another size keeps the byte
+    offset but reads it in the new element size, so the view would hold other bytes."""
+    src = contiguous_copy(t)
+    if src.element_size() != paddle.empty([0], dtype=dtype).element_size() and src._offset():
+        src = src.clone()
+    return src.view(dtype)
+
+
 def as_bytes(x: paddle.Tensor) -> paddle.Tensor:
     """x [...] float8_e4m3fn -> the same bytes as uint8 (a view); any other dtype unchanged."""
     return x.view(paddle.uint8) if x.dtype == paddle.float8_e4m3fn else x

@@ -196,3 +196,16 @@ def test_storage_helpers_gather_concat_and_mn_major_view():
     view = fp8.to_mn_major_view(s)
     np.testing.assert_array_equal(view.numpy(), s.numpy())
     assert tuple(view.strides) == fp8.mn_major_strides(5, 3) == (24, 1, 8)
+
+
+@pytest.mark.parametrize("dtype, to", [(paddle.int32, paddle.uint8), (paddle.uint8, paddle.int32),
+                                       (paddle.float32, paddle.uint8), (paddle.int32, paddle.float32)])
+def test_dtype_view_of_a_row_slice_keeps_its_bytes(dtype, to):
+    """Paddle 3.3 misreads a view to a dtype of another size of a tensor that starts inside its buffer
+    (words[8:16].view(uint8) held other bytes): dtype_view must give the slice's own bytes."""
+    whole = paddle.to_tensor(np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)).view(dtype)   # [16, 16/size]
+    part = whole[8:16]
+    want = np.ascontiguousarray(whole.numpy()[8:16]).view(np.dtype(str(to).split(".")[-1]))
+    got = fp8.dtype_view(part, to)
+    assert got.numpy().tobytes() == want.tobytes()
+    assert fp8.dtype_view(whole, to).numpy().tobytes() == whole.numpy().tobytes()

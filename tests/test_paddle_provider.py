@@ -513,3 +513,14 @@ def test_group_wise_quant_equals_reference(shape, swizzle):
     from moe_ref import blackwell_layout as BL
     x = rng_tensor(shape, seed=len(shape), scale=5.0, dtype=paddle.bfloat16)
     _assert_same(P.group_wise_quant(x, False, swizzle), BL.group_wise_quant(x, use_swizzle=swizzle))
+
+
+def test_unpack_and_convert_scale_of_an_expert_slice_reads_its_own_words():
+    # a slice that starts inside its buffer (experts 2..3 of 4) once made Paddle 3.3's int32 -> uint8 view
+    # read other bytes (moe_ref.fp8.dtype_view); the result must equal the one of a fresh copy
+    rng = np.random.default_rng(0)
+    words = paddle.to_tensor(rng.integers(100, 140, size=(4, 128, 2, 4), dtype=np.uint8).view(np.int32)[..., 0])
+    P = ops.get_provider("paddle")
+    got = P.unpack_and_convert_scale(words[2:4], None)
+    want = P.unpack_and_convert_scale(words[2:4].clone(), None)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())

@@ -53,7 +53,7 @@ import paddle
 
 from moe_ref.checks import check_positive_int
 from moe_ref.ep import DispatchOutput
-from moe_ref.fp8 import contiguous_copy, gather_rows_zero_fill, to_mn_major_view
+from moe_ref.fp8 import dtype_view, gather_rows_zero_fill, to_mn_major_view
 
 from .. import envs, ops
 from .ep_runner import FP8, EPRunner, RunnerHandle, weighted_sum_over_k
@@ -108,22 +108,12 @@ class DistLLHandle(RunnerHandle):
 
 def _as_bytes(t: paddle.Tensor) -> paddle.Tensor:
     """[n, c] any dtype -> [n, c·itemsize] uint8 (the same bytes, row-major; a strided view is copied,
-    never made contiguous in place: see `contiguous_copy`)."""
+    never made contiguous in place: see `moe_ref.fp8.dtype_view`)."""
     n = int(t.shape[0])
     width = int(t.shape[1]) * _itemsize(t.dtype)
     if n == 0:
         return paddle.zeros([0, width], dtype=paddle.uint8)
-    return _dtype_view(t, paddle.uint8)
-
-
-def _dtype_view(t: paddle.Tensor, dtype) -> paddle.Tensor:
-    """t viewed as `dtype` (same bytes). A tensor that starts inside its buffer (a row slice such as
-    topk_weights[8:16]) is copied first: Paddle 3.3's view to a dtype of another size keeps the byte offset
-    but reads it in the new element size, so the view holds other bytes (found with 1x32 scales, ep tests)."""
-    src = contiguous_copy(t)
-    if _itemsize(src.dtype) != _itemsize(dtype) and getattr(src, "_offset", lambda: 0)():
-        src = src.clone()
-    return src.view(dtype)
+    return dtype_view(t, paddle.uint8)
 
 
 def _from_bytes(b: paddle.Tensor, dtype) -> paddle.Tensor:
@@ -131,7 +121,7 @@ def _from_bytes(b: paddle.Tensor, dtype) -> paddle.Tensor:
     n, width = int(b.shape[0]), int(b.shape[1])
     if n == 0:
         return paddle.zeros([0, width // _itemsize(dtype)], dtype=dtype)
-    return _dtype_view(b, dtype)
+    return dtype_view(b, dtype)
 
 
 def _itemsize(dtype) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import paddle
 
 from moe_ref.checks import check_dim, check_finite, check_ids_in_range, check_positive_int, check_tensor, first_index
-from moe_ref.fp8 import BYTES_PER_WORD, UE8M0_NAN, align, contiguous_copy
+from moe_ref.fp8 import BYTES_PER_WORD, UE8M0_NAN, align, dtype_view
 from moe_ref.constants import MX_GROUP_SIZE, RECIPE_GROUP_SIZES, num_scale_groups, packed_words
 from moe_ref.quant import GROUP_SIZE
 
@@ -51,7 +51,7 @@ def _check_counts(counts, name: str, num_experts: int, max_rows: int, max_name: 
 
 def _check_no_nan_byte(words: paddle.Tensor, name: str) -> None:
     """Packed UE8M0 words: no byte may be 255 (the UE8M0 NaN)."""
-    b = contiguous_copy(words).view(paddle.uint8)
+    b = dtype_view(words, paddle.uint8)
     bad = b == UE8M0_NAN
     if bool(bad.any()):
         *lead, byte = first_index(bad.reshape(list(words.shape) + [BYTES_PER_WORD]))

@@ -13,7 +13,7 @@ import paddle
 
 from moe_ref.checks import first_index
 from moe_ref.fp8 import (BYTES_PER_WORD, E4M3_MAX, UE8M0_BIAS, UE8M0_MAX_EXP, UE8M0_MIN_EXP, UE8M0_NAN, align,
-                         contiguous_copy, gather_rows_zero_fill, to_mn_major_view)
+                         dtype_view, gather_rows_zero_fill, to_mn_major_view)
 from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE
 
 from moe_ref import cutlass_sf
@@ -62,7 +62,7 @@ def _pack_bytes(b: paddle.Tensor) -> paddle.Tensor:
 
 def _words_to_bytes(words: paddle.Tensor) -> paddle.Tensor:
     """[..., C] int32 (any strides) -> [..., 4C] uint8, byte j of word p at column 4p + j."""
-    return contiguous_copy(words).view(paddle.uint8)
+    return dtype_view(words, paddle.uint8)
 
 
 def _decode_ue8m0(b: paddle.Tensor) -> paddle.Tensor:
