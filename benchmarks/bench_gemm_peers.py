@@ -118,12 +118,14 @@ def deepgemm_call(dg, x, out, e_num, m_cap, recipe, expected_m):
 
 
 def deep_gemm_provider_call(dg, x, out, e_num, m_cap, arch=9):
-    """DeepGEMM as the deep_gemm provider runs it on the contract's CUTLASS bytes: scales converted in the call
-    (the weights' too: the contract cannot carry them converted yet), scratch output, valid rows copied."""
+    """DeepGEMM as the deep_gemm provider runs it on the contract's CUTLASS bytes: activation scales converted in
+    the call, weight scales prepared once beforehand (as the method does at weight load: prepare_weight_scales /
+    sfb_prepared), scratch output, valid rows copied."""
     a, b = x["a"], x["b"]
     n, k = b.shape[1], b.shape[2]
-    return lambda c: DGL.run_masked(dg, a, b, DGL.activation_scales(x["sfa"], m_cap, k, arch),
-                                    DGL.weight_scales(x["sfb"], n, k, arch), c, out, m_cap, arch)
+    sb = DGL.weight_scales(x["sfb"], n, k, arch)
+    return lambda c: DGL.run_masked(dg, a, b, DGL.activation_scales(x["sfa"], m_cap, k, arch), sb, c, out, m_cap,
+                                    arch)
 
 
 def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
