@@ -16,6 +16,7 @@ from backend.moe.layer import FusedMoE
 from moe_ref.cutlass_sf import unswizzle
 from backend.quantization import BlockWiseFP8Config
 from fakes import FD_OPS, install_fakes
+from fakes.gpu import fake_paddle_gpu
 from moe_ref import blackwell_layout, moe
 from moe_ref.fp8 import ue8m0_decode
 from moe_ref.metrics import calc_diff, max_abs_diff
@@ -137,9 +138,7 @@ def test_7666_fakes_calls(model, monkeypatch):
     combine; no unpack_and_convert_scale. Upstream's ht runs the permute inside its DeepEP fork (use_mask_prmt);
     ours runs #7666's unfused branch (BW:710-719), which calls prefill_permute_to_blackwell_masked_gemm."""
     monkeypatch.setenv("FD_MOE_OPS_PROVIDER", "blackwell_ops")
-    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
-    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a: (10, 0))
+    fake_paddle_gpu(monkeypatch, (10, 0))
     ops.reset_provider_cache()
     x, tw, ti = moe.make_moe_inputs(T, H, E, K_TOP, seed=45)
     bw = "blackwell_ops"

@@ -9,6 +9,7 @@ import pytest
 import backend.ops as ops
 from backend.ops import blackwell_provider, contract
 from fakes import FD_OPS, install_fakes
+from fakes.gpu import fake_paddle_gpu
 from moe_ref.fp8 import pack_scale_ue8m0, to_mn_major_tma_aligned
 from moe_ref.quant import per_block_quant, per_token_group_quant
 
@@ -22,9 +23,7 @@ def blackwell_selected(monkeypatch):
     """FD_MOE_OPS_PROVIDER=blackwell_ops on a fake SM100 GPU; the generation detected unless a test sets it."""
     monkeypatch.setenv("FD_MOE_OPS_PROVIDER", "blackwell_ops")
     monkeypatch.delenv(GEN_ENV, raising=False)
-    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
-    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a: (10, 0))
+    fake_paddle_gpu(monkeypatch, (10, 0))
     ops.reset_provider_cache()
     yield
     ops.reset_provider_cache()

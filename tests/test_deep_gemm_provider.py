@@ -19,6 +19,7 @@ from backend.ops import deep_gemm_provider  # noqa: E402
 from moe_ref import fp8 as ref_fp8  # noqa: E402
 from moe_ref.quant import per_block_quant, per_token_group_quant  # noqa: E402
 from tests.fakes.deep_gemm import install_deep_gemm  # noqa: E402
+from tests.fakes.gpu import fake_paddle_gpu  # noqa: E402
 
 BF16_ULP = 2.0 ** -7          # bf16 spacing relative to a value's leading power of two
 FD_BUILD = deep_gemm_provider.FASTDEPLOY_BUILD
@@ -31,12 +32,6 @@ def fresh_selection(monkeypatch):
     ops.reset_provider_cache()
     yield
     ops.reset_provider_cache()
-
-
-def _fake_gpu(monkeypatch, capability):
-    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: capability is not None)
-    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 0 if capability is None else 1)
-    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a: capability)
 
 
 def _no_builds(monkeypatch):
@@ -75,7 +70,7 @@ def _assert_matches_paddle(got, c, bias=None, **options):
 
 @pytest.mark.parametrize("capability", [(9, 0), (10, 0)])
 def test_unavailable_names_every_build_tried(monkeypatch, capability):
-    _fake_gpu(monkeypatch, capability)
+    fake_paddle_gpu(monkeypatch, capability)
     _no_builds(monkeypatch)
     ok, reason = deep_gemm_provider.is_available()
     assert not ok
@@ -88,14 +83,14 @@ def test_unavailable_names_every_build_tried(monkeypatch, capability):
 @pytest.mark.parametrize("capability, needs", [(None, "no CUDA GPU visible to Paddle"),
                                                ((8, 0), "compute capability 8.0 found, DeepGEMM needs 9.x")])
 def test_unavailable_without_a_hopper_or_blackwell_gpu(monkeypatch, capability, needs):
-    _fake_gpu(monkeypatch, capability)
+    fake_paddle_gpu(monkeypatch, capability)
     with install_deep_gemm("torch"):
         ok, reason = deep_gemm_provider.is_available()
     assert not ok and needs in reason
 
 
 def test_auto_takes_deep_gemm_after_blackwell_ops(monkeypatch):
-    _fake_gpu(monkeypatch, (9, 0))
+    fake_paddle_gpu(monkeypatch, (9, 0))
     assert ops.AUTO_ORDER == ("blackwell_ops", "deep_gemm", "triton", "paddle")
     with install_deep_gemm("torch"):
         assert ops.get_provider().name == "deep_gemm"
@@ -106,7 +101,7 @@ def test_auto_takes_deep_gemm_after_blackwell_ops(monkeypatch):
 
 @pytest.mark.parametrize("arch", [9, 10])
 def test_group_gemm_masked_through_deep_gemm_torch_build(monkeypatch, arch):
-    _fake_gpu(monkeypatch, (arch, 0))
+    fake_paddle_gpu(monkeypatch, (arch, 0))
     c = _case()
     with install_deep_gemm("torch", arch) as dg:
         got = _gemm(ops.get_provider("deep_gemm"), c, sfb_per_block=True)
@@ -124,7 +119,7 @@ def test_group_gemm_masked_through_deep_gemm_torch_build(monkeypatch, arch):
 
 
 def test_group_gemm_masked_through_fastdeploy_paddle_build(monkeypatch):
-    _fake_gpu(monkeypatch, (9, 0))
+    fake_paddle_gpu(monkeypatch, (9, 0))
     monkeypatch.setitem(sys.modules, deep_gemm_provider.TORCH_BUILD, None)
     c = _case(counts=(80, 0, 13))
     with install_deep_gemm("paddle") as dg:
@@ -135,7 +130,7 @@ def test_group_gemm_masked_through_fastdeploy_paddle_build(monkeypatch):
 
 @pytest.mark.parametrize("arch, case", [(9, "bias"), (9, "per_row_weights"), (10, "bias"), (9, "per_32_bytes")])
 def test_calls_deep_gemm_cannot_compute_go_to_the_next_provider(monkeypatch, arch, case):
-    _fake_gpu(monkeypatch, (arch, 0))
+    fake_paddle_gpu(monkeypatch, (arch, 0))
     c = _case()
     bias = paddle.to_tensor(np.linspace(-1, 1, c["e"] * c["n"], dtype=np.float32).reshape(c["e"], c["n"])) \
         if case == "bias" else None
@@ -152,7 +147,7 @@ def test_calls_deep_gemm_cannot_compute_go_to_the_next_provider(monkeypatch, arc
 
 
 def test_other_ops_run_on_the_next_provider(monkeypatch):
-    _fake_gpu(monkeypatch, (9, 0))
+    fake_paddle_gpu(monkeypatch, (9, 0))
     x = paddle.to_tensor(np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32))
     with install_deep_gemm("torch") as dg:
         q, s = ops.get_provider("deep_gemm").per_token_quant(x, 128, True)
@@ -181,7 +176,7 @@ def test_weight_scales_are_the_block_scales(arch):
 @pytest.mark.parametrize("arch", [9, 10])
 def test_prepared_weight_scales_are_made_once_and_used_as_given(monkeypatch, arch):
     # issue 11: weight scales converted once at weight load, not per call
-    _fake_gpu(monkeypatch, (arch, 0))
+    fake_paddle_gpu(monkeypatch, (arch, 0))
     c = _case()
     conversions = []
     real = DG.weight_scales
@@ -202,6 +197,6 @@ def test_prepared_weight_scales_are_made_once_and_used_as_given(monkeypatch, arc
 def test_prepare_weight_scales_is_none_where_nothing_is_converted(monkeypatch):
     c = _case()
     assert ops.get_provider("paddle").prepare_weight_scales(c["b"], c["sfb"], sfb_per_block=True) is None
-    _fake_gpu(monkeypatch, (9, 0))                      # SM90 needs block-uniform weight bytes
+    fake_paddle_gpu(monkeypatch, (9, 0))                      # SM90 needs block-uniform weight bytes
     with install_deep_gemm("torch", 9):
         assert ops.get_provider("deep_gemm").prepare_weight_scales(c["b"], c["sfb"], sfb_per_block=False) is None

@@ -16,6 +16,7 @@ import pytest
 
 import backend.ops as ops
 from backend.ops import blackwell_provider, contract, paddle_provider
+from tests.fakes.gpu import fake_paddle_gpu
 
 ENV = "FD_MOE_OPS_PROVIDER"
 
@@ -60,12 +61,6 @@ def _fake_torch(monkeypatch, cuda: bool):
     monkeypatch.setitem(sys.modules, "torch", torch)
 
 
-def _fake_gpu(monkeypatch, capability):
-    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: capability is not None)
-    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 0 if capability is None else 1)
-    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a: capability)
-
-
 def _fake_packages(monkeypatch):
     """Loose fakes of `blackwell_ops` (develop's ops) and FastDeploy's ops, each holding the ops upstream takes from
     it (contract.OPS' `package`); the strict fakes of tests/fakes check arity and dtypes (test_blackwell_provider)."""
@@ -81,7 +76,7 @@ def _fake_packages(monkeypatch):
 def fake_blackwell(monkeypatch):
     """Fake `blackwell_ops` and FastDeploy ops packages on a fake SM100 GPU."""
     pkg = _fake_packages(monkeypatch)
-    _fake_gpu(monkeypatch, (10, 0))
+    fake_paddle_gpu(monkeypatch, (10, 0))
     return pkg
 
 
@@ -186,7 +181,7 @@ def test_explicit_blackwell_without_package_raises(monkeypatch, no_blackwell_pac
 ])
 def test_blackwell_needs_sm100(monkeypatch, capability, message):
     _fake_packages(monkeypatch)
-    _fake_gpu(monkeypatch, capability)
+    fake_paddle_gpu(monkeypatch, capability)
     ok, reason = blackwell_provider.is_available()
     assert not ok and reason
     with pytest.raises(RuntimeError, match=message):
@@ -195,7 +190,7 @@ def test_blackwell_needs_sm100(monkeypatch, capability, message):
 
 @pytest.mark.parametrize("capability", [(10, 0), (12, 0)])
 def test_auto_picks_blackwell_on_sm100(monkeypatch, fake_blackwell, capability, caplog):
-    _fake_gpu(monkeypatch, capability)
+    fake_paddle_gpu(monkeypatch, capability)
     caplog.set_level(logging.INFO, logger="backend.ops")
     assert blackwell_provider.is_available() == (True, f"blackwell_ops on a GPU with compute capability "
                                                        f"{capability[0]}.{capability[1]}")

@@ -20,6 +20,7 @@ from backend.moe.ep_runner import SingleRankEPRunner
 from backend.moe.layer import FusedMoE
 from backend.quantization import BlockWiseFP8Config
 from fakes import FD_OPS, install_fakes
+from fakes.gpu import fake_paddle_gpu
 from fakes.upstream_paths import EXPECTED
 from moe_ref import moe
 from moe_ref.metrics import calc_diff, max_abs_diff
@@ -39,9 +40,7 @@ def blackwell_selected(monkeypatch):
     monkeypatch.setenv("FD_USE_BLACKWELL_GEMM", "1")
     monkeypatch.setenv("FD_MOE_OPS_PROVIDER", "blackwell_ops")
     monkeypatch.delenv("FD_BLACKWELL_OPS_GENERATION", raising=False)
-    monkeypatch.setattr(paddle, "is_compiled_with_cuda", lambda: True)
-    monkeypatch.setattr(paddle.device.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(paddle.device.cuda, "get_device_capability", lambda *a: (10, 0))
+    fake_paddle_gpu(monkeypatch, (10, 0))
     ops.reset_provider_cache()
     yield
     ops.reset_provider_cache()
