@@ -12,7 +12,6 @@ Where ours differs from upstream, on purpose, the test says so:
 - ll at #7053: upstream runs DeepGEMM's masked GEMM (no EXPECTED entry); ours #7053's chain (FD SwiGLU quant and
   conversions, nine-argument GEMMs).
 """
-import paddle
 import pytest
 
 import backend.ops as ops
