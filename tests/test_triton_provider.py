@@ -801,3 +801,22 @@ def test_group_gemm_masked_honours_1x32_bytes_end_to_end(T, P):
         np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=BF16_ULP, atol=1e-2)   # fp32 sums in another order
         np.testing.assert_allclose(got[ex, :c], ref, rtol=2 * BF16_ULP, atol=1e-2)        # + the bf16 rounding of out
         assert np.all(got[ex, c:] == 7.0)
+
+
+def test_group_gemm_masked_writes_a_strided_out_through_to_its_base(T, P):
+    """issue 15 item 5: `out` may be a strided view (columns of a wider buffer); the provider computes into a
+    contiguous copy and writes it back through the view, so the base buffer holds the result and its other
+    columns are untouched (on a GPU the copy is `contiguous_copy`, never Paddle's in-place contiguous())."""
+    e, m, n, k = 2, 64, 128, 256
+    counts = [40, 64]
+    a, sa, b, sb, masked_m = _gemm_case(e, m, n, k, counts, seed=11)
+    sfa, sfb = _sf_bytes(T, sa, sb, e, m, n)
+    base = paddle.full([e * m, n + 32], 7.0, dtype=paddle.bfloat16)
+    out = base[:, 16:16 + n]
+    assert not out.is_contiguous()
+    T.group_gemm_masked(a, b, sfa, sfb, masked_m, out, None, m)
+    want = f32(P.group_gemm_masked(a, b, sfa, sfb, masked_m, paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16),
+                                   None, m))
+    got = f32(base)
+    np.testing.assert_allclose(got[:, 16:16 + n], want, rtol=BF16_ULP, atol=1e-2)
+    assert np.all(got[:, :16] == 7.0) and np.all(got[:, 16 + n:] == 7.0)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import paddle
 
-from moe_ref.fp8 import mn_major_view
+from moe_ref.fp8 import contiguous_copy, mn_major_view
 
 NAME = "triton"
 
@@ -47,7 +47,10 @@ def to_torch(x: paddle.Tensor | None):
     import torch
     on_gpu = "gpu" in str(x.place).lower() and os.environ.get("TRITON_INTERPRET", "0") != "1"
     if on_gpu:
-        xc = x.contiguous()
+        # never x.contiguous(): Paddle 3.3 rewrites a strided view in place, and a strided `out` would then be
+        # written where its base buffer no longer looks; a copy makes group_gemm_masked write `out` back
+        # through paddle.assign (data pointers differ), which reaches the base (issue 15, item 5)
+        xc = contiguous_copy(x)
         if xc.dtype == _FP8:
             t = torch.utils.dlpack.from_dlpack(paddle.utils.dlpack.to_dlpack(xc.view(paddle.uint8)))
             return t.view(torch.float8_e4m3fn)
