@@ -132,7 +132,10 @@ def test_ep_two_ranks(weights, phase):
             close_to(out, ref, exact=True)
     else:
         tw, ti = routing.softmax_topk(paddle.matmul(x.astype(paddle.float32), gate_w), K_TOP, True)
-        close_to(paddle.concat(outs), moe.moe_forward_fp8(x, w_up, w_down, tw, ti, use_ue8m0=True), exact=True)
+        # Not bit for bit: each rank multiplies its 4 experts' rows, the single-rank reference all 8 experts',
+        # and Paddle's float32 matmul sums in a shape-dependent order when it runs on 2 threads (make test's
+        # OMP_NUM_THREADS=2): measured 6 of 5120 outputs one bf16 step apart there, none with 1 thread.
+        close_to(paddle.concat(outs), moe.moe_forward_fp8(x, w_up, w_down, tw, ti, use_ue8m0=True), exact=False)
 
 
 def test_fp8_checkpoint_through_process_prequanted_weights(weights):
