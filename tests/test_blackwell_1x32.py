@@ -155,3 +155,23 @@ def test_7666_fakes_calls(model, monkeypatch):
                       f"{bw}.group_gemm_masked", f"{bw}.fused_mask_swiglu_fp8_quant_blackwell",
                       f"{bw}.group_gemm_masked", f"{FD_OPS}.depermute_prefill_combine"]
     assert calc_diff(out, reference(model, x, tw, ti)) < REF_BOUND
+
+
+def test_gemms_are_not_told_the_1x32_bytes_repeat(model, monkeypatch):
+    """1x32 activation bytes differ inside a 128-K group: the method never states sfa_per_group (a provider would
+    then read one byte per 128 K), nor sfb_per_block for the 1x32 weight bytes."""
+    real = ops.get_provider()
+    seen = []
+
+    class Spy:
+        name = real.name
+
+        def __getattr__(self, op):
+            fn = getattr(real, op)
+            if op != "group_gemm_masked":
+                return fn
+            return lambda *args, **options: seen.append(options) or fn(*args, **options)
+    monkeypatch.setattr(ops, "get_provider", lambda name=None: Spy())
+    x, tw, ti = moe.make_moe_inputs(T, H, E, K_TOP, seed=43)
+    layer_1x32(model)(x, topk=(tw, ti))
+    assert [(o["sfa_per_group"], o["sfb_per_block"], o["expected_m"]) for o in seen] == [(False, False, T)] * 2

@@ -611,3 +611,37 @@ def test_weight_scales_prepared_once_at_load_and_passed_to_each_gemm(model, monk
     seen.clear()
     layer(x, topk=(tw, ti))
     assert seen == [None, None]
+
+
+def _gemm_options_spy(monkeypatch):
+    """Records the keyword options of every group_gemm_masked call the method makes (the call still runs)."""
+    real = ops.get_provider()
+    seen = []
+
+    class Spy:
+        name = real.name
+
+        def __getattr__(self, op):
+            fn = getattr(real, op)
+            if op != "group_gemm_masked":
+                return fn
+            return lambda *args, **options: seen.append(options) or fn(*args, **options)
+    monkeypatch.setattr(ops, "get_provider", lambda name=None: Spy())
+    return seen
+
+
+def test_gemms_get_what_the_method_knows_of_bytes_and_rows(model, monkeypatch):
+    """Both GEMMs are told the 1x128 activation bytes repeat per 128-K group (sfa_per_group), the weight bytes are
+    block-uniform (sfb_per_block) and about ceil(T·K_top / E) rows per expert (expected_m, clipped to [1, M]): tp
+    and ht on one rank, T = 8 and 96 tokens, top-4 of 8 experts."""
+    seen = _gemm_options_spy(monkeypatch)
+    for t, want_rows in ((8, 4), (T, T * K_TOP // E)):
+        x, tw, ti = inputs(t=t, seed=111)
+        model.layer("bf16")(x, topk=(tw, ti))
+        model.layer("bf16", max_tokens_per_rank=T)(x, topk=(tw, ti), runner=SingleRankEPRunner(E))
+        assert [(o["sfa_per_group"], o["sfb_per_block"], o["expected_m"]) for o in seen] == \
+            [(True, True, want_rows)] * 4
+        seen.clear()
+    assert bm.expected_rows_per_expert(0, E, 16) == 1              # at least one row: DeepGEMM needs > 0
+    assert bm.expected_rows_per_expert(10 * 16 * E, E, 16) == 16   # never above M
+    assert bm.expected_rows_per_expert(33, E, 16) == 5             # ceil
