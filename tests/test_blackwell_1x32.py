@@ -16,6 +16,7 @@ from backend.moe.layer import FusedMoE
 from moe_ref.cutlass_sf import unswizzle
 from backend.quantization import BlockWiseFP8Config
 from fakes import FD_OPS, install_fakes
+from fakes.gemm_spy import gemm_options_spy
 from fakes.gpu import fake_paddle_gpu
 from moe_ref import blackwell_layout, moe
 from moe_ref.fp8 import ue8m0_decode
@@ -160,18 +161,7 @@ def test_7666_fakes_calls(model, monkeypatch):
 def test_gemms_are_not_told_the_1x32_bytes_repeat(model, monkeypatch):
     """1x32 activation bytes differ inside a 128-K group: the method never states sfa_per_group (a provider would
     then read one byte per 128 K), nor sfb_per_block for the 1x32 weight bytes."""
-    real = ops.get_provider()
-    seen = []
-
-    class Spy:
-        name = real.name
-
-        def __getattr__(self, op):
-            fn = getattr(real, op)
-            if op != "group_gemm_masked":
-                return fn
-            return lambda *args, **options: seen.append(options) or fn(*args, **options)
-    monkeypatch.setattr(ops, "get_provider", lambda name=None: Spy())
+    seen = gemm_options_spy(monkeypatch)
     x, tw, ti = moe.make_moe_inputs(T, H, E, K_TOP, seed=43)
     layer_1x32(model)(x, topk=(tw, ti))
     assert [(o["sfa_per_group"], o["sfb_per_block"], o["expected_m"]) for o in seen] == [(False, False, T)] * 2

@@ -32,6 +32,7 @@ from backend.moe.blackwell_method import BlackwellGemmFusedMoeMethod
 from backend.moe.ep_runner import InProcessEPGroup, SingleRankEPRunner
 from backend.moe.layer import FusedMoE
 from backend.quantization import BlockWiseFP8Config
+from fakes.gemm_spy import gemm_options_spy
 from moe_ref import fp8 as ref_fp8
 from moe_ref import moe, quant
 from moe_ref.metrics import calc_diff, max_abs_diff
@@ -613,28 +614,11 @@ def test_weight_scales_prepared_once_at_load_and_passed_to_each_gemm(model, monk
     assert seen == [None, None]
 
 
-def _gemm_options_spy(monkeypatch):
-    """Records the keyword options of every group_gemm_masked call the method makes (the call still runs)."""
-    real = ops.get_provider()
-    seen = []
-
-    class Spy:
-        name = real.name
-
-        def __getattr__(self, op):
-            fn = getattr(real, op)
-            if op != "group_gemm_masked":
-                return fn
-            return lambda *args, **options: seen.append(options) or fn(*args, **options)
-    monkeypatch.setattr(ops, "get_provider", lambda name=None: Spy())
-    return seen
-
-
 def test_gemms_get_what_the_method_knows_of_bytes_and_rows(model, monkeypatch):
     """Both GEMMs are told the 1x128 activation bytes repeat per 128-K group (sfa_per_group), the weight bytes are
     block-uniform (sfb_per_block) and about ceil(T·K_top / E) rows per expert (expected_m, clipped to [1, M]): tp
     and ht on one rank, T = 8 and 96 tokens, top-4 of 8 experts."""
-    seen = _gemm_options_spy(monkeypatch)
+    seen = gemm_options_spy(monkeypatch)
     for t, want_rows in ((8, 4), (T, T * K_TOP // E)):
         x, tw, ti = inputs(t=t, seed=111)
         model.layer("bf16")(x, topk=(tw, ti))
