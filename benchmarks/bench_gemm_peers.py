@@ -10,8 +10,11 @@ uneven fill), on one set of inputs:
   kernel="tl") and, where it imports and runs (SM90), the Gluon kernel of backend/ops/triton/gluon_gemm.py with
   both recipes; and the launchers as the `triton` provider calls them (`launch_fp32`, `launch_ue8m0`: the
   kernel launch.masked_gemm_kernel picks for the fill, named in the record's `kernel` / `kernel_ue8m0`);
+  `launch_ue8m0` with its per-call byte check (host sync), `launch_ue8m0_stated` as the method calls it now
+  (sfa_per_group + sfb_per_block stated: no check, no sync; the fill as expected_m);
 - DeepGEMM as the `deep_gemm` provider runs it (backend/ops/deep_gemm_launch.py: CUTLASS bytes converted per
-  call, valid rows copied out of a scratch), `deep_gemm_provider`;
+  call, valid rows copied out of a scratch): `deep_gemm_provider` with expected_m = M (the provider without the
+  hint), `deep_gemm_provider_hint` with the fill as expected_m (as the method calls it now);
 - cuBLASLt blockwise dense (`torch._scaled_mm`) on one GEMM of the same rows (the yardstick of bench_gpu.py).
 
 Every output is poisoned with NaN first; each of ours is compared with DeepGEMM's output on the same inputs
@@ -92,6 +95,10 @@ def our_kernels(x, out, m_cap, gluon, expected_m, variants=None):
         "launch_ue8m0": ("ue8m0", lambda c: L.group_gemm_masked(a, b, x["sfa"], x["sfb"], c, out, None, m_cap,
                                                                 impl="auto", sfb_per_block=True,
                                                                 expected_m=expected_m)),
+        # what the method's calls run now: the bytes stated (sfa_per_group, sfb_per_block), no check, no sync
+        "launch_ue8m0_stated": ("ue8m0", lambda c: L.group_gemm_masked(a, b, x["sfa"], x["sfb"], c, out, None, m_cap,
+                                                                       impl="auto", sfb_per_block=True,
+                                                                       sfa_per_group=True, expected_m=expected_m)),
     }
     if gluon is not None:
         ks["gluon_fp32"] = ("fp32", lambda c: gluon.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out,
@@ -117,15 +124,17 @@ def deepgemm_call(dg, x, out, e_num, m_cap, recipe, expected_m):
                                                      disable_ue8m0_cast=True)
 
 
-def deep_gemm_provider_call(dg, x, out, e_num, m_cap, arch=9):
+def deep_gemm_provider_call(dg, x, out, e_num, m_cap, arch=9, expected_m=None):
     """DeepGEMM as the deep_gemm provider runs it on the contract's CUTLASS bytes: activation scales converted in
     the call, weight scales prepared once beforehand (as the method does at weight load: prepare_weight_scales /
-    sfb_prepared), scratch output, valid rows copied."""
+    sfb_prepared), scratch output, valid rows copied. expected_m None: M (the provider without the hint). The
+    provider's sfa byte check (one sync, skipped with sfa_per_group as the method now calls it) is not timed
+    here, with or without the hint, as in the runs before."""
     a, b = x["a"], x["b"]
     n, k = b.shape[1], b.shape[2]
     sb = DGL.weight_scales(x["sfb"], n, k, arch)
     return lambda c: DGL.run_masked(dg, a, b, DGL.activation_scales(x["sfa"], m_cap, k, arch), sb, c, out, m_cap,
-                                    arch)
+                                    arch, expected_m=expected_m)
 
 
 def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
@@ -151,6 +160,8 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
     kernels = our_kernels(x, outs["ours"], m_cap, gluon, expected_m, variants)
     if dg is not None:
         kernels["deep_gemm_provider"] = ("ue8m0", deep_gemm_provider_call(dg, x, outs["ours"], e_num, m_cap))
+        kernels["deep_gemm_provider_hint"] = ("ue8m0", deep_gemm_provider_call(dg, x, outs["ours"], e_num, m_cap,
+                                                                               expected_m=expected_m))
     for name, (recipe, fn) in kernels.items():
         try:
             outs["ours"].fill_(float("nan"))
@@ -182,8 +193,9 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
 def pick_ours(rec: dict) -> dict:
     """The issue's flat record keys: ours = what the FP32 launcher runs for this fill (`launch_fp32`, the kernel
     launch.masked_gemm_kernel picks, named in `kernel`), ours_ue8m0 = what the triton provider's
-    group_gemm_masked runs (`launch_ue8m0`, `kernel_ue8m0`); `fastest_kernel`: the fastest correct of the four
-    candidates (runs with a forced config, `_alt` and the variants, are not candidates)."""
+    group_gemm_masked ran with its byte check (`launch_ue8m0`, `kernel_ue8m0`), ours_ue8m0_stated = what it runs
+    for the method now (`launch_ue8m0_stated`: sfa_per_group, sfb_per_block, expected_m); `fastest_kernel`: the
+    fastest correct of the four candidates (runs with a forced config, `_alt` and the variants, are not candidates)."""
     best = max((kn for kn in CANDIDATES if isinstance(rec.get(kn), dict) and rec[kn].get("correct")),
                key=lambda kn: rec[kn]["tflops"], default=None)
     rec["fastest_kernel"] = best
@@ -193,6 +205,8 @@ def pick_ours(rec: dict) -> dict:
         ok = isinstance(r, dict) and r.get("correct")
         rec["kernel" + key] = f"{L.masked_gemm_kernel(recipe, dev, rec['k'], rec['expected_m'])}_{recipe}"
         rec[f"ours{key}_tflops"] = r["tflops"] if ok else float("nan")
+    r = rec.get("launch_ue8m0_stated")
+    rec["ours_ue8m0_stated_tflops"] = r["tflops"] if isinstance(r, dict) and r.get("correct") else float("nan")
     return rec
 
 

@@ -16,6 +16,7 @@ from backend.moe.layer import FusedMoE
 from moe_ref.cutlass_sf import unswizzle
 from backend.quantization import BlockWiseFP8Config
 from fakes import FD_OPS, install_fakes
+from fakes.gemm_spy import gemm_options_spy
 from fakes.gpu import fake_paddle_gpu
 from moe_ref import blackwell_layout, moe
 from moe_ref.fp8 import ue8m0_decode
@@ -155,3 +156,12 @@ def test_7666_fakes_calls(model, monkeypatch):
                       f"{bw}.group_gemm_masked", f"{bw}.fused_mask_swiglu_fp8_quant_blackwell",
                       f"{bw}.group_gemm_masked", f"{FD_OPS}.depermute_prefill_combine"]
     assert calc_diff(out, reference(model, x, tw, ti)) < REF_BOUND
+
+
+def test_gemms_are_not_told_the_1x32_bytes_repeat(model, monkeypatch):
+    """1x32 activation bytes differ inside a 128-K group: the method never states sfa_per_group (a provider would
+    then read one byte per 128 K), nor sfb_per_block for the 1x32 weight bytes."""
+    seen = gemm_options_spy(monkeypatch)
+    x, tw, ti = moe.make_moe_inputs(T, H, E, K_TOP, seed=43)
+    layer_1x32(model)(x, topk=(tw, ti))
+    assert [(o["sfa_per_group"], o["sfb_per_block"], o["expected_m"]) for o in seen] == [(False, False, T)] * 2

@@ -32,6 +32,7 @@ from backend.moe.blackwell_method import BlackwellGemmFusedMoeMethod
 from backend.moe.ep_runner import InProcessEPGroup, SingleRankEPRunner
 from backend.moe.layer import FusedMoE
 from backend.quantization import BlockWiseFP8Config
+from fakes.gemm_spy import gemm_options_spy
 from moe_ref import fp8 as ref_fp8
 from moe_ref import moe, quant
 from moe_ref.metrics import calc_diff, max_abs_diff
@@ -611,3 +612,20 @@ def test_weight_scales_prepared_once_at_load_and_passed_to_each_gemm(model, monk
     seen.clear()
     layer(x, topk=(tw, ti))
     assert seen == [None, None]
+
+
+def test_gemms_get_what_the_method_knows_of_bytes_and_rows(model, monkeypatch):
+    """Both GEMMs are told the 1x128 activation bytes repeat per 128-K group (sfa_per_group), the weight bytes are
+    block-uniform (sfb_per_block) and about ceil(T·K_top / E) rows per expert (expected_m, clipped to [1, M]): tp
+    and ht on one rank, T = 8 and 96 tokens, top-4 of 8 experts."""
+    seen = gemm_options_spy(monkeypatch)
+    for t, want_rows in ((8, 4), (T, T * K_TOP // E)):
+        x, tw, ti = inputs(t=t, seed=111)
+        model.layer("bf16")(x, topk=(tw, ti))
+        model.layer("bf16", max_tokens_per_rank=T)(x, topk=(tw, ti), runner=SingleRankEPRunner(E))
+        assert [(o["sfa_per_group"], o["sfb_per_block"], o["expected_m"]) for o in seen] == \
+            [(True, True, want_rows)] * 4
+        seen.clear()
+    assert bm.expected_rows_per_expert(0, E, 16) == 1              # at least one row: DeepGEMM needs > 0
+    assert bm.expected_rows_per_expert(10 * 16 * E, E, 16) == 16   # never above M
+    assert bm.expected_rows_per_expert(33, E, 16) == 5             # ceil

@@ -16,7 +16,9 @@ torch = pytest.importorskip("torch")
 import backend.ops as ops  # noqa: E402
 from backend.ops import deep_gemm_launch as DG  # noqa: E402
 from backend.ops import deep_gemm_provider  # noqa: E402
+from moe_ref import cutlass_sf  # noqa: E402
 from moe_ref import fp8 as ref_fp8  # noqa: E402
+from moe_ref.metrics import calc_diff  # noqa: E402
 from moe_ref.quant import per_block_quant, per_token_group_quant  # noqa: E402
 from tests.fakes.deep_gemm import install_deep_gemm  # noqa: E402
 from tests.fakes.gpu import fake_paddle_gpu  # noqa: E402
@@ -144,6 +146,40 @@ def test_calls_deep_gemm_cannot_compute_go_to_the_next_provider(monkeypatch, arc
         got = _gemm(ops.get_provider("deep_gemm"), c, bias, sfb_per_block=per_block)
     assert dg.calls == []
     _assert_matches_paddle(got, c, bias, sfb_per_block=per_block)
+
+
+@pytest.mark.parametrize("arch", [9, 10])
+def test_stated_bytes_are_not_looked_at_and_expected_m_reaches_deep_gemm(monkeypatch, arch):
+    """sfa_per_group and sfb_per_block stated by the caller: no byte check (no synchronization) before DeepGEMM,
+    the same output; expected_m is DeepGEMM's expected_m (M without it). A false sfa_per_group (one 32-K chunk of
+    expert 1's row 0 differs inside its 128-K group) reads the group's first byte: that row alone is wrong, as if
+    the byte had not changed; without the promise the call goes to the next provider, right."""
+    fake_paddle_gpu(monkeypatch, (arch, 0))
+    c = _case()
+    looks = []
+    real = DG.bytes_repeat_per_group
+    monkeypatch.setattr(DG, "bytes_repeat_per_group", lambda *a: looks.append(1) or real(*a))
+    with install_deep_gemm("torch", arch) as dg:
+        provider = ops.get_provider("deep_gemm")
+        promised = _gemm(provider, c, sfb_per_block=True, sfa_per_group=True, expected_m=40)
+        assert looks == [] and dg.calls[-1][1]["expected_m"] == 40
+        checked = _gemm(provider, c, sfb_per_block=True)
+        assert looks == [1] and dg.calls[-1][1]["expected_m"] == c["m"]
+        np.testing.assert_array_equal(promised, checked)
+        raw = cutlass_sf.unswizzle(c["sfa"]).numpy().copy()
+        raw[1, 0, 1] += 1                                        # expert 1, row 0, K 32..63 (group 0)
+        bad = dict(c, sfa=cutlass_sf.swizzle(paddle.to_tensor(raw)))
+        got = _gemm(provider, bad, sfb_per_block=True, sfa_per_group=True)
+        assert len(dg.calls) == 3
+        honest = _gemm(provider, bad, sfb_per_block=True)
+        assert len(dg.calls) == 3                                 # handed on: the bytes differ inside a group
+    want = _gemm(ops.get_provider("paddle"), bad)
+    np.testing.assert_array_equal(honest, want)                  # next provider: paddle here (no CUDA for triton)
+    assert calc_diff(got[1, 0], want[1, 0]) > 1e-3
+    np.testing.assert_array_equal(got[1, 0], checked[1, 0])
+    keep = np.ones((c["e"], c["m"]), bool)
+    keep[1, 0] = False
+    np.testing.assert_array_equal(got[keep], checked[keep])
 
 
 def test_other_ops_run_on_the_next_provider(monkeypatch):

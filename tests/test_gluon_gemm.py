@@ -93,3 +93,35 @@ def test_launchers_hand_sm90_calls_to_the_gluon_kernel(on_hopper, monkeypatch):
     with pytest.raises(ValueError, match="kernel: expected 'tl', 'gluon' or None, got 'cutlass'"):
         L.group_gemm_masked_fp32(a, b, torch.ones(e, m, 2), torch.ones(e, 1, 2), counts, out, None, m,
                                  kernel="cutlass")
+
+
+def test_provider_path_with_stated_bytes_goes_to_gluon_without_a_byte_check(on_hopper, monkeypatch):
+    """impl="auto" (what the triton provider runs) with sfa_per_group and sfb_per_block stated: no pass over the
+    bytes (no synchronization), the rule gets the expected_m hint and picks Gluon for <= 256 rows, tl above;
+    without sfa_per_group the activation bytes are looked at once first."""
+    L = on_hopper
+    calls = []
+    monkeypatch.setattr(G, "group_gemm_masked", lambda *args, **kw: calls.append(("gluon", kw["expected_m"])))
+    monkeypatch.setattr(L, "_run_tuned", lambda name, *args, **kw: calls.append((name, None)))
+    real = L._repeats_per_128
+    monkeypatch.setattr(L, "_repeats_per_128", lambda w: calls.append(("look", None)) or real(w))
+    rule = L.masked_gemm_kernel                       # the real rule, told the CPU tensors are on an SM90 GPU
+    monkeypatch.setattr(L, "masked_gemm_kernel", lambda recipe, device, *args: rule(recipe, torch.device("cuda", 0),
+                                                                                   *args))
+    e, m, n, k = 2, 512, 128, 256
+    a = torch.zeros(e * m, k, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(e, n, k, dtype=torch.float8_e4m3fn)
+    out = torch.zeros(e * m, n, dtype=torch.bfloat16)
+    counts = torch.tensor([3, 0], dtype=torch.int32)
+    sfa, sfb = torch.zeros(e, m, 8, dtype=torch.uint8), torch.zeros(e, 128, 8, dtype=torch.uint8)
+    for expected_m, kernel in ((64, "gluon"), (L.GLUON_UE8M0_MAX_ROWS + 1, "explicit_ue8m0")):
+        calls.clear()
+        L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, impl="auto", sfb_per_block=True,
+                            sfa_per_group=True, expected_m=expected_m)
+        assert calls == [(kernel, expected_m if kernel == "gluon" else None)]
+    calls.clear()
+    L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, impl="auto", sfb_per_block=True, expected_m=64)
+    assert calls == [("look", None), ("gluon", 64)]
+    calls.clear()
+    L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, impl="auto", sfb_per_block=True, sfa_per_group=True)
+    assert calls == [("explicit_ue8m0", None)]                 # no hint: M = 512 rows assumed, tl

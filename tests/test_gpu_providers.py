@@ -84,7 +84,11 @@ def _kernels(peers, x, out, m_cap, counts):
                                                                    None, m_cap)),
           "launch_ue8m0_m64": ("ue8m0", lambda: L.group_gemm_masked(x["a"], x["b"], x["sfa"], x["sfb"], counts, out,
                                                                     None, m_cap, impl="auto", sfb_per_block=True,
-                                                                    expected_m=64))}
+                                                                    expected_m=64)),
+          # as the method calls it: activation bytes stated too, no byte check
+          "launch_ue8m0_stated_m64": ("ue8m0", lambda: L.group_gemm_masked(
+              x["a"], x["b"], x["sfa"], x["sfb"], counts, out, None, m_cap, impl="auto", sfb_per_block=True,
+              sfa_per_group=True, expected_m=64))}
     if torch.cuda.get_device_capability()[0] == 9:
         for em in (64, 512):                   # both tile shapes: 64 x 2BN (SPLIT_N) and 128 x BN
             ks[f"gluon_fp32_m{em}"] = ("fp32", lambda em=em: gluon_gemm.group_gemm_masked_fp32(

@@ -340,13 +340,14 @@ def test_functions_and_methods_come_from_one_table():
 
 @pytest.mark.parametrize("generation, tail", [("7053", (-1,)), ("develop", (-1, "w8a8"))])
 def test_blackwell_forwarder_keeps_our_options(fake_blackwell, monkeypatch, generation, tail):
-    """sfb_per_block is ours: the package gets the upstream positional arguments of its generation, as upstream
-    calls it (9 for #7053, 10 with "w8a8" for develop)."""
+    """sfb_per_block, sfa_per_group and expected_m are ours: the package gets the upstream positional arguments of
+    its generation, as upstream calls it (9 for #7053, 10 with "w8a8" for develop)."""
     monkeypatch.setenv("FD_BLACKWELL_OPS_GENERATION", generation)
     out = paddle.zeros([8, 16], dtype=paddle.bfloat16)
     a, b = paddle.zeros([8, 128], dtype=FP8), paddle.zeros([2, 16, 128], dtype=FP8)
     sf, mm = paddle.zeros([2, 128, 4], dtype=paddle.uint8), paddle.to_tensor([4, 0], dtype=paddle.int32)
-    assert ops.get_provider("blackwell_ops").group_gemm_masked(a, b, sf, sf, mm, out, None, 4, sfb_per_block=True) is out
+    assert ops.get_provider("blackwell_ops").group_gemm_masked(a, b, sf, sf, mm, out, None, 4, sfb_per_block=True,
+                                                               sfa_per_group=True, expected_m=3) is out
     gemm = dict(fake_blackwell.calls)["group_gemm_masked"]
     assert gemm[5:] == (out, None, 4) + tail
 
@@ -482,6 +483,9 @@ BAD_CALLS = {
     "gemm sfb NaN byte": (_gemm(sfb=_sf_with(SFA, (0, 127, 7), 255)), ValueError,
                           r"^sfb: byte at index \(0, 127, 7\) is 255"),
     "gemm sfb_per_block": (_gemm(sfb_per_block=1), TypeError, r"^sfb_per_block: expected a bool, got 1"),
+    "gemm sfa_per_group": (_gemm(sfa_per_group="yes"), TypeError, r"^sfa_per_group: expected a bool, got 'yes'"),
+    "gemm expected_m": (_gemm(expected_m=0), ValueError, r"^expected_m: expected a positive int, got 0"),
+    "gemm expected_m float": (_gemm(expected_m=64.0), ValueError, r"^expected_m: expected a positive int, got 64.0"),
     "gemm 11 positional": (lambda: ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT, None, 4, -1, "w8a8", True),
                            TypeError, r"too many positional arguments"),
     "gemm recipe": (lambda: ops.group_gemm_masked(A, B, SFA, SFA, MM, OUT, None, 4, -1, True), ValueError,

@@ -427,6 +427,60 @@ def test_group_gemm_masked_keeps_no_state_per_weight_tensor(T, P, gemm_paths):
             assert calc_diff(got[ex, :c], want[ex, :c]) < 1e-5
 
 
+def _one_byte_differs(sf, at):
+    """CUTLASS SF bytes with the byte of (expert, row, 32-K chunk) `at` raised by one: its 128-K group then holds two
+    values (the chunk is not a group's first)."""
+    raw = cutlass_sf.unswizzle(sf).numpy().copy()
+    raw[at] += 1
+    return cutlass_sf.swizzle(paddle.to_tensor(raw))
+
+
+def test_group_gemm_masked_sfa_per_group_skips_the_byte_check(T, P, gemm_paths, monkeypatch):
+    """sfa_per_group=True (1x128 activation bytes, stated by the caller as the method states them): with
+    sfb_per_block=True the provider launches the per-128 kernel with no look at the bytes (no pass, no
+    synchronization) and the same output as without the promise, which checks sfa once. A false promise (one
+    32-K chunk of one row's 128-K group differs) reads the group's first byte: that row is wrong, as if the byte
+    had not changed, every other row right; without the promise the call goes to dot_scaled and is right."""
+    from backend.ops.triton import launch as L
+    e, m, n, k = 2, 64, 192, 256
+    counts = [50, 64]
+    a, sa, b, sb, masked_m = _gemm_case(e, m, n, k, counts, seed=43)
+    sfa, sfb = _sf_bytes(T, sa, sb, e, m, n)
+    looks, hints = [], []
+    real_look, real_rule = L._repeats_per_128, L._kernel_for
+    monkeypatch.setattr(L, "_repeats_per_128", lambda w: looks.append(w.shape) or real_look(w))
+    monkeypatch.setattr(L, "_kernel_for", lambda *args, **kw: hints.append(args[4]) or real_rule(*args, **kw))
+
+    def run(sf_a, **options):
+        del gemm_paths[:], looks[:]
+        out = paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16)
+        got = f32(T.group_gemm_masked(a, b, sf_a, sfb, masked_m, out, None, m, **options)).reshape(e, m, n)
+        return got, list(gemm_paths), len(looks)
+
+    promised, paths, n_looks = run(sfa, sfb_per_block=True, sfa_per_group=True, expected_m=40)
+    assert (paths, n_looks, hints[-1]) == (["explicit_ue8m0"], 0, 40)       # the hint reaches the kernel rule
+    checked, paths, n_looks = run(sfa, sfb_per_block=True)
+    assert (paths, n_looks, hints[-1]) == (["explicit_ue8m0"], 1, None)
+    np.testing.assert_array_equal(promised, checked)
+    _, paths, n_looks = run(sfa, sfa_per_group=True)                          # weight bytes still looked at
+    assert (paths, n_looks) == (["explicit_ue8m0_per_row"], 1)
+    _assert_gemm_matches_paddle(T, P, a, b, sfa, sfb, masked_m, counts, sfb_per_block=True, sfa_per_group=True)
+    bad = _one_byte_differs(sfa, (1, 10, 5))                                   # expert 1, row 10, K 160..191
+    want = f32(P.group_gemm_masked(a, b, bad, sfb, masked_m, paddle.full([e * m, n], 7.0, dtype=paddle.bfloat16),
+                                   None, m)).reshape(e, m, n)
+    got, paths, _ = run(bad, sfb_per_block=True)
+    assert paths == ["dot_scaled"]
+    for ex, c in enumerate(counts):
+        np.testing.assert_allclose(got[ex, :c], want[ex, :c], rtol=BF16_ULP, atol=1e-2)
+    got, paths, n_looks = run(bad, sfb_per_block=True, sfa_per_group=True)
+    assert (paths, n_looks) == (["explicit_ue8m0"], 0)
+    np.testing.assert_array_equal(got[1, 10], checked[1, 10])                 # the group's first byte, as before
+    assert calc_diff(got[1, 10], want[1, 10]) > 1e-3
+    keep = np.ones((e, m), bool)
+    keep[1, 10] = False
+    np.testing.assert_array_equal(got[keep], checked[keep])
+
+
 def test_layer_states_block_weight_bytes_and_triton_uses_them(monkeypatch, gemm_paths):
     """process_weights_after_loading decides sfb_per_block once: its CUTLASS weight bytes are block-constant
     (sf_block_uniform agrees, N = 2I = 144 not a multiple of 128), and the triton provider's forward then

@@ -65,6 +65,14 @@ def _add(out: paddle.Tensor, extra: paddle.Tensor) -> paddle.Tensor:
     return (out.astype(paddle.float32) + extra.astype(paddle.float32)).astype(out.dtype)
 
 
+def expected_rows_per_expert(routed_rows: int, num_local_experts: int, m: int) -> int:
+    """The GEMMs' expected_m: ceil(T·K_top / E) clipped to [1, M], routed_rows = T·K_top of this rank's T tokens,
+    E local experts. With EP each rank sends T·K_top rows over R·E experts and each expert receives from R ranks,
+    so the value holds for balanced routing too. An estimate from host integers (no synchronization, graph-safe):
+    the kernels tune their tiles for it; their result does not depend on it."""
+    return max(1, min(int(m), -(-int(routed_rows) // max(1, int(num_local_experts)))))
+
+
 def _is_sf_bytes(t) -> bool:
     return isinstance(t, paddle.Tensor) and t.dtype == paddle.uint8
 
@@ -445,7 +453,7 @@ class BlackwellGemmFusedMoeMethod:
         x_q, x_scale = quantize_tokens(provider, x, True, self.group_size)
         m = t               # no dispatch: an expert sees at most every token once
         a, sfa, indice_map, counts = self._permute(provider, gen, x_q, x_scale, topk_ids, layer.num_local_experts, m)
-        ffn_out = self._experts(provider, gen, layer, a, sfa, counts, m)
+        ffn_out = self._experts(provider, gen, layer, a, sfa, counts, m, t * int(topk_ids.shape[1]))
         return provider.depermute_prefill_combine(ffn_out, indice_map, topk_weights, t)
 
     def _apply_ht(self, provider, gen, layer, x, topk_weights, topk_ids, runner):
@@ -458,7 +466,7 @@ class BlackwellGemmFusedMoeMethod:
         d = runner.dispatch(x_q, x_scale, topk_ids, topk_weights, w)
         a, sfa, indice_map, counts = self._permute(provider, gen, d.recv_x, d.recv_x_scale, d.recv_topk_ids,
                                                    layer.num_local_experts, m)
-        ffn_out = self._experts(provider, gen, layer, a, sfa, counts, m)
+        ffn_out = self._experts(provider, gen, layer, a, sfa, counts, m, t * int(topk_ids.shape[1]))
         # all W rows go to the combine, padding rows included (develop BW:799-804; DeepEP checks the row count)
         partial = provider.depermute_prefill_combine(ffn_out, indice_map, d.recv_topk_weights, w)
         return runner.combine(partial, d.handle)
@@ -468,7 +476,8 @@ class BlackwellGemmFusedMoeMethod:
         e, m = layer.num_local_experts, layer.ep_size * n
         recv_x, recv_scale, recv_count, handle = runner.low_latency_dispatch(x, topk_ids, n, True, True)
         sfa = provider.unpack_and_convert_scale(recv_scale, recv_count)                     # develop BW:998
-        ffn_out = self._experts(provider, gen, layer, recv_x.reshape([e * m, layer.hidden_size]), sfa, recv_count, m)
+        ffn_out = self._experts(provider, gen, layer, recv_x.reshape([e * m, layer.hidden_size]), sfa, recv_count, m,
+                                int(x.shape[0]) * int(topk_ids.shape[1]))
         return runner.low_latency_combine(ffn_out, topk_ids, topk_weights, handle)
 
     @staticmethod
@@ -488,17 +497,21 @@ class BlackwellGemmFusedMoeMethod:
         act, act_scale = provider.fused_mask_swiglu_fp8_quant(up.reshape([e, m, 2 * i]), counts, GROUP_SIZE, True)
         return act.reshape([e * m, i]), provider.unpack_and_convert_scale(act_scale, counts)  # #7053 BW:557-578
 
-    def _experts(self, provider, gen, layer, a, sfa, counts, m):
-        """a [E·M, H] fp8, sfa its CUTLASS SF bytes, counts [E] | [E, 1] int32 -> ffn_out [E, M, H] bf16, valid
-        rows only (rows >= counts[e] are whatever the buffer held)."""
+    def _experts(self, provider, gen, layer, a, sfa, counts, m, routed_rows):
+        """a [E·M, H] fp8, sfa its CUTLASS SF bytes, counts [E] | [E, 1] int32, routed_rows = T·K_top of this rank
+        (the GEMMs' expected_m comes from it) -> ffn_out [E, M, H] bf16, valid rows only (rows >= counts[e] are
+        whatever the buffer held)."""
         e, h, i = layer.num_local_experts, layer.hidden_size, layer.moe_intermediate_size
         recipe = RECIPE if gen == "develop" else None
-        per_block = layer.weight_scale_bw_per_block
         prepared = {w: p for w, (name, p) in self._prepared_scales.items() if name == provider.name}
+        # what the method knows of the bytes, stated so the GEMM need not look (no pass, no synchronization):
+        # 1x128 activations go through unpack_and_convert_scale or the fused ops with 128-wide groups, one byte
+        # repeated per 128-K group; 1x32 ones (#7666) differ inside a group. The rows hint is an estimate.
+        hints = dict(sfb_per_block=layer.weight_scale_bw_per_block, sfa_per_group=self.group_size == GROUP_SIZE,
+                     expected_m=expected_rows_per_expert(routed_rows, e, m))
         up = paddle.empty([e * m, 2 * i], dtype=paddle.bfloat16)
         provider.group_gemm_masked(a, layer.up_gate_proj_weight, sfa, layer.up_gate_proj_weight_scale_inv, counts,
-                                   up, None, m, -1, recipe, sfb_per_block=per_block,
-                                   sfb_prepared=prepared.get("up_gate_proj"))
+                                   up, None, m, -1, recipe, sfb_prepared=prepared.get("up_gate_proj"), **hints)
         try:
             act, act_sf = self._swiglu(provider, gen, up, counts, e, m, i)
         except ValueError as err:      # name the intermediate: x may be finite while its GEMM 1 overflows
@@ -506,8 +519,7 @@ class BlackwellGemmFusedMoeMethod:
         # GEMM 2 reads act, not up: when H == 2I its output can reuse up's storage (as upstream does)
         down = up if h == 2 * i else paddle.empty([e * m, h], dtype=paddle.bfloat16)
         provider.group_gemm_masked(act, layer.down_proj_weight, act_sf, layer.down_proj_weight_scale_inv, counts,
-                                   down, None, m, -1, recipe, sfb_per_block=per_block,
-                                   sfb_prepared=prepared.get("down_proj"))
+                                   down, None, m, -1, recipe, sfb_prepared=prepared.get("down_proj"), **hints)
         return down.reshape([e, m, h])
 
     def forward_buffer_bytes(self, layer, num_tokens: int | None = None) -> dict:

@@ -173,7 +173,7 @@ def _check_recipe(recipe):
 
 
 def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
-                      sfb_prepared):
+                      sfb_prepared, sfa_per_group, expected_m):
     check_tensor(b, "b", dtypes=(FP8,), ndim=3)
     e, n, k = (int(d) for d in b.shape)
     m = check_positive_int(max_m_per_expert, "max_m_per_expert")
@@ -200,9 +200,13 @@ def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
     sm_count = _check_int(sm_count, "sm_count")
     recipe = _check_recipe(recipe)
     sfb_per_block = _check_bool(sfb_per_block, "sfb_per_block")
+    sfa_per_group = _check_bool(sfa_per_group, "sfa_per_group")
+    if expected_m is not None:
+        expected_m = check_positive_int(expected_m, "expected_m")
     _check_no_nan_sf_bytes(sfa, sfb)
     # sfb_prepared is opaque (the provider's own format, made by its prepare_weight_scales): passed through
-    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, recipe, sfb_per_block, sfb_prepared
+    return a, b, sfa, sfb, masked_m, out, bias, m, sm_count, recipe, sfb_per_block, sfb_prepared, sfa_per_group, \
+        expected_m
 
 
 def _check_finite_rows(x: paddle.Tensor, counts: paddle.Tensor, name: str, count_name: str) -> None:

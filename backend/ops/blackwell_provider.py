@@ -197,8 +197,8 @@ def unpack_and_convert_scale(scale, masked_m):
 
 
 def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
-                      sfb_prepared):
-    # sfb_per_block is ours (a promise the triton provider uses); recipe None and "w8a8" are the same GEMM: the
+                      sfb_prepared, sfa_per_group, expected_m):
+    # sfb_per_block, sfa_per_group, expected_m are ours (what the triton / deep_gemm providers use); recipe None and "w8a8" are the same GEMM: the
     # package gets the arguments of its generation.
     gen = generation()
     args = (a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count)

@@ -147,7 +147,19 @@ OPS = (
     `OpsProvider.prepare_weight_scales(sfb, sfb_per_block=...)` of the same provider returned for this sfb
     at weight load (the deep_gemm provider's weight scales in DeepGEMM's layout), so that no call converts
     weight scales again; None: a provider that needs another layout converts sfb itself, per call.
-    """, options=dict(sfb_per_block=False, sfb_prepared=None), writes="out"),
+    sfa_per_group (keyword-only, ours; never passed to the real package): True promises that sfa repeats one
+    byte per 128-wide K group (its 4 bytes equal), as unpack_and_convert_scale and the fused Blackwell ops
+    with 128-wide groups write them (1x128 recipes); the triton and deep_gemm providers then take one
+    activation byte per 128 K without looking at the bytes: no pass over sfa, no host synchronization
+    (with sfb_per_block=True as well, the call never synchronizes). Not verified: a group whose bytes differ
+    is read as its first byte (32 K-elements of 128 scaled wrongly). False (default): the providers check
+    the bytes per call (one synchronization) and honour one byte per 32 K where they differ.
+    expected_m (keyword-only, ours; never passed to the real package): about how many valid rows per expert
+    the call has (an estimate known without reading masked_m, e.g. ceil(T·K_top/E)), None: M. A tuning hint,
+    never a bound: the triton provider picks its kernel and tile from it, the deep_gemm provider passes it to
+    DeepGEMM (its expected_m); the result is the same whatever it says. An int >= 1 or None.
+    """, options=dict(sfb_per_block=False, sfb_prepared=None, sfa_per_group=False, expected_m=None),
+        writes="out"),
     _row("fused_mask_swiglu_fp8_quant", "up token_nums_per_expert", dict(block_size=GROUP_SIZE, use_ue8m0=True), """
     SwiGLU on the masked layout, then 1 x block_size FP8 quantization (SPEC §7).
 

@@ -86,16 +86,17 @@ def weight_scales(sfb: torch.Tensor, n: int, k: int, arch: int) -> torch.Tensor:
 
 
 def unsupported_reason(arch: int, bias, sfb_per_block: bool, sfa: torch.Tensor, sfb: torch.Tensor, m: int,
-                       n: int, k: int) -> str | None:
+                       n: int, k: int, sfa_per_group: bool = False) -> str | None:
     """None when DeepGEMM computes this call exactly as the contract states; else why not (the provider then
-    hands the call to the next provider). May synchronize once (the 4-bytes-per-group checks)."""
+    hands the call to the next provider). May synchronize once (the 4-bytes-per-group checks); never when the
+    caller vouches for both operands' bytes (sfa_per_group, sfb_per_block: taken as stated, not looked at)."""
     if arch not in ARCHS:
         return f"DeepGEMM serves compute capability 9.x and 10.x, this GPU is {arch}.x"
     if bias is not None:
         return "bias: DeepGEMM's masked GEMM has none (adding it after the bf16 store would round twice)"
     if arch == 9 and not sfb_per_block:
         return "sfb_per_block=False: DeepGEMM's SM90 kernel takes one weight scale per 128x128 block"
-    if not bytes_repeat_per_group(sfa, m, k):
+    if not sfa_per_group and not bytes_repeat_per_group(sfa, m, k):
         return "sfa: bytes differ inside a 128-wide K group; DeepGEMM's recipe is one scale per 128 K"
     if not sfb_per_block and not bytes_repeat_per_group(sfb, n, k):
         return "sfb: bytes differ inside a 128-wide K group; DeepGEMM's recipe is one scale per 128 K"

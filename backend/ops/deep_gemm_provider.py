@@ -14,12 +14,13 @@ group_gemm_masked: the CUTLASS SF bytes are converted to DeepGEMM's formats (`de
 MN-major activation and fp32 128x128 weight scales with `disable_ue8m0_cast=True` on SM90, packed UE8M0 on
 SM100), DeepGEMM writes a scratch buffer and the valid rows are copied into `out` (it stores whole tiles).
 The conversions run in torch (tensors cross through DLPack on the GPU, NumPy on CPU), so torch is needed
-with a Paddle build too. The weight scales are converted per call here; a caller that keeps
-`deep_gemm_launch.weight_scales(sfb, N, K, arch)` from weight load cannot pass it through the contract yet
-(see the module's report to the lead). `expected_m` given to DeepGEMM is M (max_m_per_expert): the contract
-carries no hint, and the counts are on the device. sm_count is not passed (DeepGEMM has a global
-`set_num_sms`). A call DeepGEMM cannot compute as the contract states (`deep_gemm_launch.unsupported_reason`:
-a bias, per-row weight bytes on SM90, bytes that differ inside a 128-group) goes to the next provider.
+with a Paddle build too. The weight scales are converted per call unless the caller passes what
+`prepare_weight_scales` made at weight load (`sfb_prepared`). DeepGEMM's `expected_m` is the contract's
+expected_m option (the caller's estimate), else M (max_m_per_expert): the counts are on the device. sm_count is
+not passed (DeepGEMM has a global `set_num_sms`). A call DeepGEMM cannot compute as the contract states
+(`deep_gemm_launch.unsupported_reason`: a bias, per-row weight bytes on SM90, bytes that differ inside a
+128-group) goes to the next provider; the byte checks are skipped (no synchronization) for the operands the
+caller vouches for (sfa_per_group, sfb_per_block).
 
 The other ops are DeepGEMM-free: they run on the next provider of auto's order, `triton` when it is
 available with a CUDA GPU, else `paddle` (`next_provider()`).
@@ -121,23 +122,24 @@ def prepare_weight_scales(b, sfb, sfb_per_block: bool):
 
 
 def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
-                      sfb_prepared):
+                      sfb_prepared, sfa_per_group, expected_m):
     # recipe: None or "w8a8" (checked by the contract), the one recipe DeepGEMM's FP8 GEMM computes
     capability = _capability()
     arch = capability[0] if capability else 0
     e_num, n, k = (int(d) for d in b.shape)
     sfa_t, sfb_t = to_torch(sfa), to_torch(sfb)
-    why = DG.unsupported_reason(arch, bias, sfb_per_block, sfa_t, sfb_t, max_m_per_expert, n, k)
+    why = DG.unsupported_reason(arch, bias, sfb_per_block, sfa_t, sfb_t, max_m_per_expert, n, k, sfa_per_group)
     if why is not None:
         return next_provider().group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count,
-                                                 recipe, sfb_per_block=sfb_per_block, sfb_prepared=None)
+                                                 recipe, sfb_per_block=sfb_per_block, sfb_prepared=None,
+                                                 sfa_per_group=sfa_per_group, expected_m=expected_m)
     module, framework, reason = find_build(capability)
     if module is None:
         raise RuntimeError(f"deep_gemm provider: {reason}")
     out_t = to_torch(out)
     sb = DG.weight_scales(sfb_t, n, k, arch) if sfb_prepared is None else sfb_prepared   # prepared: made at load
     DG.run_masked(module, to_torch(a), to_torch(b), DG.activation_scales(sfa_t, max_m_per_expert, k, arch), sb,
-                  to_torch(masked_m), out_t, max_m_per_expert, arch,
+                  to_torch(masked_m), out_t, max_m_per_expert, arch, expected_m=expected_m,
                   to_dg=_to_paddle_view if framework == "paddle" else (lambda t: t))
     if not out_t.is_cuda or out_t.data_ptr() != triton_provider.data_ptr_of(out):
         paddle.assign(triton_provider.to_paddle(out_t), output=out)      # CPU: the torch copy goes back into out

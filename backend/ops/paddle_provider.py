@@ -220,9 +220,9 @@ def _fp8_to_float(x: paddle.Tensor) -> paddle.Tensor:
 
 
 def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
-                      sfb_prepared):
-    # sm_count, recipe (None or "w8a8": the same computation) and sfb_per_block change nothing here: every
-    # row's scale bytes are decoded, whatever they hold.
+                      sfb_prepared, sfa_per_group, expected_m):
+    # sm_count, recipe (None or "w8a8": the same computation), sfb_per_block, sfa_per_group and expected_m change
+    # nothing here: every row's scale bytes are decoded, whatever they hold.
     e, n, k = (int(d) for d in b.shape)
     m = max_m_per_expert
     counts = [int(c) for c in masked_m.tolist()]

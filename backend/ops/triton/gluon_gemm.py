@@ -316,6 +316,14 @@ def pick_config(expected_m: int, n: int, kg: int = 1) -> dict:
     """Tile config for about expected_m valid rows per expert: 64 x 2BN CTA tiles (SPLIT_N) up to 64 rows,
     else 128 x BN. BN = 128 (one weight-scale block per sub-tile, one wgmma of N=128). KG 128-wide K steps
     per pipeline stage (one ready/empty handshake per KG steps). As many stages as shared memory holds."""
+    # SPLIT_N up to 64 rows, measured on an H200 (ratios to DeepGEMM, benchmarks/results/gpu_h200.json of the
+    # 14:05 UTC run, `gluon_fp32` = this rule vs `gluon_fp32_alt` = the other tile): 64 rows, 64 x 2BN vs 128 x BN:
+    # 0.99 vs 0.85 (N=4096 K=7168), 0.98 vs 0.90 (N=7168 K=2048); 128 rows, 128 x BN vs 64 x 2BN: 0.97 vs 0.92,
+    # 0.99 vs 0.95. The 14:37 run disagrees at N=7168 K=2048 (64 rows 0.58 vs 0.56; 128 rows 0.64 vs 0.90), where
+    # every Gluon call but one took 0.24-0.28 ms against 0.14-0.16 ms in the run before (the tl kernels 0.20-0.22 ms
+    # in both; launch_fp32, the same call as gluon_fp32, also 0.216 vs 0.140 ms at 64 rows in the 14:05 run): a
+    # spread of the Gluon kernel at this small shape, not explained; the rule stays until a run decides.
+    # Without an expected_m hint the launchers assume M rows (128 x BN tiles whenever M > 64).
     split_n = expected_m <= WG_ROWS
     bn = 128 if n % 128 == 0 or n > 64 else 64
     na, nb = (1, 2) if split_n else (2, 1)

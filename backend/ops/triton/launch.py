@@ -490,7 +490,8 @@ def _kernel_for(kernel: str | None, recipe: str, device, k: int, expected_m: int
 def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
                       masked_m: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None = None,
                       max_m_per_expert: int | None = None, sm_count: int = -1, impl: str = "explicit",
-                      sfb_per_block: bool = False, expected_m: int | None = None, kernel: str | None = None):
+                      sfb_per_block: bool = False, expected_m: int | None = None, kernel: str | None = None,
+                      sfa_per_group: bool = False):
     """Masked grouped FP8 GEMM, CUTLASS UE8M0 scale bytes decoded in the kernel (SPEC §6). Writes `out`.
 
     a [E·M, K] fp8; b [E, N, K] fp8; sfa [E, align(M,128), KB] and sfb [E, align(N,128), KB'] uint8
@@ -499,8 +500,11 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     impl="explicit": one scale per 128 K (first byte of each group of 4; unpack_and_convert_scale
     repeats every byte 4 times, so this is exact for its output). impl="dot_scaled": tl.dot_scaled,
     one byte per 32 K-elements honoured (native on SM100, decomposed to bf16 on SM90, ~10x slower
-    there). impl="auto": "explicit" when every group of 4 bytes of sfa (and of sfb, unless sfb_per_block)
-    repeats one byte, else "dot_scaled": bytes that differ inside a group are never dropped (one sync).
+    there). impl="auto": "explicit" when every group of 4 bytes of sfa (unless sfa_per_group) and of sfb
+    (unless sfb_per_block) repeats one byte, else "dot_scaled": bytes that differ inside a group are never
+    dropped (one sync). sfa_per_group: True promises that sfa repeats one byte per 128-K group (1x128
+    activations through unpack_and_convert_scale): not checked, a group whose bytes differ is read as its
+    first byte; with sfb_per_block as well, "auto" is "explicit" with no pass over the bytes and no sync.
     sfb_per_block (explicit kernel): True promises one sfb byte per 128 rows x 128 K (weights quantized
     128x128, the block byte copied to its rows, as `BlackwellGemmFusedMoeMethod` builds them; not checked
     here, `sf_block_uniform` checks it): one weight byte per tile and K step, one FMA per element to
@@ -513,9 +517,9 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
         raise ValueError(f"impl: expected one of {', '.join(GEMM_IMPLS)}, got {impl!r}")
     g = _problem(a, b, sfa.contiguous(), sfb.contiguous(), masked_m, out, bias, max_m_per_expert, sm_count)
     if impl == "auto":
-        words = [g.sa] if sfb_per_block else [g.sa, g.sb]
-        repeats = torch.stack([_repeats_per_128(w.view(torch.int32)) for w in words])
-        impl = "explicit" if bool(repeats.all()) else "dot_scaled"        # the one synchronization
+        words = [sf for sf, vouched in ((g.sa, sfa_per_group), (g.sb, sfb_per_block)) if not vouched]
+        repeats = [_repeats_per_128(w.view(torch.int32)) for w in words]
+        impl = "explicit" if not repeats or bool(torch.stack(repeats).all()) else "dot_scaled"   # one sync, or none
     key = tuple(g.shape[2:]) + (str(g.a.device),)
     if impl == "dot_scaled":
         _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, key, functools.partial(_dot_scaled, g),

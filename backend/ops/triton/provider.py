@@ -109,15 +109,16 @@ def cutlass_scale_to_fp32(sf, num_rows):
 
 
 def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_count, recipe, *, sfb_per_block,
-                      sfb_prepared):
+                      sfb_prepared, sfa_per_group, expected_m):
     # recipe (None or "w8a8", checked by the contract) names the one computation the kernels do; the kernels
     # read the CUTLASS bytes directly, so there is nothing to prepare (sfb_prepared is None here).
     out_t = to_torch(out)
     # impl="auto": the fast per-128 kernel when every 4-byte group of sfa/sfb repeats one byte (always so
-    # for unpack_and_convert_scale's output), else tl.dot_scaled, which honours one byte per 32 K.
+    # for unpack_and_convert_scale's output), else tl.dot_scaled, which honours one byte per 32 K. The bytes
+    # the caller vouches for (sfa_per_group, sfb_per_block) are not looked at: with both, no synchronization.
     _launch().group_gemm_masked(to_torch(a), to_torch(b), to_torch(sfa), to_torch(sfb), to_torch(masked_m),
                                 out_t, to_torch(bias), max_m_per_expert, sm_count, impl="auto",
-                                sfb_per_block=sfb_per_block)
+                                sfb_per_block=sfb_per_block, sfa_per_group=sfa_per_group, expected_m=expected_m)
     if not out_t.is_cuda or out_t.data_ptr() != data_ptr_of(out):
         paddle.assign(to_paddle(out_t), output=out)      # CPU: the torch copy goes back into `out`
     return out
