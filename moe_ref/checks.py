@@ -90,9 +90,25 @@ def check_ids_in_range(ids: paddle.Tensor, name: str, upper: int, what: str, bou
     bad = paddle.logical_or(ids < -1, ids >= upper)
     if bool(bad.any()):
         at = first_index(bad)
-        raise ValueError(f"{name}: expected {what} in [-1, {bound if bound is not None else upper}){note}, "
-                         f"got {int(ids[at])} at index {at}")
+        raise ValueError(id_out_of_range_message(name, what, bound if bound is not None else upper, note,
+                                                 int(ids[at]), at))
     return ids
+
+
+def id_out_of_range_message(name: str, what: str, bound, note: str, value: int, index: tuple) -> str:
+    """check_ids_in_range's message (also raised from a deferred record, backend.ops.device_errors)."""
+    return f"{name}: expected {what} in [-1, {bound}){note}, got {value} at index {index}"
+
+
+def repeated_expert_message(name: str, token: int, expert: int, positions: list) -> str:
+    """check_distinct_experts's message (also raised from a deferred record, backend.ops.device_errors)."""
+    return (f"{name}: token {token} repeats expert {expert} at top-k positions {positions}; "
+            f"each token's experts must be distinct")
+
+
+def expert_overflow_message(expert: int, count: int, max_token_num: int) -> str:
+    """The permute's message for an expert over M rows (also raised from a deferred record)."""
+    return f"topk_ids: expert {expert} receives {count} rows, more than max_token_num = {max_token_num}"
 
 
 def check_distinct_experts(ids: paddle.Tensor, name: str) -> None:
@@ -110,5 +126,4 @@ def check_distinct_experts(ids: paddle.Tensor, name: str) -> None:
         t, j = first_index(same)
         expert = int(srt[t, j])
         where = [k for k, v in enumerate(ids[t].astype(paddle.int64).tolist()) if v == expert]
-        raise ValueError(f"{name}: token {t} repeats expert {expert} at top-k positions {where}; "
-                         f"each token's experts must be distinct")
+        raise ValueError(repeated_expert_message(name, t, expert, where))

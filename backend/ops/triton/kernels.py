@@ -187,9 +187,10 @@ def permute_count_kernel(ids_ptr, hist_ptr, bad_ptr, W, K_TOP, E, stride_ids,
 
 
 @triton.jit
-def permute_slot_kernel(ids_ptr, offset_ptr, map_ptr, W, K_TOP, M, stride_ids,
+def permute_slot_kernel(ids_ptr, offset_ptr, map_ptr, W, K_TOP, E, M, stride_ids,
                         BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr):
     """map [W, K_TOP] int32 = e·M + slot (slot = rows of e before this entry, token-major then k) or -1.
+    -1 also for an id outside [0, E) and a slot >= M (dropped: the launcher raises or records them).
 
     offset [chunks, E_PAD]: rows of each expert in all earlier chunks (exclusive prefix of hist).
     """
@@ -197,8 +198,9 @@ def permute_slot_kernel(ids_ptr, offset_ptr, map_ptr, W, K_TOP, M, stride_ids,
     chunk = tl.program_id(0)
     before = tl.cumsum(onehot, axis=0) - onehot                                    # same expert, earlier in chunk
     rank = tl.sum(before * onehot, axis=1)
-    base = tl.load(offset_ptr + chunk * E_PAD + tl.minimum(tl.maximum(ids, 0), E_PAD - 1))   # bad ids: raised later
-    value = tl.where(ids >= 0, ids * M + base + rank, -1)
+    base = tl.load(offset_ptr + chunk * E_PAD + tl.minimum(tl.maximum(ids, 0), E_PAD - 1))   # bad ids: dropped
+    slot = base + rank
+    value = tl.where((ids >= 0) & (ids < E) & (slot < M), ids * M + slot, -1)
     flat = chunk * BLOCK_W * KP + tl.arange(0, BLOCK_W * KP)
     t = flat // KP
     k = flat % KP

@@ -21,6 +21,7 @@ from moe_ref.constants import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_
 from moe_ref.constants import align as _align
 from moe_ref.fp8_torch import as_bytes as _fp8_bytes, mn_major_view, mn_major_zeros
 
+from .. import device_errors as DE
 from . import gluon_gemm
 from . import kernels as K
 
@@ -87,7 +88,7 @@ def _row_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, topk_ids: torch.Tensor,
-                                   num_local_experts: int, max_token_num: int):
+                                   num_local_experts: int, max_token_num: int, errors: torch.Tensor | None = None):
     """Scatter tokens to the masked per-expert layout (SPEC §5), deterministic, no atomics.
 
     x [W, H] fp8|bf16; scale [W, S'] fp32 | packed int32 | None; topk_ids [W, K_top] int32|int64
@@ -97,29 +98,63 @@ def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, 
     expert are zero. An id outside [-1, E) or a count above M raises ValueError: checked on the host
     from the count kernel's output, once everything is queued (one synchronization; the kernels
     never write out of range, whatever the ids). = permute_indices + permute_rows.
+    errors (int64 [RECORD_LEN], `backend.ops.device_errors`): deferred instead: nothing is read back (no
+    synchronization, capturable in a CUDA graph); the first bad id, else the first expert over M, is recorded
+    there. Either way bad ids and rows past M are dropped (map -1) and the counts clamped to M.
     """
-    indice_map, counts, problems = permute_indices(topk_ids, num_local_experts, max_token_num, check=False)
+    indice_map, counts, problems = permute_indices(topk_ids, num_local_experts, max_token_num, check=False,
+                                                   errors=errors)
     permute_x, permute_scale = permute_rows(x, scale, indice_map, counts, num_local_experts, max_token_num)
-    _raise_on_bad_routing(problems, counts, num_local_experts, max_token_num)
+    if errors is None:
+        _raise_on_bad_routing(problems, num_local_experts, max_token_num)
     return permute_x, permute_scale, indice_map, counts.view(-1, 1)
 
 
-def _raise_on_bad_routing(problems: torch.Tensor, counts: torch.Tensor, e_num: int, m: int) -> None:
-    n_bad, worst = (int(v) for v in problems.tolist())
+def _raise_on_bad_routing(problems: torch.Tensor, e_num: int, m: int) -> None:
+    n_bad, worst, ex = (int(v) for v in problems.tolist())
     if n_bad:
         raise ValueError(f"topk_ids: {n_bad} expert ids outside [-1, {e_num}) (num_local_experts = {e_num})")
     if worst > m:
-        ex = int(torch.argmax(counts))
         raise ValueError(f"topk_ids: expert {ex} receives {worst} rows, more than max_token_num = {m}")
 
 
-def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int, check: bool = True):
+def _record_first(errors: torch.Tensor, candidate: torch.Tensor) -> None:
+    """errors := candidate where errors is clear and candidate holds an error; device ops only."""
+    take = (errors[0] == DE.NONE) & (candidate[0] != DE.NONE)
+    errors.copy_(torch.where(take, candidate, errors))
+
+
+def record_routing_errors(errors: torch.Tensor, ids: torch.Tensor, routed: torch.Tensor, e_num: int, m: int) -> None:
+    """errors int64 [RECORD_LEN] (`backend.ops.device_errors` layout): the first id outside [-1, E) of ids
+    [W, K_top] (code BAD_LOCAL_ID), then the first expert whose routed count (before clamping) exceeds m
+    (OVERFLOW). No host read: scalars reach the record by device copies (graph-capturable)."""
+    flat = ids.reshape(-1).to(torch.int64)
+    k_top = max(1, ids.shape[1])
+    if flat.numel():
+        bad = (flat < -1) | (flat >= e_num)
+        at = torch.argmax(bad.to(torch.int32)).view(1)
+        cand = torch.zeros(DE.RECORD_LEN, dtype=torch.int64, device=ids.device)
+        cand[0], cand[4] = DE.BAD_LOCAL_ID, e_num
+        cand[1:2], cand[2:3], cand[3:4] = at // k_top, at % k_top, flat.index_select(0, at)
+        _record_first(errors, cand * bad.any())
+    over = routed.to(torch.int64) > m
+    ex = torch.argmax(over.to(torch.int32)).view(1)
+    cand = torch.zeros(DE.RECORD_LEN, dtype=torch.int64, device=ids.device)
+    cand[0], cand[3] = DE.OVERFLOW, m
+    cand[1:2], cand[2:3] = ex, routed.to(torch.int64).index_select(0, ex)
+    _record_first(errors, cand * over.any())
+
+
+def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int, check: bool = True,
+                    errors: torch.Tensor | None = None):
     """topk_ids [W, K_top] -> (indice_map [W, K_top] int32 = e·M + slot or -1, counts [E] int32).
 
     Count kernel (per chunk of tokens, per expert) -> exclusive prefix over chunks -> slot kernel
     (rank inside the chunk from a cumulative one-hot sum): token-major-then-k order, no atomics.
+    Ids outside [0, E) and entries past M rows of their expert get -1; counts are clamped to M.
     check=True raises ValueError for bad ids / counts > M (one synchronization); check=False returns
-    a third tensor [2] (number of bad ids, largest count) for the caller to check later.
+    a third tensor [3] (number of bad ids, largest routed count, its expert) for the caller to check later.
+    errors (int64 [RECORD_LEN]): record the first problem there on the device (`record_routing_errors`).
     """
     w, k_top = topk_ids.shape
     e_num, m = int(num_local_experts), int(max_token_num)
@@ -136,15 +171,18 @@ def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_nu
                                           BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
     else:
         hist.zero_(), bad.zero_()
-    counts = hist.sum(0, dtype=torch.int32)[:e_num].contiguous()
-    problems = torch.stack([bad.sum(dtype=torch.int32), counts.max()])
+    routed = hist.sum(0, dtype=torch.int32)[:e_num]
+    counts = routed.clamp(max=m).contiguous()
+    problems = torch.stack([bad.sum(dtype=torch.int32), routed.max(), torch.argmax(routed).to(torch.int32)])
     offsets = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()
     indice_map = torch.empty((w, k_top), dtype=torch.int32, device=dev)
     if w:
-        K.permute_slot_kernel[(chunks,)](ids, offsets, indice_map, w, k_top, m, ids.stride(0),
+        K.permute_slot_kernel[(chunks,)](ids, offsets, indice_map, w, k_top, e_num, m, ids.stride(0),
                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
+    if errors is not None:
+        record_routing_errors(errors, ids, routed, e_num, m)
     if check:
-        _raise_on_bad_routing(problems, counts, e_num, m)
+        _raise_on_bad_routing(problems, e_num, m)
         return indice_map, counts
     return indice_map, counts, problems
 
