@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ._paddle import paddle
+from .messages import id_out_of_range_message, repeated_expert_message
 
 FLOAT_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16, paddle.float64)
 INT_DTYPES = (paddle.int32, paddle.int64)
@@ -93,22 +94,6 @@ def check_ids_in_range(ids: paddle.Tensor, name: str, upper: int, what: str, bou
         raise ValueError(id_out_of_range_message(name, what, bound if bound is not None else upper, note,
                                                  int(ids[at]), at))
     return ids
-
-
-def id_out_of_range_message(name: str, what: str, bound, note: str, value: int, index: tuple) -> str:
-    """check_ids_in_range's message (also raised from a deferred record, backend.ops.device_errors)."""
-    return f"{name}: expected {what} in [-1, {bound}){note}, got {value} at index {index}"
-
-
-def repeated_expert_message(name: str, token: int, expert: int, positions: list) -> str:
-    """check_distinct_experts's message (also raised from a deferred record, backend.ops.device_errors)."""
-    return (f"{name}: token {token} repeats expert {expert} at top-k positions {positions}; "
-            f"each token's experts must be distinct")
-
-
-def expert_overflow_message(expert: int, count: int, max_token_num: int) -> str:
-    """The permute's message for an expert over M rows (also raised from a deferred record)."""
-    return f"topk_ids: expert {expert} receives {count} rows, more than max_token_num = {max_token_num}"
 
 
 def check_distinct_experts(ids: paddle.Tensor, name: str) -> None:

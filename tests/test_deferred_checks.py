@@ -30,20 +30,31 @@ def _blackwell(monkeypatch):
     monkeypatch.setenv("FD_USE_BLACKWELL_GEMM", "1")
 
 
+def _interpreter(request, monkeypatch):
+    """TRITON_INTERPRET=1 for one test (as tests/test_triton_provider.py); -> torch."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from backend.ops.triton import launch
+    if not launch.interpreting():
+        pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET was 0 before the run)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    return torch
+
+
+@pytest.fixture
+def interpreter(request, monkeypatch):
+    return _interpreter(request, monkeypatch)
+
+
 @pytest.fixture(params=PROVIDERS)
 def provider(request, monkeypatch):
-    """FD_MOE_OPS_PROVIDER for one test; triton runs under the interpreter (as tests/test_triton_provider.py)."""
+    """FD_MOE_OPS_PROVIDER for one test; triton runs under the interpreter."""
     name = request.param
     if name == "triton":
-        torch = pytest.importorskip("torch")
-        pytest.importorskip("triton")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-        from backend.ops.triton import launch
-        if not launch.interpreting():
-            pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET was 0 before the run)")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        request.addfinalizer(lambda: torch.set_num_threads(threads))
+        _interpreter(request, monkeypatch)
     monkeypatch.setenv("FD_MOE_OPS_PROVIDER", name)
     ops.reset_provider_cache()
     yield name
@@ -170,3 +181,42 @@ def test_record_keeps_the_first_error_and_mode_validation(monkeypatch):
     assert BlackwellGemmFusedMoeMethod(config).checks == "deferred"
     monkeypatch.setenv("FD_MOE_DEFERRED_CHECKS", "0")
     assert BlackwellGemmFusedMoeMethod(config).checks == "eager"
+
+
+def test_triton_launch_chain_records_and_drops(interpreter):
+    """backend.ops.triton.chain.HtChain (the chain tests/test_gpu_graph.py captures in a CUDA graph), eagerly under
+    the interpreter: a planted bad id, then an expert over M, raise nothing in run(); check() raises eager mode's
+    message once; the output equals the chain on the routing with the dropped entries set to -1, bit for bit."""
+    torch = interpreter
+    from backend.ops.triton.chain import HtChain, dropped_ids, random_chain
+    ch = random_chain(12, 256, 128, 4, 2, "cpu", headroom=1)
+    good = ch.topk_ids.clone()
+
+    def reference(ids):
+        other = HtChain(ch.x, ids, ch.topk_weights, ch.w_up, ch.sfb_up, ch.w_dn, ch.sfb_dn, ch.m)
+        out = other.run()
+        other.check()                                            # nothing recorded on the kept routing
+        return out
+
+    ch.run()
+    ch.check()
+    bad = good.clone()
+    bad[5, 1] = 7
+    ch.topk_ids.copy_(bad)
+    out = ch.run()
+    with pytest.raises(ValueError) as err:
+        ch.check()
+    assert str(err.value) == "topk_ids: expected expert ids in [-1, 4) (num_local_experts = 4), got 7 at index (5, 1)"
+    ch.check()
+    assert torch.equal(out.view(torch.int16), reference(dropped_ids(bad, 4, ch.m)).view(torch.int16))
+    over = good.clone()
+    over[~(over == 0).any(dim=1), 0] = 0                         # all 12 tokens to expert 0, M < 12
+    assert ch.m < 12
+    ch.topk_ids.copy_(over)
+    out = ch.run()
+    with pytest.raises(ValueError) as err:
+        ch.check()
+    assert str(err.value) == f"topk_ids: expert 0 receives 12 rows, more than max_token_num = {ch.m}"
+    kept = dropped_ids(over, 4, ch.m)
+    assert int((kept == -1).sum()) == 12 - ch.m
+    assert torch.equal(out.view(torch.int16), reference(kept).view(torch.int16))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import paddle
 
-from moe_ref.checks import (check_dim, check_finite, check_ids_in_range, check_positive_int, check_tensor,
-                            expert_overflow_message, first_index)
+from moe_ref.checks import check_dim, check_finite, check_ids_in_range, check_positive_int, check_tensor, first_index
+from moe_ref.messages import expert_overflow_message
 from moe_ref.fp8 import BYTES_PER_WORD, UE8M0_NAN, align, dtype_view
 from moe_ref.constants import MX_GROUP_SIZE, RECIPE_GROUP_SIZES, num_scale_groups, packed_words
 from moe_ref.quant import GROUP_SIZE

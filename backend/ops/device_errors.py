@@ -15,13 +15,15 @@ the record was cleared wins (later ones leave it alone), in the order eager mode
     BAD_LOCAL_ID   a, b = (t, k) index in topk_ids, c = the id, d = E             (the permute)
     OVERFLOW       a = expert (the first over M), b = its count, c = M            (the permute)
 
-Importing this module imports neither Paddle nor torch (the triton launcher reads the layout from here); the
-Paddle recorders import Paddle when called.
+Importing this module imports neither Paddle nor torch (the triton launcher reads the layout from here, and
+`message` formats a torch record on a machine without Paddle); the Paddle recorders import Paddle when called.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+
+from moe_ref.messages import expert_overflow_message, id_out_of_range_message, repeated_expert_message
 
 RECORD_LEN = 5
 NONE, BAD_GLOBAL_ID, REPEAT, BAD_LOCAL_ID, OVERFLOW = range(5)
@@ -47,7 +49,6 @@ def check_record(errors, name: str = "errors") -> None:
 
 def message(values) -> str | None:
     """The eager-mode message of a record read back to the host (a sequence of RECORD_LEN ints), None if clear."""
-    from moe_ref.checks import expert_overflow_message, id_out_of_range_message, repeated_expert_message
     code, a, b, c, d = (int(v) for v in values)
     if code == BAD_GLOBAL_ID:
         return id_out_of_range_message("topk_ids", "global expert ids", f"num_experts = {d}", "", c, (a, b))
@@ -62,8 +63,9 @@ def message(values) -> str | None:
 
 
 def raise_recorded(errors) -> None:
-    """Read the record (one synchronization), clear it, and raise its ValueError (eager mode's message) if any."""
-    values = [int(v) for v in errors.numpy().tolist()]
+    """Read the record (a Paddle or torch tensor; one synchronization), clear it, and raise its ValueError (eager
+    mode's message) if any."""
+    values = [int(v) for v in errors.tolist()]
     text = message(values)
     if text is not None:
         errors.zero_()

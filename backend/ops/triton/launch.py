@@ -77,6 +77,14 @@ def per_token_quant(x: torch.Tensor, block_size: int = GROUP_SIZE, use_ue8m0: bo
 
 # ----------------------------------------------------------------------------- §5
 
+def byte_words(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., G] -> int32 [..., ceil(G/4)], 4 bytes to a word little-endian, zero-padded."""
+    pad = -int(b.shape[-1]) % 4
+    if pad:
+        b = torch.nn.functional.pad(b, (0, pad))
+    return b.contiguous().view(torch.int32)
+
+
 def _row_view(x: torch.Tensor) -> torch.Tensor:
     """Contiguous [W, H] of any dtype -> its bytes as int32 words per row when they divide, else uint8.
     An empty x gets standard strides first (torch calls any empty tensor contiguous, whatever its strides,

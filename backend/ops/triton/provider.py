@@ -155,21 +155,12 @@ def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_token
 # Composed of this provider's own kernels (permute / SwiGLU quant, then the SF conversion); one fused kernel
 # each would save a pass over the scales. Equal byte for byte to moe_ref.blackwell_layout (tests).
 
-def _byte_words(b):
-    """torch uint8 [W, G] -> int32 [W, ceil(G/4)], 4 bytes to a word little-endian, zero-padded."""
-    import torch
-    pad = -int(b.shape[1]) % 4
-    if pad:
-        b = torch.nn.functional.pad(b, (0, pad))
-    return b.contiguous().view(torch.int32)
-
-
 def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
     e, m = num_local_experts, max_token_num
     L = _launch()
     group = 128 if scale.dtype == paddle.int32 else 32
     words = to_torch(scale)
-    words = words if group == 128 else _byte_words(words)
+    words = words if group == 128 else L.byte_words(words)
     err_t = to_torch(errors)
     px, ps, imap, counts = L.prefill_permute_to_masked_gemm(to_torch(x), words, to_torch(topk_ids), e, m,
                                                             errors=err_t)
