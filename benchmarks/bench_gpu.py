@@ -535,6 +535,37 @@ def chain(w_tok, h, inter, e_num, k_top):
     return res
 
 
+@section("chain_graph")
+def chain_graph(w_tok, h, inter, e_num, k_top):
+    """The ht chain with deferred routing checks (backend.ops.triton.chain.HtChain: no host read), eager vs one
+    CUDA-graph replay: times, output identical, a planted bad id reported by check() after a replay (issue 12)."""
+    from backend.ops.triton.chain import random_chain
+    ch = random_chain(w_tok, h, inter, e_num, k_top, DEV)
+    eager_out = ch.run().clone()
+    ch.check()
+    res = dict(tokens=w_tok, M=ch.m, eager_ms=bench_ms(ch.run), graph_captured=False)
+    if DRY:                                   # no CUDA graphs under the interpreter
+        return res
+    ch.capture()
+    ch.graph.replay()
+    torch.cuda.synchronize()
+    res.update(graph_captured=True, graph_equal=bool(torch.equal(ch.out, eager_out)),
+               replay_ms=bench_ms(ch.graph.replay))
+    good = ch.topk_ids.clone()
+    ch.topk_ids[w_tok // 2, k_top - 1] = e_num + 3
+    ch.graph.replay()
+    try:
+        ch.check()
+        res["bad_id_reported"] = None
+    except ValueError as err:
+        res["bad_id_reported"] = str(err)
+    ch.topk_ids.copy_(good)
+    ch.graph.replay()
+    res["graph_equal_after_restore"] = bool(torch.equal(ch.out, eager_out))
+    log(res)
+    return res
+
+
 # ----------------------------------------------------------------------------- compiled-kernel report
 
 @section("compiled")
@@ -641,7 +672,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: gemm,memory,chain")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: gemm,memory,chain,chain_graph")
+    ap.add_argument("--graph", action="store_true", help="only the chain_graph section (the ht chain with deferred "
+                    "routing checks, eager vs CUDA-graph replay); skip it otherwise with --skip chain_graph")
     ap.add_argument("--ncu", action="store_true", help="after the run, profile the chosen GEMM config with ncu")
     ap.add_argument("--ncu-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -652,6 +685,8 @@ def main():
     DEV = "cpu" if DRY else "cuda"
     OUT_PATH = pathlib.Path(args.out) if args.out else None
     skip = set(filter(None, args.skip.split(",")))
+    if args.graph:
+        skip |= {"memory", "gemm", "chain"}
     torch.manual_seed(0)
     environment()
     cp = copy_ceiling() or {}
@@ -669,6 +704,8 @@ def main():
         gemm_bench(shapes, e_num, m_cap, fills)
     if "chain" not in skip:
         chain(**ch)
+    if "chain_graph" not in skip:
+        chain_graph(**ch)
     compiled_report()
     RESULTS["elapsed_s"] = time.time() - T0
     save()
