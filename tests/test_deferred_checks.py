@@ -220,3 +220,28 @@ def test_triton_launch_chain_records_and_drops(interpreter):
     kept = dropped_ids(over, 4, ch.m)
     assert int((kept == -1).sum()) == 12 - ch.m
     assert torch.equal(out.view(torch.int16), reference(kept).view(torch.int16))
+
+
+@pytest.mark.parametrize("w, e, k_top, m", [(1000, 32, 8, 260), (1000, 32, 8, 240), (37, 3, 2, 30), (5, 6, 4, 2)])
+def test_triton_index_step_matches_paddle_across_chunks(interpreter, w, e, k_top, m):
+    """The two-launch index step (count kernel, slot kernel with the per-program prefix and program 0's totals):
+    map and counts bit-equal to the paddle provider's permute on the same routing, with planted bad ids and,
+    where m is small, overflowing experts; at W = 1000, K_top = 8, E = 32 there are 63 chunks of 16 tokens, more
+    than one tile (32 rows) of the prefix sum. The record holds the contract's first error."""
+    torch = interpreter
+    from backend.ops.triton import launch as L
+    rng = np.random.default_rng(w + m)
+    ids = np.stack([rng.permutation(e)[:k_top] for _ in range(w)]).astype(np.int64)
+    ids[rng.random(ids.shape) < 0.1] = -1
+    ids[w // 2, 0], ids[w - 1, k_top - 1] = e + 1, -7                # bad ids
+    errors = torch.zeros(device_errors.RECORD_LEN, dtype=torch.int64)
+    imap, counts, problems = L.permute_indices(torch.from_numpy(ids), e, m, check=False, errors=errors)
+    x = paddle.zeros([w, 128], dtype=paddle.bfloat16)
+    rec = device_errors.new_record()
+    _, _, imap_p, counts_p = ops.get_provider("paddle").prefill_permute_to_masked_gemm(
+        x, None, paddle.to_tensor(ids), e, m, errors=rec)
+    np.testing.assert_array_equal(imap.numpy(), imap_p.numpy())
+    np.testing.assert_array_equal(counts.numpy(), counts_p.numpy().reshape(-1))
+    assert errors.tolist() == rec.numpy().tolist()
+    routed = np.bincount(ids[(ids >= 0) & (ids < e)], minlength=e)
+    assert problems.tolist() == [2, int(routed.max()), int(np.argmax(routed))]

@@ -126,43 +126,18 @@ def _raise_on_bad_routing(problems: torch.Tensor, e_num: int, m: int) -> None:
         raise ValueError(f"topk_ids: expert {ex} receives {worst} rows, more than max_token_num = {m}")
 
 
-def _record_first(errors: torch.Tensor, candidate: torch.Tensor) -> None:
-    """errors := candidate where errors is clear and candidate holds an error; device ops only."""
-    take = (errors[0] == DE.NONE) & (candidate[0] != DE.NONE)
-    errors.copy_(torch.where(take, candidate, errors))
-
-
-def record_routing_errors(errors: torch.Tensor, ids: torch.Tensor, routed: torch.Tensor, e_num: int, m: int) -> None:
-    """errors int64 [RECORD_LEN] (`backend.ops.device_errors` layout): the first id outside [-1, E) of ids
-    [W, K_top] (code BAD_LOCAL_ID), then the first expert whose routed count (before clamping) exceeds m
-    (OVERFLOW). No host read: scalars reach the record by device copies (graph-capturable)."""
-    flat = ids.reshape(-1).to(torch.int64)
-    k_top = max(1, ids.shape[1])
-    if flat.numel():
-        bad = (flat < -1) | (flat >= e_num)
-        at = torch.argmax(bad.to(torch.int32)).view(1)
-        cand = torch.zeros(DE.RECORD_LEN, dtype=torch.int64, device=ids.device)
-        cand[0], cand[4] = DE.BAD_LOCAL_ID, e_num
-        cand[1:2], cand[2:3], cand[3:4] = at // k_top, at % k_top, flat.index_select(0, at)
-        _record_first(errors, cand * bad.any())
-    over = routed.to(torch.int64) > m
-    ex = torch.argmax(over.to(torch.int32)).view(1)
-    cand = torch.zeros(DE.RECORD_LEN, dtype=torch.int64, device=ids.device)
-    cand[0], cand[3] = DE.OVERFLOW, m
-    cand[1:2], cand[2:3] = ex, routed.to(torch.int64).index_select(0, ex)
-    _record_first(errors, cand * over.any())
-
-
 def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int, check: bool = True,
                     errors: torch.Tensor | None = None):
     """topk_ids [W, K_top] -> (indice_map [W, K_top] int32 = e·M + slot or -1, counts [E] int32).
 
-    Count kernel (per chunk of tokens, per expert) -> exclusive prefix over chunks -> slot kernel
-    (rank inside the chunk from a cumulative one-hot sum): token-major-then-k order, no atomics.
+    Two launches, no atomics, no host read: a count kernel (per chunk of tokens, per expert), then a slot kernel
+    (each program sums the counts of the chunks before its own, ranks inside its chunk from a cumulative one-hot
+    sum; program 0 also writes the counts, the problems and the record): token-major-then-k order.
     Ids outside [0, E) and entries past M rows of their expert get -1; counts are clamped to M.
     check=True raises ValueError for bad ids / counts > M (one synchronization); check=False returns
-    a third tensor [3] (number of bad ids, largest routed count, its expert) for the caller to check later.
-    errors (int64 [RECORD_LEN]): record the first problem there on the device (`record_routing_errors`).
+    a third tensor [3] int32 (number of bad ids, largest routed count, its expert) for the caller to check later.
+    errors (int64 [RECORD_LEN], `backend.ops.device_errors`): the first bad id, else the first expert over M, is
+    recorded there on the device when it is clear.
     """
     w, k_top = topk_ids.shape
     e_num, m = int(num_local_experts), int(max_token_num)
@@ -174,21 +149,19 @@ def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_nu
     chunks = max(1, triton.cdiv(w, block_w))
     hist = torch.empty((chunks, e_pad), dtype=torch.int32, device=dev)
     bad = torch.empty((chunks,), dtype=torch.int32, device=dev)
-    if w:
-        K.permute_count_kernel[(chunks,)](ids, hist, bad, w, k_top, e_num, ids.stride(0),
-                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
-    else:
-        hist.zero_(), bad.zero_()
-    routed = hist.sum(0, dtype=torch.int32)[:e_num]
-    counts = routed.clamp(max=m).contiguous()
-    problems = torch.stack([bad.sum(dtype=torch.int32), routed.max(), torch.argmax(routed).to(torch.int32)])
-    offsets = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()
+    first = torch.empty((chunks,), dtype=torch.int32, device=dev)
+    counts = torch.empty((e_num,), dtype=torch.int32, device=dev)
+    problems = torch.empty((3,), dtype=torch.int32, device=dev)
     indice_map = torch.empty((w, k_top), dtype=torch.int32, device=dev)
     if w:
-        K.permute_slot_kernel[(chunks,)](ids, offsets, indice_map, w, k_top, e_num, m, ids.stride(0),
-                                         BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
-    if errors is not None:
-        record_routing_errors(errors, ids, routed, e_num, m)
+        K.permute_count_kernel[(chunks,)](ids, hist, bad, first, w, k_top, e_num, ids.stride(0),
+                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
+        K.permute_slot_kernel[(chunks,)](ids, hist, bad, first, indice_map, counts, problems,
+                                         errors if errors is not None else problems, w, k_top, e_num, m, ids.stride(0),
+                                         BLOCK_W=block_w, KP=kp, E_PAD=e_pad, CB=32, RECORD=errors is not None,
+                                         BAD_ID_CODE=DE.BAD_LOCAL_ID, OVERFLOW_CODE=DE.OVERFLOW)
+    else:
+        counts.zero_(), problems.zero_()
     if check:
         _raise_on_bad_routing(problems, e_num, m)
         return indice_map, counts
