@@ -350,10 +350,15 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
     ok_scale = bool(torch.equal(ps_c[dst], s[src])) and bool((ps_c[~live] == 0).all())
     ms = bench_ms(lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap))
     ms_idx = bench_ms(lambda: L.permute_indices(ids, e_num, m_cap))
+    err = torch.zeros(5, dtype=torch.int64, device=DEV)             # backend.ops.device_errors record
+    ms_deferred = bench_ms(lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap, errors=err))
+    ms_idx_deferred = bench_ms(lambda: L.permute_indices(ids, e_num, m_cap, check=False, errors=err))
     ms_rows = bench_ms(lambda: L.permute_rows(q, s, imap, counts.flatten(), e_num, m_cap))
     nbytes = t_tok * h + s.numel() * 4 + e_num * m_cap * h + ps.numel() * 4 + imap.numel() * 4 * 2 + ids.numel() * 8
     record("prefill_permute", ms, nbytes, correct_map=ok_map, correct_rows=ok_rows, zero_tail=ok_zero,
-           correct_scale=ok_scale, M=m_cap, indices_ms=ms_idx, rows_ms=ms_rows,
+           correct_scale=ok_scale, M=m_cap, indices_ms=ms_idx, rows_ms=ms_rows, deferred_ms=ms_deferred,
+           indices_deferred_ms=ms_idx_deferred, deferred_ratio_to_copy=None if copy_tbs is None else
+           nbytes / ms_deferred / 1e9 / copy_tbs, deferred_record_clear=not any(err.tolist()),
            rows_tb_per_s=(nbytes - imap.numel() * 4 * 2 - ids.numel() * 8) / ms_rows / 1e9, valid_rows=int(valid.sum()),
            note="bytes: x read once, all E*M rows written (copies + zero tail), scales, map; includes one host sync")
 
