@@ -525,12 +525,14 @@ class BlackwellGemmFusedMoeMethod:
     @staticmethod
     def _permute(provider, gen, x_q, x_scale, topk_ids, e, m, errors):
         """-> (a [E·M, H] fp8, sfa uint8 CUTLASS SF, indice_map [W, K_top] int32, counts [E, 1] int32).
-        errors: the deferred record (routing errors recorded there, no host read) or None (eager)."""
+        errors: the deferred record (routing errors recorded there, no host read) or None (eager: the call has
+        upstream's arguments only, so a wrapped or upstream-shaped provider sees what it always saw)."""
+        deferred = {} if errors is None else {"errors": errors}
         if gen == "develop":
             return provider.prefill_permute_to_blackwell_masked_gemm(x_q, x_scale, topk_ids, e, m,
-                                                                     errors=errors)  # BW:99
+                                                                     **deferred)  # BW:99
         permute_x, permute_scale, indice_map, counts = provider.prefill_permute_to_masked_gemm(
-            x_q, x_scale, topk_ids, e, m, errors=errors)                                      # #7053 BW:91
+            x_q, x_scale, topk_ids, e, m, **deferred)                                         # #7053 BW:91
         sfa = provider.unpack_and_convert_scale(permute_scale, counts)                        # #7053 BW:534
         return permute_x.reshape([e * m, int(x_q.shape[1])]), sfa, indice_map, counts
 
