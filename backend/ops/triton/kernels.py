@@ -214,7 +214,7 @@ def _permute_totals(ids_ptr, hist_ptr, bad_ptr, first_ptr, counts_ptr, problems_
     tl.store(counts_ptr + e, tl.minimum(routed, M), mask=e < E)
     c = tl.arange(0, CB)
     n_bad = tl.zeros((CB,), dtype=tl.int32)
-    first = tl.full((CB,), W * K_TOP, dtype=tl.int32)
+    first = tl.zeros((CB,), dtype=tl.int32) + W * K_TOP                          # W·K_TOP: none
     for c0 in range(0, CHUNKS, CB):
         n_bad += tl.load(bad_ptr + c0 + c, mask=c0 + c < CHUNKS, other=0)
         first = tl.minimum(first, tl.load(first_ptr + c0 + c, mask=c0 + c < CHUNKS, other=W * K_TOP))
