@@ -245,3 +245,41 @@ def test_triton_index_step_matches_paddle_across_chunks(interpreter, w, e, k_top
     assert errors.tolist() == rec.numpy().tolist()
     routed = np.bincount(ids[(ids >= 0) & (ids < e)], minlength=e)
     assert problems.tolist() == [2, int(routed.max()), int(np.argmax(routed))]
+
+
+def test_deferred_contract_checks_and_recorders_read_nothing_back(monkeypatch):
+    """Inside device_errors.deferred(), the contract's checks of the develop chain's ops (quant, permute with a
+    record, GEMM, SwiGLU + quant, combine) and the method's routing recorders never read a tensor value on the
+    host: every Tensor -> Python conversion is patched to raise. (Eager, the same checks do read: the last
+    assert.)"""
+    from backend.ops._checks import CHECKS
+    p = ops.get_provider("paddle")
+    e, m, h, i2, w, k_top = 2, 4, 128, 256, 3, 2
+    x = paddle.ones([w, h], dtype=paddle.bfloat16)
+    xq, s = p.per_token_quant(x, 128, True)
+    ids = paddle.to_tensor([[0, 1], [1, -1], [0, 1]])
+    rec = device_errors.new_record()
+    a, sfa, imap, counts = p.prefill_permute_to_blackwell_masked_gemm(xq, s, ids, e, m, errors=rec)
+    b = paddle.zeros([e, i2, h], dtype=paddle.uint8).view(paddle.float8_e4m3fn)
+    sfb = paddle.full([e, 256, 16], 127, dtype=paddle.uint8)
+    up = paddle.zeros([e * m, i2], dtype=paddle.bfloat16)
+    calls = [("per_token_quant", (x, 128, True), {}),
+             ("prefill_permute_to_blackwell_masked_gemm", (xq, s, ids, e, m), dict(errors=rec)),
+             ("group_gemm_masked", (a, b, sfa, sfb, counts, up, None, m, -1, "w8a8"),
+              dict(sfb_per_block=True, sfb_prepared=None)),
+             ("fused_mask_swiglu_fp8_quant_blackwell", (up, counts), dict(group_size=128)),
+             ("depermute_prefill_combine", (up.reshape([e, m, i2]), imap, paddle.ones([w, k_top]), w), {})]
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "__int__", "__float__", "__index__", "numpy", "tolist", "item"):
+            patch.setattr(paddle.Tensor, name, host_read)
+        with device_errors.deferred():
+            for name, args, kwargs in calls:
+                CHECKS[name](*args, **kwargs)
+            device_errors.record_bad_ids(rec, ids, 4, device_errors.BAD_GLOBAL_ID)
+            device_errors.record_repeats(rec, ids)
+        with pytest.raises(AssertionError, match="read on the host"):
+            CHECKS["per_token_quant"](x, 128, True)
