@@ -6,6 +6,7 @@
 | `FD_USE_DEEP_GEMM`      | 0, 1 | 0 | otherwise: DeepGEMM fused-MoE method (upstream's; not implemented here) |
 | `FD_MOE_OPS_PROVIDER`   | auto, blackwell_ops, deep_gemm, paddle, triton | auto | which provider `backend.ops.get_provider()` returns |
 | `FD_BLACKWELL_OPS_GENERATION` | auto, 7053, develop | auto | which upstream generation of `blackwell_ops` the `blackwell_ops` provider calls (auto: detected from the installed package) |
+| `FD_MOE_DEFERRED_CHECKS` | 0, 1 | 0 | `BlackwellGemmFusedMoeMethod`'s default check mode: 1 = "deferred" (routing errors recorded on the device, raised by `check_errors()`; no host synchronization for them), 0 = "eager" (raised at once) |
 | `FD_USE_PFCC_DEEP_EP`   | 0, 1 | 0 | `DeepEPRunner` imports PFCC's DeepEP (`paddlefleet.ops.deep_ep`, else `deep_ep`) under `paddle.enable_compat`, as upstream's `load_deep_ep` (ep.py:33-65) |
 
 Mapping to upstream FastDeploy (PR #7053):
@@ -103,6 +104,11 @@ def use_pfcc_deep_ep() -> bool:
     return _read_switch("FD_USE_PFCC_DEEP_EP")
 
 
+def use_deferred_checks() -> bool:
+    """FD_MOE_DEFERRED_CHECKS as a bool (unset = False); ValueError for anything but 0/1."""
+    return _read_switch("FD_MOE_DEFERRED_CHECKS")
+
+
 def get_blackwell_ops_generation() -> str:
     """FD_BLACKWELL_OPS_GENERATION: one of auto | 7053 | develop (unset or empty = auto); ValueError otherwise."""
     return _read_choice(GENERATION_VAR, GENERATIONS, "auto")
@@ -112,6 +118,7 @@ _READERS = {
     "FD_USE_BLACKWELL_GEMM": use_blackwell_gemm,
     "FD_USE_DEEP_GEMM": use_deep_gemm,
     "FD_USE_PFCC_DEEP_EP": use_pfcc_deep_ep,
+    "FD_MOE_DEFERRED_CHECKS": use_deferred_checks,
     "FD_MOE_OPS_PROVIDER": get_ops_provider_name,
     "FD_BLACKWELL_OPS_GENERATION": get_blackwell_ops_generation,
 }

@@ -350,10 +350,15 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
     ok_scale = bool(torch.equal(ps_c[dst], s[src])) and bool((ps_c[~live] == 0).all())
     ms = bench_ms(lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap))
     ms_idx = bench_ms(lambda: L.permute_indices(ids, e_num, m_cap))
+    err = torch.zeros(5, dtype=torch.int64, device=DEV)             # backend.ops.device_errors record
+    ms_deferred = bench_ms(lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap, errors=err))
+    ms_idx_deferred = bench_ms(lambda: L.permute_indices(ids, e_num, m_cap, check=False, errors=err))
     ms_rows = bench_ms(lambda: L.permute_rows(q, s, imap, counts.flatten(), e_num, m_cap))
     nbytes = t_tok * h + s.numel() * 4 + e_num * m_cap * h + ps.numel() * 4 + imap.numel() * 4 * 2 + ids.numel() * 8
     record("prefill_permute", ms, nbytes, correct_map=ok_map, correct_rows=ok_rows, zero_tail=ok_zero,
-           correct_scale=ok_scale, M=m_cap, indices_ms=ms_idx, rows_ms=ms_rows,
+           correct_scale=ok_scale, M=m_cap, indices_ms=ms_idx, rows_ms=ms_rows, deferred_ms=ms_deferred,
+           indices_deferred_ms=ms_idx_deferred, deferred_ratio_to_copy=None if copy_tbs is None else
+           nbytes / ms_deferred / 1e9 / copy_tbs, deferred_record_clear=not any(err.tolist()),
            rows_tb_per_s=(nbytes - imap.numel() * 4 * 2 - ids.numel() * 8) / ms_rows / 1e9, valid_rows=int(valid.sum()),
            note="bytes: x read once, all E*M rows written (copies + zero tail), scales, map; includes one host sync")
 
@@ -535,6 +540,37 @@ def chain(w_tok, h, inter, e_num, k_top):
     return res
 
 
+@section("chain_graph")
+def chain_graph(w_tok, h, inter, e_num, k_top):
+    """The ht chain with deferred routing checks (backend.ops.triton.chain.HtChain: no host read), eager vs one
+    CUDA-graph replay: times, output identical, a planted bad id reported by check() after a replay (issue 12)."""
+    from backend.ops.triton.chain import random_chain
+    ch = random_chain(w_tok, h, inter, e_num, k_top, DEV)
+    eager_out = ch.run().clone()
+    ch.check()
+    res = dict(tokens=w_tok, M=ch.m, eager_ms=bench_ms(ch.run), graph_captured=False)
+    if DRY:                                   # no CUDA graphs under the interpreter
+        return res
+    ch.capture()
+    ch.graph.replay()
+    torch.cuda.synchronize()
+    res.update(graph_captured=True, graph_equal=bool(torch.equal(ch.out, eager_out)),
+               replay_ms=bench_ms(ch.graph.replay))
+    good = ch.topk_ids.clone()
+    ch.topk_ids[w_tok // 2, k_top - 1] = e_num + 3
+    ch.graph.replay()
+    try:
+        ch.check()
+        res["bad_id_reported"] = None
+    except ValueError as err:
+        res["bad_id_reported"] = str(err)
+    ch.topk_ids.copy_(good)
+    ch.graph.replay()
+    res["graph_equal_after_restore"] = bool(torch.equal(ch.out, eager_out))
+    log(res)
+    return res
+
+
 # ----------------------------------------------------------------------------- compiled-kernel report
 
 @section("compiled")
@@ -641,7 +677,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: gemm,memory,chain")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: gemm,memory,chain,chain_graph")
+    ap.add_argument("--graph", action="store_true", help="only the chain_graph section (the ht chain with deferred "
+                    "routing checks, eager vs CUDA-graph replay); skip it otherwise with --skip chain_graph")
     ap.add_argument("--ncu", action="store_true", help="after the run, profile the chosen GEMM config with ncu")
     ap.add_argument("--ncu-one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -652,6 +690,8 @@ def main():
     DEV = "cpu" if DRY else "cuda"
     OUT_PATH = pathlib.Path(args.out) if args.out else None
     skip = set(filter(None, args.skip.split(",")))
+    if args.graph:
+        skip |= {"memory", "gemm", "chain"}
     torch.manual_seed(0)
     environment()
     cp = copy_ceiling() or {}
@@ -669,6 +709,8 @@ def main():
         gemm_bench(shapes, e_num, m_cap, fills)
     if "chain" not in skip:
         chain(**ch)
+    if "chain_graph" not in skip:
+        chain_graph(**ch)
     compiled_report()
     RESULTS["elapsed_s"] = time.time() - T0
     save()

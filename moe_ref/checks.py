@@ -9,6 +9,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ._paddle import paddle
+from .messages import id_out_of_range_message, repeated_expert_message
 
 FLOAT_DTYPES = (paddle.float32, paddle.float16, paddle.bfloat16, paddle.float64)
 INT_DTYPES = (paddle.int32, paddle.int64)
@@ -90,8 +91,8 @@ def check_ids_in_range(ids: paddle.Tensor, name: str, upper: int, what: str, bou
     bad = paddle.logical_or(ids < -1, ids >= upper)
     if bool(bad.any()):
         at = first_index(bad)
-        raise ValueError(f"{name}: expected {what} in [-1, {bound if bound is not None else upper}){note}, "
-                         f"got {int(ids[at])} at index {at}")
+        raise ValueError(id_out_of_range_message(name, what, bound if bound is not None else upper, note,
+                                                 int(ids[at]), at))
     return ids
 
 
@@ -110,5 +111,4 @@ def check_distinct_experts(ids: paddle.Tensor, name: str) -> None:
         t, j = first_index(same)
         expert = int(srt[t, j])
         where = [k for k, v in enumerate(ids[t].astype(paddle.int64).tolist()) if v == expert]
-        raise ValueError(f"{name}: token {t} repeats expert {expert} at top-k positions {where}; "
-                         f"each token's experts must be distinct")
+        raise ValueError(repeated_expert_message(name, t, expert, where))

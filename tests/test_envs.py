@@ -3,9 +3,9 @@ import pytest
 
 from backend import envs
 
-SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM", "FD_USE_PFCC_DEEP_EP")
+SWITCHES = ("FD_USE_BLACKWELL_GEMM", "FD_USE_DEEP_GEMM", "FD_USE_PFCC_DEEP_EP", "FD_MOE_DEFERRED_CHECKS")
 READERS = {"FD_USE_BLACKWELL_GEMM": envs.use_blackwell_gemm, "FD_USE_DEEP_GEMM": envs.use_deep_gemm,
-           "FD_USE_PFCC_DEEP_EP": envs.use_pfcc_deep_ep}
+           "FD_USE_PFCC_DEEP_EP": envs.use_pfcc_deep_ep, "FD_MOE_DEFERRED_CHECKS": envs.use_deferred_checks}
 
 
 @pytest.mark.parametrize("name", SWITCHES)

@@ -30,6 +30,8 @@ method reads from upstream's layer (tracker, routing attributes, sizes) in `back
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import paddle
 
@@ -38,7 +40,8 @@ from moe_ref.constants import GROUP_SIZE, num_scale_groups
 from moe_ref.cutlass_sf import SF_VEC_SIZE, unswizzle
 from moe_ref.fp8 import ue8m0_decode
 
-from .. import ops
+from .. import envs, ops
+from ..ops import device_errors
 from .memory import forward_buffer_bytes
 from .quantize import (dequantize_weight_blocks, pack_row_scales_ue8m0, quantize_tokens, quantize_weight_blocks_ue8m0,
                        swap_last_two)
@@ -114,12 +117,31 @@ class BlackwellGemmFusedMoeMethod:
     float32 row-major, and there is no X_weight_scale_ue8m0. The tp and ht paths run it with develop's fused ops
     (ht through `prefill_permute_to_blackwell_masked_gemm`, #7666's unfused branch: its fused one lives in a DeepEP
     fork that is not public); ll raises NotImplementedError for the same reason.
+
+    Check modes (`checks`, README "Failure modes"): "eager" (the default) raises a routing error (an expert id out
+    of range, a token repeating an expert, an expert receiving more than M rows) inside `apply`, each check costing
+    one host synchronization. "deferred" (or FD_MOE_DEFERRED_CHECKS=1 when `checks` is not given) reads nothing
+    back: those errors are recorded in `self.device_errors` (int64 [5], `backend.ops.device_errors`) on the
+    device, the offending rows are dropped (bad ids and rows past M neither written nor combined; every valid row
+    bit-equal to eager), and `raise_deferred_errors()` (e.g. after the step or after a CUDA-graph replay) raises
+    the first one with eager mode's message. The contract's value checks of the chain's own intermediates
+    (finite x and GEMM-1 output, counts, scale bytes, combine map) are skipped in deferred mode; a non-finite
+    value then shows as NaN / inf in the output instead of a ValueError. Deferred needs the triton or paddle
+    provider (the compiled permutes cannot record: NotImplementedError).
     """
 
     QUANT_GROUP_SIZES = (GROUP_SIZE, SF_VEC_SIZE)     # 1x128 (#7053, develop) and 1x32 (#7666, tp and ht)
+    CHECK_MODES = ("eager", "deferred")
 
-    def __init__(self, quant_config) -> None:
+    def __init__(self, quant_config, checks: str | None = None) -> None:
         self.quant_config = quant_config
+        if checks is None:
+            checks = "deferred" if envs.use_deferred_checks() else "eager"
+        if checks not in self.CHECK_MODES:
+            raise ValueError(f"checks: expected one of {', '.join(self.CHECK_MODES)} (or None: "
+                             f"FD_MOE_DEFERRED_CHECKS), got {checks!r}")
+        self.checks = checks
+        self.device_errors: paddle.Tensor | None = None    # the deferred record, made on the first deferred apply
         self.last_provider_name: str | None = None
         self.last_path: str | None = None
         self.model_format: str | None = None
@@ -402,10 +424,37 @@ class BlackwellGemmFusedMoeMethod:
         check_dim(topk_ids, 0, t, "topk_ids", "T (rows of x)")
         check_dim(topk_ids, 1, layer.top_k, "topk_ids", "K_top (layer.top_k)")
         check_same_shape(topk_weights, "topk_weights", topk_ids, "topk_ids")
+        if self.checks == "deferred":
+            return topk_weights, self._record_routing(layer, topk_ids)
         ids = check_ids_in_range(topk_ids, "topk_ids", layer.num_experts, "global expert ids",
                                  f"num_experts = {layer.num_experts}")
         check_distinct_experts(ids, "topk_ids")
         return topk_weights, ids
+
+    def _record_routing(self, layer, topk_ids):
+        """Deferred form of the routing checks above: record the first bad global id, then the first repeat, on
+        the device; ids outside [-1, num_experts) become -1 (dropped) -> int64 ids."""
+        errors = self._error_record(topk_ids.place)
+        device_errors.record_bad_ids(errors, topk_ids, layer.num_experts, device_errors.BAD_GLOBAL_ID)
+        device_errors.record_repeats(errors, topk_ids)
+        ids = topk_ids.astype(paddle.int64)
+        bad = paddle.logical_or(ids < -1, ids >= layer.num_experts)
+        return paddle.where(bad, paddle.full_like(ids, -1), ids)
+
+    def _error_record(self, place):
+        """The deferred record (made once, on the place of the first deferred forward); None in eager mode."""
+        if self.checks != "deferred":
+            return None
+        if self.device_errors is None:
+            self.device_errors = device_errors.new_record(place)
+        return self.device_errors
+
+    def raise_deferred_errors(self, layer=None) -> None:
+        """Deferred mode: raise the first routing error recorded since the last call (eager mode's ValueError and
+        message), clearing the record; one host synchronization. Nothing recorded (or eager mode): returns.
+        `layer` is accepted for upstream-style calls (`method.raise_deferred_errors(layer)`), not needed."""
+        if self.device_errors is not None:
+            device_errors.raise_recorded(self.device_errors)
 
     def _forward(self, layer, x, gate, topk_ids_hookfunc, shared_experts, fc1_latent_proj, fc2_latent_proj, path,
                  runner):
@@ -424,12 +473,13 @@ class BlackwellGemmFusedMoeMethod:
         gen = ops.ops_generation()      # "7053" | "develop": which chain (module docstring)
         self._check_recipe(path, gen)
         self.last_provider_name, self.last_path = provider.name, path
-        if path == "ht":
-            out = self._apply_ht(provider, gen, layer, h_in, topk_weights, topk_ids, runner)
-        elif path == "ll":
-            out = self._apply_ll(provider, gen, layer, h_in, topk_weights, topk_ids, runner)
-        else:
-            out = self._apply_tp(provider, gen, layer, h_in, topk_weights, topk_ids)
+        with device_errors.deferred() if self.checks == "deferred" else contextlib.nullcontext():
+            if path == "ht":
+                out = self._apply_ht(provider, gen, layer, h_in, topk_weights, topk_ids, runner)
+            elif path == "ll":
+                out = self._apply_ll(provider, gen, layer, h_in, topk_weights, topk_ids, runner)
+            else:
+                out = self._apply_tp(provider, gen, layer, h_in, topk_weights, topk_ids)
         if fc2_latent_proj is not None:
             out = fc2_latent_proj(out)
         return out if shared_experts is None else _add(out, shared_experts(x))
@@ -452,7 +502,8 @@ class BlackwellGemmFusedMoeMethod:
             return paddle.zeros([0, layer.hidden_size], dtype=paddle.bfloat16)
         x_q, x_scale = quantize_tokens(provider, x, True, self.group_size)
         m = t               # no dispatch: an expert sees at most every token once
-        a, sfa, indice_map, counts = self._permute(provider, gen, x_q, x_scale, topk_ids, layer.num_local_experts, m)
+        a, sfa, indice_map, counts = self._permute(provider, gen, x_q, x_scale, topk_ids, layer.num_local_experts, m,
+                                                   self._error_record(x.place))
         ffn_out = self._experts(provider, gen, layer, a, sfa, counts, m, t * int(topk_ids.shape[1]))
         return provider.depermute_prefill_combine(ffn_out, indice_map, topk_weights, t)
 
@@ -465,7 +516,7 @@ class BlackwellGemmFusedMoeMethod:
         x_q, x_scale = quantize_tokens(provider, x, True, self.group_size)
         d = runner.dispatch(x_q, x_scale, topk_ids, topk_weights, w)
         a, sfa, indice_map, counts = self._permute(provider, gen, d.recv_x, d.recv_x_scale, d.recv_topk_ids,
-                                                   layer.num_local_experts, m)
+                                                   layer.num_local_experts, m, self._error_record(x.place))
         ffn_out = self._experts(provider, gen, layer, a, sfa, counts, m, t * int(topk_ids.shape[1]))
         # all W rows go to the combine, padding rows included (develop BW:799-804; DeepEP checks the row count)
         partial = provider.depermute_prefill_combine(ffn_out, indice_map, d.recv_topk_weights, w)
@@ -481,12 +532,16 @@ class BlackwellGemmFusedMoeMethod:
         return runner.low_latency_combine(ffn_out, topk_ids, topk_weights, handle)
 
     @staticmethod
-    def _permute(provider, gen, x_q, x_scale, topk_ids, e, m):
-        """-> (a [E·M, H] fp8, sfa uint8 CUTLASS SF, indice_map [W, K_top] int32, counts [E, 1] int32)."""
+    def _permute(provider, gen, x_q, x_scale, topk_ids, e, m, errors):
+        """-> (a [E·M, H] fp8, sfa uint8 CUTLASS SF, indice_map [W, K_top] int32, counts [E, 1] int32).
+        errors: the deferred record (routing errors recorded there, no host read) or None (eager: the call has
+        upstream's arguments only, so a wrapped or upstream-shaped provider sees what it always saw)."""
+        deferred = {} if errors is None else {"errors": errors}
         if gen == "develop":
-            return provider.prefill_permute_to_blackwell_masked_gemm(x_q, x_scale, topk_ids, e, m)   # BW:99
+            return provider.prefill_permute_to_blackwell_masked_gemm(x_q, x_scale, topk_ids, e, m,
+                                                                     **deferred)  # BW:99
         permute_x, permute_scale, indice_map, counts = provider.prefill_permute_to_masked_gemm(
-            x_q, x_scale, topk_ids, e, m)                                                     # #7053 BW:91
+            x_q, x_scale, topk_ids, e, m, **deferred)                                         # #7053 BW:91
         sfa = provider.unpack_and_convert_scale(permute_scale, counts)                        # #7053 BW:534
         return permute_x.reshape([e * m, int(x_q.shape[1])]), sfa, indice_map, counts
 

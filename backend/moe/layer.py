@@ -263,6 +263,14 @@ class FusedMoE(paddle.nn.Layer):
         routing = gate_logits if gate_logits is not None else topk
         return self.quant_method.apply(self, x, routing, runner=runner)
 
+    def check_errors(self) -> None:
+        """Raise the first routing error recorded on the device since the last call (the method in "deferred"
+        check mode: `BlackwellGemmFusedMoeMethod.raise_deferred_errors`), with the message eager mode raises in
+        forward; one host synchronization. In eager mode (or with a method without deferred checks) returns."""
+        check = getattr(self.quant_method, "raise_deferred_errors", None)
+        if check is not None:
+            check(self)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, hidden_size={self.hidden_size}, "
                 f"moe_intermediate_size={self.moe_intermediate_size}, ep_size={self.ep_size}, "

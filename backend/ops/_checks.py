@@ -12,11 +12,13 @@ import numpy as np
 import paddle
 
 from moe_ref.checks import check_dim, check_finite, check_ids_in_range, check_positive_int, check_tensor, first_index
+from moe_ref.messages import expert_overflow_message
 from moe_ref.fp8 import BYTES_PER_WORD, UE8M0_NAN, align, dtype_view
 from moe_ref.constants import MX_GROUP_SIZE, RECIPE_GROUP_SIZES, num_scale_groups, packed_words
 from moe_ref.quant import GROUP_SIZE
 
 from .contract import RECIPES
+from .device_errors import check_record, value_checks_on
 from moe_ref.cutlass_sf import SF_TILE_COLS, SF_TILE_ROWS, SF_VEC_SIZE
 
 FP8 = paddle.float8_e4m3fn
@@ -43,14 +45,16 @@ def _check_counts(counts, name: str, num_experts: int, max_rows: int, max_name: 
     check_dim(counts, 0, num_experts, name, "E")
     flat = counts.reshape([-1])
     bad = paddle.logical_or(flat < 0, flat > max_rows)
-    if bool(bad.any()):
+    if value_checks_on() and bool(bad.any()):
         e = first_index(bad)[0]
         raise ValueError(f"{name}: expert {e} has count {int(flat[e])}, expected 0 <= count <= {max_name} = {max_rows}")
     return flat.astype(paddle.int32)
 
 
 def _check_no_nan_byte(words: paddle.Tensor, name: str) -> None:
-    """Packed UE8M0 words: no byte may be 255 (the UE8M0 NaN)."""
+    """Packed UE8M0 words: no byte may be 255 (the UE8M0 NaN); skipped in deferred mode (a host read)."""
+    if not value_checks_on():
+        return
     b = dtype_view(words, paddle.uint8)
     bad = b == UE8M0_NAN
     if bool(bad.any()):
@@ -60,7 +64,9 @@ def _check_no_nan_byte(words: paddle.Tensor, name: str) -> None:
 
 
 def _check_no_nan_bytes(b: paddle.Tensor, name: str) -> None:
-    """UE8M0 bytes (uint8): no byte may be 255 (the UE8M0 NaN)."""
+    """UE8M0 bytes (uint8): no byte may be 255 (the UE8M0 NaN); skipped in deferred mode (a host read)."""
+    if not value_checks_on():
+        return
     bad = b == UE8M0_NAN
     if bool(bad.any()):
         raise ValueError(f"{name}: byte at index {tuple(first_index(bad))} is {UE8M0_NAN} (UE8M0 NaN); "
@@ -69,6 +75,8 @@ def _check_no_nan_bytes(b: paddle.Tensor, name: str) -> None:
 
 def _check_no_nan_sf_bytes(sfa: paddle.Tensor, sfb: paddle.Tensor) -> None:
     """CUTLASS SF bytes (uint8) of both operands: no byte may be 255 (the UE8M0 NaN); one synchronization."""
+    if not value_checks_on():
+        return
     bad_a, bad_b = sfa == UE8M0_NAN, sfb == UE8M0_NAN
     if bool(paddle.logical_or(bad_a.any(), bad_b.any())):
         name, sf = ("sfa", sfa) if bool(bad_a.any()) else ("sfb", sfb)
@@ -79,11 +87,12 @@ def _check_per_token_quant(x, block_size, use_ue8m0):
     check_tensor(x, "x", dtypes=(paddle.bfloat16, paddle.float32), ndim=2)
     block_size = check_positive_int(block_size, "block_size")
     use_ue8m0 = _check_bool(use_ue8m0, "use_ue8m0")
-    check_finite(x, "x")
+    if value_checks_on():
+        check_finite(x, "x")
     return x, block_size, use_ue8m0
 
 
-def _check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num):
+def _check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
     check_tensor(x, "x", dtypes=(FP8, paddle.bfloat16), ndim=2)
     w, h = (int(d) for d in x.shape)
     check_tensor(topk_ids, "topk_ids", dtypes=_INT_IDS, ndim=2)
@@ -100,8 +109,16 @@ def _check_prefill_permute(x, scale, topk_ids, num_local_experts, max_token_num)
             check_dim(scale, 1, -(-s // BYTES_PER_WORD), "scale", "ceil(S/4) (packed UE8M0 scales)")
     elif x.dtype == FP8:
         raise ValueError("scale: expected a [W, S'] scale tensor for fp8 x, got None")
-    _check_routing(topk_ids, e, m)
-    return x, scale, topk_ids, e, m
+    _check_routing_or_record(topk_ids, e, m, errors)
+    return x, scale, topk_ids, e, m, errors
+
+
+def _check_routing_or_record(topk_ids, e: int, m: int, errors) -> None:
+    """Eager (errors None): the routing check now. Deferred: only the record's type (the provider records)."""
+    if errors is None:
+        _check_routing(topk_ids, e, m)
+    else:
+        check_record(errors)
 
 
 def _check_routing(topk_ids, e: int, m: int) -> None:
@@ -112,28 +129,30 @@ def _check_routing(topk_ids, e: int, m: int) -> None:
     counts = paddle.bincount(valid, minlength=e)
     if bool((counts > m).any()):
         ex = first_index(counts > m)[0]
-        raise ValueError(f"topk_ids: expert {ex} receives {int(counts[ex])} rows, more than "
-                         f"max_token_num = {m}")
+        raise ValueError(expert_overflow_message(ex, int(counts[ex]), m))
 
 
-def _check_blackwell_permute(x, scale, topk_ids, num_local_experts, max_token_num):
+def _check_blackwell_permute(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
     check_tensor(x, "x", dtypes=(FP8,), ndim=2)
     w, h = (int(d) for d in x.shape)
     check_tensor(scale, "scale", dtypes=(paddle.int32, paddle.uint8), ndim=2)
     check_dim(scale, 0, w, "scale", "W (rows of x)")
+    deferred = errors is not None      # no host read: the NaN-byte check reads every scale byte
     if scale.dtype == paddle.int32:
         check_dim(scale, 1, packed_words(num_scale_groups(h)), "scale",
                   "ceil(S/4) (packed UE8M0 scales, 1x128 groups)")
-        _check_no_nan_byte(scale, "scale")
+        if not deferred:
+            _check_no_nan_byte(scale, "scale")
     else:
         check_dim(scale, 1, num_scale_groups(h, MX_GROUP_SIZE), "scale", "ceil(H/32) (UE8M0 bytes, 1x32 groups)")
-        _check_no_nan_bytes(scale, "scale")
+        if not deferred:
+            _check_no_nan_bytes(scale, "scale")
     check_tensor(topk_ids, "topk_ids", dtypes=_INT_IDS, ndim=2)
     check_dim(topk_ids, 0, w, "topk_ids", "W (rows of x)")
     e = check_positive_int(num_local_experts, "num_local_experts")
     m = check_positive_int(max_token_num, "max_token_num")
-    _check_routing(topk_ids, e, m)
-    return x, scale, topk_ids, e, m
+    _check_routing_or_record(topk_ids, e, m, errors)
+    return x, scale, topk_ids, e, m, errors
 
 
 def _check_unpack(scale, masked_m):
@@ -212,6 +231,8 @@ def _check_group_gemm(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
 def _check_finite_rows(x: paddle.Tensor, counts: paddle.Tensor, name: str, count_name: str) -> None:
     """x [E, M, L] float: no NaN / inf in rows m < counts[e] (the rows an op reads; the others may hold
     anything), ValueError naming the first; one synchronization."""
+    if not value_checks_on():
+        return
     m = int(x.shape[1])
     valid = paddle.arange(m, dtype=paddle.int32).unsqueeze(0) < counts.unsqueeze(1)
     bad = paddle.logical_and(paddle.logical_not(paddle.isfinite(x)), valid.unsqueeze(-1))
@@ -265,7 +286,8 @@ def _check_group_wise_quant(x, flag, use_swizzle):
     if use_swizzle and (n % SF_TILE_ROWS or kb % SF_TILE_COLS):
         raise ValueError(f"x: use_swizzle needs N a multiple of {SF_TILE_ROWS} and ceil(K/32) a multiple of "
                          f"{SF_TILE_COLS} (whole SfAtom tiles), got shape {list(x.shape)}")
-    check_finite(x, "x")
+    if value_checks_on():
+        check_finite(x, "x")
     return x, flag, use_swizzle
 
 
@@ -279,7 +301,8 @@ def _check_depermute(ffn_out, indice_map, topk_weights, num_worst_tokens):
     if list(topk_weights.shape) != list(indice_map.shape):
         raise ValueError(f"topk_weights: expected shape {list(indice_map.shape)} (as indice_map), "
                          f"got {list(topk_weights.shape)}")
-    check_ids_in_range(indice_map, "indice_map", e * m, "values", note=" (E·M)")
+    if value_checks_on():
+        check_ids_in_range(indice_map, "indice_map", e * m, "values", note=" (E·M)")
     return ffn_out, indice_map, topk_weights, w
 
 

@@ -146,7 +146,15 @@ def _permute_top_k(x, scale) -> tuple[int, ...]:
     return (4, 6, 8) if x.dtype == paddle.bfloat16 and scale.dtype == paddle.float32 else (4, 8)
 
 
-def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+def _no_deferred(errors, name: str) -> None:
+    # the compiled permutes do not record routing errors on the device, and what they write for a bad id or a
+    # row past M is their own: deferred checks need a provider that drops and records (paddle, triton)
+    _need(errors is None, NotImplementedError, f"errors: {name} of the real package cannot record routing errors "
+          f"on the device (deferred checks); expected None (eager checks), or FD_MOE_OPS_PROVIDER=triton | paddle")
+
+
+def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
+    _no_deferred(errors, "prefill_permute_to_masked_gemm")
     fd = _package(FD_OPS)
     _need(scale is not None, ValueError, f"scale: {FD_OPS}.prefill_permute_to_masked_gemm needs a [W, S'] scale "
           f"tensor, got None")
@@ -214,7 +222,8 @@ def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
     return out
 
 
-def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
+    _no_deferred(errors, "prefill_permute_to_blackwell_masked_gemm")
     op = _develop_op("prefill_permute_to_blackwell_masked_gemm")
     return tuple(op(x, scale, topk_ids.astype(paddle.int64), num_local_experts, max_token_num))
 

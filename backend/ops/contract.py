@@ -97,10 +97,14 @@ OPS = (
       (S'·align(M,4), 1, align(M,4)) on the portable providers, (S'·M, 1, M) from FastDeploy's op (SPEC §5);
     - rows past the count of an expert are zero (x and scale).
     ValueError for an id outside [-1, E) or an expert receiving more than M rows (names both).
+    errors (keyword-only, ours; never passed to the real package): None (eager: the routing is checked on the
+    host first, one synchronization) or an int64 [5] device record (`backend.ops.device_errors`): deferred, no
+    host read: the first bad id / overflow is recorded there, ids outside [0, E) and rows past M are dropped
+    (map -1, nothing written), counts clamped to M; `device_errors.raise_recorded` raises the eager message.
     Upstream: FastDeploy's own op (prefill_permute_to_masked_gemm.cu; source): topk_ids int64 (upstream casts
     before the call), K_top 4 or 8 (and 6 for bf16 x with fp32 scales). The ht path of #7053; since #7374
     (develop) replaced by prefill_permute_to_blackwell_masked_gemm.
-    """, package=FD_OPS),
+    """, options=dict(errors=None), package=FD_OPS),
     _row("unpack_and_convert_scale", "scale", dict(masked_m=None), """
     Packed UE8M0 scales -> CUTLASS SM100 scale-factor bytes (SPEC §4).
 
@@ -195,8 +199,9 @@ OPS = (
     -1 (anywhere); num_local_experts E; max_token_num M.
     Returns (permute_x [E·M, H] fp8, permute_sf [E, align(M, 128), KB] uint8, permuted_indice_map [W, K_top]
     int32, token_nums_per_expert [E, 1] int32), KB = 16·ceil(S/4) (1x128: each group byte repeated 4 times)
-    or align(ceil(H/32), 4) (1x32). Slots, map, counts and errors as prefill_permute_to_masked_gemm; rows past
-    an expert's count are zero in permute_x and permute_sf; scale bytes of 255 (UE8M0 NaN) are a ValueError.
+    or align(ceil(H/32), 4) (1x32). Slots, map, counts, errors and the `errors` option as
+    prefill_permute_to_masked_gemm; rows past an expert's count are zero in permute_x and permute_sf; scale bytes
+    of 255 (UE8M0 NaN) are a ValueError (not checked with `errors` given: no host read).
     Equal byte for byte to prefill_permute_to_masked_gemm + unpack_and_convert_scale(permute_scale, counts)
     (reshaped to [E·M, H]) for 1x128 scales. Reference: moe_ref.blackwell_layout.
     Upstream: `blackwell_ops`, develop (#7374) and later (call site BW:99-101); not in #7053's package.
@@ -205,7 +210,7 @@ OPS = (
     permute_x 2-D (fairly sure: every other `a` is reshaped to 2-D first); the container [E, align(M, 128),
     KB] is ours (unknown upstream; only the bytes' order matters to the GEMM); the map and counts as
     FastDeploy's permute (the combine reads the map as int32: source).
-    """),
+    """, options=dict(errors=None)),
     _row("fused_mask_swiglu_fp8_quant_blackwell", "up token_nums_per_expert", {}, """
     SwiGLU on the masked layout, then UE8M0 FP8 quantization with the scales as CUTLASS SF bytes (SPEC §7 + §4).
 

@@ -19,6 +19,8 @@ from moe_ref.quant import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE
 from moe_ref import cutlass_sf
 from moe_ref.cutlass_sf import SF_TILE_ROWS, SF_VEC_SIZE
 
+from . import device_errors
+
 NAME = "paddle"
 
 FP8 = paddle.float8_e4m3fn
@@ -128,19 +130,26 @@ def per_token_quant(x, block_size, use_ue8m0):
     return q, (_pack_bytes(exp_bytes) if use_ue8m0 else s)
 
 
-def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
     e, m = num_local_experts, max_token_num
     w, k_top = (int(d) for d in topk_ids.shape)
     ids = topk_ids.astype(paddle.int64).reshape([-1])
-    valid = ids >= 0
+    # ids outside [0, E) and rows past M are dropped (map -1, not written): the contract has raised on them in
+    # eager mode; in deferred mode they are recorded in `errors` (backend.ops.device_errors)
+    valid = paddle.logical_and(ids >= 0, ids < e)
     # Counting, not sorting: a running one-hot count per expert over the (t, k) entries in
     # token-major-then-k order gives each entry its slot. Memory: W·K_top·E int32.
     one_hot = paddle.nn.functional.one_hot(paddle.where(valid, ids, paddle.full_like(ids, e)), e + 1)
     running = paddle.cumsum(one_hot.astype(paddle.int32), axis=0)[:, :e]                  # [W·K_top, E]
     safe_ids = paddle.where(valid, ids, paddle.zeros_like(ids)).unsqueeze(1)
     slot = paddle.take_along_axis(running, safe_ids, axis=1).squeeze(1).astype(paddle.int64) - 1
+    valid = paddle.logical_and(valid, slot < m)
     dest = paddle.where(valid, ids * m + slot, paddle.full_like(ids, -1))
-    counts = running[-1] if w * k_top else paddle.zeros([e], dtype=paddle.int32)
+    routed_counts = running[-1] if w * k_top else paddle.zeros([e], dtype=paddle.int32)
+    if errors is not None:
+        device_errors.record_bad_ids(errors, topk_ids, e, device_errors.BAD_LOCAL_ID)
+        device_errors.record_overflow(errors, routed_counts, m)
+    counts = paddle.minimum(routed_counts, paddle.full_like(routed_counts, m))
     # Scatter-based: each destination row learns the token written there (w: the appended zero row).
     routed = paddle.nonzero(valid).flatten()
     src_token = paddle.full([e * m], w, dtype=paddle.int64)
@@ -254,6 +263,8 @@ def group_gemm_masked(a, b, sfa, sfb, masked_m, out, bias, max_m_per_expert, sm_
 def _check_swiglu_finite(y: paddle.Tensor, rows: paddle.Tensor, m: int) -> None:
     """y [V, I] float32 of the valid rows `rows` (flat e·M + m): all finite, else ValueError (SPEC §1). The
     contract has checked that up is finite: a non-finite y here is lin · gate overflowing float32 / bf16."""
+    if not device_errors.value_checks_on():
+        return
     bad = paddle.logical_not(paddle.isfinite(y))
     if bool(bad.any()):
         r, j = first_index(bad)
@@ -300,12 +311,13 @@ def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_token
 # Composed of this provider's own ops (what one fused kernel does in a single pass); equal to the reference
 # moe_ref.blackwell_layout byte for byte (tests/test_paddle_provider.py).
 
-def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
     e, m = num_local_experts, max_token_num
     group = GROUP_SIZE if scale.dtype == paddle.int32 else SF_VEC_SIZE
     # 1x32 bytes travel through the permute packed 4 to a word, as 1x128 words do: the permute moves rows.
     words = scale if group == GROUP_SIZE else _pack_bytes(scale.astype(paddle.int32))
-    permute_x, permute_words, indice_map, counts = prefill_permute_to_masked_gemm(x, words, topk_ids, e, m)
+    permute_x, permute_words, indice_map, counts = prefill_permute_to_masked_gemm(x, words, topk_ids, e, m,
+                                                                                  errors=errors)
     sf = _words_to_sf(permute_words, counts.reshape([-1]), group)
     return permute_x.reshape([e * m, int(x.shape[1])]), sf, indice_map, counts
 

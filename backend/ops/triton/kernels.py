@@ -177,32 +177,98 @@ def _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W: tl.constexpr, KP: tl.c
 
 
 @triton.jit
-def permute_count_kernel(ids_ptr, hist_ptr, bad_ptr, W, K_TOP, E, stride_ids,
+def permute_count_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, W, K_TOP, E, stride_ids,
                          BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr):
-    """hist [chunks, E_PAD] int32: rows per expert in this chunk; bad [chunks]: ids outside [-1, E)."""
+    """hist [chunks, E_PAD] int32: rows per expert in this chunk; bad [chunks]: ids outside [-1, E); first
+    [chunks]: flat index t·K_TOP + k of the chunk's first such id (W·K_TOP if none)."""
     ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
     chunk = tl.program_id(0)
+    p = tl.arange(0, BLOCK_W * KP)
+    flat = (chunk * BLOCK_W + p // KP) * K_TOP + p % KP
+    is_bad = ok & ((ids < -1) | (ids >= E))
     tl.store(hist_ptr + chunk * E_PAD + tl.arange(0, E_PAD), tl.sum(onehot, axis=0))
-    tl.store(bad_ptr + chunk, tl.sum((ok & ((ids < -1) | (ids >= E))).to(tl.int32), axis=0))
+    tl.store(bad_ptr + chunk, tl.sum(is_bad.to(tl.int32), axis=0))
+    tl.store(first_ptr + chunk, tl.min(tl.where(is_bad, flat, W * K_TOP), axis=0))
 
 
 @triton.jit
-def permute_slot_kernel(ids_ptr, offset_ptr, map_ptr, W, K_TOP, M, stride_ids,
-                        BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr):
-    """map [W, K_TOP] int32 = e·M + slot (slot = rows of e before this entry, token-major then k) or -1.
+def _hist_rows_sum(hist_ptr, n_rows, E_PAD: tl.constexpr, CB: tl.constexpr):
+    """Σ of rows 0..n_rows-1 of hist [chunks, E_PAD] int32 -> [E_PAD] (tiles of CB rows)."""
+    acc = tl.zeros((E_PAD,), dtype=tl.int32)
+    e = tl.arange(0, E_PAD)
+    for c0 in range(0, n_rows, CB):
+        c = c0 + tl.arange(0, CB)
+        tile = tl.load(hist_ptr + c[:, None] * E_PAD + e[None, :], mask=(c < n_rows)[:, None], other=0)
+        acc += tl.sum(tile, axis=0)
+    return acc
 
-    offset [chunks, E_PAD]: rows of each expert in all earlier chunks (exclusive prefix of hist).
+
+@triton.jit
+def _permute_totals(ids_ptr, hist_ptr, bad_ptr, first_ptr, counts_ptr, problems_ptr, err_ptr, CHUNKS, W, K_TOP, E,
+                    M, stride_ids, E_PAD: tl.constexpr, CB: tl.constexpr, RECORD: tl.constexpr,
+                    BAD_ID_CODE: tl.constexpr, OVERFLOW_CODE: tl.constexpr):
+    """counts [E] = min(routed, M); problems [3] = (bad ids, largest routed count, its first expert); RECORD: the
+    first bad id, else the first expert over M, into err [5] int64 if it is clear (backend.ops.device_errors)."""
+    e = tl.arange(0, E_PAD)
+    routed = tl.where(e < E, _hist_rows_sum(hist_ptr, CHUNKS, E_PAD, CB), 0)
+    tl.store(counts_ptr + e, tl.minimum(routed, M), mask=e < E)
+    c = tl.arange(0, CB)
+    n_bad = tl.zeros((CB,), dtype=tl.int32)
+    first = tl.zeros((CB,), dtype=tl.int32) + W * K_TOP                          # W·K_TOP: none
+    for c0 in range(0, CHUNKS, CB):
+        n_bad += tl.load(bad_ptr + c0 + c, mask=c0 + c < CHUNKS, other=0)
+        first = tl.minimum(first, tl.load(first_ptr + c0 + c, mask=c0 + c < CHUNKS, other=W * K_TOP))
+    n_bad_all = tl.sum(n_bad, axis=0)
+    worst = tl.max(routed, axis=0)
+    tl.store(problems_ptr, n_bad_all)
+    tl.store(problems_ptr + 1, worst)
+    tl.store(problems_ptr + 2, tl.min(tl.where(routed == worst, e, E_PAD), axis=0))
+    if RECORD:
+        fb = tl.min(first, axis=0)
+        ex = tl.min(tl.where(routed > M, e, E_PAD), axis=0)
+        if tl.load(err_ptr) == 0:
+            if n_bad_all > 0:
+                value = tl.load(ids_ptr + (fb // K_TOP).to(tl.int64) * stride_ids + fb % K_TOP).to(tl.int64)
+                _store_record(err_ptr, BAD_ID_CODE, fb // K_TOP, fb % K_TOP, value, E)
+            elif ex < E_PAD:
+                _store_record(err_ptr, OVERFLOW_CODE, ex, tl.sum(tl.where(e == ex, routed, 0), axis=0), M, 0)
+
+
+@triton.jit
+def _store_record(err_ptr, code, a, b, c, d):
+    tl.store(err_ptr, tl.full((), code, tl.int64))
+    tl.store(err_ptr + 1, tl.full((), 0, tl.int64) + a)
+    tl.store(err_ptr + 2, tl.full((), 0, tl.int64) + b)
+    tl.store(err_ptr + 3, tl.full((), 0, tl.int64) + c)
+    tl.store(err_ptr + 4, tl.full((), 0, tl.int64) + d)
+
+
+@triton.jit
+def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, counts_ptr, problems_ptr, err_ptr, W, K_TOP,
+                        E, M, stride_ids, BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr,
+                        CB: tl.constexpr, RECORD: tl.constexpr, BAD_ID_CODE: tl.constexpr,
+                        OVERFLOW_CODE: tl.constexpr):
+    """map [W, K_TOP] int32 = e·M + slot (slot = rows of e before this entry, token-major then k) or -1.
+    -1 also for an id outside [0, E) and a slot >= M (dropped: the launcher raises or records them).
+
+    The rows of each expert in earlier chunks: each program sums the hist rows before its own (no separate
+    prefix launch); program 0 also writes the counts, the problems and the record (`_permute_totals`).
     """
     ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
     chunk = tl.program_id(0)
     before = tl.cumsum(onehot, axis=0) - onehot                                    # same expert, earlier in chunk
     rank = tl.sum(before * onehot, axis=1)
-    base = tl.load(offset_ptr + chunk * E_PAD + tl.minimum(tl.maximum(ids, 0), E_PAD - 1))   # bad ids: raised later
-    value = tl.where(ids >= 0, ids * M + base + rank, -1)
+    offsets = _hist_rows_sum(hist_ptr, chunk, E_PAD, CB)                             # earlier chunks
+    slot = tl.sum(onehot * offsets[None, :], axis=1) + rank
+    value = tl.where((ids >= 0) & (ids < E) & (slot < M), ids * M + slot, -1)
     flat = chunk * BLOCK_W * KP + tl.arange(0, BLOCK_W * KP)
     t = flat // KP
     k = flat % KP
     tl.store(map_ptr + t.to(tl.int64) * K_TOP + k, value, mask=ok)
+    if chunk == 0:
+        _permute_totals(ids_ptr, hist_ptr, bad_ptr, first_ptr, counts_ptr, problems_ptr, err_ptr,
+                        tl.num_programs(0), W, K_TOP, E, M, stride_ids, E_PAD, CB, RECORD, BAD_ID_CODE,
+                        OVERFLOW_CODE)
 
 
 @triton.jit

@@ -21,6 +21,7 @@ from moe_ref.constants import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_
 from moe_ref.constants import align as _align
 from moe_ref.fp8_torch import as_bytes as _fp8_bytes, mn_major_view, mn_major_zeros
 
+from .. import device_errors as DE
 from . import gluon_gemm
 from . import kernels as K
 
@@ -76,6 +77,14 @@ def per_token_quant(x: torch.Tensor, block_size: int = GROUP_SIZE, use_ue8m0: bo
 
 # ----------------------------------------------------------------------------- §5
 
+def byte_words(b: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., G] -> int32 [..., ceil(G/4)], 4 bytes to a word little-endian, zero-padded."""
+    pad = -int(b.shape[-1]) % 4
+    if pad:
+        b = torch.nn.functional.pad(b, (0, pad))
+    return b.contiguous().view(torch.int32)
+
+
 def _row_view(x: torch.Tensor) -> torch.Tensor:
     """Contiguous [W, H] of any dtype -> its bytes as int32 words per row when they divide, else uint8.
     An empty x gets standard strides first (torch calls any empty tensor contiguous, whatever its strides,
@@ -87,7 +96,7 @@ def _row_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, topk_ids: torch.Tensor,
-                                   num_local_experts: int, max_token_num: int):
+                                   num_local_experts: int, max_token_num: int, errors: torch.Tensor | None = None):
     """Scatter tokens to the masked per-expert layout (SPEC §5), deterministic, no atomics.
 
     x [W, H] fp8|bf16; scale [W, S'] fp32 | packed int32 | None; topk_ids [W, K_top] int32|int64
@@ -97,29 +106,38 @@ def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, 
     expert are zero. An id outside [-1, E) or a count above M raises ValueError: checked on the host
     from the count kernel's output, once everything is queued (one synchronization; the kernels
     never write out of range, whatever the ids). = permute_indices + permute_rows.
+    errors (int64 [RECORD_LEN], `backend.ops.device_errors`): deferred instead: nothing is read back (no
+    synchronization, capturable in a CUDA graph); the first bad id, else the first expert over M, is recorded
+    there. Either way bad ids and rows past M are dropped (map -1) and the counts clamped to M.
     """
-    indice_map, counts, problems = permute_indices(topk_ids, num_local_experts, max_token_num, check=False)
+    indice_map, counts, problems = permute_indices(topk_ids, num_local_experts, max_token_num, check=False,
+                                                   errors=errors)
     permute_x, permute_scale = permute_rows(x, scale, indice_map, counts, num_local_experts, max_token_num)
-    _raise_on_bad_routing(problems, counts, num_local_experts, max_token_num)
+    if errors is None:
+        _raise_on_bad_routing(problems, num_local_experts, max_token_num)
     return permute_x, permute_scale, indice_map, counts.view(-1, 1)
 
 
-def _raise_on_bad_routing(problems: torch.Tensor, counts: torch.Tensor, e_num: int, m: int) -> None:
-    n_bad, worst = (int(v) for v in problems.tolist())
+def _raise_on_bad_routing(problems: torch.Tensor, e_num: int, m: int) -> None:
+    n_bad, worst, ex = (int(v) for v in problems.tolist())
     if n_bad:
         raise ValueError(f"topk_ids: {n_bad} expert ids outside [-1, {e_num}) (num_local_experts = {e_num})")
     if worst > m:
-        ex = int(torch.argmax(counts))
         raise ValueError(f"topk_ids: expert {ex} receives {worst} rows, more than max_token_num = {m}")
 
 
-def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int, check: bool = True):
+def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int, check: bool = True,
+                    errors: torch.Tensor | None = None):
     """topk_ids [W, K_top] -> (indice_map [W, K_top] int32 = e·M + slot or -1, counts [E] int32).
 
-    Count kernel (per chunk of tokens, per expert) -> exclusive prefix over chunks -> slot kernel
-    (rank inside the chunk from a cumulative one-hot sum): token-major-then-k order, no atomics.
+    Two launches, no atomics, no host read: a count kernel (per chunk of tokens, per expert), then a slot kernel
+    (each program sums the counts of the chunks before its own, ranks inside its chunk from a cumulative one-hot
+    sum; program 0 also writes the counts, the problems and the record): token-major-then-k order.
+    Ids outside [0, E) and entries past M rows of their expert get -1; counts are clamped to M.
     check=True raises ValueError for bad ids / counts > M (one synchronization); check=False returns
-    a third tensor [2] (number of bad ids, largest count) for the caller to check later.
+    a third tensor [3] int32 (number of bad ids, largest routed count, its expert) for the caller to check later.
+    errors (int64 [RECORD_LEN], `backend.ops.device_errors`): the first bad id, else the first expert over M, is
+    recorded there on the device when it is clear.
     """
     w, k_top = topk_ids.shape
     e_num, m = int(num_local_experts), int(max_token_num)
@@ -131,20 +149,21 @@ def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_nu
     chunks = max(1, triton.cdiv(w, block_w))
     hist = torch.empty((chunks, e_pad), dtype=torch.int32, device=dev)
     bad = torch.empty((chunks,), dtype=torch.int32, device=dev)
-    if w:
-        K.permute_count_kernel[(chunks,)](ids, hist, bad, w, k_top, e_num, ids.stride(0),
-                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
-    else:
-        hist.zero_(), bad.zero_()
-    counts = hist.sum(0, dtype=torch.int32)[:e_num].contiguous()
-    problems = torch.stack([bad.sum(dtype=torch.int32), counts.max()])
-    offsets = (torch.cumsum(hist, 0, dtype=torch.int32) - hist).contiguous()
+    first = torch.empty((chunks,), dtype=torch.int32, device=dev)
+    counts = torch.empty((e_num,), dtype=torch.int32, device=dev)
+    problems = torch.empty((3,), dtype=torch.int32, device=dev)
     indice_map = torch.empty((w, k_top), dtype=torch.int32, device=dev)
     if w:
-        K.permute_slot_kernel[(chunks,)](ids, offsets, indice_map, w, k_top, m, ids.stride(0),
-                                         BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
+        K.permute_count_kernel[(chunks,)](ids, hist, bad, first, w, k_top, e_num, ids.stride(0),
+                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
+        K.permute_slot_kernel[(chunks,)](ids, hist, bad, first, indice_map, counts, problems,
+                                         errors if errors is not None else problems, w, k_top, e_num, m, ids.stride(0),
+                                         BLOCK_W=block_w, KP=kp, E_PAD=e_pad, CB=32, RECORD=errors is not None,
+                                         BAD_ID_CODE=DE.BAD_LOCAL_ID, OVERFLOW_CODE=DE.OVERFLOW)
+    else:
+        counts.zero_(), problems.zero_()
     if check:
-        _raise_on_bad_routing(problems, counts, e_num, m)
+        _raise_on_bad_routing(problems, e_num, m)
         return indice_map, counts
     return indice_map, counts, problems
 

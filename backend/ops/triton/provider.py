@@ -14,6 +14,8 @@ import paddle
 
 from moe_ref.fp8 import contiguous_copy, mn_major_view
 
+from ..device_errors import value_checks_on
+
 NAME = "triton"
 
 _FP8 = paddle.float8_e4m3fn
@@ -94,10 +96,18 @@ def per_token_quant(x, block_size, use_ue8m0):
     return to_paddle(q), to_paddle(s)
 
 
-def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+def prefill_permute_to_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
+    err_t = to_torch(errors)
     px, ps, imap, counts = _launch().prefill_permute_to_masked_gemm(
-        to_torch(x), to_torch(scale), to_torch(topk_ids), num_local_experts, max_token_num)
+        to_torch(x), to_torch(scale), to_torch(topk_ids), num_local_experts, max_token_num, errors=err_t)
+    _write_back(err_t, errors)
     return (to_paddle(px), None if ps is None else _mn_major_to_paddle(ps), to_paddle(imap), to_paddle(counts))
+
+
+def _write_back(t, x) -> None:
+    """A torch copy `t` of paddle tensor `x` (to_torch) that a kernel wrote: into x, unless they share memory."""
+    if x is not None and (not t.is_cuda or t.data_ptr() != data_ptr_of(x)):
+        paddle.assign(to_paddle(t), output=x)
 
 
 def unpack_and_convert_scale(scale, masked_m):
@@ -133,7 +143,7 @@ def data_ptr_of(x: paddle.Tensor) -> int:
 
 def fused_mask_swiglu_fp8_quant(up, token_nums_per_expert, block_size, use_ue8m0):
     act, s = _launch().fused_mask_swiglu_fp8_quant(to_torch(up), to_torch(token_nums_per_expert),
-                                                   block_size, use_ue8m0, check_finite=True)
+                                                   block_size, use_ue8m0, check_finite=value_checks_on())
     return to_paddle(act), _mn_major_to_paddle(s)
 
 
@@ -146,22 +156,16 @@ def depermute_prefill_combine(ffn_out, indice_map, topk_weights, num_worst_token
 # Composed of this provider's own kernels (permute / SwiGLU quant, then the SF conversion); one fused kernel
 # each would save a pass over the scales. Equal byte for byte to moe_ref.blackwell_layout (tests).
 
-def _byte_words(b):
-    """torch uint8 [W, G] -> int32 [W, ceil(G/4)], 4 bytes to a word little-endian, zero-padded."""
-    import torch
-    pad = -int(b.shape[1]) % 4
-    if pad:
-        b = torch.nn.functional.pad(b, (0, pad))
-    return b.contiguous().view(torch.int32)
-
-
-def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num):
+def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_experts, max_token_num, *, errors):
     e, m = num_local_experts, max_token_num
     L = _launch()
     group = 128 if scale.dtype == paddle.int32 else 32
     words = to_torch(scale)
-    words = words if group == 128 else _byte_words(words)
-    px, ps, imap, counts = L.prefill_permute_to_masked_gemm(to_torch(x), words, to_torch(topk_ids), e, m)
+    words = words if group == 128 else L.byte_words(words)
+    err_t = to_torch(errors)
+    px, ps, imap, counts = L.prefill_permute_to_masked_gemm(to_torch(x), words, to_torch(topk_ids), e, m,
+                                                            errors=err_t)
+    _write_back(err_t, errors)
     sf = L.unpack_and_convert_scale(ps, counts, group_size=group)
     return to_paddle(px.view(e * m, -1)), to_paddle(sf), to_paddle(imap), to_paddle(counts)
 
@@ -172,7 +176,7 @@ def fused_mask_swiglu_fp8_quant_blackwell(up, token_nums_per_expert, *, group_si
     rows, i2 = (int(d) for d in up.shape)
     counts = to_torch(token_nums_per_expert)
     act, words = L.fused_mask_swiglu_fp8_quant(to_torch(up).view(e, rows // e, i2), counts, group_size, True,
-                                               check_finite=True)
+                                               check_finite=value_checks_on())
     sf = L.unpack_and_convert_scale(words, counts, group_size=group_size)
     return to_paddle(act.view(rows, i2 // 2)), to_paddle(sf)
 

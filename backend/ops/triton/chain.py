@@ -1,0 +1,120 @@
+"""The ht layer's launch chain on torch tensors with deferred routing checks: graph-safe (no host read).
+
+quant -> permute (routing errors recorded in `errors`, `backend.ops.device_errors`) -> CUTLASS bytes of the
+activation scales -> GEMM 1 -> SwiGLU + quant -> CUTLASS bytes -> GEMM 2 -> combine: the chain
+benchmarks/bench_gpu.py times (UE8M0 recipe), on static buffers, so that `capture()` records it in a
+torch.cuda.CUDAGraph and `graph.replay()` recomputes it for whatever the static inputs hold. A bad expert id or
+an expert over M rows in the inputs of a replay lands in `errors` (the entry dropped, nothing out of range);
+`check()` raises it with eager mode's message.
+
+Every launcher used here is free of host synchronization: the GEMM runs impl="explicit" (exact for CUTLASS
+bytes made by unpack_and_convert_scale, every 4 bytes equal), the SwiGLU without its finite check, the permute
+with `errors`. The GEMM's tile choice is timed at the first call of a shape, so `capture()` runs once eagerly
+first. Imports torch and triton, not Paddle.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import device_errors as DE
+from . import launch as L
+
+
+def quantize_weight_blocks(w: torch.Tensor):
+    """w [E, N, K] bf16 | fp32 (N, K multiples of 128) -> (q [E, N, K] fp8, sfb [E, align(N,128), 16·ceil(K/512)]
+    uint8 CUTLASS SF bytes): 128x128 blocks, UE8M0 scale = the smallest power of two >= amax/448 (amax floor 1e-4),
+    each block's byte copied to its 128 rows (what the method builds at weight load; sfb_per_block holds)."""
+    e, n, k = (int(d) for d in w.shape)
+    blocks = w.float().view(e, n // 128, 128, k // 128, 128)
+    s = (blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4) / 448.0).contiguous()
+    bits = s.view(torch.int32)
+    exp = (((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)).clamp(1, 254)   # ceil to 2^x
+    s = (exp << 23).view(torch.float32)
+    q = (blocks / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e, n, k)
+    words = L.byte_words(exp.repeat_interleave(128, 1).to(torch.uint8))
+    return q, L.unpack_and_convert_scale(words, None)
+
+
+class HtChain:
+    """x [W, H] bf16, topk_ids [W, K_top] int32 | int64 local ids (or -1), topk_weights [W, K_top] fp32;
+    w_up [E, 2I, H] / w_dn [E, H, I] fp8 with their CUTLASS SF bytes sfb_up / sfb_dn (128x128 blocks, each block
+    byte copied to its rows: sfb_per_block); M rows per expert. Inputs are used in place (static buffers):
+    write new values into them (copy_) between replays."""
+
+    def __init__(self, x, topk_ids, topk_weights, w_up, sfb_up, w_dn, sfb_dn, max_token_num: int):
+        self.x, self.topk_ids, self.topk_weights = x, topk_ids, topk_weights
+        self.w_up, self.sfb_up, self.w_dn, self.sfb_dn = w_up, sfb_up, w_dn, sfb_dn
+        self.e, inter2, self.h = (int(d) for d in w_up.shape)
+        self.i, self.m = inter2 // 2, int(max_token_num)
+        dev = x.device
+        self.up = torch.empty(self.e * self.m, 2 * self.i, dtype=torch.bfloat16, device=dev)
+        self.down = torch.empty(self.e * self.m, self.h, dtype=torch.bfloat16, device=dev)
+        self.errors = torch.zeros(DE.RECORD_LEN, dtype=torch.int64, device=dev)
+        self.graph = None
+        self.out = None
+
+    def run(self) -> torch.Tensor:
+        """One forward -> out [W, H] bf16 (also kept as self.out)."""
+        e, m, h, i = self.e, self.m, self.h, self.i
+        q, s = L.per_token_quant(self.x, 128, True)
+        px, ps, imap, counts = L.prefill_permute_to_masked_gemm(q, s, self.topk_ids, e, m, errors=self.errors)
+        sfa = L.unpack_and_convert_scale(ps, counts)
+        L.group_gemm_masked(px.view(e * m, h), self.w_up, sfa, self.sfb_up, counts, self.up, None, m,
+                            impl="explicit", sfb_per_block=True)
+        act, act_s = L.fused_mask_swiglu_fp8_quant(self.up.view(e, m, 2 * i), counts, 128, True)
+        sfa2 = L.unpack_and_convert_scale(act_s, counts)
+        L.group_gemm_masked(act.view(e * m, i), self.w_dn, sfa2, self.sfb_dn, counts, self.down, None, m,
+                            impl="explicit", sfb_per_block=True)
+        self.out = L.depermute_prefill_combine(self.down.view(e, m, h), imap, self.topk_weights,
+                                               int(self.x.shape[0]))
+        return self.out
+
+    def capture(self) -> "torch.cuda.CUDAGraph":
+        """Run once eagerly on a side stream (tile choice, compilation), clear the record, capture one run.
+        After `self.graph.replay()`, self.out holds the output and self.errors the routing record."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.run()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        self.errors.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.run()
+        return self.graph
+
+    def check(self) -> None:
+        """Raise the recorded routing error (eager mode's ValueError message) and clear it; one host read."""
+        DE.raise_recorded(self.errors)
+
+
+def random_chain(w_tok: int, h: int, inter: int, e_num: int, k_top: int, device, seed: int = 3,
+                 headroom: int = 64) -> HtChain:
+    """A seeded HtChain (tests, benchmarks/bench_gpu.py --graph): x ~ N(0, 1) bf16, distinct top-k ids per token,
+    weights ~ N(0, 0.02²) in 128x128 UE8M0 blocks, M = the largest expert count + headroom."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(w_tok, h, device=device, generator=gen).to(torch.bfloat16)
+    ids = torch.argsort(torch.rand(w_tok, e_num, device=device, generator=gen), dim=1)[:, :k_top].contiguous()
+    wts = torch.rand(w_tok, k_top, device=device, generator=gen) / k_top
+    m_cap = int(torch.bincount(ids.flatten(), minlength=e_num).max()) + headroom
+    w_up, sfb_up = quantize_weight_blocks(torch.randn(e_num, 2 * inter, h, device=device, generator=gen) * 0.02)
+    w_dn, sfb_dn = quantize_weight_blocks(torch.randn(e_num, h, inter, device=device, generator=gen) * 0.02)
+    return HtChain(x, ids, wts, w_up, sfb_up, w_dn, sfb_dn, m_cap)
+
+
+def dropped_ids(topk_ids: torch.Tensor, num_experts: int, max_token_num: int) -> torch.Tensor:
+    """The routing the chain computes for topk_ids: ids outside [-1, E) and entries past max_token_num rows of
+    their expert (token-major then k) set to -1; a host loop, for tests (eager reference of a deferred run)."""
+    ids = topk_ids.cpu().clone()
+    seen = [0] * num_experts
+    for t in range(ids.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e < -1 or e >= num_experts:
+                ids[t, k] = -1
+            elif e >= 0:
+                seen[e] += 1
+                if seen[e] > max_token_num:
+                    ids[t, k] = -1
+    return ids.to(topk_ids.device)
