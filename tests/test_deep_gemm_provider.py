@@ -20,8 +20,8 @@ from moe_ref import cutlass_sf  # noqa: E402
 from moe_ref import fp8 as ref_fp8  # noqa: E402
 from moe_ref.metrics import calc_diff  # noqa: E402
 from moe_ref.quant import per_block_quant, per_token_group_quant  # noqa: E402
-from tests.fakes.deep_gemm import install_deep_gemm  # noqa: E402
-from tests.fakes.gpu import fake_paddle_gpu  # noqa: E402
+from fakes.deep_gemm import install_deep_gemm  # noqa: E402
+from fakes.gpu import fake_paddle_gpu  # noqa: E402
 
 BF16_ULP = 2.0 ** -7          # bf16 spacing relative to a value's leading power of two
 FD_BUILD = deep_gemm_provider.FASTDEPLOY_BUILD

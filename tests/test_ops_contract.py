@@ -16,7 +16,7 @@ import pytest
 
 import backend.ops as ops
 from backend.ops import blackwell_provider, contract, paddle_provider
-from tests.fakes.gpu import fake_paddle_gpu
+from fakes.gpu import fake_paddle_gpu
 
 ENV = "FD_MOE_OPS_PROVIDER"
 
