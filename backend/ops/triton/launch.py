@@ -20,6 +20,7 @@ import triton
 from moe_ref.constants import DEEPGEMM_AMAX_FLOOR, FASTDEPLOY_AMAX_FLOOR, GROUP_SIZE, TMA_ALIGN
 from moe_ref.constants import align as _align
 from moe_ref.fp8_torch import as_bytes as _fp8_bytes, mn_major_view, mn_major_zeros
+from moe_ref.messages import expert_overflow_message
 
 from .. import device_errors as DE
 from . import gluon_gemm
@@ -123,7 +124,7 @@ def _raise_on_bad_routing(problems: torch.Tensor, e_num: int, m: int) -> None:
     if n_bad:
         raise ValueError(f"topk_ids: {n_bad} expert ids outside [-1, {e_num}) (num_local_experts = {e_num})")
     if worst > m:
-        raise ValueError(f"topk_ids: expert {ex} receives {worst} rows, more than max_token_num = {m}")
+        raise ValueError(expert_overflow_message(ex, worst, m))
 
 
 def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int, check: bool = True,
