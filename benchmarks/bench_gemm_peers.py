@@ -109,6 +109,12 @@ def our_kernels(x, out, m_cap, gluon, expected_m, variants=None):
         other = 4096 if expected_m <= 64 else 64
         ks["gluon_fp32_alt"] = ("fp32", lambda c: gluon.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out,
                                                                                None, m_cap, expected_m=other))
+        # the 128 x 192 tile (gluon_gemm.wide_config): DeepGEMM's SM90 tile, 1.5x the MMA work per promotion
+        wide = gluon.wide_config()
+        ks["gluon_fp32_wide"] = ("fp32", lambda c: gluon.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out,
+                                                                                None, m_cap, config=wide))
+        ks["gluon_ue8m0_wide"] = ("ue8m0", lambda c: gluon.group_gemm_masked(a, b, x["sfa"], x["sfb"], c, out,
+                                                                             None, m_cap, config=wide))
         for vname, over in (variants or {}).items():     # explicit configs (DIAG ones give wrong results)
             cfg = dict(gluon.pick_config(expected_m, b.shape[1], kg=over.get("KG", 1)), **over)
             ks[f"gluon_fp32_{vname}"] = ("fp32", lambda c, cfg=cfg: gluon.group_gemm_masked_fp32(

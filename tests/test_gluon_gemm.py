@@ -31,6 +31,18 @@ def test_pick_config_fits_shared_memory(expected_m, n, kg):
     assert 128 % cfg["BN"] == 0                             # one 128x128 weight scale per sub-tile and K step
 
 
+def test_wide_tile_fits_shared_memory_and_is_picked_for_ue8m0_only():
+    """The 128 x 192 tile: A [128, 128] + B [128 + 64, 128] fp8 per stage, two bf16 store buffers per math
+    warpgroup ([64, 128] and [64, 64]); picked for CUTLASS bytes from UE8M0_WIDE_FROM_ROWS rows, never for FP32."""
+    cfg = G.wide_config()
+    ring = cfg["STAGES"] * (128 + 192) * G.BLOCK_K
+    out_bufs = 2 * (G.WG_ROWS * 128 + G.WG_ROWS * 64) * 2
+    assert cfg["STAGES"] >= 2 and ring + out_bufs + 2 * cfg["STAGES"] * 8 <= SM90_SHARED_BYTES
+    assert G.pick_config(G.UE8M0_WIDE_FROM_ROWS, 4096, ue8m0=True)["WIDE"]
+    assert not G.pick_config(G.UE8M0_WIDE_FROM_ROWS - 1, 4096, ue8m0=True).get("WIDE")
+    assert not G.pick_config(4096, 4096).get("WIDE")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_launcher_refuses_without_a_gpu():
     e, m, n, k = 2, 64, 128, 256
@@ -56,8 +68,8 @@ def on_hopper(monkeypatch):
 def test_which_kernel_runs_a_masked_gemm(on_hopper, monkeypatch):
     L, cuda = on_hopper, torch.device("cuda", 0)
     assert L.masked_gemm_kernel("fp32", cuda, 7168, 4096) == "gluon"           # FP32 recipe: always on SM90
-    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, L.GLUON_UE8M0_MAX_ROWS) == "gluon"
-    assert L.masked_gemm_kernel("ue8m0", cuda, 2048, L.GLUON_UE8M0_MAX_ROWS + 1) == "tl"   # measured not faster
+    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, 64) == "gluon"
+    assert L.masked_gemm_kernel("ue8m0", cuda, 2048, 4096) == "gluon"       # the 128 x 192 tile there
     assert L.masked_gemm_kernel("ue8m0", cuda, 7168, 64, sfb_per_block=False) == "tl"      # per-row weight bytes
     assert L.masked_gemm_kernel("fp32", cuda, 200, 64) == "tl"                 # TMA needs K % 16 == 0
     assert L.masked_gemm_kernel("fp32", torch.device("cpu"), 7168, 64) == "tl"
@@ -97,8 +109,8 @@ def test_launchers_hand_sm90_calls_to_the_gluon_kernel(on_hopper, monkeypatch):
 
 def test_provider_path_with_stated_bytes_goes_to_gluon_without_a_byte_check(on_hopper, monkeypatch):
     """impl="auto" (what the triton provider runs) with sfa_per_group and sfb_per_block stated: no pass over the
-    bytes (no synchronization), the rule gets the expected_m hint and picks Gluon for <= 256 rows, tl above;
-    without sfa_per_group the activation bytes are looked at once first."""
+    bytes (no synchronization), the rule gets the expected_m hint and picks Gluon (its tile chosen by the hint);
+    per-row weight bytes go to tl; without sfa_per_group the activation bytes are looked at once first."""
     L = on_hopper
     calls = []
     monkeypatch.setattr(G, "group_gemm_masked", lambda *args, **kw: calls.append(("gluon", kw["expected_m"])))
@@ -114,14 +126,19 @@ def test_provider_path_with_stated_bytes_goes_to_gluon_without_a_byte_check(on_h
     out = torch.zeros(e * m, n, dtype=torch.bfloat16)
     counts = torch.tensor([3, 0], dtype=torch.int32)
     sfa, sfb = torch.zeros(e, m, 8, dtype=torch.uint8), torch.zeros(e, 128, 8, dtype=torch.uint8)
-    for expected_m, kernel in ((64, "gluon"), (L.GLUON_UE8M0_MAX_ROWS + 1, "explicit_ue8m0")):
+    for expected_m in (64, 4096):
         calls.clear()
         L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, impl="auto", sfb_per_block=True,
                             sfa_per_group=True, expected_m=expected_m)
-        assert calls == [(kernel, expected_m if kernel == "gluon" else None)]
+        assert calls == [("gluon", expected_m)]
+    calls.clear()
+    sfb_rows = torch.arange(e * 128 * 8, dtype=torch.int32).to(torch.uint8).view(e, 128, 8)   # per-row weight bytes
+    L.group_gemm_masked(a, b, sfa, sfb_rows, counts, out, None, m, impl="explicit", sfa_per_group=True,
+                        expected_m=64)
+    assert calls == [("explicit_ue8m0_per_row", None)]
     calls.clear()
     L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, impl="auto", sfb_per_block=True, expected_m=64)
     assert calls == [("look", None), ("gluon", 64)]
     calls.clear()
     L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, impl="auto", sfb_per_block=True, sfa_per_group=True)
-    assert calls == [("explicit_ue8m0", None)]                 # no hint: M = 512 rows assumed, tl
+    assert calls == [("gluon", None)]                          # no hint: the Gluon launcher assumes M rows

@@ -95,6 +95,11 @@ def _kernels(peers, x, out, m_cap, counts):
                 x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap, expected_m=em))
             ks[f"gluon_ue8m0_m{em}"] = ("ue8m0", lambda em=em: gluon_gemm.group_gemm_masked(
                 x["a"], x["b"], x["sfa"], x["sfb"], counts, out, None, m_cap, expected_m=em))
+        wide = gluon_gemm.wide_config()          # the 128 x 192 tile
+        ks["gluon_fp32_wide"] = ("fp32", lambda: gluon_gemm.group_gemm_masked_fp32(
+            x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap, config=wide))
+        ks["gluon_ue8m0_wide"] = ("ue8m0", lambda: gluon_gemm.group_gemm_masked(
+            x["a"], x["b"], x["sfa"], x["sfb"], counts, out, None, m_cap, config=wide))
     dg, _ = peers.optional_import("deep_gemm")
     if dg is not None:
         for recipe in ("fp32", "ue8m0"):
@@ -151,7 +156,9 @@ def test_gluon_bias_and_small_shapes(peers):
     for fn in (lambda o: L.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], counts, o, bias, m_cap),
                lambda o: gluon_gemm.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], counts, o, bias, m_cap,
                                                            expected_m=64),
-               lambda o: gluon_gemm.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], counts, o, bias, m_cap)):
+               lambda o: gluon_gemm.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], counts, o, bias, m_cap),
+               lambda o: gluon_gemm.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], counts, o, bias, m_cap,
+                                                           config=gluon_gemm.wide_config())):
         o = torch.full((e_num * m_cap, n), float("nan"), dtype=torch.bfloat16, device="cuda")
         fn(o)
         assert peers.untouched_tail(o, counts, e_num, m_cap)

@@ -305,6 +305,157 @@ if _IMPORT_ERROR is None:
                            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
+    # ------------------------------------------------------------------------- the 128 x 192 tile (WIDE)
+    # Each math warpgroup owns 64 x 192 output columns as two wgmmas, N = 128 and N = 64, each inside one
+    # 128-column weight-scale block: a 192-wide n-tile starts at 192·nt, so for even nt its first 128 columns
+    # are one block and the last 64 the next; for odd nt the first 64 end a block and the last 128 are the next.
+    # 1.5x the MMA work per promotion, per barrier and per A byte of the 128 x 128 tile (DeepGEMM's SM90 tile);
+    # the two accumulators and two promoted sums take 192 of the 232 registers a math warpgroup gets.
+
+    @gluon.jit
+    def _wide_offsets(nt):
+        """n-tile nt -> (column offset of its 128-wide part, of its 64-wide part) inside the 192-wide tile."""
+        odd = nt % 2
+        return odd * 64, (1 - odd) * 128
+
+    @gluon.jit
+    def _producer_wide(p, STAGES: gl.constexpr, BM: gl.constexpr, M_FAST: gl.constexpr):
+        """TMA loads per 128-wide K step: A [128, 128] (two 64-row boxes), B's 128-row and 64-row parts."""
+        a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
+        counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
+        b64_desc, b64_bufs = p[23], p[24]
+        n_tiles = gl.cdiv(N, 192)
+        k_steps = gl.cdiv(K, BLOCK_K_C)
+        total = _total_tiles(counts_ptr, E, n_tiles, BM)
+        e = 0
+        base = 0
+        tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
+            mt, nt = _tile_mn(t - base, tiles_e // n_tiles, n_tiles, M_FAST)
+            off128, off64 = _wide_offsets(nt)
+            row0 = e * M + mt * BM
+            col0 = e * N + nt * 192
+            for kb in range(k_steps):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+                                + b64_desc.block_type.nbytes)
+                k0 = kb * BLOCK_K_C
+                for i in gl.static_range(2):
+                    tma.async_copy_global_to_shared(a_desc, [row0 + i * WG_ROWS_C, k0], ready.index(s),
+                                                    a_bufs.index(s * 2 + i))
+                tma.async_copy_global_to_shared(b_desc, [col0 + off128, k0], ready.index(s), b_bufs.index(s))
+                tma.async_copy_global_to_shared(b64_desc, [col0 + off64, k0], ready.index(s), b64_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _math_wide(p, WG: gl.constexpr, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
+                   HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
+        """One math warpgroup of the WIDE tile: rows WG·64.. of the CTA tile, both column parts; per K step two
+        wgmmas into fresh accumulators, one wait, release the slot, promote both (as _math)."""
+        a_bufs, b_bufs, ready, empty = p[2], p[3], p[4], p[5]
+        counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
+        sa_ptr, sb_ptr, out_ptr, bias_ptr = p[11], p[12], p[13], p[14]
+        sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk = p[15], p[16], p[17], p[18], p[19], p[20]
+        c_desc, c_bufs, b64_bufs, c64_desc, c64_bufs = p[21], p[22], p[24], p[25], p[26]
+        mma1: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
+        mma2: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 32])
+        row_l: gl.constexpr = gl.SliceLayout(1, mma1)
+        zero1 = gl.zeros([WG_ROWS_C, 128], gl.float32, mma1)
+        zero2 = gl.zeros([WG_ROWS_C, 64], gl.float32, mma2)
+        n_tiles = gl.cdiv(N, 192)
+        k_steps = gl.cdiv(K, BLOCK_K_C)
+        last = k_steps - 1
+        total = _total_tiles(counts_ptr, E, n_tiles, BM)
+        e = 0
+        base = 0
+        tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+        it = 0
+        for t in range(gl.program_id(0), total, gl.num_programs(0)):
+            e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
+            cnt = gl.load(counts_ptr + e)
+            mt, nt = _tile_mn(t - base, tiles_e // n_tiles, n_tiles, M_FAST)
+            off128, off64 = _wide_offsets(nt)
+            row0 = mt * BM + WG * WG_ROWS_C
+            rows = row0 + gl.arange(0, WG_ROWS_C, layout=row_l)
+            col1 = nt * 192 + off128
+            col2 = nt * 192 + off64
+            rows_c = gl.minimum(rows, cnt - 1)
+            sa_p, sb1_p, sa_step, sb_step = _scale_pointers(sa_ptr, sb_ptr, e, rows_c, gl.minimum(col1, N - 1),
+                                                            sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, UE8M0)
+            _, sb2_p, _, _ = _scale_pointers(sa_ptr, sb_ptr, e, rows_c, gl.minimum(col2, N - 1),
+                                             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, UE8M0)
+            like = gl.full([WG_ROWS_C], 1, sa_ptr.dtype.element_ty, row_l)
+            sa0, sb0 = _load_scales(sa_p, sb1_p, sa_step, sb_step, 0, like, 0)
+            tb0 = gl.load(sb2_p)
+            sa1, sb1 = _load_scales(sa_p, sb1_p, sa_step, sb_step, gl.minimum(1, last), like, 0)
+            tb1 = gl.load(sb2_p + gl.minimum(1, last) * sb_step)
+            final1 = zero1
+            final2 = zero2
+            for kb in range(k_steps):
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                nxt = gl.minimum(kb + 2, last)
+                sa2, sb2 = _load_scales(sa_p, sb1_p, sa_step, sb_step, nxt, like, 0)
+                tb2 = gl.load(sb2_p + nxt * sb_step)
+                a = a_bufs.index(s * 2 + WG)
+                acc1 = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), zero1, use_acc=False, is_async=True)
+                acc2 = warpgroup_mma(a, b64_bufs.index(s).permute((1, 0)), zero2, use_acc=False, is_async=True)
+                acc1, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, acc2))
+                mbarrier.arrive(empty.index(s), count=1)
+                final1 = final1 + acc1 * gl.expand_dims(_step_scale(sa0, sb0, UE8M0), 1)
+                sa_2 = gl.convert_layout(sa0, gl.SliceLayout(1, mma2))
+                final2 = final2 + acc2 * gl.expand_dims(_step_scale(sa_2, tb0, UE8M0), 1)
+                sa0, sb0, tb0 = sa1, sb1, tb1
+                sa1, sb1, tb1 = sa2, sb2, tb2
+                it += 1
+            _store_tile(final1, c_desc, c_bufs.index(WG), out_ptr, bias_ptr, e, row0, rows, col1, cnt, M, N, 128,
+                        mma1, HAS_BIAS, TMA_STORE)
+            rows2 = gl.convert_layout(rows, gl.SliceLayout(1, mma2))
+            _store_tile(final2, c64_desc, c64_bufs.index(WG), out_ptr, bias_ptr, e, row0, rows2, col2, cnt, M, N,
+                        64, mma2, HAS_BIAS, TMA_STORE)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _math_wide_wg0(p, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
+        _math_wide(p, 0, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST)
+
+    @gluon.jit
+    def _math_wide_wg1(p, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
+                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
+        _math_wide(p, 1, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST)
+
+    @gluon.jit
+    def masked_gemm_ws_wide_kernel(a_desc, b_desc, b64_desc, c_desc, c64_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr,
+                                   bias_ptr, E, M, N, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                                   STAGES: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
+                                   TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, MATH_REGS: gl.constexpr,
+                                   PRODUCER_REGS: gl.constexpr):
+        """masked_gemm_ws_kernel with 128 x 192 CTA tiles. a_desc box [64, 128]; b_desc box [128, 128]; b64_desc
+        box [64, 128] (both over b viewed [E·N, K]); c_desc box [64, 128], c64_desc box [64, 64] over out."""
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * 2] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        b64_bufs = gl.allocate_shared_memory(b64_desc.dtype, [STAGES] + b64_desc.block_type.shape, b64_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        fence_async_shared()
+        c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
+        c64_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c64_desc.block_type.shape, c64_desc.layout)
+        p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
+             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs, b64_desc, b64_bufs, c64_desc, c64_bufs)
+        BM: gl.constexpr = 2 * WG_ROWS_C
+        gl.warp_specialize([(_math_wide_wg0, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST)),
+                            (_math_wide_wg1, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST)),
+                            (_producer_wide, (p, STAGES, BM, M_FAST))],
+                           [4, 1], [MATH_REGS, PRODUCER_REGS])
+
+
 # ----------------------------------------------------------------------------- launchers (torch)
 
 @functools.lru_cache(maxsize=None)
@@ -312,10 +463,23 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def pick_config(expected_m: int, n: int, kg: int = 1) -> dict:
+# CUTLASS UE8M0 bytes from this many expected rows per expert on: the 128 x 192 tile (wide_config). Measured on an
+# H200 (2026-11-30 16:15 UTC, bench_gemm_peers.py, ratios to DeepGEMM in one run) at 256 / 512 / 1024 / 2048 /
+# uneven 0..1024 / 0..2048 rows, 128 x 192 vs 128 x 128 vs the tl kernel: N=4096 K=7168 0.75/0.71/0.70,
+# 0.77/0.71/0.70, 0.75/0.67/0.63, 0.78/0.79/0.63, 0.77/0.73/0.67, 0.84/0.79/0.70; N=7168 K=2048 0.77/0.74/0.67,
+# 0.85/0.77/0.73, 0.85/0.78/0.69, 0.89/0.77/0.71, 0.75/0.71/0.67, 0.82/0.71/0.68 (the byte decode of a promotion
+# spread over 1.5x the MMA work). Below (64, 128 rows) the 128 x 192 tile lost (0.75-0.83 vs 0.82-0.96). With FP32
+# scales it was no faster than 128 x 128 (-0.12..+0.03): the FP32 recipe keeps 128 x 128.
+UE8M0_WIDE_FROM_ROWS = 256
+
+
+def pick_config(expected_m: int, n: int, kg: int = 1, ue8m0: bool = False) -> dict:
     """Tile config for about expected_m valid rows per expert: 64 x 2BN CTA tiles (SPLIT_N) up to 64 rows,
-    else 128 x BN. BN = 128 (one weight-scale block per sub-tile, one wgmma of N=128). KG 128-wide K steps
+    else 128 x BN; with CUTLASS UE8M0 bytes (ue8m0) from UE8M0_WIDE_FROM_ROWS rows on, 128 x 192 (wide_config).
+    BN = 128 (one weight-scale block per sub-tile, one wgmma of N=128). KG 128-wide K steps
     per pipeline stage (one ready/empty handshake per KG steps). As many stages as shared memory holds."""
+    if ue8m0 and kg == 1 and expected_m >= UE8M0_WIDE_FROM_ROWS:
+        return wide_config()
     # SPLIT_N up to 64 rows, measured on an H200 (ratios to DeepGEMM, benchmarks/results/gpu_h200.json of the
     # 14:05 UTC run, `gluon_fp32` = this rule vs `gluon_fp32_alt` = the other tile): 64 rows, 64 x 2BN vs 128 x BN:
     # 0.99 vs 0.85 (N=4096 K=7168), 0.98 vs 0.90 (N=7168 K=2048); 128 rows, 128 x BN vs 64 x 2BN: 0.97 vs 0.92,
@@ -343,6 +507,26 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: dict)
             TensorDescriptor.from_tensor(out, [WG_ROWS, cfg["BN"]], c_layout))
 
 
+def wide_config() -> dict:
+    """The 128 x 192 tile (masked_gemm_ws_wide_kernel): per stage A 128x128 + B 192x128 fp8 (40 KB), two bf16
+    store buffers per math warpgroup (64x128 + 64x64): 4 stages in the shared memory of an H100/H200."""
+    stage_bytes = (2 * WG_ROWS + 192) * BLOCK_K
+    out_bytes = 2 * WG_ROWS * 192 * 2
+    return dict(WIDE=True, BN=192, SPLIT_N=False, KG=1, STAGES=(SMEM_BYTES - out_bytes) // stage_bytes)
+
+
+def _wide_descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
+    """TMA descriptors of the WIDE kernel: a box [64, 128]; b (viewed [E·N, K]) boxes [128, 128] and [64, 128];
+    out boxes [64, 128] and [64, 64]."""
+    f8, bf = gl.float8e4nv, gl.bfloat16
+    b2 = b.view(-1, b.shape[-1])
+
+    def d(t, box, dt):
+        return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dt))
+    return (d(a, [WG_ROWS, BLOCK_K], f8), d(b2, [128, BLOCK_K], f8), d(b2, [64, BLOCK_K], f8),
+            d(out, [WG_ROWS, 128], bf), d(out, [WG_ROWS, 64], bf))
+
+
 def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m, config, sm_count=-1):
     reason = unavailable_reason()
     if reason is not None:
@@ -352,14 +536,22 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
         raise ValueError(f"K: the TMA row stride must be 16-byte aligned, expected a multiple of 16, got {k}")
     counts = counts.reshape(-1)
     counts = counts if counts.dtype == torch.int32 and counts.is_contiguous() else counts.to(torch.int32).contiguous()
-    cfg = config or pick_config(int(expected_m if expected_m is not None else m), n)
+    cfg = config or pick_config(int(expected_m if expected_m is not None else m), n, ue8m0=ue8m0)
     kg = cfg.get("KG", 1) if -(-k // BLOCK_K) % cfg.get("KG", 1) == 0 else 1      # K steps per stage
     a, b = a.contiguous(), b.contiguous()
     tma_store = out.is_contiguous() and (out.shape[-1] * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
-    a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
     has_bias = bias is not None
     sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
     grid = (min(sms, sm_count) if sm_count > 0 else sms,)         # persistent: one CTA per SM it may use
+    if cfg.get("WIDE"):
+        descs = _wide_descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, 128))
+        masked_gemm_ws_wide_kernel[grid](
+            *descs, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
+            STAGES=cfg["STAGES"], UE8M0=ue8m0, HAS_BIAS=has_bias, TMA_STORE=tma_store,
+            M_FAST=cfg.get("M_FAST", True), MATH_REGS=cfg.get("MATH_REGS", 232),
+            PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40), num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
+        return out
+    a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
     masked_gemm_ws_kernel[grid](
         a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,

@@ -472,16 +472,11 @@ def _dot_scaled(g: _MaskedGemm, cfg: dict) -> None:
 # GPU, Gluon, and K % 16 == 0 (TMA row stride); the `tl` kernel runs everywhere else (SM100, the interpreter)
 # and is its twin (bit-identical outputs on SM90, benchmarks/NOTES_gpu.md). FP32 recipe: Gluon always, it
 # beat tl at every fill in both shapes (Gluon 0.81-0.98x DeepGEMM vs tl 0.65-0.83x, H200, 2026-11-30 run 6).
-# CUTLASS UE8M0 bytes: Gluon only where it measured not slower than tl, i.e. up to GLUON_UE8M0_MAX_ROWS valid
-# rows per expert: Gluon/tl (x DeepGEMM) at 64, 128, 256 rows: 0.96/0.94, 0.82/0.80, 0.70/0.70 (N=4096 K=7168)
-# and 0.96/0.77, 0.81/0.69, 0.73/0.68 (N=7168 K=2048); above, tl won at 512 (0.78 vs 0.70 both shapes) and
-# on the uneven fills (0.77-0.79 vs 0.72-0.74), Gluon at 2048 (0.78-0.80 vs 0.70-0.75): no clear winner, the
-# tl kernel (tuned per shape) stays. The run after the wiring (14:05 UTC, benchmarks/results/gpu_h200.json)
-# agrees at <= 256 rows except one point within noise (0.79 vs 0.82 at N=4096 K=7168, 128 rows) and has Gluon
-# ahead above 256 (+0.02..+0.09): one run each way there, so the threshold stays until another run decides.
-# And only with block-uniform weight bytes (sfb_per_block): the Gluon kernel reads one weight byte per
+# CUTLASS UE8M0 bytes: Gluon too since its 128 x 192 tile (gluon_gemm.UE8M0_WIDE_FROM_ROWS) beat tl at every
+# fill of >= 256 rows in both shapes (0.75-0.89x DeepGEMM vs tl 0.63-0.73x, 16:15 UTC run); below, the
+# 128 x 128 / 64 x 256 tiles were already ahead (0.96/0.94, 0.82/0.80 at 64 and 128 rows, N=4096 K=7168).
+# Only with block-uniform weight bytes (sfb_per_block): the Gluon kernel reads one weight byte per
 # 64 x 128 sub-tile and K step, it has no per-row variant.
-GLUON_UE8M0_MAX_ROWS = 256
 
 
 def masked_gemm_kernel(recipe: str, device: torch.device, k: int, rows: int, sfb_per_block: bool = True) -> str:
@@ -494,7 +489,7 @@ def masked_gemm_kernel(recipe: str, device: torch.device, k: int, rows: int, sfb
         return "tl"
     if recipe == "fp32":
         return "gluon"
-    return "gluon" if sfb_per_block and rows <= GLUON_UE8M0_MAX_ROWS else "tl"
+    return "gluon" if sfb_per_block else "tl"
 
 
 def _kernel_for(kernel: str | None, recipe: str, device, k: int, expected_m: int | None, m: int,
@@ -530,7 +525,7 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     here, `sf_block_uniform` checks it): one weight byte per tile and K step, one FMA per element to
     promote, as the FP32 recipe. False (default): per-row weight bytes, two multiplies per element,
     correct for any bytes. "explicit" runs the Gluon kernel where masked_gemm_kernel("ue8m0", ...) says so
-    (SM90, sfb_per_block, expected_m (default M) <= GLUON_UE8M0_MAX_ROWS), else the `tl` kernel; `kernel`
+    (SM90, sfb_per_block; its tile chosen for expected_m, default M), else the `tl` kernel; `kernel`
     ("tl" | "gluon") overrides that rule.
     """
     if impl not in GEMM_IMPLS:
