@@ -38,6 +38,15 @@ def sf_byte_offset(r, kb, num_cols: int):
             + ((r % SF_TILE_ROWS) // SF_ROW_GROUP) * SF_TILE_COLS + kb % SF_TILE_COLS)
 
 
+# The same order as array dimensions: sf [..., MN, KB] with MN % 128 == KB % 4 == 0 reshaped to
+# [..., MN // 128, KB // 4, 32, 4, 4] has dims (row tile, column tile, r % 32, (r % 128) // 32, kb % 4);
+# SF_TILE_PERM (on the last 5 dims) brings them to (row tile, (r % 128) // 32, r % 32, column tile, kb % 4), whose
+# reshape to [..., MN, KB // 4, 4] is row r, 128-wide K group kb // 4, byte kb % 4 (tests/test_cutlass_sf.py
+# derives it from sf_byte_offset). For view-and-copy conversions where a gather through sf_byte_offset is slow.
+SF_TILE_SHAPE = (SF_ROW_GROUP, SF_TILE_ROWS // SF_ROW_GROUP, SF_TILE_COLS)
+SF_TILE_PERM = (0, 3, 2, 1, 4)
+
+
 def check_sf_shape(num_rows: int, num_cols: int) -> None:
     """Raise ValueError unless [num_rows, num_cols] can be laid out in whole SfAtom tiles."""
     if num_rows % SF_TILE_ROWS or num_cols % SF_TILE_COLS or num_rows <= 0 or num_cols <= 0:

@@ -74,3 +74,19 @@ def test_bad_shapes(mn, kb):
         check_sf_shape(mn, kb)
     with pytest.raises(ValueError, match=rf"\[{mn}, {kb}\]"):
         sf_index_map(mn, kb)
+
+
+@pytest.mark.parametrize("mn, kb", [(128, 4), (256, 12), (384, 8)])
+def test_tile_dims_match_the_byte_formula(mn, kb):
+    """SF_TILE_SHAPE / SF_TILE_PERM (the view-and-copy form of the order) against sf_byte_offset: element (r, kb)
+    of the [MN, KB // 4, 4] result must be the byte at sf_byte_offset(r, kb) of the stored matrix."""
+    import numpy as np
+
+    from moe_ref.cutlass_sf import SF_TILE_COLS, SF_TILE_PERM, SF_TILE_ROWS, SF_TILE_SHAPE, sf_byte_offset
+    stored = np.arange(mn * kb, dtype=np.int64)                 # each byte holds its own offset
+    tiles = stored.reshape(mn // SF_TILE_ROWS, kb // SF_TILE_COLS, *SF_TILE_SHAPE)
+    got = tiles.transpose(*SF_TILE_PERM).reshape(mn, kb // SF_TILE_COLS, SF_TILE_COLS)
+    r, c = np.meshgrid(np.arange(mn), np.arange(kb), indexing="ij")
+    want = sf_byte_offset(r, c, kb).reshape(mn, kb // SF_TILE_COLS, SF_TILE_COLS)
+    assert (got == want).all()
+    assert not (tiles.transpose(0, 1, 2, 3, 4).reshape(mn, -1, SF_TILE_COLS) == want).all()  # the perm matters

@@ -236,3 +236,20 @@ def test_prepare_weight_scales_is_none_where_nothing_is_converted(monkeypatch):
     fake_paddle_gpu(monkeypatch, (9, 0))                      # SM90 needs block-uniform weight bytes
     with install_deep_gemm("torch", 9):
         assert ops.get_provider("deep_gemm").prepare_weight_scales(c["b"], c["sfb"], sfb_per_block=False) is None
+
+
+@pytest.mark.parametrize("m", [64, 300, 1000])
+def test_tail_rows_cover_what_a_whole_tile_store_can_reach(m):
+    """The rows run_masked keeps for each expert: distinct, inside [0, M), and every row in
+    [masked_m, min(M, masked_m + STORE_TAIL_ROWS)) among those flagged past the count (derived by a loop)."""
+    from backend.ops import deep_gemm_launch as DGL
+    counts = torch.tensor([0, 1, m // 2, m - 1, m], dtype=torch.int32)
+    rows, past = DGL._tail_rows(counts, len(counts), m)
+    t = min(DGL.STORE_TAIL_ROWS, m)
+    rows, past = rows.view(len(counts), t), past.view(len(counts), t)
+    for e, c in enumerate(counts.tolist()):
+        got = rows[e] - e * m
+        assert len(set(got.tolist())) == t and int(got.min()) >= 0 and int(got.max()) < m
+        flagged = set(got[past[e]].tolist())
+        assert flagged == {r for r in got.tolist() if r >= c}
+        assert set(range(c, min(m, c + DGL.STORE_TAIL_ROWS))) <= flagged

@@ -20,7 +20,7 @@ import torch
 from moe_ref.constants import BYTES_PER_WORD, GROUP_SIZE, ceil_div
 from moe_ref.fp8_torch import mn_major_view, mn_major_zeros
 
-from moe_ref.cutlass_sf import SF_TILE_COLS, sf_byte_offset
+from moe_ref.cutlass_sf import SF_TILE_COLS, SF_TILE_PERM, SF_TILE_ROWS, SF_TILE_SHAPE, check_sf_shape
 
 UE8M0_BIAS = 127
 MASKED_GEMM = "m_grouped_fp8_gemm_nt_masked"                 # DeepGEMM >= 2.0 (torch build, PFCC / PaddleFleet)
@@ -28,19 +28,22 @@ MASKED_GEMM_OLD = "m_grouped_gemm_fp8_fp8_bf16_nt_masked"    # DeepGEMM 1.x (Fas
 ARCHS = (9, 10)                                               # compute capability majors DeepGEMM serves
 
 
-def _group_bytes(sf: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
-    """CUTLASS SF bytes [E, MN_pad, KB] -> uint8 [E, len(rows), ceil(k/128), 4]: the 4 bytes (one per 32 K) of
-    each 128-wide K group of the given rows (one gather; sf_byte_offset is the one formula of the byte order)."""
-    e_num, _, kb = sf.shape
-    cols = torch.arange(ceil_div(k, GROUP_SIZE) * SF_TILE_COLS, device=sf.device)
-    off = sf_byte_offset(rows[:, None], cols[None, :], kb)
-    return sf.reshape(e_num, -1)[:, off.reshape(-1)].view(e_num, rows.numel(), -1, SF_TILE_COLS)
+def _group_bytes(sf: torch.Tensor, rows: torch.Tensor | slice, k: int) -> torch.Tensor:
+    """CUTLASS SF bytes [E, MN_pad, KB] -> uint8 [E, rows, ceil(k/128), 4]: the 4 bytes (one per 32 K) of each
+    128-wide K group of the given rows (an index tensor or a slice). One view and one copy of the whole matrix
+    through cutlass_sf's tile dimensions (SF_TILE_SHAPE / SF_TILE_PERM), no per-byte index."""
+    e_num, mn_pad, kb = sf.shape
+    check_sf_shape(mn_pad, kb)
+    tiles = sf.reshape(e_num, mn_pad // SF_TILE_ROWS, kb // SF_TILE_COLS, *SF_TILE_SHAPE)
+    perm = (0,) + tuple(1 + d for d in SF_TILE_PERM)
+    groups = tiles.permute(*perm).reshape(e_num, mn_pad, kb // SF_TILE_COLS, SF_TILE_COLS)
+    return groups[:, rows, :ceil_div(k, GROUP_SIZE)]
 
 
 def bytes_repeat_per_group(sf: torch.Tensor, num_rows: int, k: int) -> bool:
     """True when each 128-wide K group of rows < num_rows holds one byte 4 times (one synchronization): then one
     scale per 128 K is exact, as DeepGEMM's 1x128 / 128x128 recipes need."""
-    g = _group_bytes(sf, torch.arange(num_rows, device=sf.device), k)
+    g = _group_bytes(sf, slice(0, num_rows), k)
     return bool(torch.all(g == g[..., :1]))
 
 
@@ -71,7 +74,7 @@ def activation_scales(sfa: torch.Tensor, m: int, k: int, arch: int) -> torch.Ten
     """CUTLASS SF bytes sfa [E, align(M,128), KB] -> DeepGEMM's activation scales for compute capability major
     `arch`: fp32 [E, M, ceil(K/128)] (SM90) or packed UE8M0 int32 [E, M, ceil(K/512)] (SM100), MN-major
     TMA-aligned. The first byte of each 128-group is used (bytes_repeat_per_group says when that is exact)."""
-    first = _group_bytes(sfa, torch.arange(m, device=sfa.device), k)[..., 0]
+    first = _group_bytes(sfa, slice(0, m), k)[..., 0]
     return _mn_major(_decode(first) if arch == 9 else _pack(first))
 
 
@@ -81,8 +84,8 @@ def weight_scales(sfb: torch.Tensor, n: int, k: int, arch: int) -> torch.Tensor:
     contract's sfb_per_block), or packed UE8M0 int32 [E, N, ceil(K/512)] MN-major TMA-aligned (SM100, per row).
     Pure: the method can call it once at weight load and keep the result (the weights do not change)."""
     if arch == 9:
-        return _decode(_group_bytes(sfb, torch.arange(0, n, GROUP_SIZE, device=sfb.device), k)[..., 0]).contiguous()
-    return _mn_major(_pack(_group_bytes(sfb, torch.arange(n, device=sfb.device), k)[..., 0]))
+        return _decode(_group_bytes(sfb, slice(0, n, GROUP_SIZE), k)[..., 0]).contiguous()
+    return _mn_major(_pack(_group_bytes(sfb, slice(0, n), k)[..., 0]))
 
 
 def unsupported_reason(arch: int, bias, sfb_per_block: bool, sfa: torch.Tensor, sfb: torch.Tensor, m: int,
@@ -126,20 +129,35 @@ def call_masked(dg, a3, sa, b, sb, d3, counts, expected_m: int, arch: int, to_dg
         fn(*args)
 
 
+# DeepGEMM's masked kernels store whole BLOCK_M-row tiles, so rows past masked_m up to the next tile boundary are
+# written too: BLOCK_M is 64 or 128 on SM90 (csrc/jit_kernels/heuristics/sm90.hpp, MGroupedMasked) and the M
+# alignment of the grouped layouts (128) on SM100 (sm100.hpp). The rows a call may clobber are kept from here.
+STORE_TAIL_ROWS = 256
+
+
+def _tail_rows(counts: torch.Tensor, e_num: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat row index [E·T], past_count [E·T] bool) of T = min(STORE_TAIL_ROWS, M) distinct rows per expert: the
+    window of T rows starting at masked_m, moved back to end at M when it would not fit; on the device."""
+    t = min(STORE_TAIL_ROWS, m)
+    first = torch.clamp(counts.to(torch.int64), max=m - t)
+    rows = first[:, None] + torch.arange(t, device=counts.device)[None, :]
+    flat = rows + torch.arange(e_num, device=counts.device)[:, None] * m
+    return flat.reshape(-1), (rows >= counts[:, None]).reshape(-1)
+
+
 def run_masked(dg, a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, counts: torch.Tensor,
                out: torch.Tensor, m: int, arch: int, expected_m: int | None = None, to_dg=lambda t: t) -> torch.Tensor:
     """out[e·M + r] = a · bᵀ with DeepGEMM for r < counts[e]; rows past the counts untouched (SPEC §6).
 
     a [E·M, K] fp8; b [E, N, K] fp8; sa, sb: activation_scales / weight_scales; counts [E] int32; out [E·M, N]
-    bf16. DeepGEMM stores whole tiles (rows past masked_m too), so it writes a scratch [E, M, N] and the
-    valid rows are copied into out: one extra read of the scratch and read + write of out.
+    bf16. DeepGEMM writes straight into out; the up to STORE_TAIL_ROWS rows per expert past masked_m that its
+    whole-tile stores may overwrite are read before and written back after (no host synchronization).
     """
     e_num, n, k = b.shape
-    scratch = torch.empty((e_num, m, n), dtype=torch.bfloat16, device=out.device)
     counts = counts.reshape(-1).to(torch.int32).contiguous()
-    call_masked(dg, a.view(e_num, m, k), sa, b.contiguous(), sb, scratch, counts,
+    rows, past = _tail_rows(counts, e_num, m)
+    kept = out.index_select(0, rows)
+    call_masked(dg, a.view(e_num, m, k), sa, b.contiguous(), sb, out.view(e_num, m, n), counts,
                 max(1, int(expected_m) if expected_m is not None else m), arch, to_dg)
-    keep = (torch.arange(m, device=out.device)[None, :] < counts[:, None])[..., None]
-    out3 = out.view(e_num, m, n)
-    out3.copy_(torch.where(keep, scratch, out3))
+    out.index_copy_(0, rows, torch.where(past[:, None], kept, out.index_select(0, rows)))
     return out

@@ -12,7 +12,7 @@ Two builds, as the provider meets them:
 - "paddle": FastDeploy's SM90 Paddle port of DeepGEMM 1.x, `m_grouped_gemm_fp8_fp8_bf16_nt_masked(lhs, rhs,
   out, masked_m, expected_m)` on paddle tensors, fp32 1x128 / 128x128 scales (it makes them MN-major itself).
 
-Like the real kernels, the fake writes whole 64-row tiles: rows past masked_m are overwritten with garbage
+Like the real kernels, the fake writes whole 128-row tiles: rows past masked_m are overwritten with garbage
 (the provider must keep them out of `out`). Each call is appended to `module.calls` as
 (name, {argument: description}) before its checks run.
 """
@@ -25,7 +25,7 @@ import types
 import numpy as np
 import torch
 
-TILE_M = 64
+TILE_M = 128        # whole tiles of DeepGEMM's largest masked BLOCK_M (SM90 {64, 128}; SM100 the 128 alignment)
 
 
 def _fail(cond: bool, what: str) -> None:
