@@ -522,15 +522,14 @@ def chain(w_tok, h, inter, e_num, k_top):
         def s_quant():
             st["q"], st["s"] = L.per_token_quant(x, 128, ue)
 
-        def s_permute():
+        def s_permute():     # UE8M0: the permute writes the CUTLASS bytes GEMM 1 reads (no unpack launch)
             st["px"], st["ps"], st["imap"], st["counts"] = L.prefill_permute_to_masked_gemm(
-                st["q"], st["s"], ids, e_num, m_cap)
+                st["q"], st["s"], ids, e_num, m_cap, sf_group=128 if ue else None)
 
         def s_gemm1():
             if ue:
-                sfa = L.unpack_and_convert_scale(st["ps"], st["counts"])
-                L.group_gemm_masked(st["px"].view(e_num * m_cap, h), w_up, sfa, sfb_up, st["counts"], up, None, m_cap,
-                                    sfb_per_block=True)
+                L.group_gemm_masked(st["px"].view(e_num * m_cap, h), w_up, st["ps"], sfb_up, st["counts"], up, None,
+                                    m_cap, sfb_per_block=True)
             else:
                 L.group_gemm_masked_fp32(st["px"].view(e_num * m_cap, h), w_up, st["ps"], s_up, st["counts"], up,
                                          None, m_cap)
