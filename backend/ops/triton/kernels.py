@@ -252,26 +252,28 @@ def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr,
     -1 also for an id outside [0, E) and a slot >= M (dropped: the launcher raises or records them).
 
     The rows of each expert in earlier chunks: each program sums the hist rows before its own (no separate
-    prefix launch); program 0 also writes the counts, the problems and the record (`_permute_totals`).
+    prefix launch). One program more than chunks, the last: the counts, the problems and the record
+    (`_permute_totals`), beside the others rather than after one program's own chunk.
     HAS_INV: also inv [E·M] int32, inv[e·M + slot] = token (slots < counts[e] only).
     """
-    ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
     chunk = tl.program_id(0)
-    before = tl.cumsum(onehot, axis=0) - onehot                                    # same expert, earlier in chunk
-    rank = tl.sum(before * onehot, axis=1)
-    offsets = _hist_rows_sum(hist_ptr, chunk, E_PAD, CB)                             # earlier chunks
-    slot = tl.sum(onehot * offsets[None, :], axis=1) + rank
-    value = tl.where((ids >= 0) & (ids < E) & (slot < M), ids * M + slot, -1)
-    flat = chunk * BLOCK_W * KP + tl.arange(0, BLOCK_W * KP)
-    t = flat // KP
-    k = flat % KP
-    tl.store(map_ptr + t.to(tl.int64) * K_TOP + k, value, mask=ok)
-    if HAS_INV:        # the token of each slot, for permute_move_kernel's scale gather
-        tl.store(inv_ptr + value, t, mask=ok & (value >= 0))
-    if chunk == 0:
+    n_chunks = tl.num_programs(0) - 1
+    if chunk < n_chunks:
+        ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
+        before = tl.cumsum(onehot, axis=0) - onehot                                # same expert, earlier in chunk
+        rank = tl.sum(before * onehot, axis=1)
+        offsets = _hist_rows_sum(hist_ptr, chunk, E_PAD, CB)                         # earlier chunks
+        slot = tl.sum(onehot * offsets[None, :], axis=1) + rank
+        value = tl.where((ids >= 0) & (ids < E) & (slot < M), ids * M + slot, -1)
+        flat = chunk * BLOCK_W * KP + tl.arange(0, BLOCK_W * KP)
+        t = flat // KP
+        k = flat % KP
+        tl.store(map_ptr + t.to(tl.int64) * K_TOP + k, value, mask=ok)
+        if HAS_INV:        # the token of each slot, for permute_move_kernel's scale gather
+            tl.store(inv_ptr + value, t, mask=ok & (value >= 0))
+    else:
         _permute_totals(ids_ptr, hist_ptr, bad_ptr, first_ptr, counts_ptr, problems_ptr, err_ptr,
-                        tl.num_programs(0), W, K_TOP, E, M, stride_ids, E_PAD, CB, RECORD, BAD_ID_CODE,
-                        OVERFLOW_CODE)
+                        n_chunks, W, K_TOP, E, M, stride_ids, E_PAD, CB, RECORD, BAD_ID_CODE, OVERFLOW_CODE)
 
 
 @triton.jit

@@ -137,7 +137,7 @@ def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_nu
 
     Two launches, no atomics, no host read: a count kernel (per chunk of tokens, per expert), then a slot kernel
     (each program sums the counts of the chunks before its own, ranks inside its chunk from a cumulative one-hot
-    sum; program 0 also writes the counts, the problems and the record): token-major-then-k order.
+    sum; one more program writes the counts, the problems and the record): token-major-then-k order.
     Ids outside [0, E) and entries past M rows of their expert get -1; counts are clamped to M.
     check=True raises ValueError for bad ids / counts > M (one synchronization); check=False returns
     a third tensor [3] int32 (number of bad ids, largest routed count, its expert) for the caller to check later.
@@ -177,7 +177,7 @@ def _permute_index_step(topk_ids: torch.Tensor, num_local_experts: int, max_toke
     if w:
         K.permute_count_kernel[(chunks,)](ids, hist, bad, first, w, k_top, e_num, ids.stride(0),
                                           BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
-        K.permute_slot_kernel[(chunks,)](ids, hist, bad, first, indice_map, inv if with_inverse else counts, counts,
+        K.permute_slot_kernel[(chunks + 1,)](ids, hist, bad, first, indice_map, inv if with_inverse else counts, counts,
                                          problems, errors if errors is not None else problems, w, k_top, e_num, m,
                                          ids.stride(0), BLOCK_W=block_w, KP=kp, E_PAD=e_pad,
                                          CB=PREFIX_ROWS, RECORD=errors is not None, BAD_ID_CODE=DE.BAD_LOCAL_ID,
