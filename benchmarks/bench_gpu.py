@@ -13,6 +13,10 @@ One run on one card measures, each against a baseline timed in the same run:
   conversion): bytes moved / time against a device-to-device copy.
 - the whole ht-prefill chain on one rank through the triton ops vs a plain torch bf16 loop over
   experts, and the share of the chain's time spent in the two GEMMs.
+- issue 12 (section chain_layer, benchmarks/chain_layer.py): per W in --chain-tokens, the layer (FP32 recipe, our
+  GEMMs) eager and as one CUDA-graph replay, its GPU time per stage, DeepGEMM's two masked GEMMs alone on the same
+  routed rows and our glue with DeepGEMM's GEMMs -> top-level `chain` records; memory-bound ops also timed as
+  CUDA-graph replays -> top-level `memory_bound` list (op, ratio_to_copy).
 
 Every kernel is checked first at the same shapes against a torch reference on fresh random data,
 outputs poisoned with NaN before the run (NaN never passes). Results: JSON (card, driver, versions,
