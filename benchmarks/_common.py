@@ -23,6 +23,15 @@ def repo_on_path() -> None:
         sys.path.insert(0, str(ROOT))
 
 
+def optional_import(name: str):
+    """(module, None), or (None, why) when it does not import (absent, or built for another CUDA): the caller
+    reports it and runs the rest."""
+    try:
+        return __import__(name, fromlist=["_"]), None
+    except Exception as exc:
+        return None, repr(exc)[:300]
+
+
 def set_paddle_threads(n: int) -> None:
     """paddle.set_num_threads is not exported in Paddle 3.3; the core binding is."""
     import paddle

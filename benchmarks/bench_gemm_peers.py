@@ -35,7 +35,7 @@ import traceback
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import bench_gpu as BG  # noqa: E402  (puts the repository on sys.path; torch-only)
-from _common import write_json  # noqa: E402
+from _common import optional_import, write_json  # noqa: E402
 from backend.ops import deep_gemm_launch as DGL  # noqa: E402
 from backend.ops.triton import launch as L  # noqa: E402
 import torch  # noqa: E402
@@ -43,13 +43,6 @@ import torch  # noqa: E402
 SHAPES = ((4096, 7168), (7168, 2048))
 FILLS = (512, 64, 128, 256, 1024, 2048, "uneven_0_1024", "uneven_0_2048")
 SAME_INPUT_TOL = 1e-6      # issue 11: same FP32 accumulation up to order
-
-
-def optional_import(name: str):
-    try:
-        return __import__(name, fromlist=["_"]), None
-    except Exception as exc:        # absent or built for another CUDA: reported, the rest still runs
-        return None, repr(exc)[:300]
 
 
 def valid_rows(out: torch.Tensor, counts: torch.Tensor, e_num: int, m_cap: int) -> torch.Tensor:
@@ -126,8 +119,7 @@ def deepgemm_call(dg, x, out, e_num, m_cap, recipe, expected_m):
     a3 = x["a"].view(e_num, m_cap, -1)
     sa, sb = (x["fa_mn"], x["fb"]) if recipe == "fp32" else (x["pa_mn"], x["pb"])
     d3 = out.view(e_num, m_cap, -1)
-    return lambda c: dg.m_grouped_fp8_gemm_nt_masked((a3, sa), (x["b"], sb), d3, c, expected_m,
-                                                     disable_ue8m0_cast=True)
+    return lambda c: DGL.call_masked(dg, a3, sa, x["b"], sb, d3, c, expected_m, 9)   # SM90: disable_ue8m0_cast
 
 
 def deep_gemm_provider_call(dg, x, out, e_num, m_cap, arch=9, expected_m=None):

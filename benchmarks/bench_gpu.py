@@ -13,6 +13,10 @@ One run on one card measures, each against a baseline timed in the same run:
   conversion): bytes moved / time against a device-to-device copy.
 - the whole ht-prefill chain on one rank through the triton ops vs a plain torch bf16 loop over
   experts, and the share of the chain's time spent in the two GEMMs.
+- issue 12 (section chain_layer, benchmarks/chain_layer.py): per W in --chain-tokens, the layer (FP32 recipe, our
+  GEMMs) eager and as one CUDA-graph replay, its GPU time per stage, DeepGEMM's two masked GEMMs alone on the same
+  routed rows and our glue with DeepGEMM's GEMMs -> top-level `chain` records; memory-bound ops also timed as
+  CUDA-graph replays -> top-level `memory_bound` list (op, ratio_to_copy).
 
 Every kernel is checked first at the same shapes against a torch reference on fresh random data,
 outputs poisoned with NaN before the run (NaN never passes). Results: JSON (card, driver, versions,
@@ -307,9 +311,13 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
     gen = torch.Generator(device=DEV).manual_seed(2)
     res = {}
 
-    def record(name, ms, nbytes, **extra):
+    def record(name, ms, nbytes, graph_fn=None, **extra):
+        """graph_fn: the op without host synchronization, also timed as one CUDA-graph replay (no launch overhead)."""
         tbs = nbytes / ms / 1e9
         res[name] = dict(ms=ms, bytes=nbytes, tb_per_s=tbs, vs_copy=tbs / copy_tbs if copy_tbs else None, **extra)
+        if graph_fn is not None and not DRY:
+            g_ms = graph_ms(graph_fn)
+            res[name].update(graph_ms=g_ms, graph_vs_copy=nbytes / g_ms / 1e9 / copy_tbs if copy_tbs else None)
         log(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res[name].items()})
         save()
 
@@ -323,7 +331,8 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
         exact_s = bool(torch.equal(s, pack_words(e_ref) if ue else s_ref))
         ms = bench_ms(lambda: L.per_token_quant(x, 128, ue))
         record(f"per_token_quant_{'ue8m0' if ue else 'fp32'}", ms,
-               t_tok * h * 2 + t_tok * h + s.numel() * 4, exact_q=exact_q, exact_scale=exact_s)
+               t_tok * h * 2 + t_tok * h + s.numel() * 4, graph_fn=lambda: L.per_token_quant(x, 128, ue),
+               exact_q=exact_q, exact_scale=exact_s)
 
     # §5 permute (fp8 x + packed UE8M0 scale, as the Blackwell path)
     q, s = L.per_token_quant(x, 128, True)
@@ -355,7 +364,9 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
     ms_idx_deferred = bench_ms(lambda: L.permute_indices(ids, e_num, m_cap, check=False, errors=err))
     ms_rows = bench_ms(lambda: L.permute_rows(q, s, imap, counts.flatten(), e_num, m_cap))
     nbytes = t_tok * h + s.numel() * 4 + e_num * m_cap * h + ps.numel() * 4 + imap.numel() * 4 * 2 + ids.numel() * 8
-    record("prefill_permute", ms, nbytes, correct_map=ok_map, correct_rows=ok_rows, zero_tail=ok_zero,
+    record("prefill_permute", ms, nbytes, graph_fn=lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap,
+                                                                                             errors=err),
+           correct_map=ok_map, correct_rows=ok_rows, zero_tail=ok_zero,
            correct_scale=ok_scale, M=m_cap, indices_ms=ms_idx, rows_ms=ms_rows, deferred_ms=ms_deferred,
            indices_deferred_ms=ms_idx_deferred, deferred_ratio_to_copy=None if copy_tbs is None else
            nbytes / ms_deferred / 1e9 / copy_tbs, deferred_record_clear=not any(err.tolist()),
@@ -370,7 +381,8 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
     want = torch.where(exps == 0, 1 << 22, exps << 23).view(torch.float32)       # byte 0 decodes to 2^-127
     ok_sf = bool(torch.equal(back[:, :, :s_groups], want))
     ms = bench_ms(lambda: L.unpack_and_convert_scale(ps, counts))
-    record("unpack_and_convert_scale", ms, ps.numel() * 4 + sf.numel(), round_trip_exact=ok_sf)
+    record("unpack_and_convert_scale", ms, ps.numel() * 4 + sf.numel(),
+           graph_fn=lambda: L.unpack_and_convert_scale(ps, counts), round_trip_exact=ok_sf)
 
     # §7 SwiGLU + quant on the masked layout
     up = torch.randn(e_num, m_cap, 2 * inter, device=DEV, generator=gen).to(torch.bfloat16) * 2
@@ -394,7 +406,8 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
         n_valid = int(counts.sum())
         nbytes = n_valid * 2 * inter * 2 + e_num * m_cap * inter + act_s.numel() * 4
         ms = bench_ms(lambda: L.fused_mask_swiglu_fp8_quant(up, counts, 128, ue))
-        record(f"swiglu_quant_{'ue8m0' if ue else 'fp32'}", ms, nbytes, fp8_bytes_differing=mismatch_q,
+        record(f"swiglu_quant_{'ue8m0' if ue else 'fp32'}", ms, nbytes,
+               graph_fn=lambda: L.fused_mask_swiglu_fp8_quant(up, counts, 128, ue), fp8_bytes_differing=mismatch_q,
                scales_differing=mismatch_s, dequant_calc_diff_vs_bf16_y=worst,
                note="bytes: valid rows of up read, all E*M rows of act written (zeros past the count); "
                     "tl.exp is approximate on GPU, so a few bytes may differ by one e4m3 step")
@@ -415,12 +428,63 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
     n_valid = int((imap >= 0).sum())
     ms = bench_ms(lambda: L.depermute_prefill_combine(ffn, imap, wts, t_tok))
     record("depermute_prefill_combine", ms, n_valid * h * 2 + t_tok * h * 2 + imap.numel() * 8,
+           graph_fn=lambda: L.depermute_prefill_combine(ffn, imap, wts, t_tok),
            max_diff_bf16_steps=ulps, elements_differing=int((diff > 0).sum()),
            max_diff_over_row_absmax=float((diff.max(1).values / ref.float().abs().max(1).values.clamp(min=1e-30)).max()),
            note_diff="FMA contraction vs separate mul+add: differences show only where terms cancel",
            calc_diff=calc_diff(out.float(), ref.float()),
            nan=bool(torch.isnan(out.float()).any()))
+    permute_at_issue_shape(record, min(t_tok, 4096), h, e_num, k_top, gen)
+    RESULTS["memory_bound"] = memory_bound_list(res)
     return res
+
+
+def permute_at_issue_shape(record, w_tok, h, e_num, k_top, gen):
+    """The permute at issue 12's shape (W=4096, top-8 of 32, H=7168; fp8 x), deferred checks (graph-safe), three
+    scale outputs: packed UE8M0 MN-major, FP32 MN-major (the Hopper chain's), and CUTLASS SF bytes written by the
+    permute (sf_group=128, checked equal to permute + unpack_and_convert_scale). Bytes: x read once, every E·M row
+    written (copies and zero tail), scales read and written, map written; also timed: a device copy of as many
+    bytes (its ratio does not depend on the 2 GiB ceiling copy's size)."""
+    x = torch.randn(w_tok, h, device=DEV, generator=gen).to(torch.bfloat16)
+    ids = torch.argsort(torch.rand(w_tok, e_num, device=DEV, generator=gen), dim=1)[:, :k_top].to(torch.int64)
+    m_cap = int(torch.bincount(ids.flatten(), minlength=e_num).max()) + 64
+    err = torch.zeros(5, dtype=torch.int64, device=DEV)
+    for name, ue, sf_group in (("ue8m0", True, None), ("fp32", False, None), ("cutlass_sf", True, 128)):
+        q, s = L.per_token_quant(x, 128, ue)
+        fn = lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap, errors=err, sf_group=sf_group)  # noqa: E731
+        px, ps, imap, counts = fn()
+        extra = {}
+        if sf_group is not None:
+            _, ps_mn, _, _ = L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap)
+            extra["equals_permute_then_unpack"] = bool(torch.equal(ps, L.unpack_and_convert_scale(ps_mn, counts)))
+        nbytes = w_tok * h + s.numel() * 4 + e_num * m_cap * h + ps.numel() * ps.element_size() + imap.numel() * 4
+        half = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEV)
+        other = torch.empty_like(half)
+        extra["copy_same_bytes_ms"] = bench_ms(lambda: other.copy_(half))
+        record(f"prefill_permute_w{w_tok}_{name}", bench_ms(fn), nbytes, graph_fn=fn, W=w_tok, M=m_cap,
+               record_clear=not any(err.tolist()), **extra)
+        del half, other
+
+
+def memory_bound_list(res: dict) -> list:
+    """issue 12's flat list: one entry per memory-bound op measured, ratio_to_copy from the CUDA-graph replay time
+    where measured (the op's GPU time), else from the eager call (ratio_to_copy_eager, host launches included)."""
+    out = []
+    for op, v in res.items():
+        ratio = v.get("graph_vs_copy") if v.get("graph_vs_copy") is not None else v.get("vs_copy")
+        ms = v.get("graph_ms", v.get("ms"))
+        out.append(dict(op=op, ratio_to_copy=ratio, ratio_to_copy_eager=v.get("vs_copy"), ms=ms, eager_ms=v.get("ms"),
+                        bytes=v.get("bytes"), timing="graph" if v.get("graph_vs_copy") is not None else "eager"))
+        if v.get("copy_same_bytes_ms"):
+            out[-1]["ratio_to_copy_same_bytes"] = v["copy_same_bytes_ms"] / ms
+    return out
+
+
+def graph_ms(fn) -> float:
+    """Median ms of fn captured in a CUDA graph and replayed (do_bench; L2 flushed before each replay)."""
+    from chain_layer import capture
+    graph = capture(fn)
+    return bench_ms(graph.replay)
 
 
 # ----------------------------------------------------------------------------- the ht-prefill chain
@@ -462,15 +526,14 @@ def chain(w_tok, h, inter, e_num, k_top):
         def s_quant():
             st["q"], st["s"] = L.per_token_quant(x, 128, ue)
 
-        def s_permute():
+        def s_permute():     # UE8M0: the permute writes the CUTLASS bytes GEMM 1 reads (no unpack launch)
             st["px"], st["ps"], st["imap"], st["counts"] = L.prefill_permute_to_masked_gemm(
-                st["q"], st["s"], ids, e_num, m_cap)
+                st["q"], st["s"], ids, e_num, m_cap, sf_group=128 if ue else None)
 
         def s_gemm1():
             if ue:
-                sfa = L.unpack_and_convert_scale(st["ps"], st["counts"])
-                L.group_gemm_masked(st["px"].view(e_num * m_cap, h), w_up, sfa, sfb_up, st["counts"], up, None, m_cap,
-                                    sfb_per_block=True)
+                L.group_gemm_masked(st["px"].view(e_num * m_cap, h), w_up, st["ps"], sfb_up, st["counts"], up, None,
+                                    m_cap, sfb_per_block=True)
             else:
                 L.group_gemm_masked_fp32(st["px"].view(e_num * m_cap, h), w_up, st["ps"], s_up, st["counts"], up,
                                          None, m_cap)
@@ -571,6 +634,85 @@ def chain_graph(w_tok, h, inter, e_num, k_top):
     return res
 
 
+@section("chain_layer")
+def chain_layer(tokens, h, inter, e_num, k_top):
+    """issue 12's `chain` records (top level of the JSON), one per W in `tokens`: the whole ht layer, FP32 recipe with
+    our GEMMs (Gluon on SM90), eager and as one CUDA-graph replay (`ours_ms`), per-stage GPU times (`per_op_ms`),
+    DeepGEMM's two masked GEMMs alone on the same routed rows (`deepgemm_gemms_ms`), and our glue with DeepGEMM's
+    GEMMs (`ours_glue_deepgemm_gemms_ms`, its per-stage times `deepgemm_variant_per_op_ms`)."""
+    from _common import optional_import
+    dg, dg_err = (None, "dry run") if DRY else optional_import("deep_gemm")
+    RESULTS["chain"] = []
+    for w_tok in tokens:
+        try:
+            rec = chain_layer_record(dg, w_tok, h, inter, e_num, k_top)
+        except Exception as exc:
+            traceback.print_exc()
+            rec = dict(tokens=w_tok, error=repr(exc)[:1000])
+        rec["deepgemm_error"] = dg_err
+        RESULTS["chain"].append(rec)
+        log("chain W", w_tok, {k: v for k, v in rec.items() if not isinstance(v, dict)})
+        save()
+        torch.cuda.empty_cache() if not DRY else None
+    return dict(tokens=list(tokens), deepgemm_error=dg_err, records="top-level `chain`")
+
+
+def _stage_times(layer) -> dict:
+    import chain_layer as CL
+    if DRY:                                  # no CUDA events on CPU: each stage timed on its own
+        return {name: bench_ms(f) for name, f in layer.stages().items()}
+    return CL.per_stage_ms(layer.stages())
+
+
+def _whole(layer, rec: dict, prefix: str, reference: torch.Tensor) -> None:
+    """Eager time of the whole layer, then one CUDA-graph capture + replay (output compared with `reference`)."""
+    import chain_layer as CL
+    rec[f"{prefix}eager_ms"] = bench_ms(layer.run)
+    rec[f"{prefix}graph_captured"] = False
+    if DRY:
+        return
+    try:
+        graph = CL.capture(layer.run)
+        graph.replay()
+        torch.cuda.synchronize()
+        rec[f"{prefix}graph_captured"] = True
+        rec[f"{prefix}graph_equal"] = bool(torch.equal(layer.st["out"], reference))
+        rec[f"{prefix}replay_ms"] = bench_ms(graph.replay)
+    except Exception as exc:
+        rec[f"{prefix}graph_error"] = repr(exc)[:500]
+
+
+def chain_layer_record(dg, w_tok, h, inter, e_num, k_top) -> dict:
+    import chain_layer as CL
+    layer = CL.make_layer(w_tok, h, inter, e_num, k_top, DEV)
+    kernel = L.masked_gemm_kernel("fp32", layer.x.device, h, layer.expected_m)
+    rec = dict(tokens=w_tok, M=layer.m, expected_m=layer.expected_m, recipe="fp32", gemm_kernel=kernel,
+               shape=dict(W=w_tok, H=h, I=inter, E=e_num, K_top=k_top))
+    out = layer.run().clone()
+    rec["routing_record_clear"] = not any(layer.errors.tolist())
+    rec["nan"] = bool(torch.isnan(out.float()).any())
+    rec["per_op_ms"] = _stage_times(layer)
+    rec["per_op_sum_ms"] = sum(rec["per_op_ms"].values())
+    _whole(layer, rec, "", out)
+    rec["ours_ms"] = rec.get("replay_ms", rec["eager_ms"])
+    rec["ours_timing"] = "graph replay" if "replay_ms" in rec else "eager"
+    rec["glue_ms"] = sum(v for k, v in rec["per_op_ms"].items() if not k.startswith("gemm"))
+    if dg is None:
+        return rec
+    layer.gemm = layer.deepgemm(dg)
+    out_dg = layer.run().clone()
+    rec["deepgemm_variant_calc_diff_vs_ours"] = calc_diff(out_dg.float(), out.float())
+    rec["deepgemm_variant_equal_to_ours"] = bool(torch.equal(out_dg, out))
+    rec["deepgemm_variant_per_op_ms"] = _stage_times(layer)
+    rec["deepgemm_gemms_ms"] = bench_ms(layer.two_gemms)
+    rec["deepgemm_gemms_per_op_ms"] = {k: rec["deepgemm_variant_per_op_ms"][k] for k in ("gemm1", "gemm2")}
+    _whole(layer, rec, "deepgemm_variant_", out_dg)
+    rec["ours_glue_deepgemm_gemms_ms"] = rec.get("deepgemm_variant_replay_ms", rec["deepgemm_variant_eager_ms"])
+    rec["ours_vs_deepgemm_gemms"] = rec["ours_ms"] / rec["deepgemm_gemms_ms"]
+    rec["ours_glue_deepgemm_gemms_vs_deepgemm_gemms"] = rec["ours_glue_deepgemm_gemms_ms"] / rec["deepgemm_gemms_ms"]
+    return rec
+
+
 # ----------------------------------------------------------------------------- compiled-kernel report
 
 @section("compiled")
@@ -623,13 +765,23 @@ def summary():
                          f"{'' if v.get('correct') else ' WRONG' if 'correct' in v else ' ERR'})")
         lines.append(" | ".join(cells))
     for name, v in (s.get("memory_bound") or {}).items():
-        lines.append(f"{name:28s} {v['tb_per_s']:.2f} TB/s  {v['vs_copy'] or 0:.2f}x copy  {v['ms']:.3f} ms")
+        lines.append(f"{name:32s} {v['tb_per_s']:.2f} TB/s  {v['vs_copy'] or 0:.2f}x copy  {v['ms']:.3f} ms"
+                     + (f" | graph {v['graph_vs_copy'] or 0:.2f}x copy {v['graph_ms']:.3f} ms" if "graph_ms" in v else ""))
     ch = s.get("chain") or {}
     for recipe in ("ue8m0", "fp32"):
         if recipe in ch:
             v = ch[recipe]
             lines.append(f"chain {recipe}: {v['ms']:.2f} ms, GEMM share {v['gemm_share']:.2f}, "
                          f"{v.get('speedup_vs_torch_bf16', 0):.2f}x torch bf16 ({ch.get('torch_bf16', {}).get('ms', 0):.2f} ms)")
+    for rec in RESULTS.get("chain", []):
+        if "error" in rec:
+            lines.append(f"chain W={rec['tokens']}: ERROR {rec['error'][:200]}")
+            continue
+        ops_ = " ".join(f"{k} {v:.3f}" for k, v in rec["per_op_ms"].items())
+        lines.append(f"chain W={rec['tokens']}: ours {rec['ours_ms']:.3f} ms ({rec['ours_timing']}; {ops_}), DeepGEMM "
+                     f"GEMMs {rec.get('deepgemm_gemms_ms', float('nan')):.3f} ms -> "
+                     f"{rec.get('ours_vs_deepgemm_gemms', float('nan')):.2f}x; our glue + DeepGEMM GEMMs "
+                     f"{rec.get('ours_glue_deepgemm_gemms_ms', float('nan')):.3f} ms; graph equal {rec.get('graph_equal')}")
     lines.append(f"errors: {len(RESULTS['errors'])}; elapsed {time.time() - T0:.0f} s")
     print("\n".join(lines), flush=True)
 
@@ -677,7 +829,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry", action="store_true", help="tiny shapes on CPU under TRITON_INTERPRET=1")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: gemm,memory,chain,chain_graph")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: gemm,memory,chain,chain_graph,"
+                    "chain_layer")
+    ap.add_argument("--chain-tokens", default="1024,4096,16384",
+                    help="W values of the chain_layer section (issue 12's `chain` records)")
     ap.add_argument("--graph", action="store_true", help="only the chain_graph section (the ht chain with deferred "
                     "routing checks, eager vs CUDA-graph replay); skip it otherwise with --skip chain_graph")
     ap.add_argument("--ncu", action="store_true", help="after the run, profile the chosen GEMM config with ncu")
@@ -691,7 +846,7 @@ def main():
     OUT_PATH = pathlib.Path(args.out) if args.out else None
     skip = set(filter(None, args.skip.split(",")))
     if args.graph:
-        skip |= {"memory", "gemm", "chain"}
+        skip |= {"memory", "gemm", "chain", "chain_layer"}
     torch.manual_seed(0)
     environment()
     cp = copy_ceiling() or {}
@@ -711,6 +866,9 @@ def main():
         chain(**ch)
     if "chain_graph" not in skip:
         chain_graph(**ch)
+    if "chain_layer" not in skip:
+        chain_layer([int(t) for t in args.chain_tokens.split(",")] if not DRY else [16, 32],
+                    **{k: v for k, v in ch.items() if k != "w_tok"})
     compiled_report()
     RESULTS["elapsed_s"] = time.time() - T0
     save()

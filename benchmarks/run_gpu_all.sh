@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/run_gpu_all.sh DEEPGEMM_SRC OUT
 #
-# 1. benchmarks/bench_gpu.py -> OUT/gpu_h200.json (sections: GEMM vs cuBLASLt, memory-bound vs copy, chain);
+# 1. benchmarks/bench_gpu.py -> OUT/gpu_h200.json (sections: GEMM vs cuBLASLt, memory-bound vs copy, chain; top-level
+#    `chain` records per W vs DeepGEMM's two GEMMs and a `memory_bound` list, issue 12);
 # 2. benchmarks/bench_gemm_peers.py -> merged into the same JSON (top-level card, date, gemm_vs_peers): run
 #    second because bench_gpu.py writes its file whole, and --merge-into only adds those keys;
 # 3. make test-gpu (tl, Gluon, the launchers' picks, DeepGEMM raw and as the deep_gemm provider runs it).
@@ -26,7 +27,7 @@ step() {    # step SECONDS LOG COMMAND...
     echo "=== exit $s" | tee -a "$out/$log"
     [ "$s" = 0 ] || [ "$rc" != 0 ] || rc=$s
 }
-step 170 gpu_h200.log python3 benchmarks/bench_gpu.py --out "$out/gpu_h200.json"
+step 300 gpu_h200.log python3 benchmarks/bench_gpu.py --out "$out/gpu_h200.json"
 step 230 gemm_vs_peers_h200.log python3 benchmarks/bench_gemm_peers.py --out /tmp/peers.json \
     --merge-into "$out/gpu_h200.json"
 step 150 test_gpu_h200.log make test-gpu DEEPGEMM="$dg_src" PYTHON=python3

@@ -7,7 +7,7 @@ which import neither), and nothing runs at import time (no tuning, no device que
 Layouts, in the order of the data flow:
 
     per_token_quant        x [T, H] -> q [T, H] e4m3 bytes, scale [T, S] fp32 | [T, ceil(S/4)] packed UE8M0
-    permute (3 kernels)    count per chunk -> prefix on host/device -> slot + scatter rows (deterministic)
+    permute (3 kernels)    count per chunk -> slots (+ the token of each slot) -> move rows and scales (deterministic)
     unpack_sf              packed UE8M0 [E, MN, C] (any strides) -> CUTLASS SM100 SF bytes [E, MN_pad, 16C]
     group_gemm_masked      a [E·M, K] e4m3 x b [E, N, K] e4m3 -> out [E·M, N] bf16, rows < masked_m[e]
     swiglu_quant           up [E, M, 2I] -> act [E, M, I] e4m3 bytes + MN-major scales
@@ -244,76 +244,132 @@ def _store_record(err_ptr, code, a, b, c, d):
 
 
 @triton.jit
-def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, counts_ptr, problems_ptr, err_ptr, W, K_TOP,
-                        E, M, stride_ids, BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr,
+def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr, counts_ptr, problems_ptr, err_ptr, W,
+                        K_TOP, E, M, stride_ids, BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr,
                         CB: tl.constexpr, RECORD: tl.constexpr, BAD_ID_CODE: tl.constexpr,
-                        OVERFLOW_CODE: tl.constexpr):
+                        OVERFLOW_CODE: tl.constexpr, HAS_INV: tl.constexpr):
     """map [W, K_TOP] int32 = e·M + slot (slot = rows of e before this entry, token-major then k) or -1.
     -1 also for an id outside [0, E) and a slot >= M (dropped: the launcher raises or records them).
 
     The rows of each expert in earlier chunks: each program sums the hist rows before its own (no separate
-    prefix launch); program 0 also writes the counts, the problems and the record (`_permute_totals`).
+    prefix launch). One program more than chunks, the last: the counts, the problems and the record
+    (`_permute_totals`), beside the others rather than after one program's own chunk.
+    HAS_INV: also inv [E·M] int32, inv[e·M + slot] = token (slots < counts[e] only).
     """
-    ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
     chunk = tl.program_id(0)
-    before = tl.cumsum(onehot, axis=0) - onehot                                    # same expert, earlier in chunk
-    rank = tl.sum(before * onehot, axis=1)
-    offsets = _hist_rows_sum(hist_ptr, chunk, E_PAD, CB)                             # earlier chunks
-    slot = tl.sum(onehot * offsets[None, :], axis=1) + rank
-    value = tl.where((ids >= 0) & (ids < E) & (slot < M), ids * M + slot, -1)
-    flat = chunk * BLOCK_W * KP + tl.arange(0, BLOCK_W * KP)
-    t = flat // KP
-    k = flat % KP
-    tl.store(map_ptr + t.to(tl.int64) * K_TOP + k, value, mask=ok)
-    if chunk == 0:
+    n_chunks = tl.num_programs(0) - 1
+    if chunk < n_chunks:
+        ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
+        before = tl.cumsum(onehot, axis=0) - onehot                                # same expert, earlier in chunk
+        rank = tl.sum(before * onehot, axis=1)
+        offsets = _hist_rows_sum(hist_ptr, chunk, E_PAD, CB)                         # earlier chunks
+        slot = tl.sum(onehot * offsets[None, :], axis=1) + rank
+        value = tl.where((ids >= 0) & (ids < E) & (slot < M), ids * M + slot, -1)
+        flat = chunk * BLOCK_W * KP + tl.arange(0, BLOCK_W * KP)
+        t = flat // KP
+        k = flat % KP
+        tl.store(map_ptr + t.to(tl.int64) * K_TOP + k, value, mask=ok)
+        if HAS_INV:        # the token of each slot, for permute_move_kernel's scale gather
+            tl.store(inv_ptr + value, t, mask=ok & (value >= 0))
+    else:
         _permute_totals(ids_ptr, hist_ptr, bad_ptr, first_ptr, counts_ptr, problems_ptr, err_ptr,
-                        tl.num_programs(0), W, K_TOP, E, M, stride_ids, E_PAD, CB, RECORD, BAD_ID_CODE,
-                        OVERFLOW_CODE)
+                        n_chunks, W, K_TOP, E, M, stride_ids, E_PAD, CB, RECORD, BAD_ID_CODE, OVERFLOW_CODE)
 
 
 @triton.jit
-def permute_scatter_kernel(x_ptr, map_ptr, px_ptr, s_ptr, ps_ptr, ROW, S_COLS, M, M_PAD, NUM_ROWS,
-                           stride_x, stride_s, K_TOP: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """Copy token t's row (ROW elements of any type up to 4 bytes) to every slot it was given.
-
-    px [E·M, ROW]; ps physical [E, S_COLS, M_PAD] (MN-major): element (e, slot, c) at e·S_COLS·M_PAD + c·M_PAD + slot.
-    Destinations outside [0, NUM_ROWS = E·M) are skipped: the launcher checks ids and counts after
-    everything is queued (one synchronization) and raises, so bad input never writes out of range.
-    """
-    t = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    cols = pid_c * BLOCK + tl.arange(0, BLOCK)
-    row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < ROW)
-    for k in tl.static_range(K_TOP):
-        d = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k)
-        if (d >= 0) & (d < NUM_ROWS):
-            tl.store(px_ptr + d.to(tl.int64) * ROW + cols, row, mask=cols < ROW)
-    if HAS_SCALE:
-        if pid_c == 0:
-            for c0 in range(0, S_COLS, 64):
-                c = c0 + tl.arange(0, 64)
-                sv = tl.load(s_ptr + t.to(tl.int64) * stride_s + c, mask=c < S_COLS)
-                for k in tl.static_range(K_TOP):
-                    d = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k)
-                    if (d >= 0) & (d < NUM_ROWS):
-                        tl.store(ps_ptr + ((d // M) * S_COLS + c).to(tl.int64) * M_PAD + d % M, sv,
-                                 mask=c < S_COLS)
+def _scatter_token_row(x_ptr, map_ptr, px_ptr, t, ROW, NUM_ROWS, stride_x, K_TOP: tl.constexpr, KP: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Token t's row (ROW words) to each of its K_TOP destinations: the map row in one load (the stores do not wait
+    on a load each), the row read once per BLOCK words. Destinations outside [0, NUM_ROWS) are skipped."""
+    k = tl.arange(0, KP)
+    dests = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k, mask=k < K_TOP, other=-1)
+    for c0 in range(0, ROW, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < ROW)
+        for kk in tl.static_range(K_TOP):
+            d = tl.sum(tl.where(k == kk, dests, 0), axis=0)
+            if (d >= 0) & (d < NUM_ROWS):
+                tl.store(px_ptr + d.to(tl.int64) * ROW + cols, row, mask=cols < ROW)
 
 
 @triton.jit
-def zero_tail_rows_kernel(px_ptr, counts_ptr, M, ROW, BLOCK_R: tl.constexpr, BLOCK: tl.constexpr):
-    """px [E, M, ROW]: rows >= counts[e] of expert e become zero (every byte of px is written once)."""
-    e = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    cnt = tl.load(counts_ptr + e)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    if pid_r * BLOCK_R + BLOCK_R > cnt:
-        dead = (rows >= cnt) & (rows < M)
+def _zero_dead_rows(px_ptr, e, lo, hi, M, ROW, RB: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows lo..hi-1 of expert e in px [E·M, ROW] become zero."""
+    for r0 in range(lo, hi, RB):
+        rows = r0 + tl.arange(0, RB)
         base = (e.to(tl.int64) * M + rows) * ROW
         for c0 in range(0, ROW, BLOCK):
             c = c0 + tl.arange(0, BLOCK)
-            zeros = tl.zeros((BLOCK_R, BLOCK), dtype=px_ptr.dtype.element_ty)
-            tl.store(px_ptr + base[:, None] + c[None, :], zeros, mask=dead[:, None] & (c < ROW)[None, :])
+            zeros = tl.zeros((RB, BLOCK), dtype=px_ptr.dtype.element_ty)
+            tl.store(px_ptr + base[:, None] + c[None, :], zeros, mask=(rows < hi)[:, None] & (c < ROW)[None, :])
+
+
+@triton.jit
+def _gather_scales(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, SF_GROUPS, stride_s,
+                   SF_MODE: tl.constexpr, BLOCK_SC: tl.constexpr):
+    """Scale rows of the slots (token src, valid where live; zero elsewhere) written in the GEMM's layout, int32
+    words, every slot < SF_ROWS: SF_MODE 0 MN-major [E, S_COLS, SF_ROWS] (slot fastest: coalesced);
+    1 CUTLASS SF words [E, SF_ROWS, SF_GROUPS] from packed 1x128 UE8M0 words (each byte 4 times, as
+    unpack_sf_kernel with REPEAT); 2 the same from words that already hold 4 bytes of 32-wide groups."""
+    src = src.to(tl.int64) * stride_s
+    if SF_MODE == 0:
+        for c0 in range(0, S_COLS, BLOCK_SC):
+            c = c0 + tl.arange(0, BLOCK_SC)
+            v = tl.load(s_ptr + src[:, None] + c[None, :], mask=live[:, None] & (c < S_COLS)[None, :], other=0)
+            tl.store(ps_ptr + (e.to(tl.int64) * S_COLS + c[None, :]) * SF_ROWS + slots[:, None], v,
+                     mask=(slots < SF_ROWS)[:, None] & (c < S_COLS)[None, :])
+    else:
+        for g0 in range(0, SF_GROUPS, BLOCK_SC):
+            g = g0 + tl.arange(0, BLOCK_SC)
+            ok = live[:, None] & (g < SF_GROUPS)[None, :]
+            if SF_MODE == 1:
+                word = tl.load(s_ptr + src[:, None] + (g // 4)[None, :], mask=ok, other=0)
+                b = (word >> ((g % 4) * 8)[None, :]) & 0xFF
+                v = b | (b << 8) | (b << 16) | (b << 24)
+            else:
+                v = tl.load(s_ptr + src[:, None] + g[None, :], mask=ok, other=0)
+            dst = e.to(tl.int64) * SF_ROWS * SF_GROUPS + _sf_word_offset(slots[:, None], g[None, :], SF_GROUPS)
+            tl.store(ps_ptr + dst, v, mask=(slots < SF_ROWS)[:, None] & (g < SF_GROUPS)[None, :])
+
+
+@triton.jit
+def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_ptr, W, ROW, S_COLS, M, NUM_ROWS,
+                        SF_ROWS, SF_GROUPS, NUM_BLOCKS, stride_x, stride_s, K_TOP: tl.constexpr, KP: tl.constexpr,
+                        HAS_SCALE: tl.constexpr, SF_MODE: tl.constexpr, BLOCK: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr):
+    """The data movement of the permute in one launch (every byte of px and of the scale output written once).
+
+    Programs 0 .. E·NUM_BLOCKS-1, one per (expert e, block of BLOCK_S slots): rows in [counts[e], M) of the block
+    become zero; with HAS_SCALE the block's scale rows are gathered from the tokens that own the slots
+    (inv [E·M] int32: the token of each slot < counts[e]) and written in the GEMM's layout (`_gather_scales`; zeros
+    past the count and up to SF_ROWS), whole slot runs per column instead of one scattered word per row. They come
+    first, so that the blocks with dead rows start early. Programs E·NUM_BLOCKS .. + W-1: token t's row to its
+    K_TOP slots (map [W, K_TOP] = e·M + slot or -1). px [E·M, ROW], x rows of ROW words (int32 or uint8).
+    """
+    pid = tl.program_id(0)
+    n_blocks = tl.num_programs(0) - W
+    if pid < n_blocks:
+        e = pid // NUM_BLOCKS
+        s0 = (pid % NUM_BLOCKS) * BLOCK_S
+        cnt = tl.load(counts_ptr + e)
+        _zero_dead_rows(px_ptr, e, tl.maximum(cnt, s0), tl.minimum(M, s0 + BLOCK_S), M, ROW, RB, BLOCK)
+        if HAS_SCALE:
+            slots = s0 + tl.arange(0, BLOCK_S)
+            live = slots < cnt
+            src = tl.load(inv_ptr + e.to(tl.int64) * M + slots, mask=live, other=0)
+            live = live & (src >= 0) & (src < W)
+            _gather_scales(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, SF_GROUPS, stride_s, SF_MODE,
+                           BLOCK_SC)
+    else:
+        _scatter_token_row(x_ptr, map_ptr, px_ptr, pid - n_blocks, ROW, NUM_ROWS, stride_x, K_TOP, KP, BLOCK)
+
+
+@triton.jit
+def permute_inverse_kernel(map_ptr, inv_ptr, N, K_TOP, NUM_ROWS, BLOCK: tl.constexpr):
+    """inv[map[t, k]] = t for every map entry in [0, NUM_ROWS) (N = W·K_TOP entries): the token of each slot."""
+    flat = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.load(map_ptr + flat, mask=flat < N, other=-1)
+    tl.store(inv_ptr + d, flat // K_TOP, mask=(d >= 0) & (d < NUM_ROWS))
 
 
 # ----------------------------------------------------------------------------- §4 scales -> CUTLASS SF

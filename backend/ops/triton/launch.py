@@ -97,7 +97,8 @@ def _row_view(x: torch.Tensor) -> torch.Tensor:
 
 
 def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, topk_ids: torch.Tensor,
-                                   num_local_experts: int, max_token_num: int, errors: torch.Tensor | None = None):
+                                   num_local_experts: int, max_token_num: int, errors: torch.Tensor | None = None,
+                                   sf_group: int | None = None):
     """Scatter tokens to the masked per-expert layout (SPEC §5), deterministic, no atomics.
 
     x [W, H] fp8|bf16; scale [W, S'] fp32 | packed int32 | None; topk_ids [W, K_top] int32|int64
@@ -106,14 +107,17 @@ def prefill_permute_to_masked_gemm(x: torch.Tensor, scale: torch.Tensor | None, 
     token_nums_per_expert [E, 1] int32). Slots follow token order then k. Rows past the count of an
     expert are zero. An id outside [-1, E) or a count above M raises ValueError: checked on the host
     from the count kernel's output, once everything is queued (one synchronization; the kernels
-    never write out of range, whatever the ids). = permute_indices + permute_rows.
+    never write out of range, whatever the ids). Three launches: count, slots, move (`permute_move_kernel`).
     errors (int64 [RECORD_LEN], `backend.ops.device_errors`): deferred instead: nothing is read back (no
     synchronization, capturable in a CUDA graph); the first bad id, else the first expert over M, is recorded
     there. Either way bad ids and rows past M are dropped (map -1) and the counts clamped to M.
+    sf_group (128 or 32; scale packed UE8M0 int32 words): permute_scale is instead the CUTLASS SF bytes uint8
+    [E, align(M,128), KB] that unpack_and_convert_scale(MN-major permute_scale, counts, sf_group) returns, written
+    by the permute itself (one launch and one pass over the scales fewer).
     """
-    indice_map, counts, problems = permute_indices(topk_ids, num_local_experts, max_token_num, check=False,
-                                                   errors=errors)
-    permute_x, permute_scale = permute_rows(x, scale, indice_map, counts, num_local_experts, max_token_num)
+    indice_map, counts, problems, inv = _permute_index_step(topk_ids, num_local_experts, max_token_num, errors, True)
+    permute_x, permute_scale = _move_rows(x, scale, indice_map, counts, inv, num_local_experts, max_token_num,
+                                          sf_group)
     if errors is None:
         _raise_on_bad_routing(problems, num_local_experts, max_token_num)
     return permute_x, permute_scale, indice_map, counts.view(-1, 1)
@@ -133,13 +137,29 @@ def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_nu
 
     Two launches, no atomics, no host read: a count kernel (per chunk of tokens, per expert), then a slot kernel
     (each program sums the counts of the chunks before its own, ranks inside its chunk from a cumulative one-hot
-    sum; program 0 also writes the counts, the problems and the record): token-major-then-k order.
+    sum; one more program writes the counts, the problems and the record): token-major-then-k order.
     Ids outside [0, E) and entries past M rows of their expert get -1; counts are clamped to M.
     check=True raises ValueError for bad ids / counts > M (one synchronization); check=False returns
     a third tensor [3] int32 (number of bad ids, largest routed count, its expert) for the caller to check later.
     errors (int64 [RECORD_LEN], `backend.ops.device_errors`): the first bad id, else the first expert over M, is
     recorded there on the device when it is clear.
     """
+    indice_map, counts, problems, _ = _permute_index_step(topk_ids, num_local_experts, max_token_num, errors, False)
+    if check:
+        _raise_on_bad_routing(problems, int(num_local_experts), int(max_token_num))
+        return indice_map, counts
+    return indice_map, counts, problems
+
+
+# Prefix tiles of the slot kernel: each program sums the count rows of the chunks before its own, PREFIX_ROWS rows
+# per load (independent loads, one round trip per tile; 16k tokens in chunks of 16 need 8 tiles at most).
+PREFIX_ROWS = 128
+
+
+def _permute_index_step(topk_ids: torch.Tensor, num_local_experts: int, max_token_num: int,
+                        errors: torch.Tensor | None, with_inverse: bool):
+    """(indice_map, counts [E], problems [3], inv [E·M] int32 | None): permute_indices' two launches; with_inverse
+    the slot kernel also writes the token of each slot (slots < counts[e]; the rest unwritten)."""
     w, k_top = topk_ids.shape
     e_num, m = int(num_local_experts), int(max_token_num)
     dev = topk_ids.device
@@ -148,63 +168,87 @@ def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_nu
     block_w = max(1, min(64, 4096 // (kp * e_pad)))     # small chunks: many programs, short scans
     block_w = 1 << (block_w.bit_length() - 1)
     chunks = max(1, triton.cdiv(w, block_w))
-    hist = torch.empty((chunks, e_pad), dtype=torch.int32, device=dev)
-    bad = torch.empty((chunks,), dtype=torch.int32, device=dev)
-    first = torch.empty((chunks,), dtype=torch.int32, device=dev)
+    work = torch.empty((chunks * (e_pad + 2),), dtype=torch.int32, device=dev)     # hist | bad | first: one allocation
+    hist, bad, first = work[:chunks * e_pad].view(chunks, e_pad), work[chunks * e_pad:-chunks], work[-chunks:]
     counts = torch.empty((e_num,), dtype=torch.int32, device=dev)
     problems = torch.empty((3,), dtype=torch.int32, device=dev)
     indice_map = torch.empty((w, k_top), dtype=torch.int32, device=dev)
+    inv = torch.empty((e_num * m,), dtype=torch.int32, device=dev) if with_inverse else None
     if w:
         K.permute_count_kernel[(chunks,)](ids, hist, bad, first, w, k_top, e_num, ids.stride(0),
                                           BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
-        K.permute_slot_kernel[(chunks,)](ids, hist, bad, first, indice_map, counts, problems,
-                                         errors if errors is not None else problems, w, k_top, e_num, m, ids.stride(0),
-                                         BLOCK_W=block_w, KP=kp, E_PAD=e_pad, CB=32, RECORD=errors is not None,
-                                         BAD_ID_CODE=DE.BAD_LOCAL_ID, OVERFLOW_CODE=DE.OVERFLOW)
+        K.permute_slot_kernel[(chunks + 1,)](ids, hist, bad, first, indice_map, inv if with_inverse else counts, counts,
+                                         problems, errors if errors is not None else problems, w, k_top, e_num, m,
+                                         ids.stride(0), BLOCK_W=block_w, KP=kp, E_PAD=e_pad,
+                                         CB=PREFIX_ROWS, RECORD=errors is not None, BAD_ID_CODE=DE.BAD_LOCAL_ID,
+                                         OVERFLOW_CODE=DE.OVERFLOW, HAS_INV=with_inverse)
     else:
         counts.zero_(), problems.zero_()
-    if check:
-        _raise_on_bad_routing(problems, e_num, m)
-        return indice_map, counts
-    return indice_map, counts, problems
+    return indice_map, counts, problems, inv
 
 
 def permute_rows(x: torch.Tensor, scale: torch.Tensor | None, indice_map: torch.Tensor, counts: torch.Tensor,
-                 num_local_experts: int, max_token_num: int):
+                 num_local_experts: int, max_token_num: int, sf_group: int | None = None):
     """Copy rows (and scale rows) to their slots; zero the rows past each expert's count.
 
-    x [W, H], scale [W, S'] | None, indice_map [W, K_top] int32, counts [E] int32 ->
-    (permute_x [E, M, H], permute_scale MN-major view [E, M, S'] | None).
+    x [W, H], scale [W, S'] | None, indice_map [W, K_top] int32 (permute_indices'), counts [E] int32 ->
+    (permute_x [E, M, H], permute_scale MN-major view [E, M, S'] | CUTLASS SF bytes with sf_group | None).
+    The token of each slot is rebuilt from the map first (one more launch than prefill_permute_to_masked_gemm,
+    which has the slot kernel write it).
     """
+    e_num, m = int(num_local_experts), int(max_token_num)
+    n = indice_map.numel()
+    inv = torch.full((e_num * m,), -1, dtype=torch.int32, device=x.device)
+    if n:
+        block = min(1024, _pow2(n))
+        K.permute_inverse_kernel[(triton.cdiv(n, block),)](indice_map.contiguous(), inv, n, indice_map.shape[1],
+                                                            e_num * m, BLOCK=block)
+    return _move_rows(x, scale, indice_map, counts, inv, e_num, m, sf_group)
+
+
+SF_MODES = {None: 0, GROUP_SIZE: 1, 32: 2}      # permute_move_kernel's SF_MODE per sf_group
+
+
+def _scale_out(scale: torch.Tensor, e_num: int, m: int, sf_group: int | None):
+    """(buffer viewed as int32 words, rows, groups, result) of the permute's scale output: MN-major [E, S', M_pad]
+    (rows = M_pad) or CUTLASS SF bytes [E, align(M,128), 4·groups] (rows = align(M,128), groups = words per row)."""
+    if sf_group not in SF_MODES:
+        raise ValueError(f"sf_group: expected None, {GROUP_SIZE} or 32, got {sf_group!r}")
+    c = scale.shape[1]
+    if sf_group is None:
+        phys = torch.empty((e_num, c, _align(m, TMA_ALIGN)), dtype=scale.dtype, device=scale.device)
+        return phys.view(torch.int32), phys.shape[2], 0, mn_major_view(phys, m)
+    if scale.dtype != torch.int32:
+        raise ValueError(f"scale: sf_group needs packed UE8M0 int32 words, got {scale.dtype}")
+    groups = 4 * c if sf_group == GROUP_SIZE else c
+    rows = _align(m, K.SF_TILE_ROWS.value)
+    sf = torch.empty((e_num, rows, 4 * groups), dtype=torch.uint8, device=scale.device)
+    return sf.view(torch.int32), rows, groups, sf
+
+
+def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: int | None):
+    """permute_move_kernel: rows to their slots, dead rows zero, scales gathered per slot block (see there)."""
     w, h = x.shape
     k_top = indice_map.shape[1]
-    e_num, m = int(num_local_experts), int(max_token_num)
-    dev = x.device
-    permute_x = torch.empty((e_num, m, h), dtype=x.dtype, device=dev)
-    m_pad = _align(m, TMA_ALIGN)
-    s_cols = 0 if scale is None else scale.shape[1]
-    ps_phys = None
-    if scale is not None:
-        ps_phys = mn_major_zeros(e_num, m, s_cols, scale.dtype, dev)
+    permute_x = torch.empty((e_num, m, h), dtype=x.dtype, device=x.device)
     xv = _row_view(x.contiguous())
     pxv = _row_view(permute_x.view(e_num * m, h))
     row = xv.shape[1]
-    block = min(2048, _pow2(row))
-    if w:
-        sv = None if scale is None else (scale if scale.stride(-1) == 1 else scale.contiguous())
-        s_bits = None if sv is None else (sv.view(torch.int32))
-        ps_bits = None if ps_phys is None else ps_phys.view(torch.int32)
-        K.permute_scatter_kernel[(w, triton.cdiv(row, block))](
-            xv, indice_map, pxv, s_bits if s_bits is not None else indice_map,
-            ps_bits if ps_bits is not None else indice_map, row, s_cols, m, m_pad, e_num * m, xv.stride(0),
-            0 if s_bits is None else s_bits.stride(0), K_TOP=k_top, HAS_SCALE=scale is not None, BLOCK=block,
-            num_warps=4)
-    block_r = 16
-    K.zero_tail_rows_kernel[(e_num, triton.cdiv(m, block_r))](pxv, counts, m, row, BLOCK_R=block_r,
-                                                              BLOCK=min(512, _pow2(row)), num_warps=4)
-    permute_scale = None
-    if ps_phys is not None:
-        permute_scale = mn_major_view(ps_phys, m)
+    ps_words, sf_rows, sf_groups, permute_scale, sv = xv, m, 0, None, xv
+    if scale is not None:
+        ps_words, sf_rows, sf_groups, permute_scale = _scale_out(scale, e_num, m, sf_group)
+        sv = (scale if scale.stride(-1) == 1 else scale.contiguous()).view(torch.int32)
+    block_s = 64
+    n_blocks = triton.cdiv(max(sf_rows, m), block_s)
+    s_cols = 0 if scale is None else scale.shape[1]
+    block_sc = min(64, _pow2(sf_groups if sf_group is not None else s_cols))
+    if e_num * n_blocks + w == 0:
+        return permute_x, permute_scale
+    K.permute_move_kernel[(e_num * n_blocks + w,)](
+        xv, indice_map, inv, counts, pxv, sv, ps_words, w, row, s_cols, m, e_num * m,
+        sf_rows, sf_groups, n_blocks, xv.stride(0), sv.stride(0), K_TOP=k_top, KP=_pow2(k_top),
+        HAS_SCALE=scale is not None, SF_MODE=SF_MODES[sf_group], BLOCK=min(2048, _pow2(row)), BLOCK_S=block_s,
+        BLOCK_SC=block_sc, RB=8, num_warps=4)
     return permute_x, permute_scale
 
 

@@ -163,10 +163,9 @@ def prefill_permute_to_blackwell_masked_gemm(x, scale, topk_ids, num_local_exper
     words = to_torch(scale)
     words = words if group == 128 else L.byte_words(words)
     err_t = to_torch(errors)
-    px, ps, imap, counts = L.prefill_permute_to_masked_gemm(to_torch(x), words, to_torch(topk_ids), e, m,
-                                                            errors=err_t)
+    px, sf, imap, counts = L.prefill_permute_to_masked_gemm(to_torch(x), words, to_torch(topk_ids), e, m,
+                                                            errors=err_t, sf_group=group)   # CUTLASS bytes directly
     _write_back(err_t, errors)
-    sf = L.unpack_and_convert_scale(ps, counts, group_size=group)
     return to_paddle(px.view(e * m, -1)), to_paddle(sf), to_paddle(imap), to_paddle(counts)
 
 

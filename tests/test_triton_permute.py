@@ -1,0 +1,88 @@
+"""The permute's launch path (backend/ops/triton/launch.py) under the Triton interpreter: the move kernel that
+writes the scales in the next GEMM's layout, the map-only entry point, multi-tile prefix sums.
+
+Expectations come from elsewhere than the code under test: the MN-major scales and rows from moe_ref.layout (the
+reference permute), the CUTLASS bytes from the two-step path (MN-major permute, then unpack_and_convert_scale,
+itself checked against moe_ref.cutlass_sf in tests/test_triton_provider.py). Integers and bits compare exactly.
+"""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+pytestmark = [pytest.mark.triton,
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def L():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    from backend.ops.triton import launch
+    if not launch.interpreting():
+        pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET was set to 0 before the run)")
+    yield launch
+    mp.undo()
+
+
+def _inputs(w, h, e, k_top, seed, words_per_row):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k_top] for _ in range(w)]).to(torch.int64)
+    ids[torch.rand(w, k_top, generator=g) < 0.2] = -1
+    ids[w // 3] = -1                                                   # an all -1 row
+    x = torch.randint(-128, 127, (w, h), dtype=torch.int8, generator=g).view(torch.float8_e4m3fn)
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (w, words_per_row), dtype=torch.int32, generator=g)
+    return x, words, ids
+
+
+@pytest.mark.parametrize("group,m", [(128, 37), (32, 130)])
+def test_cutlass_scale_output_equals_permute_then_unpack(L, group, m):
+    """sf_group: the permute writes the bytes unpack_and_convert_scale would make of its MN-major output (rows past
+    the counts and the padding to 128 rows zero), every other output unchanged; M not a multiple of 4 or 128."""
+    w, h, e, k_top = 29, 256, 5, 3
+    x, words, ids = _inputs(w, h, e, k_top, seed=3, words_per_row=3)
+    px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x, words, ids, e, m)
+    px2, sf, imap2, counts2 = L.prefill_permute_to_masked_gemm(x, words, ids, e, m, sf_group=group)
+    want = L.unpack_and_convert_scale(ps, counts, group_size=group)
+    assert sf.dtype == torch.uint8 and sf.shape == want.shape == (e, -(-m // 128) * 128, (16 if group == 128 else 4) * 3)
+    assert torch.equal(sf, want)
+    assert torch.equal(px.view(torch.uint8), px2.view(torch.uint8))
+    assert torch.equal(imap, imap2) and torch.equal(counts, counts2)
+    assert int(counts.sum()) > 0 and bool((sf != 0).any())        # not an all-zero comparison
+
+
+def test_map_only_entry_equals_the_fused_path(L):
+    """permute_indices + permute_rows (the token of each slot rebuilt from the map by its own kernel) = the one-call
+    permute (the slot kernel writes it; checked against moe_ref in tests/test_triton_provider.py), bits, FP32 scales."""
+    w, h, e, k_top, m = 23, 128, 4, 2, 16
+    x, words, ids = _inputs(w, h, e, k_top, seed=5, words_per_row=2)
+    scale = torch.rand(w, 2) + 0.5
+    px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x, scale, ids, e, m)
+    imap2, counts2 = L.permute_indices(ids, e, m)
+    px2, ps2 = L.permute_rows(x, scale, imap2, counts2, e, m)
+    assert torch.equal(imap, imap2) and torch.equal(counts.flatten(), counts2)
+    assert torch.equal(px.view(torch.uint8), px2.view(torch.uint8))
+    assert ps.stride() == ps2.stride() and torch.equal(ps, ps2)
+    live = torch.arange(m)[None, :] < counts2[:, None]
+    assert bool((ps[live] > 0).all()) and bool((ps[~live] == 0).all())       # every live row got its scales
+
+
+def test_prefix_over_several_tiles(L, monkeypatch):
+    """The slot kernel's prefix sum over earlier chunks in tiles of PREFIX_ROWS rows: 2 rows a tile, 4 chunks (the
+    GPU default covers 128 chunks a tile, which no interpreter-sized input reaches). Slots = a host count."""
+    monkeypatch.setattr(L, "PREFIX_ROWS", 2)
+    w, e, k_top, m = 200, 3, 2, 200                                  # chunks of 64 tokens (small E, K_top): 4 chunks
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(-1, e, (w, k_top), generator=g)
+    imap, counts = L.permute_indices(ids, e, m)
+    seen = [0] * e
+    want = np.full((w, k_top), -1, np.int32)
+    for t in range(w):
+        for k in range(k_top):
+            ex = int(ids[t, k])
+            if ex >= 0:
+                want[t, k] = ex * m + seen[ex]
+                seen[ex] += 1
+    np.testing.assert_array_equal(imap.numpy(), want)
+    assert counts.tolist() == seen
