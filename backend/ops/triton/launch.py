@@ -627,7 +627,7 @@ def _raise_on_nonfinite(bad: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- §6 + §7 fused
 
-FUSED_TL_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=3, USE_TMA=True)
+FUSED_TL_CONFIG = dict(BLOCK_M=64, num_warps=8, num_stages=3, USE_TMA=True)     # 4 warps: 255 regs + spills (sm_90a)
 FUSED_INTERPRETER_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1, USE_TMA=False)
 
 
@@ -672,7 +672,7 @@ def _fused_outputs(g: _MaskedGemm, ue8m0: bool, out):
 
 
 def _gemm_swiglu(g: _MaskedGemm, ue8m0: bool, sb_scalar: bool, amax_floor: float, check_finite: bool, out,
-                 kernel: str, expected_m):
+                 kernel: str):
     """Run the fused kernel (tl or Gluon) of a checked problem; returns (act, scale)."""
     e_num, m, n, k = g.shape
     if n % (2 * GROUP_SIZE):
@@ -686,7 +686,7 @@ def _gemm_swiglu(g: _MaskedGemm, ue8m0: bool, sb_scalar: bool, amax_floor: float
         bad = gluon_gemm.group_gemm_masked_swiglu_quant(g.a, g.b, sa, sb, strides, g.counts, _fp8_bytes(act),
                                                         phys.view(torch.int32) if ue8m0 else phys, m, ue8m0,
                                                         s, sf_groups, m_pad, float(amax_floor), check_finite,
-                                                        expected_m, g.sm_count)
+                                                        sm_count=g.sm_count)
     else:
         cfg = FUSED_INTERPRETER_CONFIG if interpreting() else FUSED_TL_CONFIG
         upper = e_num * triton.cdiv(m, cfg["BLOCK_M"]) * s
@@ -707,8 +707,8 @@ def _gemm_swiglu(g: _MaskedGemm, ue8m0: bool, sb_scalar: bool, amax_floor: float
 def group_gemm_masked_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
                                        masked_m: torch.Tensor, max_m_per_expert: int | None = None,
                                        amax_floor: float = SWIGLU_AMAX_FLOOR, check_finite: bool = False,
-                                       sfb_per_block: bool = False, out=None, expected_m: int | None = None,
-                                       kernel: str | None = None, sm_count: int = -1):
+                                       sfb_per_block: bool = False, out=None, kernel: str | None = None,
+                                       sm_count: int = -1):
     """GEMM 1 + SwiGLU + 1x128 UE8M0 quant in one kernel, CUTLASS bytes in and out (the Blackwell recipe).
 
     a [E·M, H] fp8, b = w_up [E, 2I, H] fp8 (I a multiple of 128), sfa / sfb CUTLASS SF bytes as group_gemm_masked
@@ -718,21 +718,23 @@ def group_gemm_masked_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, sfa: to
     what GEMM 2 reads; rows past masked_m[e] are not written (new buffers: whatever memory held; `out`: a
     caller's (act, act_sf) pair of those shapes, left as they were there). check_finite, amax_floor: as
     fused_mask_swiglu_fp8_quant (False: no synchronization, CUDA-graph safe). sfb_per_block, sm_count, kernel
-    ("tl" | "gluon", None: fused_gemm_kernel's rule), expected_m (Gluon tile hint): as group_gemm_masked.
+    ("tl" | "gluon", None: fused_gemm_kernel's rule): as group_gemm_masked (Gluon needs sfb_per_block).
     """
     g = _problem(a, b, sfa.contiguous(), sfb.contiguous(), masked_m, None, None, max_m_per_expert, sm_count)
     kernel = kernel or fused_gemm_kernel("ue8m0", g.a.device, g.shape[3], bool(sfb_per_block))
     if kernel not in ("tl", "gluon"):
         raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
-    return _gemm_swiglu(g, True, bool(sfb_per_block), amax_floor, check_finite, out, kernel, expected_m)
+    if kernel == "gluon" and not sfb_per_block:
+        raise ValueError("sfb_per_block: the Gluon kernel reads one weight byte per 128x128 block, expected True "
+                         "with kernel='gluon', got False")
+    return _gemm_swiglu(g, True, bool(sfb_per_block), amax_floor, check_finite, out, kernel)
 
 
 def group_gemm_masked_fp32_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
                                             b_scale: torch.Tensor, masked_m: torch.Tensor,
                                             max_m_per_expert: int | None = None,
                                             amax_floor: float = SWIGLU_AMAX_FLOOR, check_finite: bool = False,
-                                            out=None, expected_m: int | None = None, kernel: str | None = None,
-                                            sm_count: int = -1):
+                                            out=None, kernel: str | None = None, sm_count: int = -1):
     """GEMM 1 + SwiGLU + 1x128 FP32-scale quant in one kernel (the Hopper recipe, DeepGEMM's).
 
     a [E·M, H] fp8 with a_scale fp32 logical [E, M, ceil(H/128)] (any strides), b = w_up [E, 2I, H] fp8 (I a
@@ -749,7 +751,7 @@ def group_gemm_masked_fp32_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, a_
     kernel = kernel or fused_gemm_kernel("fp32", g.a.device, g.shape[3])
     if kernel not in ("tl", "gluon"):
         raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
-    return _gemm_swiglu(g, False, True, amax_floor, check_finite, out, kernel, expected_m)
+    return _gemm_swiglu(g, False, True, amax_floor, check_finite, out, kernel)
 
 
 # ----------------------------------------------------------------------------- §8
