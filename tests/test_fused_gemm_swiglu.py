@@ -40,30 +40,10 @@ def L():
     mp.undo()
 
 
-def _fp32_weight_blocks(w: torch.Tensor):
-    """w [E, N, K] fp32 -> (q fp8, scale fp32 [E, N/128, K/128]): 128x128 blocks, s = amax/448 (SPEC §3)."""
-    e, n, k = w.shape
-    blocks = w.view(e, n // 128, 128, k // 128, 128)
-    s = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4) / 448.0
-    q = (blocks / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e, n, k)
-    return q, s.contiguous()
-
-
 def _problem(L, recipe: str, inter: int, seed: int = 0):
     """Quantized a [E·M, H], w_up [E, 2I, H] and their scales as the chain feeds GEMM 1, counts [E] int32."""
-    from backend.ops.triton.chain import quantize_weight_blocks
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(E_NUM * M, H, generator=gen).to(torch.bfloat16)
-    w = torch.randn(E_NUM, 2 * inter, H, generator=gen) * 0.05
-    counts = torch.tensor(COUNTS, dtype=torch.int32)
-    if recipe == "ue8m0":
-        a, packed = L.per_token_quant(x, 128, True)
-        sfa = L.unpack_and_convert_scale(packed.view(E_NUM, M, -1), counts)
-        w_q, sfb = quantize_weight_blocks(w)
-        return a, w_q, sfa, sfb, counts
-    a, s = L.per_token_quant(x, 128, False)
-    w_q, sb = _fp32_weight_blocks(w)
-    return a, w_q, s.view(E_NUM, M, -1), sb, counts
+    from backend.ops.triton.chain import random_gemm1
+    return random_gemm1(COUNTS, M, H, inter, recipe, "cpu", seed)
 
 
 def _unfused(L, recipe, a, w_q, sa, sb, counts):
@@ -202,3 +182,14 @@ def test_arguments_are_checked(L):
         _fused(L, "ue8m0", a, w_q, sa, sb, counts, kernel="cutlass")
     with pytest.raises(ValueError, match="I a multiple of 128, got 2I = 320"):
         _fused(L, "ue8m0", a, w_q[:, :320], sa, sb, counts)
+
+
+def test_chain_fused_equals_unfused(L):
+    """HtChain(fused=True) (the default) against fused=False on the same inputs: the layer output bit for bit."""
+    from backend.ops.triton.chain import HtChain, random_chain
+    ch = random_chain(12, 256, 128, 4, 2, "cpu", headroom=1)
+    assert ch.fused
+    unfused = HtChain(ch.x, ch.topk_ids, ch.topk_weights, ch.w_up, ch.sfb_up, ch.w_dn, ch.sfb_dn, ch.m, fused=False)
+    want = unfused.run().clone()
+    assert torch.equal(ch.run(), want)
+    assert want.abs().max() > 0
