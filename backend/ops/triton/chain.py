@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_ref.fp8_torch import mn_major_view, mn_major_zeros
+
 from .. import device_errors as DE
 from . import launch as L
 
@@ -62,6 +64,39 @@ def random_gemm1(counts: list, m: int, h: int, inter: int, recipe: str, device, 
     return a, w_q, s.view(e_num, m, -1), sb, cnt
 
 
+def gemm1_swiglu_quant(a, w_up, sa, sb, counts, m: int, recipe: str = "ue8m0", fused: bool = True, up=None,
+                       out=None, kernel: str | None = None):
+    """GEMM 1 -> SwiGLU -> 1x128 FP8 quant of the chain: a [E·M, H] fp8, w_up [E, 2I, H] fp8 with sa / sb as GEMM 1's
+    recipe takes them ("ue8m0": CUTLASS bytes, sb block-uniform; "fp32": fp32 [E, M, S] and [E, 2I/128, S]);
+    counts [E] int32. -> (act [E, M, I] fp8, the scales GEMM 2 reads: CUTLASS bytes | fp32 MN-major view).
+    fused: one launch (launch.group_gemm_masked[_fp32]_swiglu_fp8_quant; rows past the counts not written, or left
+    as in `out`); else GEMM 1 into `up` [E·M, 2I] bf16 (new if None), fused_mask_swiglu_fp8_quant and, for "ue8m0",
+    unpack_and_convert_scale (rows past the counts zero). kernel: the GEMMs' "tl" | "gluon" (None: the rules)."""
+    e_num, inter2, _ = w_up.shape
+    if fused and recipe == "ue8m0":
+        return L.group_gemm_masked_swiglu_fp8_quant(a, w_up, sa, sb, counts, m, sfb_per_block=True, out=out,
+                                                    kernel=kernel)
+    if fused:
+        return L.group_gemm_masked_fp32_swiglu_fp8_quant(a, w_up, sa, sb, counts, m, out=out, kernel=kernel)
+    up = torch.empty(e_num * m, inter2, dtype=torch.bfloat16, device=a.device) if up is None else up
+    if recipe == "ue8m0":
+        L.group_gemm_masked(a, w_up, sa, sb, counts, up, None, m, impl="explicit", sfb_per_block=True, kernel=kernel)
+        act, act_s = L.fused_mask_swiglu_fp8_quant(up.view(e_num, m, inter2), counts, 128, True)
+        return act, L.unpack_and_convert_scale(act_s, counts)
+    L.group_gemm_masked_fp32(a, w_up, sa, sb, counts, up, None, m, kernel=kernel)
+    return L.fused_mask_swiglu_fp8_quant(up.view(e_num, m, inter2), counts, 128, False)
+
+
+def zero_outputs(e_num: int, m: int, inter: int, recipe: str, device):
+    """Zeroed (act, scales) in the layouts gemm1_swiglu_quant returns: `out` for the fused op, so that its rows past
+    the counts are zero, as the unfused path writes them (whole-tensor comparisons in tests and benchmarks)."""
+    act = torch.zeros(e_num, m, inter, dtype=torch.float8_e4m3fn, device=device)
+    s = inter // 128
+    if recipe == "ue8m0":
+        return act, torch.zeros(e_num, -(-m // 128) * 128, 16 * -(-s // 4), dtype=torch.uint8, device=device)
+    return act, mn_major_view(mn_major_zeros(e_num, m, s, torch.float32, device), m)
+
+
 class HtChain:
     """x [W, H] bf16, topk_ids [W, K_top] int32 | int64 local ids (or -1), topk_weights [W, K_top] fp32;
     w_up [E, 2I, H] / w_dn [E, H, I] fp8 with their CUTLASS SF bytes sfb_up / sfb_dn (128x128 blocks, each block
@@ -89,14 +124,8 @@ class HtChain:
         q, s = L.per_token_quant(self.x, 128, True)
         px, ps, imap, counts = L.prefill_permute_to_masked_gemm(q, s, self.topk_ids, e, m, errors=self.errors)
         sfa = L.unpack_and_convert_scale(ps, counts)
-        if self.fused:          # rows past the counts of act / sfa2 are not written: GEMM 2 never stores them
-            act, sfa2 = L.group_gemm_masked_swiglu_fp8_quant(px.view(e * m, h), self.w_up, sfa, self.sfb_up, counts,
-                                                             m, sfb_per_block=True)
-        else:
-            L.group_gemm_masked(px.view(e * m, h), self.w_up, sfa, self.sfb_up, counts, self.up, None, m,
-                                impl="explicit", sfb_per_block=True)
-            act, act_s = L.fused_mask_swiglu_fp8_quant(self.up.view(e, m, 2 * i), counts, 128, True)
-            sfa2 = L.unpack_and_convert_scale(act_s, counts)
+        act, sfa2 = gemm1_swiglu_quant(px.view(e * m, h), self.w_up, sfa, self.sfb_up, counts, m, "ue8m0",
+                                       self.fused, self.up)
         L.group_gemm_masked(act.view(e * m, i), self.w_dn, sfa2, self.sfb_dn, counts, self.down, None, m,
                             impl="explicit", sfb_per_block=True)
         self.out = L.depermute_prefill_combine(self.down.view(e, m, h), imap, self.topk_weights,
