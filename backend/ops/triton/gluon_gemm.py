@@ -333,10 +333,9 @@ if _IMPORT_ERROR is None:
         _producer(p, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True)
 
     @gluon.jit
-    def masked_gemm_swiglu_ws_kernel(a_desc, b_desc, x_desc, counts_ptr, sa_ptr, sb_ptr, q_ptr, s_ptr, bad_ptr,
-                                     E, M, N, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
-                                     S_GROUPS, SF_GROUPS, M_PAD, amax_floor,
-                                     STAGES: gl.constexpr, UE8M0: gl.constexpr, COUNT_BAD: gl.constexpr,
+    def masked_gemm_swiglu_ws_kernel(a_desc, b_desc, x_desc, counts_ptr, sa_ptr, sb_ptr, q_ptr, s_ptr, bad_ptr, E, M,
+                                     N, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, S_GROUPS, SF_GROUPS, M_PAD,
+                                     amax_floor, STAGES: gl.constexpr, UE8M0: gl.constexpr, COUNT_BAD: gl.constexpr,
                                      M_FAST: gl.constexpr, KG: gl.constexpr, MATH_REGS: gl.constexpr,
                                      PRODUCER_REGS: gl.constexpr):
         """GEMM 1 + SwiGLU + 1x128 quant (PAIR mode of masked_gemm_ws_kernel): 64 x (128 gate + 128 up) CTA tiles,
