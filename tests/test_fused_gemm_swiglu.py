@@ -177,6 +177,12 @@ def test_arguments_are_checked(L):
         _fused(L, "ue8m0", a, w_q, sa, sb, counts, kernel="cutlass")
     with pytest.raises(ValueError, match="I a multiple of 128, got 2I = 320"):
         _fused(L, "ue8m0", a, w_q[:, :320], sa, sb, counts)
+    with pytest.raises(ValueError, match="sfb_per_block: the Gluon kernel reads one weight byte per 128x128 block"):
+        L.group_gemm_masked_swiglu_fp8_quant(a, w_q, sa, sb, counts, M, kernel="gluon")
+    a32, w32, sa32, sb32, _ = _problem(L, "fp32", 256)
+    with pytest.raises(ValueError, match=r"scale MN-major view of \[3, 2, 80\] torch.float32\), got act"):
+        _fused(L, "fp32", a32, w32, sa32, sb32, counts, out=(torch.empty(3, 80, 256, dtype=torch.float8_e4m3fn),
+                                                             torch.empty(3, 80, 2)))
 
 
 def test_chain_fused_equals_unfused(L):

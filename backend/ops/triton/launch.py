@@ -660,8 +660,8 @@ def _fused_outputs(g: _MaskedGemm, ue8m0: bool, out):
         phys, scale_ok = scale, tuple(scale.shape) == want[0] and scale.is_contiguous()
     else:                                    # the MN-major view of a [E, S, align(M,4)] buffer, as returned
         m_pad = want[0][2]
-        phys = scale.as_strided(want[0], (s * m_pad, m_pad, 1))
         scale_ok = tuple(scale.shape) == (e_num, m, s) and tuple(scale.stride()) == (s * m_pad, 1, m_pad)
+        phys = scale.as_strided(want[0], (s * m_pad, m_pad, 1)) if scale_ok else None
     if (tuple(act.shape) != (e_num, m, i) or act.dtype != torch.float8_e4m3fn or not act.is_contiguous()
             or not scale_ok or scale.dtype != want[1]):
         raise ValueError(f"out: expected (act [{e_num}, {m}, {i}] float8_e4m3fn contiguous, scale "
@@ -674,6 +674,11 @@ def _fused_outputs(g: _MaskedGemm, ue8m0: bool, out):
 def _gemm_swiglu(g: _MaskedGemm, ue8m0: bool, sb_scalar: bool, amax_floor: float, check_finite: bool, out,
                  kernel: str):
     """Run the fused kernel (tl or Gluon) of a checked problem; returns (act, scale)."""
+    if kernel not in ("tl", "gluon"):
+        raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
+    if kernel == "gluon" and not sb_scalar:
+        raise ValueError("sfb_per_block: the Gluon kernel reads one weight byte per 128x128 block, expected True "
+                         "with kernel='gluon', got False")
     e_num, m, n, k = g.shape
     if n % (2 * GROUP_SIZE):
         raise ValueError(f"b: the fused epilogue needs 2I rows with I a multiple of {GROUP_SIZE}, got 2I = {n}")
@@ -722,11 +727,6 @@ def group_gemm_masked_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, sfa: to
     """
     g = _problem(a, b, sfa.contiguous(), sfb.contiguous(), masked_m, None, None, max_m_per_expert, sm_count)
     kernel = kernel or fused_gemm_kernel("ue8m0", g.a.device, g.shape[3], bool(sfb_per_block))
-    if kernel not in ("tl", "gluon"):
-        raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
-    if kernel == "gluon" and not sfb_per_block:
-        raise ValueError("sfb_per_block: the Gluon kernel reads one weight byte per 128x128 block, expected True "
-                         "with kernel='gluon', got False")
     return _gemm_swiglu(g, True, bool(sfb_per_block), amax_floor, check_finite, out, kernel)
 
 
@@ -749,8 +749,6 @@ def group_gemm_masked_fp32_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, a_
     g = _problem(a, b, a_scale, b_scale, masked_m, None, None, m, sm_count,
                  tuple(a_scale.stride()) + tuple(b_scale.stride()))
     kernel = kernel or fused_gemm_kernel("fp32", g.a.device, g.shape[3])
-    if kernel not in ("tl", "gluon"):
-        raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
     return _gemm_swiglu(g, False, True, amax_floor, check_finite, out, kernel)
 
 
