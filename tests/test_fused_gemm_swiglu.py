@@ -207,3 +207,17 @@ def test_zero_outputs_make_whole_tensors_equal(L, recipe):
     assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
     assert got[1].shape == want[1].shape and got[1].stride() == want[1].stride()
     assert torch.equal(got[1].view(torch.uint8) if recipe == "ue8m0" else got[1], want[1])
+
+
+def test_per_row_weight_bytes_equal_the_unfused_per_row_path(L):
+    """sfb_per_block=False (per-row weight bytes, two multiplies per promotion) against the unfused chain with the
+    same GEMM mode: valid rows bit for bit."""
+    a, w_q, sa, sb, counts = _problem(L, "ue8m0", 256, seed=2)
+    up = torch.zeros(E_NUM * M, 512, dtype=torch.bfloat16)
+    L.group_gemm_masked(a, w_q, sa, sb, counts, up, None, M, impl="explicit", sfb_per_block=False)
+    act, act_s = L.fused_mask_swiglu_fp8_quant(up.view(E_NUM, M, 512), counts, 128, True)
+    want = (act, L.unpack_and_convert_scale(act_s, counts))
+    out = _sentinel_out(L, "ue8m0", 256)
+    keep = (out[0].clone(), out[1].clone())
+    got = L.group_gemm_masked_swiglu_fp8_quant(a, w_q, sa, sb, counts, M, sfb_per_block=False, out=out)
+    _valid_rows_equal_and_rest_untouched("ue8m0", got, want, keep)
