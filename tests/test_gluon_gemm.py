@@ -142,3 +142,57 @@ def test_provider_path_with_stated_bytes_goes_to_gluon_without_a_byte_check(on_h
     calls.clear()
     L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, impl="auto", sfb_per_block=True, sfa_per_group=True)
     assert calls == [("gluon", None)]                          # no hint: the Gluon launcher assumes M rows
+
+
+def _compile_sm90(fn, args: dict, constexprs: dict, **options):
+    """Compile a Gluon kernel for sm_90a on this machine (no GPU needed: Triton's bundled ptxas) -> (compiled, ptxas -v
+    report of its PTX)."""
+    import inspect
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+    names = list(inspect.signature(fn.fn).parameters)
+    sig = {k: "constexpr" if k in constexprs else mangle_type(args[k]) for k in names}
+    src = GluonASTSource(fn, sig, {(names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        report = subprocess.run([ptxas, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    return compiled, report
+
+
+@pytest.mark.parametrize("count_bad", [False, True])
+@pytest.mark.parametrize("ue8m0", [True, False])
+def test_fused_swiglu_kernel_compiles_for_sm90_without_spills(ue8m0, count_bad):
+    """The PAIR kernel (GEMM 1 + SwiGLU + quant) at DeepSeek-V3 shapes as its launcher configures it: it compiles for
+    sm_90a, fits the CTA's shared memory, and ptxas keeps every partition within the 168-register cap without
+    spilling (a spill there made the math warpgroups 2x slower, benchmarks/NOTES_gpu.md)."""
+    pytest.importorskip("triton.experimental.gluon")
+    from backend.ops.triton import launch as L
+    if L.interpreting():
+        pytest.skip("the kernels were decorated for the interpreter (tests/conftest.py); run this test with "
+                    "TRITON_INTERPRET=0 (any machine, no GPU needed)")
+    e, m, n, k = 2, 256, 4096, 7168
+    a = torch.zeros(e * m, k, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(e, n, k, dtype=torch.float8_e4m3fn)
+    cfg = dict(G.pick_config(G.WG_ROWS, n), BN=G.BLOCK_K, SPLIT_N=True)
+    a_desc, b_desc, x_desc = G._descriptors(a, b, torch.zeros(G.WG_ROWS, G.BLOCK_K, dtype=torch.bfloat16), cfg)
+    i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)
+    sp = i32 if ue8m0 else f32
+    args = dict(a_desc=a_desc, b_desc=b_desc, x_desc=x_desc, counts_ptr=i32, sa_ptr=sp, sb_ptr=sp,
+                q_ptr=torch.zeros(4, dtype=torch.uint8), s_ptr=sp, bad_ptr=i32, E=e, M=m, N=n, K=k, sa_se=7, sa_sm=7,
+                sa_sk=7, sb_se=7, sb_sn=7, sb_sk=7, S_GROUPS=16, SF_GROUPS=16, M_PAD=m, amax_floor=1e-10)
+    const = dict(STAGES=cfg["STAGES"], UE8M0=ue8m0, COUNT_BAD=count_bad, M_FAST=True, KG=1, MATH_REGS=232,
+                 PRODUCER_REGS=40)
+    compiled, report = _compile_sm90(G.masked_gemm_swiglu_ws_kernel, args, const, num_warps=4, maxnreg=168)
+    assert compiled.metadata.shared <= SM90_SHARED_BYTES
+    assert "0 bytes spill stores, 0 bytes spill loads" in report, report

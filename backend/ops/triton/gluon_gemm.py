@@ -63,6 +63,7 @@ if _IMPORT_ERROR is None:
     WG_ROWS_C = gl.constexpr(WG_ROWS)
     BLOCK_K_C = gl.constexpr(BLOCK_K)
     from .kernels import SF_ROW_GROUP, SF_TILE_BYTES, SF_TILE_COLS, SF_TILE_ROWS   # the tl kernels' constexprs
+    from . import kernels as tlk        # elementwise tl helpers (the fused epilogue) compile inside Gluon too
 
     @gluon.jit
     def _sf_word_offset(r, g, num_groups):
@@ -100,9 +101,10 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
                   UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
-                  M_FAST: gl.constexpr, KG: gl.constexpr):
+                  M_FAST: gl.constexpr, KG: gl.constexpr, PAIR: gl.constexpr = False):
         """TMA loads: for each tile and stage of KG 128-wide K steps, A rows [BM, 128] (NA boxes of 64 rows) and
-        B rows [BN_CTA, 128] (NB boxes of BN rows) per step into slot it % STAGES once both math warpgroups freed it."""
+        B rows [BN_CTA, 128] (NB boxes of BN rows) per step into slot it % STAGES once both math warpgroups freed it.
+        PAIR (NB = 2): box j is B rows j·N/2 + nt·BN .. (the gate and the up block of the same output columns)."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         n_tiles = gl.cdiv(N, NB * BN)
@@ -118,7 +120,12 @@ if _IMPORT_ERROR is None:
             local = t - base
             mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
             row0 = e * M + mt * BM
-            col0 = e * N + nt * (NB * BN)
+            if PAIR:
+                col0 = e * N + nt * BN
+                box = N // 2
+            else:
+                col0 = e * N + nt * (NB * BN)
+                box = BN
             for kb in range(k_stages):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -129,7 +136,7 @@ if _IMPORT_ERROR is None:
                         tma.async_copy_global_to_shared(a_desc, [row0 + i * WG_ROWS_C, k0], ready.index(s),
                                                         a_bufs.index((s * KG + g) * NA + i))
                     for j in gl.static_range(NB):
-                        tma.async_copy_global_to_shared(b_desc, [col0 + j * BN, k0], ready.index(s),
+                        tma.async_copy_global_to_shared(b_desc, [col0 + j * box, k0], ready.index(s),
                                                         b_bufs.index((s * KG + g) * NB + j))
                 it += 1
 
@@ -199,8 +206,10 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
               BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
-              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr):
-        """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16.
+              TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr, PAIR: gl.constexpr = False,
+              COUNT_BAD: gl.constexpr = False):
+        """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16 (PAIR: the
+        gate (WG 0) or up (WG 1) block of one quant group, finished by `_pair_epilogue`).
 
         Per K step: wait for the slot, wgmma (4 x m64nBNk32) into a fresh accumulator, wait for it, release
         the slot, promote `final += acc · (sa ⊗ sb)` on the CUDA cores; the other math warpgroup's wgmma
@@ -227,6 +236,8 @@ if _IMPORT_ERROR is None:
         base = 0
         tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
         it = 0
+        j = 0
+        n_bad = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
             e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
             cnt = gl.load(counts_ptr + e)
@@ -235,7 +246,10 @@ if _IMPORT_ERROR is None:
             mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
             row0 = mt * BM + A_SUB * WG_ROWS_C
             rows = row0 + gl.arange(0, WG_ROWS_C, layout=row_l)
-            col0 = nt * (NB * BN) + B_SUB * BN
+            if PAIR:
+                col0 = nt * BN + B_SUB * (N // 2)
+            else:
+                col0 = nt * (NB * BN) + B_SUB * BN
             # rows past the count, and a sub-tile past N (both masked at the store), read valid scales
             sa_p, sb_p, sa_step, sb_step = _scale_pointers(sa_ptr, sb_ptr, e, gl.minimum(rows, cnt - 1),
                                                            gl.minimum(col0, N - 1), sa_se, sa_sm, sa_sk,
@@ -262,10 +276,92 @@ if _IMPORT_ERROR is None:
                     sa1 = sa2
                     sb1 = sb2
                 it += 1
-            if DIAG != 2:
+            if PAIR:
+                y, live = _pair_epilogue(final, p, WG, e, mt * BM, cnt, nt, j, UE8M0)
+                if COUNT_BAD:
+                    n_bad += tlk._count_nonfinite(y, gl.expand_dims(live, 1))
+                j += 1
+            elif DIAG != 2:
                 _store_tile(final, c_desc, c_bufs.index(WG), out_ptr, bias_ptr, e, row0, rows, col0, cnt, M, N, BN, mma,
                             HAS_BIAS, TMA_STORE)
         tma.store_wait(pendings=0)
+        if COUNT_BAD:
+            gl.store(p[27] + gl.program_id(0) * 2 + WG, n_bad)
+
+    @gluon.jit
+    def _pair_epilogue(final, p, WG: gl.constexpr, e, row0, cnt, g, j, UE8M0: gl.constexpr):
+        """PAIR mode's epilogue of one 64-row tile, quant group g: each warpgroup puts its bf16 block (the rounding
+        point of the unfused GEMM's `up`) into shared memory, then takes 32 rows of both blocks: SwiGLU + 1x128
+        quant (kernels._quantize_rows, the tl twin's epilogue) and the stores of the act bytes and scales where
+        GEMM 2 reads them (kernels._store_act_scale), rows < cnt only. Barriers: `filled` (both blocks written,
+        phase j) and `drained` (both read, so tile j + 1 may overwrite them). -> (y [32, 128], live rows)."""
+        xbufs, filled, drained, q_ptr, s_ptr = p[22], p[23], p[24], p[25], p[26]
+        M, N, S_GROUPS, SF_GROUPS, M_PAD, amax_floor = p[8], p[9], p[28], p[29], p[30], p[31]
+        HALF: gl.constexpr = WG_ROWS_C // 2
+        blk: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+        mbarrier.wait(drained, (j & 1) ^ 1)
+        xbufs.index(WG).store(final.to(gl.bfloat16))
+        gl.thread_barrier()
+        mbarrier.arrive(filled, count=1)
+        mbarrier.wait(filled, j & 1)
+        gate = xbufs.index(0).slice(WG * HALF, HALF).load(blk).to(gl.float32)
+        lin = xbufs.index(1).slice(WG * HALF, HALF).load(blk).to(gl.float32)
+        gl.thread_barrier()
+        mbarrier.arrive(drained, count=1)
+        y, q, s, ex = tlk._quantize_rows(gate, lin, amax_floor, UE8M0, False)
+        rows = row0 + WG * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, blk))
+        cols = g * 128 + gl.arange(0, 128, layout=gl.SliceLayout(0, blk))
+        live = rows < cnt
+        offs = gl.expand_dims((e.to(gl.int64) * M + rows) * (N // 2), 1) + gl.expand_dims(cols, 0)
+        gl.store(q_ptr + offs, q, mask=gl.expand_dims(live, 1) & gl.expand_dims(cols < N // 2, 0))
+        tlk._store_act_scale(s_ptr, e, rows, live, g, s, ex, S_GROUPS, SF_GROUPS, M_PAD, UE8M0)
+        return y, live
+
+    @gluon.jit
+    def _pair_wg0(p, STAGES: gl.constexpr, UE8M0: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr,
+                  COUNT_BAD: gl.constexpr):
+        _math(p, 0, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True, COUNT_BAD)
+
+    @gluon.jit
+    def _pair_wg1(p, STAGES: gl.constexpr, UE8M0: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr,
+                  COUNT_BAD: gl.constexpr):
+        _math(p, 1, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True, COUNT_BAD)
+
+    @gluon.jit
+    def _pair_producer(p, STAGES: gl.constexpr, UE8M0: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr,
+                       COUNT_BAD: gl.constexpr):
+        _producer(p, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True)
+
+    @gluon.jit
+    def masked_gemm_swiglu_ws_kernel(a_desc, b_desc, x_desc, counts_ptr, sa_ptr, sb_ptr, q_ptr, s_ptr, bad_ptr, E, M,
+                                     N, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, S_GROUPS, SF_GROUPS, M_PAD,
+                                     amax_floor, STAGES: gl.constexpr, UE8M0: gl.constexpr, COUNT_BAD: gl.constexpr,
+                                     M_FAST: gl.constexpr, KG: gl.constexpr, MATH_REGS: gl.constexpr,
+                                     PRODUCER_REGS: gl.constexpr):
+        """GEMM 1 + SwiGLU + 1x128 quant (PAIR mode of masked_gemm_ws_kernel): 64 x (128 gate + 128 up) CTA tiles,
+        warpgroup 0 the gate block (B = w_up [E·2I, K] rows e·2I + 128g..), warpgroup 1 the up block (rows
+        e·2I + I + 128g..), sharing A; `_pair_epilogue` joins them. N = 2I. x_desc: any bf16 [64, 128] descriptor
+        (its layout is the exchange buffers'). q [E·M, I] bytes, s: CUTLASS SF words (UE8M0) or fp32 MN-major
+        [E, S, M_PAD]; bad [2 · grid] int32 (COUNT_BAD): NaN / inf y in valid rows per program and warpgroup."""
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * KG] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * KG * 2] + b_desc.block_type.shape, b_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        joins = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        for i in gl.static_range(2):
+            mbarrier.init(joins.index(i), count=2)          # filled / drained: one arrive per math warpgroup
+        fence_async_shared()
+        xbufs = gl.allocate_shared_memory(gl.bfloat16, [2] + x_desc.block_type.shape, x_desc.layout)
+        p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, q_ptr, q_ptr,
+             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, x_desc, xbufs, joins.index(0), joins.index(1), q_ptr, s_ptr,
+             bad_ptr, S_GROUPS, SF_GROUPS, M_PAD, amax_floor)
+        gl.warp_specialize([(_pair_wg0, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD)),
+                            (_pair_wg1, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD)),
+                            (_pair_producer, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD))],
+                           [4, 1], [MATH_REGS, PRODUCER_REGS])
 
     @gluon.jit
     def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
@@ -599,3 +695,34 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
                sfb.shape[2] // 4)
     return _launch(a, b, sfa.view(torch.int32), sfb.view(torch.int32), strides, masked_m, out, bias, m, True,
                    expected_m, config, sm_count)
+
+
+def group_gemm_masked_swiglu_quant(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
+                                   strides: tuple, counts: torch.Tensor, q: torch.Tensor, s_out: torch.Tensor, m: int,
+                                   ue8m0: bool, s_groups: int, sf_groups: int, m_pad: int, amax_floor: float,
+                                   check_finite: bool, config: dict | None = None,
+                                   sm_count: int = -1) -> torch.Tensor:
+    """GEMM 1 + SwiGLU + 1x128 FP8 quant (masked_gemm_swiglu_ws_kernel), as launch.group_gemm_masked[_fp32]_swiglu_
+    fp8_quant, which checks the arguments and builds the outputs: a [E·M, H] fp8, b = w_up [E, 2I, H] fp8, sa / sb
+    (CUTLASS SF int32 words, or fp32 scales) with their strides as group_gemm_masked[_fp32] pass them; q [E·M, I]
+    uint8 and s_out (CUTLASS SF int32 words [E, MN_pad, sf_groups], or fp32 [E, s_groups, m_pad]) written for rows
+    < counts[e]. Returns bad int32 [2 · grid] (NaN / inf SwiGLU outputs in valid rows with check_finite, else [1])."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f"gluon_gemm: {reason}")
+    e_num, n, k = b.shape
+    if k % 16:
+        raise ValueError(f"K: the TMA row stride must be 16-byte aligned, expected a multiple of 16, got {k}")
+    cfg = dict(pick_config(WG_ROWS, n), BN=BLOCK_K, SPLIT_N=True, **(config or {}))
+    kg = cfg["KG"] if -(-k // BLOCK_K) % cfg["KG"] == 0 else 1
+    a, b = a.contiguous(), b.contiguous()
+    a_desc, b_desc, x_desc = _descriptors(a, b, a.new_empty(WG_ROWS, BLOCK_K, dtype=torch.bfloat16), cfg)
+    sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
+    grid = (min(sms, sm_count) if sm_count > 0 else sms,)
+    bad = torch.zeros(2 * grid[0] if check_finite else 1, dtype=torch.int32, device=a.device)
+    masked_gemm_swiglu_ws_kernel[grid](
+        a_desc, b_desc, x_desc, counts, sa, sb, q, s_out, bad, e_num, m, n, k, *strides, s_groups, sf_groups, m_pad,
+        float(amax_floor), STAGES=cfg["STAGES"], UE8M0=bool(ue8m0), COUNT_BAD=bool(check_finite),
+        M_FAST=cfg.get("M_FAST", True), KG=kg, MATH_REGS=cfg.get("MATH_REGS", 232),
+        PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40), num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
+    return bad

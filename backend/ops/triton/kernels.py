@@ -90,7 +90,7 @@ def _scale_from_amax(amax, UE8M0: tl.constexpr):
         e = tl.minimum(tl.maximum(e, UE8M0_MIN_EXP), UE8M0_MAX_EXP)
         return (e << 23).to(tl.float32, bitcast=True), e
     else:
-        return s, tl.zeros_like(s.to(tl.int32, bitcast=True))
+        return s, s.to(tl.int32, bitcast=True) & 0
 
 
 @triton.jit
@@ -107,7 +107,7 @@ def _divide_by_scale(y, s, UE8M0: tl.constexpr, EXACT_CAST: tl.constexpr):
     elif EXACT_CAST:
         return tl.math.div_rn(y, s)
     else:
-        r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+        r = tl.math.div_rn(1.0, s)
         q0 = y * r
         return tl.fma(tl.fma(-q0, s, y), r, q0)
 
@@ -667,6 +667,23 @@ def group_gemm_masked_dot_scaled_kernel(a_ptr, b_ptr, sfa_ptr, sfb_ptr, counts_p
 # ----------------------------------------------------------------------------- §7 SwiGLU + quant
 
 @triton.jit
+def _swiglu_bf16(gate, lin, EXACT_CAST: tl.constexpr):
+    """y = bf16(lin · gate / (1 + exp(-gate))) as float32, from float32 gate / lin (SPEC §7). The one home of
+    this formula: the SwiGLU kernel and both fused GEMM epilogues (tl, Gluon) call it, so they round alike."""
+    # '/' is the fast (<= 2 ulp) division on a GPU; y is rounded to bf16 next, which hides that
+    # except in rare ties (the interpreter divides exactly). tl.exp is approximate on a GPU too.
+    y = (lin * gate) / (1.0 + tl.exp(-gate))
+    return _to_bf16(y, EXACT_CAST).to(tl.float32)
+
+
+@triton.jit
+def _count_nonfinite(y, ok):
+    """Number of NaN / inf elements of the 2-D y where ok (int32 scalar)."""
+    bad = ok & ((y != y) | (tl.abs(y) == float("inf")))
+    return tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
 def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, bad_ptr, M, I, S_COLS, M_PAD, stride_ue, stride_um,
                         amax_floor, GROUP: tl.constexpr, BLOCK_R: tl.constexpr, UE8M0: tl.constexpr,
                         COUNT_BAD: tl.constexpr, EXACT_CAST: tl.constexpr):
@@ -688,14 +705,10 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, bad_ptr, M, I, S_COLS,
     base = up_ptr + e.to(tl.int64) * stride_ue + rows[:, None].to(tl.int64) * stride_um + cols[None, :]
     gate = tl.load(base, mask=ld, other=0.0).to(tl.float32)
     lin = tl.load(base + I, mask=ld, other=0.0).to(tl.float32)
-    # '/' is the fast (<= 2 ulp) division on a GPU; y is rounded to bf16 next, which hides that
-    # except in rare ties (the interpreter divides exactly). tl.exp is approximate on a GPU too.
-    y = (lin * gate) / (1.0 + tl.exp(-gate))
-    y = _to_bf16(y, EXACT_CAST).to(tl.float32)
+    y = _swiglu_bf16(gate, lin, EXACT_CAST)
     if COUNT_BAD:      # SPEC §1: the launcher raises when a valid row's y is NaN or inf
-        bad = ld & ((y != y) | (tl.abs(y) == float("inf")))
         flat = (e * tl.num_programs(1) + pid_r) * tl.num_programs(2) + pid_w
-        tl.store(bad_ptr + flat, tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0))
+        tl.store(bad_ptr + flat, _count_nonfinite(y, ld))
     y3 = tl.reshape(y, (BLOCK_R, 4, GROUP))
     amax = tl.maximum(tl.max(tl.abs(y3), axis=2), amax_floor)
     s, ex = _scale_from_amax(amax, UE8M0)
@@ -713,6 +726,79 @@ def swiglu_quant_kernel(up_ptr, counts_ptr, q_ptr, s_ptr, bad_ptr, M, I, S_COLS,
     else:
         s = tl.where(live[:, None], s, 0.0)
         tl.store(s_base + g[None, :] * M_PAD + rows[:, None], s, mask=in_m[:, None] & (g < S_COLS)[None, :])
+
+
+# ----------------------------------------------------------------------------- §6 + §7 fused: GEMM 1 + SwiGLU + quant
+
+@triton.jit
+def _quantize_rows(gate, lin, amax_floor, UE8M0: tl.constexpr, EXACT_CAST: tl.constexpr):
+    """GEMM 1's fp32 gate / lin blocks [R, 128] (one quant group per row) -> (y, q bytes, scale [R], UE8M0 byte [R]):
+    rounded to bf16 where the unfused GEMM stores `up`, SwiGLU, 1x128 quant as swiglu_quant_kernel."""
+    gate = _to_bf16(gate, EXACT_CAST).to(tl.float32)
+    lin = _to_bf16(lin, EXACT_CAST).to(tl.float32)
+    y = _swiglu_bf16(gate, lin, EXACT_CAST)
+    amax = tl.maximum(tl.max(tl.abs(y), axis=1), amax_floor)
+    s, ex = _scale_from_amax(amax, UE8M0)
+    q = _to_e4m3_bytes(_divide_by_scale(y, s[:, None], UE8M0, EXACT_CAST), EXACT_CAST)
+    return y, q, s, ex
+
+
+@triton.jit
+def _store_act_scale(s_ptr, e, rows, live, g, s, ex, S_GROUPS, SF_GROUPS, M_PAD, UE8M0: tl.constexpr):
+    """The scales of quant group g of `rows` (live only), where GEMM 2 reads them. UE8M0: CUTLASS SF bytes as int32
+    words [E, MN_pad, 4·SF_GROUPS bytes] (the byte 4 times, as unpack_and_convert_scale; the group that ends a row
+    also writes the zero words of the pad groups S_GROUPS..SF_GROUPS-1); FP32: physical MN-major [E, S, M_PAD]."""
+    if UE8M0:
+        base = s_ptr + e.to(tl.int64) * M_PAD * SF_GROUPS
+        tl.store(base + _sf_word_offset(rows, g, SF_GROUPS), ex | (ex << 8) | (ex << 16) | (ex << 24), mask=live)
+        if g == S_GROUPS - 1:
+            for gp in range(S_GROUPS, SF_GROUPS):
+                tl.store(base + _sf_word_offset(rows, gp, SF_GROUPS), ex & 0, mask=live)
+    else:
+        tl.store(s_ptr + (e.to(tl.int64) * S_GROUPS + g) * M_PAD + rows, s, mask=live)
+
+
+@triton.jit
+def group_gemm_masked_swiglu_quant_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, counts_ptr, q_ptr, s_ptr, bad_ptr,
+                                          E, M, I, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                                          S_GROUPS, SF_GROUPS, M_PAD, amax_floor,
+                                          SCALE_MODE: tl.constexpr, SB_SCALAR: tl.constexpr, E_PAD: tl.constexpr,
+                                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                                          USE_TMA: tl.constexpr, COUNT_BAD: tl.constexpr,
+                                          EXACT_CAST: tl.constexpr):
+    """GEMM 1 of the ht layer with SwiGLU + 1x128 FP8 quant in its epilogue (SPEC §6, §7), masked rows only.
+
+    a [E·M, H] e4m3, b = w_up [E, 2I, H] e4m3 (rows 0..I-1 gate, I..2I-1 up; with USE_TMA descriptors of a and of
+    b viewed [E·2I, H], box [128, 128]); scales as group_gemm_masked_kernel (SCALE_MODE 0 fp32 / 1 CUTLASS words).
+    A tile is BLOCK_M rows x one 128-wide quant group g of the output: the gate block (w_up rows 128g..) and the
+    up block (rows I + 128g..) are two passes of the same K loop (_k_loop), bit for bit the unfused GEMM's
+    accumulators; the epilogue is `_quantize_rows`. Writes q [E, M, I] bytes and the scales
+    (`_store_act_scale`: UE8M0 bytes with SCALE_MODE 1, fp32 with 0) for rows < counts[e]; rows past are not
+    touched. COUNT_BAD: bad[program] = NaN / inf values of y in its valid rows.
+    """
+    gl_counts, m_tiles, tiles, tiles_incl, total = _tile_table(counts_ptr, E, I, BLOCK_M, 128, E_PAD)
+    pid = tl.program_id(0)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    n_bad = 0
+    for tile_id in range(pid, total, tl.num_programs(0)):
+        e, pid_m, g, cnt = _masked_tile(tile_id, gl_counts, tiles_incl, tiles, m_tiles, E_PAD)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = g * 128 + tl.arange(0, 128)
+        rows_c = tl.minimum(rows, cnt - 1)
+        acc_g = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, g, rows_c, cols, M, 2 * I, K, k_tiles, sa_se, sa_sm,
+                        sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_M, 128, BLOCK_K, EVEN_K, USE_TMA,
+                        False, None, EXACT_CAST)
+        acc_u = _k_loop(a_ptr, b_ptr, sa_ptr, sb_ptr, e, pid_m, g + I // 128, rows_c, cols + I, M, 2 * I, K, k_tiles,
+                        sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, SCALE_MODE, SB_SCALAR, BLOCK_M, 128, BLOCK_K, EVEN_K,
+                        USE_TMA, False, None, EXACT_CAST)
+        y, q, s, ex = _quantize_rows(acc_g, acc_u, amax_floor, SCALE_MODE == 1, EXACT_CAST)
+        live = rows < cnt
+        if COUNT_BAD:
+            n_bad += _count_nonfinite(y, live[:, None])
+        tl.store(q_ptr + (e.to(tl.int64) * M + rows)[:, None] * I + cols[None, :], q, mask=live[:, None])
+        _store_act_scale(s_ptr, e, rows, live, g, s, ex, S_GROUPS, SF_GROUPS, M_PAD, SCALE_MODE == 1)
+    if COUNT_BAD:
+        tl.store(bad_ptr + pid, n_bad)
 
 
 # ----------------------------------------------------------------------------- §8 depermute + combine

@@ -651,11 +651,144 @@ def fused_mask_swiglu_fp8_quant(up: torch.Tensor, token_nums_per_expert: torch.T
                                     up.stride(1), float(amax_floor), GROUP=block_size, BLOCK_R=block_r,
                                     UE8M0=bool(use_ue8m0), COUNT_BAD=bool(check_finite), EXACT_CAST=interpreting(),
                                     num_warps=4)
-    n_bad = int(bad.sum()) if check_finite else 0
+    if check_finite:
+        _raise_on_nonfinite(bad)
+    return act, mn_major_view(phys, m)
+
+
+def _raise_on_nonfinite(bad: torch.Tensor) -> None:
+    """bad: per-program counts of NaN / inf SwiGLU outputs in valid rows; ValueError if any (one synchronization)."""
+    n_bad = int(bad.sum())
     if n_bad:
         raise ValueError(f"SwiGLU(up): {n_bad} non-finite values in valid rows (non-finite up, or lin · gate "
                          f"overflowing); SPEC §1: quantization input must be finite")
-    return act, mn_major_view(phys, m)
+
+
+# ----------------------------------------------------------------------------- §6 + §7 fused
+
+FUSED_TL_CONFIG = dict(BLOCK_M=64, num_warps=8, num_stages=3, USE_TMA=True)     # 4 warps: 255 regs + spills (sm_90a)
+FUSED_INTERPRETER_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1, USE_TMA=False)
+
+
+def fused_gemm_kernel(recipe: str, device: torch.device, k: int, sfb_per_block: bool = True) -> str:
+    """"gluon" or "tl": the kernel of group_gemm_masked[_fp32]_swiglu_fp8_quant. Gluon (its PAIR mode, gluon_gemm.py)
+    on an SM90 GPU with Gluon, K % 16 == 0 and, for CUTLASS bytes, block-uniform weight bytes; else the tl twin."""
+    if recipe not in ("fp32", "ue8m0"):
+        raise ValueError(f"recipe: expected 'fp32' or 'ue8m0', got {recipe!r}")
+    if interpreting() or device.type != "cuda" or k % 16 or not gluon_gemm.available():
+        return "tl"
+    return "gluon" if recipe == "fp32" or sfb_per_block else "tl"
+
+
+def _fused_outputs(g: _MaskedGemm, ue8m0: bool, out):
+    """(act [E, M, I] fp8, the scale tensor returned, the one the kernel writes): new (torch.empty: rows past
+    masked_m hold whatever memory held) or the caller's `out` pair, checked."""
+    e_num, m, n, _ = g.shape
+    i, s = n // 2, n // 2 // GROUP_SIZE
+    dev = g.a.device
+    if ue8m0:
+        want = ((e_num, _align(m, K.SF_TILE_ROWS.value), 16 * (-(-s // 4))), torch.uint8)
+    else:
+        want = ((e_num, s, _align(m, TMA_ALIGN)), torch.float32)
+    if out is None:
+        act = torch.empty((e_num, m, i), dtype=torch.float8_e4m3fn, device=dev)
+        phys = torch.empty(want[0], dtype=want[1], device=dev)
+        return act, (phys if ue8m0 else mn_major_view(phys, m)), phys
+    act, scale = out
+    if ue8m0:
+        phys, scale_ok = scale, tuple(scale.shape) == want[0] and scale.is_contiguous()
+    else:                                    # the MN-major view of a [E, S, align(M,4)] buffer, as returned
+        m_pad = want[0][2]
+        scale_ok = tuple(scale.shape) == (e_num, m, s) and tuple(scale.stride()) == (s * m_pad, 1, m_pad)
+        phys = scale.as_strided(want[0], (s * m_pad, m_pad, 1)) if scale_ok else None
+    if (tuple(act.shape) != (e_num, m, i) or act.dtype != torch.float8_e4m3fn or not act.is_contiguous()
+            or not scale_ok or scale.dtype != want[1]):
+        raise ValueError(f"out: expected (act [{e_num}, {m}, {i}] float8_e4m3fn contiguous, scale "
+                         f"{'[%d, %d, %d]' % want[0] if ue8m0 else 'MN-major view of [%d, %d, %d]' % want[0]} "
+                         f"{want[1]}), got act {tuple(act.shape)} {act.dtype}, scale {tuple(scale.shape)} "
+                         f"{scale.dtype} strides {tuple(scale.stride())}")
+    return act, scale, phys
+
+
+def _gemm_swiglu(g: _MaskedGemm, ue8m0: bool, sb_scalar: bool, amax_floor: float, check_finite: bool, out,
+                 kernel: str):
+    """Run the fused kernel (tl or Gluon) of a checked problem; returns (act, scale)."""
+    if kernel not in ("tl", "gluon"):
+        raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
+    if kernel == "gluon" and not sb_scalar:
+        raise ValueError("sfb_per_block: the Gluon kernel reads one weight byte per 128x128 block, expected True "
+                         "with kernel='gluon', got False")
+    e_num, m, n, k = g.shape
+    if n % (2 * GROUP_SIZE):
+        raise ValueError(f"b: the fused epilogue needs 2I rows with I a multiple of {GROUP_SIZE}, got 2I = {n}")
+    act, scale, phys = _fused_outputs(g, ue8m0, out)
+    s = n // 2 // GROUP_SIZE
+    sf_groups, m_pad = (phys.shape[2] // 4, phys.shape[1]) if ue8m0 else (s, phys.shape[2])
+    strides = _word_strides(g.sa) + _word_strides(g.sb) if ue8m0 else g.scale_strides
+    sa, sb = (g.sa.view(torch.int32), g.sb.view(torch.int32)) if ue8m0 else (g.sa, g.sb)
+    if kernel == "gluon":
+        bad = gluon_gemm.group_gemm_masked_swiglu_quant(g.a, g.b, sa, sb, strides, g.counts, _fp8_bytes(act),
+                                                        phys.view(torch.int32) if ue8m0 else phys, m, ue8m0,
+                                                        s, sf_groups, m_pad, float(amax_floor), check_finite,
+                                                        sm_count=g.sm_count)
+    else:
+        cfg = FUSED_INTERPRETER_CONFIG if interpreting() else FUSED_TL_CONFIG
+        upper = e_num * triton.cdiv(m, cfg["BLOCK_M"]) * s
+        grid = (max(1, min(upper, 4)) if interpreting() else max(1, upper),)
+        bad = torch.zeros(grid[0] if check_finite else 1, dtype=torch.int32, device=g.a.device)
+        K.group_gemm_masked_swiglu_quant_kernel[grid](
+            *_operands(g.a, g.b, dict(cfg, BLOCK_N=GROUP_SIZE)), sa, sb, g.counts, _fp8_bytes(act),
+            phys.view(torch.int32) if ue8m0 else phys, bad, e_num, m, n // 2, k, *strides, s, sf_groups, m_pad,
+            float(amax_floor), SCALE_MODE=int(ue8m0), SB_SCALAR=sb_scalar, E_PAD=_pow2(e_num),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_K=BLOCK_K, EVEN_K=k % BLOCK_K == 0, USE_TMA=cfg["USE_TMA"],
+            COUNT_BAD=bool(check_finite), EXACT_CAST=interpreting(), num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
+    if check_finite:
+        _raise_on_nonfinite(bad)
+    return act, scale
+
+
+def group_gemm_masked_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: torch.Tensor,
+                                       masked_m: torch.Tensor, max_m_per_expert: int | None = None,
+                                       amax_floor: float = SWIGLU_AMAX_FLOOR, check_finite: bool = False,
+                                       sfb_per_block: bool = False, out=None, kernel: str | None = None,
+                                       sm_count: int = -1):
+    """GEMM 1 + SwiGLU + 1x128 UE8M0 quant in one kernel, CUTLASS bytes in and out (the Blackwell recipe).
+
+    a [E·M, H] fp8, b = w_up [E, 2I, H] fp8 (I a multiple of 128), sfa / sfb CUTLASS SF bytes as group_gemm_masked
+    (impl="explicit": the first byte of each 128-group's 4); masked_m [E] | [E, 1] int32. Returns (act [E, M, I]
+    float8_e4m3fn, act_sf [E, align(M,128), 16·ceil(I/512)] uint8 CUTLASS SF bytes): for rows < masked_m[e] the
+    bytes of group_gemm_masked -> fused_mask_swiglu_fp8_quant(use_ue8m0=True) -> unpack_and_convert_scale, i.e.
+    what GEMM 2 reads; rows past masked_m[e] are not written (new buffers: whatever memory held; `out`: a
+    caller's (act, act_sf) pair of those shapes, left as they were there). check_finite, amax_floor: as
+    fused_mask_swiglu_fp8_quant (False: no synchronization, CUDA-graph safe). sfb_per_block, sm_count, kernel
+    ("tl" | "gluon", None: fused_gemm_kernel's rule): as group_gemm_masked (Gluon needs sfb_per_block).
+    """
+    g = _problem(a, b, sfa.contiguous(), sfb.contiguous(), masked_m, None, None, max_m_per_expert, sm_count)
+    kernel = kernel or fused_gemm_kernel("ue8m0", g.a.device, g.shape[3], bool(sfb_per_block))
+    return _gemm_swiglu(g, True, bool(sfb_per_block), amax_floor, check_finite, out, kernel)
+
+
+def group_gemm_masked_fp32_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor,
+                                            b_scale: torch.Tensor, masked_m: torch.Tensor,
+                                            max_m_per_expert: int | None = None,
+                                            amax_floor: float = SWIGLU_AMAX_FLOOR, check_finite: bool = False,
+                                            out=None, kernel: str | None = None, sm_count: int = -1):
+    """GEMM 1 + SwiGLU + 1x128 FP32-scale quant in one kernel (the Hopper recipe, DeepGEMM's).
+
+    a [E·M, H] fp8 with a_scale fp32 logical [E, M, ceil(H/128)] (any strides), b = w_up [E, 2I, H] fp8 (I a
+    multiple of 128) with b_scale fp32 [E, 2I/128, ceil(H/128)]; masked_m [E] | [E, 1] int32. Returns (act
+    [E, M, I] float8_e4m3fn, act_scale fp32 MN-major view [E, M, I/128]): for rows < masked_m[e] the values of
+    group_gemm_masked_fp32 -> fused_mask_swiglu_fp8_quant(use_ue8m0=False), what group_gemm_masked_fp32 takes
+    for GEMM 2; rows past masked_m[e] are not written. Other arguments: group_gemm_masked_swiglu_fp8_quant.
+    """
+    e_num = b.shape[0]
+    m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
+    a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
+    g = _problem(a, b, a_scale, b_scale, masked_m, None, None, m, sm_count,
+                 tuple(a_scale.stride()) + tuple(b_scale.stride()))
+    kernel = kernel or fused_gemm_kernel("fp32", g.a.device, g.shape[3])
+    return _gemm_swiglu(g, False, True, amax_floor, check_finite, out, kernel)
 
 
 # ----------------------------------------------------------------------------- §8
