@@ -24,6 +24,7 @@ from backend.ops import device_errors as DE
 from backend.ops.triton import launch as L
 
 STAGES = ("quant", "permute", "gemm1", "swiglu", "gemm2", "combine")
+FUSED_STAGES = ("quant", "permute", "gemm1_swiglu", "gemm2", "combine")   # GEMM 1 + SwiGLU + quant in one launch
 M_ALIGN = 256        # M a multiple of DeepGEMM's largest SM90 BLOCK_M: its whole-tile stores stay in the expert's rows
 
 
@@ -58,6 +59,7 @@ class StagedLayer:
         self.errors = torch.zeros(DE.RECORD_LEN, dtype=torch.int64, device=dev)
         self.st: dict = {}
         self.gemm = self.ours_gemm
+        self.fused = False       # True: GEMM 1 with SwiGLU + quant in its epilogue (ours only; DeepGEMM has none)
 
     def ours_gemm(self, a, b, sa, sb, out):
         L.group_gemm_masked_fp32(a, b, sa, sb, self.st["counts"], out, None, self.m, expected_m=self.expected_m)
@@ -89,9 +91,15 @@ class StagedLayer:
         def gemm2():
             self.gemm(st["act"].view(e * m, self.i), self.w_dn, st["act_s"], self.s_dn, self.down)
 
+        def gemm1_swiglu():
+            st["act"], st["act_s"] = L.group_gemm_masked_fp32_swiglu_fp8_quant(
+                st["px"].view(e * m, self.h), self.w_up, st["ps"], self.s_up, st["counts"], m)
+
         def combine():
             st["out"] = L.depermute_prefill_combine(self.down.view(e, m, self.h), st["imap"], self.wts,
                                                     int(self.x.shape[0]))
+        if self.fused:
+            return dict(zip(FUSED_STAGES, (quant, permute, gemm1_swiglu, gemm2, combine)))
         return dict(zip(STAGES, (quant, permute, gemm1, swiglu, gemm2, combine)))
 
     def run(self) -> torch.Tensor:
