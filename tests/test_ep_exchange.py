@@ -159,3 +159,20 @@ def test_ideal_bytes_count_one_row_per_token_and_rank():
     lay = X.RowLayout(7168, 14, 8)
     assert lay.ideal_row_bytes == 7168 + 56 + 64 + 32 and lay.row_words * 4 == 7328
     assert X.ideal_bytes([[5, 3], [2, 7]], 0, lay, 2 * 7168) == (3 * 7320, 2 * 14336)
+
+
+def test_exchange_kernels_compile_for_sm90():
+    """The compiled path (not the interpreter) accepts the kernels: PTX and a cubin for sm_90 with every layout."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(root / "tests" / "_ep_kernels_sm90_compile.py")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("no ptxas here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok ") == 5

@@ -321,16 +321,16 @@ def overlapped_layer(ex: DeviceExchange, experts, x_q, x_scale, topk_ids, topk_w
         with _on(comm_stream), tl_.span("comm", f"dispatch{i}", comm_stream):
             ex.exchange_rows(h, lay)
         arrived.append(_event(comm_stream))
-    done = []
+    done, partials = [], []                     # partials stay referenced until the combines are waited for
     for i, (h, lay, _) in enumerate(sent):                                 # experts, then combine collectives
         _wait(cur, arrived[i])
         with tl_.span("compute", f"experts{i}", cur):
             x, s, ids, w = ex.received(h, lay, x_scale.dtype)
-            partial = experts(x, s, ids, w, ex.num_worst_tokens)
+            partials.append(experts(x, s, ids, w, ex.num_worst_tokens))
         ev = _event(cur)
         _wait(comm_stream, ev)
         with _on(comm_stream), tl_.span("comm", f"combine{i}", comm_stream):
-            ex.return_rows(partial, h)
+            ex.return_rows(partials[-1], h)
         done.append(_event(comm_stream))
     outs = []
     for i, (h, _, _) in enumerate(sent):

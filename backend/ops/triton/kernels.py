@@ -750,9 +750,9 @@ def ep_unpack_kernel(recv_ptr, cnt_ptr, x_ptr, s_ptr, ids_ptr, w_ptr, XW, SW, K_
     if tl.program_id(1) == 0:
         k = tl.arange(0, KP)
         live = (k < K_TOP) & valid
-        lo = tl.load(row + XW + SW + 2 * k, mask=live, other=-1).to(tl.int64)
+        lo = tl.load(row + XW + SW + 2 * k, mask=live, other=-1)
         hi = tl.load(row + XW + SW + 2 * k + 1, mask=live, other=-1).to(tl.int64)
-        gid = (hi << 32) | (lo & 0xFFFFFFFF)
+        gid = (hi << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)                 # lo word zero-extended
         mine = live & (gid >= ME * E_LOCAL) & (gid < (ME + 1) * E_LOCAL)
         tl.store(ids_ptr + j * K_TOP + k, tl.where(mine, gid - ME * E_LOCAL, -1), mask=k < K_TOP)
         wv = tl.load(row + XW + SW + 2 * K_TOP + k, mask=live, other=0).to(tl.float32, bitcast=True)
