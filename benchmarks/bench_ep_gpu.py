@@ -406,10 +406,13 @@ def exchange_numbers(ctx, x_q, x_s, ids, wts, t: int) -> dict:
     bytes_sent = rank_sum(ex.stats["dispatch_bytes_to_others"] + ex.stats["combine_bytes_to_others"], device)
     lay = X.RowLayout(x_q.shape[1], x_s.shape[1], ids.shape[1])
     ideal = rank_sum(sum(X.ideal_bytes(h.cnt.tolist(), rank, lay, 2 * x_q.shape[1])), device)
-    plain_in = torch.zeros(h.send.numel() * 4, dtype=torch.uint8, device=device)
+    biggest = torch.tensor([h.send.numel() * 4], dtype=torch.int64, device=device)
+    dist.all_reduce(biggest, op=dist.ReduceOp.MAX)                   # equal splits: one size on every rank
+    plain_in = torch.zeros(-(-int(biggest.item()) // (world * 128)) * world * 128, dtype=torch.uint8, device=device)
     plain_out = torch.empty_like(plain_in)
     loop = interleaved({"dispatch": dispatch, "combine": lambda: ex.combine(partial, h),
-                        "dispatch_all_to_all": lambda: dist.all_to_all_single(h.recv, h.send),
+                        "dispatch_all_to_all": lambda: dist.all_to_all_single(h.recv[:h.rows_recv], h.send,
+                                                                              *ex.splits(h, True)),
                         "plain_all_to_all_same_bytes": lambda: dist.all_to_all_single(plain_out, plain_in)},
                        device, rounds=5, n=a.iters)
     return {
@@ -485,7 +488,7 @@ def captured(fn, device):
     torch.cuda.current_stream(device).wait_stream(side)
     sync(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):     # NCCL's watchdog thread keeps polling
         out = fn()
     return graph, out
 

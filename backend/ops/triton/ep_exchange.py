@@ -203,7 +203,7 @@ class DeviceExchange:
             self._ones_cache[key] = torch.ones((t, self.world), dtype=torch.float32, device=device)
         return self._ones_cache[key]
 
-    def _splits(self, h: ExchangeHandle, outgoing: bool):
+    def splits(self, h: ExchangeHandle, outgoing: bool):
         """(output split sizes, input split sizes) in rows of a dispatch (outgoing) or combine; None: equal."""
         if not self.exact:
             return None, None
@@ -215,7 +215,7 @@ class DeviceExchange:
         [W, row_words], h.cnt."""
         if not self.exact:
             self.dist.all_gather_into_tensor(h.cnt.view(-1), h.counts, group=self.group)
-        out_s, in_s = self._splits(h, True)
+        out_s, in_s = self.splits(h, True)
         h.recv = torch.empty((self.num_worst_tokens, lay.row_words), dtype=torch.int32, device=h.send.device)
         self.dist.all_to_all_single(h.recv[:h.rows_recv], h.send, out_s, in_s, group=self.group)
         self.stats["dispatch_bytes_to_others"] = self._to_others(h, lay.row_words * 4, True)
@@ -227,7 +227,7 @@ class DeviceExchange:
     def return_rows(self, partial: torch.Tensor, h: ExchangeHandle) -> None:
         """The combine all_to_all (current stream): partial [W, H] bf16 rows back to their sources -> h.back."""
         hid = partial.shape[1]
-        out_s, in_s = self._splits(h, False)
+        out_s, in_s = self.splits(h, False)
         h.back = torch.empty((h.rows_sent, hid), dtype=partial.dtype, device=partial.device)
         self.dist.all_to_all_single(h.back.view(torch.uint8), partial[:h.rows_recv].view(torch.uint8), out_s, in_s,
                                     group=self.group)
