@@ -176,3 +176,19 @@ def test_exchange_kernels_compile_for_sm90():
         pytest.skip("no ptxas here")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count(" ok ") == 5
+
+
+def test_device_route_equals_the_host_runners_index_formulas():
+    """ep_exchange.route (kernels) and backend.moe.ep_index (numpy, what the Paddle runners use) agree."""
+    from backend.moe import ep_index
+    from backend.ops.triton import ep_exchange as X
+    rng = np.random.default_rng(11)
+    for world, e_local, k_top, t in ((2, 32, 8, 50), (4, 2, 3, 17), (3, 1, 1, 9)):
+        ids = rng.integers(-1, world * e_local, size=(t, k_top)).astype(np.int64)
+        ids[t // 2] = -1
+        imap, counts = X.route(torch.from_numpy(ids), e_local, world, t)
+        want_map, want_counts = ep_index.send_map(ids, e_local, world, t)
+        assert np.array_equal(imap.numpy(), want_map) and np.array_equal(counts.numpy(), want_counts)
+        sent = ep_index.sent_tokens(ids, e_local, world)
+        for r in range(world):
+            assert np.array_equal(np.nonzero(want_map[:, r] >= 0)[0], sent[r])
