@@ -548,6 +548,7 @@ def run_tokens(ctx, t: int) -> dict:
         rec = {"T_per_rank": t, "overlap": "on" if parts > 1 else "off", "micro_batches": parts,
                "layer_2_gpus_ms": ms, "layer_1_gpu_ms": ms_one,
                "speedup_2_gpus_vs_1": None if ms_one is None else ms_one / ms,
+               "layer_host_ms": host_ms(lambda: ctx["layer"](x, wts, ids, parts), device, a.iters),
                "timeline_rank0": timeline_of(ctx, x, wts, ids, parts)}
         for k in ("dispatch_ms", "combine_ms", "dispatch_host_ms", "combine_host_ms", "bytes_sent", "bytes_ideal"):
             rec[k] = res["exchange"][k]
@@ -602,6 +603,8 @@ def parse_args():
                     help="receive layout timed in the exchange numbers (the layer always uses fixed chunks)")
     ap.add_argument("--graph", default="on", choices=("on", "off"),
                     help="also time the layer and the dispatch captured in CUDA graphs (GPU only), after the eager runs")
+    ap.add_argument("--nccl-priority", default="high", choices=("high", "normal"),
+                    help="priority of the NCCL process group's stream")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -627,7 +630,15 @@ def setup(a):
     elif os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--device cpu: the exchange kernels run under the Triton interpreter; set TRITON_INTERPRET=1")
     os.environ.setdefault("FD_TRITON_AUTOTUNE", "0")   # one fixed GEMM config: bounded compile time, same on every rank
-    dist.init_process_group(backend, device_id=device if use_cuda else None)
+    opts = None
+    if backend == "nccl" and a.nccl_priority == "high":
+        try:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts.is_high_priority_stream = True      # NCCL's kernels jump the queue of GEMM blocks (overlap)
+        except AttributeError as exc:                # a torch without NCCL options: normal priority
+            log(f"--nccl-priority high not available ({exc!r})")
+            opts = None
+    dist.init_process_group(backend, device_id=device if use_cuda else None, pg_options=opts)
     rank, world = dist.get_rank(), dist.get_world_size()
     if a.experts % world:
         raise SystemExit(f"--experts: {a.experts} does not split over {world} ranks")
@@ -642,7 +653,7 @@ def setup(a):
 def make_layer(ctx):
     """layer(x, wts, ids, parts, timeline=None): quant, then the device exchange around this rank's experts,
     `parts` micro-batches (2: collectives on their own stream, overlapping the other micro-batch's experts)."""
-    comm = torch.cuda.Stream(ctx["device"]) if ctx["device"].type == "cuda" else None
+    comm = torch.cuda.Stream(ctx["device"], priority=-1) if ctx["device"].type == "cuda" else None
     exchanges = {}
 
     def layer(x, wts, ids, parts, timeline=None):
@@ -668,6 +679,7 @@ def main() -> int:
     ctx = setup(a)
     rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
     result = {"versions": versions(device), "ops": "triton" if ctx["launch"] is not None else "torch",
+              "nccl_stream_priority": a.nccl_priority if dist.get_backend() == "nccl" else None,
               "shape": dict(T_per_rank=a.tokens, H=a.hidden, I=a.intermediate, E_total=a.experts,
                             E_local=ctx["e_local"], K_top=a.top_k, R=world),
               "gemm_autotune": os.environ.get("FD_TRITON_AUTOTUNE"), "per_T": {}}

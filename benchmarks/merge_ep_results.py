@@ -12,7 +12,7 @@ from pathlib import Path
 
 RECORD_KEYS = ("T_per_rank", "overlap", "micro_batches", "speedup_2_gpus_vs_1", "layer_2_gpus_ms", "layer_1_gpu_ms",
                "dispatch_ms", "combine_ms", "dispatch_host_ms", "combine_host_ms", "bytes_sent", "bytes_ideal",
-               "bit_exact", "speedup_2_gpus_vs_1_graph", "layer_2_gpus_graph_ms")
+               "bit_exact", "speedup_2_gpus_vs_1_graph", "layer_2_gpus_graph_ms", "layer_host_ms")
 
 
 def _round(v):
