@@ -70,7 +70,8 @@ def main() -> None:
     history = old.get("history", [])
     history = [{"note": history}] if isinstance(history, str) else list(history)
     if "summary" in old:
-        history.append({"date": old.get("date"), "note": "earlier run, older code", "shape": old.get("shape"),
+        old_shape = old.get("shape") or next(iter(old.get("runs", {}).values()), {}).get("shape")
+        history.append({"date": old.get("date"), "note": "earlier run, older code", "shape": old_shape,
                         "summary": old["summary"]})
     result = {
         "card": first["versions"].get("card"), "gpu_count": first["versions"].get("gpu_count"),
