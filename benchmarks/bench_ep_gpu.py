@@ -1,30 +1,35 @@
 #!/usr/bin/env python3
 """Expert-parallel ht MoE layer over torch.distributed (NCCL on GPUs, gloo on CPU), torch only.
 
-One process per GPU (torchrun). Each rank runs the DeepEP-"normal" exchange of SPEC §9 with the
-exact semantics of docs/design.md (the same bytes and sums as backend.moe.ep_distributed's Paddle
-runner, ported to torch) around the FP8 expert chain:
+One process per GPU (torchrun). Each rank runs the DeepEP-"normal" exchange of SPEC §9 with the exact semantics of
+docs/design.md around the FP8 expert chain, the exchange built on the device (backend/ops/triton/ep_exchange.py:
+route / pack / unpack kernels, no host read, fixed chunks of T rows per rank = num_worst_tokens):
 
-    per_token_quant (1x128, UE8M0) -> dispatch (counts all_gather, then one all_to_all_single of
-    packed uint8 rows [x fp8 | packed scale | ids int64 | weights fp32]) -> permute -> GEMM 1 ->
-    SwiGLU + quant -> GEMM 2 -> weighted depermute -> combine (all_to_all_single back, float32 sum
-    in rank order, one bf16 rounding)
+    per_token_quant (1x128, UE8M0) -> route + pack (kernels) -> counts all_gather + all_to_all_single (device
+    buffers) -> unpack (kernel) -> permute -> GEMM 1 -> SwiGLU + quant -> GEMM 2 -> weighted depermute (one row per
+    token and rank, summed over that rank's experts) -> all_to_all_single back -> sum over ranks (kernel, float32,
+    rank order, one bf16 rounding)
 
-The chain is engineer D's Triton launchers (backend/ops/triton/launch.py, torch tensors) when they
-import and a GPU (or TRITON_INTERPRET=1) is there, else a plain torch reference chain.
+--overlap on splits the layer into two micro-batches, the collectives on their own CUDA stream, so the exchange of
+one overlaps the expert GEMMs of the other (ep_exchange.overlapped_layer); off: one micro-batch, one stream.
 
-Measured in one run, each against its baseline:
-1. check: every rank's layer output equals an in-process simulation of all R ranks (same chain,
-   same R, computed on each rank from the seeded inputs of every rank) bit for bit, at the timed
-   shape and at an uneven routing (every token to rank 0's experts: rank 0 receives W rows).
-2. exchange: achieved bandwidth of the dispatch all_to_all (bytes to other ranks / time) against a
-   plain NCCL all_to_all_single of the same bytes (equal splits), plus the whole dispatch and
-   combine (counts, host sync, packing, exchange, unpacking).
-3. layer: the ht layer on R GPUs (T tokens each, E_total / R experts each) against one GPU doing
-   the same R·T tokens with all E_total experts (no exchange): the strong-scaling speedup.
+The chain is the Triton launchers (backend/ops/triton/launch.py) when they import and a GPU (or TRITON_INTERPRET=1)
+is there, else a plain torch reference chain. The exchange kernels always run (under TRITON_INTERPRET=1 on CPU).
 
-    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --out $OUT/ep_gpu.json
-    torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --backend gloo --device cpu --dry   # CPU check
+Measured per T (--tokens, comma-separated), each against its baseline:
+1. checks: every rank's layer output (each --overlap setting) equals an in-process simulation of all R ranks
+   (same chain, computed on each rank from the seeded inputs of every rank) bit for bit, at random routing and at an
+   uneven one (every token to rank 0's experts: rank 0 receives W = R*T rows).
+2. exchange: dispatch and combine alone: wall ms, steady-state ms, host ms per call (launches only), bytes sent to
+   other ranks against DeepEP's ideal, the dispatch all_to_all against a plain all_to_all_single of the same bytes.
+3. layer: the ht layer on R GPUs (T tokens each, E_total / R experts each) against one GPU doing the same R*T tokens
+   with all E_total experts and the same chain (no exchange): speedup_2_gpus_vs_1 per overlap setting, with a
+   per-stream timeline (CUDA events) of one call on rank 0.
+4. graph (--graph on, GPU): the same layer and the dispatch alone captured in CUDA graphs (after all eager numbers).
+
+    NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --tokens 4096,1024 --overlap off,on \
+        --out $OUT/ep.json; python3 benchmarks/merge_ep_results.py benchmarks/results/ep_gpu_h200x2.json $OUT/ep.json
+    TRITON_INTERPRET=1 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --backend gloo --device cpu --dry
 """
 from __future__ import annotations
 
@@ -43,6 +48,9 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))   # for _common, also when loaded by file path
 from _common import repo_on_path, write_json  # noqa: E402
+
+repo_on_path()
+from backend.ops.triton import ep_exchange as X  # noqa: E402  (torch + triton, no Paddle)
 
 GROUP = 128
 E4M3_MAX = 448.0
@@ -130,6 +138,7 @@ class Experts:
         self.up_q, self.dn_q = torch.stack(up_q), torch.stack(dn_q)
         self.up_s, self.dn_s = torch.stack(up_s), torch.stack(dn_s)
         if launch is not None:
+            self.errors = torch.zeros(launch.DE.RECORD_LEN, dtype=torch.int64, device=device)   # deferred checks
             self.up_sf = launch.unpack_and_convert_scale(torch.stack(up_p), None)
             self.dn_sf = launch.unpack_and_convert_scale(torch.stack(dn_p), None)
 
@@ -140,7 +149,7 @@ class Experts:
             return self._torch_chain(x_q, x_scale, ids, weights)
         L, e, h, i = self.launch, self.e, self.h, self.i
         w = x_q.shape[0]
-        px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x_q, x_scale, ids, e, m)
+        px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x_q, x_scale, ids, e, m, errors=self.errors)
         up = torch.empty(e * m, 2 * i, dtype=torch.bfloat16, device=x_q.device)
         L.group_gemm_masked(px.view(e * m, h), self.up_q, L.unpack_and_convert_scale(ps, counts), self.up_sf,
                             counts, up, None, m, sfb_per_block=True)
@@ -174,36 +183,7 @@ class Experts:
         return out.to(torch.bfloat16)
 
 
-# ----------------------------------------------------------------------------- the exchange (SPEC §9, exact)
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    """[n, c] any dtype -> [n, c·itemsize] uint8, the same bytes."""
-    return t.contiguous().view(torch.uint8).reshape(t.shape[0], t.shape[1] * t.element_size())
-
-
-ROW_ALIGN = 16     # bytes: NCCL moves 16-byte-aligned chunks faster (DeepEP aligns its rows the same way)
-
-
-def pack_token_rows(x_q, x_scale, ids, weights) -> torch.Tensor:
-    """One uint8 row per token: [x fp8 (H) | scale words (4C) | ids int64 (8K) | weights fp32 (4K) | pad
-    to a multiple of ROW_ALIGN]."""
-    parts = [_bytes(x_q), _bytes(x_scale), _bytes(ids.to(torch.int64)), _bytes(weights.float())]
-    width = sum(p.shape[1] for p in parts)
-    if width % ROW_ALIGN:
-        parts.append(torch.zeros(x_q.shape[0], ROW_ALIGN - width % ROW_ALIGN, dtype=torch.uint8, device=x_q.device))
-    return torch.cat(parts, 1)
-
-
-def unpack_token_rows(rows, h: int, c: int, k: int):
-    o = [0, h, h + 4 * c, h + 4 * c + 8 * k, h + 4 * c + 12 * k]
-    n = rows.shape[0]
-
-    def part(j, dt):
-        width = (o[j + 1] - o[j]) // torch.empty(0, dtype=dt).element_size()
-        if n == 0:
-            return torch.empty(0, width, dtype=dt, device=rows.device)
-        return rows[:, o[j]:o[j + 1]].clone().view(dt)    # clone: a fresh, aligned buffer (a 1-row slice keeps its offset)
-    return part(0, torch.float8_e4m3fn), part(1, torch.int32), part(2, torch.int64), part(3, torch.float32)
+# ----------------------------------------------------------------------------- the reference exchange (SPEC §9, exact)
 
 
 def route(ids: torch.Tensor, e_local: int, world: int):
@@ -226,58 +206,6 @@ def pad_rows(t: torch.Tensor, w: int, fill) -> torch.Tensor:
     if t.dtype == torch.float8_e4m3fn:
         return torch.cat([t.view(torch.uint8), pad.view(torch.uint8)]).view(t.dtype)
     return torch.cat([t, pad])
-
-
-class TorchEP:
-    """dispatch/combine over a torch.distributed group; stats in self.stats."""
-
-    def __init__(self, e_local: int):
-        self.rank, self.world, self.e = dist.get_rank(), dist.get_world_size(), e_local
-        self.stats = {}
-
-    def counts(self, sent) -> torch.Tensor:
-        mine = torch.tensor([len(s) for s in sent], dtype=torch.int64, device=sent[0].device)
-        allc = torch.empty(self.world * self.world, dtype=torch.int64, device=mine.device)
-        dist.all_gather_into_tensor(allc, mine)
-        return allc.view(self.world, self.world).cpu()          # the one host sync of a dispatch
-
-    def dispatch(self, x_q, x_scale, ids, weights, w: int):
-        me, k, h, c = self.rank, ids.shape[1], x_q.shape[1], x_scale.shape[1]
-        _, sent = route(ids, self.e, self.world)
-        counts = self.counts(sent)
-        recv_counts = counts.sum(0)
-        for r in range(self.world):
-            if int(recv_counts[r]) > w:
-                raise ValueError(f"num_worst_tokens: rank {r} receives {int(recv_counts[r])} tokens, more than "
-                                 f"num_worst_tokens W = {w}")
-        rows = pack_token_rows(x_q, x_scale, ids, weights)
-        send = rows[torch.cat(sent)]
-        recv = torch.empty(int(recv_counts[me]), rows.shape[1], dtype=torch.uint8, device=rows.device)
-        self.stats["dispatch_bytes_to_others"] = int(counts[me].sum() - counts[me, me]) * rows.shape[1]
-        self.stats["dispatch_send_bytes"] = int(send.numel())
-        self.stats["row_bytes"] = int(rows.shape[1])
-        dist.all_to_all_single(recv, send, counts[:, me].tolist(), counts[me].tolist())
-        r_x, r_s, r_ids, r_w = unpack_token_rows(recv, h, c, k)
-        n = recv.shape[0]
-        self.stats["recv_tokens"] = n
-        handle = (counts, sent, x_q.shape[0], n)
-        return (pad_rows(r_x, w, 0), pad_rows(r_s, w, 0), pad_rows(to_local(r_ids, me, self.e), w, -1),
-                pad_rows(r_w, w, 0.0), n, handle)
-
-    def combine(self, partial, handle) -> torch.Tensor:
-        counts, sent, t, n = handle
-        me, h = self.rank, partial.shape[1]
-        back = torch.empty(int(counts[me].sum()), 2 * h, dtype=torch.uint8, device=partial.device)
-        dist.all_to_all_single(back, _bytes(partial[:n]), counts[me].tolist(), counts[:, me].tolist())
-        back = back.view(torch.bfloat16)
-        acc = torch.zeros(t, h, dtype=torch.float32, device=partial.device)
-        at = 0
-        for r in range(self.world):                          # rank order is part of the contract
-            idx = sent[r]
-            if idx.numel():
-                acc[idx] = acc[idx] + back[at: at + idx.numel()].float()
-            at += idx.numel()
-        return acc.to(torch.bfloat16)
 
 
 def simulate(inputs: list, experts_of_rank, e_local: int, w: int, m: int) -> list:
@@ -412,182 +340,365 @@ def versions(device) -> dict:
     return info
 
 
+
+# ----------------------------------------------------------------------------- measurements
+
+def host_ms(fn, device, n: int) -> float:
+    """Median host ms of one call (its launches; the queue drained before each), max over ranks."""
+    fn()
+    times = []
+    for _ in range(n):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    sync(device)
+    t = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def rank_sum(v: float, device) -> float:
+    t = torch.tensor([float(v)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def check_bit_exact(ctx, t: int, parts_list) -> dict:
+    """Every rank's layer output (each overlap setting) against the in-process simulation of all ranks."""
+    a, rank, world, device = ctx["a"], ctx["rank"], ctx["world"], ctx["device"]
+    out = {}
+    for name, uneven in (("random", False), ("uneven", True)):
+        ins = [make_inputs(s, t, a.hidden, a.experts, a.top_k, a.seed, device, uneven) for s in range(world)]
+        q_ins = [(*quantize_act(x, ctx["launch"]), ids, wts) for x, wts, ids in ins]
+        w = world * t
+        ref = simulate(q_ins, lambda r: ctx["all_experts"][r], ctx["e_local"], w, w)[rank]
+        _, sent = route(ins[rank][2], ctx["e_local"], world)
+        for parts in parts_list:
+            got = ctx["layer"](*ins[rank], parts)
+            flag = torch.tensor([0 if torch.equal(got.view(torch.int16), ref.view(torch.int16)) else 1], device=device)
+            dist.all_reduce(flag)
+            recv = torch.tensor([[len(s) for s in sent]], dtype=torch.int64, device=device)
+            cnt = torch.empty(world, world, dtype=torch.int64, device=device)
+            dist.all_gather_into_tensor(cnt, recv)
+            key = f"{name}_overlap_{'on' if parts > 1 else 'off'}"
+            out[key] = {"bit_exact_all_ranks": int(flag.item()) == 0,
+                        "recv_tokens_per_rank": cnt.sum(0).tolist(), "W": w}
+            log(f"T={t} check {key}: {'bit-exact on every rank' if out[key]['bit_exact_all_ranks'] else 'MISMATCH'}")
+        del ins, q_ins, ref
+    return out
+
+
+def exchange_numbers(ctx, x_q, x_s, ids, wts, t: int) -> dict:
+    """Dispatch and combine alone (one micro-batch, fixed chunks): wall ms with a barrier before each call,
+    steady-state ms (back-to-back, CUDA events), host ms (launches), bytes on the wire vs DeepEP's ideal."""
+    a, device, world, rank = ctx["a"], ctx["device"], ctx["world"], ctx["rank"]
+    ex = X.DeviceExchange(ctx["e_local"], t, exact=a.layout == "exact")
+    d = {}
+
+    def dispatch():
+        d["d"] = ex.dispatch(x_q, x_s, ids, wts)
+
+    dispatch()
+    r_x, r_s, r_ids, r_w, h = d["d"]
+    partial = ctx["mine"](r_x, r_s, r_ids, r_w, world * t)
+    ex.combine(partial, h)
+    bytes_sent = rank_sum(ex.stats["dispatch_bytes_to_others"] + ex.stats["combine_bytes_to_others"], device)
+    lay = X.RowLayout(x_q.shape[1], x_s.shape[1], ids.shape[1])
+    ideal = rank_sum(sum(X.ideal_bytes(h.cnt.tolist(), rank, lay, 2 * x_q.shape[1])), device)
+    biggest = torch.tensor([h.send.numel() * 4], dtype=torch.int64, device=device)
+    dist.all_reduce(biggest, op=dist.ReduceOp.MAX)                   # equal splits: one size on every rank
+    plain_in = torch.zeros(-(-int(biggest.item()) // (world * 128)) * world * 128, dtype=torch.uint8, device=device)
+    plain_out = torch.empty_like(plain_in)
+    loop = interleaved({"dispatch": dispatch, "combine": lambda: ex.combine(partial, h),
+                        "dispatch_all_to_all": lambda: dist.all_to_all_single(h.recv[:h.rows_recv], h.send,
+                                                                              *ex.splits(h, True)),
+                        "plain_all_to_all_same_bytes": lambda: dist.all_to_all_single(plain_out, plain_in)},
+                       device, rounds=5, n=a.iters)
+    return {
+        "layout": "exact (one host read of the counts)" if ex.exact else "fixed chunks of T rows per rank (no host read)",
+        "dispatch_ms": timed(dispatch, device, a.iters, a.warmup),
+        "combine_ms": timed(lambda: ex.combine(partial, h), device, a.iters, a.warmup),
+        "dispatch_loop_ms": loop["dispatch"], "combine_loop_ms": loop["combine"],
+        "dispatch_all_to_all_ms": loop["dispatch_all_to_all"], "plain_all_to_all_same_bytes_ms":
+            loop["plain_all_to_all_same_bytes"],
+        "dispatch_host_ms": host_ms(dispatch, device, a.iters),
+        "combine_host_ms": host_ms(lambda: ex.combine(partial, h), device, a.iters),
+        "bytes_sent": int(bytes_sent), "bytes_ideal": int(ideal), "bytes_sent_vs_ideal": bytes_sent / max(ideal, 1),
+        "row_bytes": lay.row_words * 4, "ideal_row_bytes": lay.ideal_row_bytes,
+        "note": "ms: wall per call with a barrier before each, max over ranks (loop_ms: back-to-back, CUDA events); "
+                "host_ms: the call's return time with an empty queue (launches only); bytes: all ranks, to other "
+                "ranks only, dispatch + combine; ideal: a token once per other rank hosting >= 1 of its experts "
+                "(fp8 x, packed UE8M0 scales, ids int64, weights fp32), one bf16 row back per token received",
+    }
+
+
+def one_gpu_ms(ctx, t: int) -> float | None:
+    """Rank 0: one GPU, all R·T tokens, all E_total experts, the same chain, no exchange (median wall ms)."""
+    a, world, device, launch = ctx["a"], ctx["world"], ctx["device"], ctx["launch"]
+    if ctx["rank"] != 0:
+        return None
+    if ctx.get("one") is None:
+        ctx["one"] = Experts(0, a.experts, a.hidden, a.intermediate, a.seed, device, launch)
+    one = ctx["one"]
+    all_x, all_w, all_ids = (torch.cat(p) for p in zip(*[make_inputs(s, t, a.hidden, a.experts, a.top_k, a.seed,
+                                                                     device) for s in range(world)]))
+
+    def layer_one():
+        q, s = quantize_act(all_x, launch)
+        return one(q, s, all_ids, all_w, world * t)
+
+    for _ in range(a.warmup):
+        layer_one()
+    ctx["one_graph_ms"] = None
+    if device.type == "cuda":
+        try:
+            g, _ = captured(layer_one, device)
+            ctx["one_graph_ms"] = statistics.median(_replay_ms(g, device, a.iters))
+            del g
+        except Exception as exc:   # noqa: BLE001 - recorded as missing
+            log(f"1-GPU graph capture failed: {exc!r}")
+    times = []
+    for _ in range(a.iters):
+        sync(device)
+        t1 = time.perf_counter()
+        layer_one()
+        sync(device)
+        times.append((time.perf_counter() - t1) * 1e3)
+    return statistics.median(times)
+
+
+def _replay_ms(g, device, n: int) -> list:
+    times = []
+    for _ in range(n):
+        sync(device)
+        t1 = time.perf_counter()
+        g.replay()
+        sync(device)
+        times.append((time.perf_counter() - t1) * 1e3)
+    return times
+
+
+def captured(fn, device):
+    """fn captured in a CUDA graph (run once eagerly on a side stream first) -> (graph, its output tensor)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):     # NCCL's watchdog thread keeps polling
+        out = fn()
+    return graph, out
+
+
+def graph_numbers(ctx, x, wts, ids, parts_list, t: int) -> dict:
+    """The fixed-chunk layer (and dispatch alone) captured in CUDA graphs (no host read anywhere, NCCL captured):
+    replay wall ms, host ms per replay, replay output == eager output; rank 0 also the 1-GPU chain captured."""
+    device, a = ctx["device"], ctx["a"]
+    if device.type != "cuda":
+        return {"skipped": "CUDA graphs need a GPU"}
+    out = {}
+    try:
+        x_q, x_s = quantize_act(x, ctx["launch"])
+        ex = X.DeviceExchange(ctx["e_local"], t)
+        g, _ = captured(lambda: ex.dispatch(x_q, x_s, ids, wts), device)
+        out["dispatch_graph_host_ms"] = host_ms(g.replay, device, a.iters)
+        out["dispatch_graph_ms"] = timed(g.replay, device, a.iters, a.warmup)
+        for parts in parts_list:
+            key = "on" if parts > 1 else "off"
+            g, y = captured(lambda: ctx["layer"](x, wts, ids, parts), device)
+            g.replay()
+            same = torch.tensor([int(torch.equal(y, ctx["layer"](x, wts, ids, parts)))], device=device)
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)
+            out[f"layer_graph_ms_overlap_{key}"] = timed(g.replay, device, a.iters, a.warmup)
+            out[f"layer_graph_host_ms_overlap_{key}"] = host_ms(g.replay, device, a.iters)
+            out[f"graph_equals_eager_overlap_{key}"] = bool(same.item())
+            del g, y
+    except Exception as exc:   # noqa: BLE001 - recorded; the eager numbers stand on their own
+        out["error"] = repr(exc)[:500]
+        log(f"T={t} graph capture failed: {exc!r}")
+    return out
+
+
+def timeline_of(ctx, x, wts, ids, parts: int) -> list:
+    """Per-stream spans (CUDA events) of one layer call on this rank, [] off CUDA."""
+    tl = X.Timeline(ctx["device"].type == "cuda")
+    ctx["layer"](x, wts, ids, parts, tl)
+    sync(ctx["device"])
+    return tl.spans()
+
+
+def run_tokens(ctx, t: int) -> dict:
+    """Everything measured at T tokens per rank -> one entry of result["per_T"]."""
+    a, rank, world, device = ctx["a"], ctx["rank"], ctx["world"], ctx["device"]
+    parts_list = [2 if o == "on" else 1 for o in a.overlap]
+    res = {"T_per_rank": t, "W": world * t, "checks": check_bit_exact(ctx, t, parts_list)}
+    x, wts, ids = make_inputs(rank, t, a.hidden, a.experts, a.top_k, a.seed, device)
+    x_q, x_s = quantize_act(x, ctx["launch"])
+    res["exchange"] = exchange_numbers(ctx, x_q, x_s, ids, wts, t)
+    log(f"T={t} exchange:", json.dumps(res["exchange"]))
+    ms_one = one_gpu_ms(ctx, t)
+    dist.barrier()
+    res["layer_1_gpu_ms"] = ms_one
+    res["records"] = []
+    for parts in parts_list:
+        ms = timed(lambda: ctx["layer"](x, wts, ids, parts), device, a.iters, a.warmup)
+        rec = {"T_per_rank": t, "overlap": "on" if parts > 1 else "off", "micro_batches": parts,
+               "layer_2_gpus_ms": ms, "layer_1_gpu_ms": ms_one,
+               "speedup_2_gpus_vs_1": None if ms_one is None else ms_one / ms,
+               "layer_host_ms": host_ms(lambda: ctx["layer"](x, wts, ids, parts), device, a.iters),
+               "timeline_rank0": timeline_of(ctx, x, wts, ids, parts)}
+        for k in ("dispatch_ms", "combine_ms", "dispatch_host_ms", "combine_host_ms", "bytes_sent", "bytes_ideal"):
+            rec[k] = res["exchange"][k]
+        rec["bit_exact"] = {k: v["bit_exact_all_ranks"] for k, v in res["checks"].items()
+                            if k.endswith("overlap_" + rec["overlap"])}
+        res["records"].append(rec)
+        log(f"T={t} overlap={rec['overlap']}: 2 GPUs {ms:.3f} ms, 1 GPU {ms_one} ms, speedup "
+            f"{rec['speedup_2_gpus_vs_1']}")
+    res["experts_only_2_gpus_ms"] = experts_only_ms(ctx, x_q, x_s, ids, wts, t)
+    res["one_graph_ms"] = ctx.get("one_graph_ms")
+    return res
+
+
+def add_graph_numbers(ctx, res: dict) -> None:
+    """The CUDA-graph numbers of one T (after every eager number is on record: a capture that fails cannot cost
+    them) into res and its records."""
+    a, t = ctx["a"], res["T_per_rank"]
+    x, wts, ids = make_inputs(ctx["rank"], t, a.hidden, a.experts, a.top_k, a.seed, ctx["device"])
+    res["graph"] = graph_numbers(ctx, x, wts, ids, [r["micro_batches"] for r in res["records"]], t)
+    if res.get("one_graph_ms") is not None:
+        res["graph"]["layer_1_gpu_graph_ms"] = res["one_graph_ms"]
+    for rec in res["records"]:
+        g_ms = res["graph"].get(f"layer_graph_ms_overlap_{rec['overlap']}")
+        rec["layer_2_gpus_graph_ms"] = g_ms
+        one = res["graph"].get("layer_1_gpu_graph_ms")
+        rec["speedup_2_gpus_vs_1_graph"] = None if g_ms is None or one is None else one / g_ms
+    log(f"T={t} graph:", json.dumps(res["graph"]))
+
+
+def experts_only_ms(ctx, x_q, x_s, ids, wts, t: int) -> float:
+    ex = X.DeviceExchange(ctx["e_local"], t)
+    r_x, r_s, r_ids, r_w, _ = ex.dispatch(x_q, x_s, ids, wts)
+    a = ctx["a"]
+    return timed(lambda: ctx["mine"](r_x, r_s, r_ids, r_w, ctx["world"] * t), ctx["device"], a.iters, a.warmup)
+
+
 # ----------------------------------------------------------------------------- main
 
-def main() -> int:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default=None, help="nccl (default with CUDA) or gloo")
     ap.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     ap.add_argument("--ops", default="auto", choices=("auto", "triton", "torch"))
-    ap.add_argument("--tokens", type=int, default=4096, help="T per rank (timed shape)")
+    ap.add_argument("--tokens", default="4096,1024", help="T per rank, comma-separated (one record set each)")
     ap.add_argument("--hidden", type=int, default=7168)
     ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--experts", type=int, default=32, help="E_total (split evenly over the ranks)")
+    ap.add_argument("--experts", type=int, default=64, help="E_total (split evenly over the ranks)")
     ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--overlap", default="off,on", help="on (two micro-batches, collectives on their own stream), "
+                                                       "off, or both: off,on")
+    ap.add_argument("--layout", default="fixed", choices=("fixed", "exact"),
+                    help="receive layout timed in the exchange numbers (the layer always uses fixed chunks)")
+    ap.add_argument("--graph", default="on", choices=("on", "off"),
+                    help="also time the layer and the dispatch captured in CUDA graphs (GPU only), after the eager runs")
+    ap.add_argument("--nccl-priority", default="high", choices=("high", "normal"),
+                    help="priority of the NCCL process group's stream")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dry", action="store_true", help="tiny shapes (CPU check of the script)")
     ap.add_argument("--out", default=None, help="JSON results path (rank 0 writes)")
     a = ap.parse_args()
+    a.tokens = [int(v) for v in str(a.tokens).split(",")]
+    a.overlap = [v.strip() for v in a.overlap.split(",")]
+    if any(v not in ("on", "off") for v in a.overlap):
+        raise SystemExit(f"--overlap: expected on, off or off,on, got {a.overlap}")
     if a.dry:
-        a.tokens, a.hidden, a.intermediate, a.experts, a.top_k, a.iters, a.warmup = 24, 256, 128, 4, 2, 2, 1
+        a.tokens, a.hidden, a.intermediate, a.experts, a.top_k, a.iters, a.warmup = [24, 8], 256, 128, 4, 2, 2, 1
+    return a
+
+
+def setup(a):
     use_cuda = torch.cuda.is_available() if a.device is None else a.device == "cuda"
     backend = a.backend or ("nccl" if use_cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    elif os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--device cpu: the exchange kernels run under the Triton interpreter; set TRITON_INTERPRET=1")
     os.environ.setdefault("FD_TRITON_AUTOTUNE", "0")   # one fixed GEMM config: bounded compile time, same on every rank
-    dist.init_process_group(backend, device_id=device if use_cuda else None)
+    opts = None
+    if backend == "nccl" and a.nccl_priority == "high":
+        try:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts.is_high_priority_stream = True      # NCCL's kernels jump the queue of GEMM blocks (overlap)
+        except AttributeError as exc:                # a torch without NCCL options: normal priority
+            log(f"--nccl-priority high not available ({exc!r})")
+            opts = None
+    dist.init_process_group(backend, device_id=device if use_cuda else None, pg_options=opts)
     rank, world = dist.get_rank(), dist.get_world_size()
     if a.experts % world:
         raise SystemExit(f"--experts: {a.experts} does not split over {world} ranks")
     launch = None
-    if a.ops != "torch" and (use_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if a.ops != "torch":
         launch = import_triton_launch()
         if launch is None and a.ops == "triton":
             raise SystemExit("--ops triton: the launchers do not import")
-    e_local = a.experts // world
-    t, h, i, k = a.tokens, a.hidden, a.intermediate, a.top_k
-    w = world * t                                   # num_worst_tokens: nothing can overflow
-    result = {"versions": versions(device), "ops": "triton" if launch is not None else "torch",
-              "shape": dict(T_per_rank=t, H=h, I=i, E_total=a.experts, E_local=e_local, K_top=k, R=world, W=w),
-              "gemm_autotune": os.environ.get("FD_TRITON_AUTOTUNE"), "checks": {}, "timing_ms": {}}
-    log(f"R={world} backend={backend} device={device.type} ops={result['ops']} shape={result['shape']}")
+    return dict(a=a, device=device, rank=rank, world=world, launch=launch, e_local=a.experts // world)
 
-    t0 = time.time()
-    all_experts = {r: Experts(r * e_local, e_local, h, i, a.seed, device, launch) for r in range(world)}
-    mine = all_experts[rank]
-    ep = TorchEP(e_local)
-    log(f"weights quantized in {time.time() - t0:.1f} s")
 
-    def layer(x, wts, ids):
-        x_q, x_s = quantize_act(x, launch)
-        r_x, r_s, r_ids, r_w, _, handle = ep.dispatch(x_q, x_s, ids, wts, w)
-        return ep.combine(mine(r_x, r_s, r_ids, r_w, w), handle)
+def make_layer(ctx):
+    """layer(x, wts, ids, parts, timeline=None): quant, then the device exchange around this rank's experts,
+    `parts` micro-batches (2: collectives on their own stream, overlapping the other micro-batch's experts)."""
+    comm = torch.cuda.Stream(ctx["device"], priority=-1) if ctx["device"].type == "cuda" else None
+    exchanges = {}
 
-    # 1. bit-for-bit against the in-process simulation, random and uneven routing
-    for name, uneven in (("random", False), ("uneven", True)):
-        ins = [make_inputs(s, t, h, a.experts, k, a.seed, device, uneven) for s in range(world)]
-        out = layer(*ins[rank])
-        q_ins = [(*quantize_act(x, launch), ids, wts) for x, wts, ids in ins]
-        ref = simulate(q_ins, lambda r: all_experts[r], e_local, w, w)[rank]
-        same = bool(torch.equal(out.view(torch.int16), ref.view(torch.int16)))
-        flag = torch.tensor([0 if same else 1], device=device)
-        dist.all_reduce(flag)
-        recv = torch.tensor([ep.stats["recv_tokens"]], dtype=torch.int64, device=device)
-        recv_all = torch.empty(world, dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(recv_all, recv)
-        result["checks"][name] = {"bit_exact_all_ranks": int(flag.item()) == 0,
-                                  "recv_tokens_per_rank": recv_all.tolist(), "W": w}
-        log(f"check {name}: {'bit-exact on every rank' if int(flag.item()) == 0 else 'MISMATCH'}")
-        if int(flag.item()):
-            diff = (out.float() - ref.float()).abs().max().item()
-            result["checks"][name]["max_abs_diff_rank" + str(rank)] = diff
-        del ins, q_ins, ref, out
-    result["checks"]["uneven"]["note"] = "every token picks experts 0..K_top-1: rank 0 receives W = R*T rows"
+    def layer(x, wts, ids, parts, timeline=None):
+        x_q, x_s = quantize_act(x, ctx["launch"])
+        t = x.shape[0]
+        chunk = -(-t // parts)
+        if (chunk, parts) not in exchanges:
+            exchanges[(chunk, parts)] = X.DeviceExchange(ctx["e_local"], chunk)
+        return X.overlapped_layer(exchanges[(chunk, parts)], ctx["mine"], x_q, x_s, ids, wts, parts,
+                                  comm if parts > 1 else None, timeline)
+    return layer
 
-    # 2. exchange bandwidth
-    x, wts, ids = make_inputs(rank, t, h, a.experts, k, a.seed, device)
-    x_q, x_s = quantize_act(x, launch)
-    _, sent = route(ids, e_local, world)
-    counts = ep.counts(sent)
-    rows = pack_token_rows(x_q, x_s, ids, wts)
-    send = rows[torch.cat(sent)].contiguous()
-    recv = torch.empty(int(counts[:, rank].sum()), rows.shape[1], dtype=torch.uint8, device=device)
-    in_split, out_split = counts[rank].tolist(), counts[:, rank].tolist()
-    total = send.numel()
-    biggest = torch.tensor([total], dtype=torch.int64, device=device)
-    dist.all_reduce(biggest, op=dist.ReduceOp.MAX)         # equal splits need one size on every rank
-    chunk = -(-int(biggest.item()) // (world * 128)) * 128   # 128-byte aligned chunks: the best case for NCCL
-    plain_in = torch.zeros(chunk * world, dtype=torch.uint8, device=device)
-    plain_out = torch.empty_like(plain_in)
-    to_others = int(counts[rank].sum() - counts[rank, rank]) * rows.shape[1]
-    plain_to_others = chunk * (world - 1)
-    dispatched = {}
 
-    def run_dispatch():
-        dispatched["d"] = ep.dispatch(x_q, x_s, ids, wts, w)
-
-    run_dispatch()
-    r_x, r_s, r_ids, r_w, n_recv, handle = dispatched["d"]
-    partial = mine(r_x, r_s, r_ids, r_w, w)
-    # combine's exchange alone: the partial rows back to their sources (bf16, 2H bytes a row)
-    c_send = _bytes(partial[:n_recv])
-    c_recv = torch.empty(int(counts[rank].sum()), 2 * h, dtype=torch.uint8, device=device)
-    c_in, c_out = counts[:, rank].tolist(), counts[rank].tolist()
-    c_to_others = int(counts[:, rank].sum() - counts[rank, rank]) * 2 * h
-    c_big = torch.tensor([c_send.numel()], dtype=torch.int64, device=device)
-    dist.all_reduce(c_big, op=dist.ReduceOp.MAX)
-    c_chunk = -(-int(c_big.item()) // (world * 128)) * 128
-    c_plain_in = torch.zeros(c_chunk * world, dtype=torch.uint8, device=device)
-    c_plain_out = torch.empty_like(c_plain_in)
-    bw = interleaved({
-        "dispatch_all_to_all": lambda: dist.all_to_all_single(recv, send, out_split, in_split),
-        "dispatch_plain": lambda: dist.all_to_all_single(plain_out, plain_in),
-        "combine_all_to_all": lambda: dist.all_to_all_single(c_recv, c_send, c_out, c_in),
-        "combine_plain": lambda: dist.all_to_all_single(c_plain_out, c_plain_in),
-    }, device, rounds=7, n=a.iters)
-    ms_dispatch = timed(run_dispatch, device, a.iters, a.warmup)
-    ms_combine = timed(lambda: ep.combine(partial, handle), device, a.iters, a.warmup)
-    ms_counts = timed(lambda: ep.counts(sent), device, a.iters, a.warmup)
-    gbps = lambda nbytes, ms: nbytes / ms / 1e6   # noqa: E731
-    result["exchange"] = {
-        "method": "per-op ms of back-to-back calls (CUDA events), median of 7 interleaved rounds, max over ranks; "
-                  "plain = all_to_all_single with equal 128-byte-aligned splits of at least the same bytes",
-        "dispatch_row_bytes": int(rows.shape[1]), "dispatch_send_bytes_rank0": int(total),
-        "dispatch_bytes_to_other_ranks_rank0": to_others, "tokens_sent_per_rank_rank0": in_split,
-        "all_to_all_ms": bw["dispatch_all_to_all"], "all_to_all_GBps": gbps(to_others, bw["dispatch_all_to_all"]),
-        "plain_nccl_all_to_all_single_ms": bw["dispatch_plain"],
-        "plain_GBps": gbps(plain_to_others, bw["dispatch_plain"]),
-        "bandwidth_ratio_ours_vs_plain": gbps(to_others, bw["dispatch_all_to_all"]) / gbps(plain_to_others, bw["dispatch_plain"]),
-        "combine_bytes_to_other_ranks_rank0": c_to_others,
-        "combine_all_to_all_ms": bw["combine_all_to_all"], "combine_all_to_all_GBps": gbps(c_to_others, bw["combine_all_to_all"]),
-        "combine_plain_ms": bw["combine_plain"], "combine_plain_GBps": gbps(c_chunk * (world - 1), bw["combine_plain"]),
-        "combine_bandwidth_ratio_ours_vs_plain": gbps(c_to_others, bw["combine_all_to_all"]) / gbps(c_chunk * (world - 1), bw["combine_plain"]),
-        "dispatch_ms": ms_dispatch, "combine_ms": ms_combine, "dispatch_counts_allgather_and_host_sync_ms": ms_counts,
-        "dispatch_combine_note": "whole dispatch/combine, wall per call with a barrier before each: counts, host sync, "
-                                 "packing, exchange, unpacking, padding to W / float32 sums",
-    }
-    log("exchange:", json.dumps(result["exchange"]))
-
-    # 3. the ht layer on R GPUs vs one GPU doing all R*T tokens with all experts
-    ms_layer = timed(lambda: layer(x, wts, ids), device, a.iters, a.warmup)
-    ms_chain = timed(lambda: mine(r_x, r_s, r_ids, r_w, w), device, a.iters, a.warmup)
-    result["timing_ms"].update(layer_R_gpus=ms_layer, experts_only_R_gpus=ms_chain)
-    del partial, dispatched, r_x, r_s, r_ids, r_w
-    one = None
-    if rank == 0:
-        one = Experts(0, a.experts, h, i, a.seed, device, launch)
-        all_x, all_w, all_ids = (torch.cat(p) for p in zip(*[make_inputs(s, t, h, a.experts, k, a.seed, device)
-                                                            for s in range(world)]))
-
-        def layer_one():
-            q, s = quantize_act(all_x, launch)
-            return one(q, s, all_ids, all_w, world * t)
-
-        for _ in range(a.warmup):
-            layer_one()
-        times = []
-        for _ in range(a.iters):
-            sync(device)
-            t1 = time.perf_counter()
-            layer_one()
-            sync(device)
-            times.append((time.perf_counter() - t1) * 1e3)
-        ms_one = statistics.median(times)
-        result["timing_ms"]["layer_1_gpu_all_tokens"] = ms_one
-        result["timing_ms"]["speedup_R_gpus_vs_1"] = ms_one / ms_layer
-        result["timing_ms"]["note"] = (f"1 GPU: {world}*T tokens, all {a.experts} experts, no exchange; "
-                                       f"R GPUs: T tokens and {e_local} experts each, with dispatch/combine")
-        log("layer:", json.dumps(result["timing_ms"]))
-    dist.barrier()
+def save(result: dict, a, rank: int) -> None:
+    """Rank 0 writes what is measured so far (a later crash keeps it)."""
     if rank == 0 and a.out:
-        path = pathlib.Path(a.out)
-        write_json(path, result, indent=1, newline=False)
-        log(f"wrote {path}")
-    ok = all(c.get("bit_exact_all_ranks") for c in result["checks"].values())
+        write_json(pathlib.Path(a.out), result, indent=1, newline=False)
+        log(f"wrote {a.out}")
+
+
+def main() -> int:
+    a = parse_args()
+    ctx = setup(a)
+    rank, world, device = ctx["rank"], ctx["world"], ctx["device"]
+    result = {"versions": versions(device), "ops": "triton" if ctx["launch"] is not None else "torch",
+              "nccl_stream_priority": a.nccl_priority if dist.get_backend() == "nccl" else None,
+              "shape": dict(T_per_rank=a.tokens, H=a.hidden, I=a.intermediate, E_total=a.experts,
+                            E_local=ctx["e_local"], K_top=a.top_k, R=world),
+              "gemm_autotune": os.environ.get("FD_TRITON_AUTOTUNE"), "per_T": {}}
+    log(f"R={world} device={device.type} ops={result['ops']} shape={result['shape']} overlap={a.overlap}")
+    t0 = time.time()
+    ctx["all_experts"] = {r: Experts(r * ctx["e_local"], ctx["e_local"], a.hidden, a.intermediate, a.seed, device,
+                                     ctx["launch"]) for r in range(world)}
+    ctx["mine"] = ctx["all_experts"][rank]
+    ctx["layer"] = make_layer(ctx)
+    log(f"weights quantized in {time.time() - t0:.1f} s")
+    for t in a.tokens:
+        result["per_T"][f"T{t}"] = run_tokens(ctx, t)
+        save(result, a, rank)
+    if a.graph == "on":
+        for res in result["per_T"].values():
+            add_graph_numbers(ctx, res)
+            save(result, a, rank)
+    dist.barrier()
+    ok = all(c["bit_exact_all_ranks"] for r in result["per_T"].values() for c in r["checks"].values())
     dist.destroy_process_group()
     return 0 if ok else 1
 

@@ -1,7 +1,7 @@
-"""Merge the per-size JSON files of benchmarks/bench_ep_gpu.py (one per --tokens) into one result file
-with a summary per size:
+"""Merge the JSON files of benchmarks/bench_ep_gpu.py (one or more, each with one entry per --tokens value under
+"per_T") into one result file with a flat list of records (one per T and overlap setting) and a summary:
 
-    python3 benchmarks/merge_ep_results.py OUT.json ep_T4096.json ep_T1024.json [--command "..."]
+    python3 benchmarks/merge_ep_results.py OUT.json ep.json [more.json ...] [--command "..."]
 
 An existing OUT.json's summary is kept under "history" with its date, so earlier runs stay on record.
 """
@@ -10,21 +10,49 @@ import datetime
 import json
 from pathlib import Path
 
+RECORD_KEYS = ("T_per_rank", "overlap", "micro_batches", "speedup_2_gpus_vs_1", "layer_2_gpus_ms", "layer_1_gpu_ms",
+               "dispatch_ms", "combine_ms", "dispatch_host_ms", "combine_host_ms", "bytes_sent", "bytes_ideal",
+               "bit_exact", "speedup_2_gpus_vs_1_graph", "layer_2_gpus_graph_ms", "layer_host_ms")
 
-def summarize(run: dict) -> dict:
-    ex, t = run["exchange"], run["timing_ms"]
+
+def _round(v):
+    return round(v, 4) if isinstance(v, float) else v
+
+
+def records_of(per_t: dict) -> list:
+    """One flat record per (T, overlap), without the timeline (kept under runs)."""
+    out = []
+    for res in per_t.values():
+        ex = res["exchange"]
+        for rec in res["records"]:
+            r = {k: _round(rec.get(k)) for k in RECORD_KEYS}
+            r["bytes_sent_vs_ideal"] = _round(ex["bytes_sent_vs_ideal"])
+            r["dispatch_graph_host_ms"] = _round(res.get("graph", {}).get("dispatch_graph_host_ms"))
+            r["graph_equals_eager"] = res.get("graph", {}).get(f"graph_equals_eager_overlap_{rec['overlap']}")
+            out.append(r)
+    return out
+
+
+def summarize(res: dict) -> dict:
+    """Scalars of the faster overlap setting under the names earlier summaries used (speedup_2_gpus_vs_1,
+    layer_2_gpus_ms, dispatch_bandwidth_ratio_vs_plain), every setting under *_by_overlap."""
+    ex = res["exchange"]
+    best = min(res["records"], key=lambda r: r["layer_2_gpus_ms"])
     return {
-        "bit_exact_vs_in_process_simulation": {k: v["bit_exact_all_ranks"] for k, v in run["checks"].items()},
-        "dispatch_all_to_all_GBps": round(ex["all_to_all_GBps"], 1),
-        "plain_nccl_all_to_all_GBps": round(ex["plain_GBps"], 1),
-        "dispatch_bandwidth_ratio_vs_plain": round(ex["bandwidth_ratio_ours_vs_plain"], 3),
-        "combine_bandwidth_ratio_vs_plain": round(ex["combine_bandwidth_ratio_ours_vs_plain"], 3),
-        "layer_2_gpus_ms": round(t["layer_R_gpus"], 3),
-        "layer_1_gpu_ms": round(t["layer_1_gpu_all_tokens"], 3),
-        "speedup_2_gpus_vs_1": round(t["speedup_R_gpus_vs_1"], 3),
-        "experts_only_2_gpus_ms": round(t["experts_only_R_gpus"], 3),
-        "dispatch_ms": round(ex["dispatch_ms"], 3),
-        "combine_ms": round(ex["combine_ms"], 3),
+        "bit_exact_vs_in_process_simulation": {k: v["bit_exact_all_ranks"] for k, v in res["checks"].items()},
+        "speedup_2_gpus_vs_1": _round(best["speedup_2_gpus_vs_1"]), "layer_2_gpus_ms": _round(best["layer_2_gpus_ms"]),
+        "best_overlap": best["overlap"],
+        "speedup_by_overlap": {r["overlap"]: _round(r["speedup_2_gpus_vs_1"]) for r in res["records"]},
+        "speedup_graph_by_overlap": {r["overlap"]: _round(r.get("speedup_2_gpus_vs_1_graph")) for r in res["records"]},
+        "layer_2_gpus_ms_by_overlap": {r["overlap"]: _round(r["layer_2_gpus_ms"]) for r in res["records"]},
+        "dispatch_bandwidth_ratio_vs_plain": _round(ex["plain_all_to_all_same_bytes_ms"] / ex["dispatch_all_to_all_ms"]),
+        "layer_1_gpu_ms": _round(res["layer_1_gpu_ms"]),
+        "experts_only_2_gpus_ms": _round(res["experts_only_2_gpus_ms"]),
+        **{k: _round(ex[k]) for k in ("dispatch_ms", "combine_ms", "dispatch_loop_ms", "combine_loop_ms",
+                                      "dispatch_host_ms", "combine_host_ms", "dispatch_all_to_all_ms",
+                                      "plain_all_to_all_same_bytes_ms", "bytes_sent", "bytes_ideal",
+                                      "bytes_sent_vs_ideal")},
+        "graph": {k: _round(v) for k, v in res.get("graph", {}).items()},
     }
 
 
@@ -34,25 +62,28 @@ def main() -> None:
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--command", default=None)
     args = ap.parse_args()
-    runs = {f"T{json.loads(Path(p).read_text())['shape']['T_per_rank']}": json.loads(Path(p).read_text())
-            for p in args.runs}
-    first = next(iter(runs.values()))
+    loaded = [json.loads(Path(p).read_text()) for p in args.runs]
+    per_t = {k: v for run in loaded for k, v in run["per_T"].items()}
+    first = loaded[0]
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else {}
     history = old.get("history", [])
     history = [{"note": history}] if isinstance(history, str) else list(history)
     if "summary" in old:
-        history.append({"date": old.get("date"), "note": "earlier run, older kernel code", "summary": old["summary"]})
+        old_shape = old.get("shape") or next(iter(old.get("runs", {}).values()), {}).get("shape")
+        history.append({"date": old.get("date"), "note": "earlier run, older code", "shape": old_shape,
+                        "summary": old["summary"]})
     result = {
-        "card": first["versions"]["card"], "gpu_count": first["versions"]["gpu_count"],
-        "world_size": first["versions"]["world_size"], "versions": first["versions"],
+        "card": first["versions"].get("card"), "gpu_count": first["versions"].get("gpu_count"),
+        "world_size": first["versions"]["world_size"], "versions": first["versions"], "shape": first["shape"],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": args.command or old.get("command"), "ops": first["ops"], "gemm_autotune": first["gemm_autotune"],
-        "summary": {k: summarize(v) for k, v in runs.items()}, "runs": runs, "history": history,
+        "records": records_of(per_t), "summary": {k: summarize(v) for k, v in per_t.items()},
+        "runs": per_t, "history": history,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
-    for k, v in result["summary"].items():
-        print(k, json.dumps(v))
+    for r in result["records"]:
+        print(json.dumps(r))
 
 
 if __name__ == "__main__":

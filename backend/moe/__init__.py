@@ -7,6 +7,7 @@
     upstream.py          what the method reads of upstream's FusedMoE (load tracker, routing attributes, sizes)
     ep_runner.py         EPRunner interface, SingleRankEPRunner, InProcessEPGroup + run_ranks
     ep_distributed.py    the same interface over paddle.distributed (separate module)
+    ep_index.py          the ht exchange's index formulas (numpy), shared by both runners
 
 Nothing is imported here eagerly: `import backend.moe.layer` etc. (no import-time work).
 """

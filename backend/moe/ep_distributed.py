@@ -56,6 +56,7 @@ from moe_ref.ep import DispatchOutput
 from moe_ref.fp8 import dtype_view, gather_rows_zero_fill, to_mn_major_view
 
 from .. import envs, ops
+from . import ep_index
 from .ep_runner import FP8, EPRunner, RunnerHandle, weighted_sum_over_k
 from .quantize import quantize_tokens
 
@@ -366,8 +367,7 @@ class PaddleDistributedEPRunner(EPRunner):
         t, h, ids, w = self._check_dispatch(x, x_scale, topk_ids, topk_weights, num_worst_tokens)
         e, me, size = self.num_local_experts, self.ep_rank, self.ep_size
         k_top = int(ids.shape[1])
-        dest = np.where(ids >= 0, ids // e, -1)
-        sent_tokens = [np.nonzero((dest == r).any(axis=1))[0].astype(np.int64) for r in range(size)]
+        sent_tokens = ep_index.sent_tokens(ids, e, size)
         s_cols = 0 if x_scale is None else int(x_scale.shape[1])
         s_dtype = None if x_scale is None else x_scale.dtype
 
@@ -401,7 +401,7 @@ class PaddleDistributedEPRunner(EPRunner):
         recv_scale = None if x_scale is None else gather_rows_zero_fill(r_scale, paddle.to_tensor(pad))
         g = r_ids.numpy()
         ids_out = np.full([w, k_top], -1, dtype=np.int64)
-        ids_out[:n_recv] = np.where((g >= 0) & (g // e == me), g % e, -1)
+        ids_out[:n_recv] = ep_index.local_ids(g, me, e)
         w_out = np.zeros([w, k_top], dtype=np.float32)
         w_out[:n_recv] = r_w.numpy()
         handle = DistHTHandle(id(self), me, t, h, w, counts, sent_tokens)
@@ -448,7 +448,7 @@ class PaddleDistributedEPRunner(EPRunner):
         if use_fp8 and t <= n:
             q, scale = quantize_tokens(ops.get_provider(), x, use_ue8m0)
         dest = np.where(ids >= 0, ids // e, -1)
-        sent_tokens = [np.nonzero((dest == r).any(axis=1))[0].astype(np.int64) for r in range(size)]
+        sent_tokens = ep_index.sent_tokens(ids, e, size)
         per_expert = np.bincount(ids[ids >= 0], minlength=self.num_experts).astype(np.int64)
 
         counts = self._collective_errors(lambda: self._ll_dispatch_counts(n, h, k_top, use_fp8, use_ue8m0, t,

@@ -45,6 +45,7 @@ from moe_ref.ep import DispatchOutput
 from moe_ref.fp8 import concat_rows, gather_rows_zero_fill, to_mn_major_view
 
 from .. import ops
+from . import ep_index
 from .quantize import quantize_tokens
 
 FP8 = paddle.float8_e4m3fn
@@ -239,8 +240,7 @@ class EPRunner:
         self._check_same_across_ranks(payloads, ("W", "H", "K_top", "x dtype", "x_scale shape[1]"))
         e, r_me = self.num_local_experts, self.ep_rank
         # sent[s][r]: bool [T_s] tokens of source s that have an expert on rank r
-        dest = [np.where(p["ids"] >= 0, p["ids"] // e, -1) for p in payloads]
-        sent = [[(d == r).any(axis=1) for r in range(self.ep_size)] for d in dest]
+        sent = [ep_index.goes_to(p["ids"], e, self.ep_size) for p in payloads]
         counts = [sum(int(sent[s][r].sum()) for s in range(self.ep_size)) for r in range(self.ep_size)]
         for r, c in enumerate(counts):
             if c > w:
@@ -254,7 +254,7 @@ class EPRunner:
             tok = np.nonzero(sent[s][r_me])[0]
             src_rows.append(tok + offset)
             offset += int(p["ids"].shape[0])
-            recv_ids.append(np.where(dest[s][tok] == r_me, p["ids"][tok] % e, -1))
+            recv_ids.append(ep_index.local_ids(p["ids"][tok], r_me, e))
             recv_w.append(p["weights"].numpy()[tok] if p["weights"] is not None else None)
         n_recv = counts[r_me]
         k_top = payloads[0]["K_top"]

@@ -1,0 +1,194 @@
+"""The device-side EP exchange kernels (backend/ops/triton/ep_exchange.py) under the Triton interpreter.
+
+R ranks are simulated in one process: every rank routes and packs with the kernels, an in-process all_to_all moves
+the rows (fixed chunks or exact splits), every rank unpacks; the result must equal moe_ref.ep's dispatch (Paddle)
+bit for bit, row for row (after dropping the padding rows of the fixed-chunk layout), and the combine (partials
+returned by the same route, summed on the source) must equal moe_ref.ep's combine bit for bit. Routings: random,
+-1 ids, a token sent nowhere, every token to one rank (the others receive nothing), a rank with no tokens.
+"""
+import numpy as np
+import paddle
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from moe_ref.ep import ep_combine, ep_dispatch  # noqa: E402
+
+pytestmark = [pytest.mark.triton,
+              pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def interpreter():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    from backend.ops.triton import launch
+    if not launch.interpreting():
+        pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET was set to 0 before the run)")
+    yield
+    mp.undo()
+
+
+def _inputs(rng, t_of, h, e_total, k_top, kind):
+    per_rank = []
+    for s, t in enumerate(t_of):
+        x = rng.integers(0, 256, size=(t, h), dtype=np.uint8)
+        x[x & 0x7F == 0x7F] = 0                                       # no NaN patterns
+        scale = rng.integers(-2 ** 31, 2 ** 31 - 1, size=(t, 2), dtype=np.int64).astype(np.int32)
+        ids = np.array([rng.permutation(e_total)[:k_top] for _ in range(t)], dtype=np.int64).reshape(t, k_top)
+        if kind == "sparse" and t:
+            ids[rng.random(size=ids.shape) < 0.3] = -1
+            ids[0] = -1                                               # a token sent nowhere
+        if kind == "one_rank":
+            ids = np.tile(np.arange(k_top, dtype=np.int64) % (e_total // len(t_of)), (t, 1))
+            ids[:, 1:] = -1
+        wts = rng.random(size=(t, k_top), dtype=np.float32)
+        per_rank.append((x, scale, ids, wts))
+    return per_rank
+
+
+def _dispatch_in_process(per_rank, e_local, chunk, exact):
+    """Every rank's (x, scale, ids, weights, pos, cnt) after route, pack, an in-process all_to_all and unpack."""
+    from backend.ops.triton import ep_exchange as X
+    world = len(per_rank)
+    packed, counts = [], []
+    for x, sc, ids, wts in per_rank:
+        imap, cnt = X.route(torch.from_numpy(ids), e_local, world, chunk)
+        counts.append(cnt)
+        packed.append((imap, cnt))
+    cnt = torch.stack(counts).to(torch.int32)                        # cnt[s, r]
+    c = cnt.tolist()
+    sends, poss = [], []
+    for s, (x, sc, ids, wts) in enumerate(per_rank):
+        rows = sum(c[s]) if exact else world * chunk
+        send, pos = X.pack_rows(torch.from_numpy(x).view(torch.float8_e4m3fn), torch.from_numpy(sc),
+                                torch.from_numpy(ids), torch.from_numpy(wts), *packed[s], rows, chunk, exact)
+        sends.append(send)
+        poss.append(pos)
+    lay = X.RowLayout(per_rank[0][0].shape[1], 2, per_rank[0][2].shape[1])
+    outs = []
+    for r in range(world):
+        if exact:
+            parts = [sends[s][sum(c[s][:r]): sum(c[s][:r]) + c[s][r]] for s in range(world)]
+        else:
+            parts = [sends[s][r * chunk: (r + 1) * chunk] for s in range(world)]
+        recv = torch.cat(parts)
+        recv = torch.cat([recv, torch.full((world * chunk - recv.shape[0], lay.row_words), 0x7F7F7F7F,
+                                           dtype=torch.int32)])       # garbage past the real rows
+        outs.append(X.unpack_rows(recv, cnt, lay, e_local, r, chunk, exact))
+    return outs, poss, cnt, sends
+
+
+def _real_rows(cnt, r, chunk, exact):
+    """Rows of rank r's receive buffer that hold tokens, in (source, token) order."""
+    world = cnt.shape[0]
+    if exact:
+        return list(range(int(cnt[:, r].sum())))
+    return [s * chunk + j for s in range(world) for j in range(int(cnt[s, r]))]
+
+
+CASES = [("random", [6, 5], 2, 2, 3), ("sparse", [7, 4], 2, 3, 3), ("one_rank", [5, 5], 2, 2, 2),
+         ("random", [4, 0, 5], 3, 2, 2), ("sparse", [3, 6, 2, 5], 4, 1, 3)]
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["fixed_chunks", "exact"])
+@pytest.mark.parametrize("kind,t_of,world,e_local,k_top", CASES)
+def test_device_dispatch_and_combine_match_moe_ref_ep(kind, t_of, world, e_local, k_top, exact):
+    from backend.ops.triton import ep_exchange as X
+    rng = np.random.default_rng(len(t_of) * 31 + sum(t_of))
+    h, chunk = 256, max(t_of) + 1
+    per_rank = _inputs(rng, t_of, h, e_local * world, k_top, kind)
+    w = world * chunk
+    fp8 = paddle.float8_e4m3fn
+    ref = ep_dispatch([paddle.to_tensor(x).view(fp8) for x, *_ in per_rank],
+                      [paddle.to_tensor(sc) for _, sc, _, _ in per_rank],
+                      [paddle.to_tensor(ids) for _, _, ids, _ in per_rank],
+                      [paddle.to_tensor(wts) for *_, wts in per_rank], e_local, w)
+    outs, poss, cnt, _ = _dispatch_in_process(per_rank, e_local, chunk, exact)
+    partials = []
+    for r, ((x, sc, ids, wts), o) in enumerate(zip(outs, ref)):
+        real = _real_rows(cnt, r, chunk, exact)
+        n = o.num_recv_tokens
+        assert len(real) == n
+        pad = sorted(set(range(w)) - set(real))
+        assert np.array_equal(x.view(torch.uint8)[real].numpy(), o.recv_x.view(paddle.uint8).numpy()[:n])
+        assert np.array_equal(sc[real].numpy(), o.recv_x_scale.numpy()[:n])
+        assert np.array_equal(ids[real].numpy(), o.recv_topk_ids.numpy()[:n])
+        assert np.array_equal(wts[real].numpy().view(np.uint32), o.recv_topk_weights.numpy()[:n].view(np.uint32))
+        assert not x.view(torch.uint8)[pad].any() and not sc[pad].any() and not wts[pad].any()
+        assert bool((ids[pad] == -1).all())
+        partials.append((x.float() * ((r + 1) / 8.0)).to(torch.bfloat16))          # zero on padding rows
+    ref_partial = [paddle.to_tensor(p[_real_rows(cnt, r, chunk, exact)].float().numpy()).astype(paddle.bfloat16)
+                   for r, p in enumerate(partials)]
+    ref_partial = [paddle.concat([p, paddle.zeros([w - p.shape[0], h], dtype=paddle.bfloat16)]) for p in ref_partial]
+    combined = ep_combine(ref_partial, ref[0].handle)
+    c = cnt.tolist()
+    for s in range(world):
+        if exact:                      # rank r's rows from source s start after the rows of sources < s
+            first = [sum(c[q][r] for q in range(s)) for r in range(world)]
+            back = torch.cat([partials[r][first[r]: first[r] + c[s][r]] for r in range(world)])
+        else:
+            back = torch.cat([partials[r][s * chunk: (s + 1) * chunk] for r in range(world)])
+        out = X.reduce_over_ranks(back, poss[s], torch.ones(t_of[s], world))
+        assert np.array_equal(out.view(torch.int16).numpy(), combined[s].numpy().view(np.int16))
+
+
+def test_route_numbers_tokens_per_rank_in_token_order():
+    """map[t, r] = r·chunk + (tokens before t that go to r), counts = tokens per rank; a plain loop as reference."""
+    from backend.ops.triton import ep_exchange as X
+    rng = np.random.default_rng(3)
+    world, e_local, k_top, t, chunk = 3, 4, 4, 37, 40
+    ids = rng.integers(-1, world * e_local, size=(t, k_top)).astype(np.int64)
+    imap, counts = X.route(torch.from_numpy(ids), e_local, world, chunk)
+    seen = [0] * world
+    want = np.full((t, world), -1)
+    for i in range(t):
+        for r in range(world):
+            if any(g >= 0 and g // e_local == r for g in ids[i]):
+                want[i, r] = r * chunk + seen[r]
+                seen[r] += 1
+    assert np.array_equal(imap.numpy(), want)
+    assert counts.tolist() == seen
+    with pytest.raises(ValueError, match="chunk"):
+        X.route(torch.from_numpy(ids), e_local, world, t - 1)
+
+
+def test_ideal_bytes_count_one_row_per_token_and_rank():
+    from backend.ops.triton import ep_exchange as X
+    lay = X.RowLayout(7168, 14, 8)
+    assert lay.ideal_row_bytes == 7168 + 56 + 64 + 32 and lay.row_words * 4 == 7328
+    assert X.ideal_bytes([[5, 3], [2, 7]], 0, lay, 2 * 7168) == (3 * 7320, 2 * 14336)
+
+
+def test_exchange_kernels_compile_for_sm90():
+    """The compiled path (not the interpreter) accepts the kernels: PTX and a cubin for sm_90 with every layout."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(root / "tests" / "_ep_kernels_sm90_compile.py")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("no ptxas here")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" ok ") == 5
+
+
+def test_device_route_equals_the_host_runners_index_formulas():
+    """ep_exchange.route (kernels) and backend.moe.ep_index (numpy, what the Paddle runners use) agree."""
+    from backend.moe import ep_index
+    from backend.ops.triton import ep_exchange as X
+    rng = np.random.default_rng(11)
+    for world, e_local, k_top, t in ((2, 32, 8, 50), (4, 2, 3, 17), (3, 1, 1, 9)):
+        ids = rng.integers(-1, world * e_local, size=(t, k_top)).astype(np.int64)
+        ids[t // 2] = -1
+        imap, counts = X.route(torch.from_numpy(ids), e_local, world, t)
+        want_map, want_counts = ep_index.send_map(ids, e_local, world, t)
+        assert np.array_equal(imap.numpy(), want_map) and np.array_equal(counts.numpy(), want_counts)
+        sent = ep_index.sent_tokens(ids, e_local, world)
+        for r in range(world):
+            assert np.array_equal(np.nonzero(want_map[:, r] >= 0)[0], sent[r])
