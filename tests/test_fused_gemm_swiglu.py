@@ -186,7 +186,7 @@ def test_arguments_are_checked(L):
 
 
 def test_chain_fused_equals_unfused(L):
-    """HtChain(fused=True) (the default) against fused=False on the same inputs: the layer output bit for bit."""
+    """HtChain(fused=True) (the default at this size) against fused=False on the same inputs: the layer output bit for bit."""
     from backend.ops.triton.chain import HtChain, random_chain
     ch = random_chain(12, 256, 128, 4, 2, "cpu", headroom=1)
     assert ch.fused
@@ -221,3 +221,17 @@ def test_per_row_weight_bytes_equal_the_unfused_per_row_path(L):
     keep = (out[0].clone(), out[1].clone())
     got = L.group_gemm_masked_swiglu_fp8_quant(a, w_q, sa, sb, counts, M, sfb_per_block=False, out=out)
     _valid_rows_equal_and_rest_untouched("ue8m0", got, want, keep)
+
+
+def test_htchain_fuses_only_where_it_measured_faster():
+    """fused=None: fused at W·K_top / E <= FUSED_MAX_ROWS rows per expert, the three launches above; an explicit
+    choice wins."""
+    from backend.ops.triton import chain as C
+    ch = C.random_chain(12, 256, 128, 4, 2, "cpu", headroom=1)
+    assert ch.fused                                                    # 6 rows per expert
+    args = (ch.x, ch.topk_ids, ch.topk_weights, ch.w_up, ch.sfb_up, ch.w_dn, ch.sfb_dn, ch.m)
+    big_ids = ch.topk_ids.repeat(C.FUSED_MAX_ROWS, 1)                  # 6 · FUSED_MAX_ROWS rows per expert
+    big = C.HtChain(ch.x.repeat(C.FUSED_MAX_ROWS, 1), big_ids, ch.topk_weights.repeat(C.FUSED_MAX_ROWS, 1),
+                    *args[3:7], ch.m)
+    assert not big.fused and big.up is not None
+    assert not C.HtChain(*args, fused=False).fused and C.HtChain(*args, fused=True).fused

@@ -1,8 +1,9 @@
 """The ht layer's launch chain on torch tensors with deferred routing checks: graph-safe (no host read).
 
 quant -> permute (routing errors recorded in `errors`, `backend.ops.device_errors`) -> CUTLASS bytes of the
-activation scales -> GEMM 1 with SwiGLU + quant in its epilogue, writing CUTLASS bytes (`fused=True`, default;
-bit-identical to `fused=False`: GEMM 1 -> SwiGLU + quant -> CUTLASS bytes) -> GEMM 2 -> combine: the chain
+activation scales -> GEMM 1 with SwiGLU + quant in its epilogue, writing CUTLASS bytes (`fused=True`; the default
+up to FUSED_MAX_ROWS rows per expert; bit-identical to `fused=False`: GEMM 1 -> SwiGLU + quant -> CUTLASS bytes)
+-> GEMM 2 -> combine: the chain
 benchmarks/bench_gpu.py times (UE8M0 recipe), on static buffers, so that `capture()` records it in a
 torch.cuda.CUDAGraph and `graph.replay()` recomputes it for whatever the static inputs hold. A bad expert id or
 an expert over M rows in the inputs of a replay lands in `errors` (the entry dropped, nothing out of range);
@@ -97,22 +98,32 @@ def zero_outputs(e_num: int, m: int, inter: int, recipe: str, device):
     return act, mn_major_view(mn_major_zeros(e_num, m, s, torch.float32, device), m)
 
 
+# The fused GEMM 1 + SwiGLU + quant (64-row tiles: gate and up of one 128-column group per CTA) against GEMM 1 (the
+# rule's tile) + the SwiGLU launch, UE8M0 recipe, H200 2026-11-30 15:56 UTC (benchmarks/bench_fused_gemm1.py,
+# results/fused_gemm1_h200.json): 1.07x faster at 256 rows per expert and on an uneven fill of up to 377, 0.91x
+# (slower) at 1024. HtChain fuses up to this many rows per expert (W·K_top / E) unless told otherwise.
+FUSED_MAX_ROWS = 256
+
+
 class HtChain:
     """x [W, H] bf16, topk_ids [W, K_top] int32 | int64 local ids (or -1), topk_weights [W, K_top] fp32;
     w_up [E, 2I, H] / w_dn [E, H, I] fp8 with their CUTLASS SF bytes sfb_up / sfb_dn (128x128 blocks, each block
     byte copied to its rows: sfb_per_block); M rows per expert. Inputs are used in place (static buffers):
     write new values into them (copy_) between replays. fused: GEMM 1 with SwiGLU + quant in its epilogue
-    (launch.group_gemm_masked_swiglu_fp8_quant), else the three launches; the output is the same bit for bit."""
+    (launch.group_gemm_masked_swiglu_fp8_quant), else the three launches; the output is the same bit for bit;
+    None: fused when W·K_top / E <= FUSED_MAX_ROWS (where it measured faster)."""
 
     def __init__(self, x, topk_ids, topk_weights, w_up, sfb_up, w_dn, sfb_dn, max_token_num: int,
-                 fused: bool = True):
+                 fused: bool | None = None):
         self.x, self.topk_ids, self.topk_weights = x, topk_ids, topk_weights
         self.w_up, self.sfb_up, self.w_dn, self.sfb_dn = w_up, sfb_up, w_dn, sfb_dn
         self.e, inter2, self.h = (int(d) for d in w_up.shape)
         self.i, self.m = inter2 // 2, int(max_token_num)
         dev = x.device
+        if fused is None:
+            fused = topk_ids.numel() / self.e <= FUSED_MAX_ROWS
         self.fused = bool(fused)
-        self.up = None if fused else torch.empty(self.e * self.m, 2 * self.i, dtype=torch.bfloat16, device=dev)
+        self.up = None if self.fused else torch.empty(self.e * self.m, 2 * self.i, dtype=torch.bfloat16, device=dev)
         self.down = torch.empty(self.e * self.m, self.h, dtype=torch.bfloat16, device=dev)
         self.errors = torch.zeros(DE.RECORD_LEN, dtype=torch.int64, device=dev)
         self.graph = None
