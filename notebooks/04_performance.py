@@ -859,6 +859,62 @@ if not ep_runs:
           "--out benchmarks/results/ep_gpu_<card>x2.json` on a multi-GPU host")
 
 # %% [markdown]
+# **Eager launches against a CUDA graph, and where each stream's time goes.** The dispatch and combine are
+# built on the device (`backend/ops/triton/ep_exchange.py`: route, count, slot, pack and unpack kernels,
+# receive buffers of a fixed `R·T` rows, so nothing is read back to the host). Eagerly each call still pays
+# the host time of its launches; replayed from a CUDA graph it does not. The table puts both speedups side by
+# side with the host time per call and the bytes sent against DeepEP's ideal (a token once per other rank
+# hosting one of its experts, one reduced row back). The timeline is one eager layer call on rank 0, per
+# stream (CUDA events), without and with the two-micro-batch overlap.
+
+# %% tags=["nbval-ignore-output"]
+# nbval-ignore-output: numbers read from benchmarks/results/ep_gpu_*.json.
+for path, doc in ep_runs:
+    recs = [r for run in doc.get("runs", {}).values() for r in run.get("records", [])]
+    if not recs or "speedup_2_gpus_vs_1_graph" not in recs[0]:
+        print(f"{path.name}: no graph / host-time records (an older run)")
+        continue
+    print(f"{path.name}: {card_of(doc)}, {date_of(doc)}")
+    print(f"{'T/rank':>7s} {'overlap':>8s} {'eager x':>8s} {'graph x':>8s} {'disp host ms':>13s} {'comb host ms':>13s} "
+          f"{'layer host ms':>14s} {'bytes/ideal':>12s}")
+    for r in recs:
+        print(f"{r['T_per_rank']:7d} {r['overlap']:>8s} {r['speedup_2_gpus_vs_1']:8.2f} {r['speedup_2_gpus_vs_1_graph']:8.2f} "
+              f"{r['dispatch_host_ms']:13.3f} {r['combine_host_ms']:13.3f} {r['layer_host_ms']:14.2f} "
+              f"{r['bytes_sent'] / r['bytes_ideal']:12.4f}")
+    best = {}
+    for r in recs:
+        key = r["T_per_rank"]
+        if key not in best or r["speedup_2_gpus_vs_1_graph"] > best[key]["speedup_2_gpus_vs_1_graph"]:
+            best[key] = r
+    md("Best per tokens per rank: " + "; ".join(
+        f"T={t}: {r['speedup_2_gpus_vs_1_graph']:.2f}x one GPU from a CUDA graph (overlap {r['overlap']}), "
+        f"{r['speedup_2_gpus_vs_1']:.2f}x eager, where each layer call spends {r['layer_host_ms']:.2f} ms on the "
+        f"host" for t, r in sorted(best.items(), reverse=True)) + ". Two micro-batches "
+        + ("helped" if any(r["overlap"] == "on" for r in best.values()) else "did not help") + " here.")
+    timed = [r for r in recs if r.get("timeline_rank0") and r["T_per_rank"] == max(best)]
+    if not timed:
+        continue
+    fig, axes = plt.subplots(len(timed), 1, figsize=(11, 1.3 + 1.1 * len(timed)), squeeze=False)
+    colors = {"pack": "C1", "dispatch": "C0", "experts": "C2", "combine": "C3", "reduce": "C4"}
+    for ax, r in zip(axes[:, 0], timed):
+        streams = sorted({span["stream"] for span in r["timeline_rank0"]})
+        for span in r["timeline_rank0"]:
+            kind = span["op"].rstrip("0123456789")
+            ax.barh(streams.index(span["stream"]), span["end_ms"] - span["start_ms"], left=span["start_ms"],
+                    color=colors.get(kind, "0.5"), edgecolor="k", lw=0.4)
+            ax.text((span["start_ms"] + span["end_ms"]) / 2, streams.index(span["stream"]), span["op"],
+                    ha="center", va="center", fontsize=6)
+        ax.set_yticks(range(len(streams)), streams)
+        ax.set_title(f"T={r['T_per_rank']} per rank, overlap {r['overlap']} ({r.get('micro_batches', 1)} micro-batch"
+                     f"{'es' if r.get('micro_batches', 1) > 1 else ''})", fontsize=8)
+    axes[-1, 0].set_xlabel("ms from the start of the call (rank 0, eager)")
+    gpu_footer(fig, path, doc, doc.get("command"))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    show(fig, f"Per-stream timeline of one eager EP layer call on rank 0 at T={max(best)} tokens per rank, without and "
+              f"with two micro-batches: pack (route, count, slots, pack on the device), dispatch and combine "
+              f"(NCCL all-to-all on the comm stream), experts (the FP8 chain), reduce. {card_of(doc)}, {date_of(doc)}.")
+
+# %% [markdown]
 # **CPU benchmarks at full size.** `benchmarks/bench_cpu_ref.py` and
 # `benchmarks/bench_cpu_backend.py` time the layer at the shape recorded in each file against a
 # float32 matmul of the same FLOPs. Every ratio printed here is recomputed from the medians
