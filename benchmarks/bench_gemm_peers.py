@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import pathlib
+import statistics
 import sys
 import time
 import traceback
@@ -185,7 +186,22 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
             traceback.print_exc()
             r = dict(error=repr(exc)[:500])
         rec[name] = r
+    if dg is not None and isinstance(rec.get("launch_fp32"), dict) and "ms" in rec["launch_fp32"]:
+        dg_fp32 = deepgemm_call(dg, x, outs["dg"], e_num, m_cap, "fp32", expected_m)
+        rec["ours_vs_deepgemm_paired"] = paired_ratio(lambda: kernels["launch_fp32"][1](counts),
+                                                      lambda: dg_fp32(counts))
     return rec
+
+
+def paired_ratio(ours, peer, rounds: int = 7, rep: int = 20) -> float:
+    """Median over `rounds` of peer_ms / ours_ms, each round timing ours then the peer back to back (do_bench, median
+    of `rep` ms each): a ratio that a slow drift of the card's speed during the run (seen here: the same kernel 10 %
+    apart within one run) moves much less than two timings taken seconds apart."""
+    ratios = []
+    for _ in range(rounds):
+        t_ours = BG.bench_ms(ours, rep=rep)
+        ratios.append(BG.bench_ms(peer, rep=rep) / t_ours)
+    return statistics.median(ratios)
 
 
 def pick_ours(rec: dict) -> dict:
@@ -276,6 +292,8 @@ def summary_line(rec: dict) -> str:
         return f"N={rec['n']} K={rec['k']} fill={rec['rows_per_expert']}: ERROR {rec['error'][:200]}"
     cells = [f"N={rec['n']} K={rec['k']} fill={rec['rows_per_expert']!s:>13} cuBLAS {rec['cublas_tflops']:5.0f}"
              f" DG {rec.get('deepgemm_tflops', float('nan')):5.0f}"]
+    if "ours_vs_deepgemm_paired" in rec:
+        cells.append(f"launch_fp32/DG paired {rec['ours_vs_deepgemm_paired']:.2f}x")
     ours = ("tl_", "gluon_", "launch_", "deep_gemm_provider")
     for name in [kn for kn in rec if kn.startswith(ours) and isinstance(rec[kn], dict)]:
         r = rec[name]
