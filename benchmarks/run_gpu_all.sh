@@ -7,7 +7,9 @@
 #    `chain` records per W vs DeepGEMM's two GEMMs and a `memory_bound` list, issue 12);
 # 2. benchmarks/bench_gemm_peers.py -> merged into the same JSON (top-level card, date, gemm_vs_peers): run
 #    second because bench_gpu.py writes its file whole, and --merge-into only adds those keys;
-# 3. make test-gpu (tl, Gluon, the launchers' picks, DeepGEMM raw and as the deep_gemm provider runs it).
+# 3. benchmarks/bench_fused_gemm1.py -> OUT/fused_gemm1_h200.json (GEMM 1 + SwiGLU + quant fused vs unfused);
+# 4. make test-gpu (tl, Gluon, the launchers' picks, DeepGEMM raw and as the deep_gemm provider runs it, the permute,
+#    the fused GEMM 1, the graph-captured chain).
 # DEEPGEMM_SRC: the DeepGEMM source folder of build_deepgemm.sh (fetch). Each step has its own time limit, so
 # the later ones run even when one fails; the exit status is the first failing step's.
 set -uo pipefail
@@ -30,5 +32,6 @@ step() {    # step SECONDS LOG COMMAND...
 step 300 gpu_h200.log python3 benchmarks/bench_gpu.py --out "$out/gpu_h200.json"
 step 230 gemm_vs_peers_h200.log python3 benchmarks/bench_gemm_peers.py --out /tmp/peers.json \
     --merge-into "$out/gpu_h200.json"
-step 150 test_gpu_h200.log make test-gpu DEEPGEMM="$dg_src" PYTHON=python3
+step 120 fused_gemm1_h200.log python3 benchmarks/bench_fused_gemm1.py --out "$out/fused_gemm1_h200.json"
+step 240 test_gpu_h200.log make test-gpu DEEPGEMM="$dg_src" PYTHON=python3
 exit $rc
