@@ -239,17 +239,23 @@ def test_prepare_weight_scales_is_none_where_nothing_is_converted(monkeypatch):
 
 
 @pytest.mark.parametrize("m", [64, 300, 1000])
-def test_tail_rows_cover_what_a_whole_tile_store_can_reach(m):
-    """The rows run_masked keeps for each expert: distinct, inside [0, M), and every row in
-    [masked_m, min(M, masked_m + STORE_TAIL_ROWS)) among those flagged past the count (derived by a loop)."""
+def test_window_copy_restores_exactly_the_rows_past_the_counts(m):
+    """launch.rows_window_copy as run_masked uses it: after save, an overwrite of every row (what a whole-tile store
+    could do at worst inside the window), and restore, rows >= masked_m inside [masked_m, masked_m + STORE_TAIL_ROWS)
+    hold their old values and rows < masked_m the new ones (derived row by row)."""
     from backend.ops import deep_gemm_launch as DGL
+    from backend.ops.triton import launch as L
     counts = torch.tensor([0, 1, m // 2, m - 1, m], dtype=torch.int32)
-    rows, past = DGL._tail_rows(counts, len(counts), m)
+    e_num, n = len(counts), 40
+    old = torch.randn(e_num * m, n).to(torch.bfloat16)
+    out = old.clone()
     t = min(DGL.STORE_TAIL_ROWS, m)
-    rows, past = rows.view(len(counts), t), past.view(len(counts), t)
+    kept = torch.empty(e_num * t, n, dtype=out.dtype)
+    L.rows_window_copy(out, kept, counts, m, restore=False)
+    new = torch.randn(e_num * m, n).to(torch.bfloat16)
+    out.copy_(new)
+    L.rows_window_copy(out, kept, counts, m, restore=True)
     for e, c in enumerate(counts.tolist()):
-        got = rows[e] - e * m
-        assert len(set(got.tolist())) == t and int(got.min()) >= 0 and int(got.max()) < m
-        flagged = set(got[past[e]].tolist())
-        assert flagged == {r for r in got.tolist() if r >= c}
-        assert set(range(c, min(m, c + DGL.STORE_TAIL_ROWS))) <= flagged
+        for r in range(m):
+            want = old if c <= r < c + DGL.STORE_TAIL_ROWS else new
+            assert torch.equal(out[e * m + r], want[e * m + r]), (e, c, r)

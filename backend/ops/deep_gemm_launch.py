@@ -11,7 +11,8 @@ DeepGEMM's `m_grouped_fp8_gemm_nt_masked` takes its own scale formats, per archi
 
 This module converts (`activation_scales`, `weight_scales`: one home, the provider and the GPU tests use
 them), decides whether DeepGEMM can serve a call exactly (`unsupported_reason`), and runs it (`run_masked`).
-Importing it imports torch and the standard library only: the GPU machine has no Paddle.
+Importing it imports torch and the standard library only (the GPU machine has no Paddle); the SM90 activation-scale
+conversion and the tail-row copy run Triton kernels (backend.ops.triton.launch), imported at the call.
 """
 from __future__ import annotations
 
@@ -74,8 +75,11 @@ def activation_scales(sfa: torch.Tensor, m: int, k: int, arch: int) -> torch.Ten
     """CUTLASS SF bytes sfa [E, align(M,128), KB] -> DeepGEMM's activation scales for compute capability major
     `arch`: fp32 [E, M, ceil(K/128)] (SM90) or packed UE8M0 int32 [E, M, ceil(K/512)] (SM100), MN-major
     TMA-aligned. The first byte of each 128-group is used (bytes_repeat_per_group says when that is exact)."""
-    first = _group_bytes(sfa, slice(0, m), k)[..., 0]
-    return _mn_major(_decode(first) if arch == 9 else _pack(first))
+    if arch == 9:       # one launch, no synchronization: the Triton conversion straight into the MN-major layout
+        from .triton import launch as L
+        buf = mn_major_view(mn_major_zeros(sfa.shape[0], m, ceil_div(k, GROUP_SIZE), torch.float32, sfa.device), m)
+        return L.cutlass_scale_to_fp32(sfa, m, out=buf, check=False)
+    return _mn_major(_pack(_group_bytes(sfa, slice(0, m), k)[..., 0]))
 
 
 def weight_scales(sfb: torch.Tensor, n: int, k: int, arch: int) -> torch.Tensor:
@@ -135,29 +139,21 @@ def call_masked(dg, a3, sa, b, sb, d3, counts, expected_m: int, arch: int, to_dg
 STORE_TAIL_ROWS = 256
 
 
-def _tail_rows(counts: torch.Tensor, e_num: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat row index [E·T], past_count [E·T] bool) of T = min(STORE_TAIL_ROWS, M) distinct rows per expert: the
-    window of T rows starting at masked_m, moved back to end at M when it would not fit; on the device."""
-    t = min(STORE_TAIL_ROWS, m)
-    first = torch.clamp(counts.to(torch.int64), max=m - t)
-    rows = first[:, None] + torch.arange(t, device=counts.device)[None, :]
-    flat = rows + torch.arange(e_num, device=counts.device)[:, None] * m
-    return flat.reshape(-1), (rows >= counts[:, None]).reshape(-1)
-
-
 def run_masked(dg, a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor, counts: torch.Tensor,
                out: torch.Tensor, m: int, arch: int, expected_m: int | None = None, to_dg=lambda t: t) -> torch.Tensor:
     """out[e·M + r] = a · bᵀ with DeepGEMM for r < counts[e]; rows past the counts untouched (SPEC §6).
 
     a [E·M, K] fp8; b [E, N, K] fp8; sa, sb: activation_scales / weight_scales; counts [E] int32; out [E·M, N]
     bf16. DeepGEMM writes straight into out; the up to STORE_TAIL_ROWS rows per expert past masked_m that its
-    whole-tile stores may overwrite are read before and written back after (no host synchronization).
+    whole-tile stores may overwrite are read before and written back after (two Triton launches, no host
+    synchronization).
     """
+    from .triton import launch as L
     e_num, n, k = b.shape
     counts = counts.reshape(-1).to(torch.int32).contiguous()
-    rows, past = _tail_rows(counts, e_num, m)
-    kept = out.index_select(0, rows)
+    kept = torch.empty((e_num * min(STORE_TAIL_ROWS, m), n), dtype=out.dtype, device=out.device)
+    L.rows_window_copy(out, kept, counts, m, restore=False)
     call_masked(dg, a.view(e_num, m, k), sa, b.contiguous(), sb, out.view(e_num, m, n), counts,
                 max(1, int(expected_m) if expected_m is not None else m), arch, to_dg)
-    out.index_copy_(0, rows, torch.where(past[:, None], kept, out.index_select(0, rows)))
+    L.rows_window_copy(out, kept, counts, m, restore=True)
     return out

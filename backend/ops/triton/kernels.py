@@ -426,26 +426,48 @@ def _e4m3_operand(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def sf_to_fp32_kernel(sf_ptr, out_ptr, bad_ptr, NUM_ROWS, MN_PAD, NUM_GROUPS, BLOCK_G: tl.constexpr):
-    """CUTLASS SF bytes (as int32 words) -> fp32 [E, NUM_ROWS, NUM_GROUPS]: 2^(byte - 127) per 128-group.
+def sf_to_fp32_kernel(sf_ptr, out_ptr, bad_ptr, NUM_ROWS, MN_PAD, NUM_GROUPS, OUT_GROUPS, stride_oe, stride_or,
+                      stride_og, BLOCK_G: tl.constexpr, CHECK: tl.constexpr):
+    """CUTLASS SF bytes (as int32 words, NUM_GROUPS 128-groups per row) -> fp32 out[e, r, g] for g < OUT_GROUPS (any
+    strides; MN-major is DeepGEMM's): 2^(byte - 127) of the first byte of each 128-group.
 
-    byte 0 -> 2^-127 (subnormal), 255 -> NaN, as moe_ref.fp8.ue8m0_decode. bad[program] counts groups
-    whose 4 bytes disagree (the launcher raises).
+    byte 0 -> 2^-127 (subnormal), 255 -> NaN, as moe_ref.fp8.ue8m0_decode. CHECK: bad[program] counts groups
+    whose 4 bytes disagree (the launcher raises); without it the first byte is taken as stated.
     """
     e = tl.program_id(0)
     rt = tl.program_id(1)
     pid_g = tl.program_id(2)
     r = rt * SF_TILE_ROWS + tl.arange(0, SF_TILE_ROWS)
     g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    ok = (r < NUM_ROWS)[None, :] & (g < NUM_GROUPS)[:, None]
+    ok = (r < NUM_ROWS)[None, :] & (g < OUT_GROUPS)[:, None]
     word = tl.load(sf_ptr + e.to(tl.int64) * MN_PAD * NUM_GROUPS + _sf_word_offset(r[None, :], g[:, None], NUM_GROUPS),
                    mask=ok, other=0)
     b0 = word & 0xFF
-    same = (((word >> 8) & 0xFF) == b0) & (((word >> 16) & 0xFF) == b0) & (((word >> 24) & 0xFF) == b0)
-    tl.store(out_ptr + (e.to(tl.int64) * NUM_ROWS + r[None, :]) * NUM_GROUPS + g[:, None],
+    tl.store(out_ptr + e.to(tl.int64) * stride_oe + r[None, :] * stride_or + g[:, None] * stride_og,
              _ue8m0_to_f32(b0), mask=ok)
-    flat = (e * tl.num_programs(1) + rt) * tl.num_programs(2) + pid_g
-    tl.store(bad_ptr + flat, tl.sum(tl.sum((ok & ~same).to(tl.int32), axis=1), axis=0))
+    if CHECK:
+        same = (((word >> 8) & 0xFF) == b0) & (((word >> 16) & 0xFF) == b0) & (((word >> 24) & 0xFF) == b0)
+        flat = (e * tl.num_programs(1) + rt) * tl.num_programs(2) + pid_g
+        tl.store(bad_ptr + flat, tl.sum(tl.sum((ok & ~same).to(tl.int32), axis=1), axis=0))
+
+
+@triton.jit
+def rows_window_copy_kernel(out_ptr, kept_ptr, counts_ptr, M, N, T, RESTORE: tl.constexpr, BLOCK: tl.constexpr):
+    """The window of T rows per expert e starting at min(masked_m[e], M - T) of out [E·M, N]: copied into kept
+    [E·T, N] (RESTORE False), or written back from it where the row is >= masked_m[e] (RESTORE True). One program
+    per (expert, window row, BLOCK columns); deep_gemm_launch.run_masked keeps what DeepGEMM's whole-tile stores
+    overwrite."""
+    e = tl.program_id(0)
+    j = tl.program_id(1)
+    cnt = tl.load(counts_ptr + e)
+    row = tl.minimum(cnt, M - T) + j
+    cols = tl.program_id(2) * BLOCK + tl.arange(0, BLOCK)
+    src = out_ptr + (e.to(tl.int64) * M + row) * N + cols
+    dst = kept_ptr + (e.to(tl.int64) * T + j) * N + cols
+    if RESTORE:
+        tl.store(src, tl.load(dst, mask=cols < N), mask=(cols < N) & (row >= cnt))
+    else:
+        tl.store(dst, tl.load(src, mask=cols < N), mask=cols < N)
 
 
 # ----------------------------------------------------------------------------- §6 masked grouped GEMM

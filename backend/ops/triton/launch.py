@@ -278,25 +278,42 @@ def unpack_and_convert_scale(scale: torch.Tensor, masked_m: torch.Tensor | None 
     return out
 
 
-def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None) -> torch.Tensor:
+def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None, out: torch.Tensor | None = None,
+                          check: bool = True) -> torch.Tensor:
     """CUTLASS SF bytes uint8 [E, MN_pad, KB] -> fp32 [E, num_rows, KB/4], 2^(byte-127) per 128-group.
 
-    The 4 bytes of a group must be equal (ValueError otherwise, one synchronization).
+    out: where to write, [E, num_rows, G <= KB/4] (any strides, e.g. the MN-major view DeepGEMM reads; the first G
+    groups are written); default a new contiguous tensor of all KB/4 groups.
+    check: the 4 bytes of a group must be equal (ValueError otherwise, one synchronization); False takes the first
+    byte of each group as the caller states it (no synchronization).
     """
     e_num, mn_pad, kb = sf.shape
     rows = mn_pad if num_rows is None else int(num_rows)
     groups = kb // 4
-    out = torch.empty((e_num, rows, groups), dtype=torch.float32, device=sf.device)
-    block_g = min(16, _pow2(groups))
-    grid = (e_num, triton.cdiv(rows, K.SF_TILE_ROWS.value), triton.cdiv(groups, block_g))
-    bad = torch.empty(grid[0] * grid[1] * grid[2], dtype=torch.int32, device=sf.device)
-    K.sf_to_fp32_kernel[grid](sf.contiguous().view(torch.int32), out, bad, rows, mn_pad, groups,
-                              BLOCK_G=block_g, num_warps=4)
-    n_bad = int(bad.sum())
+    out = torch.empty((e_num, rows, groups), dtype=torch.float32, device=sf.device) if out is None else out
+    out_groups = int(out.shape[2])
+    block_g = min(16, _pow2(out_groups))
+    grid = (e_num, triton.cdiv(rows, K.SF_TILE_ROWS.value), triton.cdiv(out_groups, block_g))
+    bad = torch.empty(grid[0] * grid[1] * grid[2] if check else 1, dtype=torch.int32, device=sf.device)
+    K.sf_to_fp32_kernel[grid](sf.contiguous().view(torch.int32), out, bad, rows, mn_pad, groups, out_groups,
+                              *out.stride(),
+                              BLOCK_G=block_g, CHECK=bool(check), num_warps=4)
+    n_bad = int(bad.sum()) if check else 0
     if n_bad:
         raise ValueError(f"sf: {n_bad} groups whose 4 bytes (one per 32 K-elements) differ; "
                          f"FP32 128-group scales need them equal")
     return out
+
+
+def rows_window_copy(out: torch.Tensor, kept: torch.Tensor, counts: torch.Tensor, m: int, restore: bool) -> None:
+    """kernels.rows_window_copy_kernel: out [E·M, N] <-> kept [E·T, N] for the T-row window per expert that starts at
+    min(masked_m[e], M - T); restore writes back only rows >= masked_m[e]. No synchronization."""
+    e_num = counts.numel()
+    n = out.shape[-1]
+    t = kept.shape[0] // e_num
+    block = min(1024, _pow2(n))
+    K.rows_window_copy_kernel[(e_num, t, triton.cdiv(n, block))](out, kept, counts, m, n, t, RESTORE=bool(restore),
+                                                                 BLOCK=block, num_warps=4)
 
 
 # ----------------------------------------------------------------------------- §6
