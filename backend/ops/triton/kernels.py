@@ -384,25 +384,34 @@ def unpack_sf_kernel(w_ptr, counts_ptr, out_ptr, MN, NUM_GROUPS, stride_e, strid
     32 K-elements already): word g holds the 4 bytes of output word g; NUM_GROUPS = C = KB // 4.
     Rows >= MN (padding to 128) and rows >= counts[e] are zero. out: [E, MN_pad, KB] bytes viewed as int32,
     expert stride MN_pad·KB/4 words.
+
+    One program: a tile of 128 rows x BLOCK_G groups. The 128 words of group g of the tile are one contiguous
+    512-byte SF tile, word (r % 32)·4 + (r % 128) // 32 (`_sf_word_offset`): the block is transposed in
+    registers ([4, 32] -> [32, 4] per group) so that every store is a whole tile in 16-byte vectors, and each
+    input word is loaded once (REPEAT: its 4 bytes spread to 4 groups after the load).
     """
     e = tl.program_id(0)
     rt = tl.program_id(1)
     pid_g = tl.program_id(2)
     r = rt * SF_TILE_ROWS + tl.arange(0, SF_TILE_ROWS)
-    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     live = r < MN
     if HAS_COUNTS:
         live = live & (r < tl.load(counts_ptr + e))
-    ok = live[None, :] & (g < NUM_GROUPS)[:, None]                                  # [BLOCK_G, 128]
     base = w_ptr + e.to(tl.int64) * stride_e + r[None, :].to(tl.int64) * stride_mn
     if REPEAT:
-        word = tl.load(base + (g[:, None] // 4) * stride_c, mask=ok, other=0)
-        b = (word >> ((g[:, None] % 4) * 8)) & 0xFF
-        rep = b | (b << 8) | (b << 16) | (b << 24)
+        wc = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)                     # input word columns
+        word = tl.load(base + wc[:, None] * stride_c, mask=live[None, :] & (4 * wc < NUM_GROUPS)[:, None], other=0)
+        b = (word[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 0xFF      # [BLOCK_G // 4, 4, 128]
+        rep = tl.reshape(b | (b << 8) | (b << 16) | (b << 24), (BLOCK_G, SF_TILE_ROWS))
     else:
-        rep = tl.load(base + g[:, None] * stride_c, mask=ok, other=0)
+        g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+        rep = tl.load(base + g[:, None] * stride_c, mask=live[None, :] & (g < NUM_GROUPS)[:, None], other=0)
+    rep = tl.permute(tl.reshape(rep, (BLOCK_G, SF_TILE_ROWS // SF_ROW_GROUP, SF_ROW_GROUP)), (0, 2, 1))
+    rep = tl.reshape(rep, (BLOCK_G, SF_TILE_ROWS))                                  # tile word order
+    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     mn_pad = tl.num_programs(1) * SF_TILE_ROWS
-    dst = e.to(tl.int64) * mn_pad * NUM_GROUPS + _sf_word_offset(r[None, :], g[:, None], NUM_GROUPS)
+    dst = (e.to(tl.int64) * mn_pad * NUM_GROUPS + (rt * NUM_GROUPS + g)[:, None].to(tl.int64) * SF_TILE_ROWS
+           + tl.arange(0, SF_TILE_ROWS)[None, :])
     tl.store(out_ptr + dst, rep, mask=(g < NUM_GROUPS)[:, None])
 
 
