@@ -680,9 +680,23 @@ def _swiglu_bf16(gate, lin, EXACT_CAST: tl.constexpr):
     """y = bf16(lin · gate / (1 + exp(-gate))) as float32, from float32 gate / lin (SPEC §7). The one home of
     this formula: the SwiGLU kernel and both fused GEMM epilogues (tl, Gluon) call it, so they round alike."""
     # '/' is the fast (<= 2 ulp) division on a GPU; y is rounded to bf16 next, which hides that
-    # except in rare ties (the interpreter divides exactly). tl.exp is approximate on a GPU too.
-    y = (lin * gate) / (1.0 + tl.exp(-gate))
+    # except in rare ties (the interpreter divides exactly). The exponential is approximate on a GPU too.
+    if EXACT_CAST:
+        den = 1.0 + tl.exp(-gate)
+    else:
+        den = 1.0 + _exp_ftz(gate)
+    y = (lin * gate) / den
     return _to_bf16(y, EXACT_CAST).to(tl.float32)
+
+
+@triton.jit
+def _exp_ftz(gate):
+    """exp(-gate) on a GPU as tl.exp computes it (x · log2(e) rounded to float32, then ex2.approx), with the
+    flush-to-zero ex2: one MUFU.EX2 instead of tl.exp's compare, two multiplies and MUFU (its rescaling only
+    changes results below 2^-126, which 1 + exp(-gate) rounds away: 1.0 either way). The SwiGLU kernel is
+    issue-bound on an H200 (about 40 instructions per element), so these count."""
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [gate * -1.4426950408889634],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
