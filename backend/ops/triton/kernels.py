@@ -279,17 +279,18 @@ def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr,
 @triton.jit
 def _scatter_token_row(x_ptr, map_ptr, px_ptr, t, ROW, NUM_ROWS, stride_x, K_TOP: tl.constexpr, KP: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """Token t's row (ROW words) to each of its K_TOP destinations: the map row in one load (the stores do not wait
-    on a load each), the row read once per BLOCK words. Destinations outside [0, NUM_ROWS) are skipped."""
+    """Token t's row (ROW words) to each of its K_TOP destinations: the map row in one load, the row read once per
+    BLOCK words and written to all destinations by one [KP, BLOCK] store (no per-destination reduction, branch or
+    barrier between the stores). Destinations outside [0, NUM_ROWS) are skipped."""
     k = tl.arange(0, KP)
     dests = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k, mask=k < K_TOP, other=-1)
+    ok = (dests >= 0) & (dests < NUM_ROWS)
+    base = tl.where(ok, dests, 0).to(tl.int64) * ROW
     for c0 in range(0, ROW, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < ROW)
-        for kk in tl.static_range(K_TOP):
-            d = tl.sum(tl.where(k == kk, dests, 0), axis=0)
-            if (d >= 0) & (d < NUM_ROWS):
-                tl.store(px_ptr + d.to(tl.int64) * ROW + cols, row, mask=cols < ROW)
+        tl.store(px_ptr + base[:, None] + cols[None, :], tl.broadcast_to(row[None, :], (KP, BLOCK)),
+                 mask=ok[:, None] & (cols < ROW)[None, :])
 
 
 @triton.jit
