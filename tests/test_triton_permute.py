@@ -36,11 +36,13 @@ def _inputs(w, h, e, k_top, seed, words_per_row):
     return x, words, ids
 
 
-@pytest.mark.parametrize("group,m", [(128, 37), (32, 130)])
-def test_cutlass_scale_output_equals_permute_then_unpack(L, group, m):
+@pytest.mark.parametrize("group,m,w,e,k_top", [(128, 37, 29, 5, 3), (32, 130, 29, 5, 3), (128, 300, 330, 2, 2),
+                                               (32, 300, 330, 2, 2)])
+def test_cutlass_scale_output_equals_permute_then_unpack(L, group, m, w, e, k_top):
     """sf_group: the permute writes the bytes unpack_and_convert_scale would make of its MN-major output (rows past
-    the counts and the padding to 128 rows zero), every other output unchanged; M not a multiple of 4 or 128."""
-    w, h, e, k_top = 29, 256, 5, 3
+    the counts and the padding to 128 rows zero), every other output unchanged; M not a multiple of 4 or 128.
+    The last two: counts above 128 (live rows in two SF tiles of 128, a third one partly padding)."""
+    h = 256
     x, words, ids = _inputs(w, h, e, k_top, seed=3, words_per_row=3)
     px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x, words, ids, e, m)
     px2, sf, imap2, counts2 = L.prefill_permute_to_masked_gemm(x, words, ids, e, m, sf_group=group)
@@ -50,6 +52,7 @@ def test_cutlass_scale_output_equals_permute_then_unpack(L, group, m):
     assert torch.equal(px.view(torch.uint8), px2.view(torch.uint8))
     assert torch.equal(imap, imap2) and torch.equal(counts, counts2)
     assert int(counts.sum()) > 0 and bool((sf != 0).any())        # not an all-zero comparison
+    assert int(counts.max()) > 128 or m < 200                       # the two-tile cases do cross a tile
 
 
 def test_map_only_entry_equals_the_fused_path(L):

@@ -306,31 +306,41 @@ def _zero_dead_rows(px_ptr, e, lo, hi, M, ROW, RB: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
-def _gather_scales(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, SF_GROUPS, stride_s,
-                   SF_MODE: tl.constexpr, BLOCK_SC: tl.constexpr):
-    """Scale rows of the slots (token src, valid where live; zero elsewhere) written in the GEMM's layout, int32
-    words, every slot < SF_ROWS: SF_MODE 0 MN-major [E, S_COLS, SF_ROWS] (slot fastest: coalesced);
-    1 CUTLASS SF words [E, SF_ROWS, SF_GROUPS] from packed 1x128 UE8M0 words (each byte 4 times, as
-    unpack_sf_kernel with REPEAT); 2 the same from words that already hold 4 bytes of 32-wide groups."""
-    src = src.to(tl.int64) * stride_s
-    if SF_MODE == 0:
-        for c0 in range(0, S_COLS, BLOCK_SC):
-            c = c0 + tl.arange(0, BLOCK_SC)
-            v = tl.load(s_ptr + src[:, None] + c[None, :], mask=live[:, None] & (c < S_COLS)[None, :], other=0)
-            tl.store(ps_ptr + (e.to(tl.int64) * S_COLS + c[None, :]) * SF_ROWS + slots[:, None], v,
-                     mask=(slots < SF_ROWS)[:, None] & (c < S_COLS)[None, :])
-    else:
-        for g0 in range(0, SF_GROUPS, BLOCK_SC):
-            g = g0 + tl.arange(0, BLOCK_SC)
-            ok = live[:, None] & (g < SF_GROUPS)[None, :]
-            if SF_MODE == 1:
-                word = tl.load(s_ptr + src[:, None] + (g // 4)[None, :], mask=ok, other=0)
-                b = (word >> ((g % 4) * 8)[None, :]) & 0xFF
-                v = b | (b << 8) | (b << 16) | (b << 24)
-            else:
-                v = tl.load(s_ptr + src[:, None] + g[None, :], mask=ok, other=0)
-            dst = e.to(tl.int64) * SF_ROWS * SF_GROUPS + _sf_word_offset(slots[:, None], g[None, :], SF_GROUPS)
-            tl.store(ps_ptr + dst, v, mask=(slots < SF_ROWS)[:, None] & (g < SF_GROUPS)[None, :])
+def _slot_sources(inv_ptr, e, slots, cnt, M, W):
+    """(token of each slot as int64, live): inv [E·M] int32 read for slots < cnt only; live = slots < cnt with a
+    token in [0, W)."""
+    live = slots < cnt
+    src = tl.load(inv_ptr + e.to(tl.int64) * M + slots, mask=live, other=0)
+    return src.to(tl.int64), live & (src >= 0) & (src < W)
+
+
+@triton.jit
+def _gather_scales_mn(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, stride_s, BLOCK_SC: tl.constexpr):
+    """Scale rows of the slots (token src, valid where live; zero elsewhere) as MN-major int32 words
+    [E, S_COLS, SF_ROWS] (slot fastest: coalesced), every slot < SF_ROWS."""
+    for c0 in range(0, S_COLS, BLOCK_SC):
+        c = c0 + tl.arange(0, BLOCK_SC)
+        v = tl.load(s_ptr + src[:, None] * stride_s + c[None, :], mask=live[:, None] & (c < S_COLS)[None, :], other=0)
+        tl.store(ps_ptr + (e.to(tl.int64) * S_COLS + c[None, :]) * SF_ROWS + slots[:, None], v,
+                 mask=(slots < SF_ROWS)[:, None] & (c < S_COLS)[None, :])
+
+
+@triton.jit
+def _gather_sf_tile(s_ptr, ps_ptr, e, rt, src, live, SF_ROWS, SF_GROUPS, stride_s, REPEAT: tl.constexpr,
+                    BLOCK_SC: tl.constexpr):
+    """The CUTLASS SF words [E, SF_ROWS, SF_GROUPS] of row tile rt (slots rt·128 ..; src, live [128]: the token of
+    each, zero where not live): REPEAT, from packed 1x128 UE8M0 words (each byte 4 times, as unpack_sf_kernel);
+    else from words that already hold the 4 bytes of 32-wide groups. Whole tiles per store (`_store_sf_tiles`)."""
+    for g0 in range(0, SF_GROUPS, BLOCK_SC):
+        g = g0 + tl.arange(0, BLOCK_SC)
+        ok = live[None, :] & (g < SF_GROUPS)[:, None]                                  # [BLOCK_SC, 128]
+        if REPEAT:
+            word = tl.load(s_ptr + src[None, :] * stride_s + (g // 4)[:, None], mask=ok, other=0)
+            b = (word >> ((g % 4) * 8)[:, None]) & 0xFF
+            v = b | (b << 8) | (b << 16) | (b << 24)
+        else:
+            v = tl.load(s_ptr + src[None, :] * stride_s + g[:, None], mask=ok, other=0)
+        _store_sf_tiles(ps_ptr, e, rt, g, v, SF_GROUPS, SF_ROWS)
 
 
 @triton.jit
@@ -342,8 +352,9 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
 
     Programs 0 .. E·NUM_BLOCKS-1, one per (expert e, block of BLOCK_S slots): rows in [counts[e], M) of the block
     become zero; with HAS_SCALE the block's scale rows are gathered from the tokens that own the slots
-    (inv [E·M] int32: the token of each slot < counts[e]) and written in the GEMM's layout (`_gather_scales`; zeros
-    past the count and up to SF_ROWS), whole slot runs per column instead of one scattered word per row. They come
+    (inv [E·M] int32: the token of each slot < counts[e]) and written in the GEMM's layout, zeros past the count and
+    up to SF_ROWS: MN-major (`_gather_scales_mn`, whole slot runs per column), or CUTLASS SF tiles
+    (`_gather_sf_tile`, by the programs whose block starts a 128-row tile: whole tiles per store). They come
     first, so that the blocks with dead rows start early. Programs E·NUM_BLOCKS .. + W-1: token t's row to its
     K_TOP slots (map [W, K_TOP] = e·M + slot or -1). px [E·M, ROW], x rows of ROW words (int32 or uint8).
     """
@@ -355,12 +366,15 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
         cnt = tl.load(counts_ptr + e)
         _zero_dead_rows(px_ptr, e, tl.maximum(cnt, s0), tl.minimum(M, s0 + BLOCK_S), M, ROW, RB, BLOCK)
         if HAS_SCALE:
-            slots = s0 + tl.arange(0, BLOCK_S)
-            live = slots < cnt
-            src = tl.load(inv_ptr + e.to(tl.int64) * M + slots, mask=live, other=0)
-            live = live & (src >= 0) & (src < W)
-            _gather_scales(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, SF_GROUPS, stride_s, SF_MODE,
-                           BLOCK_SC)
+            if SF_MODE == 0:
+                slots = s0 + tl.arange(0, BLOCK_S)
+                src, live = _slot_sources(inv_ptr, e, slots, cnt, M, W)
+                _gather_scales_mn(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, stride_s, BLOCK_SC)
+            elif s0 % SF_TILE_ROWS == 0:         # a whole SF tile per program: its stores are contiguous
+                tl.static_assert(SF_TILE_ROWS % BLOCK_S == 0)
+                src, live = _slot_sources(inv_ptr, e, s0 + tl.arange(0, SF_TILE_ROWS), cnt, M, W)
+                _gather_sf_tile(s_ptr, ps_ptr, e, s0 // SF_TILE_ROWS, src, live, SF_ROWS, SF_GROUPS, stride_s,
+                                SF_MODE == 1, BLOCK_SC)
     else:
         _scatter_token_row(x_ptr, map_ptr, px_ptr, pid - n_blocks, ROW, NUM_ROWS, stride_x, K_TOP, KP, BLOCK)
 
@@ -386,9 +400,7 @@ def unpack_sf_kernel(w_ptr, counts_ptr, out_ptr, MN, NUM_GROUPS, stride_e, strid
     Rows >= MN (padding to 128) and rows >= counts[e] are zero. out: [E, MN_pad, KB] bytes viewed as int32,
     expert stride MN_pad·KB/4 words.
 
-    One program: a tile of 128 rows x BLOCK_G groups. The 128 words of group g of the tile are one contiguous
-    512-byte SF tile, word (r % 32)·4 + (r % 128) // 32 (`_sf_word_offset`): the block is transposed in
-    registers ([4, 32] -> [32, 4] per group) so that every store is a whole tile in 16-byte vectors, and each
+    One program: a tile of 128 rows x BLOCK_G groups, stored as whole 512-byte SF tiles (`_store_sf_tiles`); each
     input word is loaded once (REPEAT: its 4 bytes spread to 4 groups after the load).
     """
     e = tl.program_id(0)
@@ -407,13 +419,23 @@ def unpack_sf_kernel(w_ptr, counts_ptr, out_ptr, MN, NUM_GROUPS, stride_e, strid
     else:
         g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
         rep = tl.load(base + g[:, None] * stride_c, mask=live[None, :] & (g < NUM_GROUPS)[:, None], other=0)
-    rep = tl.permute(tl.reshape(rep, (BLOCK_G, SF_TILE_ROWS // SF_ROW_GROUP, SF_ROW_GROUP)), (0, 2, 1))
-    rep = tl.reshape(rep, (BLOCK_G, SF_TILE_ROWS))                                  # tile word order
-    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    mn_pad = tl.num_programs(1) * SF_TILE_ROWS
-    dst = (e.to(tl.int64) * mn_pad * NUM_GROUPS + (rt * NUM_GROUPS + g)[:, None].to(tl.int64) * SF_TILE_ROWS
+    _store_sf_tiles(out_ptr, e, rt, pid_g * BLOCK_G + tl.arange(0, BLOCK_G), rep, NUM_GROUPS,
+                    tl.num_programs(1) * SF_TILE_ROWS)
+
+
+@triton.jit
+def _store_sf_tiles(out_ptr, e, rt, g, v, NUM_GROUPS, MN_PAD):
+    """v [BLOCK_G, 128] int32: the SF words of groups g for rows rt·128 + 0..127 (row order) -> out, CUTLASS SF
+    bytes [E, MN_PAD, 4·NUM_GROUPS] as int32 words. The 128 words of one (row tile, group) are one contiguous
+    512-byte tile, word (r % 32)·4 + (r % 128) // 32 (`_sf_word_offset`): v is transposed in registers
+    ([4, 32] -> [32, 4] per group) so that every store is a whole tile in 16-byte vectors. Groups >= NUM_GROUPS
+    are skipped."""
+    BLOCK_G: tl.constexpr = v.shape[0]
+    v = tl.permute(tl.reshape(v, (BLOCK_G, SF_TILE_ROWS // SF_ROW_GROUP, SF_ROW_GROUP)), (0, 2, 1))
+    v = tl.reshape(v, (BLOCK_G, SF_TILE_ROWS))
+    dst = (e.to(tl.int64) * MN_PAD * NUM_GROUPS + (rt * NUM_GROUPS + g)[:, None].to(tl.int64) * SF_TILE_ROWS
            + tl.arange(0, SF_TILE_ROWS)[None, :])
-    tl.store(out_ptr + dst, rep, mask=(g < NUM_GROUPS)[:, None])
+    tl.store(out_ptr + dst, v, mask=(g < NUM_GROUPS)[:, None])
 
 
 @triton.jit

@@ -241,7 +241,7 @@ def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: 
     block_s = 64
     n_blocks = triton.cdiv(max(sf_rows, m), block_s)
     s_cols = 0 if scale is None else scale.shape[1]
-    block_sc = min(64, _pow2(sf_groups if sf_group is not None else s_cols))
+    block_sc = min(16, _pow2(sf_groups)) if sf_group is not None else min(64, _pow2(s_cols))   # [16, 128] SF tiles
     if e_num * n_blocks + w == 0:
         return permute_x, permute_scale
     K.permute_move_kernel[(e_num * n_blocks + w,)](
