@@ -446,25 +446,38 @@ def permute_at_issue_shape(record, w_tok, h, e_num, k_top, gen):
     scale outputs: packed UE8M0 MN-major, FP32 MN-major (the Hopper chain's), and CUTLASS SF bytes written by the
     permute (sf_group=128, checked equal to permute + unpack_and_convert_scale). Bytes: x read once, every E·M row
     written (copies and zero tail), scales read and written, map written; also timed: a device copy of as many
-    bytes (its ratio does not depend on the 2 GiB ceiling copy's size)."""
+    bytes (its ratio does not depend on the 2 GiB ceiling copy's size). `*_gather`: the same with
+    launch.PERMUTE_MOVE = "gather" (slot-block programs read their tokens' rows), outputs compared with scatter's."""
     x = torch.randn(w_tok, h, device=DEV, generator=gen).to(torch.bfloat16)
     ids = torch.argsort(torch.rand(w_tok, e_num, device=DEV, generator=gen), dim=1)[:, :k_top].to(torch.int64)
     m_cap = int(torch.bincount(ids.flatten(), minlength=e_num).max()) + 64
     err = torch.zeros(5, dtype=torch.int64, device=DEV)
-    for name, ue, sf_group in (("ue8m0", True, None), ("fp32", False, None), ("cutlass_sf", True, 128)):
+    scatter_out = {}
+    for name, ue, sf_group, move in (("ue8m0", True, None, "scatter"), ("fp32", False, None, "scatter"),
+                                     ("cutlass_sf", True, 128, "scatter"), ("ue8m0", True, None, "gather"),
+                                     ("cutlass_sf", True, 128, "gather")):
         q, s = L.per_token_quant(x, 128, ue)
         fn = lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap, errors=err, sf_group=sf_group)  # noqa: E731
-        px, ps, imap, counts = fn()
-        extra = {}
-        if sf_group is not None:
-            _, ps_mn, _, _ = L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap)
-            extra["equals_permute_then_unpack"] = bool(torch.equal(ps, L.unpack_and_convert_scale(ps_mn, counts)))
-        nbytes = w_tok * h + s.numel() * 4 + e_num * m_cap * h + ps.numel() * ps.element_size() + imap.numel() * 4
-        extra["copy_same_bytes_ms"] = copy_same_bytes_ms(nbytes)
-        if not DRY:          # the two parts as CUDA-graph replays: index step (count + slot kernels), move kernel
-            extra.update(permute_parts_graph_ms(q, s, ids, e_num, m_cap, err, sf_group))
-        record(f"prefill_permute_w{w_tok}_{name}", bench_ms(fn), nbytes, graph_fn=fn, W=w_tok, M=m_cap,
-               record_clear=not any(err.tolist()), **extra)
+        L.PERMUTE_MOVE = move
+        try:
+            px, ps, imap, counts = fn()
+            extra = {}
+            if move == "scatter":
+                scatter_out[name] = (px.view(torch.uint8), ps)
+            else:
+                extra["equal_to_scatter"] = bool(torch.equal(px.view(torch.uint8), scatter_out[name][0])
+                                                 and torch.equal(ps, scatter_out[name][1]))
+            if sf_group is not None:
+                _, ps_mn, _, _ = L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap)
+                extra["equals_permute_then_unpack"] = bool(torch.equal(ps, L.unpack_and_convert_scale(ps_mn, counts)))
+            nbytes = w_tok * h + s.numel() * 4 + e_num * m_cap * h + ps.numel() * ps.element_size() + imap.numel() * 4
+            extra["copy_same_bytes_ms"] = copy_same_bytes_ms(nbytes)
+            if not DRY:          # the two parts as CUDA-graph replays: index step (count + slot kernels), move kernel
+                extra.update(permute_parts_graph_ms(q, s, ids, e_num, m_cap, err, sf_group))
+            record(f"prefill_permute_w{w_tok}_{name}" + ("_gather" if move == "gather" else ""), bench_ms(fn), nbytes,
+                   graph_fn=fn, W=w_tok, M=m_cap, record_clear=not any(err.tolist()), move=move, **extra)
+        finally:
+            L.PERMUTE_MOVE = "scatter"
 
 
 def permute_parts_graph_ms(q, s, ids, e_num, m_cap, err, sf_group) -> dict:

@@ -65,3 +65,26 @@ def test_unpack_and_convert_scale_at_the_benchmark_shape():
     for group_size, repeat in ((128, 4), (32, 1)):
         got = L.unpack_and_convert_scale(words, counts, group_size=group_size)
         assert torch.equal(got, _sf_reference(words, counts, repeat)), group_size
+
+
+@pytest.mark.parametrize("sf_group", [None, 128])
+def test_gather_move_equals_scatter_move_at_the_issue_shape(monkeypatch, sf_group):
+    """launch.PERMUTE_MOVE="gather" writes the bytes of the default scatter (itself checked against torch in
+    tests/test_gpu_permute.py) at W=4096, top-8 of 32, H=7168, UE8M0 words MN-major or as CUTLASS bytes."""
+    from backend.ops.triton import launch as L
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    w, h, e_num, k_top = 4096, 7168, 32, 8
+    ids = torch.argsort(torch.rand(w, e_num, device="cuda", generator=gen), 1)[:, :k_top].contiguous()
+    ids[torch.rand(w, k_top, device="cuda", generator=gen) < 0.05] = -1
+    x = torch.randint(0, 255, (w, h), dtype=torch.uint8, device="cuda", generator=gen).view(torch.float8_e4m3fn)
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (w, h // 512), dtype=torch.int32, device="cuda", generator=gen)
+    m = int(torch.bincount(ids[ids >= 0], minlength=e_num).max()) + 40
+    outs = []
+    for mode in ("scatter", "gather"):
+        monkeypatch.setattr(L, "PERMUTE_MOVE", mode)
+        err = torch.zeros(5, dtype=torch.int64, device="cuda")
+        outs.append(L.prefill_permute_to_masked_gemm(x, words, ids, e_num, m, errors=err, sf_group=sf_group))
+        assert not any(err.tolist())
+    (px, ps, imap, counts), (px2, ps2, imap2, counts2) = outs
+    assert torch.equal(px.view(torch.uint8), px2.view(torch.uint8)) and torch.equal(ps, ps2)
+    assert torch.equal(imap, imap2) and torch.equal(counts, counts2)

@@ -308,6 +308,20 @@ def _zero_dead_rows(px_ptr, e, lo, hi, M, ROW, RB: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
+def _gather_rows(x_ptr, inv_ptr, px_ptr, e, lo, cnt, hi, M, W, ROW, stride_x, RB: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows lo..hi-1 of expert e in px [E·M, ROW]: the x row of the slot's token (inv) below cnt, zero from cnt on."""
+    for r0 in range(lo, hi, RB):
+        slots = r0 + tl.arange(0, RB)
+        src, live = _slot_sources(inv_ptr, e, slots, cnt, M, W)
+        dst = (e.to(tl.int64) * M + slots) * ROW
+        for c0 in range(0, ROW, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + src[:, None] * stride_x + c[None, :], mask=live[:, None] & (c < ROW)[None, :],
+                        other=0)
+            tl.store(px_ptr + dst[:, None] + c[None, :], v, mask=(slots < hi)[:, None] & (c < ROW)[None, :])
+
+
+@triton.jit
 def _slot_sources(inv_ptr, e, slots, cnt, M, W):
     """(token of each slot as int64, live): inv [E·M] int32 read for slots < cnt only; live = slots < cnt with a
     token in [0, W)."""
@@ -349,7 +363,7 @@ def _gather_sf_tile(s_ptr, ps_ptr, e, rt, src, live, SF_ROWS, SF_GROUPS, stride_
 def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_ptr, W, ROW, S_COLS, M, NUM_ROWS,
                         SF_ROWS, SF_GROUPS, NUM_BLOCKS, stride_x, stride_s, K_TOP: tl.constexpr, KP: tl.constexpr,
                         HAS_SCALE: tl.constexpr, SF_MODE: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr):
+                        BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr, GATHER: tl.constexpr = False):
     """The data movement of the permute in one launch (every byte of px and of the scale output written once).
 
     Programs 0 .. E·NUM_BLOCKS-1, one per (expert e, block of BLOCK_S slots): rows in [counts[e], M) of the block
@@ -359,14 +373,20 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
     (`_gather_sf_tile`, by the programs whose block starts a 128-row tile: whole tiles per store). They come
     first, so that the blocks with dead rows start early. Programs E·NUM_BLOCKS .. + W-1: token t's row to its
     K_TOP slots (map [W, K_TOP] = e·M + slot or -1). px [E·M, ROW], x rows of ROW words (int32 or uint8).
+    GATHER: no token programs; each slot-block program writes all its rows itself, x rows of the slots' tokens
+    (through inv) or zeros (`_gather_rows`): sequential writes, each x row read K_top times (from L2 if it stays).
     """
     pid = tl.program_id(0)
-    n_blocks = tl.num_programs(0) - W
+    n_blocks = tl.num_programs(0) - (0 if GATHER else W)
     if pid < n_blocks:
         e = pid // NUM_BLOCKS
         s0 = (pid % NUM_BLOCKS) * BLOCK_S
         cnt = tl.load(counts_ptr + e)
-        _zero_dead_rows(px_ptr, e, tl.maximum(cnt, s0), tl.minimum(M, s0 + BLOCK_S), M, ROW, RB, BLOCK)
+        if GATHER:
+            _gather_rows(x_ptr, inv_ptr, px_ptr, e, s0, cnt, tl.minimum(M, s0 + BLOCK_S), M, W, ROW, stride_x, RB,
+                         BLOCK)
+        else:
+            _zero_dead_rows(px_ptr, e, tl.maximum(cnt, s0), tl.minimum(M, s0 + BLOCK_S), M, ROW, RB, BLOCK)
         if HAS_SCALE:
             if SF_MODE == 0:
                 slots = s0 + tl.arange(0, BLOCK_S)
