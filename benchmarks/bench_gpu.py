@@ -382,7 +382,8 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
     ok_sf = bool(torch.equal(back[:, :, :s_groups], want))
     ms = bench_ms(lambda: L.unpack_and_convert_scale(ps, counts))
     record("unpack_and_convert_scale", ms, ps.numel() * 4 + sf.numel(),
-           graph_fn=lambda: L.unpack_and_convert_scale(ps, counts), round_trip_exact=ok_sf)
+           graph_fn=lambda: L.unpack_and_convert_scale(ps, counts), round_trip_exact=ok_sf,
+           copy_same_bytes_ms=copy_same_bytes_ms(ps.numel() * 4 + sf.numel()))
 
     # §7 SwiGLU + quant on the masked layout
     up = torch.randn(e_num, m_cap, 2 * inter, device=DEV, generator=gen).to(torch.bfloat16) * 2
@@ -409,6 +410,7 @@ def memory_bound(t_tok, h, inter, e_num, k_top, copy_tbs):
         record(f"swiglu_quant_{'ue8m0' if ue else 'fp32'}", ms, nbytes,
                graph_fn=lambda: L.fused_mask_swiglu_fp8_quant(up, counts, 128, ue), fp8_bytes_differing=mismatch_q,
                scales_differing=mismatch_s, dequant_calc_diff_vs_bf16_y=worst,
+               copy_same_bytes_ms=copy_same_bytes_ms(nbytes),
                note="bytes: valid rows of up read, all E*M rows of act written (zeros past the count); "
                     "tl.exp is approximate on GPU, so a few bytes may differ by one e4m3 step")
 
@@ -444,26 +446,46 @@ def permute_at_issue_shape(record, w_tok, h, e_num, k_top, gen):
     scale outputs: packed UE8M0 MN-major, FP32 MN-major (the Hopper chain's), and CUTLASS SF bytes written by the
     permute (sf_group=128, checked equal to permute + unpack_and_convert_scale). Bytes: x read once, every E·M row
     written (copies and zero tail), scales read and written, map written; also timed: a device copy of as many
-    bytes (its ratio does not depend on the 2 GiB ceiling copy's size)."""
+    bytes (its ratio does not depend on the 2 GiB ceiling copy's size). `*_gather`: the same with
+    launch.PERMUTE_MOVE = "gather" (slot-block programs read their tokens' rows), outputs compared with scatter's."""
     x = torch.randn(w_tok, h, device=DEV, generator=gen).to(torch.bfloat16)
     ids = torch.argsort(torch.rand(w_tok, e_num, device=DEV, generator=gen), dim=1)[:, :k_top].to(torch.int64)
     m_cap = int(torch.bincount(ids.flatten(), minlength=e_num).max()) + 64
     err = torch.zeros(5, dtype=torch.int64, device=DEV)
-    for name, ue, sf_group in (("ue8m0", True, None), ("fp32", False, None), ("cutlass_sf", True, 128)):
+    scatter_out = {}
+    for name, ue, sf_group, move in (("ue8m0", True, None, "scatter"), ("fp32", False, None, "scatter"),
+                                     ("cutlass_sf", True, 128, "scatter"), ("ue8m0", True, None, "gather"),
+                                     ("cutlass_sf", True, 128, "gather")):
         q, s = L.per_token_quant(x, 128, ue)
         fn = lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap, errors=err, sf_group=sf_group)  # noqa: E731
-        px, ps, imap, counts = fn()
-        extra = {}
-        if sf_group is not None:
-            _, ps_mn, _, _ = L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap)
-            extra["equals_permute_then_unpack"] = bool(torch.equal(ps, L.unpack_and_convert_scale(ps_mn, counts)))
-        nbytes = w_tok * h + s.numel() * 4 + e_num * m_cap * h + ps.numel() * ps.element_size() + imap.numel() * 4
-        half = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEV)
-        other = torch.empty_like(half)
-        extra["copy_same_bytes_ms"] = bench_ms(lambda: other.copy_(half))
-        record(f"prefill_permute_w{w_tok}_{name}", bench_ms(fn), nbytes, graph_fn=fn, W=w_tok, M=m_cap,
-               record_clear=not any(err.tolist()), **extra)
-        del half, other
+        L.PERMUTE_MOVE = move
+        try:
+            px, ps, imap, counts = fn()
+            extra = {}
+            if move == "scatter":
+                scatter_out[name] = (px.view(torch.uint8), ps)
+            else:
+                extra["equal_to_scatter"] = bool(torch.equal(px.view(torch.uint8), scatter_out[name][0])
+                                                 and torch.equal(ps, scatter_out[name][1]))
+            if sf_group is not None:
+                _, ps_mn, _, _ = L.prefill_permute_to_masked_gemm(q, s, ids, e_num, m_cap)
+                extra["equals_permute_then_unpack"] = bool(torch.equal(ps, L.unpack_and_convert_scale(ps_mn, counts)))
+            nbytes = w_tok * h + s.numel() * 4 + e_num * m_cap * h + ps.numel() * ps.element_size() + imap.numel() * 4
+            extra["copy_same_bytes_ms"] = copy_same_bytes_ms(nbytes)
+            if not DRY:          # the two parts as CUDA-graph replays: index step (count + slot kernels), move kernel
+                extra.update(permute_parts_graph_ms(q, s, ids, e_num, m_cap, err, sf_group))
+            record(f"prefill_permute_w{w_tok}_{name}" + ("_gather" if move == "gather" else ""), bench_ms(fn), nbytes,
+                   graph_fn=fn, W=w_tok, M=m_cap, record_clear=not any(err.tolist()), move=move, **extra)
+        finally:
+            L.PERMUTE_MOVE = "scatter"
+
+
+def permute_parts_graph_ms(q, s, ids, e_num, m_cap, err, sf_group) -> dict:
+    """GPU ms of the permute's index step (launch._permute_index_step: count + slot kernels) and of its move kernel
+    (launch._move_rows) each as one CUDA-graph replay: where the whole op's time goes."""
+    imap, counts, _, inv = L._permute_index_step(ids, e_num, m_cap, err, True)
+    return dict(index_graph_ms=graph_ms(lambda: L._permute_index_step(ids, e_num, m_cap, err, True)),
+                move_graph_ms=graph_ms(lambda: L._move_rows(q, s, imap, counts, inv, e_num, m_cap, sf_group)))
 
 
 def memory_bound_list(res: dict) -> list:
@@ -478,6 +500,14 @@ def memory_bound_list(res: dict) -> list:
         if v.get("copy_same_bytes_ms"):
             out[-1]["ratio_to_copy_same_bytes"] = v["copy_same_bytes_ms"] / ms
     return out
+
+
+def copy_same_bytes_ms(nbytes: int) -> float:
+    """Median ms of a device copy moving nbytes in all (nbytes/2 read, nbytes/2 written): the ceiling for an op of
+    that size, whose ratio does not depend on the 2 GiB ceiling copy's size (small ops pay launch and ramp-up)."""
+    half = torch.empty(nbytes // 2, dtype=torch.uint8, device=DEV)
+    other = torch.empty_like(half)
+    return bench_ms(lambda: other.copy_(half))
 
 
 def graph_ms(fn) -> float:
@@ -789,7 +819,11 @@ def summary():
         lines.append(" | ".join(cells))
     for name, v in (s.get("memory_bound") or {}).items():
         lines.append(f"{name:32s} {v['tb_per_s']:.2f} TB/s  {v['vs_copy'] or 0:.2f}x copy  {v['ms']:.3f} ms"
-                     + (f" | graph {v['graph_vs_copy'] or 0:.2f}x copy {v['graph_ms']:.3f} ms" if "graph_ms" in v else ""))
+                     + (f" | graph {v['graph_vs_copy'] or 0:.2f}x copy {v['graph_ms']:.3f} ms" if "graph_ms" in v else "")
+                     + (f" | {v['copy_same_bytes_ms'] / v.get('graph_ms', v['ms']):.2f}x copy of as many bytes"
+                        if v.get("copy_same_bytes_ms") else "")
+                     + (f" | index {v['index_graph_ms']:.4f} ms move {v['move_graph_ms']:.4f} ms"
+                        if "index_graph_ms" in v else ""))
     ch = s.get("chain") or {}
     for recipe in ("ue8m0", "fp32"):
         if recipe in ch:

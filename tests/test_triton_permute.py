@@ -36,11 +36,13 @@ def _inputs(w, h, e, k_top, seed, words_per_row):
     return x, words, ids
 
 
-@pytest.mark.parametrize("group,m", [(128, 37), (32, 130)])
-def test_cutlass_scale_output_equals_permute_then_unpack(L, group, m):
+@pytest.mark.parametrize("group,m,w,e,k_top", [(128, 37, 29, 5, 3), (32, 130, 29, 5, 3), (128, 300, 330, 2, 2),
+                                               (32, 300, 330, 2, 2)])
+def test_cutlass_scale_output_equals_permute_then_unpack(L, group, m, w, e, k_top):
     """sf_group: the permute writes the bytes unpack_and_convert_scale would make of its MN-major output (rows past
-    the counts and the padding to 128 rows zero), every other output unchanged; M not a multiple of 4 or 128."""
-    w, h, e, k_top = 29, 256, 5, 3
+    the counts and the padding to 128 rows zero), every other output unchanged; M not a multiple of 4 or 128.
+    The last two: counts above 128 (live rows in two SF tiles of 128, a third one partly padding)."""
+    h = 256
     x, words, ids = _inputs(w, h, e, k_top, seed=3, words_per_row=3)
     px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x, words, ids, e, m)
     px2, sf, imap2, counts2 = L.prefill_permute_to_masked_gemm(x, words, ids, e, m, sf_group=group)
@@ -50,6 +52,7 @@ def test_cutlass_scale_output_equals_permute_then_unpack(L, group, m):
     assert torch.equal(px.view(torch.uint8), px2.view(torch.uint8))
     assert torch.equal(imap, imap2) and torch.equal(counts, counts2)
     assert int(counts.sum()) > 0 and bool((sf != 0).any())        # not an all-zero comparison
+    assert int(counts.max()) > 128 or m < 200                       # the two-tile cases do cross a tile
 
 
 def test_map_only_entry_equals_the_fused_path(L):
@@ -86,3 +89,28 @@ def test_prefix_over_several_tiles(L, monkeypatch):
                 seen[ex] += 1
     np.testing.assert_array_equal(imap.numpy(), want)
     assert counts.tolist() == seen
+
+
+@pytest.mark.parametrize("scale_kind,sf_group", [("none", None), ("fp32", None), ("words", None), ("words", 128),
+                                                 ("words", 32)])
+def test_gather_move_equals_scatter_move(L, monkeypatch, scale_kind, sf_group):
+    """launch.PERMUTE_MOVE="gather" (slot-block programs read the rows of their slots' tokens) writes the bytes of
+    the default scatter (one program per token; checked against moe_ref in tests/test_triton_provider.py): rows,
+    zero tail, scales in each layout, map, counts; with an expert over M and a bad id (deferred: dropped, recorded),
+    M not a multiple of 16 (partly dead slot blocks) and counts above 128 (two SF tiles)."""
+    w, h, e, k_top, m = 300, 256, 3, 2, 150
+    x, words, ids = _inputs(w, h, e, k_top, seed=11, words_per_row=3)
+    ids[5, 0] = e + 2                                                  # a bad id
+    ids[10:250, 1] = 0                                                 # expert 0 over M
+    scale = {"none": None, "fp32": torch.rand(w, 5) + 0.5, "words": words}[scale_kind]
+    outs = {}
+    for mode in ("scatter", "gather"):
+        monkeypatch.setattr(L, "PERMUTE_MOVE", mode)
+        err = torch.zeros(5, dtype=torch.int64)
+        outs[mode] = L.prefill_permute_to_masked_gemm(x, scale, ids, e, m, errors=err, sf_group=sf_group) + (err,)
+    (px, ps, imap, counts, err), (px2, ps2, imap2, counts2, err2) = outs["scatter"], outs["gather"]
+    assert torch.equal(px.view(torch.uint8), px2.view(torch.uint8))
+    assert (ps is None) == (ps2 is None) and (ps is None or (ps.stride() == ps2.stride() and torch.equal(ps, ps2)))
+    assert torch.equal(imap, imap2) and torch.equal(counts, counts2) and torch.equal(err, err2)
+    assert int(counts[0]) == m and int(err[0]) != 0                   # the overflow and the bad id did happen
+    assert bool((px.view(torch.uint8) != 0).any())

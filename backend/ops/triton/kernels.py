@@ -109,7 +109,9 @@ def _divide_by_scale(y, s, UE8M0: tl.constexpr, EXACT_CAST: tl.constexpr):
     else:
         r = tl.math.div_rn(1.0, s)
         q0 = y * r
-        return tl.fma(tl.fma(-q0, s, y), r, q0)
+        # q0 · (-s) is -(q0 · s) exactly: the negation rides on the per-group s, not on every q0 (one FFMA fewer
+        # per element than fma(-q0, s, y) compiles to: -q0 as a multiply of its own)
+        return tl.fma(tl.fma(q0, -s, y), r, q0)
 
 
 @triton.jit
@@ -279,17 +281,18 @@ def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr,
 @triton.jit
 def _scatter_token_row(x_ptr, map_ptr, px_ptr, t, ROW, NUM_ROWS, stride_x, K_TOP: tl.constexpr, KP: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """Token t's row (ROW words) to each of its K_TOP destinations: the map row in one load (the stores do not wait
-    on a load each), the row read once per BLOCK words. Destinations outside [0, NUM_ROWS) are skipped."""
+    """Token t's row (ROW words) to each of its K_TOP destinations: the map row in one load, the row read once per
+    BLOCK words and written to all destinations by one [KP, BLOCK] store (no per-destination reduction, branch or
+    barrier between the stores). Destinations outside [0, NUM_ROWS) are skipped."""
     k = tl.arange(0, KP)
     dests = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k, mask=k < K_TOP, other=-1)
+    ok = (dests >= 0) & (dests < NUM_ROWS)
+    base = tl.where(ok, dests, 0).to(tl.int64) * ROW
     for c0 in range(0, ROW, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < ROW)
-        for kk in tl.static_range(K_TOP):
-            d = tl.sum(tl.where(k == kk, dests, 0), axis=0)
-            if (d >= 0) & (d < NUM_ROWS):
-                tl.store(px_ptr + d.to(tl.int64) * ROW + cols, row, mask=cols < ROW)
+        tl.store(px_ptr + base[:, None] + cols[None, :], tl.broadcast_to(row[None, :], (KP, BLOCK)),
+                 mask=ok[:, None] & (cols < ROW)[None, :])
 
 
 @triton.jit
@@ -305,61 +308,95 @@ def _zero_dead_rows(px_ptr, e, lo, hi, M, ROW, RB: tl.constexpr, BLOCK: tl.const
 
 
 @triton.jit
-def _gather_scales(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, SF_GROUPS, stride_s,
-                   SF_MODE: tl.constexpr, BLOCK_SC: tl.constexpr):
-    """Scale rows of the slots (token src, valid where live; zero elsewhere) written in the GEMM's layout, int32
-    words, every slot < SF_ROWS: SF_MODE 0 MN-major [E, S_COLS, SF_ROWS] (slot fastest: coalesced);
-    1 CUTLASS SF words [E, SF_ROWS, SF_GROUPS] from packed 1x128 UE8M0 words (each byte 4 times, as
-    unpack_sf_kernel with REPEAT); 2 the same from words that already hold 4 bytes of 32-wide groups."""
-    src = src.to(tl.int64) * stride_s
-    if SF_MODE == 0:
-        for c0 in range(0, S_COLS, BLOCK_SC):
-            c = c0 + tl.arange(0, BLOCK_SC)
-            v = tl.load(s_ptr + src[:, None] + c[None, :], mask=live[:, None] & (c < S_COLS)[None, :], other=0)
-            tl.store(ps_ptr + (e.to(tl.int64) * S_COLS + c[None, :]) * SF_ROWS + slots[:, None], v,
-                     mask=(slots < SF_ROWS)[:, None] & (c < S_COLS)[None, :])
-    else:
-        for g0 in range(0, SF_GROUPS, BLOCK_SC):
-            g = g0 + tl.arange(0, BLOCK_SC)
-            ok = live[:, None] & (g < SF_GROUPS)[None, :]
-            if SF_MODE == 1:
-                word = tl.load(s_ptr + src[:, None] + (g // 4)[None, :], mask=ok, other=0)
-                b = (word >> ((g % 4) * 8)[None, :]) & 0xFF
-                v = b | (b << 8) | (b << 16) | (b << 24)
-            else:
-                v = tl.load(s_ptr + src[:, None] + g[None, :], mask=ok, other=0)
-            dst = e.to(tl.int64) * SF_ROWS * SF_GROUPS + _sf_word_offset(slots[:, None], g[None, :], SF_GROUPS)
-            tl.store(ps_ptr + dst, v, mask=(slots < SF_ROWS)[:, None] & (g < SF_GROUPS)[None, :])
+def _gather_rows(x_ptr, inv_ptr, px_ptr, e, lo, cnt, hi, M, W, ROW, stride_x, RB: tl.constexpr, BLOCK: tl.constexpr):
+    """Rows lo..hi-1 of expert e in px [E·M, ROW]: the x row of the slot's token (inv) below cnt, zero from cnt on."""
+    for r0 in range(lo, hi, RB):
+        slots = r0 + tl.arange(0, RB)
+        src, live = _slot_sources(inv_ptr, e, slots, cnt, M, W)
+        dst = (e.to(tl.int64) * M + slots) * ROW
+        for c0 in range(0, ROW, BLOCK):
+            c = c0 + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + src[:, None] * stride_x + c[None, :], mask=live[:, None] & (c < ROW)[None, :],
+                        other=0)
+            tl.store(px_ptr + dst[:, None] + c[None, :], v, mask=(slots < hi)[:, None] & (c < ROW)[None, :])
+
+
+@triton.jit
+def _slot_sources(inv_ptr, e, slots, cnt, M, W):
+    """(token of each slot as int64, live): inv [E·M] int32 read for slots < cnt only; live = slots < cnt with a
+    token in [0, W)."""
+    live = slots < cnt
+    src = tl.load(inv_ptr + e.to(tl.int64) * M + slots, mask=live, other=0)
+    return src.to(tl.int64), live & (src >= 0) & (src < W)
+
+
+@triton.jit
+def _gather_scales_mn(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, stride_s, BLOCK_SC: tl.constexpr):
+    """Scale rows of the slots (token src, valid where live; zero elsewhere) as MN-major int32 words
+    [E, S_COLS, SF_ROWS] (slot fastest: coalesced), every slot < SF_ROWS."""
+    for c0 in range(0, S_COLS, BLOCK_SC):
+        c = c0 + tl.arange(0, BLOCK_SC)
+        v = tl.load(s_ptr + src[:, None] * stride_s + c[None, :], mask=live[:, None] & (c < S_COLS)[None, :], other=0)
+        tl.store(ps_ptr + (e.to(tl.int64) * S_COLS + c[None, :]) * SF_ROWS + slots[:, None], v,
+                 mask=(slots < SF_ROWS)[:, None] & (c < S_COLS)[None, :])
+
+
+@triton.jit
+def _gather_sf_tile(s_ptr, ps_ptr, e, rt, src, live, SF_ROWS, SF_GROUPS, stride_s, REPEAT: tl.constexpr,
+                    BLOCK_SC: tl.constexpr):
+    """The CUTLASS SF words [E, SF_ROWS, SF_GROUPS] of row tile rt (slots rt·128 ..; src, live [128]: the token of
+    each, zero where not live): REPEAT, from packed 1x128 UE8M0 words (each byte 4 times, as unpack_sf_kernel);
+    else from words that already hold the 4 bytes of 32-wide groups. Whole tiles per store (`_store_sf_tiles`)."""
+    for g0 in range(0, SF_GROUPS, BLOCK_SC):
+        g = g0 + tl.arange(0, BLOCK_SC)
+        ok = live[None, :] & (g < SF_GROUPS)[:, None]                                  # [BLOCK_SC, 128]
+        if REPEAT:
+            word = tl.load(s_ptr + src[None, :] * stride_s + (g // 4)[:, None], mask=ok, other=0)
+            b = (word >> ((g % 4) * 8)[:, None]) & 0xFF
+            v = b | (b << 8) | (b << 16) | (b << 24)
+        else:
+            v = tl.load(s_ptr + src[None, :] * stride_s + g[:, None], mask=ok, other=0)
+        _store_sf_tiles(ps_ptr, e, rt, g, v, SF_GROUPS, SF_ROWS)
 
 
 @triton.jit
 def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_ptr, W, ROW, S_COLS, M, NUM_ROWS,
                         SF_ROWS, SF_GROUPS, NUM_BLOCKS, stride_x, stride_s, K_TOP: tl.constexpr, KP: tl.constexpr,
                         HAS_SCALE: tl.constexpr, SF_MODE: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr):
+                        BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr, GATHER: tl.constexpr = False):
     """The data movement of the permute in one launch (every byte of px and of the scale output written once).
 
     Programs 0 .. E·NUM_BLOCKS-1, one per (expert e, block of BLOCK_S slots): rows in [counts[e], M) of the block
     become zero; with HAS_SCALE the block's scale rows are gathered from the tokens that own the slots
-    (inv [E·M] int32: the token of each slot < counts[e]) and written in the GEMM's layout (`_gather_scales`; zeros
-    past the count and up to SF_ROWS), whole slot runs per column instead of one scattered word per row. They come
+    (inv [E·M] int32: the token of each slot < counts[e]) and written in the GEMM's layout, zeros past the count and
+    up to SF_ROWS: MN-major (`_gather_scales_mn`, whole slot runs per column), or CUTLASS SF tiles
+    (`_gather_sf_tile`, by the programs whose block starts a 128-row tile: whole tiles per store). They come
     first, so that the blocks with dead rows start early. Programs E·NUM_BLOCKS .. + W-1: token t's row to its
     K_TOP slots (map [W, K_TOP] = e·M + slot or -1). px [E·M, ROW], x rows of ROW words (int32 or uint8).
+    GATHER: no token programs; each slot-block program writes all its rows itself, x rows of the slots' tokens
+    (through inv) or zeros (`_gather_rows`): sequential writes, each x row read K_top times (from L2 if it stays).
     """
     pid = tl.program_id(0)
-    n_blocks = tl.num_programs(0) - W
+    n_blocks = tl.num_programs(0) - (0 if GATHER else W)
     if pid < n_blocks:
         e = pid // NUM_BLOCKS
         s0 = (pid % NUM_BLOCKS) * BLOCK_S
         cnt = tl.load(counts_ptr + e)
-        _zero_dead_rows(px_ptr, e, tl.maximum(cnt, s0), tl.minimum(M, s0 + BLOCK_S), M, ROW, RB, BLOCK)
+        if GATHER:
+            _gather_rows(x_ptr, inv_ptr, px_ptr, e, s0, cnt, tl.minimum(M, s0 + BLOCK_S), M, W, ROW, stride_x, RB,
+                         BLOCK)
+        else:
+            _zero_dead_rows(px_ptr, e, tl.maximum(cnt, s0), tl.minimum(M, s0 + BLOCK_S), M, ROW, RB, BLOCK)
         if HAS_SCALE:
-            slots = s0 + tl.arange(0, BLOCK_S)
-            live = slots < cnt
-            src = tl.load(inv_ptr + e.to(tl.int64) * M + slots, mask=live, other=0)
-            live = live & (src >= 0) & (src < W)
-            _gather_scales(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, SF_GROUPS, stride_s, SF_MODE,
-                           BLOCK_SC)
+            if SF_MODE == 0:
+                slots = s0 + tl.arange(0, BLOCK_S)
+                src, live = _slot_sources(inv_ptr, e, slots, cnt, M, W)
+                _gather_scales_mn(s_ptr, ps_ptr, e, slots, src, live, S_COLS, SF_ROWS, stride_s, BLOCK_SC)
+            elif s0 % SF_TILE_ROWS == 0:         # a whole SF tile per program: its stores are contiguous
+                tl.static_assert(SF_TILE_ROWS % BLOCK_S == 0)
+                src, live = _slot_sources(inv_ptr, e, s0 + tl.arange(0, SF_TILE_ROWS), cnt, M, W)
+                _gather_sf_tile(s_ptr, ps_ptr, e, s0 // SF_TILE_ROWS, src, live, SF_ROWS, SF_GROUPS, stride_s,
+                                SF_MODE == 1, BLOCK_SC)
     else:
         _scatter_token_row(x_ptr, map_ptr, px_ptr, pid - n_blocks, ROW, NUM_ROWS, stride_x, K_TOP, KP, BLOCK)
 
@@ -384,26 +421,43 @@ def unpack_sf_kernel(w_ptr, counts_ptr, out_ptr, MN, NUM_GROUPS, stride_e, strid
     32 K-elements already): word g holds the 4 bytes of output word g; NUM_GROUPS = C = KB // 4.
     Rows >= MN (padding to 128) and rows >= counts[e] are zero. out: [E, MN_pad, KB] bytes viewed as int32,
     expert stride MN_pad·KB/4 words.
+
+    One program: a tile of 128 rows x BLOCK_G groups, stored as whole 512-byte SF tiles (`_store_sf_tiles`); each
+    input word is loaded once (REPEAT: its 4 bytes spread to 4 groups after the load).
     """
     e = tl.program_id(0)
     rt = tl.program_id(1)
     pid_g = tl.program_id(2)
     r = rt * SF_TILE_ROWS + tl.arange(0, SF_TILE_ROWS)
-    g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     live = r < MN
     if HAS_COUNTS:
         live = live & (r < tl.load(counts_ptr + e))
-    ok = live[None, :] & (g < NUM_GROUPS)[:, None]                                  # [BLOCK_G, 128]
     base = w_ptr + e.to(tl.int64) * stride_e + r[None, :].to(tl.int64) * stride_mn
     if REPEAT:
-        word = tl.load(base + (g[:, None] // 4) * stride_c, mask=ok, other=0)
-        b = (word >> ((g[:, None] % 4) * 8)) & 0xFF
-        rep = b | (b << 8) | (b << 16) | (b << 24)
+        wc = pid_g * (BLOCK_G // 4) + tl.arange(0, BLOCK_G // 4)                     # input word columns
+        word = tl.load(base + wc[:, None] * stride_c, mask=live[None, :] & (4 * wc < NUM_GROUPS)[:, None], other=0)
+        b = (word[:, None, :] >> (tl.arange(0, 4) * 8)[None, :, None]) & 0xFF      # [BLOCK_G // 4, 4, 128]
+        rep = tl.reshape(b | (b << 8) | (b << 16) | (b << 24), (BLOCK_G, SF_TILE_ROWS))
     else:
-        rep = tl.load(base + g[:, None] * stride_c, mask=ok, other=0)
-    mn_pad = tl.num_programs(1) * SF_TILE_ROWS
-    dst = e.to(tl.int64) * mn_pad * NUM_GROUPS + _sf_word_offset(r[None, :], g[:, None], NUM_GROUPS)
-    tl.store(out_ptr + dst, rep, mask=(g < NUM_GROUPS)[:, None])
+        g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+        rep = tl.load(base + g[:, None] * stride_c, mask=live[None, :] & (g < NUM_GROUPS)[:, None], other=0)
+    _store_sf_tiles(out_ptr, e, rt, pid_g * BLOCK_G + tl.arange(0, BLOCK_G), rep, NUM_GROUPS,
+                    tl.num_programs(1) * SF_TILE_ROWS)
+
+
+@triton.jit
+def _store_sf_tiles(out_ptr, e, rt, g, v, NUM_GROUPS, MN_PAD):
+    """v [BLOCK_G, 128] int32: the SF words of groups g for rows rt·128 + 0..127 (row order) -> out, CUTLASS SF
+    bytes [E, MN_PAD, 4·NUM_GROUPS] as int32 words. The 128 words of one (row tile, group) are one contiguous
+    512-byte tile, word (r % 32)·4 + (r % 128) // 32 (`_sf_word_offset`): v is transposed in registers
+    ([4, 32] -> [32, 4] per group) so that every store is a whole tile in 16-byte vectors. Groups >= NUM_GROUPS
+    are skipped."""
+    BLOCK_G: tl.constexpr = v.shape[0]
+    v = tl.permute(tl.reshape(v, (BLOCK_G, SF_TILE_ROWS // SF_ROW_GROUP, SF_ROW_GROUP)), (0, 2, 1))
+    v = tl.reshape(v, (BLOCK_G, SF_TILE_ROWS))
+    dst = (e.to(tl.int64) * MN_PAD * NUM_GROUPS + (rt * NUM_GROUPS + g)[:, None].to(tl.int64) * SF_TILE_ROWS
+           + tl.arange(0, SF_TILE_ROWS)[None, :])
+    tl.store(out_ptr + dst, v, mask=(g < NUM_GROUPS)[:, None])
 
 
 @triton.jit
@@ -693,9 +747,23 @@ def _swiglu_bf16(gate, lin, EXACT_CAST: tl.constexpr):
     """y = bf16(lin · gate / (1 + exp(-gate))) as float32, from float32 gate / lin (SPEC §7). The one home of
     this formula: the SwiGLU kernel and both fused GEMM epilogues (tl, Gluon) call it, so they round alike."""
     # '/' is the fast (<= 2 ulp) division on a GPU; y is rounded to bf16 next, which hides that
-    # except in rare ties (the interpreter divides exactly). tl.exp is approximate on a GPU too.
-    y = (lin * gate) / (1.0 + tl.exp(-gate))
+    # except in rare ties (the interpreter divides exactly). The exponential is approximate on a GPU too.
+    if EXACT_CAST:
+        den = 1.0 + tl.exp(-gate)
+    else:
+        den = 1.0 + _exp_ftz(gate)
+    y = (lin * gate) / den
     return _to_bf16(y, EXACT_CAST).to(tl.float32)
+
+
+@triton.jit
+def _exp_ftz(gate):
+    """exp(-gate) on a GPU as tl.exp computes it (x · log2(e) rounded to float32, then ex2.approx), with the
+    flush-to-zero ex2: one MUFU.EX2 instead of tl.exp's compare, two multiplies and MUFU (its rescaling only
+    changes results below 2^-126, which 1 + exp(-gate) rounds away: 1.0 either way). The SwiGLU kernel is
+    issue-bound on an H200 (about 40 instructions per element), so these count."""
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [gate * -1.4426950408889634],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

@@ -226,8 +226,16 @@ def _scale_out(scale: torch.Tensor, e_num: int, m: int, sf_group: int | None):
     return sf.view(torch.int32), rows, groups, sf
 
 
+# How permute_move_kernel moves the rows: "scatter" (one program per token, its row read once and written to its
+# K_top slots; the slot-block programs zero the dead rows) or "gather" (slot-block programs only, each writing its
+# rows in order from the slots' tokens). Same bytes out; bench_gpu.py times both at issue 12's shape.
+PERMUTE_MOVE = "scatter"
+
+
 def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: int | None):
     """permute_move_kernel: rows to their slots, dead rows zero, scales gathered per slot block (see there)."""
+    if PERMUTE_MOVE not in ("scatter", "gather"):
+        raise ValueError(f"PERMUTE_MOVE: expected 'scatter' or 'gather', got {PERMUTE_MOVE!r}")
     w, h = x.shape
     k_top = indice_map.shape[1]
     permute_x = torch.empty((e_num, m, h), dtype=x.dtype, device=x.device)
@@ -238,17 +246,19 @@ def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: 
     if scale is not None:
         ps_words, sf_rows, sf_groups, permute_scale = _scale_out(scale, e_num, m, sf_group)
         sv = (scale if scale.stride(-1) == 1 else scale.contiguous()).view(torch.int32)
-    block_s = 64
+    gather = PERMUTE_MOVE == "gather"
+    block_s = 16 if gather else 64
     n_blocks = triton.cdiv(max(sf_rows, m), block_s)
     s_cols = 0 if scale is None else scale.shape[1]
-    block_sc = min(64, _pow2(sf_groups if sf_group is not None else s_cols))
-    if e_num * n_blocks + w == 0:
+    block_sc = min(16, _pow2(sf_groups)) if sf_group is not None else min(64, _pow2(s_cols))   # [16, 128] SF tiles
+    grid = e_num * n_blocks + (0 if gather else w)
+    if grid == 0:
         return permute_x, permute_scale
-    K.permute_move_kernel[(e_num * n_blocks + w,)](
+    K.permute_move_kernel[(grid,)](
         xv, indice_map, inv, counts, pxv, sv, ps_words, w, row, s_cols, m, e_num * m,
         sf_rows, sf_groups, n_blocks, xv.stride(0), sv.stride(0), K_TOP=k_top, KP=_pow2(k_top),
         HAS_SCALE=scale is not None, SF_MODE=SF_MODES[sf_group], BLOCK=min(2048, _pow2(row)), BLOCK_S=block_s,
-        BLOCK_SC=block_sc, RB=8, num_warps=4)
+        BLOCK_SC=block_sc, RB=4 if gather else 8, GATHER=gather, num_warps=4)
     return permute_x, permute_scale
 
 
