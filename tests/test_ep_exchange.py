@@ -150,6 +150,16 @@ def test_route_numbers_tokens_per_rank_in_token_order():
                 seen[r] += 1
     assert np.array_equal(imap.numpy(), want)
     assert counts.tolist() == seen
+    nk = chunk * k_top                     # the ll combine's rows per rank: entry (t, k) at q·NK + slot·K + k
+    imap2, counts2, ret = X.route(torch.from_numpy(ids), e_local, world, chunk, ll_rows=nk)
+    want_ret = np.full((t, k_top), -1)
+    for i in range(t):
+        for k in range(k_top):
+            if ids[i, k] >= 0:
+                q = ids[i, k] // e_local
+                want_ret[i, k] = q * nk + (want[i, q] - q * chunk) * k_top + k
+    assert np.array_equal(ret.numpy(), want_ret) and np.array_equal(imap2.numpy(), want)
+    assert counts2.tolist() == seen
     with pytest.raises(ValueError, match="chunk"):
         X.route(torch.from_numpy(ids), e_local, world, t - 1)
 

@@ -830,8 +830,8 @@ def ep_index_kernel(ids_ptr, map_ptr, counts_ptr, ret_ptr, T, K_TOP, E_LOCAL, CH
     """The whole index step in one program (token blocks in order, a running count per rank):
     map [T, R] int32 = r·CHUNK + slot where token t has >= 1 expert id on rank r (id >= 0, id // E_LOCAL == r < R;
     slot = earlier tokens sent to r), else -1; counts [R] int32 = tokens sent to each rank. With LL also
-    ret [T, K_TOP] int32 = (id // E_LOCAL)·NK + t·K_TOP + k for ids on a rank < R, else -1: the row of entry
-    (t, k) in the ll combine's receive buffer (NK rows per rank)."""
+    ret [T, K_TOP] int32 = q·NK + slot(t on q)·K_TOP + k for an id on rank q = id // E_LOCAL < R, else -1: the row
+    of entry (t, k) in the ll combine's receive buffer (NK rows per rank, the received rows' order times K_TOP)."""
     r = tl.arange(0, R_PAD)
     k = tl.arange(0, KP)
     carry = tl.zeros((R_PAD,), dtype=tl.int32)
@@ -848,7 +848,8 @@ def ep_index_kernel(ids_ptr, map_ptr, counts_ptr, ret_ptr, T, K_TOP, E_LOCAL, CH
                  mask=live[:, None] & (r < R)[None, :])
         carry += tl.sum(hit, axis=0)
         if LL:
-            row = rank * NK + t[:, None].to(tl.int64) * K_TOP + k[None, :]
+            sl = tl.sum(tl.where(rank[:, :, None] == r[None, None, :], slot[:, None, :], 0), axis=2)   # [BLOCK_T, KP]
+            row = rank * NK + sl.to(tl.int64) * K_TOP + k[None, :]
             tl.store(ret_ptr + t[:, None].to(tl.int64) * K_TOP + k[None, :], tl.where(rank >= 0, row, -1), mask=ok)
     tl.store(counts_ptr + r, carry, mask=r < R)
 
