@@ -5,7 +5,7 @@ One process per GPU (torchrun). Each rank runs the DeepEP-"normal" exchange of S
 docs/design.md around the FP8 expert chain, the exchange built on the device (backend/ops/triton/ep_exchange.py:
 route / pack / unpack kernels, no host read, fixed chunks of T rows per rank = num_worst_tokens):
 
-    per_token_quant (1x128, UE8M0) -> route + pack (kernels) -> counts all_gather + all_to_all_single (device
+    per_token_quant (1x128, UE8M0) -> index + pack (kernels; padding rows marked) -> all_to_all_single (workspace
     buffers) -> unpack (kernel) -> permute -> GEMM 1 -> SwiGLU + quant -> GEMM 2 -> weighted depermute (one row per
     token and rank, summed over that rank's experts) -> all_to_all_single back -> sum over ranks (kernel, float32,
     rank order, one bf16 rounding)
@@ -26,9 +26,17 @@ Measured per T (--tokens, comma-separated), each against its baseline:
    with all E_total experts and the same chain (no exchange): speedup_2_gpus_vs_1 per overlap setting, with a
    per-stream timeline (CUDA events) of one call on rank 0.
 4. graph (--graph on, GPU): the same layer and the dispatch alone captured in CUDA graphs (after all eager numbers).
+5. ll (--ll N, default 128; 0: off): the low-latency pair (ep_exchange.LowLatencyExchange, moe_ref.ep.ll_dispatch /
+   ll_combine semantics, fixed buffers of N tokens per rank) at T = N per rank around the masked chain: bit-exact
+   against simulate_ll on every rank, dispatch / combine wall, loop and host ms, launches per call, bytes against
+   the ll ideal, and dispatch, combine and the layer replayed from CUDA graphs -> result["ll"].
+Launches per call (`*_launches`) count the Triton launches through backend/ops/triton/fast_launch; collectives per
+call are listed beside them. --overlap-sms S caps the expert GEMMs at S SMs while micro-batches overlap (NCCL keeps
+the rest).
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --tokens 4096,1024 --overlap off,on \
-        --out $OUT/ep.json; python3 benchmarks/merge_ep_results.py benchmarks/results/ep_gpu_h200x2.json $OUT/ep.json
+        --ll 128 --out $OUT/ep.json; python3 benchmarks/merge_ep_results.py benchmarks/results/ep_gpu_h200x2.json \
+        $OUT/ep.json
     TRITON_INTERPRET=1 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --backend gloo --device cpu --dry
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ picks is the one Triton would pick:
 
     int     (type, == 1, % 16 == 0, i32 / i64 / wider range)
     tensor  (dtype, data_ptr % 16 == 0)
-    other   (type, value) for None / float / bool; anything else: the plain JIT path every time
+    other   (type,) for None / float / bool; anything else: the plain JIT path every time
     meta    the constexprs and launch options by name (sorted), and the current device
 
 The first call of a key goes through the plain JIT path (it compiles and launches). The fast path needs every
@@ -35,8 +35,8 @@ def _spec(a):
     dp = getattr(a, "data_ptr", None)
     if dp is not None and hasattr(a, "dtype"):
         return (a.dtype, dp() % 16 == 0)
-    if a is None or tp in (float, bool):
-        return (tp, a)
+    if a is None or tp in (float, bool):       # Triton: fp32 / i1 / None, not specialized on the value
+        return (tp,)
     return None
 
 
