@@ -202,3 +202,52 @@ def test_device_route_equals_the_host_runners_index_formulas():
         sent = ep_index.sent_tokens(ids, e_local, world)
         for r in range(world):
             assert np.array_equal(np.nonzero(want_map[:, r] >= 0)[0], sent[r])
+
+
+LL_CASES = [("random", [5, 3], 2, 2, 2, 6), ("sparse", [4, 6, 2], 3, 2, 3, 6), ("one_rank", [3, 4], 2, 2, 2, 4)]
+
+
+@pytest.mark.parametrize("kind,t_of,world,e_local,k_top,n", LL_CASES)
+def test_device_ll_path_matches_moe_ref_ll(kind, t_of, world, e_local, k_top, n):
+    """LowLatencyExchange's steps in one process (route with the ll row map, pack, an in-process all_to_all,
+    unpack, the permute to [E, R·N]; back: the gather of expert rows per (row, k), an in-process all_to_all, the
+    weighted sum over k) equal moe_ref.ep.ll_dispatch (bf16, no quantization: rows compared as bytes) and
+    ll_combine bit for bit."""
+    from moe_ref.ep import ll_combine, ll_dispatch
+    from backend.ops.triton import ep_exchange as X
+    from backend.ops.triton import launch as L
+    rng = np.random.default_rng(7 * world + n)
+    h = 64
+    per_rank = _inputs(rng, t_of, 2 * h, e_local * world, k_top, kind)       # x bytes: bf16 [T, h]
+    xs = [torch.from_numpy(x.copy()).view(torch.bfloat16) for x, *_ in per_rank]
+    ids_t = [torch.from_numpy(ids) for _, _, ids, _ in per_rank]
+    w_t = [torch.from_numpy(w) for *_, w in per_rank]
+    ref = ll_dispatch([paddle.to_tensor(x.view(torch.int16).numpy()).view(paddle.bfloat16) for x in xs],
+                      [paddle.to_tensor(i.numpy()) for i in ids_t], n, e_local, use_fp8=False)
+    nk, sends, rets, imaps = n * k_top, [], [], []
+    for s in range(world):
+        imap, counts, ret = X.route(ids_t[s], e_local, world, n, ll_rows=nk)
+        send, _ = X.pack_rows(xs[s], torch.zeros(t_of[s], 1, dtype=torch.int32), ids_t[s], w_t[s], imap, counts,
+                              world * n, n, False)
+        sends.append(send)
+        rets.append(ret)
+    lay = X.RowLayout(2 * h, 1, k_top)
+    outs = []
+    for r in range(world):
+        recv = torch.cat([sends[s][r * n: (r + 1) * n] for s in range(world)])
+        x, _, lids, _ = X.unpack_rows(recv, None, lay, e_local, r, False)
+        px, _, imap, cnt = L.prefill_permute_to_masked_gemm(x, None, lids, e_local, world * n)
+        imaps.append(imap)
+        assert np.array_equal(px.view(torch.uint8).numpy(), ref[r][0].view(paddle.uint8).numpy())
+        assert cnt.view(-1).tolist() == ref[r][2].numpy().tolist()
+        outs.append(torch.from_numpy(rng.standard_normal((e_local, world * n, h)).astype(np.float32)).to(
+            torch.bfloat16))
+    gathered = [L.depermute_prefill_combine(outs[r], imaps[r].reshape(-1, 1), torch.ones(world * nk, 1), world * nk)
+                for r in range(world)]
+    want = ll_combine([paddle.to_tensor(o.float().numpy()).astype(paddle.bfloat16) for o in outs],
+                      [paddle.to_tensor(i.numpy()) for i in ids_t], [paddle.to_tensor(w.numpy()) for w in w_t],
+                      ref[0][3])
+    for s in range(world):
+        back = torch.cat([gathered[r][s * nk: (s + 1) * nk] for r in range(world)])
+        got = L.depermute_prefill_combine(back.view(1, world * nk, h), rets[s], w_t[s], t_of[s])
+        assert np.array_equal(got.view(torch.int16).numpy(), want[s].numpy().view(np.int16))

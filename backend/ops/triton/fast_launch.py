@@ -13,7 +13,8 @@ picks is the one Triton would pick:
 
 The first call of a key goes through the plain JIT path (it compiles and launches). The fast path needs every
 runtime argument positional and every constexpr after them in the signature (true of the kernels here); a call that
-does not fit, and every call under the interpreter, uses the plain path. Launch hooks (profilers) are honoured.
+does not fit (a callable grid too), and every call under the interpreter, uses the plain path. Launch hooks
+(profilers) are honoured.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class FastKernel:
 
     def launch(self, grid, args: tuple, meta: dict):
         self.launches += 1
-        if not self.ok or len(args) != self.n_runtime:
+        if not self.ok or len(args) != self.n_runtime or callable(grid):
             return self.fn[grid](*args, **meta)
         from triton.runtime.driver import driver
         dev = driver.active.get_current_device()
@@ -71,6 +72,8 @@ class FastKernel:
             kernel = self.fn[grid](*args, **meta)
             if hasattr(kernel, "result"):
                 kernel = kernel.result()
+            if kernel is None or not hasattr(kernel, "packed_metadata"):
+                return kernel
             consts = tuple(meta[p.name] if p.name in meta else p.default for p in self.constexprs)
             self.cache[key] = (kernel, consts)
             return kernel
