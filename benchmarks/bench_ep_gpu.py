@@ -5,7 +5,7 @@ One process per GPU (torchrun). Each rank runs the DeepEP-"normal" exchange of S
 docs/design.md around the FP8 expert chain, the exchange built on the device (backend/ops/triton/ep_exchange.py:
 route / pack / unpack kernels, no host read, fixed chunks of T rows per rank = num_worst_tokens):
 
-    per_token_quant (1x128, UE8M0) -> route + pack (kernels) -> counts all_gather + all_to_all_single (device
+    per_token_quant (1x128, UE8M0) -> index + pack (kernels; padding rows marked) -> all_to_all_single (workspace
     buffers) -> unpack (kernel) -> permute -> GEMM 1 -> SwiGLU + quant -> GEMM 2 -> weighted depermute (one row per
     token and rank, summed over that rank's experts) -> all_to_all_single back -> sum over ranks (kernel, float32,
     rank order, one bf16 rounding)
@@ -26,9 +26,17 @@ Measured per T (--tokens, comma-separated), each against its baseline:
    with all E_total experts and the same chain (no exchange): speedup_2_gpus_vs_1 per overlap setting, with a
    per-stream timeline (CUDA events) of one call on rank 0.
 4. graph (--graph on, GPU): the same layer and the dispatch alone captured in CUDA graphs (after all eager numbers).
+5. ll (--ll N, default 128; 0: off): the low-latency pair (ep_exchange.LowLatencyExchange, moe_ref.ep.ll_dispatch /
+   ll_combine semantics, fixed buffers of N tokens per rank) at T = N per rank around the masked chain: bit-exact
+   against simulate_ll on every rank, dispatch / combine wall, loop and host ms, launches per call, bytes against
+   the ll ideal, and dispatch, combine and the layer replayed from CUDA graphs -> result["ll"].
+Launches per call (`*_launches`) count the Triton launches through backend/ops/triton/fast_launch; collectives per
+call are listed beside them. --overlap-sms S caps the expert GEMMs at S SMs while micro-batches overlap (NCCL keeps
+the rest).
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --tokens 4096,1024 --overlap off,on \
-        --out $OUT/ep.json; python3 benchmarks/merge_ep_results.py benchmarks/results/ep_gpu_h200x2.json $OUT/ep.json
+        --ll 128 --out $OUT/ep.json; python3 benchmarks/merge_ep_results.py benchmarks/results/ep_gpu_h200x2.json \
+        $OUT/ep.json
     TRITON_INTERPRET=1 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --backend gloo --device cpu --dry
 """
 from __future__ import annotations
@@ -126,6 +134,7 @@ class Experts:
 
     def __init__(self, first: int, count: int, h: int, i: int, seed: int, device, launch):
         self.e, self.h, self.i, self.launch = count, h, i, launch
+        self.sm_count = -1
         up_q, up_s, up_p, dn_q, dn_s, dn_p = ([] for _ in range(6))
         for g in range(first, first + count):
             gen = torch.Generator(device=device).manual_seed(seed * 100003 + g)
@@ -147,17 +156,22 @@ class Experts:
         [W, K_top] fp32, m rows per expert -> partial [W, H] bf16 (weighted, SPEC §5-8)."""
         if self.launch is None:
             return self._torch_chain(x_q, x_scale, ids, weights)
+        px, ps, imap, counts = self.launch.prefill_permute_to_masked_gemm(x_q, x_scale, ids, self.e, m,
+                                                                          errors=self.errors)
+        return self.launch.depermute_prefill_combine(self.masked(px, ps, counts, m), imap, weights, x_q.shape[0])
+
+    def masked(self, px, ps, counts, m: int) -> torch.Tensor:
+        """The masked chain: px [E, M, H] fp8, ps MN-major scales (the permute's), counts [E] int32 -> [E, M, H]
+        bf16 (GEMM 1, SwiGLU + quant, GEMM 2; unweighted). sm_count (attribute, -1: all) bounds the GEMMs' SMs."""
         L, e, h, i = self.launch, self.e, self.h, self.i
-        w = x_q.shape[0]
-        px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x_q, x_scale, ids, e, m, errors=self.errors)
-        up = torch.empty(e * m, 2 * i, dtype=torch.bfloat16, device=x_q.device)
+        up = torch.empty(e * m, 2 * i, dtype=torch.bfloat16, device=px.device)
         L.group_gemm_masked(px.view(e * m, h), self.up_q, L.unpack_and_convert_scale(ps, counts), self.up_sf,
-                            counts, up, None, m, sfb_per_block=True)
+                            counts, up, None, m, sm_count=self.sm_count, sfb_per_block=True)
         act, act_s = L.fused_mask_swiglu_fp8_quant(up.view(e, m, 2 * i), counts, GROUP, True)
-        down = torch.empty(e * m, h, dtype=torch.bfloat16, device=x_q.device)
+        down = torch.empty(e * m, h, dtype=torch.bfloat16, device=px.device)
         L.group_gemm_masked(act.view(e * m, i), self.dn_q, L.unpack_and_convert_scale(act_s, counts), self.dn_sf,
-                            counts, down, None, m, sfb_per_block=True)
-        return L.depermute_prefill_combine(down.view(e, m, h), imap, weights, w)
+                            counts, down, None, m, sm_count=self.sm_count, sfb_per_block=True)
+        return down.view(e, m, h)
 
     def _torch_chain(self, x_q, x_scale, ids, weights):
         """The same math in plain torch (dequantize, float32 GEMMs), for machines without Triton."""
@@ -233,6 +247,29 @@ def simulate(inputs: list, experts_of_rank, e_local: int, w: int, m: int) -> lis
                 acc[idx] = acc[idx] + partial[r][before: before + idx.numel()].float()
         outs.append(acc.to(torch.bfloat16))
     return outs
+
+
+def simulate_ll(inputs: list, experts_of_rank, e_local: int, n: int, launch) -> list:
+    """All R ranks in one process, moe_ref.ep.ll_dispatch / ll_combine semantics -> each rank's ll layer output:
+    every rank's tokens concatenated in (source rank, token) order and permuted to rank r's [E, R·N] slots with the
+    ids local to r (slots in (source, token, k) order), the masked chain, then per source token
+    bf16(Σ_{k ascending} w · float32(row of (t, k))) (launch.depermute_prefill_combine over all ranks' rows)."""
+    world, rn = len(inputs), len(inputs) * n
+    x_all = torch.cat([i[0].view(torch.uint8) for i in inputs]).view(torch.float8_e4m3fn)
+    s_all, ids_all, w_all = (torch.cat([i[j] for i in inputs]) for j in (1, 2, 3))
+    rows, gmap = [], torch.full(ids_all.shape, -1, dtype=torch.int64, device=ids_all.device)
+    for r in range(world):
+        px, ps, imap, counts = launch.prefill_permute_to_masked_gemm(x_all, s_all, to_local(ids_all, r, e_local),
+                                                                     e_local, rn)
+        down = experts_of_rank(r).masked(px, ps, counts, rn)
+        rows.append(down.reshape(-1, down.shape[-1]))
+        gmap = torch.where(imap >= 0, imap.long() + r * e_local * rn, gmap)
+    allrows = torch.cat(rows)
+    out = launch.depermute_prefill_combine(allrows.view(1, *allrows.shape), gmap, w_all, ids_all.shape[0])
+    bounds = [0]
+    for i in inputs:
+        bounds.append(bounds[-1] + i[0].shape[0])
+    return [out[bounds[s]: bounds[s + 1]] for s in range(world)]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -405,7 +442,7 @@ def exchange_numbers(ctx, x_q, x_s, ids, wts, t: int) -> dict:
     ex.combine(partial, h)
     bytes_sent = rank_sum(ex.stats["dispatch_bytes_to_others"] + ex.stats["combine_bytes_to_others"], device)
     lay = X.RowLayout(x_q.shape[1], x_s.shape[1], ids.shape[1])
-    ideal = rank_sum(sum(X.ideal_bytes(h.cnt.tolist(), rank, lay, 2 * x_q.shape[1])), device)
+    ideal = rank_sum(sum(X.ideal_bytes(ex.counts_matrix(h).tolist(), rank, lay, 2 * x_q.shape[1])), device)
     biggest = torch.tensor([h.send.numel() * 4], dtype=torch.int64, device=device)
     dist.all_reduce(biggest, op=dist.ReduceOp.MAX)                   # equal splits: one size on every rank
     plain_in = torch.zeros(-(-int(biggest.item()) // (world * 128)) * world * 128, dtype=torch.uint8, device=device)
@@ -424,6 +461,8 @@ def exchange_numbers(ctx, x_q, x_s, ids, wts, t: int) -> dict:
             loop["plain_all_to_all_same_bytes"],
         "dispatch_host_ms": host_ms(dispatch, device, a.iters),
         "combine_host_ms": host_ms(lambda: ex.combine(partial, h), device, a.iters),
+        "dispatch_launches": launches(dispatch), "combine_launches": launches(lambda: ex.combine(partial, h)),
+        "collectives_per_call": {"dispatch": 2 if ex.exact else 1, "combine": 1},
         "bytes_sent": int(bytes_sent), "bytes_ideal": int(ideal), "bytes_sent_vs_ideal": bytes_sent / max(ideal, 1),
         "row_bytes": lay.row_words * 4, "ideal_row_bytes": lay.ideal_row_bytes,
         "note": "ms: wall per call with a barrier before each, max over ranks (loop_ms: back-to-back, CUDA events); "
@@ -431,6 +470,103 @@ def exchange_numbers(ctx, x_q, x_s, ids, wts, t: int) -> dict:
                 "ranks only, dispatch + combine; ideal: a token once per other rank hosting >= 1 of its experts "
                 "(fp8 x, packed UE8M0 scales, ids int64, weights fp32), one bf16 row back per token received",
     }
+
+
+def launches(fn) -> int:
+    """Triton launches (through backend.ops.triton.fast_launch's kernels) of one call of fn."""
+    c0 = X.K.launch_count()
+    fn()
+    return X.K.launch_count() - c0
+
+
+def ll_layer(ctx, llx, x, wts, ids):
+    """quant -> ll dispatch -> masked chain on [E, R·N] -> ll combine: this rank's [T, H] bf16."""
+    q, sc = quantize_act(x, ctx["launch"])
+    px, ps, cnt, h = llx.dispatch(q, sc, ids, wts)
+    return llx.combine(ctx["mine"].masked(px, ps, cnt, llx.world * llx.n), wts, h)
+
+
+def ll_check(ctx, llx, n: int) -> bool:
+    """Every rank's ll layer output against simulate_ll (random routing, T = N on every rank)."""
+    a, world, device = ctx["a"], ctx["world"], ctx["device"]
+    ins = [make_inputs(s, n, a.hidden, a.experts, a.top_k, a.seed + 1, device) for s in range(world)]
+    q_ins = [(*quantize_act(x, ctx["launch"]), ids, wts) for x, wts, ids in ins]
+    ref = simulate_ll(q_ins, lambda r: ctx["all_experts"][r], ctx["e_local"], n, ctx["launch"])[ctx["rank"]]
+    got = ll_layer(ctx, llx, *ins[ctx["rank"]])
+    flag = torch.tensor([0 if torch.equal(got.view(torch.int16), ref.view(torch.int16)) else 1], device=device)
+    dist.all_reduce(flag)
+    return int(flag.item()) == 0
+
+
+def ll_ideal_bytes(ids: torch.Tensor, e_local: int, rank: int, world: int, lay, hidden: int) -> int:
+    """This rank's share of DeepEP's ll ideal: its tokens once per other rank hosting >= 1 of their experts, one
+    bf16 row back per (token, k) whose expert is on another rank."""
+    rk = torch.where(ids >= 0, torch.div(ids, e_local, rounding_mode="floor"), torch.full_like(ids, -1))
+    rows = sum(int((rk == r).any(1).sum()) for r in range(world) if r != rank)
+    entries = int(((rk >= 0) & (rk != rank)).sum())
+    return rows * lay.ideal_row_bytes + entries * 2 * hidden
+
+
+def ll_numbers(ctx, n: int) -> dict:
+    """The ll path (backend/ops/triton/ep_exchange.LowLatencyExchange) at T = N tokens per rank: bit-exact against
+    simulate_ll, dispatch / combine wall, loop and host ms per call, launches per call, bytes, CUDA-graph replay."""
+    a, rank, world, device, launch = ctx["a"], ctx["rank"], ctx["world"], ctx["device"], ctx["launch"]
+    if launch is None:
+        return {"N": n, "skipped": "the ll path needs the Triton launchers"}
+    llx = X.LowLatencyExchange(ctx["e_local"], n)
+    rec = {"N": n, "T_per_rank": n, "bit_exact": ll_check(ctx, llx, n)}
+    log(f"ll N={n} check: {'bit-exact on every rank' if rec['bit_exact'] else 'MISMATCH'}")
+    x, wts, ids = make_inputs(rank, n, a.hidden, a.experts, a.top_k, a.seed + 1, device)
+    q, sc = quantize_act(x, launch)
+    d = {}
+
+    def dispatch():
+        d["d"] = llx.dispatch(q, sc, ids, wts)
+
+    dispatch()
+    px, ps, cnt, h = d["d"]
+    eo = ctx["mine"].masked(px, ps, cnt, world * n)
+    combine = lambda: llx.combine(eo, wts, h)            # noqa: E731
+    combine()
+    lay = X.RowLayout(q.shape[1], sc.shape[1], ids.shape[1])
+    rec.update(dispatch_ms=timed(dispatch, device, a.iters, a.warmup), combine_ms=timed(combine, device, a.iters,
+               a.warmup), dispatch_loop_ms=loop_ms(dispatch, device, a.iters),
+               combine_loop_ms=loop_ms(combine, device, a.iters), dispatch_host_ms=host_ms(dispatch, device, a.iters),
+               combine_host_ms=host_ms(combine, device, a.iters), dispatch_launches=launches(dispatch),
+               combine_launches=launches(combine), collectives_per_call={"dispatch": 1, "combine": 1},
+               layer_ms=timed(lambda: ll_layer(ctx, llx, x, wts, ids), device, a.iters, a.warmup),
+               bytes_sent=int(rank_sum(llx.stats["dispatch_bytes_to_others"] + llx.stats["combine_bytes_to_others"],
+                                       device)),
+               bytes_ideal=int(rank_sum(ll_ideal_bytes(ids, ctx["e_local"], rank, world, lay, a.hidden), device)))
+    rec["bytes_sent_vs_ideal"] = rec["bytes_sent"] / max(rec["bytes_ideal"], 1)
+    rec.update(ll_graph_numbers(ctx, llx, dispatch, combine, (x, wts, ids)))
+    log(f"ll N={n}:", json.dumps(rec))
+    return rec
+
+
+def ll_graph_numbers(ctx, llx, dispatch, combine, inputs) -> dict:
+    """dispatch, combine and the whole ll layer captured in CUDA graphs: replay ms, layer graph == eager."""
+    device, a = ctx["device"], ctx["a"]
+    if device.type != "cuda":
+        return {"graph": "skipped (CUDA graphs need a GPU)"}
+    out = {}
+    try:
+        for name, fn in (("dispatch", dispatch), ("combine", combine)):
+            g, _ = captured(fn, device)
+            out[f"{name}_graph_ms"] = timed(g.replay, device, a.iters, a.warmup)
+            out[f"{name}_graph_loop_ms"] = loop_ms(g.replay, device, a.iters)
+            del g
+        g, y = captured(lambda: ll_layer(ctx, llx, *inputs), device)
+        g.replay()
+        same = torch.tensor([int(torch.equal(y, ll_layer(ctx, llx, *inputs)))], device=device)
+        dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        out["layer_graph_ms"] = timed(g.replay, device, a.iters, a.warmup)
+        out["graph_equals_eager"] = bool(same.item())
+        del g, y
+    except Exception as exc:   # noqa: BLE001 - recorded; the eager numbers stand on their own
+        out["graph_error"] = repr(exc)[:500]
+        log(f"ll graph capture failed: {exc!r}")
+    return out
 
 
 def one_gpu_ms(ctx, t: int) -> float | None:
@@ -605,6 +741,10 @@ def parse_args():
                     help="also time the layer and the dispatch captured in CUDA graphs (GPU only), after the eager runs")
     ap.add_argument("--nccl-priority", default="high", choices=("high", "normal"),
                     help="priority of the NCCL process group's stream")
+    ap.add_argument("--ll", type=int, default=128,
+                    help="num_max_dispatch_tokens_per_rank N of the ll (low-latency) records, T = N per rank; 0: none")
+    ap.add_argument("--overlap-sms", type=int, default=0,
+                    help="SMs the expert GEMMs may use while overlapped (micro-batches > 1); 0: all")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -617,6 +757,7 @@ def parse_args():
         raise SystemExit(f"--overlap: expected on, off or off,on, got {a.overlap}")
     if a.dry:
         a.tokens, a.hidden, a.intermediate, a.experts, a.top_k, a.iters, a.warmup = [24, 8], 256, 128, 4, 2, 2, 1
+        a.ll = min(a.ll, 6)
     return a
 
 
@@ -662,8 +803,13 @@ def make_layer(ctx):
         chunk = -(-t // parts)
         if (chunk, parts) not in exchanges:
             exchanges[(chunk, parts)] = X.DeviceExchange(ctx["e_local"], chunk)
-        return X.overlapped_layer(exchanges[(chunk, parts)], ctx["mine"], x_q, x_s, ids, wts, parts,
-                                  comm if parts > 1 else None, timeline)
+        mine = ctx["mine"]
+        mine.sm_count = ctx["a"].overlap_sms if parts > 1 and ctx["a"].overlap_sms > 0 else -1
+        try:
+            return X.overlapped_layer(exchanges[(chunk, parts)], mine, x_q, x_s, ids, wts, parts,
+                                      comm if parts > 1 else None, timeline)
+        finally:
+            mine.sm_count = -1
     return layer
 
 
@@ -693,12 +839,16 @@ def main() -> int:
     for t in a.tokens:
         result["per_T"][f"T{t}"] = run_tokens(ctx, t)
         save(result, a, rank)
+    if a.ll > 0:
+        result["ll"] = [ll_numbers(ctx, a.ll)]
+        save(result, a, rank)
     if a.graph == "on":
         for res in result["per_T"].values():
             add_graph_numbers(ctx, res)
             save(result, a, rank)
     dist.barrier()
     ok = all(c["bit_exact_all_ranks"] for r in result["per_T"].values() for c in r["checks"].values())
+    ok = ok and all(r.get("bit_exact", True) for r in result.get("ll", []))
     dist.destroy_process_group()
     return 0 if ok else 1
 

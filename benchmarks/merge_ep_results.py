@@ -28,6 +28,8 @@ def records_of(per_t: dict) -> list:
             r = {k: _round(rec.get(k)) for k in RECORD_KEYS}
             r["bytes_sent_vs_ideal"] = _round(ex["bytes_sent_vs_ideal"])
             r["dispatch_graph_host_ms"] = _round(res.get("graph", {}).get("dispatch_graph_host_ms"))
+            for k in ("dispatch_launches", "combine_launches", "collectives_per_call"):
+                r[k] = ex.get(k)
             r["graph_equals_eager"] = res.get("graph", {}).get(f"graph_equals_eager_overlap_{rec['overlap']}")
             out.append(r)
     return out
@@ -79,10 +81,11 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": args.command or old.get("command"), "ops": first["ops"], "gemm_autotune": first["gemm_autotune"],
         "records": records_of(per_t), "summary": {k: summarize(v) for k, v in per_t.items()},
+        "ll": [{k: _round(v) for k, v in rec.items()} for run in loaded for rec in run.get("ll", [])],
         "runs": per_t, "history": history,
     }
     out.write_text(json.dumps(result, indent=1) + "\n")
-    for r in result["records"]:
+    for r in result["records"] + result["ll"]:
         print(json.dumps(r))
 
 

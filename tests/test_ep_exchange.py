@@ -54,7 +54,7 @@ def _dispatch_in_process(per_rank, e_local, chunk, exact):
     world = len(per_rank)
     packed, counts = [], []
     for x, sc, ids, wts in per_rank:
-        imap, cnt = X.route(torch.from_numpy(ids), e_local, world, chunk)
+        imap, cnt, _ = X.route(torch.from_numpy(ids), e_local, world, chunk)
         counts.append(cnt)
         packed.append((imap, cnt))
     cnt = torch.stack(counts).to(torch.int32)                        # cnt[s, r]
@@ -76,7 +76,7 @@ def _dispatch_in_process(per_rank, e_local, chunk, exact):
         recv = torch.cat(parts)
         recv = torch.cat([recv, torch.full((world * chunk - recv.shape[0], lay.row_words), 0x7F7F7F7F,
                                            dtype=torch.int32)])       # garbage past the real rows
-        outs.append(X.unpack_rows(recv, cnt, lay, e_local, r, chunk, exact))
+        outs.append(X.unpack_rows(recv, cnt if exact else None, lay, e_local, r, exact))
     return outs, poss, cnt, sends
 
 
@@ -140,7 +140,7 @@ def test_route_numbers_tokens_per_rank_in_token_order():
     rng = np.random.default_rng(3)
     world, e_local, k_top, t, chunk = 3, 4, 4, 37, 40
     ids = rng.integers(-1, world * e_local, size=(t, k_top)).astype(np.int64)
-    imap, counts = X.route(torch.from_numpy(ids), e_local, world, chunk)
+    imap, counts, _ = X.route(torch.from_numpy(ids), e_local, world, chunk)
     seen = [0] * world
     want = np.full((t, world), -1)
     for i in range(t):
@@ -150,6 +150,16 @@ def test_route_numbers_tokens_per_rank_in_token_order():
                 seen[r] += 1
     assert np.array_equal(imap.numpy(), want)
     assert counts.tolist() == seen
+    nk = chunk * k_top                     # the ll combine's rows per rank: entry (t, k) at q·NK + slot·K + k
+    imap2, counts2, ret = X.route(torch.from_numpy(ids), e_local, world, chunk, ll_rows=nk)
+    want_ret = np.full((t, k_top), -1)
+    for i in range(t):
+        for k in range(k_top):
+            if ids[i, k] >= 0:
+                q = ids[i, k] // e_local
+                want_ret[i, k] = q * nk + (want[i, q] - q * chunk) * k_top + k
+    assert np.array_equal(ret.numpy(), want_ret) and np.array_equal(imap2.numpy(), want)
+    assert counts2.tolist() == seen
     with pytest.raises(ValueError, match="chunk"):
         X.route(torch.from_numpy(ids), e_local, world, t - 1)
 
@@ -175,7 +185,7 @@ def test_exchange_kernels_compile_for_sm90():
     if proc.returncode and "ptxas" in proc.stderr and "not found" in proc.stderr:
         pytest.skip("no ptxas here")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" ok ") == 5
+    assert proc.stdout.count(" ok ") == 6
 
 
 def test_device_route_equals_the_host_runners_index_formulas():
@@ -186,9 +196,58 @@ def test_device_route_equals_the_host_runners_index_formulas():
     for world, e_local, k_top, t in ((2, 32, 8, 50), (4, 2, 3, 17), (3, 1, 1, 9)):
         ids = rng.integers(-1, world * e_local, size=(t, k_top)).astype(np.int64)
         ids[t // 2] = -1
-        imap, counts = X.route(torch.from_numpy(ids), e_local, world, t)
+        imap, counts, _ = X.route(torch.from_numpy(ids), e_local, world, t)
         want_map, want_counts = ep_index.send_map(ids, e_local, world, t)
         assert np.array_equal(imap.numpy(), want_map) and np.array_equal(counts.numpy(), want_counts)
         sent = ep_index.sent_tokens(ids, e_local, world)
         for r in range(world):
             assert np.array_equal(np.nonzero(want_map[:, r] >= 0)[0], sent[r])
+
+
+LL_CASES = [("random", [5, 3], 2, 2, 2, 6), ("sparse", [4, 6, 2], 3, 2, 3, 6), ("one_rank", [3, 4], 2, 2, 2, 4)]
+
+
+@pytest.mark.parametrize("kind,t_of,world,e_local,k_top,n", LL_CASES)
+def test_device_ll_path_matches_moe_ref_ll(kind, t_of, world, e_local, k_top, n):
+    """LowLatencyExchange's steps in one process (route with the ll row map, pack, an in-process all_to_all,
+    unpack, the permute to [E, R·N]; back: the gather of expert rows per (row, k), an in-process all_to_all, the
+    weighted sum over k) equal moe_ref.ep.ll_dispatch (bf16, no quantization: rows compared as bytes) and
+    ll_combine bit for bit."""
+    from moe_ref.ep import ll_combine, ll_dispatch
+    from backend.ops.triton import ep_exchange as X
+    from backend.ops.triton import launch as L
+    rng = np.random.default_rng(7 * world + n)
+    h = 64
+    per_rank = _inputs(rng, t_of, 2 * h, e_local * world, k_top, kind)       # x bytes: bf16 [T, h]
+    xs = [torch.from_numpy(x.copy()).view(torch.bfloat16) for x, *_ in per_rank]
+    ids_t = [torch.from_numpy(ids) for _, _, ids, _ in per_rank]
+    w_t = [torch.from_numpy(w) for *_, w in per_rank]
+    ref = ll_dispatch([paddle.to_tensor(x.view(torch.int16).numpy()).view(paddle.bfloat16) for x in xs],
+                      [paddle.to_tensor(i.numpy()) for i in ids_t], n, e_local, use_fp8=False)
+    nk, sends, rets, imaps = n * k_top, [], [], []
+    for s in range(world):
+        imap, counts, ret = X.route(ids_t[s], e_local, world, n, ll_rows=nk)
+        send, _ = X.pack_rows(xs[s], torch.zeros(t_of[s], 1, dtype=torch.int32), ids_t[s], w_t[s], imap, counts,
+                              world * n, n, False)
+        sends.append(send)
+        rets.append(ret)
+    lay = X.RowLayout(2 * h, 1, k_top)
+    outs = []
+    for r in range(world):
+        recv = torch.cat([sends[s][r * n: (r + 1) * n] for s in range(world)])
+        x, _, lids, _ = X.unpack_rows(recv, None, lay, e_local, r, False)
+        px, _, imap, cnt = L.prefill_permute_to_masked_gemm(x, None, lids, e_local, world * n)
+        imaps.append(imap)
+        assert np.array_equal(px.view(torch.uint8).numpy(), ref[r][0].view(paddle.uint8).numpy())
+        assert cnt.view(-1).tolist() == ref[r][2].numpy().tolist()
+        outs.append(torch.from_numpy(rng.standard_normal((e_local, world * n, h)).astype(np.float32)).to(
+            torch.bfloat16))
+    gathered = [L.depermute_prefill_combine(outs[r], imaps[r].reshape(-1, 1), torch.ones(world * nk, 1), world * nk)
+                for r in range(world)]
+    want = ll_combine([paddle.to_tensor(o.float().numpy()).astype(paddle.bfloat16) for o in outs],
+                      [paddle.to_tensor(i.numpy()) for i in ids_t], [paddle.to_tensor(w.numpy()) for w in w_t],
+                      ref[0][3])
+    for s in range(world):
+        back = torch.cat([gathered[r][s * nk: (s + 1) * nk] for r in range(world)])
+        got = L.depermute_prefill_combine(back.view(1, world * nk, h), rets[s], w_t[s], t_of[s])
+        assert np.array_equal(got.view(torch.int16).numpy(), want[s].numpy().view(np.int16))

@@ -1,6 +1,6 @@
 """Index formulas of the expert-parallel ht exchange (SPEC §9, docs/design.md exact semantics), numpy, for the host
 runners (ep_runner.InProcessEPGroup, ep_distributed.PaddleDistributedEPRunner). The device exchange
-(backend/ops/triton/ep_exchange.py: ep_route_kernel + the permute's count/slot kernels, ep_unpack_kernel) computes
+(backend/ops/triton/ep_exchange.py: ep_index_kernel, ep_unpack_kernel) computes
 the same values on the GPU; tests/test_ep_exchange.py checks the two against each other.
 
     rank of global expert g          g // E (E = experts per rank); g = -1: none

@@ -3,12 +3,12 @@
 DeepEP-"normal" dispatch and combine where index building, packing and unpacking are kernels and the host reads
 nothing back:
 
-    route   ep_route_kernel: dest [T, R] = r where token t has >= 1 expert on rank r, else -1; then the permute's
-            count and slot kernels (launch.permute_indices with R "experts" of CHUNK rows): map [T, R] =
-            r·CHUNK + slot (slot = rank of t among the tokens sent to r, ascending) and counts [R].
+    route   ep_index_kernel (one program, token blocks in order): map [T, R] = r·CHUNK + slot where token t has
+            >= 1 expert on rank r (slot = rank of t among the tokens sent to r, ascending), else -1; counts [R].
     pack    ep_pack_kernel: one row of int32 words per (token, destination rank) into the send buffer:
-            [x fp8 (H/4 words) | packed UE8M0 scale (C) | ids int64 (2·K_top) | weights fp32 (K_top) | pad to 16 B].
-    counts  all_gather of counts (device to device): cnt [R, R], cnt[s, r] = tokens s sends to r.
+            [x fp8 (H/4 words) | packed UE8M0 scale (C) | ids int64 (2·K_top) | weights fp32 (K_top) | pad to 16 B];
+            fixed chunks: padding rows get ids -1 (the receiver needs no counts).
+    counts  exact layout only: all_gather of counts, cnt [R, R], cnt[s, r] = tokens s sends to r, read by the host.
     a2a     all_to_all_single of the rows.
     unpack  ep_unpack_kernel: received rows -> x [W, H] fp8, scale [W, C], local ids [W, K_top] int64 (-1: other
             rank or padding), weights [W, K_top] fp32; padding rows zero.
@@ -16,12 +16,18 @@ nothing back:
             (token, rank), already summed over that rank's experts); the source sums them in rank order in float32
             and rounds once (launch.depermute_prefill_combine with weight 1 per rank: 1·x is exact).
 
+Host time: every launch goes through fast_launch (the compiled launcher called directly), buffers come from a
+Workspace per micro-batch slot (no allocation per call but the combine's output).
+
 Two receive layouts:
 - fixed chunks (`exact=False`, num_worst_tokens W = R·CHUNK, CHUNK >= T on every rank): rank r's rows go to chunk
   r of CHUNK rows; every all_to_all has equal splits, nothing is read back, the whole dispatch + combine can be
   captured in a CUDA graph. Rows of chunk s past cnt[s, me] are padding. Costs CHUNK - cnt rows of bytes per rank.
 - exact (`exact=True`): one host read of cnt (the counts that size the buffers), then the rows back to back,
   exactly the bytes DeepEP sends.
+
+`LowLatencyExchange` is DeepEP's low-latency ("ll") pair with moe_ref.ep.ll_dispatch / ll_combine semantics on top:
+fixed chunks of N = num_max_dispatch_tokens_per_rank, then the permute to [E, R·N] slots; per-(token, k) rows back.
 
 `overlapped_layer` runs a layer as micro-batches with the exchange on a communication stream, so the all_to_all
 of one micro-batch runs while the expert GEMMs of the other do (two-batch overlap).
@@ -35,8 +41,9 @@ import dataclasses
 import torch
 import triton
 
-from . import kernels as K
 from . import launch as L
+
+K = L.K             # the kernels module, launched through fast_launch (one cache with the launchers)
 
 ROW_ALIGN = 16        # bytes: NCCL moves 16-byte-aligned rows faster (DeepEP aligns its rows the same way)
 
@@ -66,25 +73,36 @@ class RowLayout:
         return 4 * self.payload_words
 
 
-def route(topk_ids: torch.Tensor, num_local_experts: int, world: int, chunk: int):
-    """topk_ids [T, K_top] global ids (-1 allowed) -> (map [T, R] int32 = r·chunk + slot or -1, counts [R] int32).
-    Slots number the tokens sent to each rank in ascending token order. Three launches, no host read."""
+def route(topk_ids: torch.Tensor, num_local_experts: int, world: int, chunk: int, out=None, ll_rows: int = 0):
+    """topk_ids [T, K_top] global ids (-1 allowed) -> (map [T, R] int32 = r·chunk + slot or -1, counts [R] int32,
+    ret [T, K_top] int32 | None). Slots number the tokens sent to each rank in ascending token order. One launch
+    (ep_index_kernel), no host read. ll_rows > 0 (the ll combine's rows per rank, N·K_top): also ret, the row of
+    each (token, k) in the ll combine's receive buffer, -1 for ids on no rank. out: (map, counts, ret) to write."""
     t, k_top = topk_ids.shape
     if t > chunk:
         raise ValueError(f"topk_ids: {t} tokens, more than chunk = {chunk} rows per rank")
     ids = topk_ids if topk_ids.stride(-1) == 1 else topk_ids.contiguous()
-    dest = torch.empty((t, world), dtype=torch.int32, device=ids.device)
+    dev = ids.device
+    index_map, counts, ret = out if out is not None else (
+        torch.empty((t, world), dtype=torch.int32, device=dev), torch.empty((world,), dtype=torch.int32, device=dev),
+        torch.empty((t, k_top), dtype=torch.int32, device=dev) if ll_rows else None)
     kp, r_pad = _pow2(k_top), _pow2(world)
-    block_t = max(1, min(64, 2048 // (kp * r_pad)))
-    if t:
-        K.ep_route_kernel[(triton.cdiv(t, block_t),)](ids, dest, t, k_top, int(num_local_experts), world,
-                                                      ids.stride(0), BLOCK_T=block_t, KP=kp, R_PAD=r_pad)
-    index_map, counts, _ = L.permute_indices(dest, world, chunk, check=False)
-    return index_map, counts
+    block_t = max(16, min(1024, 8192 // (kp * r_pad)))
+    K.ep_index_kernel[(1,)](ids, index_map, counts, ret if ll_rows else counts, t, k_top, int(num_local_experts),
+                            chunk, int(ll_rows), ids.stride(0), R=world, R_PAD=r_pad, KP=kp, BLOCK_T=block_t,
+                            LL=bool(ll_rows), num_warps=4 if L.interpreting() else 8)
+    return index_map, counts, ret
 
 
 def _words(t: torch.Tensor, name: str) -> torch.Tensor:
     """[n, c] tensor of any dtype -> its bytes as int32 words [n, c·itemsize/4] (a view when it can be one)."""
+    if t.dtype == torch.int32 and t.stride(-1) == 1:
+        return t
+    if t.numel() and t.stride(-1) == 1 and (t.shape[1] * t.element_size()) % 4 == 0:
+        try:
+            return t.view(torch.int32)
+        except RuntimeError:            # row strides that the word view cannot express: copied below
+            pass
     if t.numel() == 0:                  # torch calls any empty tensor contiguous, whatever its strides
         t = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     b = t.contiguous().view(torch.uint8)
@@ -93,40 +111,51 @@ def _words(t: torch.Tensor, name: str) -> torch.Tensor:
     return b.view(torch.int32)
 
 
-def pack_rows(x_q, x_scale, topk_ids, topk_weights, index_map, counts, rows: int, chunk: int, exact: bool):
+def pack_rows(x_q, x_scale, topk_ids, topk_weights, index_map, counts, rows: int, chunk: int, exact: bool,
+              send=None, pos=None):
     """-> (send [rows, row_words] int32, pos [T, R] int32: send row of (token, rank) or -1). x_q [T, H] fp8,
-    x_scale [T, C] int32|fp32, topk_ids [T, K_top] int64, topk_weights [T, K_top] fp32; map/counts from route."""
+    x_scale [T, C] int32|fp32, topk_ids [T, K_top] int64, topk_weights [T, K_top] fp32; map/counts from route.
+    Fixed chunks (rows = R·chunk): pos is the map itself and padding rows get ids -1 (ep_pack_kernel).
+    send / pos: buffers to write (else new)."""
     t, world = index_map.shape
     xw, sw = _words(x_q, "x_q"), _words(x_scale, "x_scale")
-    iw, ww = _words(topk_ids.to(torch.int64), "topk_ids"), _words(topk_weights.to(torch.float32), "topk_weights")
+    ids = topk_ids if topk_ids.dtype == torch.int64 else topk_ids.to(torch.int64)
+    wts = topk_weights if topk_weights.dtype == torch.float32 else topk_weights.to(torch.float32)
+    iw, ww = _words(ids, "topk_ids"), _words(wts, "topk_weights")
     lay = RowLayout(4 * xw.shape[1], sw.shape[1], topk_ids.shape[1])
-    send = torch.empty((rows, lay.row_words), dtype=torch.int32, device=x_q.device)
-    pos = torch.empty((t, world), dtype=torch.int32, device=x_q.device)
+    if send is None:
+        send = torch.empty((rows, lay.row_words), dtype=torch.int32, device=x_q.device)
+    if exact and pos is None:
+        pos = torch.empty((t, world), dtype=torch.int32, device=x_q.device)
     block = min(1024, _pow2(lay.row_words))
-    if t:
-        K.ep_pack_kernel[(t, triton.cdiv(lay.row_words, block))](
-            xw, sw, iw, ww, index_map, counts, pos, send, xw.shape[1], sw.shape[1], lay.top_k, lay.row_words, chunk,
-            xw.stride(0), sw.stride(0), iw.stride(0), ww.stride(0), R=world, R_PAD=_pow2(world), EXACT=bool(exact),
-            BLOCK=block, num_warps=4)
-    return send, pos
+    programs = t if exact else chunk
+    if programs:
+        K.ep_pack_kernel[(programs, triton.cdiv(lay.row_words, block))](
+            xw, sw, iw, ww, index_map, counts, pos if exact else index_map, send, t, xw.shape[1], sw.shape[1],
+            lay.top_k, lay.row_words, chunk, xw.stride(0), sw.stride(0), iw.stride(0), ww.stride(0), R=world,
+            R_PAD=_pow2(world), KP2=_pow2(2 * lay.top_k), EXACT=bool(exact), BLOCK=block, num_warps=4)
+    return send, pos if exact else index_map
 
 
-def unpack_rows(recv: torch.Tensor, cnt: torch.Tensor, lay: RowLayout, num_local_experts: int, rank: int,
-                chunk: int, exact: bool, scale_dtype=torch.int32):
-    """recv [W, row_words] int32, cnt [R, R] int32 -> (x [W, H] fp8, scale [W, C], local ids [W, K_top] int64,
-    weights [W, K_top] fp32); padding rows (see ep_unpack_kernel) zero, ids -1."""
+def unpack_rows(recv: torch.Tensor, cnt: torch.Tensor | None, lay: RowLayout, num_local_experts: int, rank: int,
+                exact: bool, scale_dtype=torch.int32, out=None):
+    """recv [W, row_words] int32, cnt [R, R] int32 (exact layout only; fixed chunks: None) -> (x [W, H] fp8,
+    scale [W, C], local ids [W, K_top] int64, weights [W, K_top] fp32); padding rows (see ep_unpack_kernel) zero,
+    ids -1. out: the four buffers (x and scale as int32 words) to write, else new."""
     w, dev = recv.shape[0], recv.device
     xw, sw = lay.hidden // 4, lay.scale_words
-    x = torch.empty((w, xw), dtype=torch.int32, device=dev)
-    s = torch.empty((w, sw), dtype=torch.int32, device=dev)
-    ids = torch.empty((w, lay.top_k), dtype=torch.int64, device=dev)
-    wts = torch.empty((w, lay.top_k), dtype=torch.float32, device=dev)
+    if exact and cnt is None:
+        raise ValueError("cnt: the exact layout needs the counts matrix")
+    x, s, ids, wts = out if out is not None else (
+        torch.empty((w, xw), dtype=torch.int32, device=dev), torch.empty((w, sw), dtype=torch.int32, device=dev),
+        torch.empty((w, lay.top_k), dtype=torch.int64, device=dev),
+        torch.empty((w, lay.top_k), dtype=torch.float32, device=dev))
     block = min(1024, _pow2(xw + sw))
+    world = cnt.shape[0] if exact else 1
     if w:
         K.ep_unpack_kernel[(w, triton.cdiv(xw + sw, block))](
-            recv, cnt, x, s, ids, wts, xw, sw, lay.top_k, lay.row_words, chunk, int(num_local_experts), rank,
-            cnt.shape[0], EXACT=bool(exact), R_PAD=_pow2(cnt.shape[0]), KP=_pow2(lay.top_k), BLOCK=block,
-            num_warps=4)
+            recv, cnt if exact else recv, x, s, ids, wts, xw, sw, lay.top_k, lay.row_words, int(num_local_experts),
+            rank, world, EXACT=bool(exact), R_PAD=_pow2(world), KP=_pow2(lay.top_k), BLOCK=block, num_warps=4)
     return x.view(torch.float8_e4m3fn), s.view(scale_dtype), ids, wts
 
 
@@ -140,12 +169,13 @@ def reduce_over_ranks(back: torch.Tensor, pos: torch.Tensor, ones: torch.Tensor)
 @dataclasses.dataclass
 class ExchangeHandle:
     """One dispatch on one rank. pos [T, R]: send row of (token, rank) = row of its partial in the combine's receive
-    buffer; cnt [R, R] int32 on the device; cnt_host (exact layout only) its host copy; rows_sent / rows_recv:
-    buffer rows; ones [T, R] fp32 (combine weights)."""
+    buffer; counts [R] int32 (tokens this rank sends to each rank); cnt [R, R] int32 on the device and cnt_host its
+    host copy (exact layout only); rows_sent / rows_recv: buffer rows; ones [T, R] fp32 (combine weights); slot:
+    the workspace (buffers reused by the next dispatch of the same slot and shape); ret [T, K_top] (ll only)."""
     tokens: int
     chunk: int
     pos: torch.Tensor
-    cnt: torch.Tensor
+    cnt: torch.Tensor | None
     cnt_host: list | None
     rows_sent: int
     rows_recv: int
@@ -154,6 +184,23 @@ class ExchangeHandle:
     recv: torch.Tensor | None = None
     back: torch.Tensor | None = None
     counts: torch.Tensor | None = None
+    slot: int = 0
+    ret: torch.Tensor | None = None
+
+
+class Workspace:
+    """Device buffers kept per (slot, name) and reused while shape, dtype and device stay the same: no allocation
+    per call. A buffer handed out is overwritten by the next call that asks for the same (slot, name)."""
+
+    def __init__(self):
+        self.bufs = {}
+
+    def get(self, slot: int, name: str, shape: tuple, dtype, device) -> torch.Tensor:
+        buf = self.bufs.get((slot, name))
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            self.bufs[(slot, name)] = buf
+        return buf
 
 
 class DeviceExchange:
@@ -164,6 +211,10 @@ class DeviceExchange:
     read of the counts per dispatch). Each step is public so a scheduler can put the collectives on another stream:
     dispatch = send_rows (compute) + exchange_rows (collectives) + received (compute); combine = return_rows
     (collective) + reduce (compute). `stats` holds the bytes this rank sent to other ranks in the last exchange.
+
+    Per call (fixed chunks): dispatch = 3 launches (index, pack, unpack) + 1 all_to_all, combine = 1 all_to_all +
+    1 launch; buffers come from a Workspace per `slot` (send_rows' argument): the dispatch outputs of a slot stay
+    valid until the next dispatch of that slot (the combine's output is new every call).
     """
 
     def __init__(self, num_local_experts: int, chunk: int, exact: bool = False, group=None):
@@ -172,35 +223,42 @@ class DeviceExchange:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.e, self.chunk, self.exact = int(num_local_experts), int(chunk), bool(exact)
         self.stats = {}
+        self.ws = Workspace()
         self._ones_cache = {}
 
     @property
     def num_worst_tokens(self) -> int:
         return self.world * self.chunk
 
-    def send_rows(self, x_q, x_scale, topk_ids, topk_weights) -> tuple[ExchangeHandle, RowLayout]:
-        """Route and pack on the current stream (no collective). The exact layout reads the counts here."""
-        t = x_q.shape[0]
-        index_map, counts = route(topk_ids, self.e, self.world, self.chunk)
-        cnt = torch.empty((self.world, self.world), dtype=torch.int32, device=x_q.device)
-        cnt_host = None
+    def send_rows(self, x_q, x_scale, topk_ids, topk_weights, slot: int = 0,
+                  ll_rows: int = 0) -> tuple[ExchangeHandle, RowLayout]:
+        """Route and pack on the current stream (no collective). The exact layout reads the counts here.
+        ll_rows > 0: also the ll combine's row map (route)."""
+        t, k_top = topk_ids.shape
+        dev, ws, world = x_q.device, self.ws, self.world
+        out = (ws.get(slot, "map", (t, world), torch.int32, dev), ws.get(slot, "counts", (world,), torch.int32, dev),
+               ws.get(slot, "ret", (t, k_top), torch.int32, dev) if ll_rows else None)
+        index_map, counts, ret = route(topk_ids, self.e, world, self.chunk, out, ll_rows)
+        cnt, cnt_host = None, None
         if self.exact:                                                  # the buffers' sizes: one host read
+            cnt = torch.empty((world, world), dtype=torch.int32, device=dev)
             self.dist.all_gather_into_tensor(cnt.view(-1), counts, group=self.group)
             cnt_host = cnt.tolist()
         rows_sent = sum(cnt_host[self.rank]) if self.exact else self.num_worst_tokens
         rows_recv = sum(c[self.rank] for c in cnt_host) if self.exact else self.num_worst_tokens
+        lay = RowLayout(x_q.shape[1], x_scale.shape[1] * x_scale.element_size() // 4, k_top)
+        send = ws.get(slot, "send", (rows_sent, lay.row_words), torch.int32, dev)
         send, pos = pack_rows(x_q, x_scale, topk_ids, topk_weights, index_map, counts, rows_sent, self.chunk,
-                              self.exact)
-        lay = RowLayout(x_q.shape[1], x_scale.shape[1] * x_scale.element_size() // 4, topk_ids.shape[1])
-        ones = self._ones(t, x_q.device)
-        return ExchangeHandle(t, self.chunk, pos, cnt, cnt_host, rows_sent, rows_recv, ones, send=send,
-                              counts=counts), lay
+                              self.exact, send, ws.get(slot, "pos", (t, world), torch.int32, dev) if self.exact
+                              else None)
+        return ExchangeHandle(t, self.chunk, pos, cnt, cnt_host, rows_sent, rows_recv, self.ones(t, dev),
+                              send=send, counts=counts, slot=slot, ret=ret), lay
 
-    def _ones(self, t: int, device) -> torch.Tensor:
-        """The combine's weights [T, R] fp32, all 1 (kept: one fill kernel fewer per dispatch; never written)."""
-        key = (t, str(device))
+    def ones(self, t: int, device, cols: int | None = None) -> torch.Tensor:
+        """Combine weights [T, cols (R)] fp32, all 1 (kept: one fill kernel fewer per call; never written)."""
+        key = (t, cols or self.world, device)
         if key not in self._ones_cache:
-            self._ones_cache[key] = torch.ones((t, self.world), dtype=torch.float32, device=device)
+            self._ones_cache[key] = torch.ones(key[:2], dtype=torch.float32, device=device)
         return self._ones_cache[key]
 
     def splits(self, h: ExchangeHandle, outgoing: bool):
@@ -211,30 +269,44 @@ class DeviceExchange:
         return (to_me, h.cnt_host[self.rank]) if outgoing else (h.cnt_host[self.rank], to_me)
 
     def exchange_rows(self, h: ExchangeHandle, lay: RowLayout) -> None:
-        """The counts all_gather (fixed chunks) and the dispatch all_to_all (current stream): h.send -> h.recv
-        [W, row_words], h.cnt."""
-        if not self.exact:
-            self.dist.all_gather_into_tensor(h.cnt.view(-1), h.counts, group=self.group)
+        """The dispatch all_to_all (current stream): h.send -> h.recv [W, row_words]. Fixed chunks need no counts
+        exchange (the receiver tells padding rows by their ids)."""
         out_s, in_s = self.splits(h, True)
-        h.recv = torch.empty((self.num_worst_tokens, lay.row_words), dtype=torch.int32, device=h.send.device)
-        self.dist.all_to_all_single(h.recv[:h.rows_recv], h.send, out_s, in_s, group=self.group)
+        h.recv = self.ws.get(h.slot, "recv", (self.num_worst_tokens, lay.row_words), torch.int32, h.send.device)
+        self.dist.all_to_all_single(h.recv[:h.rows_recv] if self.exact else h.recv, h.send, out_s, in_s,
+                                    group=self.group)
         self.stats["dispatch_bytes_to_others"] = self._to_others(h, lay.row_words * 4, True)
 
     def received(self, h: ExchangeHandle, lay: RowLayout, scale_dtype=torch.int32):
-        """-> (x [W, H] fp8, scale [W, C], local ids [W, K_top] int64, weights [W, K_top] fp32)."""
-        return unpack_rows(h.recv, h.cnt, lay, self.e, self.rank, self.chunk, self.exact, scale_dtype)
+        """-> (x [W, H] fp8, scale [W, C], local ids [W, K_top] int64, weights [W, K_top] fp32): workspace buffers
+        of h's slot."""
+        w, dev, ws, sl = self.num_worst_tokens, h.recv.device, self.ws, h.slot
+        out = (ws.get(sl, "x", (w, lay.hidden // 4), torch.int32, dev),
+               ws.get(sl, "scale", (w, lay.scale_words), torch.int32, dev),
+               ws.get(sl, "ids", (w, lay.top_k), torch.int64, dev), ws.get(sl, "wts", (w, lay.top_k), torch.float32,
+                                                                           dev))
+        return unpack_rows(h.recv, h.cnt, lay, self.e, self.rank, self.exact, scale_dtype, out)
 
     def return_rows(self, partial: torch.Tensor, h: ExchangeHandle) -> None:
-        """The combine all_to_all (current stream): partial [W, H] bf16 rows back to their sources -> h.back."""
+        """The combine all_to_all (current stream): partial [W, H] rows back to their sources -> h.back."""
         hid = partial.shape[1]
         out_s, in_s = self.splits(h, False)
-        h.back = torch.empty((h.rows_sent, hid), dtype=partial.dtype, device=partial.device)
+        h.back = self.ws.get(h.slot, "back", (h.rows_sent, hid), partial.dtype, partial.device)
         self.dist.all_to_all_single(h.back.view(torch.uint8), partial[:h.rows_recv].view(torch.uint8), out_s, in_s,
                                     group=self.group)
         self.stats["combine_bytes_to_others"] = self._to_others(h, hid * partial.element_size(), False)
 
     def reduce(self, h: ExchangeHandle) -> torch.Tensor:
         return reduce_over_ranks(h.back, h.pos, h.ones)
+
+    def counts_matrix(self, h: ExchangeHandle) -> torch.Tensor:
+        """cnt [R, R] int32 on the device (cnt[s, r] = tokens s sends to r): the exact layout's, else one
+        all_gather of h.counts (a collective: call it on every rank; reports only, the exchange needs none)."""
+        if h.cnt is not None:
+            return h.cnt
+        cnt = torch.empty((self.world, self.world), dtype=torch.int32, device=h.counts.device)
+        self.dist.all_gather_into_tensor(cnt.view(-1), h.counts, group=self.group)
+        return cnt
 
     def _to_others(self, h: ExchangeHandle, row_bytes: int, outgoing: bool) -> int | None:
         """Bytes this rank puts on the wire to other ranks (fixed chunks: all of them; exact: from the counts)."""
@@ -244,9 +316,9 @@ class DeviceExchange:
         rows = [h.cnt_host[me][r] if outgoing else h.cnt_host[r][me] for r in range(self.world) if r != me]
         return sum(rows) * row_bytes
 
-    def dispatch(self, x_q, x_scale, topk_ids, topk_weights):
+    def dispatch(self, x_q, x_scale, topk_ids, topk_weights, slot: int = 0):
         """All on the current stream -> (x, scale, local ids, weights (W rows each), handle)."""
-        h, lay = self.send_rows(x_q, x_scale, topk_ids, topk_weights)
+        h, lay = self.send_rows(x_q, x_scale, topk_ids, topk_weights, slot)
         self.exchange_rows(h, lay)
         return (*self.received(h, lay, x_scale.dtype), h)
 
@@ -264,6 +336,64 @@ def ideal_bytes(cnt: torch.Tensor, rank: int, lay: RowLayout, hidden_bytes: int)
     sent = sum(c[rank][r] for r in range(world) if r != rank)
     got = sum(c[s][rank] for s in range(world) if s != rank)
     return sent * lay.ideal_row_bytes, got * hidden_bytes
+
+
+# ----------------------------------------------------------------------------- low latency (ll)
+
+@dataclasses.dataclass
+class LLHandle:
+    """One ll dispatch: the ht handle (fixed chunks of N) and imap [R·N, K_top] int32, the slot e·(R·N) + j of each
+    received (row, k) in this rank's expert buffers (-1: not here)."""
+    h: ExchangeHandle
+    imap: torch.Tensor
+
+
+class LowLatencyExchange:
+    """DeepEP low-latency dispatch / combine on the device, moe_ref.ep.ll_dispatch / ll_combine semantics:
+
+    dispatch(x_q [T, H] fp8, x_scale [T, C] packed UE8M0, topk_ids [T, K_top] global, topk_weights) with T <= N =
+    num_max_dispatch_tokens_per_rank -> (recv_x [E, R·N, H] fp8, recv_x_scale MN-major [E, R·N, C], recv_count [E]
+    int32, handle): expert e's slots hold the (token, k) entries routed to it in (source rank, source token, k)
+    order, rows past recv_count[e] zero. Transport: the ht exchange with fixed chunks of N rows (a token once per
+    rank), then the permute (launch.prefill_permute_to_masked_gemm, M = R·N, bad routing recorded in `errors`,
+    never raised: no host read).
+    combine(expert_out [E, R·N, H] bf16, topk_weights [T, K_top] fp32, handle) -> [T, H] bf16 = bf16(Σ_{k ascending,
+    id >= 0} w[t, k] · float32(expert_out of (t, k))): every (token, k) row goes back as it is (N·K_top rows per
+    rank pair, fixed), the source sums in k order (launch.depermute_prefill_combine).
+    Fixed sizes everywhere: both calls can be captured in a CUDA graph.
+    """
+
+    def __init__(self, num_local_experts: int, num_max_dispatch_tokens_per_rank: int, group=None):
+        self.ex = DeviceExchange(num_local_experts, num_max_dispatch_tokens_per_rank, exact=False, group=group)
+        self.e, self.n, self.world = self.ex.e, self.ex.chunk, self.ex.world
+        self.errors = None
+        self.stats = {}
+
+    def dispatch(self, x_q, x_scale, topk_ids, topk_weights):
+        k_top = topk_ids.shape[1]
+        if self.errors is None or self.errors.device != x_q.device:
+            self.errors = torch.zeros(L.DE.RECORD_LEN, dtype=torch.int64, device=x_q.device)
+        h, lay = self.ex.send_rows(x_q, x_scale, topk_ids, topk_weights, ll_rows=self.n * k_top)
+        self.ex.exchange_rows(h, lay)
+        x, s, ids, _ = self.ex.received(h, lay, x_scale.dtype)
+        px, ps, imap, counts = L.prefill_permute_to_masked_gemm(x, s, ids, self.e, self.world * self.n,
+                                                                errors=self.errors)
+        self.stats["dispatch_bytes_to_others"] = self.ex.stats["dispatch_bytes_to_others"]
+        return px, ps, counts.view(-1), LLHandle(h, imap)
+
+    def combine(self, expert_out: torch.Tensor, topk_weights: torch.Tensor, handle: LLHandle) -> torch.Tensor:
+        e, rn, hid = expert_out.shape
+        if (e, rn) != (self.e, self.world * self.n):
+            raise ValueError(f"expert_out: expected [E, R·N, H] with E = {self.e}, R·N = {self.world * self.n}, "
+                             f"got {list(expert_out.shape)}")
+        h, imap = handle.h, handle.imap
+        rows = imap.numel()                                  # R·N·K_top: row (s·N + t)·K_top + k back to source s
+        ones = self.ex.ones(rows, expert_out.device, 1)
+        send = L.depermute_prefill_combine(expert_out, imap.view(rows, 1), ones, rows)     # 1·x: an exact copy
+        back = self.ex.ws.get(0, "ll_back", (rows, hid), send.dtype, send.device)
+        self.ex.dist.all_to_all_single(back, send, group=self.ex.group)
+        self.stats["combine_bytes_to_others"] = (self.world - 1) * (rows // self.world) * hid * send.element_size()
+        return L.depermute_prefill_combine(back.view(1, rows, hid), h.ret, topk_weights, h.tokens)
 
 
 # ----------------------------------------------------------------------------- two-batch overlap
@@ -313,7 +443,7 @@ def overlapped_layer(ex: DeviceExchange, experts, x_q, x_scale, topk_ids, topk_w
     sent = []
     for a, b in bounds:                                                    # route + pack every micro-batch
         with tl_.span("compute", f"pack{len(sent)}", cur):
-            sent.append(ex.send_rows(x_q[a:b], x_scale[a:b], topk_ids[a:b], topk_weights[a:b]))
+            sent.append(ex.send_rows(x_q[a:b], x_scale[a:b], topk_ids[a:b], topk_weights[a:b], slot=len(sent)))
         sent[-1] += (_event(cur),)
     arrived = []
     for i, (h, lay, ev) in enumerate(sent):                                # dispatch collectives

@@ -49,10 +49,15 @@ def unavailable_reason() -> str | None:
         return f"triton.experimental.gluon not importable: {_IMPORT_ERROR!r}"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    cap = torch.cuda.get_device_capability()
+    cap = _capability(torch.cuda.current_device())
     if cap[0] != 9:
         return f"needs an SM90 (Hopper) GPU, this one is sm_{cap[0]}{cap[1]}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def available() -> bool:
@@ -593,14 +598,21 @@ def pick_config(expected_m: int, n: int, kg: int = 1, ue8m0: bool = False) -> di
     return dict(BN=bn, SPLIT_N=split_n, KG=kg, STAGES=max(2, min(8, (budget - out_bytes) // stage_bytes)))
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(box: tuple, dtype_name: str):
+    """NVMMASharedLayout.get_default_for(box, gl.<dtype_name>), kept: a value of (box, dtype) alone that costs
+    ~15 us of Python to build (three per GEMM launch before)."""
+    return gl.NVMMASharedLayout.get_default_for(list(box), getattr(gl, dtype_name))
+
+
+def _desc(t: torch.Tensor, box: tuple, dtype_name: str):
+    return TensorDescriptor.from_tensor(t, list(box), _smem_layout(box, dtype_name))
+
+
 def _descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, cfg: dict):
-    a_layout = gl.NVMMASharedLayout.get_default_for([WG_ROWS, BLOCK_K], gl.float8e4nv)
-    b_layout = gl.NVMMASharedLayout.get_default_for([cfg["BN"], BLOCK_K], gl.float8e4nv)
-    c_layout = gl.NVMMASharedLayout.get_default_for([WG_ROWS, cfg["BN"]], gl.bfloat16)
     b2 = b.view(-1, b.shape[-1])
-    return (TensorDescriptor.from_tensor(a, [WG_ROWS, BLOCK_K], a_layout),
-            TensorDescriptor.from_tensor(b2, [cfg["BN"], BLOCK_K], b_layout),
-            TensorDescriptor.from_tensor(out, [WG_ROWS, cfg["BN"]], c_layout))
+    return (_desc(a, (WG_ROWS, BLOCK_K), "float8e4nv"), _desc(b2, (cfg["BN"], BLOCK_K), "float8e4nv"),
+            _desc(out, (WG_ROWS, cfg["BN"]), "bfloat16"))
 
 
 def wide_config() -> dict:
@@ -614,13 +626,10 @@ def wide_config() -> dict:
 def _wide_descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
     """TMA descriptors of the WIDE kernel: a box [64, 128]; b (viewed [E·N, K]) boxes [128, 128] and [64, 128];
     out boxes [64, 128] and [64, 64]."""
-    f8, bf = gl.float8e4nv, gl.bfloat16
+    f8, bf = "float8e4nv", "bfloat16"
     b2 = b.view(-1, b.shape[-1])
-
-    def d(t, box, dt):
-        return TensorDescriptor.from_tensor(t, box, gl.NVMMASharedLayout.get_default_for(box, dt))
-    return (d(a, [WG_ROWS, BLOCK_K], f8), d(b2, [128, BLOCK_K], f8), d(b2, [64, BLOCK_K], f8),
-            d(out, [WG_ROWS, 128], bf), d(out, [WG_ROWS, 64], bf))
+    return (_desc(a, (WG_ROWS, BLOCK_K), f8), _desc(b2, (128, BLOCK_K), f8), _desc(b2, (64, BLOCK_K), f8),
+            _desc(out, (WG_ROWS, 128), bf), _desc(out, (WG_ROWS, 64), bf))
 
 
 def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m, config, sm_count=-1):

@@ -915,77 +915,101 @@ def combine_kernel(ffn_ptr, map_ptr, w_ptr, out_ptr, H, stride_map, stride_w,
 # (2·K) | weights fp32 (K) | pad to ROW_W]; the rank of expert id g is g // E_LOCAL.
 
 @triton.jit
-def ep_route_kernel(ids_ptr, dest_ptr, T, K_TOP, E_LOCAL, R, stride_ids,
-                    BLOCK_T: tl.constexpr, KP: tl.constexpr, R_PAD: tl.constexpr):
-    """dest [T, R] int32 = r where token t has >= 1 expert id on rank r (id >= 0, id // E_LOCAL == r), else -1:
-    the per-destination "expert ids" that the permute's count and slot kernels rank (one entry per token and rank)."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    k = tl.arange(0, KP)
-    ok = (t < T)[:, None] & (k < K_TOP)[None, :]
-    ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * stride_ids + k[None, :], mask=ok, other=-1).to(tl.int64)
-    rank = tl.where(ids >= 0, ids // E_LOCAL, -1)                                      # [BLOCK_T, KP]
+def ep_index_kernel(ids_ptr, map_ptr, counts_ptr, ret_ptr, T, K_TOP, E_LOCAL, CHUNK, NK, stride_ids,
+                    R: tl.constexpr, R_PAD: tl.constexpr, KP: tl.constexpr, BLOCK_T: tl.constexpr, LL: tl.constexpr):
+    """The whole index step in one program (token blocks in order, a running count per rank):
+    map [T, R] int32 = r·CHUNK + slot where token t has >= 1 expert id on rank r (id >= 0, id // E_LOCAL == r < R;
+    slot = earlier tokens sent to r), else -1; counts [R] int32 = tokens sent to each rank. With LL also
+    ret [T, K_TOP] int32 = q·NK + slot(t on q)·K_TOP + k for an id on rank q = id // E_LOCAL < R, else -1: the row
+    of entry (t, k) in the ll combine's receive buffer (NK rows per rank, the received rows' order times K_TOP)."""
     r = tl.arange(0, R_PAD)
-    hit = tl.max((rank[:, :, None] == r[None, None, :]).to(tl.int32), axis=1)          # [BLOCK_T, R_PAD]
-    dest = tl.where(hit > 0, r[None, :], -1)
-    tl.store(dest_ptr + t[:, None].to(tl.int64) * R + r[None, :], dest, mask=(t < T)[:, None] & (r < R)[None, :])
+    k = tl.arange(0, KP)
+    carry = tl.zeros((R_PAD,), dtype=tl.int32)
+    for start in range(0, T, BLOCK_T):
+        t = start + tl.arange(0, BLOCK_T)
+        live = t < T
+        ok = live[:, None] & (k < K_TOP)[None, :]
+        ids = tl.load(ids_ptr + t[:, None].to(tl.int64) * stride_ids + k[None, :], mask=ok, other=-1).to(tl.int64)
+        rank = tl.where(ids >= 0, ids // E_LOCAL, -1)
+        rank = tl.where(rank < R, rank, -1)                                              # [BLOCK_T, KP]
+        hit = tl.max((rank[:, :, None] == r[None, None, :]).to(tl.int32), axis=1)      # [BLOCK_T, R_PAD]
+        slot = carry[None, :] + tl.cumsum(hit, axis=0) - hit
+        tl.store(map_ptr + t[:, None].to(tl.int64) * R + r[None, :], tl.where(hit > 0, r[None, :] * CHUNK + slot, -1),
+                 mask=live[:, None] & (r < R)[None, :])
+        carry += tl.sum(hit, axis=0)
+        if LL:
+            sl = tl.sum(tl.where(rank[:, :, None] == r[None, None, :], slot[:, None, :], 0), axis=2)   # [BLOCK_T, KP]
+            row = rank * NK + sl.to(tl.int64) * K_TOP + k[None, :]
+            tl.store(ret_ptr + t[:, None].to(tl.int64) * K_TOP + k[None, :], tl.where(rank >= 0, row, -1), mask=ok)
+    tl.store(counts_ptr + r, carry, mask=r < R)
 
 
 @triton.jit
-def ep_pack_kernel(x_ptr, s_ptr, ids_ptr, w_ptr, map_ptr, counts_ptr, pos_ptr, send_ptr, XW, SW, K_TOP, ROW_W,
+def ep_pack_kernel(x_ptr, s_ptr, ids_ptr, w_ptr, map_ptr, counts_ptr, pos_ptr, send_ptr, T, XW, SW, K_TOP, ROW_W,
                    CHUNK, stride_x, stride_s, stride_i, stride_w, R: tl.constexpr, R_PAD: tl.constexpr,
-                   EXACT: tl.constexpr, BLOCK: tl.constexpr):
-    """Token t's row of words, once to each rank r with map[t, r] = r·CHUNK + slot >= 0, at send row pos[t, r]:
-    r·CHUNK + slot (each rank a fixed chunk of CHUNK rows), or with EXACT Σ_{q<r} counts[q] + slot (chunks
-    back to back). Programs of column block 0 also write pos (-1 where the token does not go)."""
-    t = tl.program_id(0).to(tl.int64)
+                   KP2: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr):
+    """Program i < T: token i's row of words, once to each rank r with map[i, r] = r·CHUNK + slot >= 0, at send row
+    r·CHUNK + slot (fixed chunks of CHUNK rows), or with EXACT at pos[i, r] = Σ_{q<r} counts[q] + slot (chunks back
+    to back; column block 0 writes pos, -1 where the token does not go). Fixed chunks: program i < CHUNK (column
+    block 0) also marks row r·CHUNK + i as padding when i >= counts[r]: its id words -1, so that the receiver tells
+    padding from tokens without the counts (a real row has >= 1 id on its rank)."""
+    i = tl.program_id(0)
+    t = i.to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     o_i = XW + SW
-    o_w = o_i + 2 * K_TOP
-    in_x, in_s = c < XW, (c >= XW) & (c < o_i)
-    in_i, in_w = (c >= o_i) & (c < o_w), (c >= o_w) & (c < o_w + K_TOP)
-    v = tl.load(x_ptr + t * stride_x + c, mask=in_x, other=0)
-    v = tl.where(in_s, tl.load(s_ptr + t * stride_s + (c - XW), mask=in_s, other=0), v)
-    v = tl.where(in_i, tl.load(ids_ptr + t * stride_i + (c - o_i), mask=in_i, other=0), v)
-    v = tl.where(in_w, tl.load(w_ptr + t * stride_w + (c - o_w), mask=in_w, other=0), v)
-    q = tl.arange(0, R_PAD)
-    for r in tl.static_range(R):
-        d = tl.load(map_ptr + t * R + r)
-        p = d
-        if EXACT:
-            base = tl.sum(tl.load(counts_ptr + q, mask=q < r, other=0), axis=0)
-            p = tl.where(d >= 0, d - r * CHUNK + base, -1)
+    if i < T:
+        o_w = o_i + 2 * K_TOP
+        in_x, in_s = c < XW, (c >= XW) & (c < o_i)
+        in_i, in_w = (c >= o_i) & (c < o_w), (c >= o_w) & (c < o_w + K_TOP)
+        v = tl.load(x_ptr + t * stride_x + c, mask=in_x, other=0)
+        v = tl.where(in_s, tl.load(s_ptr + t * stride_s + (c - XW), mask=in_s, other=0), v)
+        v = tl.where(in_i, tl.load(ids_ptr + t * stride_i + (c - o_i), mask=in_i, other=0), v)
+        v = tl.where(in_w, tl.load(w_ptr + t * stride_w + (c - o_w), mask=in_w, other=0), v)
+        q = tl.arange(0, R_PAD)
+        for r in tl.static_range(R):
+            d = tl.load(map_ptr + t * R + r)
+            p = d
+            if EXACT:
+                base = tl.sum(tl.load(counts_ptr + q, mask=q < r, other=0), axis=0)
+                p = tl.where(d >= 0, d - r * CHUNK + base, -1)
+                if tl.program_id(1) == 0:
+                    tl.store(pos_ptr + t * R + r, p)
+            if p >= 0:
+                tl.store(send_ptr + p.to(tl.int64) * ROW_W + c, v, mask=c < ROW_W)
+    if not EXACT:
         if tl.program_id(1) == 0:
-            tl.store(pos_ptr + t * R + r, p)
-        if p >= 0:
-            tl.store(send_ptr + p.to(tl.int64) * ROW_W + c, v, mask=c < ROW_W)
+            w = tl.arange(0, KP2)
+            for r in tl.static_range(R):
+                if i >= tl.load(counts_ptr + r):
+                    tl.store(send_ptr + (r * CHUNK + t) * ROW_W + o_i + w, tl.full((KP2,), -1, tl.int32),
+                             mask=w < 2 * K_TOP)
 
 
 @triton.jit
-def ep_unpack_kernel(recv_ptr, cnt_ptr, x_ptr, s_ptr, ids_ptr, w_ptr, XW, SW, K_TOP, ROW_W, CHUNK, E_LOCAL, ME,
+def ep_unpack_kernel(recv_ptr, cnt_ptr, x_ptr, s_ptr, ids_ptr, w_ptr, XW, SW, K_TOP, ROW_W, E_LOCAL, ME,
                      R, EXACT: tl.constexpr, R_PAD: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
     """Received row j -> x [W, XW], scale [W, SW] words, local ids [W, K_TOP] int64 (id - ME·E_LOCAL for ids on
-    rank ME, else -1), weights [W, K_TOP] fp32. Row j is real when j % CHUNK < cnt[j // CHUNK, ME] (fixed chunks
-    per source) or, with EXACT, j < Σ_s cnt[s, ME]; other rows come out as padding: zeros, ids -1, weights 0.
-    cnt [R, R] int32: cnt[s, r] = tokens source s sends to rank r."""
+    rank ME, else -1), weights [W, K_TOP] fp32. Row j is real when it holds >= 1 id on rank ME (fixed chunks: the
+    sender marked its padding rows with ids -1) or, with EXACT, when j < Σ_s cnt[s, ME] (cnt [R, R] int32:
+    cnt[s, r] = tokens source s sends to rank r); other rows come out as padding: zeros, ids -1, weights 0."""
     j = tl.program_id(0).to(tl.int64)
-    s = tl.arange(0, R_PAD)
-    cnt = tl.load(cnt_ptr + s * R + ME, mask=s < R, other=0)
-    if EXACT:
-        valid = j < tl.sum(cnt, axis=0)
-    else:
-        valid = (j % CHUNK) < tl.sum(tl.where(s == j // CHUNK, cnt, 0), axis=0)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     row = recv_ptr + j * ROW_W
+    k = tl.arange(0, KP)
+    lo = tl.load(row + XW + SW + 2 * k, mask=k < K_TOP, other=-1)
+    hi = tl.load(row + XW + SW + 2 * k + 1, mask=k < K_TOP, other=-1).to(tl.int64)
+    gid = (hi << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)                     # lo word zero-extended
+    mine = (k < K_TOP) & (gid >= ME * E_LOCAL) & (gid < (ME + 1) * E_LOCAL)
+    if EXACT:
+        s = tl.arange(0, R_PAD)
+        valid = j < tl.sum(tl.load(cnt_ptr + s * R + ME, mask=s < R, other=0), axis=0)
+    else:
+        valid = tl.max(mine.to(tl.int32), axis=0) > 0
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(row + c, mask=(c < XW + SW) & valid, other=0)
     tl.store(x_ptr + j * XW + c, v, mask=c < XW)
     tl.store(s_ptr + j * SW + (c - XW), v, mask=(c >= XW) & (c < XW + SW))
     if tl.program_id(1) == 0:
-        k = tl.arange(0, KP)
         live = (k < K_TOP) & valid
-        lo = tl.load(row + XW + SW + 2 * k, mask=live, other=-1)
-        hi = tl.load(row + XW + SW + 2 * k + 1, mask=live, other=-1).to(tl.int64)
-        gid = (hi << 32) | lo.to(tl.uint32, bitcast=True).to(tl.int64)                 # lo word zero-extended
-        mine = live & (gid >= ME * E_LOCAL) & (gid < (ME + 1) * E_LOCAL)
-        tl.store(ids_ptr + j * K_TOP + k, tl.where(mine, gid - ME * E_LOCAL, -1), mask=k < K_TOP)
+        tl.store(ids_ptr + j * K_TOP + k, tl.where(mine & valid, gid - ME * E_LOCAL, -1), mask=k < K_TOP)
         wv = tl.load(row + XW + SW + 2 * K_TOP + k, mask=live, other=0).to(tl.float32, bitcast=True)
         tl.store(w_ptr + j * K_TOP + k, tl.where(live, wv, 0.0), mask=k < K_TOP)

@@ -23,8 +23,10 @@ from moe_ref.fp8_torch import as_bytes as _fp8_bytes, mn_major_view, mn_major_ze
 from moe_ref.messages import expert_overflow_message
 
 from .. import device_errors as DE
-from . import gluon_gemm
-from . import kernels as K
+from . import fast_launch, gluon_gemm
+from . import kernels as _kernels
+
+K = fast_launch.Kernels(_kernels)     # the same kernels, launched through their compiled launchers (host time)
 
 SWIGLU_AMAX_FLOOR = FASTDEPLOY_AMAX_FLOOR     # fused SwiGLU quant floor (SPEC §7), as the paddle provider
 
@@ -33,7 +35,7 @@ def interpreting() -> bool:
     """True when the kernels were decorated under the Triton interpreter (TRITON_INTERPRET=1 at import of
     `kernels`): they then run on CPU tensors, and the launchers pick exact casts and small grids."""
     from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(K.per_token_quant_kernel, InterpretedFunction)
+    return isinstance(_kernels.per_token_quant_kernel, InterpretedFunction)
 
 
 def _pow2(n: int) -> int:
