@@ -736,7 +736,10 @@ for path, run in gpu_runs:
         glue = sum(v for k, v in ops_.items() if not k.startswith("gemm"))
         text.append(f"W={w_}: ours {whole:.2f} ms, {whole / dg_ms:.2f}x DeepGEMM's two GEMMs ({dg_ms:.2f} ms); the "
                     f"stages other than the GEMMs take {glue:.2f} ms ({glue / ours_:.0%} of the stage sum), our GEMMs "
-                    f"{ours_ - glue:.2f} ms against DeepGEMM's {dg_sum:.2f} ms")
+                    f"{ours_ - glue:.2f} ms against DeepGEMM's {dg_sum:.2f} ms"
+                    + (f"; our stages with DeepGEMM's GEMMs in place of ours {rec['ours_glue_deepgemm_gemms_ms']:.2f} ms, "
+                       f"{rec['ours_glue_deepgemm_gemms_ms'] / dg_ms:.2f}x" if rec and "ours_glue_deepgemm_gemms_ms" in rec
+                       else ""))
     md(f"**{card_of(run)}** ({date_of(run)}). " + "; ".join(text) + ". "
        + ("Ours = one CUDA-graph replay of the whole layer where captured (`ours_timing` in the record); the stage "
           "times are GPU times inside back-to-back runs, so they add up to about one run."
@@ -860,7 +863,7 @@ if not ep_runs:
 
 # %% [markdown]
 # **Eager launches against a CUDA graph, and where each stream's time goes.** The dispatch and combine are
-# built on the device (`backend/ops/triton/ep_exchange.py`: route, count, slot, pack and unpack kernels,
+# built on the device (`backend/ops/triton/ep_exchange.py`: one index kernel, pack and unpack kernels,
 # receive buffers of a fixed `R·T` rows, so nothing is read back to the host). Eagerly each call still pays
 # the host time of its launches; replayed from a CUDA graph it does not. The table puts both speedups side by
 # side with the host time per call and the bytes sent against DeepEP's ideal (a token once per other rank
@@ -911,8 +914,24 @@ for path, doc in ep_runs:
     gpu_footer(fig, path, doc, doc.get("command"))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     show(fig, f"Per-stream timeline of one eager EP layer call on rank 0 at T={max(best)} tokens per rank, without and "
-              f"with two micro-batches: pack (route, count, slots, pack on the device), dispatch and combine "
+              f"with two micro-batches: pack (index and pack kernels on the device), dispatch and combine "
               f"(NCCL all-to-all on the comm stream), experts (the FP8 chain), reduce. {card_of(doc)}, {date_of(doc)}.")
+
+# %% [markdown]
+# **The low-latency (decode) path.** `ll` records: DeepEP's low-latency semantics (a fixed buffer of `N` rows per
+# rank pair, one row per (token, expert) back), every rank checked bit for bit against an in-process simulation
+# (asserted), eager and from a CUDA graph.
+
+# %% tags=["nbval-ignore-output"]
+# nbval-ignore-output: numbers read from benchmarks/results/ep_gpu_*.json; the bit-exactness checks are asserted.
+for path, doc in ep_runs:
+    for r in doc.get("ll", []):
+        assert r["bit_exact"], (path.name, r["N"])
+        print(f"{path.name}: N={r['N']} tokens per rank: dispatch {r['dispatch_ms']:.3f} ms eager / "
+              f"{r.get('dispatch_graph_ms', float('nan')):.3f} ms graph, combine {r['combine_ms']:.3f} / "
+              f"{r.get('combine_graph_ms', float('nan')):.3f} ms, layer {r['layer_ms']:.3f} / "
+              f"{r.get('layer_graph_ms', float('nan')):.3f} ms; host per dispatch {r['dispatch_host_ms']:.3f} ms; "
+              f"bytes {r['bytes_sent_vs_ideal']:.2f}x the ideal (fixed-size buffers send their padding)")
 
 # %% [markdown]
 # **CPU benchmarks at full size.** `benchmarks/bench_cpu_ref.py` and
