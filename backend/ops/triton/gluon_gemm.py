@@ -104,6 +104,18 @@ if _IMPORT_ERROR is None:
             return local // n_tiles, local % n_tiles
 
     @gluon.jit
+    def _first_tile(counts_ptr, E, n_tiles, BM: gl.constexpr):
+        """The persistent tile walk's start: (total tiles, expert 0, its first tile id 0, its tile count)."""
+        return _total_tiles(counts_ptr, E, n_tiles, BM), 0, 0, gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+
+    @gluon.jit
+    def _next_tile(t, e, base, tiles_e, counts_ptr, n_tiles, BM: gl.constexpr, M_FAST: gl.constexpr):
+        """Tile t of the walk -> (e, base, tiles_e) moved on to its expert, and its (m-tile, n-tile)."""
+        e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
+        mt, nt = _tile_mn(t - base, tiles_e // n_tiles, n_tiles, M_FAST)
+        return e, base, tiles_e, mt, nt
+
+    @gluon.jit
     def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
                   UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
                   M_FAST: gl.constexpr, KG: gl.constexpr, PAIR: gl.constexpr = False):
@@ -114,16 +126,10 @@ if _IMPORT_ERROR is None:
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         n_tiles = gl.cdiv(N, NB * BN)
         k_stages = gl.cdiv(K, BLOCK_K_C * KG)
-        total = _total_tiles(counts_ptr, E, n_tiles, BM)
-        e = 0
-        base = 0
-        tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+        total, e, base, tiles_e = _first_tile(counts_ptr, E, n_tiles, BM)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
-            m_tiles = tiles_e // n_tiles
-            local = t - base
-            mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
+            e, base, tiles_e, mt, nt = _next_tile(t, e, base, tiles_e, counts_ptr, n_tiles, BM, M_FAST)
             row0 = e * M + mt * BM
             if PAIR:
                 col0 = e * N + nt * BN
@@ -236,19 +242,13 @@ if _IMPORT_ERROR is None:
         zero = gl.zeros([WG_ROWS_C, BN], gl.float32, mma)
         n_tiles = gl.cdiv(N, NB * BN)
         k_steps = gl.cdiv(K, BLOCK_K_C)
-        total = _total_tiles(counts_ptr, E, n_tiles, BM)
-        e = 0
-        base = 0
-        tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+        total, e, base, tiles_e = _first_tile(counts_ptr, E, n_tiles, BM)
         it = 0
         j = 0
         n_bad = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
+            e, base, tiles_e, mt, nt = _next_tile(t, e, base, tiles_e, counts_ptr, n_tiles, BM, M_FAST)
             cnt = gl.load(counts_ptr + e)
-            m_tiles = tiles_e // n_tiles
-            local = t - base
-            mt, nt = _tile_mn(local, m_tiles, n_tiles, M_FAST)
             row0 = mt * BM + A_SUB * WG_ROWS_C
             rows = row0 + gl.arange(0, WG_ROWS_C, layout=row_l)
             if PAIR:
@@ -427,14 +427,10 @@ if _IMPORT_ERROR is None:
         b64_desc, b64_bufs = p[23], p[24]
         n_tiles = gl.cdiv(N, 192)
         k_steps = gl.cdiv(K, BLOCK_K_C)
-        total = _total_tiles(counts_ptr, E, n_tiles, BM)
-        e = 0
-        base = 0
-        tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+        total, e, base, tiles_e = _first_tile(counts_ptr, E, n_tiles, BM)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
-            mt, nt = _tile_mn(t - base, tiles_e // n_tiles, n_tiles, M_FAST)
+            e, base, tiles_e, mt, nt = _next_tile(t, e, base, tiles_e, counts_ptr, n_tiles, BM, M_FAST)
             off128, off64 = _wide_offsets(nt)
             row0 = e * M + mt * BM
             col0 = e * N + nt * 192
@@ -469,15 +465,11 @@ if _IMPORT_ERROR is None:
         n_tiles = gl.cdiv(N, 192)
         k_steps = gl.cdiv(K, BLOCK_K_C)
         last = k_steps - 1
-        total = _total_tiles(counts_ptr, E, n_tiles, BM)
-        e = 0
-        base = 0
-        tiles_e = gl.cdiv(gl.load(counts_ptr), BM) * n_tiles
+        total, e, base, tiles_e = _first_tile(counts_ptr, E, n_tiles, BM)
         it = 0
         for t in range(gl.program_id(0), total, gl.num_programs(0)):
-            e, base, tiles_e = _advance(t, e, base, tiles_e, counts_ptr, n_tiles, BM)
+            e, base, tiles_e, mt, nt = _next_tile(t, e, base, tiles_e, counts_ptr, n_tiles, BM, M_FAST)
             cnt = gl.load(counts_ptr + e)
-            mt, nt = _tile_mn(t - base, tiles_e // n_tiles, n_tiles, M_FAST)
             off128, off64 = _wide_offsets(nt)
             row0 = mt * BM + WG * WG_ROWS_C
             rows = row0 + gl.arange(0, WG_ROWS_C, layout=row_l)
@@ -632,13 +624,20 @@ def _wide_descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
             _desc(out, (WG_ROWS, 128), bf), _desc(out, (WG_ROWS, 64), bf))
 
 
-def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m, config, sm_count=-1):
+def _launchable(b: torch.Tensor) -> tuple:
+    """b's (E, N, K) once this process can run the kernels on it: RuntimeError naming why not (no SM90 GPU, no
+    Gluon), ValueError when K breaks TMA's 16-byte row stride."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"gluon_gemm: {reason}")
     e_num, n, k = b.shape
     if k % 16:
         raise ValueError(f"K: the TMA row stride must be 16-byte aligned, expected a multiple of 16, got {k}")
+    return e_num, n, k
+
+
+def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m, config, sm_count=-1):
+    e_num, n, k = _launchable(b)
     counts = counts.reshape(-1)
     counts = counts if counts.dtype == torch.int32 and counts.is_contiguous() else counts.to(torch.int32).contiguous()
     cfg = config or pick_config(int(expected_m if expected_m is not None else m), n, ue8m0=ue8m0)
@@ -716,12 +715,7 @@ def group_gemm_masked_swiglu_quant(a: torch.Tensor, b: torch.Tensor, sa: torch.T
     (CUTLASS SF int32 words, or fp32 scales) with their strides as group_gemm_masked[_fp32] pass them; q [E·M, I]
     uint8 and s_out (CUTLASS SF int32 words [E, MN_pad, sf_groups], or fp32 [E, s_groups, m_pad]) written for rows
     < counts[e]. Returns bad int32 [2 · grid] (NaN / inf SwiGLU outputs in valid rows with check_finite, else [1])."""
-    reason = unavailable_reason()
-    if reason is not None:
-        raise RuntimeError(f"gluon_gemm: {reason}")
-    e_num, n, k = b.shape
-    if k % 16:
-        raise ValueError(f"K: the TMA row stride must be 16-byte aligned, expected a multiple of 16, got {k}")
+    e_num, n, k = _launchable(b)
     cfg = dict(pick_config(WG_ROWS, n), BN=BLOCK_K, SPLIT_N=True, **(config or {}))
     kg = cfg["KG"] if -(-k // BLOCK_K) % cfg["KG"] == 0 else 1
     a, b = a.contiguous(), b.contiguous()
