@@ -235,3 +235,79 @@ def test_fused_swiglu_kernel_compiles_for_sm90_without_spills(ue8m0, count_bad, 
     compiled, report = _compile_sm90(G.masked_gemm_swiglu_ws_kernel, args, const, num_warps=4, maxnreg=168)
     assert compiled.metadata.shared <= SM90_SHARED_BYTES
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
+
+
+class _Recorder:
+    """Stands in for a Gluon kernel: `kernel[grid](*args, **kw)` records the call instead of launching."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append((grid, args, kw))
+
+
+@pytest.fixture
+def launch_spy(monkeypatch):
+    """The launchers' host side on CPU tensors: an SM90 with 132 SMs, kernels replaced by recorders."""
+    monkeypatch.setattr(G, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(G, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    spies = {name: _Recorder() for name in ("masked_gemm_ws_kernel", "masked_gemm_ws_wide_kernel",
+                                           "masked_gemm_swiglu_ws_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(G, name, spy, raising=False)
+    return spies
+
+
+def _gemm_operands(e=2, m=256, n=4096, k=512):
+    a = torch.zeros(e * m, k, dtype=torch.float8_e4m3fn)
+    b = torch.zeros(e, n, k, dtype=torch.float8_e4m3fn)
+    out = torch.zeros(e * m, n, dtype=torch.bfloat16)
+    return a, b, out, torch.tensor([3, 0], dtype=torch.int32)
+
+
+def test_fp32_launch_plumbs_the_picked_tile(launch_spy):
+    """FP32 scales: 64 x 256 CTA tiles (one A box, two B boxes) for <= 64 expected rows, 128 x 128 above; one CTA per
+    SM unless sm_count caps it; the descriptors' boxes are the tile's; strides of the scales passed through."""
+    a, b, out, counts = _gemm_operands()
+    sa, sb = torch.ones(2, 256, 4), torch.ones(2, 32, 4)
+    for expected_m, (na, nb, bm), sms in ((64, (1, 2, 64), -1), (1024, (2, 1, 128), 100)):
+        G.group_gemm_masked_fp32(a, b, sa, sb, counts, out, None, 256, expected_m=expected_m, sm_count=sms)
+        grid, args, kw = launch_spy["masked_gemm_ws_kernel"].calls[-1]
+        assert grid == ((132,) if sms < 0 else (100,))
+        assert (kw["NA"], kw["NB"], kw["BM"], kw["UE8M0"]) == (na, nb, bm, False)
+        assert [d.block_shape for d in args[:3]] == [[64, 128], [128, 128], [64, 128]]
+        assert args[12:18] == tuple(sa.stride()) + tuple(sb.stride())
+        assert kw["STAGES"] == G.pick_config(expected_m, 4096)["STAGES"] and kw["TMA_STORE"]
+    assert not launch_spy["masked_gemm_ws_wide_kernel"].calls
+
+
+def test_ue8m0_launch_goes_wide_from_256_rows(launch_spy):
+    """CUTLASS bytes: the 128 x 192 kernel with its five descriptors (A [64,128], B [128,128] and [64,128], out
+    [64,128] and [64,64]) from UE8M0_WIDE_FROM_ROWS expected rows; the SF words' strides in 32-bit words."""
+    a, b, out, counts = _gemm_operands()
+    sfa, sfb = torch.zeros(2, 256, 16, dtype=torch.uint8), torch.zeros(2, 4096, 16, dtype=torch.uint8)
+    G.group_gemm_masked(a, b, sfa, sfb, counts, out, None, 256, expected_m=G.UE8M0_WIDE_FROM_ROWS)
+    grid, args, kw = launch_spy["masked_gemm_ws_wide_kernel"].calls[-1]
+    assert [d.block_shape for d in args[:5]] == [[64, 128], [128, 128], [64, 128], [64, 128], [64, 64]]
+    assert kw["UE8M0"] and kw["STAGES"] == G.wide_config()["STAGES"] and grid == (132,)
+    assert args[14:20] == (256 * 16 // 4, 0, 16 // 4, 4096 * 16 // 4, 0, 16 // 4)
+    G.group_gemm_masked(a, b, sfa, sfb, counts, out, None, 256, expected_m=64)
+    assert launch_spy["masked_gemm_ws_kernel"].calls[-1][2]["UE8M0"]            # below: the 64 x 256 tile
+    with pytest.raises(ValueError, match="K: the TMA row stride must be 16-byte aligned, expected a multiple of 16, "
+                                         "got 200"):
+        G.group_gemm_masked(a[:, :200], b[:, :, :200], sfa, sfb, counts, out, None, 256)
+
+
+def test_fused_swiglu_launch_counts_bad_values_only_when_asked(launch_spy):
+    """GEMM 1 + SwiGLU: 64-row tiles of one 128-column group (BN = 128, SPLIT_N); the count buffer has two ints per
+    CTA with check_finite, one unused int without (no host read needed)."""
+    a, b, _, counts = _gemm_operands(n=512)
+    q, s_out = torch.zeros(512, 256, dtype=torch.uint8), torch.zeros(2, 2, 256)
+    for check, size in ((True, 2 * 132), (False, 1)):
+        bad = G.group_gemm_masked_swiglu_quant(a, b, torch.ones(2, 256, 4), torch.ones(2, 4, 4), (1,) * 6, counts, q,
+                                               s_out, 256, False, 2, 0, 256, 1e-10, check)
+        grid, args, kw = launch_spy["masked_gemm_swiglu_ws_kernel"].calls[-1]
+        assert bad.numel() == size and not bad.any() and kw["COUNT_BAD"] is check
+        assert [d.block_shape for d in args[:3]] == [[64, 128], [128, 128], [64, 128]]
