@@ -26,6 +26,11 @@ Measured per T (--tokens, comma-separated), each against its baseline:
    with all E_total experts and the same chain (no exchange): speedup_2_gpus_vs_1 per overlap setting, with a
    per-stream timeline (CUDA events) of one call on rank 0.
 4. graph (--graph on, GPU): the same layer and the dispatch alone captured in CUDA graphs (after all eager numbers).
+   --exchange-graphs on: the eager layer and exchange numbers of 1-3 again with DeviceExchange(graphs=
+   True), dispatch and combine replaying the CUDA graphs they captured at their first call (input copies + one
+   replay each); its checks and records carry exchange_graphs "on" (checks: keys ending in _exchange_graphs),
+   its exchange numbers are under exchange_by_graphs["on"]; off,on measures both in the same run. On CPU (gloo)
+   an eager stand-in replays instead of a graph (graphs.rerun_capture): checks only.
 5. ll (--ll N, default 128; 0: off): the low-latency pair (ep_exchange.LowLatencyExchange, moe_ref.ep.ll_dispatch /
    ll_combine semantics, fixed buffers of N tokens per rank) at T = N per rank around the masked chain: bit-exact
    against simulate_ll on every rank, dispatch / combine wall, loop and host ms, launches per call, bytes against
@@ -35,7 +40,7 @@ call are listed beside them. --overlap-sms S caps the expert GEMMs at S SMs whil
 the rest).
 
     NCCL_NVLS_ENABLE=0 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --tokens 4096,1024 --overlap off,on \
-        --ll 128 --out $OUT/ep.json; python3 benchmarks/merge_ep_results.py benchmarks/results/ep_gpu_h200x2.json \
+        --exchange-graphs off,on --ll 128 --out $OUT/ep.json; python3 benchmarks/merge_ep_results.py benchmarks/results/ep_gpu_h200x2.json \
         $OUT/ep.json
     TRITON_INTERPRET=1 torchrun --nproc_per_node 2 benchmarks/bench_ep_gpu.py --backend gloo --device cpu --dry
 """
@@ -59,6 +64,7 @@ from _common import repo_on_path, write_json  # noqa: E402
 
 repo_on_path()
 from backend.ops.triton import ep_exchange as X  # noqa: E402  (torch + triton, no Paddle)
+from backend.ops.triton.graphs import capture_graph, rerun_capture  # noqa: E402
 
 GROUP = 128
 E4M3_MAX = 448.0
@@ -401,8 +407,14 @@ def rank_sum(v: float, device) -> float:
     return float(t.item())
 
 
-def check_bit_exact(ctx, t: int, parts_list) -> dict:
-    """Every rank's layer output (each overlap setting) against the in-process simulation of all ranks."""
+def check_key(name: str, parts: int, graphs: bool) -> str:
+    """The name of a bit-exactness check: routing, overlap setting, exchange graphs."""
+    return f"{name}_overlap_{'on' if parts > 1 else 'off'}" + ("_exchange_graphs" if graphs else "")
+
+
+def check_bit_exact(ctx, t: int, parts_list, graphs_list=(False,)) -> dict:
+    """Every rank's layer output (each overlap and exchange-graphs setting) against the in-process simulation of
+    all ranks."""
     a, rank, world, device = ctx["a"], ctx["rank"], ctx["world"], ctx["device"]
     out = {}
     for name, uneven in (("random", False), ("uneven", True)):
@@ -411,14 +423,14 @@ def check_bit_exact(ctx, t: int, parts_list) -> dict:
         w = world * t
         ref = simulate(q_ins, lambda r: ctx["all_experts"][r], ctx["e_local"], w, w)[rank]
         _, sent = route(ins[rank][2], ctx["e_local"], world)
-        for parts in parts_list:
-            got = ctx["layer"](*ins[rank], parts)
+        for parts, graphs in ((p, g) for g in graphs_list for p in parts_list):
+            got = ctx["layer"](*ins[rank], parts, graphs=graphs)
             flag = torch.tensor([0 if torch.equal(got.view(torch.int16), ref.view(torch.int16)) else 1], device=device)
             dist.all_reduce(flag)
             recv = torch.tensor([[len(s) for s in sent]], dtype=torch.int64, device=device)
             cnt = torch.empty(world, world, dtype=torch.int64, device=device)
             dist.all_gather_into_tensor(cnt, recv)
-            key = f"{name}_overlap_{'on' if parts > 1 else 'off'}"
+            key = check_key(name, parts, graphs)
             out[key] = {"bit_exact_all_ranks": int(flag.item()) == 0,
                         "recv_tokens_per_rank": cnt.sum(0).tolist(), "W": w}
             log(f"T={t} check {key}: {'bit-exact on every rank' if out[key]['bit_exact_all_ranks'] else 'MISMATCH'}")
@@ -426,11 +438,13 @@ def check_bit_exact(ctx, t: int, parts_list) -> dict:
     return out
 
 
-def exchange_numbers(ctx, x_q, x_s, ids, wts, t: int) -> dict:
+def exchange_numbers(ctx, x_q, x_s, ids, wts, t: int, graphs: bool = False) -> dict:
     """Dispatch and combine alone (one micro-batch, fixed chunks): wall ms with a barrier before each call,
-    steady-state ms (back-to-back, CUDA events), host ms (launches), bytes on the wire vs DeepEP's ideal."""
+    steady-state ms (back-to-back, CUDA events), host ms (launches), bytes on the wire vs DeepEP's ideal.
+    graphs: DeviceExchange(graphs=True) (fixed chunks whatever --layout): host ms = input copies + replay."""
     a, device, world, rank = ctx["a"], ctx["device"], ctx["world"], ctx["rank"]
-    ex = X.DeviceExchange(ctx["e_local"], t, exact=a.layout == "exact")
+    ex = X.DeviceExchange(ctx["e_local"], t, exact=a.layout == "exact" and not graphs, graphs=graphs,
+                          capture=ctx.get("exchange_capture") if graphs else None)
     d = {}
 
     def dispatch():
@@ -454,6 +468,7 @@ def exchange_numbers(ctx, x_q, x_s, ids, wts, t: int) -> dict:
                        device, rounds=5, n=a.iters)
     return {
         "layout": "exact (one host read of the counts)" if ex.exact else "fixed chunks of T rows per rank (no host read)",
+        "exchange_graphs": "on" if graphs else "off",
         "dispatch_ms": timed(dispatch, device, a.iters, a.warmup),
         "combine_ms": timed(lambda: ex.combine(partial, h), device, a.iters, a.warmup),
         "dispatch_loop_ms": loop["dispatch"], "combine_loop_ms": loop["combine"],
@@ -617,16 +632,7 @@ def _replay_ms(g, device, n: int) -> list:
 
 def captured(fn, device):
     """fn captured in a CUDA graph (run once eagerly on a side stream first) -> (graph, its output tensor)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    sync(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):     # NCCL's watchdog thread keeps polling
-        out = fn()
-    return graph, out
+    return capture_graph(fn, device)
 
 
 def graph_numbers(ctx, x, wts, ids, parts_list, t: int) -> dict:
@@ -658,44 +664,57 @@ def graph_numbers(ctx, x, wts, ids, parts_list, t: int) -> dict:
     return out
 
 
-def timeline_of(ctx, x, wts, ids, parts: int) -> list:
+def timeline_of(ctx, x, wts, ids, parts: int, graphs: bool = False) -> list:
     """Per-stream spans (CUDA events) of one layer call on this rank, [] off CUDA."""
     tl = X.Timeline(ctx["device"].type == "cuda")
-    ctx["layer"](x, wts, ids, parts, tl)
+    ctx["layer"](x, wts, ids, parts, tl, graphs=graphs)
     sync(ctx["device"])
     return tl.spans()
 
 
 def run_tokens(ctx, t: int) -> dict:
     """Everything measured at T tokens per rank -> one entry of result["per_T"]."""
-    a, rank, world, device = ctx["a"], ctx["rank"], ctx["world"], ctx["device"]
+    a, rank, device = ctx["a"], ctx["rank"], ctx["device"]
     parts_list = [2 if o == "on" else 1 for o in a.overlap]
-    res = {"T_per_rank": t, "W": world * t, "checks": check_bit_exact(ctx, t, parts_list)}
+    graphs_list = [g == "on" for g in a.exchange_graphs]
+    res = {"T_per_rank": t, "W": ctx["world"] * t, "checks": check_bit_exact(ctx, t, parts_list, graphs_list)}
     x, wts, ids = make_inputs(rank, t, a.hidden, a.experts, a.top_k, a.seed, device)
     x_q, x_s = quantize_act(x, ctx["launch"])
-    res["exchange"] = exchange_numbers(ctx, x_q, x_s, ids, wts, t)
-    log(f"T={t} exchange:", json.dumps(res["exchange"]))
+    res["exchange_by_graphs"] = {}
+    for graphs in graphs_list:
+        mode = "on" if graphs else "off"
+        res["exchange_by_graphs"][mode] = exchange_numbers(ctx, x_q, x_s, ids, wts, t, graphs)
+        log(f"T={t} exchange (exchange graphs {mode}):", json.dumps(res["exchange_by_graphs"][mode]))
+    res["exchange"] = res["exchange_by_graphs"]["off" if False in graphs_list else "on"]
     ms_one = one_gpu_ms(ctx, t)
     dist.barrier()
     res["layer_1_gpu_ms"] = ms_one
-    res["records"] = []
-    for parts in parts_list:
-        ms = timed(lambda: ctx["layer"](x, wts, ids, parts), device, a.iters, a.warmup)
-        rec = {"T_per_rank": t, "overlap": "on" if parts > 1 else "off", "micro_batches": parts,
-               "layer_2_gpus_ms": ms, "layer_1_gpu_ms": ms_one,
-               "speedup_2_gpus_vs_1": None if ms_one is None else ms_one / ms,
-               "layer_host_ms": host_ms(lambda: ctx["layer"](x, wts, ids, parts), device, a.iters),
-               "timeline_rank0": timeline_of(ctx, x, wts, ids, parts)}
-        for k in ("dispatch_ms", "combine_ms", "dispatch_host_ms", "combine_host_ms", "bytes_sent", "bytes_ideal"):
-            rec[k] = res["exchange"][k]
-        rec["bit_exact"] = {k: v["bit_exact_all_ranks"] for k, v in res["checks"].items()
-                            if k.endswith("overlap_" + rec["overlap"])}
-        res["records"].append(rec)
-        log(f"T={t} overlap={rec['overlap']}: 2 GPUs {ms:.3f} ms, 1 GPU {ms_one} ms, speedup "
-            f"{rec['speedup_2_gpus_vs_1']}")
+    res["records"] = [layer_record(ctx, res, (x, wts, ids), parts, graphs)
+                      for graphs in graphs_list for parts in parts_list]
     res["experts_only_2_gpus_ms"] = experts_only_ms(ctx, x_q, x_s, ids, wts, t)
     res["one_graph_ms"] = ctx.get("one_graph_ms")
     return res
+
+
+def layer_record(ctx, res: dict, inputs: tuple, parts: int, graphs: bool) -> dict:
+    """The layer at one (overlap, exchange graphs) setting: wall and host ms, speedup over one GPU, timeline, the
+    exchange numbers of that exchange mode, the bit-exactness checks of that setting."""
+    a, device, t, ms_one = ctx["a"], ctx["device"], res["T_per_rank"], res["layer_1_gpu_ms"]
+    run = lambda: ctx["layer"](*inputs, parts, graphs=graphs)        # noqa: E731
+    ms = timed(run, device, a.iters, a.warmup)
+    rec = {"T_per_rank": t, "overlap": "on" if parts > 1 else "off", "micro_batches": parts,
+           "exchange_graphs": "on" if graphs else "off", "layer_2_gpus_ms": ms, "layer_1_gpu_ms": ms_one,
+           "speedup_2_gpus_vs_1": None if ms_one is None else ms_one / ms,
+           "layer_host_ms": host_ms(run, device, a.iters),
+           "timeline_rank0": timeline_of(ctx, *inputs, parts, graphs)}
+    ex = res["exchange_by_graphs"][rec["exchange_graphs"]]
+    for k in ("dispatch_ms", "combine_ms", "dispatch_host_ms", "combine_host_ms", "bytes_sent", "bytes_ideal"):
+        rec[k] = ex[k]
+    rec["bit_exact"] = {k: res["checks"][k]["bit_exact_all_ranks"]
+                        for k in (check_key(n, parts, graphs) for n in ("random", "uneven"))}
+    log(f"T={t} overlap={rec['overlap']} exchange graphs={rec['exchange_graphs']}: 2 GPUs {ms:.3f} ms, 1 GPU "
+        f"{ms_one} ms, speedup {rec['speedup_2_gpus_vs_1']}, host {rec['layer_host_ms']:.3f} ms")
+    return rec
 
 
 def add_graph_numbers(ctx, res: dict) -> None:
@@ -703,7 +722,7 @@ def add_graph_numbers(ctx, res: dict) -> None:
     them) into res and its records."""
     a, t = ctx["a"], res["T_per_rank"]
     x, wts, ids = make_inputs(ctx["rank"], t, a.hidden, a.experts, a.top_k, a.seed, ctx["device"])
-    res["graph"] = graph_numbers(ctx, x, wts, ids, [r["micro_batches"] for r in res["records"]], t)
+    res["graph"] = graph_numbers(ctx, x, wts, ids, sorted({r["micro_batches"] for r in res["records"]}), t)
     if res.get("one_graph_ms") is not None:
         res["graph"]["layer_1_gpu_graph_ms"] = res["one_graph_ms"]
     for rec in res["records"]:
@@ -735,6 +754,9 @@ def parse_args():
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--overlap", default="off,on", help="on (two micro-batches, collectives on their own stream), "
                                                        "off, or both: off,on")
+    ap.add_argument("--exchange-graphs", default="off",
+                    help="off, on or off,on: the eager layer and exchange numbers with DeviceExchange(graphs=True) "
+                         "(dispatch / combine replay CUDA graphs they captured; on CPU an eager stand-in: checks only)")
     ap.add_argument("--layout", default="fixed", choices=("fixed", "exact"),
                     help="receive layout timed in the exchange numbers (the layer always uses fixed chunks)")
     ap.add_argument("--graph", default="on", choices=("on", "off"),
@@ -753,8 +775,10 @@ def parse_args():
     a = ap.parse_args()
     a.tokens = [int(v) for v in str(a.tokens).split(",")]
     a.overlap = [v.strip() for v in a.overlap.split(",")]
-    if any(v not in ("on", "off") for v in a.overlap):
-        raise SystemExit(f"--overlap: expected on, off or off,on, got {a.overlap}")
+    a.exchange_graphs = [v.strip() for v in a.exchange_graphs.split(",")]
+    for name, vals in (("--overlap", a.overlap), ("--exchange-graphs", a.exchange_graphs)):
+        if not vals or any(v not in ("on", "off") for v in vals):
+            raise SystemExit(f"{name}: expected on, off or off,on, got {vals}")
     if a.dry:
         a.tokens, a.hidden, a.intermediate, a.experts, a.top_k, a.iters, a.warmup = [24, 8], 256, 128, 4, 2, 2, 1
         a.ll = min(a.ll, 6)
@@ -792,21 +816,23 @@ def setup(a):
 
 
 def make_layer(ctx):
-    """layer(x, wts, ids, parts, timeline=None): quant, then the device exchange around this rank's experts,
-    `parts` micro-batches (2: collectives on their own stream, overlapping the other micro-batch's experts)."""
+    """layer(x, wts, ids, parts, timeline=None, graphs=False): quant, then the device exchange around this rank's
+    experts, `parts` micro-batches (2: collectives on their own stream, overlapping the other micro-batch's
+    experts); graphs: the exchange's dispatch and combine replay CUDA graphs (DeviceExchange(graphs=True))."""
     comm = torch.cuda.Stream(ctx["device"], priority=-1) if ctx["device"].type == "cuda" else None
     exchanges = {}
 
-    def layer(x, wts, ids, parts, timeline=None):
+    def layer(x, wts, ids, parts, timeline=None, graphs=False):
         x_q, x_s = quantize_act(x, ctx["launch"])
         t = x.shape[0]
         chunk = -(-t // parts)
-        if (chunk, parts) not in exchanges:
-            exchanges[(chunk, parts)] = X.DeviceExchange(ctx["e_local"], chunk)
+        if (chunk, parts, graphs) not in exchanges:
+            capture = ctx.get("exchange_capture") if graphs else None
+            exchanges[(chunk, parts, graphs)] = X.DeviceExchange(ctx["e_local"], chunk, graphs=graphs, capture=capture)
         mine = ctx["mine"]
         mine.sm_count = ctx["a"].overlap_sms if parts > 1 and ctx["a"].overlap_sms > 0 else -1
         try:
-            return X.overlapped_layer(exchanges[(chunk, parts)], mine, x_q, x_s, ids, wts, parts,
+            return X.overlapped_layer(exchanges[(chunk, parts, graphs)], mine, x_q, x_s, ids, wts, parts,
                                       comm if parts > 1 else None, timeline)
         finally:
             mine.sm_count = -1
@@ -820,6 +846,16 @@ def save(result: dict, a, rank: int) -> None:
         log(f"wrote {a.out}")
 
 
+def exchange_graphs_modes(ctx) -> dict:
+    """How --exchange-graphs on runs: CUDA graphs on CUDA with NCCL; elsewhere (the CPU dry run) the replay
+    bookkeeping with graphs.rerun_capture, an eager stand-in for the capture (checks only: its times mean nothing)."""
+    if ctx["device"].type == "cuda" and dist.get_backend() == "nccl":
+        return {"measured": ctx["a"].exchange_graphs, "capture": "CUDA graphs"}
+    ctx["exchange_capture"] = rerun_capture
+    return {"measured": ctx["a"].exchange_graphs, "capture": "rerun_capture: an eager stand-in (no CUDA), times "
+                                                             "of the graphs mode not meaningful"}
+
+
 def main() -> int:
     a = parse_args()
     ctx = setup(a)
@@ -829,7 +865,9 @@ def main() -> int:
               "shape": dict(T_per_rank=a.tokens, H=a.hidden, I=a.intermediate, E_total=a.experts,
                             E_local=ctx["e_local"], K_top=a.top_k, R=world),
               "gemm_autotune": os.environ.get("FD_TRITON_AUTOTUNE"), "per_T": {}}
-    log(f"R={world} device={device.type} ops={result['ops']} shape={result['shape']} overlap={a.overlap}")
+    result["exchange_graphs"] = exchange_graphs_modes(ctx)
+    log(f"R={world} device={device.type} ops={result['ops']} shape={result['shape']} overlap={a.overlap} "
+        f"exchange graphs={result['exchange_graphs']}")
     t0 = time.time()
     ctx["all_experts"] = {r: Experts(r * ctx["e_local"], ctx["e_local"], a.hidden, a.intermediate, a.seed, device,
                                      ctx["launch"]) for r in range(world)}

@@ -274,6 +274,7 @@ def test_torch_port_of_the_exchange_matches_moe_ref_ep():
 def test_gpu_benchmark_logic_on_gloo_cpu(tmp_path):
     """benchmarks/bench_ep_gpu.py end to end on 2 CPU processes (torch gloo, torch chain, the exchange kernels under
     the Triton interpreter, tiny shapes, two T values): the distributed layer, one micro-batch and two overlapped,
+    eager and with --exchange-graphs on (DeviceExchange(graphs=True) with the eager stand-in for the capture),
     equals its in-process simulation bit for bit on every rank, and the merge script reads the result."""
     import json
     import os
@@ -288,27 +289,28 @@ def test_gpu_benchmark_logic_on_gloo_cpu(tmp_path):
     env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(root / "benchmarks" / "bench_ep_gpu.py"), "--backend", "gloo", "--device", "cpu", "--dry",
-           "--ops", "torch", "--out", str(out)]
+           "--ops", "torch", "--exchange-graphs", "off,on", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert sorted(result["per_T"]) == ["T24", "T8"]
     for res in result["per_T"].values():
-        assert sorted(res["checks"]) == ["random_overlap_off", "random_overlap_on", "uneven_overlap_off",
-                                         "uneven_overlap_on"]
+        assert sorted(res["checks"]) == sorted(f"{r}_overlap_{o}{g}" for r in ("random", "uneven")
+                                               for o in ("off", "on") for g in ("", "_exchange_graphs"))
         assert all(c["bit_exact_all_ranks"] for c in res["checks"].values())
         assert res["checks"]["uneven_overlap_on"]["recv_tokens_per_rank"] == [res["W"], 0]
-        assert [r["overlap"] for r in res["records"]] == ["off", "on"]
-        ex = res["exchange"]
-        # fixed chunks: each rank sends T rows of 288 bytes (H=256, 1 scale word, K=2) and T bf16 rows back to the
-        # other rank, whatever the routing
-        assert ex["bytes_sent"] == 2 * res["T_per_rank"] * (288 + 2 * 256)
-        assert 0 < ex["bytes_ideal"] <= ex["bytes_sent"]
+        assert [(r["overlap"], r["exchange_graphs"]) for r in res["records"]] == [
+            ("off", "off"), ("on", "off"), ("off", "on"), ("on", "on")]
+        for mode, ex in res["exchange_by_graphs"].items():
+            # fixed chunks: each rank sends T rows of 288 bytes (H=256, 1 scale word, K=2) and T bf16 rows back to
+            # the other rank, whatever the routing
+            assert ex["exchange_graphs"] == mode and ex["bytes_sent"] == 2 * res["T_per_rank"] * (288 + 2 * 256)
+            assert 0 < ex["bytes_ideal"] <= ex["bytes_sent"]
     merged = tmp_path / "merged.json"
     proc = subprocess.run([sys.executable, str(root / "benchmarks" / "merge_ep_results.py"), str(merged), str(out)],
                           cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(json.loads(merged.read_text())["records"]) == 4
+    assert len(json.loads(merged.read_text())["records"]) == 8
 
 
 # ---------------------------------------------------------------------- strided caller views (issue 15 item 5)

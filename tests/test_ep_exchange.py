@@ -251,3 +251,107 @@ def test_device_ll_path_matches_moe_ref_ll(kind, t_of, world, e_local, k_top, n)
         back = torch.cat([gathered[r][s * nk: (s + 1) * nk] for r in range(world)])
         got = L.depermute_prefill_combine(back.view(1, world * nk, h), rets[s], w_t[s], t_of[s])
         assert np.array_equal(got.view(torch.int16).numpy(), want[s].numpy().view(np.int16))
+
+
+# ---------------------------------------------------------------------- DeviceExchange(graphs=True) (issue 13)
+
+@pytest.fixture
+def gloo_world_of_one(tmp_path):
+    """A one-process gloo group in this process (the exchange's collectives on CPU)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield dist
+    dist.destroy_process_group()
+
+
+def _rerun_capture(log):
+    """graphs.rerun_capture (the eager stand-in for a CUDA graph) with its captures and replays logged."""
+    from backend.ops.triton.graphs import rerun_capture
+
+    def capture(fn, device):
+        log.append("capture")
+        graph, out = rerun_capture(fn, device)
+        replay = graph.replay
+        graph.replay = lambda: (log.append("replay"), replay())
+        return graph, out
+    return capture
+
+
+def _exchange_inputs(rng, t, h, e_total, k_top, ids_dtype=torch.int64):
+    x = rng.integers(0, 256, size=(t, h), dtype=np.uint8)
+    x[x & 0x7F == 0x7F] = 0                                       # no NaN patterns
+    ids = np.array([rng.permutation(e_total)[:k_top] for _ in range(t)], dtype=np.int64).reshape(t, k_top)
+    if t:
+        ids[-1] = -1                                              # a token sent nowhere
+    return (torch.from_numpy(x).view(torch.float8_e4m3fn),
+            torch.from_numpy(rng.integers(0, 2 ** 31 - 1, size=(t, 2), dtype=np.int64).astype(np.int32)),
+            torch.from_numpy(ids).to(ids_dtype), torch.from_numpy(rng.random(size=(t, k_top), dtype=np.float32)))
+
+
+def _same(a, b) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8),
+                                                                     b.contiguous().view(torch.uint8))
+
+
+def test_exchange_graphs_on_a_gloo_group_is_a_clear_error(gloo_world_of_one):
+    from backend.ops.triton import ep_exchange as X
+    with pytest.raises(ValueError, match=r"graphs: .*NCCL.*'gloo'"):
+        X.DeviceExchange(4, 6, graphs=True)
+    with pytest.raises(ValueError, match="graphs: the exact layout"):
+        X.DeviceExchange(4, 6, exact=True, graphs=True, capture=_rerun_capture([]))
+    assert not X.DeviceExchange(4, 6).graphs                    # the default stays eager
+
+
+def test_replayed_exchange_keeps_static_buffers_and_equals_eager(gloo_world_of_one):
+    """graphs=True with an eager stand-in for the capture (CPU): one capture per (kind, slot) whatever T and the
+    ids' dtype, the outputs are the same tensors call after call (overwritten), a second slot has its own, and
+    every result equals the plain eager exchange bit for bit (rows T.. of the static ids reset: T 6 -> 3 -> 5)."""
+    from backend.ops.triton import ep_exchange as X
+    h, e_local, k_top, chunk = 256, 4, 2, 6
+    log = []
+    plain, rep = X.DeviceExchange(e_local, chunk), X.DeviceExchange(e_local, chunk, graphs=True,
+                                                                     capture=_rerun_capture(log))
+    rng = np.random.default_rng(3)
+    first = None
+    for t, ids_dtype in ((6, torch.int64), (3, torch.int64), (5, torch.int32)):
+        ins = _exchange_inputs(rng, t, h, e_local, k_top, ids_dtype)
+        want, got = plain.dispatch(*ins), rep.dispatch(*ins)
+        assert all(_same(a, b) for a, b in zip(want[:4], got[:4])), t
+        partial = (got[0].float() * 0.5).to(torch.bfloat16)
+        w_out, g_out = plain.combine(partial, want[4]), rep.combine(partial, got[4])
+        assert _same(w_out, g_out) and g_out.shape == (t, h)
+        routed = (ins[2] >= 0).any(1)       # world 1: out[t] = the partial row of t's slot (0 + -0 = +0: by value)
+        assert not g_out[~routed].any() and torch.equal(g_out[routed], partial[want[4].pos[:t, 0][routed].long()])
+        assert got[4].tokens == t and rep.stats == plain.stats
+        if first is None:
+            first = (got, g_out)
+        assert all(a is b for a, b in zip(first[0], got)) and g_out.data_ptr() == first[1].data_ptr()
+    assert _same(first[1][:5], g_out)                           # the first call's output now holds the last one's
+    assert log.count("capture") == 2 and log.count("replay") == 6
+    other = rep.dispatch(*ins, slot=1)
+    assert log.count("capture") == 3 and other[0].data_ptr() != got[0].data_ptr() and _same(other[0], got[0])
+    with pytest.raises(ValueError, match="topk_weights"):
+        rep.dispatch(*ins[:3], ins[3][:, :1])
+    with pytest.raises(ValueError, match="chunk"):
+        rep.dispatch(*_exchange_inputs(rng, chunk + 1, h, e_local, k_top))
+
+
+def test_replayed_layer_equals_the_overlapped_layer(gloo_world_of_one):
+    """overlapped_layer with a graphs exchange (dispatch and combine replayed per micro-batch) equals the eager
+    step-by-step layer bit for bit, 1 and 2 micro-batches."""
+    from backend.ops.triton import ep_exchange as X
+    h, e_local, k_top = 256, 4, 2
+    rng = np.random.default_rng(5)
+    ins = _exchange_inputs(rng, 8, h, e_local, k_top)
+
+    def experts(x, s, ids, w, m):
+        return (x.float() * (w[:, :1] + ids[:, :1].clamp(min=0).float())).to(torch.bfloat16)
+
+    for parts in (1, 2):
+        chunk = 8 // parts
+        want = X.overlapped_layer(X.DeviceExchange(e_local, chunk), experts, *ins, parts)
+        rep = X.DeviceExchange(e_local, chunk, graphs=True, capture=_rerun_capture([]))
+        for _ in range(2):
+            assert _same(X.overlapped_layer(rep, experts, *ins, parts), want), parts

@@ -17,7 +17,9 @@ nothing back:
             and rounds once (launch.depermute_prefill_combine with weight 1 per rank: 1·x is exact).
 
 Host time: every launch goes through fast_launch (the compiled launcher called directly), buffers come from a
-Workspace per micro-batch slot (no allocation per call but the combine's output).
+Workspace per micro-batch slot (no allocation per call but the combine's output). `DeviceExchange(graphs=True)`
+(fixed chunks, NCCL) goes further: dispatch and combine each replay a CUDA graph captured at their first call, so
+an eager caller pays a graph replay and the input copies instead of the launches.
 
 Two receive layouts:
 - fixed chunks (`exact=False`, num_worst_tokens W = R·CHUNK, CHUNK >= T on every rank): rank r's rows go to chunk
@@ -188,6 +190,11 @@ class ExchangeHandle:
     ret: torch.Tensor | None = None
 
 
+def _zero_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zeros [rows, t.shape[1]] of t's dtype and device (contiguous; made as bytes: no fill kernel per dtype)."""
+    return torch.zeros((rows, t.shape[1] * t.element_size()), dtype=torch.uint8, device=t.device).view(t.dtype)
+
+
 class Workspace:
     """Device buffers kept per (slot, name) and reused while shape, dtype and device stay the same: no allocation
     per call. A buffer handed out is overwritten by the next call that asks for the same (slot, name)."""
@@ -203,6 +210,29 @@ class Workspace:
         return buf
 
 
+@dataclasses.dataclass
+class _Replay:
+    """A captured dispatch or combine: its graph, the static input buffers it reads, what the captured call
+    returned (its static outputs), every buffer the graph touches (kept alive here, whatever the Workspace does
+    later), the bytes to other ranks per call, and `dirty` (dispatch): rows of the static topk_ids that may hold
+    a token's ids (the rows past it are -1: tokens sent nowhere)."""
+    graph: object
+    static: tuple
+    out: object
+    keep: list
+    bytes_to_others: int
+    dirty: int = 0
+
+    def load(self, t: int, inputs: tuple) -> None:
+        """Copy T rows of each input into its static buffer (device copies; dtype converted as .to() would) and
+        mark the static rows T.. of the ids -1 (dispatch: static[2])."""
+        for buf, v in zip(self.static, inputs):
+            (buf if t == buf.shape[0] else buf[:t]).copy_(v)
+        if self.dirty > t:
+            self.static[2][t:self.dirty].fill_(-1)
+        self.dirty = t
+
+
 class DeviceExchange:
     """dispatch / combine over a torch.distributed group, index building and packing on the device.
 
@@ -215,9 +245,22 @@ class DeviceExchange:
     Per call (fixed chunks): dispatch = 3 launches (index, pack, unpack) + 1 all_to_all, combine = 1 all_to_all +
     1 launch; buffers come from a Workspace per `slot` (send_rows' argument): the dispatch outputs of a slot stay
     valid until the next dispatch of that slot (the combine's output is new every call).
+
+    graphs=True (fixed chunks, an NCCL group, CUDA tensors; else ValueError): dispatch() and combine() replay CUDA
+    graphs. The first dispatch of a (slot, x_q / x_scale dtype and columns, K_top, device) captures one (after a
+    warm-up run on a side stream, as torch requires) on static inputs of `chunk` rows owned by the exchange; every
+    call copies its inputs in (device copies, no host read; rows T.. of the static ids set to -1, so T may change
+    without a new capture: every rank captures at the same call) and replays. combine() of such a handle captures
+    (per partial dtype and H) and replays the same way; a handle from the step methods combines eagerly. Outputs
+    are the static buffers: the dispatch outputs and the handle are overwritten by the next dispatch of the same
+    slot and key, the combine output [T, H] (a row view of a [chunk, H] buffer) by the next combine of that handle.
+    Bit-identical to graphs=False (same kernels on the same bytes; padding tokens go nowhere). The step methods
+    (send_rows ... reduce) stay eager. capture(fn, device) -> (graph, fn's output): how a call is recorded
+    (default graphs.capture_graph; a stand-in that reruns fn checks the bookkeeping on CPU).
     """
 
-    def __init__(self, num_local_experts: int, chunk: int, exact: bool = False, group=None):
+    def __init__(self, num_local_experts: int, chunk: int, exact: bool = False, group=None, graphs: bool = False,
+                 capture=None):
         import torch.distributed as dist
         self.dist, self.group = dist, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
@@ -225,6 +268,22 @@ class DeviceExchange:
         self.stats = {}
         self.ws = Workspace()
         self._ones_cache = {}
+        self.graphs, self._capture, self._replays, self._of_handle = bool(graphs), capture, {}, {}
+        self._cuda_graphs = False                   # the default capture: CUDA tensors only
+        if self.graphs:
+            self._check_graphs()
+
+    def _check_graphs(self) -> None:
+        if self.exact:
+            raise ValueError("graphs: the exact layout reads the counts on the host at every dispatch; CUDA graphs "
+                             "need the fixed-chunk layout (exact=False)")
+        if self._capture is None:
+            backend = self.dist.get_backend(self.group)
+            if backend != "nccl":
+                raise ValueError(f"graphs: CUDA graphs capture NCCL collectives only; this group's backend is "
+                                 f"{backend!r} (on CPU / gloo use graphs=False)")
+            from .graphs import capture_graph
+            self._capture, self._cuda_graphs = capture_graph, True
 
     @property
     def num_worst_tokens(self) -> int:
@@ -317,14 +376,85 @@ class DeviceExchange:
         return sum(rows) * row_bytes
 
     def dispatch(self, x_q, x_scale, topk_ids, topk_weights, slot: int = 0):
-        """All on the current stream -> (x, scale, local ids, weights (W rows each), handle)."""
+        """All on the current stream -> (x, scale, local ids, weights (W rows each), handle); graphs: replayed."""
+        if self.graphs:
+            return self._replayed_dispatch((x_q, x_scale, topk_ids, topk_weights), slot)
+        return self._dispatch(x_q, x_scale, topk_ids, topk_weights, slot)
+
+    def combine(self, partial: torch.Tensor, h: ExchangeHandle) -> torch.Tensor:
+        """partial [W, H] (the experts' rows, W = num_worst_tokens) -> [T, H]; graphs (a handle of a replayed
+        dispatch): replayed."""
+        found = self._of_handle.get(id(h)) if self.graphs else None
+        if found is not None and found[0] is h:
+            return self._replayed_combine(partial, h, found[1])
+        return self._combine(partial, h)
+
+    def _dispatch(self, x_q, x_scale, topk_ids, topk_weights, slot):
         h, lay = self.send_rows(x_q, x_scale, topk_ids, topk_weights, slot)
         self.exchange_rows(h, lay)
         return (*self.received(h, lay, x_scale.dtype), h)
 
-    def combine(self, partial: torch.Tensor, h: ExchangeHandle) -> torch.Tensor:
+    def _combine(self, partial: torch.Tensor, h: ExchangeHandle) -> torch.Tensor:
         self.return_rows(partial, h)
         return self.reduce(h)
+
+    def _replayed_dispatch(self, inputs: tuple, slot):
+        x_q, x_scale, topk_ids, _ = inputs
+        t = topk_ids.shape[0]
+        if t > self.chunk:
+            raise ValueError(f"topk_ids: {t} tokens, more than chunk = {self.chunk} rows per rank")
+        for name, v in zip(("x_q", "x_scale", "topk_ids", "topk_weights"), inputs):
+            if v.dim() != 2 or v.shape[0] != t or (name == "topk_weights" and v.shape != topk_ids.shape):
+                raise ValueError(f"{name}: expected [T, ·] with T = {t} rows (topk_weights: the shape of topk_ids), "
+                                 f"got {list(v.shape)}")
+        key = ("dispatch", slot, x_q.dtype, x_q.shape[1], x_scale.dtype, x_scale.shape[1], topk_ids.shape[1],
+               x_q.device)
+        rep = self._replays.get(key) or self._capture_dispatch(key, inputs)
+        rep.load(t, inputs)
+        rep.graph.replay()
+        rep.out[-1].tokens = t
+        self.stats["dispatch_bytes_to_others"] = rep.bytes_to_others
+        return rep.out
+
+    def _capture_dispatch(self, key: tuple, inputs: tuple) -> _Replay:
+        """Static inputs of `chunk` rows (ids -1: no token yet), the dispatch captured on them (Workspace slot
+        ("graph", key): buffers no other call reshapes)."""
+        x_q, x_scale, topk_ids, _ = inputs
+        dev, c, k_top = x_q.device, self.chunk, topk_ids.shape[1]
+        if self._cuda_graphs and dev.type != "cuda":
+            raise ValueError(f"x_q: on {dev}; graphs=True replays CUDA graphs and needs CUDA tensors")
+        static = (_zero_rows(x_q, c), _zero_rows(x_scale, c),
+                  torch.full((c, k_top), -1, dtype=torch.int64, device=dev),
+                  torch.zeros((c, k_top), dtype=torch.float32, device=dev))
+        gslot = ("graph",) + key
+        graph, out = self._capture(lambda: self._dispatch(*static, gslot), dev)
+        rep = _Replay(graph, static, out, self._buffers_of(gslot) + list(static),
+                      self.stats["dispatch_bytes_to_others"])
+        self._replays[key] = rep
+        self._of_handle[id(out[-1])] = (out[-1], key)
+        return rep
+
+    def _replayed_combine(self, partial: torch.Tensor, h: ExchangeHandle, dkey: tuple) -> torch.Tensor:
+        w = self.num_worst_tokens
+        if partial.dim() != 2 or partial.shape[0] < w:
+            raise ValueError(f"partial: expected [W, H] with W = {w} rows, got {list(partial.shape)}")
+        key = ("combine", dkey, partial.dtype, partial.shape[1])
+        rep = self._replays.get(key) or self._capture_combine(key, partial, h, ("graph",) + dkey)
+        rep.static[0].copy_(partial if partial.shape[0] == w else partial[:w])
+        rep.graph.replay()
+        self.stats["combine_bytes_to_others"] = rep.bytes_to_others
+        return rep.out if h.tokens == rep.out.shape[0] else rep.out[:h.tokens]
+
+    def _capture_combine(self, key: tuple, partial: torch.Tensor, h: ExchangeHandle, gslot: tuple) -> _Replay:
+        static = (torch.zeros((self.num_worst_tokens, partial.shape[1]), dtype=partial.dtype, device=partial.device),)
+        graph, out = self._capture(lambda: self._combine(static[0], h), partial.device)
+        rep = _Replay(graph, static, out, self._buffers_of(gslot) + [static[0], out],
+                      self.stats["combine_bytes_to_others"])
+        self._replays[key] = rep
+        return rep
+
+    def _buffers_of(self, slot) -> list:
+        return [buf for (s, _), buf in self.ws.bufs.items() if s == slot]
 
 
 def ideal_bytes(cnt: torch.Tensor, rank: int, lay: RowLayout, hidden_bytes: int) -> tuple[int, int]:
@@ -433,13 +563,17 @@ def overlapped_layer(ex: DeviceExchange, experts, x_q, x_scale, topk_ids, topk_w
     """The ht layer as `parts` micro-batches of ex.chunk tokens (x_q [T, H] with T <= parts·ex.chunk):
     experts(x, scale, local ids, weights, m) -> partial [W, H] bf16 runs on the current stream, the collectives of
     every micro-batch on comm_stream (None: the current stream, no overlap), ordered by events: micro-batch i+1's
-    dispatch and i's combine overlap the expert GEMMs. -> out [T, H] bf16, equal bit for bit to one micro-batch."""
+    dispatch and i's combine overlap the expert GEMMs. -> out [T, H] bf16, equal bit for bit to one micro-batch.
+    ex.graphs: each micro-batch's whole dispatch and combine (replayed graphs) on comm_stream (_replayed_layer);
+    with one micro-batch the output is ex's static combine output (overwritten by the next call)."""
     tl_ = timeline or Timeline(False)
     cur = torch.cuda.current_stream() if comm_stream is not None else None
     t, step = x_q.shape[0], ex.chunk
     if t > parts * step:
         raise ValueError(f"x_q: {t} tokens, more than parts·chunk = {parts}·{step}")
     bounds = [(i * step, min(t, (i + 1) * step)) for i in range(parts)]
+    if ex.graphs:
+        return _replayed_layer(ex, experts, (x_q, x_scale, topk_ids, topk_weights), bounds, comm_stream, tl_)
     sent = []
     for a, b in bounds:                                                    # route + pack every micro-batch
         with tl_.span("compute", f"pack{len(sent)}", cur):
@@ -468,6 +602,28 @@ def overlapped_layer(ex: DeviceExchange, experts, x_q, x_scale, topk_ids, topk_w
         with tl_.span("compute", f"reduce{i}", cur):
             outs.append(ex.reduce(h))
     return outs[0] if parts == 1 else torch.cat(outs)
+
+
+def _replayed_layer(ex: DeviceExchange, experts, inputs: tuple, bounds: list, comm, tl_: Timeline):
+    """overlapped_layer for ex.graphs: micro-batch i's dispatch (slot i: input copies, index, pack, all_to_all,
+    unpack) and combine (all_to_all, sum over ranks) replayed on comm (None: the current stream), its experts on
+    the current stream, ordered by events; the caller's stream waits for the last combine."""
+    cur = torch.cuda.current_stream() if comm is not None else None
+    ready, got = _event(cur), []
+    for i, (a, b) in enumerate(bounds):
+        _wait(comm, ready)
+        with _on(comm), tl_.span("comm", f"dispatch{i}", comm):
+            got.append((ex.dispatch(*(v[a:b] for v in inputs), slot=i), _event(comm)))
+    outs, partials = [], []                   # partials stay referenced until the caller's stream waits below
+    for i, (d, arrived) in enumerate(got):
+        _wait(cur, arrived)
+        with tl_.span("compute", f"experts{i}", cur):
+            partials.append(experts(*d[:4], ex.num_worst_tokens))
+        _wait(comm, _event(cur))
+        with _on(comm), tl_.span("comm", f"combine{i}", comm):
+            outs.append(ex.combine(partials[-1], d[4]))
+    _wait(cur, _event(comm))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _event(stream):
