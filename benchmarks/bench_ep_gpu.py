@@ -884,11 +884,24 @@ def main() -> int:
         for res in result["per_T"].values():
             add_graph_numbers(ctx, res)
             save(result, a, rank)
+    release_graphs(ctx)
     dist.barrier()
     ok = all(c["bit_exact_all_ranks"] for r in result["per_T"].values() for c in r["checks"].values())
     ok = ok and all(r.get("bit_exact", True) for r in result.get("ll", []))
     dist.destroy_process_group()
     return 0 if ok else 1
+
+
+def release_graphs(ctx) -> None:
+    """Free every CUDA graph that holds NCCL work (the layer's DeviceExchange(graphs=True) objects) before the
+    process group goes: the 2x H200 run of 2026-11-30 16:55 UTC wrote all its results, then did not exit while
+    those graphs were alive at destroy_process_group (killed by its time limit); NCCL reclaims a captured
+    collective's resources when its graph is destroyed. (This order was not yet run on the GPUs.)"""
+    import gc
+    ctx.pop("layer", None)
+    gc.collect()
+    if ctx["device"].type == "cuda":
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":

@@ -56,7 +56,8 @@ def test_replayed_exchange_equals_eager(nccl_world_of_one):
         torch.cuda.synchronize()
         assert all(_same(a, b) for a, b in zip(want[:4], got[:4])), t
         assert _same(w_out, g_out), t
-        ptrs.add((got[0].data_ptr(), g_out.data_ptr()))
+        if t:                       # a zero-row view reports data_ptr() 0 (torch: no data for numel 0)
+            ptrs.add((got[0].data_ptr(), g_out.data_ptr()))
         c0 = X.K.launch_count()
         rep.dispatch(*ins)
         assert X.K.launch_count() == c0                       # replayed: no launch of its own
