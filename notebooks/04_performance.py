@@ -918,6 +918,29 @@ for path, doc in ep_runs:
               f"(NCCL all-to-all on the comm stream), experts (the FP8 chain), reduce. {card_of(doc)}, {date_of(doc)}.")
 
 # %% [markdown]
+# **Eager, with the exchange replaying its own graphs.** `DeviceExchange(graphs=True)`: the dispatch and combine
+# copy their inputs into static buffers and replay CUDA graphs the exchange captured at its first call, while the
+# rest of the layer stays eager (`ep_graphs_*.json`, `bench_ep_gpu.py --exchange-graphs off,on`).
+
+# %% tags=["nbval-ignore-output"]
+# nbval-ignore-output: numbers read from benchmarks/results/ep_graphs_*.json; the bit-exactness checks are asserted.
+for path in sorted(results_dir.glob("ep_graphs_*.json")):
+    doc = json.loads(path.read_text())
+    recs = [r for run in doc.get("runs", {}).values() for r in run.get("records", []) if r["overlap"] == "off"]
+    assert recs and all(all(r["bit_exact"].values()) for r in recs), path.name
+    print(f"{path.name}: {card_of(doc)}, {date_of(doc)} (overlap off)")
+    print(f"{'T/rank':>7s} {'exchange graphs':>16s} {'eager x':>8s} {'disp host ms':>13s} {'comb host ms':>13s}")
+    for r in recs:
+        print(f"{r['T_per_rank']:7d} {str(r.get('exchange_graphs')):>16s} {r['speedup_2_gpus_vs_1']:8.2f} "
+              f"{r['dispatch_host_ms']:13.3f} {r['combine_host_ms']:13.3f}")
+    on = {r["T_per_rank"]: r for r in recs if r.get("exchange_graphs") == "on"}
+    off = {r["T_per_rank"]: r for r in recs if r.get("exchange_graphs") == "off"}
+    md("With the exchange's own graphs the eager layer runs at " + "; ".join(
+        f"{on[t]['speedup_2_gpus_vs_1']:.2f}x one GPU at T={t} ({off[t]['speedup_2_gpus_vs_1']:.2f}x without), "
+        f"{on[t]['dispatch_host_ms']:.3f} ms of host time per dispatch (was {off[t]['dispatch_host_ms']:.3f})"
+        for t in sorted(on, reverse=True) if t in off) + f". {card_of(doc)} x2, {date_of(doc)}.")
+
+# %% [markdown]
 # **The low-latency (decode) path.** `ll` records: DeepEP's low-latency semantics (a fixed buffer of `N` rows per
 # rank pair, one row per (token, expert) back), every rank checked bit for bit against an in-process simulation
 # (asserted), eager and from a CUDA graph.
