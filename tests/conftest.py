@@ -39,3 +39,24 @@ def gemm1_overflow_case():
     w_up = paddle.concat([paddle.full([e, i, h], -1.0), paddle.ones([e, i, h])], axis=1)
     x = paddle.full([t, h], 1e37).astype(paddle.bfloat16)
     return x, w_up, paddle.full([e, h, i], 0.01), paddle.ones([t, 1]), paddle.zeros([t, 1], dtype=paddle.int64)
+
+
+@pytest.fixture(scope="module")
+def triton_launch():
+    """backend.ops.triton.launch with its kernels interpreted (TRITON_INTERPRET=1) and torch on one thread while a
+    module runs (the interpreter's sums then do not depend on the thread count); skips where the kernels were
+    compiled for a GPU (TRITON_INTERPRET=0 set before the run: the GPU machine, where tests/test_gpu_*.py run)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    from backend.ops.triton import launch
+    try:
+        if not launch.interpreting():
+            pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET was set to 0 before the run)")
+        yield launch
+    finally:
+        torch.set_num_threads(threads)
+        mp.undo()

@@ -27,17 +27,8 @@ COUNTS = [70, 0, 5]                  # two m-tiles of 64 (one partial), an empty
 
 
 @pytest.fixture(scope="module")
-def L():
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    from backend.ops.triton import launch
-    if not launch.interpreting():
-        pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET was set to 0 before the run)")
-    yield launch
-    torch.set_num_threads(threads)
-    mp.undo()
+def L(triton_launch):
+    return triton_launch
 
 
 def _problem(L, recipe: str, inter: int, seed: int = 0):

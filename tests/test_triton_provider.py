@@ -36,20 +36,11 @@ BF16_ULP = 2.0 ** -7          # bf16 spacing relative to a value's leading power
 
 
 @pytest.fixture(scope="module", autouse=True)
-def interpreter():
-    """TRITON_INTERPRET=1 while this module runs; kernels decorated in interpreter mode."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("TRITON_INTERPRET", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    from backend.ops.triton import launch
-    if not launch.interpreting():
-        pytest.skip("the Triton kernels were compiled for a GPU (TRITON_INTERPRET was set to 0 before the run)")
+def interpreter(triton_launch):
+    """TRITON_INTERPRET=1 while this module runs (conftest.triton_launch); the provider cache cleared around it."""
     ops.reset_provider_cache()
     yield
     ops.reset_provider_cache()
-    torch.set_num_threads(threads)
-    mp.undo()
 
 
 @pytest.fixture(scope="module")
