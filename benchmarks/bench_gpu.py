@@ -62,8 +62,8 @@ def save():
 # which kernel each timed GEMM runs (launch.masked_gemm_kernel: the launcher's rule, no expected_m given, so
 # rows = M; "explicit_fp32_tl" forces the tl kernel, the kernel the FP32 rows measured before the Gluon wiring)
 GEMM_KERNEL = {
-    "explicit_ue8m0": lambda dev, k, m: L.masked_gemm_kernel("ue8m0", dev, k, m, True),
-    "explicit_fp32": lambda dev, k, m: L.masked_gemm_kernel("fp32", dev, k, m),
+    "explicit_ue8m0": lambda dev, k, m: L.masked_gemm_kernel("ue8m0", dev, k, True),
+    "explicit_fp32": lambda dev, k, m: L.masked_gemm_kernel("fp32", dev, k),
     "explicit_fp32_tl": lambda dev, k, m: "tl",
     "dot_scaled_ue8m0": lambda dev, k, m: "tl_dot_scaled",
 }
@@ -598,7 +598,7 @@ def chain(w_tok, h, inter, e_num, k_top):
         t_chain = bench_ms(whole)
         res[recipe] = dict(ms=t_chain, stage_ms=times, gemm_share=(times["gemm1"] + times["gemm2"]) / t_chain,
                            nan=bool(torch.isnan(fp8_out).any()), M=m_cap,
-                           gemm_kernels=[L.masked_gemm_kernel(recipe, x.device, kk, m_cap, True) for kk in (h, inter)])
+                           gemm_kernels=[L.masked_gemm_kernel(recipe, x.device, kk, True) for kk in (h, inter)])
         log(recipe, res[recipe])
         save()
 
@@ -737,7 +737,7 @@ def _fused_variant(layer, rec: dict, out: torch.Tensor) -> None:
 def chain_layer_record(dg, w_tok, h, inter, e_num, k_top) -> dict:
     import chain_layer as CL
     layer = CL.make_layer(w_tok, h, inter, e_num, k_top, DEV)
-    kernel = L.masked_gemm_kernel("fp32", layer.x.device, h, layer.expected_m)
+    kernel = L.masked_gemm_kernel("fp32", layer.x.device, h)
     rec = dict(tokens=w_tok, M=layer.m, expected_m=layer.expected_m, recipe="fp32", gemm_kernel=kernel,
                shape=dict(W=w_tok, H=h, I=inter, E=e_num, K_top=k_top))
     out = layer.run().clone()

@@ -67,23 +67,23 @@ def on_hopper(monkeypatch):
 
 def test_which_kernel_runs_a_masked_gemm(on_hopper, monkeypatch):
     L, cuda = on_hopper, torch.device("cuda", 0)
-    assert L.masked_gemm_kernel("fp32", cuda, 7168, 4096) == "gluon"           # FP32 recipe: always on SM90
-    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, 64) == "gluon"
-    assert L.masked_gemm_kernel("ue8m0", cuda, 2048, 4096) == "gluon"       # the 128 x 192 tile there
-    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, 64, sfb_per_block=False) == "tl"      # per-row weight bytes
-    assert L.masked_gemm_kernel("fp32", cuda, 200, 64) == "tl"                 # TMA needs K % 16 == 0
-    assert L.masked_gemm_kernel("fp32", torch.device("cpu"), 7168, 64) == "tl"
+    assert L.masked_gemm_kernel("fp32", cuda, 7168) == "gluon"                 # FP32 recipe: always on SM90
+    assert L.masked_gemm_kernel("ue8m0", cuda, 7168) == "gluon"                # its tile from the rows hint
+    assert L.masked_gemm_kernel("ue8m0", cuda, 2048) == "gluon"
+    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, sfb_per_block=False) == "tl"          # per-row weight bytes
+    assert L.masked_gemm_kernel("fp32", cuda, 200) == "tl"                     # TMA needs K % 16 == 0
+    assert L.masked_gemm_kernel("fp32", torch.device("cpu"), 7168) == "tl"
     monkeypatch.setattr(G, "available", lambda: False)                         # SM100, or no Gluon
-    assert L.masked_gemm_kernel("fp32", cuda, 7168, 64) == "tl"
+    assert L.masked_gemm_kernel("fp32", cuda, 7168) == "tl"
     with pytest.raises(ValueError, match="recipe: expected 'fp32' or 'ue8m0', got 'fp8'"):
-        L.masked_gemm_kernel("fp8", cuda, 7168, 64)
+        L.masked_gemm_kernel("fp8", cuda, 7168)
 
 
 def test_launchers_hand_sm90_calls_to_the_gluon_kernel(on_hopper, monkeypatch):
     L = on_hopper
     calls = []
-    monkeypatch.setattr(L, "masked_gemm_kernel", lambda recipe, device, k, rows, sfb_per_block=True:
-                        calls.append(("rule", recipe, k, rows, sfb_per_block)) or "gluon")
+    monkeypatch.setattr(L, "masked_gemm_kernel", lambda recipe, device, k, sfb_per_block=True:
+                        calls.append(("rule", recipe, k, sfb_per_block)) or "gluon")
     for name in ("group_gemm_masked", "group_gemm_masked_fp32"):
         monkeypatch.setattr(G, name, lambda *args, _n=name, **kw: calls.append((_n, args[2].dtype, kw)) or args[5])
     e, m, n, k = 2, 64, 128, 256
@@ -94,9 +94,9 @@ def test_launchers_hand_sm90_calls_to_the_gluon_kernel(on_hopper, monkeypatch):
     assert L.group_gemm_masked_fp32(a, b, torch.ones(e, m, 2), torch.ones(e, 1, 2), counts, out, None, m) is out
     sf = torch.zeros(e, 128, 8, dtype=torch.uint8)
     L.group_gemm_masked(a, b, sf, sf, counts, out, None, m, sm_count=7, sfb_per_block=True, expected_m=32)
-    assert calls == [("rule", "fp32", k, m, True), ("group_gemm_masked_fp32", torch.float32,
-                                                     dict(expected_m=None, sm_count=-1)),
-                     ("rule", "ue8m0", k, 32, True),
+    assert calls == [("rule", "fp32", k, True), ("group_gemm_masked_fp32", torch.float32,
+                                                  dict(expected_m=None, sm_count=-1)),
+                     ("rule", "ue8m0", k, True),
                      ("group_gemm_masked", torch.uint8, dict(expected_m=32, sm_count=7))]
     assert not out.any()                                   # the tl kernel did not run as well
     calls.clear()

@@ -552,10 +552,11 @@ def _dot_scaled(g: _MaskedGemm, cfg: dict) -> None:
 # 64 x 128 sub-tile and K step, it has no per-row variant.
 
 
-def masked_gemm_kernel(recipe: str, device: torch.device, k: int, rows: int, sfb_per_block: bool = True) -> str:
-    """"gluon" or "tl": the kernel group_gemm_masked_fp32 (recipe "fp32") or group_gemm_masked with impl
-    "explicit" (recipe "ue8m0") runs for depth k and about `rows` valid rows per expert (the expected_m hint,
-    else max_m_per_expert) on `device`. The rule and its measurements: the comment above."""
+def masked_gemm_kernel(recipe: str, device: torch.device, k: int, sfb_per_block: bool = True) -> str:
+    """"gluon" or "tl": the kernel group_gemm_masked_fp32 (recipe "fp32"), group_gemm_masked with impl "explicit"
+    (recipe "ue8m0") and their fused GEMM 1 + SwiGLU + quant forms run for depth k on `device`; the Gluon kernels
+    pick their tile from the rows hint themselves (gluon_gemm.pick_config). The rule and its measurements: the
+    comment above."""
     if recipe not in ("fp32", "ue8m0"):
         raise ValueError(f"recipe: expected 'fp32' or 'ue8m0', got {recipe!r}")
     if interpreting() or device.type != "cuda" or k % 16 or not gluon_gemm.available():
@@ -565,11 +566,10 @@ def masked_gemm_kernel(recipe: str, device: torch.device, k: int, rows: int, sfb
     return "gluon" if sfb_per_block else "tl"
 
 
-def _kernel_for(kernel: str | None, recipe: str, device, k: int, expected_m: int | None, m: int,
-                sfb_per_block: bool = True) -> str:
+def _kernel_for(kernel: str | None, recipe: str, device, k: int, sfb_per_block: bool = True) -> str:
     """The caller's `kernel` ("tl" | "gluon", e.g. a benchmark timing both), or masked_gemm_kernel's rule (None)."""
     if kernel is None:
-        return masked_gemm_kernel(recipe, device, k, int(expected_m) if expected_m is not None else m, sfb_per_block)
+        return masked_gemm_kernel(recipe, device, k, sfb_per_block)
     if kernel not in ("tl", "gluon"):
         raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
     return kernel
@@ -612,7 +612,7 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     if impl == "dot_scaled":
         _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, key, functools.partial(_dot_scaled, g),
                    INTERPRETER_CONFIG_DOT_SCALED)
-    elif _kernel_for(kernel, "ue8m0", g.a.device, g.shape[3], expected_m, g.m, bool(sfb_per_block)) == "gluon":
+    elif _kernel_for(kernel, "ue8m0", g.a.device, g.shape[3], bool(sfb_per_block)) == "gluon":
         gluon_gemm.group_gemm_masked(g.a, g.b, g.sa, g.sb, g.counts, out, g.bias, g.m, expected_m=expected_m,
                                      sm_count=sm_count)
     else:
@@ -636,7 +636,7 @@ def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tens
     e_num = b.shape[0]
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
     a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
-    if _kernel_for(kernel, "fp32", a.device, b.shape[-1], expected_m, m) == "gluon":
+    if _kernel_for(kernel, "fp32", a.device, b.shape[-1]) == "gluon":
         gluon_gemm.group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, bias, m, expected_m=expected_m,
                                           sm_count=sm_count)
         return out
@@ -699,16 +699,6 @@ FUSED_TL_CONFIG = dict(BLOCK_M=64, num_warps=8, num_stages=3, USE_TMA=True)     
 FUSED_INTERPRETER_CONFIG = dict(BLOCK_M=64, num_warps=4, num_stages=1, USE_TMA=False)
 
 
-def fused_gemm_kernel(recipe: str, device: torch.device, k: int, sfb_per_block: bool = True) -> str:
-    """"gluon" or "tl": the kernel of group_gemm_masked[_fp32]_swiglu_fp8_quant. Gluon (its PAIR mode, gluon_gemm.py)
-    on an SM90 GPU with Gluon, K % 16 == 0 and, for CUTLASS bytes, block-uniform weight bytes; else the tl twin."""
-    if recipe not in ("fp32", "ue8m0"):
-        raise ValueError(f"recipe: expected 'fp32' or 'ue8m0', got {recipe!r}")
-    if interpreting() or device.type != "cuda" or k % 16 or not gluon_gemm.available():
-        return "tl"
-    return "gluon" if recipe == "fp32" or sfb_per_block else "tl"
-
-
 def _fused_outputs(g: _MaskedGemm, ue8m0: bool, out):
     """(act [E, M, I] fp8, the scale tensor returned, the one the kernel writes): new (torch.empty: rows past
     masked_m hold whatever memory held) or the caller's `out` pair, checked."""
@@ -741,9 +731,7 @@ def _fused_outputs(g: _MaskedGemm, ue8m0: bool, out):
 
 def _gemm_swiglu(g: _MaskedGemm, ue8m0: bool, sb_scalar: bool, amax_floor: float, check_finite: bool, out,
                  kernel: str):
-    """Run the fused kernel (tl or Gluon) of a checked problem; returns (act, scale)."""
-    if kernel not in ("tl", "gluon"):
-        raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
+    """Run the fused kernel (tl or Gluon, as _kernel_for returned it) of a checked problem; returns (act, scale)."""
     if kernel == "gluon" and not sb_scalar:
         raise ValueError("sfb_per_block: the Gluon kernel reads one weight byte per 128x128 block, expected True "
                          "with kernel='gluon', got False")
@@ -791,10 +779,10 @@ def group_gemm_masked_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, sfa: to
     what GEMM 2 reads; rows past masked_m[e] are not written (new buffers: whatever memory held; `out`: a
     caller's (act, act_sf) pair of those shapes, left as they were there). check_finite, amax_floor: as
     fused_mask_swiglu_fp8_quant (False: no synchronization, CUDA-graph safe). sfb_per_block, sm_count, kernel
-    ("tl" | "gluon", None: fused_gemm_kernel's rule): as group_gemm_masked (Gluon needs sfb_per_block).
+    ("tl" | "gluon", None: masked_gemm_kernel's rule): as group_gemm_masked (Gluon needs sfb_per_block).
     """
     g = _problem(a, b, sfa.contiguous(), sfb.contiguous(), masked_m, None, None, max_m_per_expert, sm_count)
-    kernel = kernel or fused_gemm_kernel("ue8m0", g.a.device, g.shape[3], bool(sfb_per_block))
+    kernel = _kernel_for(kernel, "ue8m0", g.a.device, g.shape[3], bool(sfb_per_block))
     return _gemm_swiglu(g, True, bool(sfb_per_block), amax_floor, check_finite, out, kernel)
 
 
@@ -816,7 +804,7 @@ def group_gemm_masked_fp32_swiglu_fp8_quant(a: torch.Tensor, b: torch.Tensor, a_
     a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
     g = _problem(a, b, a_scale, b_scale, masked_m, None, None, m, sm_count,
                  tuple(a_scale.stride()) + tuple(b_scale.stride()))
-    kernel = kernel or fused_gemm_kernel("fp32", g.a.device, g.shape[3])
+    kernel = _kernel_for(kernel, "fp32", g.a.device, g.shape[3])
     return _gemm_swiglu(g, False, True, amax_floor, check_finite, out, kernel)
 
 
