@@ -42,6 +42,7 @@ from _common import repo_on_path, write_json  # noqa: E402
 
 repo_on_path()
 from backend.ops.triton import kernels as KERN  # noqa: E402 - imports neither Paddle nor anything that needs it
+from backend.ops.triton import chain as CH  # noqa: E402
 from backend.ops.triton import launch as L  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -529,26 +530,11 @@ def chain(w_tok, h, inter, e_num, k_top):
     w_up_f = torch.randn(e_num, 2 * inter, h, device=DEV, generator=gen).to(torch.bfloat16) * 0.02
     w_dn_f = torch.randn(e_num, h, inter, device=DEV, generator=gen).to(torch.bfloat16) * 0.02
 
-    def quant_weight(w, ue):
-        e_, n_, k_ = w.shape
-        blocks = w.float().view(e_, n_ // 128, 128, k_ // 128, 128)
-        amax = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4)
-        s = amax / 448.0
-        ex = None
-        if ue:
-            ex = ue8m0_exponent(s)
-            s = (ex << 23).view(torch.float32)
-        q = (blocks / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e_, n_, k_)
-        return q, s, ex
-
     res = {}
     for recipe in ("ue8m0", "fp32"):
         ue = recipe == "ue8m0"
-        w_up, s_up, ex_up = quant_weight(w_up_f, ue)
-        w_dn, s_dn, ex_dn = quant_weight(w_dn_f, ue)
-        if ue:
-            sfb_up = L.unpack_and_convert_scale(pack_words(ex_up.repeat_interleave(128, 1)), None)
-            sfb_dn = L.unpack_and_convert_scale(pack_words(ex_dn.repeat_interleave(128, 1)), None)
+        quant = CH.quantize_weight_blocks if ue else CH.quantize_weight_blocks_fp32    # scale: CUTLASS bytes | fp32
+        (w_up, s_up), (w_dn, s_dn) = quant(w_up_f), quant(w_dn_f)
         up = torch.empty(e_num * m_cap, 2 * inter, dtype=torch.bfloat16, device=DEV)
         down = torch.empty(e_num * m_cap, h, dtype=torch.bfloat16, device=DEV)
         st = {}
@@ -562,7 +548,7 @@ def chain(w_tok, h, inter, e_num, k_top):
 
         def s_gemm1():
             if ue:
-                L.group_gemm_masked(st["px"].view(e_num * m_cap, h), w_up, st["ps"], sfb_up, st["counts"], up, None,
+                L.group_gemm_masked(st["px"].view(e_num * m_cap, h), w_up, st["ps"], s_up, st["counts"], up, None,
                                     m_cap, sfb_per_block=True)
             else:
                 L.group_gemm_masked_fp32(st["px"].view(e_num * m_cap, h), w_up, st["ps"], s_up, st["counts"], up,
@@ -574,7 +560,7 @@ def chain(w_tok, h, inter, e_num, k_top):
         def s_gemm2():
             if ue:
                 sfa = L.unpack_and_convert_scale(st["act_s"], st["counts"])
-                L.group_gemm_masked(st["act"].view(e_num * m_cap, inter), w_dn, sfa, sfb_dn, st["counts"], down,
+                L.group_gemm_masked(st["act"].view(e_num * m_cap, inter), w_dn, sfa, s_dn, st["counts"], down,
                                     None, m_cap, sfb_per_block=True)
             else:
                 L.group_gemm_masked_fp32(st["act"].view(e_num * m_cap, inter), w_dn, st["act_s"], s_dn, st["counts"],

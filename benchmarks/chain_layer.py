@@ -22,25 +22,12 @@ import torch
 from backend.ops import deep_gemm_launch as DGL
 from backend.ops import device_errors as DE
 from backend.ops.triton import launch as L
+from backend.ops.triton.chain import quantize_weight_blocks_fp32
+from backend.ops.triton.graphs import capture_graph
 
 STAGES = ("quant", "permute", "gemm1", "swiglu", "gemm2", "combine")
 FUSED_STAGES = ("quant", "permute", "gemm1_swiglu", "gemm2", "combine")   # GEMM 1 + SwiGLU + quant in one launch
 M_ALIGN = 256        # M a multiple of DeepGEMM's largest SM90 BLOCK_M: its whole-tile stores stay in the expert's rows
-
-
-def quant_weight_blocks(w: torch.Tensor, ue8m0: bool):
-    """w [E, N, K] float (N, K multiples of 128) -> (q [E, N, K] fp8, s fp32 [E, N/128, K/128], UE8M0 exponent
-    bytes int32 of s or None): 128x128 blocks, s = amax/448 (amax floor 1e-4), powers of two (rounded up) with ue8m0."""
-    e_, n_, k_ = w.shape
-    blocks = w.float().view(e_, n_ // 128, 128, k_ // 128, 128)
-    s = blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4) / 448.0
-    ex = None
-    if ue8m0:
-        bits = s.contiguous().view(torch.int32)
-        ex = (((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)).clamp(1, 254)
-        s = (ex << 23).view(torch.float32)
-    q = (blocks / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e_, n_, k_)
-    return q, s, ex
 
 
 class StagedLayer:
@@ -115,17 +102,8 @@ class StagedLayer:
 
 
 def capture(fn) -> "torch.cuda.CUDAGraph":
-    """fn run once on a side stream (compilation, tile choice), then captured in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
+    """fn run once on a side stream (compilation, tile choice), then captured in a CUDA graph (graphs.capture_graph)."""
+    return capture_graph(fn)[0]
 
 
 def per_stage_ms(stages: dict, iters: int = 10, sleep_cycles: int = 50_000_000) -> dict:
@@ -154,7 +132,7 @@ def make_layer(w_tok: int, h: int, inter: int, e_num: int, k_top: int, device, s
     wts = torch.rand(w_tok, k_top, device=device, generator=gen) / k_top
     most = int(torch.bincount(ids.flatten(), minlength=e_num).max())
     m = -(-most // M_ALIGN) * M_ALIGN
-    w_up, s_up, _ = quant_weight_blocks(torch.randn(e_num, 2 * inter, h, device=device, generator=gen) * 0.02, False)
-    w_dn, s_dn, _ = quant_weight_blocks(torch.randn(e_num, h, inter, device=device, generator=gen) * 0.02, False)
+    w_up, s_up = quantize_weight_blocks_fp32(torch.randn(e_num, 2 * inter, h, device=device, generator=gen) * 0.02)
+    w_dn, s_dn = quantize_weight_blocks_fp32(torch.randn(e_num, h, inter, device=device, generator=gen) * 0.02)
     return StagedLayer(x, ids, wts, w_up, s_up.contiguous(), w_dn, s_dn.contiguous(), m,
                        max(1, w_tok * k_top // e_num))

@@ -22,30 +22,38 @@ from moe_ref.fp8_torch import mn_major_view, mn_major_zeros
 
 from .. import device_errors as DE
 from . import launch as L
+from .graphs import capture_graph
+
+
+def _weight_blocks(w: torch.Tensor, ue8m0: bool):
+    """w [E, N, K] bf16 | fp32 (N, K multiples of 128) -> (q [E, N, K] fp8, s fp32 [E, N/128, K/128], UE8M0 exponent
+    bytes int32 of s or None): 128x128 blocks, s = amax/448 (amax floor 1e-4), with ue8m0 the smallest power of two
+    >= that (its byte clamped to 1..254)."""
+    e, n, k = (int(d) for d in w.shape)
+    blocks = w.float().view(e, n // 128, 128, k // 128, 128)
+    s = (blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4) / 448.0).contiguous()
+    exp = None
+    if ue8m0:
+        bits = s.view(torch.int32)
+        exp = (((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)).clamp(1, 254)   # ceil to 2^x
+        s = (exp << 23).view(torch.float32)
+    return (blocks / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e, n, k), s, exp
 
 
 def quantize_weight_blocks(w: torch.Tensor):
     """w [E, N, K] bf16 | fp32 (N, K multiples of 128) -> (q [E, N, K] fp8, sfb [E, align(N,128), 16·ceil(K/512)]
     uint8 CUTLASS SF bytes): 128x128 blocks, UE8M0 scale = the smallest power of two >= amax/448 (amax floor 1e-4),
     each block's byte copied to its 128 rows (what the method builds at weight load; sfb_per_block holds)."""
-    e, n, k = (int(d) for d in w.shape)
-    blocks = w.float().view(e, n // 128, 128, k // 128, 128)
-    s = (blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4) / 448.0).contiguous()
-    bits = s.view(torch.int32)
-    exp = (((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(torch.int32)).clamp(1, 254)   # ceil to 2^x
-    s = (exp << 23).view(torch.float32)
-    q = (blocks / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e, n, k)
+    q, _, exp = _weight_blocks(w, True)
     words = L.byte_words(exp.repeat_interleave(128, 1).to(torch.uint8))
     return q, L.unpack_and_convert_scale(words, None)
 
 
 def quantize_weight_blocks_fp32(w: torch.Tensor):
-    """w [E, N, K] fp32 (N, K multiples of 128) -> (q [E, N, K] fp8, scale fp32 [E, N/128, K/128]): 128x128 blocks,
-    s = amax/448 (amax floor 1e-4), the Hopper recipe's weights (SPEC §3)."""
-    e, n, k = (int(d) for d in w.shape)
-    blocks = w.float().view(e, n // 128, 128, k // 128, 128)
-    s = (blocks.abs().amax(dim=(2, 4)).clamp(min=1e-4) / 448.0).contiguous()
-    return (blocks / s[:, :, None, :, None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(e, n, k), s
+    """w [E, N, K] bf16 | fp32 (N, K multiples of 128) -> (q [E, N, K] fp8, scale fp32 [E, N/128, K/128]): 128x128
+    blocks, s = amax/448 (amax floor 1e-4), the Hopper recipe's weights (SPEC §3)."""
+    q, s, _ = _weight_blocks(w, False)
+    return q, s
 
 
 def random_gemm1(counts: list, m: int, h: int, inter: int, recipe: str, device, seed: int = 0):
@@ -146,16 +154,8 @@ class HtChain:
     def capture(self) -> "torch.cuda.CUDAGraph":
         """Run once eagerly on a side stream (tile choice, compilation), clear the record, capture one run.
         After `self.graph.replay()`, self.out holds the output and self.errors the routing record."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.run()
-        torch.cuda.current_stream().wait_stream(side)
-        torch.cuda.synchronize()
-        self.errors.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.run()
+        self.graph, _ = capture_graph(self.run)
+        self.errors.zero_()              # the warm-up's record (capturing runs nothing)
         return self.graph
 
     def check(self) -> None:

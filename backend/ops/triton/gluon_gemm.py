@@ -556,6 +556,12 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _grid(device: torch.device, sm_count: int) -> tuple:
+    """The persistent grid: one CTA per SM the kernel may use (all, or sm_count when > 0)."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return (min(sms, sm_count) if sm_count > 0 else sms,)
+
+
 # CUTLASS UE8M0 bytes from this many expected rows per expert on: the 128 x 192 tile (wide_config). Measured on an
 # H200 (2026-11-30 16:15 UTC, bench_gemm_peers.py, ratios to DeepGEMM in one run) at 256 / 512 / 1024 / 2048 /
 # uneven 0..1024 / 0..2048 rows, 128 x 192 vs 128 x 128 vs the tl kernel: N=4096 K=7168 0.75/0.71/0.70,
@@ -645,8 +651,7 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     a, b = a.contiguous(), b.contiguous()
     tma_store = out.is_contiguous() and (out.shape[-1] * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
     has_bias = bias is not None
-    sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    grid = (min(sms, sm_count) if sm_count > 0 else sms,)         # persistent: one CTA per SM it may use
+    grid = _grid(a.device, sm_count)
     if cfg.get("WIDE"):
         descs = _wide_descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, 128))
         masked_gemm_ws_wide_kernel[grid](
@@ -720,8 +725,7 @@ def group_gemm_masked_swiglu_quant(a: torch.Tensor, b: torch.Tensor, sa: torch.T
     kg = cfg["KG"] if -(-k // BLOCK_K) % cfg["KG"] == 0 else 1
     a, b = a.contiguous(), b.contiguous()
     a_desc, b_desc, x_desc = _descriptors(a, b, a.new_empty(WG_ROWS, BLOCK_K, dtype=torch.bfloat16), cfg)
-    sms = _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device())
-    grid = (min(sms, sm_count) if sm_count > 0 else sms,)
+    grid = _grid(a.device, sm_count)
     bad = torch.zeros(2 * grid[0] if check_finite else 1, dtype=torch.int32, device=a.device)
     masked_gemm_swiglu_ws_kernel[grid](
         a_desc, b_desc, x_desc, counts, sa, sb, q, s_out, bad, e_num, m, n, k, *strides, s_groups, sf_groups, m_pad,
