@@ -438,9 +438,10 @@ def test_group_gemm_masked_sfa_per_group_skips_the_byte_check(T, P, gemm_paths, 
     a, sa, b, sb, masked_m = _gemm_case(e, m, n, k, counts, seed=43)
     sfa, sfb = _sf_bytes(T, sa, sb, e, m, n)
     looks, hints = [], []
-    real_look, real_rule = L._repeats_per_128, L._kernel_for
+    real_look, real_launch = L._repeats_per_128, L.group_gemm_masked
     monkeypatch.setattr(L, "_repeats_per_128", lambda w: looks.append(w.shape) or real_look(w))
-    monkeypatch.setattr(L, "_kernel_for", lambda *args, **kw: hints.append(args[4]) or real_rule(*args, **kw))
+    monkeypatch.setattr(L, "group_gemm_masked", lambda *args, **kw: hints.append(kw.get("expected_m"))
+                        or real_launch(*args, **kw))
 
     def run(sf_a, **options):
         del gemm_paths[:], looks[:]
@@ -449,7 +450,7 @@ def test_group_gemm_masked_sfa_per_group_skips_the_byte_check(T, P, gemm_paths, 
         return got, list(gemm_paths), len(looks)
 
     promised, paths, n_looks = run(sfa, sfb_per_block=True, sfa_per_group=True, expected_m=40)
-    assert (paths, n_looks, hints[-1]) == (["explicit_ue8m0"], 0, 40)       # the hint reaches the kernel rule
+    assert (paths, n_looks, hints[-1]) == (["explicit_ue8m0"], 0, 40)       # the hint reaches the launcher
     checked, paths, n_looks = run(sfa, sfb_per_block=True)
     assert (paths, n_looks, hints[-1]) == (["explicit_ue8m0"], 1, None)
     np.testing.assert_array_equal(promised, checked)
