@@ -87,9 +87,11 @@ def test_prefix_over_several_tiles(L, monkeypatch):
 
 @pytest.mark.parametrize("scale_kind,sf_group", [("none", None), ("fp32", None), ("words", None), ("words", 128),
                                                  ("words", 32)])
-def test_gather_move_equals_scatter_move(L, monkeypatch, scale_kind, sf_group):
-    """launch.PERMUTE_MOVE="gather" (slot-block programs read the rows of their slots' tokens) writes the bytes of
-    the default scatter (one program per token; checked against moe_ref in tests/test_triton_provider.py): rows,
+@pytest.mark.parametrize("other", ["gather", "split"])
+def test_gather_move_equals_scatter_move(L, monkeypatch, scale_kind, sf_group, other):
+    """launch.PERMUTE_MOVE="gather" (slot-block programs read the rows of their slots' tokens), and the scatter with
+    each row in 4 programs, 2 warps and narrower zero stores (launch.PERMUTE_SCATTER), write the bytes of the
+    default scatter (one program per token; checked against moe_ref in tests/test_triton_provider.py): rows,
     zero tail, scales in each layout, map, counts; with an expert over M and a bad id (deferred: dropped, recorded),
     M not a multiple of 16 (partly dead slot blocks) and counts above 128 (two SF tiles)."""
     w, h, e, k_top, m = 300, 256, 3, 2, 150
@@ -98,11 +100,13 @@ def test_gather_move_equals_scatter_move(L, monkeypatch, scale_kind, sf_group):
     ids[10:250, 1] = 0                                                 # expert 0 over M
     scale = {"none": None, "fp32": torch.rand(w, 5) + 0.5, "words": words}[scale_kind]
     outs = {}
-    for mode in ("scatter", "gather"):
-        monkeypatch.setattr(L, "PERMUTE_MOVE", mode)
+    for mode in ("scatter", other):
+        monkeypatch.setattr(L, "PERMUTE_MOVE", "gather" if mode == "gather" else "scatter")
+        monkeypatch.setattr(L, "PERMUTE_SCATTER", dict(split=4, num_warps=2, zblock=16) if mode == "split"
+                            else dict(split=1, num_warps=4, zblock=0))
         err = torch.zeros(5, dtype=torch.int64)
         outs[mode] = L.prefill_permute_to_masked_gemm(x, scale, ids, e, m, errors=err, sf_group=sf_group) + (err,)
-    (px, ps, imap, counts, err), (px2, ps2, imap2, counts2, err2) = outs["scatter"], outs["gather"]
+    (px, ps, imap, counts, err), (px2, ps2, imap2, counts2, err2) = outs["scatter"], outs[other]
     assert torch.equal(px.view(torch.uint8), px2.view(torch.uint8))
     assert (ps is None) == (ps2 is None) and (ps is None or (ps.stride() == ps2.stride() and torch.equal(ps, ps2)))
     assert torch.equal(imap, imap2) and torch.equal(counts, counts2) and torch.equal(err, err2)

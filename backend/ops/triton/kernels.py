@@ -279,20 +279,20 @@ def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr,
 
 
 @triton.jit
-def _scatter_token_row(x_ptr, map_ptr, px_ptr, t, ROW, NUM_ROWS, stride_x, K_TOP: tl.constexpr, KP: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """Token t's row (ROW words) to each of its K_TOP destinations: the map row in one load, the row read once per
-    BLOCK words and written to all destinations by one [KP, BLOCK] store (no per-destination reduction, branch or
-    barrier between the stores). Destinations outside [0, NUM_ROWS) are skipped."""
+def _scatter_token_row(x_ptr, map_ptr, px_ptr, t, c_lo, c_hi, ROW, NUM_ROWS, stride_x, K_TOP: tl.constexpr,
+                       KP: tl.constexpr, BLOCK: tl.constexpr):
+    """Words c_lo..c_hi-1 of token t's row (ROW words) to each of its K_TOP destinations: the map row in one load,
+    the row read once per BLOCK words and written to all destinations by one [KP, BLOCK] store (no per-destination
+    reduction, branch or barrier between the stores). Destinations outside [0, NUM_ROWS) are skipped."""
     k = tl.arange(0, KP)
     dests = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k, mask=k < K_TOP, other=-1)
     ok = (dests >= 0) & (dests < NUM_ROWS)
     base = tl.where(ok, dests, 0).to(tl.int64) * ROW
-    for c0 in range(0, ROW, BLOCK):
+    for c0 in range(c_lo, c_hi, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
-        row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < ROW)
+        row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < c_hi)
         tl.store(px_ptr + base[:, None] + cols[None, :], tl.broadcast_to(row[None, :], (KP, BLOCK)),
-                 mask=ok[:, None] & (cols < ROW)[None, :])
+                 mask=ok[:, None] & (cols < c_hi)[None, :])
 
 
 @triton.jit
@@ -363,7 +363,8 @@ def _gather_sf_tile(s_ptr, ps_ptr, e, rt, src, live, SF_ROWS, SF_GROUPS, stride_
 def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_ptr, W, ROW, S_COLS, M, NUM_ROWS,
                         SF_ROWS, SF_GROUPS, NUM_BLOCKS, stride_x, stride_s, K_TOP: tl.constexpr, KP: tl.constexpr,
                         HAS_SCALE: tl.constexpr, SF_MODE: tl.constexpr, BLOCK: tl.constexpr,
-                        BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr, GATHER: tl.constexpr = False):
+                        BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr, GATHER: tl.constexpr = False,
+                        SPLIT: tl.constexpr = 1, ZBLOCK: tl.constexpr = 0):
     """The data movement of the permute in one launch (every byte of px and of the scale output written once).
 
     Programs 0 .. E·NUM_BLOCKS-1, one per (expert e, block of BLOCK_S slots): rows in [counts[e], M) of the block
@@ -373,11 +374,14 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
     (`_gather_sf_tile`, by the programs whose block starts a 128-row tile: whole tiles per store). They come
     first, so that the blocks with dead rows start early. Programs E·NUM_BLOCKS .. + W-1: token t's row to its
     K_TOP slots (map [W, K_TOP] = e·M + slot or -1). px [E·M, ROW], x rows of ROW words (int32 or uint8).
+    SPLIT: W·SPLIT token programs instead, each moving one of SPLIT equal column ranges of its token's row (ROW a
+    multiple of SPLIT: smaller programs, a shorter tail). ZBLOCK: columns per store of the dead-row zeroing
+    (0: BLOCK).
     GATHER: no token programs; each slot-block program writes all its rows itself, x rows of the slots' tokens
     (through inv) or zeros (`_gather_rows`): sequential writes, each x row read K_top times (from L2 if it stays).
     """
     pid = tl.program_id(0)
-    n_blocks = tl.num_programs(0) - (0 if GATHER else W)
+    n_blocks = tl.num_programs(0) - (0 if GATHER else W * SPLIT)
     if pid < n_blocks:
         e = pid // NUM_BLOCKS
         s0 = (pid % NUM_BLOCKS) * BLOCK_S
@@ -386,7 +390,8 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
             _gather_rows(x_ptr, inv_ptr, px_ptr, e, s0, cnt, tl.minimum(M, s0 + BLOCK_S), M, W, ROW, stride_x, RB,
                          BLOCK)
         else:
-            _zero_dead_rows(px_ptr, e, tl.maximum(cnt, s0), tl.minimum(M, s0 + BLOCK_S), M, ROW, RB, BLOCK)
+            _zero_dead_rows(px_ptr, e, tl.maximum(cnt, s0), tl.minimum(M, s0 + BLOCK_S), M, ROW, RB,
+                            BLOCK if ZBLOCK == 0 else ZBLOCK)
         if HAS_SCALE:
             if SF_MODE == 0:
                 slots = s0 + tl.arange(0, BLOCK_S)
@@ -398,7 +403,11 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
                 _gather_sf_tile(s_ptr, ps_ptr, e, s0 // SF_TILE_ROWS, src, live, SF_ROWS, SF_GROUPS, stride_s,
                                 SF_MODE == 1, BLOCK_SC)
     else:
-        _scatter_token_row(x_ptr, map_ptr, px_ptr, pid - n_blocks, ROW, NUM_ROWS, stride_x, K_TOP, KP, BLOCK)
+        q = pid - n_blocks
+        part = ROW // SPLIT
+        c_lo = (q % SPLIT) * part
+        _scatter_token_row(x_ptr, map_ptr, px_ptr, q // SPLIT, c_lo, c_lo + part, ROW, NUM_ROWS, stride_x, K_TOP, KP,
+                           BLOCK)
 
 
 @triton.jit

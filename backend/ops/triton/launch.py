@@ -232,6 +232,9 @@ def _scale_out(scale: torch.Tensor, e_num: int, m: int, sf_group: int | None):
 # K_top slots; the slot-block programs zero the dead rows) or "gather" (slot-block programs only, each writing its
 # rows in order from the slots' tokens). Same bytes out; bench_gpu.py times both at issue 12's shape.
 PERMUTE_MOVE = "scatter"
+# The scatter's launch shape: each token's row in `split` programs (a row of ROW words not divisible by it runs in
+# one), `num_warps` per program, the dead-row zeroing `zblock` words per store (0: as the row copy).
+PERMUTE_SCATTER = dict(split=1, num_warps=4, zblock=0)
 
 
 def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: int | None):
@@ -253,14 +256,16 @@ def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: 
     n_blocks = triton.cdiv(max(sf_rows, m), block_s)
     s_cols = 0 if scale is None else scale.shape[1]
     block_sc = min(16, _pow2(sf_groups)) if sf_group is not None else min(64, _pow2(s_cols))   # [16, 128] SF tiles
-    grid = e_num * n_blocks + (0 if gather else w)
+    split = PERMUTE_SCATTER["split"] if not gather and row % PERMUTE_SCATTER["split"] == 0 else 1
+    grid = e_num * n_blocks + (0 if gather else w * split)
     if grid == 0:
         return permute_x, permute_scale
     K.permute_move_kernel[(grid,)](
         xv, indice_map, inv, counts, pxv, sv, ps_words, w, row, s_cols, m, e_num * m,
         sf_rows, sf_groups, n_blocks, xv.stride(0), sv.stride(0), K_TOP=k_top, KP=_pow2(k_top),
-        HAS_SCALE=scale is not None, SF_MODE=SF_MODES[sf_group], BLOCK=min(2048, _pow2(row)), BLOCK_S=block_s,
-        BLOCK_SC=block_sc, RB=4 if gather else 8, GATHER=gather, num_warps=4)
+        HAS_SCALE=scale is not None, SF_MODE=SF_MODES[sf_group], BLOCK=min(2048, _pow2(row // split)),
+        BLOCK_S=block_s, BLOCK_SC=block_sc, RB=4 if gather else 8, GATHER=gather, SPLIT=split,
+        ZBLOCK=min(PERMUTE_SCATTER["zblock"], _pow2(row)), num_warps=PERMUTE_SCATTER["num_warps"])
     return permute_x, permute_scale
 
 
