@@ -26,8 +26,9 @@ def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--splits", default="1,2,4,7,14")
-    ap.add_argument("--warps", default="2,4,8")
+    ap.add_argument("--splits", default="1,2")
+    ap.add_argument("--warps", default="2,4")
+    ap.add_argument("--caches", default="none,.cs,.cg", help="row store cache modifiers (none: the default)")
     ap.add_argument("--zblocks", default="0,256,512", help="dead-row store widths, tried with the best split/warps")
     return ap.parse_args()
 
@@ -52,6 +53,7 @@ def measure(kind: str, x, ids, e: int, m: int, cfg: dict, want) -> dict:
     imap_, counts_, _, inv = L._permute_index_step(ids, e, m, err, True)
     nbytes = q.numel() + s.numel() * 4 + px.numel() + ps.numel() * ps.element_size() + imap.numel() * 4
     rec = dict(kind=kind, **cfg, W=x.shape[0], M=m, bytes=nbytes, op_ms=B.graph_ms(op),
+               written_bytes=px.numel() + ps.numel() * ps.element_size() + imap.numel() * 4,
                move_ms=B.graph_ms(lambda: L._move_rows(q, s, imap_, counts_, inv, e, m, sf_group)),
                index_ms=B.graph_ms(lambda: L._permute_index_step(ids, e, m, err, True)),
                record_clear=not any(err.tolist()))
@@ -66,17 +68,18 @@ def main() -> int:
     copy = B.copy_ceiling()
     out = dict(card=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), command="python3 benchmarks/bench_permute.py " + " ".join(sys.argv[1:]),
-        default=default, copy_2gib=copy, records=[])
-    grid = [dict(split=sp, num_warps=nw, zblock=0) for sp in map(int, a.splits.split(","))
-            for nw in map(int, a.warps.split(","))]
+        default=default, copy_2gib=copy, fill_2gib_ms=B.fill_ms(2 << 30), records=[])
+    grid = [dict(split=sp, num_warps=nw, zblock=0, store_cache="" if c == "none" else c)
+            for sp in map(int, a.splits.split(",")) for nw in map(int, a.warps.split(",")) for c in a.caches.split(",")]
     for kind in ("cutlass_sf", "fp32"):
         base, want = measure(kind, x, ids, e, m, default, None)
         base["copy_same_bytes_ms"] = B.copy_same_bytes_ms(base["bytes"])
+        base["fill_written_bytes_ms"] = B.fill_ms(base["written_bytes"])
         out["records"].append(base)
         for cfg in grid + [None]:
             if cfg is None:          # the dead-row store width, with the best split and warps of this kind
                 best = min((r for r in out["records"] if r["kind"] == kind), key=lambda r: r["move_ms"])
-                cfgs = [dict(split=best["split"], num_warps=best["num_warps"], zblock=z)
+                cfgs = [dict(split=best["split"], num_warps=best["num_warps"], zblock=z, store_cache=best["store_cache"])
                         for z in map(int, a.zblocks.split(",")) if z]
             else:
                 cfgs = [cfg]
@@ -92,7 +95,8 @@ def main() -> int:
     write_json(pathlib.Path(a.out), out, indent=1, newline=False)
     for kind in ("cutlass_sf", "fp32"):
         best = min((r for r in out["records"] if r["kind"] == kind), key=lambda r: r["op_ms"])
-        B.log(kind, "best", {k: best[k] for k in ("split", "num_warps", "zblock", "op_ms", "move_ms", "ratio_to_copy")})
+        B.log(kind, "best", {k: best[k] for k in ("split", "num_warps", "zblock", "store_cache", "op_ms", "move_ms",
+                                                  "ratio_to_copy")})
     return 0 if all(r["equal_to_default"] is not False for r in out["records"]) else 1
 
 

@@ -102,8 +102,8 @@ def test_gather_move_equals_scatter_move(L, monkeypatch, scale_kind, sf_group, o
     outs = {}
     for mode in ("scatter", other):
         monkeypatch.setattr(L, "PERMUTE_MOVE", "gather" if mode == "gather" else "scatter")
-        monkeypatch.setattr(L, "PERMUTE_SCATTER", dict(split=4, num_warps=2, zblock=16) if mode == "split"
-                            else dict(split=1, num_warps=4, zblock=0))
+        split = dict(split=4, num_warps=2, zblock=16, store_cache=".cs")
+        monkeypatch.setattr(L, "PERMUTE_SCATTER", split if mode == "split" else dict(L.PERMUTE_SCATTER, split=1))
         err = torch.zeros(5, dtype=torch.int64)
         outs[mode] = L.prefill_permute_to_masked_gemm(x, scale, ids, e, m, errors=err, sf_group=sf_group) + (err,)
     (px, ps, imap, counts, err), (px2, ps2, imap2, counts2, err2) = outs["scatter"], outs[other]

@@ -280,7 +280,7 @@ def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr,
 
 @triton.jit
 def _scatter_token_row(x_ptr, map_ptr, px_ptr, t, c_lo, c_hi, ROW, NUM_ROWS, stride_x, K_TOP: tl.constexpr,
-                       KP: tl.constexpr, BLOCK: tl.constexpr):
+                       KP: tl.constexpr, BLOCK: tl.constexpr, STORE_CACHE: tl.constexpr):
     """Words c_lo..c_hi-1 of token t's row (ROW words) to each of its K_TOP destinations: the map row in one load,
     the row read once per BLOCK words and written to all destinations by one [KP, BLOCK] store (no per-destination
     reduction, branch or barrier between the stores). Destinations outside [0, NUM_ROWS) are skipped."""
@@ -292,7 +292,7 @@ def _scatter_token_row(x_ptr, map_ptr, px_ptr, t, c_lo, c_hi, ROW, NUM_ROWS, str
         cols = c0 + tl.arange(0, BLOCK)
         row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < c_hi)
         tl.store(px_ptr + base[:, None] + cols[None, :], tl.broadcast_to(row[None, :], (KP, BLOCK)),
-                 mask=ok[:, None] & (cols < c_hi)[None, :])
+                 mask=ok[:, None] & (cols < c_hi)[None, :], cache_modifier=STORE_CACHE)
 
 
 @triton.jit
@@ -364,7 +364,7 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
                         SF_ROWS, SF_GROUPS, NUM_BLOCKS, stride_x, stride_s, K_TOP: tl.constexpr, KP: tl.constexpr,
                         HAS_SCALE: tl.constexpr, SF_MODE: tl.constexpr, BLOCK: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr, GATHER: tl.constexpr = False,
-                        SPLIT: tl.constexpr = 1, ZBLOCK: tl.constexpr = 0):
+                        SPLIT: tl.constexpr = 1, ZBLOCK: tl.constexpr = 0, STORE_CACHE: tl.constexpr = ""):
     """The data movement of the permute in one launch (every byte of px and of the scale output written once).
 
     Programs 0 .. E·NUM_BLOCKS-1, one per (expert e, block of BLOCK_S slots): rows in [counts[e], M) of the block
@@ -376,7 +376,7 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
     K_TOP slots (map [W, K_TOP] = e·M + slot or -1). px [E·M, ROW], x rows of ROW words (int32 or uint8).
     SPLIT: W·SPLIT token programs instead, each moving one of SPLIT equal column ranges of its token's row (ROW a
     multiple of SPLIT: smaller programs, a shorter tail). ZBLOCK: columns per store of the dead-row zeroing
-    (0: BLOCK).
+    (0: BLOCK). STORE_CACHE: the row stores' cache modifier ("" default, ".cs" streaming, ".cg" L2 only).
     GATHER: no token programs; each slot-block program writes all its rows itself, x rows of the slots' tokens
     (through inv) or zeros (`_gather_rows`): sequential writes, each x row read K_top times (from L2 if it stays).
     """
@@ -407,7 +407,7 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
         part = ROW // SPLIT
         c_lo = (q % SPLIT) * part
         _scatter_token_row(x_ptr, map_ptr, px_ptr, q // SPLIT, c_lo, c_lo + part, ROW, NUM_ROWS, stride_x, K_TOP, KP,
-                           BLOCK)
+                           BLOCK, STORE_CACHE)
 
 
 @triton.jit

@@ -233,8 +233,11 @@ def _scale_out(scale: torch.Tensor, e_num: int, m: int, sf_group: int | None):
 # rows in order from the slots' tokens). Same bytes out; bench_gpu.py times both at issue 12's shape.
 PERMUTE_MOVE = "scatter"
 # The scatter's launch shape: each token's row in `split` programs (a row of ROW words not divisible by it runs in
-# one), `num_warps` per program, the dead-row zeroing `zblock` words per store (0: as the row copy).
-PERMUTE_SCATTER = dict(split=1, num_warps=4, zblock=0)
+# one), `num_warps` per program, the dead-row zeroing `zblock` words per store (0: as the row copy), the row stores'
+# cache modifier `store_cache` ("" default, ".cs" streaming, ".cg" L2 only).
+# benchmarks/bench_permute.py swept them on an H200 (2026-11-30): within 1 % of each other up to 2 programs per row,
+# the move kernel at the write ceiling (0.99x a fill of the bytes it writes); 2 x 2 warps was fastest in both runs.
+PERMUTE_SCATTER = dict(split=2, num_warps=2, zblock=0, store_cache="")
 
 
 def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: int | None):
@@ -265,7 +268,8 @@ def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: 
         sf_rows, sf_groups, n_blocks, xv.stride(0), sv.stride(0), K_TOP=k_top, KP=_pow2(k_top),
         HAS_SCALE=scale is not None, SF_MODE=SF_MODES[sf_group], BLOCK=min(2048, _pow2(row // split)),
         BLOCK_S=block_s, BLOCK_SC=block_sc, RB=4 if gather else 8, GATHER=gather, SPLIT=split,
-        ZBLOCK=min(PERMUTE_SCATTER["zblock"], _pow2(row)), num_warps=PERMUTE_SCATTER["num_warps"])
+        ZBLOCK=min(PERMUTE_SCATTER["zblock"], _pow2(row)), STORE_CACHE=PERMUTE_SCATTER["store_cache"],
+        num_warps=PERMUTE_SCATTER["num_warps"])
     return permute_x, permute_scale
 
 
