@@ -772,9 +772,17 @@ for path, run in gpu_runs:
               f"GEMMs alone, with a tick at 1.2x the latter. Source: {source}. Date: {date_of(run)}.")
     mb_list = run.get("memory_bound")
     if mb_list:
-        print(f"\n{'memory-bound op':34s} {'x copy':>7s} {'timing':>7s} {'eager x copy':>13s}")
+        print(f"\n{'memory-bound op':34s} {'x copy':>7s} {'timing':>7s} {'eager x copy':>13s} "
+              f"{'x copy, same bytes':>19s} {'x fill, written bytes':>22s}")
         for v in mb_list:
-            print(f"{v['op']:34s} {v['ratio_to_copy']:7.2f} {v['timing']:>7s} {v.get('ratio_to_copy_eager') or 0:13.2f}")
+            same, fill = v.get("ratio_to_copy_same_bytes"), v.get("ratio_to_fill_written_bytes")
+            print(f"{v['op']:34s} {v['ratio_to_copy']:7.2f} {v['timing']:>7s} {v.get('ratio_to_copy_eager') or 0:13.2f} "
+                  f"{'' if same is None else f'{same:.2f}':>19s} {'' if fill is None else f'{fill:.2f}':>22s}")
+        md("Three ceilings: `x copy` against a 2 GiB device copy (its read + written bytes per second); `x copy, same "
+           "bytes` against a copy of as many bytes as the op moves (small ops cannot reach the large copy's rate); `x "
+           "fill, written bytes` against a device fill of the bytes the op writes. The permute writes about nine bytes "
+           "per byte it reads, and on this card writing alone runs at about 0.8x the copy's rate "
+           "(`benchmarks/bench_permute.py`), so the fill, not the copy, bounds it.")
 
 
 # %% [markdown]
