@@ -281,6 +281,27 @@ def test_fp32_launch_plumbs_the_picked_tile(launch_spy):
         assert args[12:18] == tuple(sa.stride()) + tuple(sb.stride())
         assert kw["STAGES"] == G.pick_config(expected_m, 4096)["STAGES"] and kw["TMA_STORE"]
     assert not launch_spy["masked_gemm_ws_wide_kernel"].calls
+    assert not kw["SA_SMEM"] and args[18] is args[0]             # row-major sa: global loads, no sa descriptor
+
+
+def test_fp32_launch_reads_mn_major_scales_through_tma(launch_spy):
+    """MN-major FP32 A scales (as the permute writes them: [E, S, M_pad] storage) go to the kernel as a 1-D TMA
+    descriptor (box 64 rows) over their storage, flat index e·S·M_pad + step·M_pad + row; config SA_SMEM=False, a
+    misaligned base, or a row stride other than 1 keep the global loads."""
+    a, b, out, counts = _gemm_operands()
+    e, m, steps = 2, 256, 4
+    phys = torch.ones(e, steps, m + 4)                               # M_pad = 260: rows 256..259 padding
+    sa, sb = phys.transpose(1, 2)[:, :m], torch.ones(2, 32, steps)
+    G.group_gemm_masked_fp32(a, b, sa, sb, counts, out, None, m, expected_m=1024)
+    grid, args, kw = launch_spy["masked_gemm_ws_kernel"].calls[-1]
+    desc = args[18]
+    assert kw["SA_SMEM"] and desc.block_shape == [64] and desc.strides == [1]
+    assert desc.shape == [(e - 1) * steps * (m + 4) + (steps - 1) * (m + 4) + m]
+    assert desc.base.data_ptr() == phys.data_ptr()
+    for sa_other, cfg in ((sa, dict(G.pick_config(1024, 4096), SA_SMEM=False)),
+                          (torch.ones(e * steps * (m + 4) + 1)[1:].view(e, steps, m + 4).transpose(1, 2), None)):
+        G.group_gemm_masked_fp32(a, b, sa_other, sb, counts, out, None, m, expected_m=1024, config=cfg)
+        assert not launch_spy["masked_gemm_ws_kernel"].calls[-1][2]["SA_SMEM"]
 
 
 def test_ue8m0_launch_goes_wide_from_256_rows(launch_spy):

@@ -95,6 +95,10 @@ def _kernels(peers, x, out, m_cap, counts):
                 x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap, expected_m=em))
             ks[f"gluon_ue8m0_m{em}"] = ("ue8m0", lambda em=em: gluon_gemm.group_gemm_masked(
                 x["a"], x["b"], x["sfa"], x["sfb"], counts, out, None, m_cap, expected_m=em))
+        # A scales through global loads instead of the TMA into shared memory (the launcher's default for MN-major)
+        ks["gluon_fp32_m512_global_sa"] = ("fp32", lambda: gluon_gemm.group_gemm_masked_fp32(
+            x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap,
+            config=dict(gluon_gemm.pick_config(512, n), SA_SMEM=False)))
         wide = gluon_gemm.wide_config()          # the 128 x 192 tile
         ks["gluon_fp32_wide"] = ("fp32", lambda: gluon_gemm.group_gemm_masked_fp32(
             x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap, config=wide))

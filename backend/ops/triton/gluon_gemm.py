@@ -118,10 +118,13 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _producer(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
                   UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
-                  M_FAST: gl.constexpr, KG: gl.constexpr, PAIR: gl.constexpr = False):
+                  M_FAST: gl.constexpr, KG: gl.constexpr, PAIR: gl.constexpr = False, SA_SMEM: gl.constexpr = False):
         """TMA loads: for each tile and stage of KG 128-wide K steps, A rows [BM, 128] (NA boxes of 64 rows) and
         B rows [BN_CTA, 128] (NB boxes of BN rows) per step into slot it % STAGES once both math warpgroups freed it.
-        PAIR (NB = 2): box j is B rows j·N/2 + nt·BN .. (the gate and the up block of the same output columns)."""
+        PAIR (NB = 2): box j is B rows j·N/2 + nt·BN .. (the gate and the up block of the same output columns).
+        SA_SMEM (FP32 MN-major sa): also the step's A scales, NA boxes of 64 fp32 (p[23]: a 1-D descriptor over sa's
+        storage, flat index e·sa_se + step·sa_sk + row), into p[24] beside A: the math warpgroups read them from
+        shared memory (DeepGEMM's way) instead of global loads."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         n_tiles = gl.cdiv(N, NB * BN)
@@ -140,12 +143,20 @@ if _IMPORT_ERROR is None:
             for kb in range(k_stages):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), KG * (NA * a_desc.block_type.nbytes + NB * b_desc.block_type.nbytes))
+                if SA_SMEM:
+                    mbarrier.expect(ready.index(s), KG * (NA * (a_desc.block_type.nbytes + p[23].block_type.nbytes)
+                                                          + NB * b_desc.block_type.nbytes))
+                else:
+                    mbarrier.expect(ready.index(s), KG * (NA * a_desc.block_type.nbytes + NB * b_desc.block_type.nbytes))
                 for g in gl.static_range(KG):
                     k0 = (kb * KG + g) * BLOCK_K_C
                     for i in gl.static_range(NA):
                         tma.async_copy_global_to_shared(a_desc, [row0 + i * WG_ROWS_C, k0], ready.index(s),
                                                         a_bufs.index((s * KG + g) * NA + i))
+                        if SA_SMEM:
+                            tma.async_copy_global_to_shared(
+                                p[23], [e * p[15] + (kb * KG + g) * p[17] + mt * BM + i * WG_ROWS_C], ready.index(s),
+                                p[24].index((s * KG + g) * NA + i))
                     for j in gl.static_range(NB):
                         tma.async_copy_global_to_shared(b_desc, [col0 + j * box, k0], ready.index(s),
                                                         b_bufs.index((s * KG + g) * NB + j))
@@ -167,12 +178,15 @@ if _IMPORT_ERROR is None:
             return sa_ptr + e64 * sa_se + rows_c * sa_sm, sb_ptr + e64 * sb_se + (col_c // 128) * sb_sn, sa_sk, sb_sk
 
     @gluon.jit
-    def _load_scales(sa_p, sb_p, sa_step, sb_step, kb, like, DIAG: gl.constexpr):
+    def _load_scales(sa_p, sb_p, sa_step, sb_step, kb, like, DIAG: gl.constexpr, SA_SMEM: gl.constexpr = False):
         """The raw scales of K step kb: (sa [64], sb) as loaded (fp32 values or int32 SF words). Nothing is computed
         on them here: an instruction that used them at once would stall on the load (the SASS showed the FMUL
-        sa·sb right after the loads), so _step_scale combines them where they are used, two steps later."""
+        sa·sb right after the loads), so _step_scale combines them where they are used, two steps later.
+        SA_SMEM: sb only (sa comes from shared memory; `like` stands in)."""
         if DIAG == 1:
             return like, gl.load(sb_p)
+        elif SA_SMEM:
+            return like, gl.load(sb_p + kb * sb_step)
         else:
             return gl.load(sa_p + kb * sa_step), gl.load(sb_p + kb * sb_step)
 
@@ -218,7 +232,7 @@ if _IMPORT_ERROR is None:
     def _math(p, WG: gl.constexpr, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
               BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
               TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr, PAIR: gl.constexpr = False,
-              COUNT_BAD: gl.constexpr = False):
+              COUNT_BAD: gl.constexpr = False, SA_SMEM: gl.constexpr = False):
         """One math warpgroup: its 64 x BN sub-tile of every tile, promoted per 128 K, stored as bf16 (PAIR: the
         gate (WG 0) or up (WG 1) block of one quant group, finished by `_pair_epilogue`).
 
@@ -228,8 +242,9 @@ if _IMPORT_ERROR is None:
         promoted needs 3 x 64 fp32 registers per thread, over the 168 that ptxas allows every partition
         of a 384-thread kernel (it spilled, with or without .maxnreg), and ptxas serializes every wgmma when
         an accumulator's registers are written while another wgmma runs (C7515; benchmarks/NOTES_gpu.md).
-        A step's scales are loaded two steps ahead (global loads: L2 latency). DIAG (measurement only,
-        wrong results): 1 = no per-step scale loads, 2 = no output store."""
+        A step's scales are loaded two steps ahead (global loads: L2 latency); with SA_SMEM the A scales come with
+        the step's slot (the producer's TMA) and are read from shared memory while the wgmma runs, before the slot
+        is released. DIAG (measurement only, wrong results): 1 = no per-step scale loads, 2 = no output store."""
         a_bufs, b_bufs, ready, empty = p[2], p[3], p[4], p[5]
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         sa_ptr, sb_ptr, out_ptr, bias_ptr = p[11], p[12], p[13], p[14]
@@ -261,17 +276,20 @@ if _IMPORT_ERROR is None:
                                                            sb_se, sb_sn, sb_sk, UE8M0)
             like = gl.full([WG_ROWS_C], 1, sa_ptr.dtype.element_ty, row_l)
             last = k_steps - 1
-            sa0, sb0 = _load_scales(sa_p, sb_p, sa_step, sb_step, 0, like, DIAG)
-            sa1, sb1 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(1, last), like, DIAG)
+            sa0, sb0 = _load_scales(sa_p, sb_p, sa_step, sb_step, 0, like, DIAG, SA_SMEM)
+            sa1, sb1 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(1, last), like, DIAG, SA_SMEM)
             final = zero
             for kb in range(gl.cdiv(k_steps, KG)):
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 for g in gl.static_range(KG):
-                    sa2, sb2 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(kb * KG + g + 2, last), like, DIAG)
+                    sa2, sb2 = _load_scales(sa_p, sb_p, sa_step, sb_step, gl.minimum(kb * KG + g + 2, last), like, DIAG,
+                                            SA_SMEM)
                     acc = warpgroup_mma(a_bufs.index((s * KG + g) * NA + A_SUB),
                                         b_bufs.index((s * KG + g) * NB + B_SUB).permute((1, 0)), zero,
                                         use_acc=False, is_async=True)
+                    if SA_SMEM:        # this step's A scales, from the slot (read before it is released)
+                        sa0 = p[24].index((s * KG + g) * NA + A_SUB).load(row_l)
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                     if g == KG - 1:
                         mbarrier.arrive(empty.index(s), count=1)
@@ -371,24 +389,31 @@ if _IMPORT_ERROR is None:
     @gluon.jit
     def _math_wg0(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
                   UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
-                  M_FAST: gl.constexpr, KG: gl.constexpr):
-        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)
+                  M_FAST: gl.constexpr, KG: gl.constexpr, SA_SMEM: gl.constexpr):
+        _math(p, 0, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG, SA_SMEM=SA_SMEM)
 
     @gluon.jit
     def _math_wg1(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr, BM: gl.constexpr,
                   UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr, TMA_STORE: gl.constexpr,
-                  M_FAST: gl.constexpr, KG: gl.constexpr):
-        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)
+                  M_FAST: gl.constexpr, KG: gl.constexpr, SA_SMEM: gl.constexpr):
+        _math(p, 1, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG, SA_SMEM=SA_SMEM)
+
+    @gluon.jit
+    def _producer_sa(p, STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
+                     BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
+                     TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr, SA_SMEM: gl.constexpr):
+        _producer(p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG, SA_SMEM=SA_SMEM)
 
     @gluon.jit
     def masked_gemm_ws_kernel(a_desc, b_desc, c_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr, bias_ptr, E, M, N, K,
-                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, sa_desc,
                               STAGES: gl.constexpr, BN: gl.constexpr, NA: gl.constexpr, NB: gl.constexpr,
                               BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr, DIAG: gl.constexpr,
                               TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr, MATH_REGS: gl.constexpr,
-                              PRODUCER_REGS: gl.constexpr):
+                              PRODUCER_REGS: gl.constexpr, SA_SMEM: gl.constexpr = False):
         """a_desc: a [E·M, K] fp8, box [64, 128]; b_desc: b viewed [E·N, K] fp8, box [BN, 128]; c_desc: out [E·M, N]
-        bf16, box [64, BN] (with TMA_STORE; else any descriptor, unused)."""
+        bf16, box [64, BN] (with TMA_STORE; else any descriptor, unused); sa_desc (SA_SMEM; else any descriptor,
+        unused): sa's fp32 storage flat, box [64] (_sa_descriptor)."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * KG * NA] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * KG * NB] + b_desc.block_type.shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -398,12 +423,18 @@ if _IMPORT_ERROR is None:
             mbarrier.init(empty.index(i), count=2)          # both math warpgroups release a slot
         fence_async_shared()
         c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
+        if SA_SMEM:
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * KG * NA] + sa_desc.block_type.shape,
+                                                sa_desc.layout)
+        else:
+            sa_bufs = c_bufs                                # unused
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
-             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs)
-        gl.warp_specialize([(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)),
-                            (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG)),
-                            (_producer, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG))],
-                           [4, 1], [MATH_REGS, PRODUCER_REGS])
+             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs, sa_desc, sa_bufs)
+        gl.warp_specialize(
+            [(_math_wg0, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG, SA_SMEM)),
+             (_math_wg1, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG, SA_SMEM)),
+             (_producer_sa, (p, STAGES, BN, NA, NB, BM, UE8M0, HAS_BIAS, DIAG, TMA_STORE, M_FAST, KG, SA_SMEM))],
+            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
     # ------------------------------------------------------------------------- the 128 x 192 tile (WIDE)
@@ -630,6 +661,21 @@ def _wide_descriptors(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor):
             _desc(out, (WG_ROWS, 128), bf), _desc(out, (WG_ROWS, 64), bf))
 
 
+_SA_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1) if _IMPORT_ERROR is None else None
+
+
+def _sa_descriptor(sa: torch.Tensor, strides: tuple):
+    """A 1-D TMA descriptor over the storage of FP32 A scales (box: one warpgroup's 64 rows) when they are MN-major
+    (stride 1 over rows, as the permute writes them) and 16-byte aligned, else None (the kernel loads them from
+    global memory). Flat index of (e, row, step): e·strides[0] + step·strides[2] + row; past the storage's end the
+    TMA reads zeros, and rows past masked_m are never stored."""
+    if sa.dtype != torch.float32 or strides[1] != 1 or sa.data_ptr() % 16 or min(strides) < 0:
+        return None
+    e_num, rows, steps = sa.shape
+    size = (e_num - 1) * strides[0] + (steps - 1) * strides[2] + rows
+    return TensorDescriptor(sa.as_strided((size,), (1,)), [size], [1], [WG_ROWS], _SA_LAYOUT)
+
+
 def _launchable(b: torch.Tensor) -> tuple:
     """b's (E, N, K) once this process can run the kernels on it: RuntimeError naming why not (no SM90 GPU, no
     Gluon), ValueError when K breaks TMA's 16-byte row stride."""
@@ -661,8 +707,10 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
             PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40), num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
         return out
     a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
+    sa_desc = None if ue8m0 or not cfg.get("SA_SMEM", True) else _sa_descriptor(sa, strides)
     masked_gemm_ws_kernel[grid](
         a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
+        a_desc if sa_desc is None else sa_desc, SA_SMEM=sa_desc is not None,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
         BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0),
         TMA_STORE=tma_store, M_FAST=cfg.get("M_FAST", True), KG=kg,
