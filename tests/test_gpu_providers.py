@@ -98,7 +98,7 @@ def _kernels(peers, x, out, m_cap, counts):
         # A scales through global loads instead of the TMA into shared memory (the launcher's default for MN-major)
         ks["gluon_fp32_m512_global_sa"] = ("fp32", lambda: gluon_gemm.group_gemm_masked_fp32(
             x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap,
-            config=dict(gluon_gemm.pick_config(512, n), SA_SMEM=False)))
+            config=dict(gluon_gemm.pick_config(512, x["b"].shape[1]), SA_SMEM=False)))
         wide = gluon_gemm.wide_config()          # the 128 x 192 tile
         ks["gluon_fp32_wide"] = ("fp32", lambda: gluon_gemm.group_gemm_masked_fp32(
             x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap, config=wide))
