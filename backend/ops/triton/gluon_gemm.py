@@ -451,8 +451,9 @@ if _IMPORT_ERROR is None:
         return odd * 64, (1 - odd) * 128
 
     @gluon.jit
-    def _producer_wide(p, STAGES: gl.constexpr, BM: gl.constexpr, M_FAST: gl.constexpr):
-        """TMA loads per 128-wide K step: A [128, 128] (two 64-row boxes), B's 128-row and 64-row parts."""
+    def _producer_wide(p, STAGES: gl.constexpr, BM: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr):
+        """TMA loads per 128-wide K step: A [128, 128] (two 64-row boxes), B's 128-row and 64-row parts; SA_SMEM:
+        the A scales too (as _producer)."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         b64_desc, b64_bufs = p[23], p[24]
@@ -468,21 +469,28 @@ if _IMPORT_ERROR is None:
             for kb in range(k_steps):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-                mbarrier.expect(ready.index(s), 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
-                                + b64_desc.block_type.nbytes)
+                if SA_SMEM:
+                    mbarrier.expect(ready.index(s), 2 * (a_desc.block_type.nbytes + p[27].block_type.nbytes)
+                                    + b_desc.block_type.nbytes + b64_desc.block_type.nbytes)
+                else:
+                    mbarrier.expect(ready.index(s), 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
+                                    + b64_desc.block_type.nbytes)
                 k0 = kb * BLOCK_K_C
                 for i in gl.static_range(2):
                     tma.async_copy_global_to_shared(a_desc, [row0 + i * WG_ROWS_C, k0], ready.index(s),
                                                     a_bufs.index(s * 2 + i))
+                    if SA_SMEM:
+                        tma.async_copy_global_to_shared(p[27], [e * p[15] + kb * p[17] + mt * BM + i * WG_ROWS_C],
+                                                        ready.index(s), p[28].index(s * 2 + i))
                 tma.async_copy_global_to_shared(b_desc, [col0 + off128, k0], ready.index(s), b_bufs.index(s))
                 tma.async_copy_global_to_shared(b64_desc, [col0 + off64, k0], ready.index(s), b64_bufs.index(s))
                 it += 1
 
     @gluon.jit
     def _math_wide(p, WG: gl.constexpr, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
+                   HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr):
         """One math warpgroup of the WIDE tile: rows WG·64.. of the CTA tile, both column parts; per K step two
-        wgmmas into fresh accumulators, one wait, release the slot, promote both (as _math)."""
+        wgmmas into fresh accumulators, one wait, release the slot, promote both (as _math, SA_SMEM too)."""
         a_bufs, b_bufs, ready, empty = p[2], p[3], p[4], p[5]
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         sa_ptr, sb_ptr, out_ptr, bias_ptr = p[11], p[12], p[13], p[14]
@@ -512,9 +520,9 @@ if _IMPORT_ERROR is None:
             _, sb2_p, _, _ = _scale_pointers(sa_ptr, sb_ptr, e, rows_c, gl.minimum(col2, N - 1),
                                              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, UE8M0)
             like = gl.full([WG_ROWS_C], 1, sa_ptr.dtype.element_ty, row_l)
-            sa0, sb0 = _load_scales(sa_p, sb1_p, sa_step, sb_step, 0, like, 0)
+            sa0, sb0 = _load_scales(sa_p, sb1_p, sa_step, sb_step, 0, like, 0, SA_SMEM)
             tb0 = gl.load(sb2_p)
-            sa1, sb1 = _load_scales(sa_p, sb1_p, sa_step, sb_step, gl.minimum(1, last), like, 0)
+            sa1, sb1 = _load_scales(sa_p, sb1_p, sa_step, sb_step, gl.minimum(1, last), like, 0, SA_SMEM)
             tb1 = gl.load(sb2_p + gl.minimum(1, last) * sb_step)
             final1 = zero1
             final2 = zero2
@@ -522,11 +530,13 @@ if _IMPORT_ERROR is None:
                 s = it % STAGES
                 mbarrier.wait(ready.index(s), (it // STAGES) & 1)
                 nxt = gl.minimum(kb + 2, last)
-                sa2, sb2 = _load_scales(sa_p, sb1_p, sa_step, sb_step, nxt, like, 0)
+                sa2, sb2 = _load_scales(sa_p, sb1_p, sa_step, sb_step, nxt, like, 0, SA_SMEM)
                 tb2 = gl.load(sb2_p + nxt * sb_step)
                 a = a_bufs.index(s * 2 + WG)
                 acc1 = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), zero1, use_acc=False, is_async=True)
                 acc2 = warpgroup_mma(a, b64_bufs.index(s).permute((1, 0)), zero2, use_acc=False, is_async=True)
+                if SA_SMEM:
+                    sa0 = p[28].index(s * 2 + WG).load(row_l)
                 acc1, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, acc2))
                 mbarrier.arrive(empty.index(s), count=1)
                 final1 = final1 + acc1 * gl.expand_dims(_step_scale(sa0, sb0, UE8M0), 1)
@@ -544,22 +554,23 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _math_wide_wg0(p, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
-        _math_wide(p, 0, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST)
+                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr):
+        _math_wide(p, 0, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM)
 
     @gluon.jit
     def _math_wide_wg1(p, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr):
-        _math_wide(p, 1, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST)
+                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr):
+        _math_wide(p, 1, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM)
 
     @gluon.jit
     def masked_gemm_ws_wide_kernel(a_desc, b_desc, b64_desc, c_desc, c64_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr,
-                                   bias_ptr, E, M, N, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk,
+                                   bias_ptr, E, M, N, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, sa_desc,
                                    STAGES: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
                                    TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, MATH_REGS: gl.constexpr,
-                                   PRODUCER_REGS: gl.constexpr):
+                                   PRODUCER_REGS: gl.constexpr, SA_SMEM: gl.constexpr = False):
         """masked_gemm_ws_kernel with 128 x 192 CTA tiles. a_desc box [64, 128]; b_desc box [128, 128]; b64_desc
-        box [64, 128] (both over b viewed [E·N, K]); c_desc box [64, 128], c64_desc box [64, 64] over out."""
+        box [64, 128] (both over b viewed [E·N, K]); c_desc box [64, 128], c64_desc box [64, 64] over out; sa_desc
+        as masked_gemm_ws_kernel's."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * 2] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
         b64_bufs = gl.allocate_shared_memory(b64_desc.dtype, [STAGES] + b64_desc.block_type.shape, b64_desc.layout)
@@ -571,12 +582,17 @@ if _IMPORT_ERROR is None:
         fence_async_shared()
         c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
         c64_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c64_desc.block_type.shape, c64_desc.layout)
+        if SA_SMEM:
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * 2] + sa_desc.block_type.shape, sa_desc.layout)
+        else:
+            sa_bufs = c_bufs                                # unused
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
-             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs, b64_desc, b64_bufs, c64_desc, c64_bufs)
+             sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs, b64_desc, b64_bufs, c64_desc, c64_bufs,
+             sa_desc, sa_bufs)
         BM: gl.constexpr = 2 * WG_ROWS_C
-        gl.warp_specialize([(_math_wide_wg0, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST)),
-                            (_math_wide_wg1, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST)),
-                            (_producer_wide, (p, STAGES, BM, M_FAST))],
+        gl.warp_specialize([(_math_wide_wg0, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM)),
+                            (_math_wide_wg1, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM)),
+                            (_producer_wide, (p, STAGES, BM, M_FAST, SA_SMEM))],
                            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
 
@@ -698,16 +714,17 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     tma_store = out.is_contiguous() and (out.shape[-1] * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
     has_bias = bias is not None
     grid = _grid(a.device, sm_count)
+    sa_desc = None if ue8m0 or not cfg.get("SA_SMEM", True) else _sa_descriptor(sa, strides)
     if cfg.get("WIDE"):
         descs = _wide_descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, 128))
         masked_gemm_ws_wide_kernel[grid](
             *descs, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
+            descs[0] if sa_desc is None else sa_desc, SA_SMEM=sa_desc is not None,
             STAGES=cfg["STAGES"], UE8M0=ue8m0, HAS_BIAS=has_bias, TMA_STORE=tma_store,
             M_FAST=cfg.get("M_FAST", True), MATH_REGS=cfg.get("MATH_REGS", 232),
             PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40), num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
         return out
     a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
-    sa_desc = None if ue8m0 or not cfg.get("SA_SMEM", True) else _sa_descriptor(sa, strides)
     masked_gemm_ws_kernel[grid](
         a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
         a_desc if sa_desc is None else sa_desc, SA_SMEM=sa_desc is not None,
