@@ -9,7 +9,8 @@
 #    second because bench_gpu.py writes its file whole, and --merge-into only adds those keys;
 # 3. benchmarks/bench_fused_gemm1.py -> OUT/fused_gemm1_h200.json (GEMM 1 + SwiGLU + quant fused vs unfused);
 # 4. make test-gpu (tl, Gluon, the launchers' picks, DeepGEMM raw and as the deep_gemm provider runs it, the permute,
-#    the fused GEMM 1, the graph-captured chain).
+#    the fused GEMM 1, the graph-captured chain);
+# 5. benchmarks/profile_host.py -> OUT/host_profile_h200.json (host time per op of the eager expert chain).
 # DEEPGEMM_SRC: the DeepGEMM source folder of build_deepgemm.sh (fetch). Each step has its own time limit, so
 # the later ones run even when one fails; the exit status is the first failing step's.
 set -uo pipefail
@@ -34,4 +35,5 @@ step 230 gemm_vs_peers_h200.log python3 benchmarks/bench_gemm_peers.py --out /tm
     --merge-into "$out/gpu_h200.json"
 step 120 fused_gemm1_h200.log python3 benchmarks/bench_fused_gemm1.py --out "$out/fused_gemm1_h200.json"
 step 240 test_gpu_h200.log make test-gpu DEEPGEMM="$dg_src" PYTHON=python3
+step 120 host_profile_h200.log python3 benchmarks/profile_host.py --out "$out/host_profile_h200.json"
 exit $rc

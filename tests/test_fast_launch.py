@@ -35,6 +35,23 @@ def test_key_separates_what_triton_specializes_on():
     assert F._spec(object()) is None
 
 
+def test_key_of_a_tma_descriptor_is_its_signature():
+    """Gluon's host TensorDescriptor: keyed by what Triton's signature of it holds (dtype, block shape, shared
+    layout), not by its base pointer, shape or strides (runtime values of the TMA descriptor)."""
+    gluon = pytest.importorskip("triton.experimental.gluon")
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    gl = gluon.language
+    a, b = torch.zeros(256, 128, dtype=torch.float8_e4m3fn), torch.zeros(512, 256, dtype=torch.float8_e4m3fn)
+    lay = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
+    key = F._spec(TensorDescriptor.from_tensor(a, [64, 128], lay))
+    assert key is not None and key == F._spec(TensorDescriptor.from_tensor(b, [64, 128], lay))
+    assert key != F._spec(TensorDescriptor.from_tensor(a, [128, 128], gl.NVMMASharedLayout.get_default_for(
+        [128, 128], gl.float8e4nv)))
+    assert key != F._spec(TensorDescriptor.from_tensor(a.view(torch.uint8), [64, 128], lay))
+    lay32 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    assert F._spec(TensorDescriptor.from_tensor(torch.zeros(256), [64], lay32)) not in (None, key)
+
+
 def test_fast_path_needs_constexprs_after_runtime_arguments():
     ok = F.FastKernel(JITFunction(_scale_copy))
     assert ok.ok and ok.n_runtime == 4 and [p.name for p in ok.constexprs] == ["BLOCK"]
