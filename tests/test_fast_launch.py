@@ -50,6 +50,10 @@ def test_key_of_a_tma_descriptor_is_its_signature():
     assert key != F._spec(TensorDescriptor.from_tensor(a.view(torch.uint8), [64, 128], lay))
     lay32 = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     assert F._spec(TensorDescriptor.from_tensor(torch.zeros(256), [64], lay32)) not in (None, key)
+    from triton.tools.tensor_descriptor import TensorDescriptor as TlDescriptor     # tl kernels' (no layout)
+    tl_key = F._spec(TlDescriptor.from_tensor(a, [64, 128]))
+    assert tl_key is not None and tl_key == F._spec(TlDescriptor.from_tensor(b, [64, 128])) != key
+    assert tl_key != F._spec(TlDescriptor.from_tensor(a, [32, 128]))
 
 
 def test_fast_path_needs_constexprs_after_runtime_arguments():

@@ -8,7 +8,8 @@ picks is the one Triton would pick:
 
     int     (type, == 1, % 16 == 0, i32 / i64 / wider range)
     tensor  (dtype, data_ptr % 16 == 0)
-    TMA TensorDescriptor (host, Gluon's): (type, dtype, block shape, shared layout, padding) - what Triton's
+    TMA TensorDescriptor (host; tl's or Gluon's, which also has a shared layout): (type, dtype, block shape,
+            layout, padding) - what Triton's
             signature of a descriptor holds (its shape and strides are runtime values of the TMA descriptor)
     other   (type,) for None / float / bool; anything else: the plain JIT path every time
     meta    the constexprs and launch options by name (sorted), and the current device
@@ -42,7 +43,7 @@ def _spec(a):
         return (tp,)
     base = getattr(a, "base", None)
     if base is not None and hasattr(a, "block_shape") and hasattr(base, "dtype"):    # a host TMA TensorDescriptor
-        return (tp, base.dtype, tuple(a.block_shape), str(a.layout), getattr(a, "padding", None))
+        return (tp, base.dtype, tuple(a.block_shape), str(getattr(a, "layout", None)), getattr(a, "padding", None))
     return None
 
 
