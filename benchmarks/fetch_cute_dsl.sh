@@ -4,7 +4,7 @@
 #   benchmarks/fetch_cute_dsl.sh      # from the repo root: fills .cdsl1/ and .cdsl2/ (git-ignored, each < 60 MiB)
 #
 # Downloads the cp312 manylinux x86_64 wheels of nvidia-cutlass-dsl 4.8.1 (CUDA 12 flavour of its libs: the same
-# compiler that builds and checks backend/ops/cute on the CPU machine; it runs under a CUDA 13 driver) and its
+# compiler that builds and checks benchmarks/cute_gemm on the CPU machine; it runs under a CUDA 13 driver) and its
 # dependencies, none of which torch brings. The 92 MB libs wheel is split in two with `split -b` so each folder
 # fits one device call's 64 MiB of carried files. benchmarks/install_cute_dsl.sh puts them back together there.
 set -euo pipefail

@@ -18,7 +18,11 @@ if [ ! -f "$dir/.installed" ]; then
     cat .cdsl1/"$whl".part00 .cdsl2/"$whl".part01 >"$tmp/$whl"
     (cd "$tmp" && sha256sum -c --quiet "$OLDPWD/.cdsl1/WHEEL.sha256") >&2
     cp .cdsl2/*.whl "$tmp/"
-    python3 -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$dir" "$tmp"/*.whl >&2
+    if python3 -m pip --version >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$dir" "$tmp"/*.whl >&2
+    else        # no pip: a wheel is a zip of its files laid out as --target would lay them
+        for w in "$tmp"/*.whl; do python3 -m zipfile -e "$w" "$dir"; done
+    fi
     touch "$dir/.installed"
 fi
 echo "$dir:$dir/nvidia_cutlass_dsl/dsl_packages:"

@@ -1,0 +1,52 @@
+"""The CuTe DSL masked GEMM compiles for sm_90a without a GPU (benchmarks/cute_gemm/masked_gemm.compile_only).
+
+Skipped where nvidia-cutlass-dsl is not installed (it is an optional dependency, absent from CI). Checks the
+PTX of every config for what the kernel's design says must be there: multicast TMA loads only with 2-CTA
+clusters, one fp32 FMA per accumulator value per promotion (64 x BN values over a warpgroup's 128 threads),
+the register split between the producer and the math warpgroups, no wgmma serialization.
+"""
+from __future__ import annotations
+
+import re
+
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))   # benchmarks/cute_gemm
+
+from cute_gemm import masked_gemm
+
+pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed (optional: benchmarks/fetch_cute_dsl.sh)")
+
+
+@pytest.mark.parametrize("bn", [128, 192])
+@pytest.mark.parametrize("cluster_m", [1, 2])
+@pytest.mark.parametrize("new", [True, False], ids=["tma_scales_store", "global_scales_16B_store"])
+def test_compiles_for_sm90a(bn, cluster_m, new):
+    ptx = masked_gemm.compile_only(bn, cluster_m, keep_ptx=True, sa_tma=new, tma_store=new).artifacts.PTX
+    assert ".target sm_90a" in ptx
+    multicast = len(re.findall(r"cp\.async\.bulk\.tensor\.\S*multicast::cluster", ptx))
+    assert (multicast > 0) == (cluster_m == 2)
+    assert ptx.count("fma.rn.f32") == 64 * bn // 128     # a 64 x bn warpgroup tile over 128 threads
+    # BN = 192: one select per row pair for the middle 64 columns' weight block, per step (was 2 per value)
+    assert ptx.count("selp.f32") == (2 if bn == 192 else 0)
+    # TMA stores (shared -> global bulk group) of bn / 64 boxes, only with tma_store
+    stores = len(re.findall(r"cp\.async\.bulk\.tensor\.\dd\.global\.shared::cta", ptx))
+    assert stores == (bn // 64 if new else 0)
+    assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+232;", ptx)
+    assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40;", ptx)
+    # k-major m64nBNk32 e4m3 x e4m3 -> f32, 4 per 128-wide K step
+    assert len(re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{bn}k32\.f32\.e4m3\.e4m3", ptx)) == 4
+
+
+def test_config_errors_name_the_argument():
+    with pytest.raises(ValueError, match="bn"):
+        masked_gemm.compile_only(256, 1)
+    with pytest.raises(ValueError, match="cluster_m"):
+        masked_gemm.compile_only(128, 4)
+    with pytest.raises(ValueError, match="stages"):
+        masked_gemm.compile_only(192, 1, stages=9)
+    with pytest.raises(ValueError, match="num_ctas"):
+        masked_gemm.compile_only(128, 2, num_ctas=131)
