@@ -448,8 +448,9 @@ for proj in ("up_gate_proj", "down_proj"):
 #
 # | name | what it is |
 # |---|---|
-# | `explicit_ue8m0` | our Triton kernel `group_gemm_masked_kernel`, Blackwell recipe: reads the CUTLASS UE8M0 scale bytes; per 128-wide K block one FP8 tensor-core MMA (`QGMMA`, Hopper's `wgmma` on e4m3) into a float32 partial, which is multiplied by the two scales and added to the accumulator ("explicit" promotion, as DeepGEMM does on Hopper) |
-# | `explicit_fp32` | the same kernel with FP32 1x128 / 128x128 scales (the Hopper recipe) |
+# | `explicit_ue8m0` | `launch.group_gemm_masked`, Blackwell recipe: reads the CUTLASS UE8M0 scale bytes; per 128-wide K block one FP8 tensor-core MMA (`wgmma` on e4m3, SASS `QGMMA`) into a float32 partial, multiplied by the two scales and added to the accumulator ("explicit" promotion, as DeepGEMM does on Hopper). On SM90 it runs the warp-specialized Gluon kernel (`gluon_gemm.py`: a TMA producer warp, two math warpgroups promoting while the other's MMA runs), elsewhere the `tl` kernel `group_gemm_masked_kernel` |
+# | `explicit_fp32` | the same launcher with FP32 1x128 / 128x128 scales (the Hopper recipe; on SM90 the Gluon kernel, its A scales loaded into shared memory by the TMA) |
+# | `explicit_fp32_tl` | the `tl` kernel with FP32 scales, forced (the CPU-testable twin; one warpgroup does MMA and promotion) |
 # | `dot_scaled_ue8m0` | `group_gemm_masked_dot_scaled_kernel`: the K loop written with Triton's `tl.dot_scaled` (one UE8M0 byte per 32 K), the op that maps to Blackwell's block-scaled MMA (`tcgen05.mma ... block_scale`). SM90 has no such instruction, so Triton emulates it: the compiled-kernel report below counts its MMAs |
 # | cuBLAS | cuBLASLt blockwise FP8 (`torch._scaled_mm` with 1x128 x 128x128 FP32 scales) on one dense GEMM with the same FLOPs: a dense upper reference, not a grouped kernel |
 # | DeepGEMM | `m_grouped_fp8_gemm_nt_masked`, shown when the JSON holds a `gemm_vs_peers` list |
