@@ -191,7 +191,7 @@ def _outside_the_interpreter(request) -> bool:
 
 def test_wide_kernel_compiles_for_sm90_without_spills(request):
     """The 128 x 192 kernel as wide_config() launches it (CUTLASS bytes; FP32 scales from global memory or through the
-    TMA, A through shared memory or loaded once into registers for both wgmmas, A_REGS): 0 spills within the 232 registers its math partitions get (setmaxnreg; the 64 x 192 sub-tile holds two
+    TMA): 0 spills within the 232 registers its math partitions get (setmaxnreg; the 64 x 192 sub-tile holds two
     accumulators and two promoted sums), shared memory within a CTA's."""
     pytest.importorskip("triton.experimental.gluon")
     if _outside_the_interpreter(request):
@@ -201,14 +201,14 @@ def test_wide_kernel_compiles_for_sm90_without_spills(request):
     b = torch.zeros(e, n, k, dtype=torch.float8_e4m3fn)
     out = torch.zeros(e * m, n, dtype=torch.bfloat16)
     descs = dict(zip(("a_desc", "b_desc", "b64_desc", "c_desc", "c64_desc"), G._wide_descriptors(a, b, out)))
-    for ue8m0, sa_smem, a_regs in ((True, False, False), (False, False, False), (False, True, False), (False, True, True)):
+    for ue8m0, sa_smem in ((True, False), (False, False), (False, True)):
         sp = torch.zeros(4, dtype=torch.int32) if ue8m0 else torch.zeros(4)
         sa_desc = G._sa_descriptor(torch.zeros(e, k // 128, m).transpose(1, 2), (7, 1, 7)) if sa_smem else descs["a_desc"]
         args = dict(descs, counts_ptr=torch.zeros(4, dtype=torch.int32), sa_ptr=sp, sb_ptr=sp, out_ptr=out,
                     bias_ptr=out, E=e, M=m, N=n, K=k, sa_se=7, sa_sm=7, sa_sk=7, sb_se=7, sb_sn=7, sb_sk=7,
                     sa_desc=sa_desc)
         const = dict(STAGES=G.wide_config()["STAGES"], UE8M0=ue8m0, HAS_BIAS=False, TMA_STORE=True, M_FAST=True,
-                     MATH_REGS=232, PRODUCER_REGS=40, SA_SMEM=sa_smem, A_REGS=a_regs)
+                     MATH_REGS=232, PRODUCER_REGS=40, SA_SMEM=sa_smem)
         compiled, report = _compile_sm90(G.masked_gemm_ws_wide_kernel, args, const, num_warps=4, maxnreg=168)
         assert compiled.metadata.shared <= SM90_SHARED_BYTES
         assert "0 bytes spill stores, 0 bytes spill loads" in report, report

@@ -102,8 +102,6 @@ def _kernels(peers, x, out, m_cap, counts):
         wide = gluon_gemm.wide_config()          # the 128 x 192 tile
         ks["gluon_fp32_wide"] = ("fp32", lambda: gluon_gemm.group_gemm_masked_fp32(
             x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap, config=wide))
-        ks["gluon_fp32_wide_a_regs"] = ("fp32", lambda: gluon_gemm.group_gemm_masked_fp32(
-            x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, None, m_cap, config=dict(wide, A_REGS=True)))
         ks["gluon_ue8m0_wide"] = ("ue8m0", lambda: gluon_gemm.group_gemm_masked(
             x["a"], x["b"], x["sfa"], x["sfb"], counts, out, None, m_cap, config=wide))
     dg, _ = peers.optional_import("deep_gemm")

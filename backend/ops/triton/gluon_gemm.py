@@ -490,8 +490,7 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _math_wide(p, WG: gl.constexpr, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr,
-                   HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr,
-                   A_REGS: gl.constexpr = False):
+                   HAS_BIAS: gl.constexpr, TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr):
         """One math warpgroup of the WIDE tile: rows WG·64.. of the CTA tile, both column parts; per K step two
         wgmmas into fresh accumulators, one wait, release the slot, promote both (as _math, SA_SMEM too)."""
         a_bufs, b_bufs, ready, empty = p[2], p[3], p[4], p[5]
@@ -535,14 +534,9 @@ if _IMPORT_ERROR is None:
                 nxt = gl.minimum(kb + 2, last)
                 sa2, sb2 = _load_scales(sa_p, sb1_p, sa_step, sb_step, nxt, like, 0, SA_SMEM)
                 tb2 = gl.load(sb2_p + nxt * sb_step)
-                if A_REGS:      # A read from shared memory once (ldmatrix) for both wgmmas
-                    a1 = a_bufs.index(s * 2 + WG).load(gl.DotOperandLayout(operand_index=0, parent=mma1, k_width=4))
-                    a2 = gl.convert_layout(a1, gl.DotOperandLayout(operand_index=0, parent=mma2, k_width=4))
-                else:
-                    a1 = a_bufs.index(s * 2 + WG)
-                    a2 = a1
-                acc1 = warpgroup_mma(a1, b_bufs.index(s).permute((1, 0)), zero1, use_acc=False, is_async=True)
-                acc2 = warpgroup_mma(a2, b64_bufs.index(s).permute((1, 0)), zero2, use_acc=False, is_async=True)
+                a = a_bufs.index(s * 2 + WG)
+                acc1 = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), zero1, use_acc=False, is_async=True)
+                acc2 = warpgroup_mma(a, b64_bufs.index(s).permute((1, 0)), zero2, use_acc=False, is_async=True)
                 if SA_SMEM:
                     sa0 = p[28].index(s * 2 + WG).load(row_l)
                 acc1, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, acc2))
@@ -562,21 +556,20 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _math_wide_wg0(p, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr, A_REGS: gl.constexpr):
-        _math_wide(p, 0, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM, A_REGS)
+                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr):
+        _math_wide(p, 0, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM)
 
     @gluon.jit
     def _math_wide_wg1(p, STAGES: gl.constexpr, BM: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
-                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr, A_REGS: gl.constexpr):
-        _math_wide(p, 1, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM, A_REGS)
+                       TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, SA_SMEM: gl.constexpr):
+        _math_wide(p, 1, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM)
 
     @gluon.jit
     def masked_gemm_ws_wide_kernel(a_desc, b_desc, b64_desc, c_desc, c64_desc, counts_ptr, sa_ptr, sb_ptr, out_ptr,
                                    bias_ptr, E, M, N, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, sa_desc,
                                    STAGES: gl.constexpr, UE8M0: gl.constexpr, HAS_BIAS: gl.constexpr,
                                    TMA_STORE: gl.constexpr, M_FAST: gl.constexpr, MATH_REGS: gl.constexpr,
-                                   PRODUCER_REGS: gl.constexpr, SA_SMEM: gl.constexpr = False,
-                                   A_REGS: gl.constexpr = False):
+                                   PRODUCER_REGS: gl.constexpr, SA_SMEM: gl.constexpr = False):
         """masked_gemm_ws_kernel with 128 x 192 CTA tiles. a_desc box [64, 128]; b_desc box [128, 128]; b64_desc
         box [64, 128] (both over b viewed [E·N, K]); c_desc box [64, 128], c64_desc box [64, 64] over out; sa_desc
         as masked_gemm_ws_kernel's."""
@@ -599,8 +592,8 @@ if _IMPORT_ERROR is None:
              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs, b64_desc, b64_bufs, c64_desc, c64_bufs,
              sa_desc, sa_bufs)
         BM: gl.constexpr = 2 * WG_ROWS_C
-        gl.warp_specialize([(_math_wide_wg0, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM, A_REGS)),
-                            (_math_wide_wg1, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM, A_REGS)),
+        gl.warp_specialize([(_math_wide_wg0, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM)),
+                            (_math_wide_wg1, (p, STAGES, BM, UE8M0, HAS_BIAS, TMA_STORE, M_FAST, SA_SMEM)),
                             (_producer_wide, (p, STAGES, BM, M_FAST, SA_SMEM))],
                            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
@@ -736,7 +729,7 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
         _fast(masked_gemm_ws_wide_kernel)[grid](
             *descs, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
             descs[0] if sa_desc is None else sa_desc, SA_SMEM=sa_desc is not None,
-            STAGES=cfg["STAGES"], UE8M0=ue8m0, HAS_BIAS=has_bias, TMA_STORE=tma_store, A_REGS=cfg.get("A_REGS", False),
+            STAGES=cfg["STAGES"], UE8M0=ue8m0, HAS_BIAS=has_bias, TMA_STORE=tma_store,
             M_FAST=cfg.get("M_FAST", True), MATH_REGS=cfg.get("MATH_REGS", 232),
             PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40), num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
         return out
