@@ -10,7 +10,8 @@ Why Gluon: the tl kernel promotes in the warpgroup that issues the wgmma, so the
 during every promotion (benchmarks/NOTES_gpu.md). Here one CTA per SM runs three partitions:
 
     producer (1 warp)       TMA loads of the A and B tiles of each 128-wide K step into a ring of
-                            STAGES shared-memory slots (mbarriers `ready` / `empty`)
+                            STAGES shared-memory slots (mbarriers `ready` / `empty`), and of the step's
+                            FP32 A scales when they are MN-major (SA_SMEM, as DeepGEMM)
     math warpgroup 0, 1     each: wgmma of its 64 x BN sub-tile for one K step, wait, release the slot,
                             promote into its fp32 accumulator while the other warpgroup's wgmma runs
 
