@@ -232,9 +232,10 @@ def test_fused_swiglu_kernel_compiles_for_sm90_without_spills(ue8m0, count_bad, 
     sp = i32 if ue8m0 else f32
     args = dict(a_desc=a_desc, b_desc=b_desc, x_desc=x_desc, counts_ptr=i32, sa_ptr=sp, sb_ptr=sp,
                 q_ptr=torch.zeros(4, dtype=torch.uint8), s_ptr=sp, bad_ptr=i32, E=e, M=m, N=n, K=k, sa_se=7, sa_sm=7,
-                sa_sk=7, sb_se=7, sb_sn=7, sb_sk=7, S_GROUPS=16, SF_GROUPS=16, M_PAD=m, amax_floor=1e-10)
+                sa_sk=7, sb_se=7, sb_sn=7, sb_sk=7, S_GROUPS=16, SF_GROUPS=16, M_PAD=m, amax_floor=1e-10,
+                sa_desc=a_desc if ue8m0 else G._sa_descriptor(torch.zeros(e, k // 128, m).transpose(1, 2), (7, 1, 7)))
     const = dict(STAGES=cfg["STAGES"], UE8M0=ue8m0, COUNT_BAD=count_bad, M_FAST=True, KG=1, MATH_REGS=232,
-                 PRODUCER_REGS=40)
+                 PRODUCER_REGS=40, SA_SMEM=not ue8m0)       # as the launcher: FP32 MN-major A scales through the TMA
     compiled, report = _compile_sm90(G.masked_gemm_swiglu_ws_kernel, args, const, num_warps=4, maxnreg=168)
     assert compiled.metadata.shared <= SM90_SHARED_BYTES
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
@@ -335,3 +336,4 @@ def test_fused_swiglu_launch_counts_bad_values_only_when_asked(launch_spy):
         grid, args, kw = launch_spy["masked_gemm_swiglu_ws_kernel"].calls[-1]
         assert bad.numel() == size and not bad.any() and kw["COUNT_BAD"] is check
         assert [d.block_shape for d in args[:3]] == [[64, 128], [128, 128], [64, 128]]
+        assert kw["SA_SMEM"] and args[23].block_shape == [64]        # FP32 scales, row stride 1: through the TMA

@@ -125,9 +125,9 @@ if _IMPORT_ERROR is None:
         """TMA loads: for each tile and stage of KG 128-wide K steps, A rows [BM, 128] (NA boxes of 64 rows) and
         B rows [BN_CTA, 128] (NB boxes of BN rows) per step into slot it % STAGES once both math warpgroups freed it.
         PAIR (NB = 2): box j is B rows j·N/2 + nt·BN .. (the gate and the up block of the same output columns).
-        SA_SMEM (FP32 MN-major sa): also the step's A scales, NA boxes of 64 fp32 (p[23]: a 1-D descriptor over sa's
-        storage, flat index e·sa_se + step·sa_sk + row), into p[24] beside A: the math warpgroups read them from
-        shared memory (DeepGEMM's way) instead of global loads."""
+        SA_SMEM (FP32 MN-major sa): also the step's A scales, NA boxes of 64 fp32 (p[-2], the tuple's last but one: a
+        1-D descriptor over sa's storage, flat index e·sa_se + step·sa_sk + row), into p[-1] beside A: the math
+        warpgroups read them from shared memory (DeepGEMM's way) instead of global loads."""
         a_desc, b_desc, a_bufs, b_bufs, ready, empty = p[0], p[1], p[2], p[3], p[4], p[5]
         counts_ptr, E, M, N, K = p[6], p[7], p[8], p[9], p[10]
         n_tiles = gl.cdiv(N, NB * BN)
@@ -147,7 +147,7 @@ if _IMPORT_ERROR is None:
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 if SA_SMEM:
-                    mbarrier.expect(ready.index(s), KG * (NA * (a_desc.block_type.nbytes + p[23].block_type.nbytes)
+                    mbarrier.expect(ready.index(s), KG * (NA * (a_desc.block_type.nbytes + p[-2].block_type.nbytes)
                                                           + NB * b_desc.block_type.nbytes))
                 else:
                     mbarrier.expect(ready.index(s), KG * (NA * a_desc.block_type.nbytes + NB * b_desc.block_type.nbytes))
@@ -158,8 +158,8 @@ if _IMPORT_ERROR is None:
                                                         a_bufs.index((s * KG + g) * NA + i))
                         if SA_SMEM:
                             tma.async_copy_global_to_shared(
-                                p[23], [e * p[15] + (kb * KG + g) * p[17] + mt * BM + i * WG_ROWS_C], ready.index(s),
-                                p[24].index((s * KG + g) * NA + i))
+                                p[-2], [e * p[15] + (kb * KG + g) * p[17] + mt * BM + i * WG_ROWS_C], ready.index(s),
+                                p[-1].index((s * KG + g) * NA + i))
                     for j in gl.static_range(NB):
                         tma.async_copy_global_to_shared(b_desc, [col0 + j * box, k0], ready.index(s),
                                                         b_bufs.index((s * KG + g) * NB + j))
@@ -292,7 +292,7 @@ if _IMPORT_ERROR is None:
                                         b_bufs.index((s * KG + g) * NB + B_SUB).permute((1, 0)), zero,
                                         use_acc=False, is_async=True)
                     if SA_SMEM:        # this step's A scales, from the slot (read before it is released)
-                        sa0 = p[24].index((s * KG + g) * NA + A_SUB).load(row_l)
+                        sa0 = p[-1].index((s * KG + g) * NA + A_SUB).load(row_l)
                     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
                     if g == KG - 1:
                         mbarrier.arrive(empty.index(s), count=1)
@@ -345,30 +345,32 @@ if _IMPORT_ERROR is None:
 
     @gluon.jit
     def _pair_wg0(p, STAGES: gl.constexpr, UE8M0: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr,
-                  COUNT_BAD: gl.constexpr):
-        _math(p, 0, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True, COUNT_BAD)
+                  COUNT_BAD: gl.constexpr, SA_SMEM: gl.constexpr):
+        _math(p, 0, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True, COUNT_BAD, SA_SMEM)
 
     @gluon.jit
     def _pair_wg1(p, STAGES: gl.constexpr, UE8M0: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr,
-                  COUNT_BAD: gl.constexpr):
-        _math(p, 1, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True, COUNT_BAD)
+                  COUNT_BAD: gl.constexpr, SA_SMEM: gl.constexpr):
+        _math(p, 1, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True, COUNT_BAD, SA_SMEM)
 
     @gluon.jit
     def _pair_producer(p, STAGES: gl.constexpr, UE8M0: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr,
-                       COUNT_BAD: gl.constexpr):
-        _producer(p, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True)
+                       COUNT_BAD: gl.constexpr, SA_SMEM: gl.constexpr):
+        _producer(p, STAGES, 128, 1, 2, WG_ROWS_C, UE8M0, False, 0, False, M_FAST, KG, True, SA_SMEM)
 
     @gluon.jit
     def masked_gemm_swiglu_ws_kernel(a_desc, b_desc, x_desc, counts_ptr, sa_ptr, sb_ptr, q_ptr, s_ptr, bad_ptr, E, M,
                                      N, K, sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, S_GROUPS, SF_GROUPS, M_PAD,
-                                     amax_floor, STAGES: gl.constexpr, UE8M0: gl.constexpr, COUNT_BAD: gl.constexpr,
-                                     M_FAST: gl.constexpr, KG: gl.constexpr, MATH_REGS: gl.constexpr,
-                                     PRODUCER_REGS: gl.constexpr):
+                                     amax_floor, sa_desc, STAGES: gl.constexpr, UE8M0: gl.constexpr,
+                                     COUNT_BAD: gl.constexpr, M_FAST: gl.constexpr, KG: gl.constexpr,
+                                     MATH_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                                     SA_SMEM: gl.constexpr = False):
         """GEMM 1 + SwiGLU + 1x128 quant (PAIR mode of masked_gemm_ws_kernel): 64 x (128 gate + 128 up) CTA tiles,
         warpgroup 0 the gate block (B = w_up [E·2I, K] rows e·2I + 128g..), warpgroup 1 the up block (rows
         e·2I + I + 128g..), sharing A; `_pair_epilogue` joins them. N = 2I. x_desc: any bf16 [64, 128] descriptor
         (its layout is the exchange buffers'). q [E·M, I] bytes, s: CUTLASS SF words (UE8M0) or fp32 MN-major
-        [E, S, M_PAD]; bad [2 · grid] int32 (COUNT_BAD): NaN / inf y in valid rows per program and warpgroup."""
+        [E, S, M_PAD]; bad [2 · grid] int32 (COUNT_BAD): NaN / inf y in valid rows per program and warpgroup;
+        sa_desc, SA_SMEM: as masked_gemm_ws_kernel's."""
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES * KG] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES * KG * 2] + b_desc.block_type.shape, b_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -381,12 +383,16 @@ if _IMPORT_ERROR is None:
             mbarrier.init(joins.index(i), count=2)          # filled / drained: one arrive per math warpgroup
         fence_async_shared()
         xbufs = gl.allocate_shared_memory(gl.bfloat16, [2] + x_desc.block_type.shape, x_desc.layout)
+        if SA_SMEM:
+            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * KG] + sa_desc.block_type.shape, sa_desc.layout)
+        else:
+            sa_bufs = xbufs                                 # unused
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, q_ptr, q_ptr,
              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, x_desc, xbufs, joins.index(0), joins.index(1), q_ptr, s_ptr,
-             bad_ptr, S_GROUPS, SF_GROUPS, M_PAD, amax_floor)
-        gl.warp_specialize([(_pair_wg0, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD)),
-                            (_pair_wg1, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD)),
-                            (_pair_producer, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD))],
+             bad_ptr, S_GROUPS, SF_GROUPS, M_PAD, amax_floor, sa_desc, sa_bufs)
+        gl.warp_specialize([(_pair_wg0, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD, SA_SMEM)),
+                            (_pair_wg1, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD, SA_SMEM)),
+                            (_pair_producer, (p, STAGES, UE8M0, M_FAST, KG, COUNT_BAD, SA_SMEM))],
                            [4, 1], [MATH_REGS, PRODUCER_REGS])
 
     @gluon.jit
@@ -473,7 +479,7 @@ if _IMPORT_ERROR is None:
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
                 if SA_SMEM:
-                    mbarrier.expect(ready.index(s), 2 * (a_desc.block_type.nbytes + p[27].block_type.nbytes)
+                    mbarrier.expect(ready.index(s), 2 * (a_desc.block_type.nbytes + p[-2].block_type.nbytes)
                                     + b_desc.block_type.nbytes + b64_desc.block_type.nbytes)
                 else:
                     mbarrier.expect(ready.index(s), 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes
@@ -483,8 +489,8 @@ if _IMPORT_ERROR is None:
                     tma.async_copy_global_to_shared(a_desc, [row0 + i * WG_ROWS_C, k0], ready.index(s),
                                                     a_bufs.index(s * 2 + i))
                     if SA_SMEM:
-                        tma.async_copy_global_to_shared(p[27], [e * p[15] + kb * p[17] + mt * BM + i * WG_ROWS_C],
-                                                        ready.index(s), p[28].index(s * 2 + i))
+                        tma.async_copy_global_to_shared(p[-2], [e * p[15] + kb * p[17] + mt * BM + i * WG_ROWS_C],
+                                                        ready.index(s), p[-1].index(s * 2 + i))
                 tma.async_copy_global_to_shared(b_desc, [col0 + off128, k0], ready.index(s), b_bufs.index(s))
                 tma.async_copy_global_to_shared(b64_desc, [col0 + off64, k0], ready.index(s), b64_bufs.index(s))
                 it += 1
@@ -539,7 +545,7 @@ if _IMPORT_ERROR is None:
                 acc1 = warpgroup_mma(a, b_bufs.index(s).permute((1, 0)), zero1, use_acc=False, is_async=True)
                 acc2 = warpgroup_mma(a, b64_bufs.index(s).permute((1, 0)), zero2, use_acc=False, is_async=True)
                 if SA_SMEM:
-                    sa0 = p[28].index(s * 2 + WG).load(row_l)
+                    sa0 = p[-1].index(s * 2 + WG).load(row_l)
                 acc1, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, acc2))
                 mbarrier.arrive(empty.index(s), count=1)
                 final1 = final1 + acc1 * gl.expand_dims(_step_scale(sa0, sb0, UE8M0), 1)
@@ -802,9 +808,10 @@ def group_gemm_masked_swiglu_quant(a: torch.Tensor, b: torch.Tensor, sa: torch.T
     a_desc, b_desc, x_desc = _descriptors(a, b, a.new_empty(WG_ROWS, BLOCK_K, dtype=torch.bfloat16), cfg)
     grid = _grid(a.device, sm_count)
     bad = torch.zeros(2 * grid[0] if check_finite else 1, dtype=torch.int32, device=a.device)
+    sa_desc = None if ue8m0 or not cfg.get("SA_SMEM", True) else _sa_descriptor(sa, strides)
     _fast(masked_gemm_swiglu_ws_kernel)[grid](
         a_desc, b_desc, x_desc, counts, sa, sb, q, s_out, bad, e_num, m, n, k, *strides, s_groups, sf_groups, m_pad,
-        float(amax_floor), STAGES=cfg["STAGES"], UE8M0=bool(ue8m0), COUNT_BAD=bool(check_finite),
+        float(amax_floor), a_desc if sa_desc is None else sa_desc, SA_SMEM=sa_desc is not None, STAGES=cfg["STAGES"], UE8M0=bool(ue8m0), COUNT_BAD=bool(check_finite),
         M_FAST=cfg.get("M_FAST", True), KG=kg, MATH_REGS=cfg.get("MATH_REGS", 232),
         PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40), num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
     return bad
