@@ -615,6 +615,34 @@ for path, run in gpu_runs:
               f"{date_of(run)}.")
 
 # %% [markdown]
+# **The same GEMM in the CUTLASS Python DSL.** Two things DeepGEMM does cannot be written in Gluon (Triton 3.6):
+# TMA multicast of the weight tile to the two CTAs of a cluster, and one `m64n192` wgmma per warpgroup (Gluon tiles
+# must be powers of two). `benchmarks/cute_gemm/` is our masked GEMM written in the CuTe DSL with both;
+# `benchmarks/bench_cute_gemm.py` times its configurations (`bn` = tile columns, `cl2` = 2-CTA clusters with
+# multicast, `_v1` = its first version, before the A scales and the output went through the TMA) beside the Gluon
+# kernel on the same inputs, and checks that their outputs are bitwise equal (asserted below).
+
+# %% tags=["nbval-ignore-output"]
+# nbval-ignore-output: numbers read from benchmarks/results/cute_gemm_*.json.
+for path in sorted(results_dir.glob("cute_gemm_*.json")):
+    doc = json.loads(path.read_text())
+    recs = doc.get("cute_gemm") or []
+    names = [k for k in (recs[0] if recs else {}) if k.startswith("cute_")]
+    assert all(r[k]["correct"] and r[k]["bitwise_equal_share_vs_gluon"] == 1.0 for r in recs for k in names), path.name
+    print(f"{path.name} ({card_of(doc)}, {date_of(doc)}): TFLOP/s, ratio to the Gluon kernel in brackets")
+    print(f"{'n':>5s} {'k':>5s} {'rows':>5s} {'gluon':>6s} " + " ".join(f"{k[5:]:>19s}" for k in names))
+    for r in recs:
+        print(f"{r['n']:5d} {r['k']:5d} {r['rows_per_expert']!s:>5s} {r['gluon']['tflops']:6.0f} "
+              + " ".join(f"{r[k]['tflops']:12.0f} ({r[k]['vs_gluon']:.2f})" for k in names))
+    ratios = [r[k]["vs_gluon"] for r in recs for k in names]
+    if ratios:
+        md(f"The CuTe kernel runs at {min(ratios):.2f}x to {max(ratios):.2f}x the Gluon kernel's speed with outputs "
+           f"bitwise equal. Multicast and the one-wgmma 192-column tile are in it and it is still not faster: on "
+           f"their own they do not close the gap to DeepGEMM, whose pipeline differs in more (per-tile B scales in "
+           f"shared memory, an epilogue overlapped with the next tile; benchmarks/NOTES_gpu.md) "
+           f"({card_of(doc)}, {date_of(doc)}).")
+
+# %% [markdown]
 # ### 5b. Where does the time of the whole layer go?
 #
 # The ht-prefill chain on one rank (quantize → permute → GEMM 1 → SwiGLU + quant → GEMM 2 →
