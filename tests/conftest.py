@@ -60,3 +60,16 @@ def triton_launch():
     finally:
         torch.set_num_threads(threads)
         mp.undo()
+
+
+@pytest.fixture(scope="module")
+def peers():
+    """benchmarks/bench_gemm_peers.py as a module (its inputs, fills, DeepGEMM calls and row checks), for the GPU tests
+    that run the same kernels the GEMM benchmark times (tests/test_gpu_providers.py, tests/test_gpu_cute_gemm.py)."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gemm_peers.py"
+    spec = importlib.util.spec_from_file_location("bench_gemm_peers", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -197,9 +197,7 @@ def test_wide_kernel_compiles_for_sm90_without_spills(request):
     if _outside_the_interpreter(request):
         return
     e, m, n, k = 2, 256, 4096, 7168
-    a = torch.zeros(e * m, k, dtype=torch.float8_e4m3fn)
-    b = torch.zeros(e, n, k, dtype=torch.float8_e4m3fn)
-    out = torch.zeros(e * m, n, dtype=torch.bfloat16)
+    a, b, out, _ = _gemm_operands(e, m, n, k)
     descs = dict(zip(("a_desc", "b_desc", "b64_desc", "c_desc", "c64_desc"), G._wide_descriptors(a, b, out)))
     for ue8m0, sa_smem in ((True, False), (False, False), (False, True)):
         sp = torch.zeros(4, dtype=torch.int32) if ue8m0 else torch.zeros(4)
@@ -224,8 +222,7 @@ def test_fused_swiglu_kernel_compiles_for_sm90_without_spills(ue8m0, count_bad, 
     if _outside_the_interpreter(request):
         return
     e, m, n, k = 2, 256, 4096, 7168
-    a = torch.zeros(e * m, k, dtype=torch.float8_e4m3fn)
-    b = torch.zeros(e, n, k, dtype=torch.float8_e4m3fn)
+    a, b, _, _ = _gemm_operands(e, m, n, k)
     cfg = dict(G.pick_config(G.WG_ROWS, n), BN=G.BLOCK_K, SPLIT_N=True)
     a_desc, b_desc, x_desc = G._descriptors(a, b, torch.zeros(G.WG_ROWS, G.BLOCK_K, dtype=torch.bfloat16), cfg)
     i32, f32 = torch.zeros(4, dtype=torch.int32), torch.zeros(4)

@@ -8,7 +8,6 @@ formula in float32 and against the Gluon kernel (launch.group_gemm_masked_fp32 o
 """
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import sys
@@ -32,19 +31,6 @@ def _name(c: dict) -> str:
     return f"cute_bn{c['bn']}_cl{c['cluster_m']}" + ("" if c.get("sa_tma", True) else "_v1")
 REF_TOL = 1e-5         # vs float32: fp8 products are exact, wgmma's accumulation order is not (as test_gpu_providers)
 SAME_INPUT_TOL = 1e-6  # vs the Gluon kernel on the same inputs: the same promotion, up to accumulation order
-
-
-def _peers():
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gemm_peers.py"
-    spec = importlib.util.spec_from_file_location("bench_gemm_peers", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def peers():
-    return _peers()
 
 
 @pytest.fixture(scope="module")

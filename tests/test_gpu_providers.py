@@ -16,8 +16,6 @@ Outputs are poisoned with NaN before each run; inputs are fresh random data per 
 """
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 
 import pytest
 
@@ -30,19 +28,6 @@ E_NUM, M_CAP = 32, 2048
 SHAPES = [(4096, 7168), (7168, 2048)]          # DeepSeek-V3: up (2I x H) and down (H x I)
 REF_TOL = 1e-5     # vs the float32 reference: fp8 products are exact, wgmma's accumulation order is not
 SAME_INPUT_TOL = 1e-6      # kernel vs kernel on the same inputs (issue 11): same accumulation up to order
-
-
-def _peers():
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gemm_peers.py"
-    spec = importlib.util.spec_from_file_location("bench_gemm_peers", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.fixture(scope="module")
-def peers():
-    return _peers()
 
 
 @pytest.fixture(scope="module", params=SHAPES, ids=lambda s: f"N{s[0]}_K{s[1]}")

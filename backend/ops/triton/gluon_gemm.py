@@ -82,6 +82,15 @@ if _IMPORT_ERROR is None:
                 + ((r % SF_TILE_ROWS) // SF_ROW_GROUP) * SF_TILE_COLS) // SF_TILE_COLS
 
     @gluon.jit
+    def _sa_buffers(sa_desc, count: gl.constexpr, placeholder, SA_SMEM: gl.constexpr):
+        """SA_SMEM: `count` shared-memory slots of sa_desc's box (a stage's A scales each), else `placeholder`
+        (the kernel never reads it)."""
+        if SA_SMEM:
+            return gl.allocate_shared_memory(gl.float32, [count] + sa_desc.block_type.shape, sa_desc.layout)
+        else:
+            return placeholder
+
+    @gluon.jit
     def _total_tiles(counts_ptr, E, N_TILES, BM: gl.constexpr):
         total = 0
         for e in range(E):
@@ -383,10 +392,7 @@ if _IMPORT_ERROR is None:
             mbarrier.init(joins.index(i), count=2)          # filled / drained: one arrive per math warpgroup
         fence_async_shared()
         xbufs = gl.allocate_shared_memory(gl.bfloat16, [2] + x_desc.block_type.shape, x_desc.layout)
-        if SA_SMEM:
-            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * KG] + sa_desc.block_type.shape, sa_desc.layout)
-        else:
-            sa_bufs = xbufs                                 # unused
+        sa_bufs = _sa_buffers(sa_desc, STAGES * KG, xbufs, SA_SMEM)
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, q_ptr, q_ptr,
              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, x_desc, xbufs, joins.index(0), joins.index(1), q_ptr, s_ptr,
              bad_ptr, S_GROUPS, SF_GROUPS, M_PAD, amax_floor, sa_desc, sa_bufs)
@@ -432,11 +438,7 @@ if _IMPORT_ERROR is None:
             mbarrier.init(empty.index(i), count=2)          # both math warpgroups release a slot
         fence_async_shared()
         c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
-        if SA_SMEM:
-            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * KG * NA] + sa_desc.block_type.shape,
-                                                sa_desc.layout)
-        else:
-            sa_bufs = c_bufs                                # unused
+        sa_bufs = _sa_buffers(sa_desc, STAGES * KG * NA, c_bufs, SA_SMEM)
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs, sa_desc, sa_bufs)
         gl.warp_specialize(
@@ -591,10 +593,7 @@ if _IMPORT_ERROR is None:
         fence_async_shared()
         c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c_desc.block_type.shape, c_desc.layout)
         c64_bufs = gl.allocate_shared_memory(gl.bfloat16, [2] + c64_desc.block_type.shape, c64_desc.layout)
-        if SA_SMEM:
-            sa_bufs = gl.allocate_shared_memory(gl.float32, [STAGES * 2] + sa_desc.block_type.shape, sa_desc.layout)
-        else:
-            sa_bufs = c_bufs                                # unused
+        sa_bufs = _sa_buffers(sa_desc, STAGES * 2, c_bufs, SA_SMEM)
         p = (a_desc, b_desc, a_bufs, b_bufs, ready, empty, counts_ptr, E, M, N, K, sa_ptr, sb_ptr, out_ptr, bias_ptr,
              sa_se, sa_sm, sa_sk, sb_se, sb_sn, sb_sk, c_desc, c_bufs, b64_desc, b64_bufs, c64_desc, c64_bufs,
              sa_desc, sa_bufs)
@@ -708,6 +707,13 @@ def _sa_descriptor(sa: torch.Tensor, strides: tuple):
     return TensorDescriptor(sa.as_strided((size,), (1,)), [size], [1], [WG_ROWS], _SA_LAYOUT)
 
 
+def _sa_args(sa: torch.Tensor, strides: tuple, ue8m0: bool, cfg: dict, placeholder) -> tuple:
+    """(descriptor argument, SA_SMEM) of a launch: the A scales' TMA descriptor when they can go through the TMA
+    (FP32, _sa_descriptor's layout, config SA_SMEM not False), else (placeholder, False): any descriptor, unread."""
+    desc = None if ue8m0 or not cfg.get("SA_SMEM", True) else _sa_descriptor(sa, strides)
+    return (placeholder, False) if desc is None else (desc, True)
+
+
 def _launchable(b: torch.Tensor) -> tuple:
     """b's (E, N, K) once this process can run the kernels on it: RuntimeError naming why not (no SM90 GPU, no
     Gluon), ValueError when K breaks TMA's 16-byte row stride."""
@@ -730,20 +736,21 @@ def _launch(a, b, sa, sb, strides, counts, out, bias, m, ue8m0: bool, expected_m
     tma_store = out.is_contiguous() and (out.shape[-1] * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
     has_bias = bias is not None
     grid = _grid(a.device, sm_count)
-    sa_desc = None if ue8m0 or not cfg.get("SA_SMEM", True) else _sa_descriptor(sa, strides)
     if cfg.get("WIDE"):
         descs = _wide_descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, 128))
+        sa_arg, sa_smem = _sa_args(sa, strides, ue8m0, cfg, descs[0])
         _fast(masked_gemm_ws_wide_kernel)[grid](
             *descs, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
-            descs[0] if sa_desc is None else sa_desc, SA_SMEM=sa_desc is not None,
+            sa_arg, SA_SMEM=sa_smem,
             STAGES=cfg["STAGES"], UE8M0=ue8m0, HAS_BIAS=has_bias, TMA_STORE=tma_store,
             M_FAST=cfg.get("M_FAST", True), MATH_REGS=cfg.get("MATH_REGS", 232),
             PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40), num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
         return out
     a_desc, b_desc, c_desc = _descriptors(a, b, out if tma_store else out.new_empty(WG_ROWS, cfg["BN"]), cfg)
+    sa_arg, sa_smem = _sa_args(sa, strides, ue8m0, cfg, a_desc)
     _fast(masked_gemm_ws_kernel)[grid](
         a_desc, b_desc, c_desc, counts, sa, sb, out, bias.contiguous() if has_bias else out, e_num, m, n, k, *strides,
-        a_desc if sa_desc is None else sa_desc, SA_SMEM=sa_desc is not None,
+        sa_arg, SA_SMEM=sa_smem,
         STAGES=cfg["STAGES"], BN=cfg["BN"], NA=1 if cfg["SPLIT_N"] else 2, NB=2 if cfg["SPLIT_N"] else 1,
         BM=WG_ROWS if cfg["SPLIT_N"] else 2 * WG_ROWS, UE8M0=ue8m0, HAS_BIAS=has_bias, DIAG=cfg.get("DIAG", 0),
         TMA_STORE=tma_store, M_FAST=cfg.get("M_FAST", True), KG=kg,
@@ -808,10 +815,11 @@ def group_gemm_masked_swiglu_quant(a: torch.Tensor, b: torch.Tensor, sa: torch.T
     a_desc, b_desc, x_desc = _descriptors(a, b, a.new_empty(WG_ROWS, BLOCK_K, dtype=torch.bfloat16), cfg)
     grid = _grid(a.device, sm_count)
     bad = torch.zeros(2 * grid[0] if check_finite else 1, dtype=torch.int32, device=a.device)
-    sa_desc = None if ue8m0 or not cfg.get("SA_SMEM", True) else _sa_descriptor(sa, strides)
+    sa_arg, sa_smem = _sa_args(sa, strides, ue8m0, cfg, a_desc)
     _fast(masked_gemm_swiglu_ws_kernel)[grid](
         a_desc, b_desc, x_desc, counts, sa, sb, q, s_out, bad, e_num, m, n, k, *strides, s_groups, sf_groups, m_pad,
-        float(amax_floor), a_desc if sa_desc is None else sa_desc, SA_SMEM=sa_desc is not None, STAGES=cfg["STAGES"], UE8M0=bool(ue8m0), COUNT_BAD=bool(check_finite),
+        float(amax_floor), sa_arg, SA_SMEM=sa_smem, STAGES=cfg["STAGES"], UE8M0=bool(ue8m0),
+        COUNT_BAD=bool(check_finite),
         M_FAST=cfg.get("M_FAST", True), KG=kg, MATH_REGS=cfg.get("MATH_REGS", 232),
         PRODUCER_REGS=cfg.get("PRODUCER_REGS", 40), num_warps=4, maxnreg=cfg.get("MAXNREG", 168))
     return bad
