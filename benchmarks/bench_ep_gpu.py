@@ -162,22 +162,59 @@ class Experts:
         [W, K_top] fp32, m rows per expert -> partial [W, H] bf16 (weighted, SPEC §5-8)."""
         if self.launch is None:
             return self._torch_chain(x_q, x_scale, ids, weights)
-        px, ps, imap, counts = self.launch.prefill_permute_to_masked_gemm(x_q, x_scale, ids, self.e, m,
-                                                                          errors=self.errors)
-        return self.launch.depermute_prefill_combine(self.masked(px, ps, counts, m), imap, weights, x_q.shape[0])
+        st = dict(x_q=x_q, x_scale=x_scale)
+        for step in self.steps(ids, weights, m, st).values():
+            step()
+        return st["out"]
+
+    def steps(self, ids, weights, m: int, st: dict) -> dict:
+        """The chain of __call__ as named steps in order (permute, the masked chain's, combine), each reading and
+        writing the state st (in: x_q, x_scale, read when the permute runs; out: st["out"]);
+        benchmarks/profile_host.py times them one by one."""
+        L, e, h = self.launch, self.e, self.h
+
+        def permute():
+            st["px"], st["ps"], st["imap"], st["counts"] = L.prefill_permute_to_masked_gemm(
+                st["x_q"], st["x_scale"], ids, e, m, errors=self.errors)
+
+        def combine():
+            st["out"] = L.depermute_prefill_combine(st["down"].view(e, m, h), st["imap"], weights,
+                                                    st["x_q"].shape[0])
+        return dict(permute=permute, **self._masked_steps(st, m), combine=combine)
 
     def masked(self, px, ps, counts, m: int) -> torch.Tensor:
         """The masked chain: px [E, M, H] fp8, ps MN-major scales (the permute's), counts [E] int32 -> [E, M, H]
         bf16 (GEMM 1, SwiGLU + quant, GEMM 2; unweighted). sm_count (attribute, -1: all) bounds the GEMMs' SMs."""
+        st = dict(px=px, ps=ps, counts=counts)
+        for step in self._masked_steps(st, m).values():
+            step()
+        return st["down"].view(self.e, m, self.h)
+
+    def _masked_steps(self, st: dict, m: int) -> dict:
+        """masked() as steps over st (px, ps, counts in; down [E·M, H] bf16 out): both scale conversions, GEMM 1,
+        SwiGLU + quant, GEMM 2."""
         L, e, h, i = self.launch, self.e, self.h, self.i
-        up = torch.empty(e * m, 2 * i, dtype=torch.bfloat16, device=px.device)
-        L.group_gemm_masked(px.view(e * m, h), self.up_q, L.unpack_and_convert_scale(ps, counts), self.up_sf,
-                            counts, up, None, m, sm_count=self.sm_count, sfb_per_block=True)
-        act, act_s = L.fused_mask_swiglu_fp8_quant(up.view(e, m, 2 * i), counts, GROUP, True)
-        down = torch.empty(e * m, h, dtype=torch.bfloat16, device=px.device)
-        L.group_gemm_masked(act.view(e * m, i), self.dn_q, L.unpack_and_convert_scale(act_s, counts), self.dn_sf,
-                            counts, down, None, m, sm_count=self.sm_count, sfb_per_block=True)
-        return down.view(e, m, h)
+
+        def unpack1():
+            st["sfa"] = L.unpack_and_convert_scale(st["ps"], st["counts"])
+
+        def gemm1():
+            st["up"] = torch.empty(e * m, 2 * i, dtype=torch.bfloat16, device=st["px"].device)
+            L.group_gemm_masked(st["px"].view(e * m, h), self.up_q, st["sfa"], self.up_sf, st["counts"], st["up"], None,
+                                m, sm_count=self.sm_count, sfb_per_block=True)
+
+        def swiglu():
+            st["act"], st["act_s"] = L.fused_mask_swiglu_fp8_quant(st["up"].view(e, m, 2 * i), st["counts"], GROUP,
+                                                                   True)
+
+        def unpack2():
+            st["sfa2"] = L.unpack_and_convert_scale(st["act_s"], st["counts"])
+
+        def gemm2():
+            st["down"] = torch.empty(e * m, h, dtype=torch.bfloat16, device=st["px"].device)
+            L.group_gemm_masked(st["act"].view(e * m, i), self.dn_q, st["sfa2"], self.dn_sf, st["counts"],
+                                st["down"], None, m, sm_count=self.sm_count, sfb_per_block=True)
+        return dict(unpack1=unpack1, gemm1=gemm1, swiglu=swiglu, unpack2=unpack2, gemm2=gemm2)
 
     def _torch_chain(self, x_q, x_scale, ids, weights):
         """The same math in plain torch (dequantize, float32 GEMMs), for machines without Triton."""

@@ -2,8 +2,9 @@
 
     python3 benchmarks/profile_host.py --out OUT/host_profile.json [--tokens 2048]
 
-The chain is bench_ep_gpu.Experts' (per-token quant, permute with deferred checks, unpack_and_convert_scale, GEMM 1,
-SwiGLU + quant, unpack, GEMM 2, combine; UE8M0 bytes, 32 local experts, DeepSeek-V3 shapes). A long sleep kernel is
+The chain is the per-token quant, then bench_ep_gpu.Experts.steps (permute with deferred checks,
+unpack_and_convert_scale, GEMM 1, SwiGLU + quant, unpack, GEMM 2, combine; UE8M0 bytes, 32 local experts,
+DeepSeek-V3 shapes). A long sleep kernel is
 queued first, so every op only enqueues: the time until it returns is its host time. Then cProfile of 20 chains
 (cumulative time of the 30 costliest functions) says where that time goes. No GPU time is measured here.
 """
@@ -27,41 +28,12 @@ torch = EP.torch
 
 
 def stages(ex, x, ids, wts, m: int) -> dict:
-    """The chain of Experts.__call__ / Experts.masked, op by op (same calls, same arguments)."""
-    L, st = ex.launch, {}
-    e, h, i = ex.e, ex.h, ex.i
+    """The per-token quant, then Experts' own steps (Experts.steps: the chain Experts.__call__ runs)."""
+    st = {}
 
     def quant():
-        st["q"], st["s"] = EP.quantize_act(x, L)
-
-    def permute():
-        st["px"], st["ps"], st["imap"], st["counts"] = L.prefill_permute_to_masked_gemm(st["q"], st["s"], ids, e, m,
-                                                                                        errors=ex.errors)
-
-    def unpack1():
-        st["sfa"] = L.unpack_and_convert_scale(st["ps"], st["counts"])
-
-    def gemm1():
-        st["up"] = torch.empty(e * m, 2 * i, dtype=torch.bfloat16, device=x.device)
-        L.group_gemm_masked(st["px"].view(e * m, h), ex.up_q, st["sfa"], ex.up_sf, st["counts"], st["up"], None, m,
-                            sfb_per_block=True)
-
-    def swiglu():
-        st["act"], st["act_s"] = L.fused_mask_swiglu_fp8_quant(st["up"].view(e, m, 2 * i), st["counts"], EP.GROUP,
-                                                               True)
-
-    def unpack2():
-        st["sfa2"] = L.unpack_and_convert_scale(st["act_s"], st["counts"])
-
-    def gemm2():
-        st["down"] = torch.empty(e * m, h, dtype=torch.bfloat16, device=x.device)
-        L.group_gemm_masked(st["act"].view(e * m, i), ex.dn_q, st["sfa2"], ex.dn_sf, st["counts"], st["down"], None,
-                            m, sfb_per_block=True)
-
-    def combine():
-        st["out"] = L.depermute_prefill_combine(st["down"].view(e, m, h), st["imap"], wts, x.shape[0])
-    return dict(quant=quant, permute=permute, unpack1=unpack1, gemm1=gemm1, swiglu=swiglu, unpack2=unpack2,
-                gemm2=gemm2, combine=combine)
+        st["x_q"], st["x_scale"] = EP.quantize_act(x, ex.launch)
+    return dict(quant=quant, **ex.steps(ids, wts, m, st))
 
 
 def host_ms_per_op(ops: dict, rounds: int) -> dict:
