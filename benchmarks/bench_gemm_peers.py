@@ -190,6 +190,11 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
         dg_fp32 = deepgemm_call(dg, x, outs["dg"], e_num, m_cap, "fp32", expected_m)
         rec["ours_vs_deepgemm_paired"] = paired_ratio(lambda: kernels["launch_fp32"][1](counts),
                                                       lambda: dg_fp32(counts))
+        for vname in variants or {}:        # each variant paired with DeepGEMM too: one-shot ratios spread ~10 %
+            fn = kernels[f"gluon_fp32_{vname}"][1]
+            if "ms" in rec.get(f"gluon_fp32_{vname}", {}):
+                rec[f"gluon_fp32_{vname}"]["vs_deepgemm_paired"] = paired_ratio(lambda fn=fn: fn(counts),
+                                                                                lambda: dg_fp32(counts))
     return rec
 
 
@@ -302,7 +307,8 @@ def summary_line(rec: dict) -> str:
         if "error" in r:
             cells.append(f"{name} ERR")
             continue
-        cells.append(f"{name} {r['tflops']:5.0f} ({r.get('vs_deepgemm', float('nan')):.2f}x DG"
+        paired = f" paired {r['vs_deepgemm_paired']:.2f}x" if "vs_deepgemm_paired" in r else ""
+        cells.append(f"{name} {r['tflops']:5.0f} ({r.get('vs_deepgemm', float('nan')):.2f}x DG{paired}"
                      f"{'' if r['correct'] else ' WRONG'} d={r.get('calc_diff_vs_deepgemm', float('nan')):.1e})")
     return " | ".join(cells)
 
