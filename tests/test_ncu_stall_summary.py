@@ -19,7 +19,8 @@ def _per_op(name):
 
 
 @pytest.mark.parametrize("name, wgmma, bn", [("ours", "QGMMA.64x128x32.F32.E4M3.E4M3", 128),
-                                             ("deepgemm", "QGMMA.64x192x32.F32.E4M3.E4M3", 192)])
+                                             ("deepgemm", "QGMMA.64x192x32.F32.E4M3.E4M3", 192),
+                                             ("cute", "QGMMA.64x192x32.F32.E4M3.E4M3", 192)])
 def test_hot_loop_is_the_k_loop(name, wgmma, bn):
     """The loop the summary picks is the K loop: per 128-wide K step a warpgroup issues 128 / 32 = 4 wgmmas and
     promotes its 64 x BN fp32 sub-tile, 64·BN / 128 threads = BN / 2 FFMAs per thread (whatever the unrolling)."""
