@@ -60,6 +60,48 @@ def summarize(instructions: list[dict], hot: float = 0.3) -> list[tuple]:
     return [(op, n / total, runs[op], [r for r, _ in reasons[op].most_common(2)]) for op, n in samples.most_common()]
 
 
+def details_metric(path: str, kernel: str, metric: str) -> float:
+    """A metric of `ncu --page details` text output (e.g. 'Elapsed Cycles'), from the first profiled launch whose
+    header line contains `kernel`; ValueError naming what is missing."""
+    inside = False
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("  ") and not line.startswith("   "):      # a launch header (kernel name, grid, block)
+            inside = kernel in line
+        elif inside and line.strip().startswith(metric + " "):
+            return float(line.split()[-1].replace(",", ""))
+    raise ValueError(f"{path}: no '{metric}' for a kernel named like {kernel!r}")
+
+
+# FP8 dense tensor-core rate of one Hopper SM: 4096 FMA = 8192 FLOP per clock (H100/H200 SXM: 1979 dense TFLOP/s
+# at 1.83 GHz over 132 SMs, NVIDIA's datasheet).
+SM90_FP8_FLOP_PER_CLOCK = 8192
+
+
+def k_step_breakdown(manifest_path: str) -> list[dict]:
+    """Per kernel of a results manifest (benchmarks/results/gemm_ncu_h200.json): clocks per 128-wide K step of one
+    persistent CTA (elapsed cycles / K steps per SM, CTA tile 128 x bn), the math warps' share of it waiting for the
+    wgmma (DEPBAR), promoting (FFMA) and on everything else, the tensor-core time of that step (both warpgroups'
+    wgmmas at the SM's FP8 rate) and ncu's own tensor-pipe utilization ('Compute (SM) Throughput')."""
+    import json
+    import math
+    import pathlib
+    root = pathlib.Path(manifest_path).parent
+    doc = json.loads(pathlib.Path(manifest_path).read_text())
+    shape, out = doc["shape"], []
+    for kern in doc["kernels"]:
+        tiles = shape["experts"] * math.ceil(shape["rows_per_expert"] / 128) * math.ceil(shape["n"] / kern["bn"])
+        steps = tiles * math.ceil(shape["k"] / 128) / shape["sms"]
+        details = str(root / kern["details"])
+        clocks = details_metric(details, kern["details_kernel"], "Elapsed Cycles") / steps
+        _, instructions = read_source_page(str(root / kern["source_page"]))
+        share = {op: sh for op, sh, _, _ in summarize(instructions)}
+        wait, ffma = share.get("WARPGROUP.DEPBAR.LE", 0.0), share.get("FFMA", 0.0)
+        out.append(dict(name=kern["name"], bn=kern["bn"], clocks_per_step=clocks, wgmma_wait=wait, ffma=ffma,
+                        other=1.0 - wait - ffma, tensor_clocks=2 * 64 * kern["bn"] * 128 * 2 / SM90_FP8_FLOP_PER_CLOCK,
+                        ncu_tensor=details_metric(details, kern["details_kernel"], "Compute (SM) Throughput") / 100))
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", nargs="+", help="ncu --page source --csv export(s), plain or .gz")

@@ -643,6 +643,62 @@ for path in sorted(results_dir.glob("cute_gemm_*.json")):
            f"({card_of(doc)}, {date_of(doc)}).")
 
 # %% [markdown]
+# **Where a K step's time goes.** Each kernel above runs the same loop per 128-wide K step: wait for the stage's
+# tiles, issue the wgmmas, wait for them (`WARPGROUP.DEPBAR`), promote the fp32 partial sum with one FFMA per value,
+# release the stage. Nsight Compute samples where the math warps are at each moment; `benchmarks/ncu_stall_summary.py`
+# turns those samples (committed as `benchmarks/results/gemm_ncu_*`) into shares of the step, and the profile's
+# elapsed cycles divided by the K steps a CTA runs give the step's length. The dashed line is the tensor-core work of
+# the step (both warpgroups' wgmmas at the SM's FP8 rate): the rest of the bar is time the tensor core waits for the
+# warpgroups. The ratio of the two is checked against ncu's own tensor-pipe utilization.
+
+# %% tags=["nbval-ignore-output"]
+# nbval-ignore-output: numbers read from benchmarks/results/gemm_ncu_h200.json and the files it names.
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import ncu_stall_summary  # noqa: E402
+
+ncu_manifest = results_dir / "gemm_ncu_h200.json"
+if ncu_manifest.exists():
+    ncu_doc = json.loads(ncu_manifest.read_text())
+    steps = ncu_stall_summary.k_step_breakdown(str(ncu_manifest))
+    print(f"{'kernel':45s} {'clocks/step':>11s} {'wgmma wait':>10s} {'FFMA':>6s} {'other':>6s} {'tensor busy':>11s} {'ncu':>5s}")
+    for r in steps:
+        busy = r["tensor_clocks"] / r["clocks_per_step"]
+        assert abs(busy - r["ncu_tensor"]) < 0.03, r          # the step model agrees with ncu's tensor pipe
+        print(f"{r['name']:45s} {r['clocks_per_step']:11.0f} {r['wgmma_wait']:10.0%} {r['ffma']:6.0%} "
+              f"{r['other']:6.0%} {busy:11.0%} {r['ncu_tensor']:5.0%}")
+    fig, ax = plt.subplots(figsize=(7.5, 2.8))
+    for i, r in enumerate(steps):
+        left = 0.0
+        for key, label, color in (("wgmma_wait", "waiting for the wgmma", "tab:blue"),
+                                  ("ffma", "promotion (FFMA)", "tab:orange"), ("other", "everything else", "tab:gray")):
+            width = r[key] * r["clocks_per_step"]
+            ax.barh(i, width, left=left, color=color, label=label if i == 0 else None)
+            left += width
+        ax.plot([r["tensor_clocks"]] * 2, [i - 0.4, i + 0.4], "k--", lw=1, label="tensor-core work" if i == 0 else None)
+    ax.set_yticks(range(len(steps)), [r["name"] for r in steps], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("clocks per 128-wide K step of one CTA (math warps' time)")
+    sh = ncu_doc["shape"]
+    ax.set_title(f"N={sh['n']} K={sh['k']}, {sh['rows_per_expert']} rows x {sh['experts']} experts", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.text(0.01, 0.005, f"{ncu_doc['card']} · {ncu_doc['date'][:10]} · Nsight Compute, clocks locked · "
+             f"benchmarks/results/{ncu_manifest.name}", fontsize=6.5, color="0.4")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    show(fig, "Stacked horizontal bars: clocks per K step split into waiting for the wgmma, promotion FFMAs and "
+              "everything else, for ours, DeepGEMM and the CuTe kernel, with the tensor-core work marked.")
+    ours, dg = steps[0], steps[1]
+    md(f"DeepGEMM's step is {dg['clocks_per_step']:.0f} clocks for {dg['tensor_clocks']:.0f} of tensor-core work, "
+       f"ours {ours['clocks_per_step']:.0f} for {ours['tensor_clocks']:.0f}. Outside the wgmma and the promotion ours "
+       f"spends {ours['other'] * ours['clocks_per_step']:.0f} clocks per step and DeepGEMM "
+       f"{dg['other'] * dg['clocks_per_step']:.0f} (waits for data, wgmma issue, scale reads, barriers, bookkeeping); "
+       f"DeepGEMM's 64 x 192 wgmma also does 1.5x the work per step, so that time weighs less. Gluon cannot express "
+       f"that wgmma (its tiles are powers of two) and a 64 x 256 one does not fit the registers; the CuTe kernel has "
+       f"it, but spends {steps[2]['other'] * steps[2]['clocks_per_step']:.0f} clocks per step on the rest "
+       f"(benchmarks/NOTES_gpu.md lists what) ({ncu_doc['card']}, {ncu_doc['date'][:10]}).")
+else:
+    print(f"{ncu_manifest.name}: not in {results_dir}")
+
+# %% [markdown]
 # ### 5b. Where does the time of the whole layer go?
 #
 # The ht-prefill chain on one rank (quantize → permute → GEMM 1 → SwiGLU + quant → GEMM 2 →
