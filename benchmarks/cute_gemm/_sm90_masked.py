@@ -324,7 +324,7 @@ class MaskedGemmSm90:
         sa_t = cute.make_tensor(sSA.iterator + (mwg * WG_ROWS + row_in), cute.make_layout(
             (2, self.stages), stride=(8, BM)))
         sa0, sa1 = self._row_scales(mSA, r0, r1, 0, e)
-        for kt in range(k_tiles):
+        for kt in cutlass.range(k_tiles, unroll=2):
             pipe.consumer_wait(state)
             # (global scales) the next step's, loaded while this step's wgmma runs (L2 latency)
             na0, na1 = self._row_scales(mSA, r0, r1, cutlass.min(kt + 1, k_tiles - 1), e)
