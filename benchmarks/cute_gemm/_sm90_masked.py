@@ -35,6 +35,7 @@ THREADS_PER_WG = 128
 MATH_WGS = 2
 LOAD_REGS = 40
 MATH_REGS = 232
+SMEM_LIMIT = 227 * 1024   # opt-in shared memory per CTA (H100 / H200)
 
 
 class MaskedGemmSm90:
@@ -126,6 +127,9 @@ class MaskedGemmSm90:
             sSB: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, MATH_WGS * self.sb_per_wg], 16]
 
         self.storage = Storage
+        if cutlass.const_expr(Storage.size_in_bytes() > SMEM_LIMIT):
+            raise ValueError(f"shared memory: {Storage.size_in_bytes()} bytes over the {SMEM_LIMIT} of an SM90 CTA "
+                             f"(stages={self.stages}, sb_tiles={self.sb_tiles})")
         self.kernel(tma_a, tA, tma_b, tB, tma_sa, tSA, mSB, mCnt, tma_c, tC, mC, self.tiled_mma, self.a_smem_staged,
                     self.b_smem_staged, self.sa_smem_staged, self.c_smem).launch(
             grid=[self.num_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1],
