@@ -6,9 +6,9 @@ CLUSTER_M CTAs along M. Per CTA: warpgroup 0 (warp 0) issues the TMA loads into 
 to both CTAs of the cluster, which work on two m-tiles of one (expert, n-tile)); warpgroups 1 and 2 each
 run the wgmma of 64 rows x BN per 128-wide K step into a fresh accumulator, wait for it, release the slot
 and promote `final = fma(partial, sa[row] * sb[col block], final)` in fp32 (as DeepGEMM and the Gluon
-kernel); each math warpgroup copies its tile's weight scales of every K step into its own shared-memory buffer at
-the tile's start (read per step by one LDS, no global loads in the K loop, unrolled by 2). The tile walk is built on the device from masked_m: cluster tiles (expert, CLUSTER_M m-tiles,
-n-tile), m fastest, tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past
+kernel); each math warpgroup copies its tile's weight scales of every K step into its own shared-memory
+buffer at the tile's start (one LDS per step, no global loads in the K loop, which is unrolled by 2). The tile
+walk is built on the device from masked_m: cluster tiles (expert, CLUSTER_M m-tiles, n-tile), m fastest, tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past
 masked_m[e] (odd m-tile counts) are walked too, so both CTAs stay in step, but skip their wgmma and stores.
 
 Switches (compile time, so one GPU run compares them): sa_tma - the stage's 128 A scales (MN-major fp32) come by
