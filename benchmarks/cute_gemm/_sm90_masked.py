@@ -8,8 +8,8 @@ run the wgmma of 64 rows x BN per 128-wide K step into a fresh accumulator, wait
 and promote `final = fma(partial, sa[row] * sb[col block], final)` in fp32 (as DeepGEMM and the Gluon
 kernel); each math warpgroup copies its tile's weight scales of every K step into its own shared-memory
 buffer at the tile's start (one LDS per step, no global loads in the K loop, which is unrolled by 2). The tile
-walk is built on the device from masked_m: cluster tiles (expert, CLUSTER_M m-tiles, n-tile), m fastest, tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past
-masked_m[e] (odd m-tile counts) are walked too, so both CTAs stay in step, but skip their wgmma and stores.
+walk is built on the device from masked_m: cluster tiles (expert, CLUSTER_M m-tiles, n-tile), m fastest,
+tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past masked_m[e] (odd m-tile counts) are walked too, so both CTAs stay in step, but skip their wgmma and stores.
 
 Switches (compile time, so one GPU run compares them): sa_tma - the stage's 128 A scales (MN-major fp32) come by
 TMA with its A / B tiles (one mbarrier transaction) and the math threads read their rows from shared memory
@@ -42,7 +42,8 @@ SMEM_LIMIT = 227 * 1024   # opt-in shared memory per CTA (H100 / H200)
 class MaskedGemmSm90:
     """Compile-time configuration: bn (128 | 192), cluster_m (1 | 2), stages, num_ctas (the persistent grid,
     a multiple of cluster_m), sa_tma, tma_store (module docstring), sb_tiles (the most K steps: each math
-    warpgroup keeps the weight scales of every K step of its tile in shared memory, bn / 128 rounded up per step). __call__ takes pointers and int32 sizes
+    warpgroup keeps the weight scales of every K step of its tile in shared memory, bn / 128 rounded up per
+    step). __call__ takes pointers and int32 sizes
     (see masked_gemm._args)."""
 
     def __init__(self, bn: int, cluster_m: int, stages: int, num_ctas: int, sa_tma: bool = True,
