@@ -9,7 +9,8 @@ and promote `final = fma(partial, sa[row] * sb[col block], final)` in fp32 (as D
 kernel); each math warpgroup copies its tile's weight scales of every K step into its own shared-memory
 buffer at the tile's start (one LDS per step, no global loads in the K loop, which is unrolled by 2). The tile
 walk is built on the device from masked_m: cluster tiles (expert, CLUSTER_M m-tiles, n-tile), m fastest,
-tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past masked_m[e] (odd m-tile counts) are walked too, so both CTAs stay in step, but skip their wgmma and stores.
+tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past masked_m[e] (odd m-tile
+counts) are walked too, so both CTAs stay in step, but skip their wgmma and stores.
 
 Switches (compile time, so one GPU run compares them): sa_tma - the stage's 128 A scales (MN-major fp32) come by
 TMA with its A / B tiles (one mbarrier transaction) and the math threads read their rows from shared memory
