@@ -6,9 +6,11 @@ CLUSTER_M CTAs along M. Per CTA: warpgroup 0 (warp 0) issues the TMA loads into 
 to both CTAs of the cluster, which work on two m-tiles of one (expert, n-tile)); warpgroups 1 and 2 each
 run the wgmma of 64 rows x BN per 128-wide K step into a fresh accumulator, wait for it, release the slot
 and promote `final = fma(partial, sa[row] * sb[col block], final)` in fp32 (as DeepGEMM and the Gluon
-kernel). The tile walk is built on the device from masked_m: cluster tiles (expert, CLUSTER_M m-tiles,
-n-tile), m fastest, tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past
-masked_m[e] (odd m-tile counts) are walked too, so both CTAs stay in step, but skip their wgmma and stores.
+kernel); each math warpgroup copies its tile's weight scales of every K step into its own shared-memory
+buffer at the tile's start (one LDS per step, no global loads in the K loop, which is unrolled by 2). The tile
+walk is built on the device from masked_m: cluster tiles (expert, CLUSTER_M m-tiles, n-tile), m fastest,
+tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past masked_m[e] (odd m-tile
+counts) are walked too, so both CTAs stay in step, but skip their wgmma and stores.
 
 Switches (compile time, so one GPU run compares them): sa_tma - the stage's 128 A scales (MN-major fp32) come by
 TMA with its A / B tiles (one mbarrier transaction) and the math threads read their rows from shared memory
@@ -35,16 +37,20 @@ THREADS_PER_WG = 128
 MATH_WGS = 2
 LOAD_REGS = 40
 MATH_REGS = 232
+SMEM_LIMIT = 227 * 1024   # opt-in shared memory per CTA (H100 / H200)
 
 
 class MaskedGemmSm90:
     """Compile-time configuration: bn (128 | 192), cluster_m (1 | 2), stages, num_ctas (the persistent grid,
-    a multiple of cluster_m), sa_tma, tma_store (module docstring). __call__ takes pointers and int32 sizes
+    a multiple of cluster_m), sa_tma, tma_store (module docstring), sb_tiles (the most K steps: each math
+    warpgroup keeps the weight scales of every K step of its tile in shared memory, bn / 128 rounded up per
+    step). __call__ takes pointers and int32 sizes
     (see masked_gemm._args)."""
 
     def __init__(self, bn: int, cluster_m: int, stages: int, num_ctas: int, sa_tma: bool = True,
-                 tma_store: bool = True):
+                 tma_store: bool = True, sb_tiles: int = 256):
         self.bn, self.cluster_m, self.stages, self.num_ctas = bn, cluster_m, stages, num_ctas
+        self.sb_tiles = sb_tiles        # K steps whose weight scales the per-warpgroup buffers hold (K / 128 max)
         self.sa_tma, self.tma_store = sa_tma, tma_store
         self.tile_mnk = (BM, bn, BK)
         self.threads = (1 + MATH_WGS) * THREADS_PER_WG
@@ -70,6 +76,7 @@ class MaskedGemmSm90:
             layouts.append(cute.tile_to_shape(atom, (rows, BK, self.stages), order=(0, 1, 2)))
         self.a_smem_staged, self.b_smem_staged = layouts
         self.sa_smem_staged = cute.make_layout((BM, 1, self.stages), stride=(1, BM, BM))
+        self.sb_per_wg = (2 if self.bn == 192 else 1) * self.sb_tiles
         self.boxes = self.bn // EPI_N                        # TMA store boxes per warpgroup sub-tile
         if cutlass.const_expr(self.tma_store):
             self.c_smem = sm90_utils.make_smem_layout_epi(cutlass.BFloat16, row_major, (WG_ROWS, EPI_N),
@@ -120,8 +127,12 @@ class MaskedGemmSm90:
             sB: cute.struct.Align[cute.struct.MemRange[cutlass.Float8E4M3FN, cute.cosize(self.b_smem_staged)], 1024]
             sC: cute.struct.Align[cute.struct.MemRange[cutlass.BFloat16, cute.cosize(self.c_smem)], 1024]
             sSA: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, cute.cosize(self.sa_smem_staged)], 128]
+            sSB: cute.struct.Align[cute.struct.MemRange[cutlass.Float32, MATH_WGS * self.sb_per_wg], 16]
 
         self.storage = Storage
+        if cutlass.const_expr(Storage.size_in_bytes() > SMEM_LIMIT):
+            raise ValueError(f"shared memory: {Storage.size_in_bytes()} bytes over the {SMEM_LIMIT} of an SM90 CTA "
+                             f"(stages={self.stages}, sb_tiles={self.sb_tiles})")
         self.kernel(tma_a, tA, tma_b, tB, tma_sa, tSA, mSB, mCnt, tma_c, tC, mC, self.tiled_mma, self.a_smem_staged,
                     self.b_smem_staged, self.sa_smem_staged, self.c_smem).launch(
             grid=[self.num_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1],
@@ -197,8 +208,9 @@ class MaskedGemmSm90:
                 sC = st.sC.get_tensor(c_smem.outer, swizzle=c_smem.inner)
             else:
                 sC = st.sC.get_tensor(c_smem)[(None, None, wg - 1)]
-            self._consumer(tiled_mma, sA, sB, sSA, sC, sCf, pipe, tSA, mSB, mCnt, tma_c, tC, mC, wg - 1, rank, n_tiles,
-                           k_tiles)
+            sSB = cute.make_tensor(st.sSB.data_ptr() + (wg - 1) * self.sb_per_wg, cute.make_layout(self.sb_per_wg))
+            self._consumer(tiled_mma, sA, sB, sSA, sSB, sC, sCf, pipe, tSA, mSB, mCnt, tma_c, tC, mC, wg - 1, rank,
+                           n_tiles, k_tiles)
 
     @cute.jit
     def _producer(self, tma_a, tA, tma_b, tB, tma_sa, tSA, sA, sB, sSA, pipe, mCnt, rank, n_tiles, k_tiles):
@@ -241,8 +253,8 @@ class MaskedGemmSm90:
         pipe.producer_tail(state)
 
     @cute.jit
-    def _consumer(self, tiled_mma, sA, sB, sSA, sC, sCf, pipe, mSA, mSB, mCnt, tma_c, tC, mC, mwg, rank, n_tiles,
-                  k_tiles):
+    def _consumer(self, tiled_mma, sA, sB, sSA, sSB, sC, sCf, pipe, mSA, mSB, mCnt, tma_c, tC, mC, mwg, rank,
+                  n_tiles, k_tiles):
         """Math warpgroup mwg (0 | 1): rows mwg·64.. of each CTA tile (_mainloop), then the bf16 stores of the
         rows < masked_m[e]."""
         tidx, _, _ = cute.arch.thread_idx()
@@ -257,6 +269,7 @@ class MaskedGemmSm90:
         # column 2·(lane % 4) + c + 8j of the warpgroup's 64 x BN sub-tile
         row_in = (cute.arch.make_warp_uniform(cute.arch.warp_idx()) % 4) * 16 + lane // 4
         col_in = 2 * (lane % 4)
+        rel = (lane < self.cluster_m, lane % self.cluster_m)     # _release's signalling lanes and their CTA
         state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, self.stages)
         clusters = self.num_ctas // self.cluster_m
         total = self._total(mCnt, n_tiles)
@@ -269,8 +282,8 @@ class MaskedGemmSm90:
             row0 = (mu * self.cluster_m + rank) * BM + mwg * WG_ROWS
             col0 = nt * self.bn
             final.fill(0.0)
-            state = self._mainloop(tiled_mma, tCrA, tCrB, acc, final, sSA, pipe, state, mSA, mSB, e, cnt, row0,
-                                   col0, row_in, mwg, k_tiles)
+            state = self._mainloop(tiled_mma, tCrA, tCrB, acc, final, sSA, sSB, pipe, state, mSA, mSB, e, cnt,
+                                   row0, col0, row_in, mwg, k_tiles, rel)
             if row0 < cnt:
                 if cutlass.const_expr(self.tma_store):
                     if row0 + WG_ROWS <= cnt:
@@ -285,48 +298,96 @@ class MaskedGemmSm90:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)     # shared memory outlives the last store
 
     @cute.jit
-    def _mainloop(self, tiled_mma, tCrA, tCrB, acc, final, sSA, pipe, state, mSA, mSB, e, cnt, row0, col0,
-                  row_in, mwg, k_tiles):
-        """The tile's K loop: per 128-K step a fresh wgmma accumulator, wait, release the slot, promote into
-        `final` (a warpgroup whose rows are all past cnt only waits and releases). Returns the pipeline state."""
-        live = row0 < cnt
-        r0 = cutlass.min(row0 + row_in, cnt - 1)          # (global scales) rows past the count read a valid scale
-        r1 = cutlass.min(row0 + row_in + 8, cnt - 1)
-        nb_last = cute.size(mSB, mode=[0]) - 1
-        blk_lo = cutlass.min(col0 // 128, nb_last)
-        blk_hi = cutlass.min(blk_lo + 1, nb_last)
-        mid_lo = col0 % 128 == 0               # bn = 192: columns 64..127 of the tile lie in block blk_lo
-        s_row = mwg * WG_ROWS + row_in           # (sa_tma) the thread's first row in the stage's 128 scales
-        sa0, sa1, sb_lo, sb_hi = self._scales(mSA, mSB, r0, r1, blk_lo, blk_hi, 0, e)
+    def _mainloop(self, tiled_mma, tCrA, tCrB, acc, final, sSA, sSB, pipe, state, mSA, mSB, e, cnt, row0, col0,
+                  row_in, mwg, k_tiles, rel):
+        """The tile's K loop (two loops: a warpgroup whose rows are all past cnt only waits and releases each
+        slot). Returns the pipeline state."""
+        if row0 < cnt:
+            state = self._k_loop(tiled_mma, tCrA, tCrB, acc, final, sSA, sSB, pipe, state, mSA, mSB, e, cnt,
+                                 row0, col0, row_in, mwg, k_tiles, rel)
+        else:
+            state = self._k_skip(pipe, state, k_tiles, rel)
+        return state
+
+    @cute.jit
+    def _k_skip(self, pipe, state, k_tiles, rel):
         for kt in range(k_tiles):
             pipe.consumer_wait(state)
-            # the next step's scales, loaded while this step's wgmma runs (global loads: L2 latency)
-            na0, na1, nb_lo, nb_hi = self._scales(mSA, mSB, r0, r1, blk_lo, blk_hi,
-                                                  cutlass.min(kt + 1, k_tiles - 1), e)
-            if cutlass.const_expr(self.sa_tma):
-                sa0, sa1 = sSA[(s_row, 0, state.index)], sSA[(s_row + 8, 0, state.index)]
-            if live:
-                warpgroup.fence()
-                for kb in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
-                    tiled_mma.set(warpgroup.Field.ACCUMULATE, kb != 0)
-                    cute.gemm(tiled_mma, acc, tCrA[(None, None, kb, state.index)],
-                              tCrB[(None, None, kb, state.index)], acc)
-                warpgroup.commit_group()
-                warpgroup.wait_group(0)
-            pipe.consumer_release(state)
-            if live:
-                self._promote(acc, final, sa0 * sb_lo, sa1 * sb_lo, sa0 * sb_hi, sa1 * sb_hi, mid_lo)
-            sa0, sa1, sb_lo, sb_hi = na0, na1, nb_lo, nb_hi
+            self._release(pipe, state, rel)
             state.advance()
         return state
 
     @cute.jit
-    def _scales(self, mSA, mSB, r0, r1, blk_lo, blk_hi, kt, e):
-        """K step kt's scales of the tile's (up to) two weight blocks and (not sa_tma) the thread's two rows."""
+    def _k_loop(self, tiled_mma, tCrA, tCrB, acc, final, sSA, sSB, pipe, state, mSA, mSB, e, cnt, row0, col0,
+                row_in, mwg, k_tiles, rel):
+        """Per 128-K step a fresh wgmma accumulator, wait, release the slot, promote into `final`. The weight
+        scales of every step come from the warpgroup's shared-memory copy (_load_sb); the row scales from the
+        stage's TMA'd 128 (sa_tma), else global loads one step ahead."""
+        sb_t = self._load_sb(sSB, mSB, col0, e, k_tiles, mwg)
+        mid_lo = col0 % 128 == 0               # bn = 192: columns 64..127 of the tile lie in block blk_lo
+        r0 = cutlass.min(row0 + row_in, cnt - 1)          # (global scales) rows past the count read a valid scale
+        r1 = cutlass.min(row0 + row_in + 8, cnt - 1)
+        # (sa_tma) the thread's two rows in the stage's 128 scales: (row pair, stage)
+        sa_t = cute.make_tensor(sSA.iterator + (mwg * WG_ROWS + row_in), cute.make_layout(
+            (2, self.stages), stride=(8, BM)))
+        sa0, sa1 = self._row_scales(mSA, r0, r1, 0, e)
+        for kt in cutlass.range(k_tiles, unroll=2):
+            pipe.consumer_wait(state)
+            # (global scales) the next step's, loaded while this step's wgmma runs (L2 latency)
+            na0, na1 = self._row_scales(mSA, r0, r1, cutlass.min(kt + 1, k_tiles - 1), e)
+            if cutlass.const_expr(self.sa_tma):
+                sa0, sa1 = sa_t[(0, state.index)], sa_t[(1, state.index)]
+            sb = sb_t[(None, kt)].load()
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(cute.size(tCrA, mode=[2])):
+                tiled_mma.set(warpgroup.Field.ACCUMULATE, kb != 0)
+                cute.gemm(tiled_mma, acc, tCrA[(None, None, kb, state.index)], tCrB[(None, None, kb, state.index)],
+                          acc)
+            warpgroup.commit_group()
+            warpgroup.wait_group(0)
+            self._release(pipe, state, rel)
+            sb_hi = sb[1] if cutlass.const_expr(self.bn == 192) else sb[0]
+            self._promote(acc, final, sa0 * sb[0], sa1 * sb[0], sa0 * sb_hi, sa1 * sb_hi, mid_lo)
+            sa0, sa1 = na0, na1
+            state.advance()
+        return state
+
+    @cute.jit
+    def _release(self, pipe, state, rel):
+        """The consumer release of the slot: lanes 0..cluster_m-1 of each warp arrive on the slot's empty barrier
+        of CTA `lane` (rel: the lane's precomputed (signals, peer), outside the loops)."""
+        signals, peer = rel
+        if signals:
+            bar = pipe.sync_object_empty.get_barrier(state.index)
+            if cutlass.const_expr(self.cluster_m > 1):
+                cute.arch.mbarrier_arrive(bar, peer)
+            else:
+                cute.arch.mbarrier_arrive(bar)
+
+    @cute.jit
+    def _load_sb(self, sSB, mSB, col0, e, k_tiles, mwg):
+        """The tile's weight scales of every K step (block of columns 0.. and, bn = 192, the next block: the
+        last block where N ends inside) into the warpgroup's shared-memory buffer, between two named barriers of
+        the warpgroup (the previous tile's reads are done before the writes, the writes before the reads).
+        Returns the (blocks, K step) view."""
+        nsb = 2 if cutlass.const_expr(self.bn == 192) else 1
+        bar = 1 + mwg                                       # named barrier of this warpgroup (0: __syncthreads)
+        nb_last = cute.size(mSB, mode=[0]) - 1
+        blk_lo = cutlass.min(col0 // 128, nb_last)
+        t = cute.arch.thread_idx()[0] % THREADS_PER_WG
+        cute.arch.barrier(barrier_id=bar, number_of_threads=THREADS_PER_WG)
+        for i in cutlass.range(t, nsb * k_tiles, THREADS_PER_WG):
+            sSB[i] = mSB[(cutlass.min(blk_lo + i % nsb, nb_last), i // nsb, e)]
+        cute.arch.barrier(barrier_id=bar, number_of_threads=THREADS_PER_WG)
+        return cute.make_tensor(sSB.iterator, cute.make_layout((nsb, self.sb_tiles), stride=(1, nsb)))
+
+    @cute.jit
+    def _row_scales(self, mSA, r0, r1, kt, e):
+        """(not sa_tma) K step kt's scales of the thread's two rows (global loads); sa_tma: placeholders."""
         sa0, sa1 = cutlass.Float32(1.0), cutlass.Float32(1.0)
         if cutlass.const_expr(not self.sa_tma):
             sa0, sa1 = mSA[(r0, kt, e)], mSA[(r1, kt, e)]
-        return sa0, sa1, mSB[(blk_lo, kt, e)], mSB[(blk_hi, kt, e)]
+        return sa0, sa1
 
     @cute.jit
     def _promote(self, acc, final, s0_lo, s1_lo, s0_hi, s1_hi, mid_lo):

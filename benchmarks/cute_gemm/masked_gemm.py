@@ -45,12 +45,35 @@ def available() -> bool:
     return unavailable_reason() is None
 
 
+SB_RESERVED_K = 32768     # K whose weight scales max_stages keeps room for (sb_tiles below: what is left)
+
+
+def _stage_bytes(bn: int) -> int:
+    return (128 + bn) * BLOCK_K + 128 * 4          # A 128 x 128 + B bn x 128 fp8, 128 fp32 A scales
+
+
+def _fixed_bytes(bn: int) -> int:
+    """Shared memory besides the ring: the two warpgroups' bf16 output tiles (64 x (bn + 8) each, the larger of
+    the two epilogues)."""
+    return 2 * 64 * (bn + 8) * 2
+
+
+def _sb_bytes_per_tile(bn: int) -> int:
+    """Per K step, the weight scales of a tile's column blocks (bn / 128 rounded up) for each math warpgroup."""
+    return 2 * -(-bn // 128) * 4
+
+
 def max_stages(bn: int) -> int:
-    """Ring depth that fits shared memory: per stage A 128x128 + B bn x 128 fp8 bytes + 128 fp32 A scales, besides
-    the two warpgroups' bf16 output tiles (64 x (bn + 8) each, the larger of the two epilogues): 5 at bn = 128,
-    4 at 192."""
-    out_bytes = 2 * 64 * (bn + 8) * 2
-    return min(8, (SMEM_BYTES - out_bytes) // ((128 + bn) * BLOCK_K + 128 * 4))
+    """Ring depth that fits shared memory besides the output tiles and the weight scales of K = SB_RESERVED_K:
+    5 at bn = 128, 4 at 192."""
+    free = SMEM_BYTES - _fixed_bytes(bn) - SB_RESERVED_K // BLOCK_K * _sb_bytes_per_tile(bn)
+    return min(8, free // _stage_bytes(bn))
+
+
+def sb_tiles(bn: int, stages: int) -> int:
+    """K steps (K / 128) whose weight scales fit the shared memory the ring and output tiles leave (each math
+    warpgroup keeps its tile's, all K steps): the largest K the config takes is 128 x this."""
+    return (SMEM_BYTES - _fixed_bytes(bn) - stages * _stage_bytes(bn)) // _sb_bytes_per_tile(bn) // 2 * 2
 
 
 def _check_config(bn: int, cluster_m: int, stages: int, num_ctas: int):
@@ -85,7 +108,7 @@ def compiled(bn: int, cluster_m: int, stages: int, num_ctas: int, sa_tma: bool =
     import cutlass
     import cutlass.cute as cute
     from ._sm90_masked import MaskedGemmSm90
-    kernel = MaskedGemmSm90(bn, cluster_m, stages, num_ctas, sa_tma, tma_store)
+    kernel = MaskedGemmSm90(bn, cluster_m, stages, num_ctas, sa_tma, tma_store, sb_tiles(bn, stages))
     return cute.compile(kernel, *_fake_args(cutlass, cute, sa_tma), cuda.CUstream(0), options=options)
 
 
@@ -169,6 +192,14 @@ def _args(a, b, a_scale, b_scale, masked_m, out, m: int, sa_tma: bool):
             (i32(sb_sn), i32(sb_sk), i32(sb_se)))
 
 
+def _check_k(k: int, bn: int, stages: int):
+    """K must leave room for its weight scales in shared memory (sb_tiles) at this config."""
+    most = sb_tiles(bn, stages) * BLOCK_K
+    if k > most:
+        raise ValueError(f"K: at most {most} (the weight scales of every K step kept in shared memory beside "
+                         f"{stages} stages at bn={bn}), got {k}")
+
+
 def _checked(a, b, a_scale, b_scale, masked_m, out, m: int):
     """The arguments as the kernel needs them (contiguous a / b / out, int32 counts), or ValueError naming one."""
     import torch
@@ -212,6 +243,7 @@ def group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, max_m_per_expe
                       cfg["cluster_m"])
     if sm_count > 0:
         ctas = max(cfg["cluster_m"], min(ctas, sm_count - sm_count % cfg["cluster_m"]))
+    _check_k(b.shape[2], cfg["bn"], cfg["stages"])
     fn = compiled(cfg["bn"], cfg["cluster_m"], cfg["stages"], ctas, sa_tma, bool(cfg["tma_store"]))
     fn(*_args(a, b, a_scale, b_scale, counts, out, m, sa_tma), cuda.CUstream(torch.cuda.current_stream().cuda_stream))
     return out
