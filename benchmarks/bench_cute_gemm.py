@@ -92,12 +92,24 @@ def run_fill(cute_gemm, dg, x, out, n, k, e_num, m_cap, fill, gen, configs):
             traceback.print_exc()
             r = dict(error=repr(exc)[:500])
         rec[name] = r
+    pair_with_deepgemm(rec, kernels(cute_gemm, dg, x, out, e_num, m_cap, expected_m, configs), counts)
     for name, r in rec.items():
         if isinstance(r, dict) and "tflops" in r:
             for peer in ("gluon", "deepgemm"):
                 if isinstance(rec.get(peer), dict) and "tflops" in rec[peer]:
                     r[f"vs_{peer}"] = r["tflops"] / rec[peer]["tflops"]
     return rec
+
+
+def pair_with_deepgemm(rec: dict, fns: dict, counts) -> None:
+    """`vs_deepgemm_paired` of every correct kernel but DeepGEMM: bench_gemm_peers.paired_ratio, each round timing
+    the kernel and DeepGEMM back to back (one-shot ratios taken seconds apart drift by up to 10 % on this card)."""
+    if "deepgemm" not in fns:
+        return
+    for name, fn in fns.items():
+        r = rec.get(name)
+        if name != "deepgemm" and isinstance(r, dict) and r.get("correct"):
+            r["vs_deepgemm_paired"] = P.paired_ratio(lambda fn=fn: fn(counts), lambda: fns["deepgemm"](counts))
 
 
 def summary_line(rec: dict) -> str:
@@ -109,7 +121,8 @@ def summary_line(rec: dict) -> str:
             cells.append(f"{name} ERR")
             continue
         nan = float("nan")
-        cells.append(f"{name} {r['tflops']:5.0f} ({r.get('vs_deepgemm', nan):.2f}x DG {r.get('vs_gluon', nan):.2f}x gl"
+        paired = f" paired {r['vs_deepgemm_paired']:.2f}x" if "vs_deepgemm_paired" in r else ""
+        cells.append(f"{name} {r['tflops']:5.0f} ({r.get('vs_deepgemm', nan):.2f}x DG{paired} {r.get('vs_gluon', nan):.2f}x gl"
                      f"{'' if r['correct'] else ' WRONG'} d={r.get('calc_diff_vs_gluon', 0.0):.1e})")
     return " | ".join(cells)
 

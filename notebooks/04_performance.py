@@ -637,10 +637,20 @@ for path in sorted(results_dir.glob("cute_gemm_*.json")):
     ratios = [r[k]["vs_gluon"] for r in recs for k in names]
     if ratios:
         md(f"The CuTe kernel runs at {min(ratios):.2f}x to {max(ratios):.2f}x the Gluon kernel's speed with outputs "
-           f"bitwise equal. Multicast and the one-wgmma 192-column tile are in it and it is still not faster: on "
-           f"their own they do not close the gap to DeepGEMM, whose pipeline differs in more (per-tile B scales in "
-           f"shared memory, an epilogue overlapped with the next tile; benchmarks/NOTES_gpu.md) "
-           f"({card_of(doc)}, {date_of(doc)}).")
+           f"bitwise equal ({card_of(doc)}, {date_of(doc)}).")
+    paired = {}
+    for r in recs:
+        for k in names:
+            if "vs_deepgemm_paired" in r[k]:
+                fill = r["rows_per_expert"]
+                group = "uneven fills" if isinstance(fill, str) else ("64-128 rows" if fill <= 128 else "256+ rows")
+                paired.setdefault((k[5:], group), []).append(r[k]["vs_deepgemm_paired"])
+    if paired:
+        md("Paired with DeepGEMM (each round times both back to back), per config: " + "; ".join(
+            f"`{cfg}` {min(v):.2f}-{max(v):.2f}x at {group}" for (cfg, group), v in sorted(paired.items()))
+           + f" ({card_of(doc)}, {date_of(doc)}). Its weight scales now sit in shared memory once per tile and its "
+             f"K loop is unrolled by two (benchmarks/NOTES_gpu.md): from 256 rows per expert on it is faster than the "
+             f"Gluon kernel; at 64-128 rows and on the 0..1024 uneven fill the Gluon kernel is.")
 
 # %% [markdown]
 # **Where a K step's time goes.** Each kernel above runs the same loop per 128-wide K step: wait for the stage's
@@ -693,8 +703,9 @@ if ncu_manifest.exists():
        f"{dg['other'] * dg['clocks_per_step']:.0f} (waits for data, wgmma issue, scale reads, barriers, bookkeeping); "
        f"DeepGEMM's 64 x 192 wgmma also does 1.5x the work per step, so that time weighs less. Gluon cannot express "
        f"that wgmma (its tiles are powers of two) and a 64 x 256 one does not fit the registers; the CuTe kernel has "
-       f"it, but spends {steps[2]['other'] * steps[2]['clocks_per_step']:.0f} clocks per step on the rest "
-       f"(benchmarks/NOTES_gpu.md lists what) ({ncu_doc['card']}, {ncu_doc['date'][:10]}).")
+       f"it, but in this profile (taken before its per-step weight-scale loads were moved out of the K loop, the "
+       f"change measured in the cell above) spent {steps[2]['other'] * steps[2]['clocks_per_step']:.0f} clocks per "
+       f"step on the rest ({ncu_doc['card']}, {ncu_doc['date'][:10]}).")
 else:
     print(f"{ncu_manifest.name}: not in {results_dir}")
 
