@@ -16,6 +16,9 @@ import argparse
 import collections
 import csv
 import gzip
+import json
+import math
+import pathlib
 import sys
 
 
@@ -82,9 +85,6 @@ def k_step_breakdown(manifest_path: str) -> list[dict]:
     persistent CTA (elapsed cycles / K steps per SM, CTA tile 128 x bn), the math warps' share of it waiting for the
     wgmma (DEPBAR), promoting (FFMA) and on everything else, the tensor-core time of that step (both warpgroups'
     wgmmas at the SM's FP8 rate) and ncu's own tensor-pipe utilization ('Compute (SM) Throughput')."""
-    import json
-    import math
-    import pathlib
     root = pathlib.Path(manifest_path).parent
     doc = json.loads(pathlib.Path(manifest_path).read_text())
     shape, out = doc["shape"], []

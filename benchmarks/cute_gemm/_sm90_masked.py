@@ -51,6 +51,7 @@ class MaskedGemmSm90:
                  tma_store: bool = True, sb_tiles: int = 256):
         self.bn, self.cluster_m, self.stages, self.num_ctas = bn, cluster_m, stages, num_ctas
         self.sb_tiles = sb_tiles        # K steps whose weight scales the per-warpgroup buffers hold (K / 128 max)
+        self.sb_blocks = -(-bn // 128)  # weight-scale blocks (128 columns each) a tile's columns touch per K step
         self.sa_tma, self.tma_store = sa_tma, tma_store
         self.tile_mnk = (BM, bn, BK)
         self.threads = (1 + MATH_WGS) * THREADS_PER_WG
@@ -76,7 +77,7 @@ class MaskedGemmSm90:
             layouts.append(cute.tile_to_shape(atom, (rows, BK, self.stages), order=(0, 1, 2)))
         self.a_smem_staged, self.b_smem_staged = layouts
         self.sa_smem_staged = cute.make_layout((BM, 1, self.stages), stride=(1, BM, BM))
-        self.sb_per_wg = (2 if self.bn == 192 else 1) * self.sb_tiles
+        self.sb_per_wg = self.sb_blocks * self.sb_tiles
         self.boxes = self.bn // EPI_N                        # TMA store boxes per warpgroup sub-tile
         if cutlass.const_expr(self.tma_store):
             self.c_smem = sm90_utils.make_smem_layout_epi(cutlass.BFloat16, row_major, (WG_ROWS, EPI_N),
@@ -370,7 +371,7 @@ class MaskedGemmSm90:
         last block where N ends inside) into the warpgroup's shared-memory buffer, between two named barriers of
         the warpgroup (the previous tile's reads are done before the writes, the writes before the reads).
         Returns the (blocks, K step) view."""
-        nsb = 2 if cutlass.const_expr(self.bn == 192) else 1
+        nsb = self.sb_blocks
         bar = 1 + mwg                                       # named barrier of this warpgroup (0: __syncthreads)
         nb_last = cute.size(mSB, mode=[0]) - 1
         blk_lo = cutlass.min(col0 // 128, nb_last)
