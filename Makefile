@@ -61,8 +61,9 @@ test: setup
 # benchmarks/build_deepgemm.sh) at DeepSeek-V3 shapes. TRITON_INTERPRET=0 keeps tests/conftest.py's hook out.
 test-gpu:
 	@set -o pipefail; DG=$$( [ -n "$(DEEPGEMM)" ] && bash benchmarks/build_deepgemm.sh build "$(DEEPGEMM)" ); \
-	TRITON_INTERPRET=0 PYTHONPATH="$(CURDIR)$${DG:+:$$DG}" $(PYTHON) -m pytest -p no:cacheprovider -q \
+	TRITON_INTERPRET=0 PYTHONPATH="$(CURDIR)$${DG:+:$$DG}$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) -m pytest -p no:cacheprovider -q \
 	  tests/test_gpu_providers.py tests/test_gpu_graph.py tests/test_gpu_permute.py tests/test_gpu_fused_gemm_swiglu.py \
+	  tests/test_gpu_cute_gemm.py \
 	  tests/test_gpu_membound.py tests/test_fast_launch.py tests/test_gpu_ep_graphs.py \
 	  $(PYTEST_ARGS) 2>&1 | tee build-test-gpu.log
 

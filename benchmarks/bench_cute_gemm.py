@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The CuTe DSL masked grouped FP8 GEMM (benchmarks/cute_gemm/masked_gemm.py) beside the Gluon kernel and DeepGEMM
+"""The CuTe DSL masked grouped FP8 GEMM (backend/ops/cute/masked_gemm.py) beside the Gluon kernel and DeepGEMM
 (issue 11: does B multicast over 2-CTA clusters close the gap to DeepGEMM?).
 
 For each shape (N=4096/K=7168, N=7168/K=2048; 32 experts) and fill (valid rows per expert, or an uneven fill),
@@ -140,7 +140,7 @@ def main():
     fills = [int(f) if f.isdigit() else f for f in args.fills.split(",")]
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
     dg, dg_err = optional_import("deep_gemm")
-    cute_gemm, cute_err = optional_import("cute_gemm.masked_gemm")
+    cute_gemm, cute_err = optional_import("backend.ops.cute.masked_gemm")
     if cute_gemm is not None and not cute_gemm.available():
         cute_gemm, cute_err = None, cute_gemm.unavailable_reason()
     env = BG.environment() or {}

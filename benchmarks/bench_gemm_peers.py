@@ -8,7 +8,8 @@ uneven fill), on one set of inputs:
   and 128x128 weight scales), given the fill as its `expected_m`;
 - ours: the `tl` kernels of backend/ops/triton/launch.py (FP32 recipe and CUTLASS UE8M0 bytes, forced with
   kernel="tl") and, where it imports and runs (SM90), the Gluon kernel of backend/ops/triton/gluon_gemm.py with
-  both recipes; and the launchers as the `triton` provider calls them (`launch_fp32`, `launch_ue8m0`: the
+  both recipes, and the CuTe DSL kernel of backend/ops/cute (`cute_fp32`) where the DSL imports; and the
+  launchers as the `triton` provider calls them (`launch_fp32`, `launch_ue8m0`: the
   kernel launch.masked_gemm_kernel picks for the fill, named in the record's `kernel` / `kernel_ue8m0`);
   `launch_ue8m0` with its per-call byte check (host sync), `launch_ue8m0_stated` as the method calls it now
   (sfa_per_group + sfb_per_block stated: no check, no sync; the fill as expected_m);
@@ -73,7 +74,7 @@ def make_inputs(n: int, k: int, e_num: int, m_cap: int, gen):
     return x
 
 
-CANDIDATES = ("tl_fp32", "tl_ue8m0", "gluon_fp32", "gluon_ue8m0")    # what a provider call would run
+CANDIDATES = ("tl_fp32", "tl_ue8m0", "gluon_fp32", "gluon_ue8m0", "cute_fp32")    # what a provider call would run
 
 
 def our_kernels(x, out, m_cap, gluon, expected_m, variants=None):
@@ -94,6 +95,9 @@ def our_kernels(x, out, m_cap, gluon, expected_m, variants=None):
                                                                        impl="auto", sfb_per_block=True,
                                                                        sfa_per_group=True, expected_m=expected_m)),
     }
+    if L.cute_gemm.available():        # the CuTe DSL kernel (optional install), forced, with the fill as its hint
+        ks["cute_fp32"] = ("fp32", lambda c: L.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out, None,
+                                                                      m_cap, expected_m=expected_m, kernel="cute"))
     if gluon is not None:
         ks["gluon_fp32"] = ("fp32", lambda c: gluon.group_gemm_masked_fp32(a, b, x["fa_mn"], x["fb"], c, out,
                                                                            None, m_cap, expected_m=expected_m))
@@ -190,11 +194,11 @@ def run_fill(dg, x, outs, n, k, e_num, m_cap, fill, gen, gluon, variants=None):
         dg_fp32 = deepgemm_call(dg, x, outs["dg"], e_num, m_cap, "fp32", expected_m)
         rec["ours_vs_deepgemm_paired"] = paired_ratio(lambda: kernels["launch_fp32"][1](counts),
                                                       lambda: dg_fp32(counts))
-        for vname in variants or {}:        # each variant paired with DeepGEMM too: one-shot ratios spread ~10 %
-            fn = kernels[f"gluon_fp32_{vname}"][1]
-            if "ms" in rec.get(f"gluon_fp32_{vname}", {}):
-                rec[f"gluon_fp32_{vname}"]["vs_deepgemm_paired"] = paired_ratio(lambda fn=fn: fn(counts),
-                                                                                lambda: dg_fp32(counts))
+        # both SM90 FP32 kernels and each variant paired with DeepGEMM too: one-shot ratios spread ~10 %
+        for name in ("gluon_fp32", "cute_fp32", *(f"gluon_fp32_{v}" for v in variants or {})):
+            fn = kernels[name][1] if name in kernels else None
+            if fn is not None and "ms" in rec.get(name, {}):
+                rec[name]["vs_deepgemm_paired"] = paired_ratio(lambda fn=fn: fn(counts), lambda: dg_fp32(counts))
     return rec
 
 
@@ -222,7 +226,8 @@ def pick_ours(rec: dict) -> dict:
     for key, launcher, recipe in (("", "launch_fp32", "fp32"), ("_ue8m0", "launch_ue8m0", "ue8m0")):
         r = rec.get(launcher)
         ok = isinstance(r, dict) and r.get("correct")
-        rec["kernel" + key] = f"{L.masked_gemm_kernel(recipe, dev, rec['k'])}_{recipe}"
+        hint = dict(n=rec["n"], expected_m=rec["expected_m"]) if recipe == "fp32" else {}
+        rec["kernel" + key] = f"{L.masked_gemm_kernel(recipe, dev, rec['k'], **hint)}_{recipe}"
         rec[f"ours{key}_tflops"] = r["tflops"] if ok else float("nan")
     r = rec.get("launch_ue8m0_stated")
     rec["ours_ue8m0_stated_tflops"] = r["tflops"] if isinstance(r, dict) and r.get("correct") else float("nan")

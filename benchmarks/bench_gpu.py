@@ -733,7 +733,8 @@ def _fused_variant(layer, rec: dict, out: torch.Tensor) -> None:
 def chain_layer_record(dg, w_tok, h, inter, e_num, k_top) -> dict:
     import chain_layer as CL
     layer = CL.make_layer(w_tok, h, inter, e_num, k_top, DEV)
-    kernel = L.masked_gemm_kernel("fp32", layer.x.device, h)
+    kernel = {name: L.masked_gemm_kernel("fp32", layer.x.device, k, n=n, expected_m=layer.expected_m)
+              for name, n, k in (("gemm1", 2 * inter, h), ("gemm2", h, inter))}
     rec = dict(tokens=w_tok, M=layer.m, expected_m=layer.expected_m, recipe="fp32", gemm_kernel=kernel,
                shape=dict(W=w_tok, H=h, I=inter, E=e_num, K_top=k_top))
     out = layer.run().clone()

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))      # cute_gemm
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))      # backend.ops.cute
 
 WGMMA = "QGMMA"          # fp8 wgmma's SASS opcode on sm_90a
 WGMMAS_PER_STEP = 4      # 128-wide K step / k32
@@ -40,7 +40,7 @@ def tool_dir() -> pathlib.Path | None:
 
 def build(bn: int, cluster_m: int, sa_tma: bool = True, tma_store: bool = True) -> tuple[str, bytes]:
     """(PTX, cubin) of a config as the DSL compiles it for sm_90a (the cubin the GPU would run)."""
-    from cute_gemm import masked_gemm
+    from backend.ops.cute import masked_gemm
     os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
     from cutlass.cutlass_dsl import CuTeDSL
     envar = CuTeDSL._get_dsl().envar

@@ -1,4 +1,4 @@
-"""The CuTe DSL masked GEMM compiles for sm_90a without a GPU (benchmarks/cute_gemm/masked_gemm.compile_only).
+"""The CuTe DSL masked GEMM compiles for sm_90a without a GPU (backend/ops/cute/masked_gemm.compile_only).
 
 Skipped where nvidia-cutlass-dsl is not installed (it is an optional dependency, absent from CI). Checks the
 PTX of every config for what the kernel's design says must be there: multicast TMA loads only with 2-CTA
@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))   # benchmarks/cute_gemm
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))   # sass_cute_gemm
 
-from cute_gemm import masked_gemm
+from backend.ops.cute import masked_gemm
 
 pytest.importorskip("cutlass", reason="nvidia-cutlass-dsl not installed (optional: benchmarks/fetch_cute_dsl.sh)")
 

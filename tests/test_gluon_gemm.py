@@ -82,8 +82,8 @@ def test_which_kernel_runs_a_masked_gemm(on_hopper, monkeypatch):
 def test_launchers_hand_sm90_calls_to_the_gluon_kernel(on_hopper, monkeypatch):
     L = on_hopper
     calls = []
-    monkeypatch.setattr(L, "masked_gemm_kernel", lambda recipe, device, k, sfb_per_block=True:
-                        calls.append(("rule", recipe, k, sfb_per_block)) or "gluon")
+    monkeypatch.setattr(L, "masked_gemm_kernel", lambda recipe, device, k, sfb_per_block=True, n=None,
+                        expected_m=None: calls.append(("rule", recipe, k, sfb_per_block)) or "gluon")
     for name in ("group_gemm_masked", "group_gemm_masked_fp32"):
         monkeypatch.setattr(G, name, lambda *args, _n=name, **kw: calls.append((_n, args[2].dtype, kw)) or args[5])
     e, m, n, k = 2, 64, 128, 256
@@ -102,7 +102,7 @@ def test_launchers_hand_sm90_calls_to_the_gluon_kernel(on_hopper, monkeypatch):
     calls.clear()
     L.group_gemm_masked_fp32(a, b, torch.ones(e, m, 2), torch.ones(e, 1, 2), counts, out, None, m, kernel="gluon")
     assert [c[0] for c in calls] == ["group_gemm_masked_fp32"]                 # a caller's choice skips the rule
-    with pytest.raises(ValueError, match="kernel: expected 'tl', 'gluon' or None, got 'cutlass'"):
+    with pytest.raises(ValueError, match="kernel: expected one of 'tl', 'gluon', 'cute' or None, got 'cutlass'"):
         L.group_gemm_masked_fp32(a, b, torch.ones(e, m, 2), torch.ones(e, 1, 2), counts, out, None, m,
                                  kernel="cutlass")
 

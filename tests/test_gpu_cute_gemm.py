@@ -1,4 +1,4 @@
-"""The CuTe DSL masked grouped FP8 GEMM (benchmarks/cute_gemm/masked_gemm.py) on an SM90 GPU, every config.
+"""The CuTe DSL masked grouped FP8 GEMM (backend/ops/cute/masked_gemm.py) on an SM90 GPU, every config.
 
 Needs a CUDA device (the `gpu` marker: skipped with "no CUDA device" elsewhere) and the DSL (the GPU machine
 has none preinstalled: `export PYTHONPATH=$(benchmarks/install_cute_dsl.sh)$PWD` first, after
@@ -8,13 +8,7 @@ formula in float32 and against the Gluon kernel (launch.group_gemm_masked_fp32 o
 """
 from __future__ import annotations
 
-import pathlib
-
-import sys
-
 import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))   # benchmarks/cute_gemm
 
 torch = pytest.importorskip("torch")
 
@@ -35,7 +29,7 @@ SAME_INPUT_TOL = 1e-6  # vs the Gluon kernel on the same inputs: the same promot
 
 @pytest.fixture(scope="module")
 def cute_gemm():
-    from cute_gemm import masked_gemm
+    from backend.ops.cute import masked_gemm
     reason = masked_gemm.unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
@@ -86,10 +80,12 @@ def _check(peers, got, ref):
         assert d < SAME_INPUT_TOL, f"{name} vs the Gluon kernel on the same inputs: calc_diff {d:.2e}"
 
 
-def test_small_shapes_partial_tiles_and_odd_pairs(cute_gemm, peers):
+@pytest.mark.parametrize("n", [320, 576])
+def test_small_shapes_partial_tiles_and_odd_pairs(cute_gemm, peers, n):
     """M not a multiple of 128 (a tile past M), N not a multiple of BN or of 128 (clamped weight block),
-    counts 0 / 1 / one m-tile / three m-tiles (a cluster pair whose second tile is past masked_m) / full."""
-    e_num, m_cap, n, k = 6, 400, 320, 384
+    counts 0 / 1 / one m-tile / three m-tiles (an odd last m-tile: its cluster pairs go along N) / full; odd
+    n-tile counts (N=320 at bn=128, N=576 at bn=192: the last pair's second block lies past N)."""
+    e_num, m_cap, k = 6, 400, 384
     gen = torch.Generator(device="cuda").manual_seed(5)
     x = peers.make_inputs(n, k, e_num, m_cap, gen)
     x["fb"] = (torch.rand(e_num, -(-n // 128), k // 128, device="cuda", generator=gen) + 0.5) * 2.0 ** -6

@@ -24,6 +24,7 @@ from moe_ref.messages import expert_overflow_message
 
 from .. import device_errors as DE
 from . import fast_launch, gluon_gemm
+from ..cute import masked_gemm as cute_gemm
 from . import kernels as _kernels
 
 K = fast_launch.Kernels(_kernels)     # the same kernels, launched through their compiled launchers (host time)
@@ -559,28 +560,41 @@ def _dot_scaled(g: _MaskedGemm, cfg: dict) -> None:
 # 128 x 128 / 64 x 256 tiles were already ahead (0.96/0.94, 0.82/0.80 at 64 and 128 rows, N=4096 K=7168).
 # Only with block-uniform weight bytes (sfb_per_block): the Gluon kernel reads one weight byte per
 # 64 x 128 sub-tile and K step, it has no per-row variant.
+# The plain FP32 GEMM (no bias, not fused) runs the CuTe DSL kernel (backend/ops/cute: DeepGEMM's 128 x 192 tile
+# with B multicast, which Gluon cannot express) from CUTE_FROM_ROWS expected rows per expert on, when the optional
+# DSL is importable: there it measured 0.93-0.96x DeepGEMM against the Gluon kernel's 0.85-0.91x (paired, H200,
+# 2026-11-30 22:19 UTC, results/cute_gemm_paired_h200.json); below, its 128-row tiles idle half a warpgroup or more
+# and the Gluon kernel's 64-row tiles were ahead (0.99-1.05x vs 0.69-0.77x).
+CUTE_FROM_ROWS = 256
 
 
-def masked_gemm_kernel(recipe: str, device: torch.device, k: int, sfb_per_block: bool = True) -> str:
-    """"gluon" or "tl": the kernel group_gemm_masked_fp32 (recipe "fp32"), group_gemm_masked with impl "explicit"
-    (recipe "ue8m0") and their fused GEMM 1 + SwiGLU + quant forms run for depth k on `device`; the Gluon kernels
-    pick their tile from the rows hint themselves (gluon_gemm.pick_config). The rule and its measurements: the
-    comment above."""
+def masked_gemm_kernel(recipe: str, device: torch.device, k: int, sfb_per_block: bool = True,
+                       n: int | None = None, expected_m: int | None = None) -> str:
+    """"cute", "gluon" or "tl": the kernel group_gemm_masked_fp32 (recipe "fp32"), group_gemm_masked with impl
+    "explicit" (recipe "ue8m0") and their fused GEMM 1 + SwiGLU + quant forms run for depth k on `device`; the
+    Gluon kernels pick their tile from the rows hint themselves (gluon_gemm.pick_config). "cute" only for the
+    plain FP32 GEMM, which passes its width n and rows hint expected_m (the fused forms pass neither). The rule
+    and its measurements: the comment above."""
     if recipe not in ("fp32", "ue8m0"):
         raise ValueError(f"recipe: expected 'fp32' or 'ue8m0', got {recipe!r}")
     if interpreting() or device.type != "cuda" or k % 16 or not gluon_gemm.available():
         return "tl"
     if recipe == "fp32":
-        return "gluon"
+        cute = (n is not None and expected_m is not None and expected_m >= CUTE_FROM_ROWS
+                and cute_gemm.fits(expected_m, n, k) and cute_gemm.available())
+        return "cute" if cute else "gluon"
     return "gluon" if sfb_per_block else "tl"
 
 
-def _kernel_for(kernel: str | None, recipe: str, device, k: int, sfb_per_block: bool = True) -> str:
-    """The caller's `kernel` ("tl" | "gluon", e.g. a benchmark timing both), or masked_gemm_kernel's rule (None)."""
+def _kernel_for(kernel: str | None, recipe: str, device, k: int, sfb_per_block: bool = True,
+                n: int | None = None, expected_m: int | None = None) -> str:
+    """The caller's `kernel` ("tl" | "gluon", and "cute" where n is given: the plain FP32 GEMM; e.g. a benchmark
+    timing each), or masked_gemm_kernel's rule (None)."""
     if kernel is None:
-        return masked_gemm_kernel(recipe, device, k, sfb_per_block)
-    if kernel not in ("tl", "gluon"):
-        raise ValueError(f"kernel: expected 'tl', 'gluon' or None, got {kernel!r}")
+        return masked_gemm_kernel(recipe, device, k, sfb_per_block, n, expected_m)
+    kinds = ("tl", "gluon", "cute") if n is not None else ("tl", "gluon")
+    if kernel not in kinds:
+        raise ValueError(f"kernel: expected one of {', '.join(map(repr, kinds))} or None, got {kernel!r}")
     return kernel
 
 
@@ -639,13 +653,23 @@ def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tens
     a [E·M, K] fp8 with a_scale fp32 logical [E, M, ceil(K/128)] (1x128, any strides: MN-major as
     prefill_permute_to_masked_gemm returns it, or contiguous); b [E, N, K] fp8 with b_scale fp32
     [E, ceil(N/128), ceil(K/128)] (128x128). out [E·M, N] bf16, rows < masked_m[e] only.
-    On SM90 the Gluon kernel runs (masked_gemm_kernel), tuned for expected_m valid rows per expert
-    (default M); elsewhere the `tl` kernel. `kernel` ("tl" | "gluon") overrides that rule.
+    On SM90 the CuTe DSL kernel (from CUTE_FROM_ROWS rows, no bias, the DSL importable) or the Gluon kernel runs
+    (masked_gemm_kernel), tuned for expected_m valid rows per expert (default M); elsewhere the `tl` kernel.
+    `kernel` ("tl" | "gluon" | "cute") overrides that rule.
     """
     e_num = b.shape[0]
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
     a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale
-    if _kernel_for(kernel, "fp32", a.device, b.shape[-1]) == "gluon":
+    rows = int(expected_m) if expected_m is not None else m
+    which = _kernel_for(kernel, "fp32", a.device, b.shape[-1], n=b.shape[1],
+                        expected_m=rows if bias is None else None)
+    if which == "cute":
+        if bias is not None:
+            raise ValueError("bias: the CuTe kernel (kernel='cute') takes none, got a tensor")
+        cute_gemm.group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, m, expected_m=rows,
+                                         sm_count=sm_count)
+        return out
+    if which == "gluon":
         gluon_gemm.group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, bias, m, expected_m=expected_m,
                                           sm_count=sm_count)
         return out

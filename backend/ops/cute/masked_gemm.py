@@ -8,7 +8,7 @@ promoted `final = fma(partial, sa[row] · sb, final)` (DeepGEMM's recipe, the Gl
 
 The kernel (_sm90_masked.MaskedGemmSm90) imports cutlass, so it is loaded on first use. Configs:
 bn (128 | 192 columns per CTA tile), cluster_m (1: no multicast; 2: two CTAs on two m-tiles of one
-(expert, n-tile), B multicast), stages (smem ring depth; default: the most that fit), sa_tma (A scales by TMA
+(expert, n-tile), B multicast, or on two n-tiles of an expert's odd last m-tile: cluster_block), stages (smem ring depth; default: the most that fit), sa_tma (A scales by TMA
 into shared memory with each stage; needs MN-major scales, else the per-thread global loads are used), tma_store
 (full 64-row sub-tiles stored by TMA). compile_only() builds the cubin for sm_90a without a
 GPU (CUTE_DSL_ARCH), which is how the CPU machine checks it.
@@ -76,6 +76,30 @@ def sb_tiles(bn: int, stages: int) -> int:
     return (SMEM_BYTES - _fixed_bytes(bn) - stages * _stage_bytes(bn)) // _sb_bytes_per_tile(bn) // 2 * 2
 
 
+def expert_units(m_tiles, n_tiles, cluster_m: int):
+    """Cluster tiles of an expert with m_tiles 128-row tiles (1 | 2 CTAs each: ceil(m_tiles · n_tiles /
+    cluster_m)). Plain arithmetic: the kernel calls it on device values, the tests on ints."""
+    return (m_tiles * n_tiles + cluster_m - 1) // cluster_m
+
+
+def cluster_block(u, m_tiles, n_tiles, rank, cluster_m: int, select, imax):
+    """The block (m-tile, n-tile, multicast) that CTA `rank` of a cluster works on in cluster tile u of an expert
+    with m_tiles x n_tiles blocks (u < expert_units; DeepGEMM's walk of masked experts). cluster_m = 1: the
+    block u, m fastest. cluster_m = 2: the pairs of m-tiles (0, 1), (2, 3), ... share an n-tile, m fastest,
+    B multicast to both CTAs; an odd last m-tile is paired along N instead, n-tiles (0, 1), (2, 3), ..., no
+    multicast, so no CTA idles on an expert with one m-tile or an odd count (the old walk left one CTA of the
+    pair idle there); with n_tiles odd the expert's last pair has a second block at n-tile n_tiles, past N,
+    which the CTA loads clamped and skips. select(cond, a, b) and imax: the DSL's on device values, Python's
+    on ints (plain arithmetic, no branches: the same code runs in the kernel and in the tests)."""
+    if cluster_m == 1:
+        return u % m_tiles, u // m_tiles, False
+    half = m_tiles // 2
+    paired = half * n_tiles                       # the multicast tiles come first
+    mc = u < paired
+    h = imax(half, 1)
+    return select(mc, u % h * 2 + rank, m_tiles - 1), select(mc, u // h, (u - paired) * 2 + rank), mc
+
+
 def _check_config(bn: int, cluster_m: int, stages: int, num_ctas: int):
     if bn not in (128, 192):
         raise ValueError(f"bn: 128 or 192 columns per CTA tile, got {bn}")
@@ -140,6 +164,13 @@ def pick_config(expected_m: int, n: int) -> dict:
     bn = 192 if n >= 2048 else 128
     cluster_m = 2 if expected_m >= 128 else 1
     return dict(bn=bn, cluster_m=cluster_m, stages=max_stages(bn), sa_tma=True, tma_store=True)
+
+
+def fits(expected_m: int, n: int, k: int) -> bool:
+    """Whether the default config for this rows hint takes an [N, K] weight: K a multiple of 128 whose weight
+    scales fit shared memory (_check_k), N a multiple of 8 (what group_gemm_masked_fp32 would reject)."""
+    cfg = pick_config(expected_m, n)
+    return k % BLOCK_K == 0 and n % 8 == 0 and k <= sb_tiles(cfg["bn"], cfg["stages"]) * BLOCK_K
 
 
 def _resolve_config(expected_m: int, n: int, config: dict | None) -> dict:
@@ -228,11 +259,11 @@ def group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, max_m_per_expe
     """As launch.group_gemm_masked_fp32 (no bias): writes out's rows < masked_m[e], returns out. config: keys of
     a pick_config() dict (bn, cluster_m, stages, sa_tma, tma_store) that override it; sm_count: CTAs of the
     persistent grid (-1: every SM)."""
-    import cuda.bindings.driver as cuda
-    import torch
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"cute masked_gemm: {reason}")
+    import cuda.bindings.driver as cuda
+    import torch
     e_num = b.shape[0]
     m = int(max_m_per_expert) if max_m_per_expert is not None else a.shape[0] // e_num
     a_scale = a_scale.view(e_num, m, -1) if a_scale.dim() == 2 else a_scale

@@ -1,16 +1,18 @@
 """The CuTe DSL kernel of cute_gemm.masked_gemm (imports cutlass at module level: load it lazily).
 
 Masked grouped FP8 GEMM for SM90, FP32 scales (the Hopper recipe). One CTA per SM (persistent), clusters of
-CLUSTER_M CTAs along M. Per CTA: warpgroup 0 (warp 0) issues the TMA loads into a STAGES-deep ring (A
-[128, 128] of its own m-tile, B [BN, 128]: with CLUSTER_M = 2 each CTA loads half of B and multicasts it
-to both CTAs of the cluster, which work on two m-tiles of one (expert, n-tile)); warpgroups 1 and 2 each
+CLUSTER_M CTAs. Per CTA: warpgroup 0 (warp 0) issues the TMA loads into a STAGES-deep ring (A [128, 128] of
+its own m-tile, B [BN, 128]: with CLUSTER_M = 2, when the two CTAs work on two m-tiles of one (expert, n-tile),
+each loads half of B and multicasts it to both; when they work on two n-tiles of one m-tile, each loads its own
+B whole); warpgroups 1 and 2 each
 run the wgmma of 64 rows x BN per 128-wide K step into a fresh accumulator, wait for it, release the slot
 and promote `final = fma(partial, sa[row] * sb[col block], final)` in fp32 (as DeepGEMM and the Gluon
 kernel); each math warpgroup copies its tile's weight scales of every K step into its own shared-memory
 buffer at the tile's start (one LDS per step, no global loads in the K loop, which is unrolled by 2). The tile
-walk is built on the device from masked_m: cluster tiles (expert, CLUSTER_M m-tiles, n-tile), m fastest,
-tile t of cluster c for t = c, c + clusters, ...; the m-tiles of a cluster tile past masked_m[e] (odd m-tile
-counts) are walked too, so both CTAs stay in step, but skip their wgmma and stores.
+walk is built on the device from masked_m: cluster tile t of cluster c for t = c, c + clusters, ..., the
+tiles of expert 0 first; inside an expert, masked_gemm.cluster_block gives each CTA its block (DeepGEMM's
+walk: pairs of m-tiles on one n-tile first, an odd last m-tile paired along N), so a CTA idles only on the
+one block past N of an expert whose n-tile count is odd.
 
 Switches (compile time, so one GPU run compares them): sa_tma - the stage's 128 A scales (MN-major fp32) come by
 TMA with its A / B tiles (one mbarrier transaction) and the math threads read their rows from shared memory
@@ -29,6 +31,8 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 
+from .masked_gemm import cluster_block, expert_units
+
 BM = 128                # CTA tile rows: 2 math warpgroups x 64
 BK = 128                # one K step = one scale block
 WG_ROWS = 64
@@ -38,6 +42,11 @@ MATH_WGS = 2
 LOAD_REGS = 40
 MATH_REGS = 232
 SMEM_LIMIT = 227 * 1024   # opt-in shared memory per CTA (H100 / H200)
+
+
+def _select(cond, if_value, else_value):
+    """cluster_block's select on device values (an int32 select instruction)."""
+    return cutlass.Int32(cutlass.select_(cond, if_value, else_value))
 
 
 class MaskedGemmSm90:
@@ -113,6 +122,10 @@ class MaskedGemmSm90:
                                                 (BM, BK))
         tma_b, tB = cpasync.make_tiled_tma_atom(b_op, mB, cute.slice_(self.b_smem_staged, (None, None, 0)),
                                                 (self.bn, BK), num_multicast=self.cluster_m)
+        tma_b1, tB1 = None, mB          # cluster_m = 2: B loaded whole by one CTA (tiles without multicast)
+        if cutlass.const_expr(self.cluster_m > 1):
+            tma_b1, tB1 = cpasync.make_tiled_tma_atom(a_op, mB, cute.slice_(self.b_smem_staged, (None, None, 0)),
+                                                      (self.bn, BK))
         tma_sa, tSA = None, mSA
         if cutlass.const_expr(self.sa_tma):
             tma_sa, tSA = cpasync.make_tiled_tma_atom(a_op, mSA, cute.slice_(self.sa_smem_staged, (None, None, 0)),
@@ -134,7 +147,7 @@ class MaskedGemmSm90:
         if cutlass.const_expr(Storage.size_in_bytes() > SMEM_LIMIT):
             raise ValueError(f"shared memory: {Storage.size_in_bytes()} bytes over the {SMEM_LIMIT} of an SM90 CTA "
                              f"(stages={self.stages}, sb_tiles={self.sb_tiles})")
-        self.kernel(tma_a, tA, tma_b, tB, tma_sa, tSA, mSB, mCnt, tma_c, tC, mC, self.tiled_mma, self.a_smem_staged,
+        self.kernel(tma_a, tA, tma_b, tB, tma_b1, tB1, tma_sa, tSA, mSB, mCnt, tma_c, tC, mC, self.tiled_mma, self.a_smem_staged,
                     self.b_smem_staged, self.sa_smem_staged, self.c_smem).launch(
             grid=[self.num_ctas, 1, 1], block=[self.threads, 1, 1], cluster=[self.cluster_m, 1, 1],
             min_blocks_per_mp=1, stream=stream)
@@ -143,9 +156,8 @@ class MaskedGemmSm90:
 
     @cute.jit
     def _units(self, cnt: cutlass.Int32, n_tiles: cutlass.Int32) -> cutlass.Int32:
-        """Cluster tiles of an expert with cnt valid rows: ceil(cnt / (128 · cluster_m)) x n_tiles."""
-        rows = BM * self.cluster_m
-        return (cnt + rows - 1) // rows * n_tiles
+        """Cluster tiles of an expert with cnt valid rows (masked_gemm.expert_units)."""
+        return expert_units((cnt + BM - 1) // BM, n_tiles, self.cluster_m)
 
     @cute.jit
     def _total(self, mCnt: cute.Tensor, n_tiles: cutlass.Int32) -> cutlass.Int32:
@@ -155,20 +167,22 @@ class MaskedGemmSm90:
         return total
 
     @cute.jit
-    def _locate(self, t, e, base, tiles_e, mCnt: cute.Tensor, n_tiles):
+    def _locate(self, t, e, base, tiles_e, mCnt: cute.Tensor, n_tiles, rank):
         """Cluster tile t -> (e, base, tiles_e) moved on to its expert (base: its first tile, tiles_e: its
-        count), and (m-unit, n-tile) inside it, m-units of one n-tile consecutive."""
+        count), and this CTA's (m-tile, n-tile, multicast) in it (masked_gemm.cluster_block)."""
         while t >= base + tiles_e:
             base += tiles_e
             e += 1
             tiles_e = self._units(mCnt[e], n_tiles)
-        units = tiles_e // n_tiles
-        return e, base, tiles_e, (t - base) % units, (t - base) // units
+        mt, nt, mc = cluster_block(t - base, (mCnt[e] + BM - 1) // BM, n_tiles, rank, self.cluster_m,
+                                   _select, cutlass.max)
+        return e, base, tiles_e, mt, nt, mc
 
     # ------------------------------------------------------------------------------------------ kernel
 
     @cute.kernel
-    def kernel(self, tma_a: cute.CopyAtom, tA: cute.Tensor, tma_b: cute.CopyAtom, tB: cute.Tensor, tma_sa,
+    def kernel(self, tma_a: cute.CopyAtom, tA: cute.Tensor, tma_b: cute.CopyAtom, tB: cute.Tensor, tma_b1,
+               tB1: cute.Tensor, tma_sa,
                tSA: cute.Tensor, mSB: cute.Tensor, mCnt: cute.Tensor, tma_c, tC: cute.Tensor, mC: cute.Tensor,
                tiled_mma: cute.TiledMma, a_smem_staged: cute.ComposedLayout, b_smem_staged: cute.ComposedLayout,
                sa_smem_staged: cute.Layout, c_smem):
@@ -176,7 +190,7 @@ class MaskedGemmSm90:
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = cute.arch.make_warp_uniform(tidx // THREADS_PER_WG)
         if warp == 0:
-            for atom in (tma_a, tma_b, tma_sa, tma_c):
+            for atom in (tma_a, tma_b, tma_b1, tma_sa, tma_c):
                 if cutlass.const_expr(atom is not None):
                     cpasync.prefetch_descriptor(atom)
         rank = cute.arch.make_warp_uniform(cute.arch.block_idx_in_cluster())
@@ -201,7 +215,7 @@ class MaskedGemmSm90:
         if wg == 0:
             cute.arch.setmaxregister_decrease(LOAD_REGS)
             if warp == 0:
-                self._producer(tma_a, tA, tma_b, tB, tma_sa, tSA, sA, sB, sSA, pipe, mCnt, rank, n_tiles, k_tiles)
+                self._producer(tma_a, tA, tma_b, tB, tma_b1, tB1, tma_sa, tSA, sA, sB, sSA, pipe, mCnt, rank, n_tiles, k_tiles)
         else:
             cute.arch.setmaxregister_increase(MATH_REGS)
             sCf = st.sC.get_tensor(cute.make_layout(cute.cosize(c_smem)))     # flat view (_store_tma's writes)
@@ -214,15 +228,21 @@ class MaskedGemmSm90:
                            n_tiles, k_tiles)
 
     @cute.jit
-    def _producer(self, tma_a, tA, tma_b, tB, tma_sa, tSA, sA, sB, sSA, pipe, mCnt, rank, n_tiles, k_tiles):
+    def _producer(self, tma_a, tA, tma_b, tB, tma_b1, tB1, tma_sa, tSA, sA, sB, sSA, pipe, mCnt, rank, n_tiles, k_tiles):
         """Warp 0: TMA loads of every K step of every tile of this CTA (A and, sa_tma, its 128 scales: its own
-        m-tile; B: its part of the n-tile, multicast to the cluster)."""
+        m-tile; B: on a multicast tile its half of the n-tile, multicast to the cluster, else the whole of its
+        own n-tile; a block past N loads the last n-tile, its math warpgroups skip it)."""
         gA = cute.local_tile(tA, (BM, BK), (None, None, None))            # (BM, BK, m-tiles, k-tiles, E)
         gB = cute.local_tile(tB, (self.bn, BK), (None, None, None))       # (BN, BK, n-tiles, k-tiles, E)
         one = cute.make_layout(1)
         tAsA, tAgA = cpasync.tma_partition(tma_a, 0, one, cute.group_modes(sA, 0, 2), cute.group_modes(gA, 0, 2))
         tBsB, tBgB = cpasync.tma_partition(tma_b, rank, cute.make_layout(self.cluster_m),
                                            cute.group_modes(sB, 0, 2), cute.group_modes(gB, 0, 2))
+        tB1sB, tB1gB = tBsB, tBgB
+        if cutlass.const_expr(self.cluster_m > 1):
+            tB1sB, tB1gB = cpasync.tma_partition(tma_b1, 0, one, cute.group_modes(sB, 0, 2),
+                                                 cute.group_modes(cute.local_tile(tB1, (self.bn, BK),
+                                                                                  (None, None, None)), 0, 2))
         tSsS, tSgS = tAsA, tAgA
         if cutlass.const_expr(self.sa_tma):
             gS = cute.local_tile(tSA, (BM, 1), (None, None, None))         # (BM, 1, m-tiles, k-tiles, E)
@@ -235,8 +255,8 @@ class MaskedGemmSm90:
         t = cute.arch.block_idx()[0] // self.cluster_m
         e, base, tiles_e = cutlass.Int32(0), cutlass.Int32(0), self._units(mCnt[0], n_tiles)
         while t < total:
-            e, base, tiles_e, mu, nt = self._locate(t, e, base, tiles_e, mCnt, n_tiles)
-            mt = mu * self.cluster_m + rank
+            e, base, tiles_e, mt, nt, mc = self._locate(t, e, base, tiles_e, mCnt, n_tiles, rank)
+            nt = cutlass.min(nt, n_tiles - 1)
             for kt in range(k_tiles):
                 pipe.producer_acquire(state)
                 bar = pipe.producer_get_barrier(state)
@@ -244,8 +264,11 @@ class MaskedGemmSm90:
                 if cutlass.const_expr(self.sa_tma):
                     cute.copy(tma_sa, tSgS[(None, mt, kt, e)], tSsS[(None, state.index)], tma_bar_ptr=bar)
                 if cutlass.const_expr(self.cluster_m > 1):
-                    cute.copy(tma_b, tBgB[(None, nt, kt, e)], tBsB[(None, state.index)], tma_bar_ptr=bar,
-                              mcast_mask=mask)
+                    if mc:
+                        cute.copy(tma_b, tBgB[(None, nt, kt, e)], tBsB[(None, state.index)], tma_bar_ptr=bar,
+                                  mcast_mask=mask)
+                    else:
+                        cute.copy(tma_b1, tB1gB[(None, nt, kt, e)], tB1sB[(None, state.index)], tma_bar_ptr=bar)
                 else:
                     cute.copy(tma_b, tBgB[(None, nt, kt, e)], tBsB[(None, state.index)], tma_bar_ptr=bar)
                 pipe.producer_commit(state)
@@ -278,9 +301,9 @@ class MaskedGemmSm90:
         e, base, tiles_e = cutlass.Int32(0), cutlass.Int32(0), self._units(mCnt[0], n_tiles)
         n = cute.size(mC, mode=[1])
         while t < total:
-            e, base, tiles_e, mu, nt = self._locate(t, e, base, tiles_e, mCnt, n_tiles)
-            cnt = mCnt[e]
-            row0 = (mu * self.cluster_m + rank) * BM + mwg * WG_ROWS
+            e, base, tiles_e, mt, nt, _ = self._locate(t, e, base, tiles_e, mCnt, n_tiles, rank)
+            cnt = _select(nt < n_tiles, mCnt[e], 0)          # a block past N (odd n-tile count): skipped
+            row0 = mt * BM + mwg * WG_ROWS
             col0 = nt * self.bn
             final.fill(0.0)
             state = self._mainloop(tiled_mma, tCrA, tCrB, acc, final, sSA, sSB, pipe, state, mSA, mSB, e, cnt,
