@@ -54,9 +54,11 @@ def parse_configs(names: str) -> dict:
 
 
 def kernels(cute_gemm, dg, x, out, e_num, m_cap, expected_m, configs):
-    """name -> fn(counts) writing `out`: the CuTe configs, the Gluon launcher, DeepGEMM."""
+    """name -> fn(counts) writing `out`: the CuTe configs, the Gluon kernel (forced: the launcher's rule runs the
+    CuTe kernel itself from launch.CUTE_FROM_ROWS rows), DeepGEMM."""
     a, b, sa, sb = x["a"], x["b"], x["fa_mn"], x["fb"]
-    ks = {"gluon": lambda c: L.group_gemm_masked_fp32(a, b, sa, sb, c, out, None, m_cap, expected_m=expected_m)}
+    ks = {"gluon": lambda c: L.group_gemm_masked_fp32(a, b, sa, sb, c, out, None, m_cap, expected_m=expected_m,
+                                                      kernel="gluon")}
     if cute_gemm is not None:
         for name, cfg in configs.items():
             ks[name] = lambda c, cfg=cfg: cute_gemm.group_gemm_masked_fp32(a, b, sa, sb, c, out, m_cap, config=cfg)

@@ -63,10 +63,10 @@ def save():
 # which kernel each timed GEMM runs (launch.masked_gemm_kernel: the launcher's rule, no expected_m given, so
 # rows = M; "explicit_fp32_tl" forces the tl kernel, the kernel the FP32 rows measured before the Gluon wiring)
 GEMM_KERNEL = {
-    "explicit_ue8m0": lambda dev, k, m: L.masked_gemm_kernel("ue8m0", dev, k, True),
-    "explicit_fp32": lambda dev, k, m: L.masked_gemm_kernel("fp32", dev, k),
-    "explicit_fp32_tl": lambda dev, k, m: "tl",
-    "dot_scaled_ue8m0": lambda dev, k, m: "tl_dot_scaled",
+    "explicit_ue8m0": lambda dev, n, k, m: L.masked_gemm_kernel("ue8m0", dev, k, True),
+    "explicit_fp32": lambda dev, n, k, m: L.masked_gemm_kernel("fp32", dev, k, n=n, expected_m=m),
+    "explicit_fp32_tl": lambda dev, n, k, m: "tl",
+    "dot_scaled_ue8m0": lambda dev, n, k, m: "tl_dot_scaled",
 }
 
 
@@ -292,7 +292,7 @@ def gemm_bench(shapes, e_num, m_cap, fills):
                             ok = False
                     t = bench_ms(lambda: fn(counts))
                     row[name] = dict(ms=t, tflops=flops / t / 1e9, vs_cublas=flops / t / 1e9 / cub_tflops,
-                                     correct=ok, calc_diff=worst, kernel=GEMM_KERNEL[name](a.device, k, m_cap))
+                                     correct=ok, calc_diff=worst, kernel=GEMM_KERNEL[name](a.device, n, k, m_cap))
                 except Exception as exc:
                     traceback.print_exc()
                     row[name] = dict(error=repr(exc)[:500])

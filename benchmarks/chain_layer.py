@@ -3,7 +3,8 @@
 
 FP32 recipe (Hopper's, DeepGEMM's format): quant (1x128 FP32 scales) -> permute (MN-major FP32 scales, routing
 errors recorded on the device, no host read) -> GEMM 1 -> SwiGLU + quant (MN-major FP32) -> GEMM 2 -> combine.
-The GEMMs are ours (`launch.group_gemm_masked_fp32`: the Gluon kernel on SM90) or DeepGEMM's
+The GEMMs are ours (`launch.group_gemm_masked_fp32`: on SM90 the CuTe DSL kernel from 256 rows per expert when
+the DSL imports, else the Gluon kernel; launch.masked_gemm_kernel) or DeepGEMM's
 `m_grouped_fp8_gemm_nt_masked` (through backend.ops.deep_gemm_launch.call_masked, the one home of that call) on the
 same buffers: the permute's and the SwiGLU's outputs are already the scales DeepGEMM reads on SM90, so the second
 variant is "our glue + DeepGEMM's GEMMs" with nothing converted. No stage reads anything back to the host, so the

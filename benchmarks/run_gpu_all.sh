@@ -39,12 +39,12 @@ step() {    # step NAME SECONDS LOG COMMAND...
     echo "=== exit $s" | tee -a "$out/$log"
     [ "$s" = 0 ] || [ "$rc" != 0 ] || rc=$s
 }
-step gpu 300 gpu_h200.log python3 benchmarks/bench_gpu.py --out "$out/gpu_h200.json"
-step peers 230 gemm_vs_peers_h200.log python3 benchmarks/bench_gemm_peers.py --out /tmp/peers.json \
-    --merge-into "$out/gpu_h200.json"
 [ -z "$cdsl" ] || step cute 150 cute_gemm_paired_h200.log python3 benchmarks/bench_cute_gemm.py \
     --out "$out/cute_gemm_paired_h200.json" --fills 64,128,256,512,1024,2048,uneven_0_1024,uneven_0_2048 \
     --configs bn192_cl2,bn128_cl2
+step gpu 300 gpu_h200.log python3 benchmarks/bench_gpu.py --out "$out/gpu_h200.json"
+step peers 230 gemm_vs_peers_h200.log python3 benchmarks/bench_gemm_peers.py --out /tmp/peers.json \
+    --merge-into "$out/gpu_h200.json"
 step fused 120 fused_gemm1_h200.log python3 benchmarks/bench_fused_gemm1.py --out "$out/fused_gemm1_h200.json"
 step test 240 test_gpu_h200.log make test-gpu DEEPGEMM="$dg_src" PYTHON=python3
 step host 120 host_profile_h200.log python3 benchmarks/profile_host.py --out "$out/host_profile_h200.json"

@@ -59,7 +59,11 @@ def _run_all(cute_gemm, peers, x, counts, e_num, m_cap, n):
     from backend.ops.triton import launch as L
     runs = {_name(c): (lambda o, c=c: cute_gemm.group_gemm_masked_fp32(
         x["a"], x["b"], x["fa_mn"], x["fb"], counts, o, m_cap, config=c)) for c in CONFIGS}
-    runs["gluon"] = lambda o: L.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, o, None, m_cap)
+    # forced: the launcher's rule runs the CuTe kernel itself from launch.CUTE_FROM_ROWS rows when the DSL imports
+    runs["gluon"] = lambda o: L.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, o, None, m_cap,
+                                                       kernel="gluon")
+    runs["launcher"] = lambda o: L.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, o, None,
+                                                          m_cap)
     got = {}
     for name, fn in runs.items():
         out = torch.full((e_num * m_cap, n), float("nan"), dtype=torch.bfloat16, device="cuda")
