@@ -36,17 +36,21 @@ import torch  # noqa: E402
 BG = P.BG
 FILLS = (256, 512, 1024, 2048, "uneven_0_2048")
 DEFAULT_CONFIGS = "bn128_cl2,bn192_cl2,bn128_cl2_v1,bn192_cl2_v1"
-CONFIG_RE = re.compile(r"bn(128|192)_cl([12])(?:_s(\d))?(_v1)?")
+CONFIG_RE = re.compile(r"bn(128|192)_cl([12])(?:_s(\d))?(_v1|_pr)?")
 
 
 def parse_configs(names: str) -> dict:
-    """'bn192_cl2_s4,bn128_cl1_v1' -> {'cute_bn192_cl2_s4': config dict, ...}; ValueError naming a bad one."""
+    """'bn192_cl2_s4,bn128_cl1_v1' -> {'cute_bn192_cl2_s4': config dict, ...}; ValueError naming a bad one.
+    _v1: the first version (global A scales, no TMA store); _pr: partial sub-tiles stored from registers."""
     out = {}
     for name in filter(None, names.split(",")):
         m = CONFIG_RE.fullmatch(name)
         if m is None:
-            raise ValueError(f"--configs: {name!r} is not bn{{128|192}}_cl{{1|2}}[_s<stages>][_v1]")
-        cfg = dict(bn=int(m[1]), cluster_m=int(m[2]), sa_tma=not m[4], tma_store=not m[4])
+            raise ValueError(f"--configs: {name!r} is not bn{{128|192}}_cl{{1|2}}[_s<stages>][_v1|_pr]")
+        v1 = m[4] == "_v1"
+        cfg = dict(bn=int(m[1]), cluster_m=int(m[2]), sa_tma=not v1, tma_store=not v1)
+        if m[4] == "_pr":
+            cfg["partial_smem"] = False
         if m[3]:
             cfg["stages"] = int(m[3])
         out[f"cute_{name}"] = cfg

@@ -41,7 +41,7 @@ step() {    # step NAME SECONDS LOG COMMAND...
 }
 [ -z "$cdsl" ] || step cute 150 cute_gemm_paired_h200.log python3 benchmarks/bench_cute_gemm.py \
     --out "$out/cute_gemm_paired_h200.json" --fills 64,128,256,512,1024,2048,uneven_0_1024,uneven_0_2048 \
-    --configs bn192_cl2,bn128_cl2
+    --configs bn192_cl2,bn192_cl2_pr,bn128_cl2
 step gpu 300 gpu_h200.log python3 benchmarks/bench_gpu.py --out "$out/gpu_h200.json"
 step peers 230 gemm_vs_peers_h200.log python3 benchmarks/bench_gemm_peers.py --out /tmp/peers.json \
     --merge-into "$out/gpu_h200.json"

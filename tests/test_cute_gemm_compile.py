@@ -43,6 +43,16 @@ def test_compiles_for_sm90a(bn, cluster_m, new):
     assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+40;", ptx)
 
 
+@pytest.mark.parametrize("partial_smem", [True, False], ids=["staged", "registers"])
+def test_partial_sub_tile_stores(partial_smem):
+    """The sub-tile with rows past masked_m: staged in shared memory, 16-byte stores (64 x 192 bf16 over 128
+    threads: 12 each), or the earlier 2-byte stores from registers (one per value: 96)."""
+    ptx = masked_gemm.compile_only(192, 2, keep_ptx=True, partial_smem=partial_smem).artifacts.PTX
+    vec = len(re.findall(r"st\.global\.v4\.b32", ptx))
+    scalar = len(re.findall(r"st\.global\.b16", ptx))
+    assert (vec, scalar) == ((64 * 192 // 8 // 128, 0) if partial_smem else (0, 64 * 192 // 128))
+
+
 # Instructions per K step of the math warpgroup's K loop besides the 4 wgmmas and the bn/2 FFMAs, measured on
 # the DSL 4.8.1 cubin (benchmarks/sass_cute_gemm.py): before this bound 96 (bn192_cl2) / 65 (bn128_cl2) with
 # two global weight-scale loads per step; now 65.5 / 54. The bound leaves ~5 % for compiler drift.

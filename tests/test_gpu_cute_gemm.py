@@ -18,11 +18,13 @@ pytestmark = [pytest.mark.gpu,
 # every tile shape x multicast with the TMA A scales + TMA store path (default), and the first path (global
 # A scales, 16-byte stores) at both tile shapes; stages are left to the launcher (the most that fit bn)
 CONFIGS = ([dict(bn=bn, cluster_m=cm) for bn in (128, 192) for cm in (1, 2)]
-           + [dict(bn=bn, cluster_m=2, sa_tma=False, tma_store=False) for bn in (128, 192)])
+           + [dict(bn=bn, cluster_m=2, sa_tma=False, tma_store=False) for bn in (128, 192)]
+           + [dict(bn=192, cluster_m=2, partial_smem=False)])
 
 
 def _name(c: dict) -> str:
-    return f"cute_bn{c['bn']}_cl{c['cluster_m']}" + ("" if c.get("sa_tma", True) else "_v1")
+    return (f"cute_bn{c['bn']}_cl{c['cluster_m']}" + ("" if c.get("sa_tma", True) else "_v1")
+            + ("" if c.get("partial_smem", True) else "_pr"))
 REF_TOL = 1e-5         # vs float32: fp8 products are exact, wgmma's accumulation order is not (as test_gpu_providers)
 SAME_INPUT_TOL = 1e-6  # vs the Gluon kernel on the same inputs: the same promotion, up to accumulation order
 

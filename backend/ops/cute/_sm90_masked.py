@@ -57,11 +57,12 @@ class MaskedGemmSm90:
     (see masked_gemm._args)."""
 
     def __init__(self, bn: int, cluster_m: int, stages: int, num_ctas: int, sa_tma: bool = True,
-                 tma_store: bool = True, sb_tiles: int = 256):
+                 tma_store: bool = True, sb_tiles: int = 256, partial_smem: bool = True):
         self.bn, self.cluster_m, self.stages, self.num_ctas = bn, cluster_m, stages, num_ctas
         self.sb_tiles = sb_tiles        # K steps whose weight scales the per-warpgroup buffers hold (K / 128 max)
         self.sb_blocks = -(-bn // 128)  # weight-scale blocks (128 columns each) a tile's columns touch per K step
         self.sa_tma, self.tma_store = sa_tma, tma_store
+        self.partial_smem = partial_smem   # tma_store: partial sub-tiles staged in shared memory (else from registers)
         self.tile_mnk = (BM, bn, BK)
         self.threads = (1 + MATH_WGS) * THREADS_PER_WG
 
@@ -312,6 +313,8 @@ class MaskedGemmSm90:
                 if cutlass.const_expr(self.tma_store):
                     if row0 + WG_ROWS <= cnt:
                         self._store_tma(final, sC, sCf, tma_c, tC, e, row0, col0, row_in, col_in, n, mwg)
+                    elif cutlass.const_expr(self.partial_smem):
+                        self._store_partial(final, sCf, mC, e, row0, col0, row_in, col_in, cnt, n, mwg)
                     else:
                         self._store_regs(final, mC, e, row0 + row_in, col0 + col_in, cnt, n)
                 else:
@@ -438,19 +441,7 @@ class MaskedGemmSm90:
         stores run on while the warpgroup starts its next tile."""
         bar = 1 + mwg                                       # named barrier of this warpgroup (0: __syncthreads)
         first = cute.arch.thread_idx()[0] % THREADS_PER_WG == 0
-        if first:
-            cute.arch.cp_async_bulk_wait_group(0, read=True)
-        cute.arch.barrier(barrier_id=bar, number_of_threads=THREADS_PER_WG)
-        # the 128-byte swizzle by hand on a flat view (16-byte column chunk ^= row % 8, row % 8 = lane / 4 for
-        # every value of the thread): one runtime XOR per chunk, the rest immediate offsets (the swizzled
-        # view's per-value address math was hoisted out of the tile loop and spilled)
-        r8 = row_in % 8
-        for i in cutlass.range_constexpr(cute.size(final)):
-            c = i % 2 + 8 * (i // 4)
-            box = mwg * self.boxes + c // EPI_N
-            row = row_in + 8 * ((i // 2) % 2)
-            chunk = ((c % EPI_N) // 8) ^ r8
-            sCf[box * WG_ROWS * EPI_N + row * EPI_N + chunk * 8 + col_in + i % 2] = final[i].to(cutlass.BFloat16)
+        self._stage_swizzled(final, sCf, row_in, col_in, mwg)
         cute.arch.fence_proxy("async.shared", space="cta")          # generic-proxy writes -> the TMA's reads
         cute.arch.barrier(barrier_id=bar, number_of_threads=THREADS_PER_WG)
         if first:
@@ -462,6 +453,44 @@ class MaskedGemmSm90:
                     cute.copy(tma_c, tCsC[(None, mwg * self.boxes + j)],
                               tCgC[(None, row0 // WG_ROWS, col0 // EPI_N + j, e)])
             cute.arch.cp_async_bulk_commit_group()
+
+    @cute.jit
+    def _stage_swizzled(self, final, sCf, row_in, col_in, mwg):
+        """The warpgroup's 64 x BN sub-tile as bf16 into its BN / 64 swizzled 64 x 64 boxes (the TMA store's
+        layout), once its previous TMA store has read them (the warpgroup's named barrier after the wait)."""
+        if cute.arch.thread_idx()[0] % THREADS_PER_WG == 0:
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
+        cute.arch.barrier(barrier_id=1 + mwg, number_of_threads=THREADS_PER_WG)
+        # the 128-byte swizzle by hand on a flat view (16-byte column chunk ^= row % 8, row % 8 = lane / 4 for
+        # every value of the thread): one runtime XOR per chunk, the rest immediate offsets (the swizzled
+        # view's per-value address math was hoisted out of the tile loop and spilled)
+        r8 = row_in % 8
+        for i in cutlass.range_constexpr(cute.size(final)):
+            c = i % 2 + 8 * (i // 4)
+            box = mwg * self.boxes + c // EPI_N
+            row = row_in + 8 * ((i // 2) % 2)
+            chunk = ((c % EPI_N) // 8) ^ r8
+            sCf[box * WG_ROWS * EPI_N + row * EPI_N + chunk * 8 + col_in + i % 2] = final[i].to(cutlass.BFloat16)
+
+    @cute.jit
+    def _store_partial(self, final, sCf, mC, e, row0, col0, row_in, col_in, cnt, n, mwg):
+        """The partial sub-tile (rows past cnt inside it) through the warpgroup's swizzled boxes: staged as for
+        the TMA store, then 16-byte stores of the rows < cnt and columns < n (n a multiple of 8), 8 threads per
+        128-byte row segment (coalesced; 4-byte stores from registers took a tile's worth of time at K = 2048)."""
+        bar = 1 + mwg
+        self._stage_swizzled(final, sCf, row_in, col_in, mwg)
+        cute.arch.barrier(barrier_id=bar, number_of_threads=THREADS_PER_WG)
+        t = cute.arch.thread_idx()[0] % THREADS_PER_WG
+        vecs = self.bn // 8                                 # 16-byte vectors per row
+        atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), cutlass.BFloat16, num_bits_per_copy=128)
+        sCv = cute.zipped_divide(sCf, (8,))                  # ((8), flat 16-byte chunks)
+        gCv = cute.zipped_divide(mC[(None, None, e)], (1, 8))
+        for v in cutlass.range_constexpr(WG_ROWS * vecs // THREADS_PER_WG):
+            r = (v * THREADS_PER_WG + t) // vecs
+            c = (v * THREADS_PER_WG + t) % vecs
+            if row0 + r < cnt and col0 + 8 * c < n:
+                chunk = (mwg * self.boxes + c // 8) * (WG_ROWS * EPI_N // 8) + r * (EPI_N // 8) + ((c % 8) ^ (r % 8))
+                cute.copy(atom, sCv[(None, chunk)], gCv[(None, (row0 + r, col0 // 8 + c))])
 
     @cute.jit
     def _store_regs(self, final, mC, e, row, col, cnt, n):

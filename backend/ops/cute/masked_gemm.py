@@ -8,9 +8,11 @@ promoted `final = fma(partial, sa[row] · sb, final)` (DeepGEMM's recipe, the Gl
 
 The kernel (_sm90_masked.MaskedGemmSm90) imports cutlass, so it is loaded on first use. Configs:
 bn (128 | 192 columns per CTA tile), cluster_m (1: no multicast; 2: two CTAs on two m-tiles of one
-(expert, n-tile), B multicast, or on two n-tiles of an expert's odd last m-tile: cluster_block), stages (smem ring depth; default: the most that fit), sa_tma (A scales by TMA
-into shared memory with each stage; needs MN-major scales, else the per-thread global loads are used), tma_store
-(full 64-row sub-tiles stored by TMA). compile_only() builds the cubin for sm_90a without a
+(expert, n-tile), B multicast, or on two n-tiles of an expert's odd last m-tile: cluster_block), stages (smem
+ring depth; default: the most that fit), sa_tma (A scales by TMA into shared memory with each stage; needs
+MN-major scales, else the per-thread global loads are used), tma_store (full 64-row sub-tiles stored by TMA),
+partial_smem (with tma_store: the partial sub-tile staged in shared memory and stored 16 bytes a thread, else
+4-byte stores from registers). compile_only() builds the cubin for sm_90a without a
 GPU (CUTE_DSL_ARCH), which is how the CPU machine checks it.
 """
 from __future__ import annotations
@@ -125,19 +127,19 @@ def _fake_args(cutlass, cute, sa_tma: bool):
 
 @functools.lru_cache(maxsize=None)
 def compiled(bn: int, cluster_m: int, stages: int, num_ctas: int, sa_tma: bool = True, tma_store: bool = True,
-             options: str = ""):
+             options: str = "", partial_smem: bool = True):
     """The kernel compiled for this config (cute.compile; for the machine's GPU, or CUTE_DSL_ARCH)."""
     _check_config(bn, cluster_m, stages, num_ctas)
     import cuda.bindings.driver as cuda
     import cutlass
     import cutlass.cute as cute
     from ._sm90_masked import MaskedGemmSm90
-    kernel = MaskedGemmSm90(bn, cluster_m, stages, num_ctas, sa_tma, tma_store, sb_tiles(bn, stages))
+    kernel = MaskedGemmSm90(bn, cluster_m, stages, num_ctas, sa_tma, tma_store, sb_tiles(bn, stages), partial_smem)
     return cute.compile(kernel, *_fake_args(cutlass, cute, sa_tma), cuda.CUstream(0), options=options)
 
 
 def compile_only(bn: int = 128, cluster_m: int = 2, stages: int | None = None, num_ctas: int = 132,
-                 keep_ptx: bool = False, sa_tma: bool = True, tma_store: bool = True):
+                 keep_ptx: bool = False, sa_tma: bool = True, tma_store: bool = True, partial_smem: bool = True):
     """Compile for sm_90a without a GPU: the CPU machine's check (the DSL traces and runs ptxas, no device).
     keep_ptx: also keep the PTX text (compiled.artifacts.PTX; the DSL writes a copy into a temporary folder).
     Returns the compiled function. The DSL reads its target from CUTE_DSL_ARCH when cutlass is first
@@ -148,12 +150,12 @@ def compile_only(bn: int = 128, cluster_m: int = 2, stages: int | None = None, n
     envar.arch = "sm_90a"
     args = (bn, cluster_m, stages or max_stages(bn), num_ctas, sa_tma, tma_store)
     if not keep_ptx:
-        return compiled.__wrapped__(*args)
+        return compiled.__wrapped__(*args, partial_smem=partial_smem)
     saved = envar.dump_dir
     with tempfile.TemporaryDirectory() as tmp:
         envar.dump_dir = tmp
         try:
-            return compiled.__wrapped__(*args, "--keep-ptx")
+            return compiled.__wrapped__(*args, "--keep-ptx", partial_smem=partial_smem)
         finally:
             envar.dump_dir = saved
 
@@ -163,7 +165,7 @@ def pick_config(expected_m: int, n: int) -> dict:
     from 128 rows on, when N's tile count is even); a starting point for bench_cute_gemm.py to measure."""
     bn = 192 if n >= 2048 else 128
     cluster_m = 2 if expected_m >= 128 else 1
-    return dict(bn=bn, cluster_m=cluster_m, stages=max_stages(bn), sa_tma=True, tma_store=True)
+    return dict(bn=bn, cluster_m=cluster_m, stages=max_stages(bn), sa_tma=True, tma_store=True, partial_smem=True)
 
 
 def fits(expected_m: int, n: int, k: int) -> bool:
@@ -275,6 +277,7 @@ def group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, max_m_per_expe
     if sm_count > 0:
         ctas = max(cfg["cluster_m"], min(ctas, sm_count - sm_count % cfg["cluster_m"]))
     _check_k(b.shape[2], cfg["bn"], cfg["stages"])
-    fn = compiled(cfg["bn"], cfg["cluster_m"], cfg["stages"], ctas, sa_tma, bool(cfg["tma_store"]))
+    fn = compiled(cfg["bn"], cfg["cluster_m"], cfg["stages"], ctas, sa_tma, bool(cfg["tma_store"]),
+                  partial_smem=bool(cfg["partial_smem"]))
     fn(*_args(a, b, a_scale, b_scale, counts, out, m, sa_tma), cuda.CUstream(torch.cuda.current_stream().cuda_stream))
     return out
