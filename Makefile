@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check "uv==0.13.9" 2>&1 | grep -v "is ignored" || true
 	@# uv installs with compiled bytecode: `import paddle` costs 1 s instead of 2.4 s
-	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -q -e ".[notebooks,test]"
+	$(VENV)/bin/uv pip install --python $(PY) --compile-bytecode -q -e ".[notebooks,test,cute]"
 	@# torch and triton go through pip: it takes the CPU build of torch from the
 	@# machine's wheel cache; uv would fetch a multi-GB CUDA build instead.
 	$(PY) -m pip install -q --disable-pip-version-check $$($(PY) tools/gen_environment.py --requirements triton) 2>&1 | grep -v "is ignored" || true

@@ -20,12 +20,12 @@ def test_environment_yml_lists_exactly_what_setup_installs():
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     installed = set(project["dependencies"])
-    for extra in ("notebooks", "test", "triton"):           # the extras `make setup` installs
+    for extra in ("notebooks", "test", "cute", "triton"):    # the extras `make setup` installs
         installed |= set(project["optional-dependencies"][extra])
     assert set(pip) - {"-e ."} == installed
     assert "python=3.11" in env["dependencies"]
     makefile = (ROOT / "Makefile").read_text()
-    assert '".[notebooks,test]"' in makefile and "--requirements triton" in makefile
+    assert '".[notebooks,test,cute]"' in makefile and "--requirements triton" in makefile
 
 
 def test_every_dependency_is_pinned():

@@ -18,7 +18,7 @@ def render() -> str:
     python = project["requires-python"].split(",")[0].lstrip(">=")
     extras = project["optional-dependencies"]
     pip = list(project["dependencies"])
-    for name in ("notebooks", "test", "triton"):
+    for name in ("notebooks", "test", "cute", "triton"):
         pip += extras[name]
     lines = [
         "# Generated from pyproject.toml by tools/gen_environment.py; do not edit by hand.",
