@@ -449,7 +449,7 @@ for proj in ("up_gate_proj", "down_proj"):
 # | name | what it is |
 # |---|---|
 # | `explicit_ue8m0` | `launch.group_gemm_masked`, Blackwell recipe: reads the CUTLASS UE8M0 scale bytes; per 128-wide K block one FP8 tensor-core MMA (`wgmma` on e4m3, SASS `QGMMA`) into a float32 partial, multiplied by the two scales and added to the accumulator ("explicit" promotion, as DeepGEMM does on Hopper). On SM90 it runs the warp-specialized Gluon kernel (`gluon_gemm.py`: a TMA producer warp, two math warpgroups promoting while the other's MMA runs), elsewhere the `tl` kernel `group_gemm_masked_kernel` |
-# | `explicit_fp32` | the same launcher with FP32 1x128 / 128x128 scales (the Hopper recipe; on SM90 the Gluon kernel, its A scales loaded into shared memory by the TMA) |
+# | `explicit_fp32` | `launch.group_gemm_masked_fp32`: FP32 1x128 / 128x128 scales (the Hopper recipe). On SM90 it runs the CuTe DSL kernel (`backend/ops/cute`, DeepGEMM's structure: 128 x 192 tiles, the weight tile multicast to 2-CTA clusters) from 256 rows per expert when the optional DSL imports, else the Gluon kernel (its A scales loaded into shared memory by the TMA); the record's `kernel` names which ran |
 # | `explicit_fp32_tl` | the `tl` kernel with FP32 scales, forced (the CPU-testable twin; one warpgroup does MMA and promotion) |
 # | `dot_scaled_ue8m0` | `group_gemm_masked_dot_scaled_kernel`: the K loop written with Triton's `tl.dot_scaled` (one UE8M0 byte per 32 K), the op that maps to Blackwell's block-scaled MMA (`tcgen05.mma ... block_scale`). SM90 has no such instruction, so Triton emulates it: the compiled-kernel report below counts its MMAs |
 # | cuBLAS | cuBLASLt blockwise FP8 (`torch._scaled_mm` with 1x128 x 128x128 FP32 scales) on one dense GEMM with the same FLOPs: a dense upper reference, not a grouped kernel |
@@ -588,18 +588,23 @@ for path, run in gpu_runs:
     assert not missing, f"{path.name}: gemm_vs_peers records lack {missing}"
     print(f"{path.name} ({card_of(run)}, {date_of(run)})")
     print(f"{'n':>5s} {'k':>5s} {'E':>3s} {'rows/expert':>11s} {'ours':>7s} {'DeepGEMM':>9s} {'cuBLAS':>7s} "
-          f"{'ours/DeepGEMM':>14s}  kernel")
+          f"{'ours/DeepGEMM':>14s} {'paired':>7s}  kernel")
     num = lambda v: float(v) if isinstance(v, (int, float)) and v > 0 else float("nan")   # noqa: E731 - None: not run
     for rec in peers:
         print(f"{rec['n']:5d} {rec['k']:5d} {rec['experts']:3d} {rec['rows_per_expert']!s:>11s} "
               f"{num(rec['ours_tflops']):7.0f} {num(rec['deepgemm_tflops']):9.0f} {num(rec['cublas_tflops']):7.0f} "
-              f"{num(rec['ours_tflops']) / num(rec['deepgemm_tflops']):14.2f}  {rec['kernel']}")
+              f"{num(rec['ours_tflops']) / num(rec['deepgemm_tflops']):14.2f} "
+              f"{num(rec.get('ours_vs_deepgemm_paired')):7.2f}  {rec['kernel']}")
     vs_dg = np.array([num(r["ours_tflops"]) / num(r["deepgemm_tflops"]) for r in peers])
     vs_cb = np.array([num(r["ours_tflops"]) / num(r["cublas_tflops"]) for r in peers])
     if np.isfinite(vs_dg).any():
         md(f"**{card_of(run)}** ({date_of(run)}), same run: ours at {np.nanmin(vs_dg):.2f}x to {np.nanmax(vs_dg):.2f}x "
            f"DeepGEMM's TFLOP/s and {np.nanmin(vs_cb):.2f}x to {np.nanmax(vs_cb):.2f}x cuBLAS's over "
            f"{len(peers)} shapes.")
+    paired = np.array([num(r.get("ours_vs_deepgemm_paired")) for r in peers])
+    if np.isfinite(paired).any():
+        md(f"Timed in rounds, ours and DeepGEMM back to back (`paired`: the median ratio, which a drift of the card's "
+           f"clock moves much less): {np.nanmin(paired):.2f}x to {np.nanmax(paired):.2f}x.")
     labels = [f"n={r['n']} k={r['k']}\n{r['rows_per_expert']} rows" for r in peers]
     xs_ = np.arange(len(peers))
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(peers)), 3.6))
@@ -617,10 +622,20 @@ for path, run in gpu_runs:
 # %% [markdown]
 # **The same GEMM in the CUTLASS Python DSL.** Two things DeepGEMM does cannot be written in Gluon (Triton 3.6):
 # TMA multicast of the weight tile to the two CTAs of a cluster, and one `m64n192` wgmma per warpgroup (Gluon tiles
-# must be powers of two). `benchmarks/cute_gemm/` is our masked GEMM written in the CuTe DSL with both;
+# must be powers of two). `backend/ops/cute/` is our masked GEMM written in the CuTe DSL with both, and what the
+# FP32 launcher runs on SM90 from 256 rows per expert (the table above: `cute_fp32`);
 # `benchmarks/bench_cute_gemm.py` times its configurations (`bn` = tile columns, `cl2` = 2-CTA clusters with
-# multicast, `_v1` = its first version, before the A scales and the output went through the TMA) beside the Gluon
+# multicast, `_v1` = its first version, before the A scales and the output went through the TMA, `_pr` = the sub-tile
+# that holds an expert's last rows stored from registers, as before it was staged in shared memory) beside the Gluon
 # kernel on the same inputs, and checks that their outputs are bitwise equal (asserted below).
+#
+# Two things decide how it does on few rows and uneven fills. *Which CTAs pair up*: a cluster's two CTAs share the
+# weight tile only when they work on two 128-row tiles of the same expert; an expert with one such tile (128 rows), or
+# an odd count, pairs its last tile's two CTAs along N instead (different weight tiles, each loaded whole), as
+# DeepGEMM's scheduler does, so no CTA idles (`masked_gemm.cluster_block`, tested on every block in
+# `tests/test_cute_gemm.py`). *How the last rows are written*: rows past `masked_m` must stay untouched, so the
+# sub-tile holding an expert's last rows cannot go out by one TMA store; it is staged in shared memory and written
+# 16 bytes per thread, rows below the count only.
 
 # %% tags=["nbval-ignore-output"]
 # nbval-ignore-output: numbers read from benchmarks/results/cute_gemm_*.json.
@@ -648,9 +663,16 @@ for path in sorted(results_dir.glob("cute_gemm_*.json")):
     if paired:
         md("Paired with DeepGEMM (each round times both back to back), per config: " + "; ".join(
             f"`{cfg}` {min(v):.2f}-{max(v):.2f}x at {group}" for (cfg, group), v in sorted(paired.items()))
-           + f" ({card_of(doc)}, {date_of(doc)}). Its weight scales now sit in shared memory once per tile and its "
-             f"K loop is unrolled by two (benchmarks/NOTES_gpu.md): from 256 rows per expert on it is faster than the "
-             f"Gluon kernel; at 64-128 rows and on the 0..1024 uneven fill the Gluon kernel is.")
+           + f" ({card_of(doc)}, {date_of(doc)}).")
+        gl = {}
+        for r in recs:
+            if "vs_deepgemm_paired" in r["gluon"]:
+                fill = r["rows_per_expert"]
+                group = "uneven fills" if isinstance(fill, str) else ("64-128 rows" if fill <= 128 else "256+ rows")
+                gl.setdefault(group, []).append(r["gluon"]["vs_deepgemm_paired"])
+        if gl:
+            md("The Gluon kernel in the same run: " + "; ".join(
+                f"{min(v):.2f}-{max(v):.2f}x at {group}" for group, v in sorted(gl.items())) + ".")
 
 # %% [markdown]
 # **Where a K step's time goes.** Each kernel above runs the same loop per 128-wide K step: wait for the stage's
