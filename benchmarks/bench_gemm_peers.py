@@ -226,8 +226,8 @@ def pick_ours(rec: dict) -> dict:
     for key, launcher, recipe in (("", "launch_fp32", "fp32"), ("_ue8m0", "launch_ue8m0", "ue8m0")):
         r = rec.get(launcher)
         ok = isinstance(r, dict) and r.get("correct")
-        hint = dict(n=rec["n"], expected_m=rec["expected_m"]) if recipe == "fp32" else {}
-        rec["kernel" + key] = f"{L.masked_gemm_kernel(recipe, dev, rec['k'], **hint)}_{recipe}"
+        rule = L.masked_gemm_kernel(recipe, dev, rec["k"], n=rec["n"], expected_m=rec["expected_m"])
+        rec["kernel" + key] = f"{rule}_{recipe}"
         rec[f"ours{key}_tflops"] = r["tflops"] if ok else float("nan")
     r = rec.get("launch_ue8m0_stated")
     rec["ours_ue8m0_stated_tflops"] = r["tflops"] if isinstance(r, dict) and r.get("correct") else float("nan")

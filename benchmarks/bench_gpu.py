@@ -63,7 +63,7 @@ def save():
 # which kernel each timed GEMM runs (launch.masked_gemm_kernel: the launcher's rule, no expected_m given, so
 # rows = M; "explicit_fp32_tl" forces the tl kernel, the kernel the FP32 rows measured before the Gluon wiring)
 GEMM_KERNEL = {
-    "explicit_ue8m0": lambda dev, n, k, m: L.masked_gemm_kernel("ue8m0", dev, k, True),
+    "explicit_ue8m0": lambda dev, n, k, m: L.masked_gemm_kernel("ue8m0", dev, k, True, n=n, expected_m=m),
     "explicit_fp32": lambda dev, n, k, m: L.masked_gemm_kernel("fp32", dev, k, n=n, expected_m=m),
     "explicit_fp32_tl": lambda dev, n, k, m: "tl",
     "dot_scaled_ue8m0": lambda dev, n, k, m: "tl_dot_scaled",

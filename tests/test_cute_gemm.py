@@ -82,7 +82,8 @@ def test_cute_runs_the_plain_fp32_gemm_from_its_rows(on_hopper_with_dsl, monkeyp
     assert L.masked_gemm_kernel("fp32", cuda, 2048, n=7168, expected_m=4096) == "cute"
     assert L.masked_gemm_kernel("fp32", cuda, 7168, n=4096, expected_m=rows - 1) == "gluon"   # few rows
     assert L.masked_gemm_kernel("fp32", cuda, 7168) == "gluon"          # no width / rows: the fused forms
-    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, n=4096, expected_m=rows) == "gluon"      # UE8M0 bytes
+    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, n=4096, expected_m=rows) == "cute"       # bytes converted
+    assert L.masked_gemm_kernel("ue8m0", cuda, 7168, False, n=4096, expected_m=rows) == "tl"  # per-row weights
     assert L.masked_gemm_kernel("fp32", cuda, 7168 + 64, n=4096, expected_m=rows) == "gluon"  # K % 128
     assert L.masked_gemm_kernel("fp32", cuda, 7168, n=4100, expected_m=rows) == "gluon"       # N % 8
     big_k = cute.sb_tiles(192, cute.max_stages(192)) * 128 + 128                               # scales overflow
@@ -122,12 +123,49 @@ def test_fp32_launcher_hands_its_rows_hint_to_the_cute_kernel(on_hopper_with_dsl
         L.group_gemm_masked_fp32(a, b, sa, sb, counts, out, None, 64, kernel="cutlass")
 
 
-def test_fused_and_ue8m0_launchers_refuse_the_cute_kernel(on_hopper_with_dsl):
+def _words(e: torch.Tensor) -> torch.Tensor:
+    """Exponent bytes [E, R, G] (G % 4 == 0) -> packed UE8M0 int32 words, groups 4p..4p+3 little-endian (SPEC §2)."""
+    b = e.to(torch.int64).view(*e.shape[:-1], -1, 4)
+    w = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    return torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
+
+
+def test_ue8m0_bytes_reach_the_cute_kernel_as_fp32_scales(on_hopper_with_dsl, monkeypatch):
+    """group_gemm_masked on CUTLASS bytes (sfb_per_block) from CUTE_FROM_ROWS rows: the CuTe kernel gets fp32 scales
+    equal to 2^(byte - 127) of the exponents the bytes were built from (MN-major activations, one weight scale per
+    128-row block), no other kernel runs."""
+    L, cute = on_hopper_with_dsl
+    rule = L.masked_gemm_kernel
+    monkeypatch.setattr(L, "masked_gemm_kernel", lambda recipe, device, *args, **kw: rule(
+        recipe, torch.device("cuda", 0), *args, **kw))
+    got = {}
+    monkeypatch.setattr(cute, "group_gemm_masked_fp32", lambda a, b, sa, sb, c, out, m, **kw: got.update(
+        sa=sa.clone(), sa_strides=sa.stride(), sb=sb.clone(), kw=kw))
+    e_num, m, n, k = 2, 64, 256, 512
+    gen = torch.Generator().manual_seed(3)
+    ea = torch.randint(110, 140, (e_num, m, k // 128), generator=gen, dtype=torch.int32)
+    eb = torch.randint(110, 140, (e_num, n // 128, k // 128), generator=gen, dtype=torch.int32)
+    sfa = L.unpack_and_convert_scale(_words(ea))
+    sfb = L.unpack_and_convert_scale(_words(eb.repeat_interleave(128, 1)))       # block byte copied to its rows
+    a, b, _, _, counts, out = _problem(e_num, m, n, k)
+    L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, sfb_per_block=True, expected_m=L.CUTE_FROM_ROWS)
+    assert torch.equal(got["sa"], torch.exp2(ea.float() - 127))
+    assert got["sa_strides"][1] == 1                                                 # MN-major, as the TMA reads it
+    assert torch.equal(got["sb"], torch.exp2(eb.float() - 127))
+    assert got["kw"]["expected_m"] == L.CUTE_FROM_ROWS
+    assert not out.any()                                                             # nothing else wrote out
+    with pytest.raises(ValueError, match="sfb_per_block"):
+        L.group_gemm_masked(a, b, sfa, sfb, counts, out, None, m, kernel="cute")
+    with pytest.raises(ValueError, match="row_step: 3 rows 128 apart need more than the 256 rows of sf"):
+        L.cutlass_scale_to_fp32(sfb, 3, row_step=128)
+
+
+def test_fused_launchers_refuse_the_cute_kernel(on_hopper_with_dsl):
     L, _ = on_hopper_with_dsl
     a, b, _, _, counts, out = _problem()
     sf = torch.zeros(2, 128, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="kernel: expected one of 'tl', 'gluon' or None, got 'cute'"):
-        L.group_gemm_masked(a, b, sf, sf, counts, out, None, 64, sfb_per_block=True, kernel="cute")
+        L.group_gemm_masked_swiglu_fp8_quant(a, b, sf, sf, counts, 64, sfb_per_block=True, kernel="cute")
 
 
 def test_cute_kernel_without_a_gpu_says_why():

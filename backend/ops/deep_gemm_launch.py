@@ -9,10 +9,11 @@ DeepGEMM's `m_grouped_fp8_gemm_nt_masked` takes its own scale formats, per archi
     SM100  sfa and sfb packed UE8M0 int32 1x128 (recipe (1, 1, 128)), MN-major TMA-aligned,
            logical [E, MN, ceil(K/512)]
 
-This module converts (`activation_scales`, `weight_scales`: one home, the provider and the GPU tests use
-them), decides whether DeepGEMM can serve a call exactly (`unsupported_reason`), and runs it (`run_masked`).
-Importing it imports torch and the standard library only (the GPU machine has no Paddle); the SM90 activation-scale
-conversion and the tail-row copy run Triton kernels (backend.ops.triton.launch), imported at the call.
+This module converts (`activation_scales`, `weight_scales`: the provider and the GPU tests use them; the SM90
+FP32 conversions are launch.activation_scales_fp32 / weight_scales_fp32, shared with the `triton` provider's CuTe
+path), decides whether DeepGEMM can serve a call exactly (`unsupported_reason`), and runs it (`run_masked`).
+Importing it imports torch and the standard library only (the GPU machine has no Paddle); the SM90 scale
+conversions and the tail-row copy run Triton kernels (backend.ops.triton.launch), imported at the call.
 """
 from __future__ import annotations
 
@@ -23,7 +24,6 @@ from moe_ref.fp8_torch import mn_major_view, mn_major_zeros
 
 from moe_ref.cutlass_sf import SF_TILE_COLS, SF_TILE_PERM, SF_TILE_ROWS, SF_TILE_SHAPE, check_sf_shape
 
-UE8M0_BIAS = 127
 MASKED_GEMM = "m_grouped_fp8_gemm_nt_masked"                 # DeepGEMM >= 2.0 (torch build, PFCC / PaddleFleet)
 MASKED_GEMM_OLD = "m_grouped_gemm_fp8_fp8_bf16_nt_masked"    # DeepGEMM 1.x (FastDeploy's Paddle build on SM90)
 ARCHS = (9, 10)                                               # compute capability majors DeepGEMM serves
@@ -46,11 +46,6 @@ def bytes_repeat_per_group(sf: torch.Tensor, num_rows: int, k: int) -> bool:
     scale per 128 K is exact, as DeepGEMM's 1x128 / 128x128 recipes need."""
     g = _group_bytes(sf, slice(0, num_rows), k)
     return bool(torch.all(g == g[..., :1]))
-
-
-def _decode(b: torch.Tensor) -> torch.Tensor:
-    """UE8M0 bytes -> fp32 2^(b - 127) (byte 0 is 2^-127, SPEC §2)."""
-    return torch.exp2(b.to(torch.float32) - UE8M0_BIAS)
 
 
 def _pack(b: torch.Tensor) -> torch.Tensor:
@@ -77,8 +72,7 @@ def activation_scales(sfa: torch.Tensor, m: int, k: int, arch: int) -> torch.Ten
     TMA-aligned. The first byte of each 128-group is used (bytes_repeat_per_group says when that is exact)."""
     if arch == 9:       # one launch, no synchronization: the Triton conversion straight into the MN-major layout
         from .triton import launch as L
-        buf = mn_major_view(mn_major_zeros(sfa.shape[0], m, ceil_div(k, GROUP_SIZE), torch.float32, sfa.device), m)
-        return L.cutlass_scale_to_fp32(sfa, m, out=buf, check=False)
+        return L.activation_scales_fp32(sfa, m, k)
     return _mn_major(_pack(_group_bytes(sfa, slice(0, m), k)[..., 0]))
 
 
@@ -87,8 +81,9 @@ def weight_scales(sfb: torch.Tensor, n: int, k: int, arch: int) -> torch.Tensor:
     [E, ceil(N/128), ceil(K/128)] from the first row of each block (SM90: needs block-uniform bytes, the
     contract's sfb_per_block), or packed UE8M0 int32 [E, N, ceil(K/512)] MN-major TMA-aligned (SM100, per row).
     Pure: the method can call it once at weight load and keep the result (the weights do not change)."""
-    if arch == 9:
-        return _decode(_group_bytes(sfb, slice(0, n, GROUP_SIZE), k)[..., 0]).contiguous()
+    if arch == 9:       # the Triton conversion of the first row of each block (the `triton` provider's, too)
+        from .triton import launch as L
+        return L.weight_scales_fp32(sfb, n, k)
     return _mn_major(_pack(_group_bytes(sfb, slice(0, n), k)[..., 0]))
 
 

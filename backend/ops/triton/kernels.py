@@ -490,9 +490,10 @@ def _e4m3_operand(x, EXACT: tl.constexpr):
 
 @triton.jit
 def sf_to_fp32_kernel(sf_ptr, out_ptr, bad_ptr, NUM_ROWS, MN_PAD, NUM_GROUPS, OUT_GROUPS, stride_oe, stride_or,
-                      stride_og, BLOCK_G: tl.constexpr, CHECK: tl.constexpr):
+                      stride_og, ROW_STEP, BLOCK_G: tl.constexpr, CHECK: tl.constexpr):
     """CUTLASS SF bytes (as int32 words, NUM_GROUPS 128-groups per row) -> fp32 out[e, r, g] for g < OUT_GROUPS (any
-    strides; MN-major is DeepGEMM's): 2^(byte - 127) of the first byte of each 128-group.
+    strides; MN-major is DeepGEMM's): 2^(byte - 127) of the first byte of each 128-group of source row r·ROW_STEP
+    (ROW_STEP 128: the first row of each 128-row block, a 128x128 weight scale).
 
     byte 0 -> 2^-127 (subnormal), 255 -> NaN, as moe_ref.fp8.ue8m0_decode. CHECK: bad[program] counts groups
     whose 4 bytes disagree (the launcher raises); without it the first byte is taken as stated.
@@ -503,8 +504,8 @@ def sf_to_fp32_kernel(sf_ptr, out_ptr, bad_ptr, NUM_ROWS, MN_PAD, NUM_GROUPS, OU
     r = rt * SF_TILE_ROWS + tl.arange(0, SF_TILE_ROWS)
     g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     ok = (r < NUM_ROWS)[None, :] & (g < OUT_GROUPS)[:, None]
-    word = tl.load(sf_ptr + e.to(tl.int64) * MN_PAD * NUM_GROUPS + _sf_word_offset(r[None, :], g[:, None], NUM_GROUPS),
-                   mask=ok, other=0)
+    word = tl.load(sf_ptr + e.to(tl.int64) * MN_PAD * NUM_GROUPS
+                   + _sf_word_offset(r[None, :] * ROW_STEP, g[:, None], NUM_GROUPS), mask=ok, other=0)
     b0 = word & 0xFF
     tl.store(out_ptr + e.to(tl.int64) * stride_oe + r[None, :] * stride_or + g[:, None] * stride_og,
              _ue8m0_to_f32(b0), mask=ok)

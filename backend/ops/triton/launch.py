@@ -301,16 +301,21 @@ def unpack_and_convert_scale(scale: torch.Tensor, masked_m: torch.Tensor | None 
 
 
 def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None, out: torch.Tensor | None = None,
-                          check: bool = True) -> torch.Tensor:
+                          check: bool = True, row_step: int = 1) -> torch.Tensor:
     """CUTLASS SF bytes uint8 [E, MN_pad, KB] -> fp32 [E, num_rows, KB/4], 2^(byte-127) per 128-group.
 
     out: where to write, [E, num_rows, G <= KB/4] (any strides, e.g. the MN-major view DeepGEMM reads; the first G
     groups are written); default a new contiguous tensor of all KB/4 groups.
     check: the 4 bytes of a group must be equal (ValueError otherwise, one synchronization); False takes the first
     byte of each group as the caller states it (no synchronization).
+    row_step: output row r is source row r·row_step (128: one row per 128-row block; num_rows defaults to the
+    blocks of MN_pad).
     """
     e_num, mn_pad, kb = sf.shape
-    rows = mn_pad if num_rows is None else int(num_rows)
+    rows = -(-mn_pad // row_step) if num_rows is None else int(num_rows)
+    if row_step < 1 or (rows - 1) * row_step >= mn_pad:
+        raise ValueError(f"row_step: {rows} rows {row_step} apart need more than the {mn_pad} rows of sf, "
+                         f"got row_step={row_step}")
     groups = kb // 4
     out = torch.empty((e_num, rows, groups), dtype=torch.float32, device=sf.device) if out is None else out
     out_groups = int(out.shape[2])
@@ -318,13 +323,29 @@ def cutlass_scale_to_fp32(sf: torch.Tensor, num_rows: int | None = None, out: to
     grid = (e_num, triton.cdiv(rows, K.SF_TILE_ROWS.value), triton.cdiv(out_groups, block_g))
     bad = torch.empty(grid[0] * grid[1] * grid[2] if check else 1, dtype=torch.int32, device=sf.device)
     K.sf_to_fp32_kernel[grid](sf.contiguous().view(torch.int32), out, bad, rows, mn_pad, groups, out_groups,
-                              *out.stride(),
-                              BLOCK_G=block_g, CHECK=bool(check), num_warps=4)
+                              *out.stride(), int(row_step), BLOCK_G=block_g, CHECK=bool(check), num_warps=4)
     n_bad = int(bad.sum()) if check else 0
     if n_bad:
         raise ValueError(f"sf: {n_bad} groups whose 4 bytes (one per 32 K-elements) differ; "
                          f"FP32 128-group scales need them equal")
     return out
+
+
+def activation_scales_fp32(sfa: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """CUTLASS SF bytes sfa [E, align(M,128), KB] -> fp32 1x128 scales, MN-major TMA-aligned view logical
+    [E, M, ceil(K/128)] (the Hopper recipe's layout: DeepGEMM's SM90 kernel and ours read it). First byte of each
+    128-group, taken as stated (no check, no synchronization); one launch."""
+    buf = mn_major_view(mn_major_zeros(sfa.shape[0], m, -(-k // GROUP_SIZE), torch.float32, sfa.device), m)
+    return cutlass_scale_to_fp32(sfa, m, out=buf, check=False)
+
+
+def weight_scales_fp32(sfb: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """CUTLASS SF bytes sfb [E, align(N,128), KB'] -> fp32 128x128 scales [E, ceil(N/128), ceil(K/128)] from the
+    first row of each 128-row block (block-uniform bytes: the contract's sfb_per_block). One launch, no
+    synchronization; pure (a caller may convert once and keep the result)."""
+    blocks = -(-n // GROUP_SIZE)
+    out = torch.empty((sfb.shape[0], blocks, -(-k // GROUP_SIZE)), dtype=torch.float32, device=sfb.device)
+    return cutlass_scale_to_fp32(sfb, blocks, out=out, check=False, row_step=GROUP_SIZE)
 
 
 def rows_window_copy(out: torch.Tensor, kept: torch.Tensor, counts: torch.Tensor, m: int, restore: bool) -> None:
@@ -560,11 +581,12 @@ def _dot_scaled(g: _MaskedGemm, cfg: dict) -> None:
 # 128 x 128 / 64 x 256 tiles were already ahead (0.96/0.94, 0.82/0.80 at 64 and 128 rows, N=4096 K=7168).
 # Only with block-uniform weight bytes (sfb_per_block): the Gluon kernel reads one weight byte per
 # 64 x 128 sub-tile and K step, it has no per-row variant.
-# The plain FP32 GEMM (no bias, not fused) runs the CuTe DSL kernel (backend/ops/cute: DeepGEMM's 128 x 192 tile
-# with B multicast, which Gluon cannot express) from CUTE_FROM_ROWS expected rows per expert on, when the optional
-# DSL is importable: there it measured 0.93-0.96x DeepGEMM against the Gluon kernel's 0.85-0.91x (paired, H200,
-# 2026-11-30 22:19 UTC, results/cute_gemm_paired_h200.json); below, its 128-row tiles idle half a warpgroup or more
-# and the Gluon kernel's 64-row tiles were ahead (0.99-1.05x vs 0.69-0.77x).
+# The plain GEMMs (no bias, not fused; with UE8M0 bytes only block-uniform weight bytes, converted to FP32 scales by
+# two small launches) run the CuTe DSL kernel (backend/ops/cute: DeepGEMM's 128 x 192 tile with B multicast, which
+# Gluon cannot express) from CUTE_FROM_ROWS expected rows per expert on, when the optional DSL is importable: there
+# it measured 0.95-0.98x DeepGEMM against the Gluon kernel's 0.85-0.91x (paired, H200, 2026-11-30 23:31 UTC,
+# results/gpu_h200.json); below, the Gluon kernel's 64-row tiles are ahead (0.97-1.06x vs CuTe's 0.93-0.98x,
+# results/cute_gemm_paired_h200.json).
 CUTE_FROM_ROWS = 256
 
 
@@ -573,17 +595,18 @@ def masked_gemm_kernel(recipe: str, device: torch.device, k: int, sfb_per_block:
     """"cute", "gluon" or "tl": the kernel group_gemm_masked_fp32 (recipe "fp32"), group_gemm_masked with impl
     "explicit" (recipe "ue8m0") and their fused GEMM 1 + SwiGLU + quant forms run for depth k on `device`; the
     Gluon kernels pick their tile from the rows hint themselves (gluon_gemm.pick_config). "cute" only for the
-    plain FP32 GEMM, which passes its width n and rows hint expected_m (the fused forms pass neither). The rule
+    plain GEMMs without bias, which pass their width n and rows hint expected_m (the fused forms pass neither);
+    with UE8M0 bytes only block-uniform weight bytes (sfb_per_block), converted to FP32 scales first. The rule
     and its measurements: the comment above."""
     if recipe not in ("fp32", "ue8m0"):
         raise ValueError(f"recipe: expected 'fp32' or 'ue8m0', got {recipe!r}")
     if interpreting() or device.type != "cuda" or k % 16 or not gluon_gemm.available():
         return "tl"
-    if recipe == "fp32":
-        cute = (n is not None and expected_m is not None and expected_m >= CUTE_FROM_ROWS
-                and cute_gemm.fits(expected_m, n, k) and cute_gemm.available())
-        return "cute" if cute else "gluon"
-    return "gluon" if sfb_per_block else "tl"
+    cute = (n is not None and expected_m is not None and expected_m >= CUTE_FROM_ROWS and sfb_per_block
+            and cute_gemm.fits(expected_m, n, k) and cute_gemm.available())
+    if cute:
+        return "cute"
+    return "gluon" if recipe == "fp32" or sfb_per_block else "tl"
 
 
 def _kernel_for(kernel: str | None, recipe: str, device, k: int, sfb_per_block: bool = True,
@@ -620,9 +643,10 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
     128x128, the block byte copied to its rows, as `BlackwellGemmFusedMoeMethod` builds them; not checked
     here, `sf_block_uniform` checks it): one weight byte per tile and K step, one FMA per element to
     promote, as the FP32 recipe. False (default): per-row weight bytes, two multiplies per element,
-    correct for any bytes. "explicit" runs the Gluon kernel where masked_gemm_kernel("ue8m0", ...) says so
-    (SM90, sfb_per_block; its tile chosen for expected_m, default M), else the `tl` kernel; `kernel`
-    ("tl" | "gluon") overrides that rule.
+    correct for any bytes. "explicit" runs the CuTe kernel or the Gluon kernel where
+    masked_gemm_kernel("ue8m0", ...) says so (SM90, sfb_per_block; CuTe from CUTE_FROM_ROWS rows without bias, the
+    bytes converted to FP32 scales first; the tile chosen for expected_m, default M), else the `tl` kernel;
+    `kernel` ("tl" | "gluon" | "cute") overrides that rule.
     """
     if impl not in GEMM_IMPLS:
         raise ValueError(f"impl: expected one of {', '.join(GEMM_IMPLS)}, got {impl!r}")
@@ -632,16 +656,34 @@ def group_gemm_masked(a: torch.Tensor, b: torch.Tensor, sfa: torch.Tensor, sfb: 
         repeats = [_repeats_per_128(w.view(torch.int32)) for w in words]
         impl = "explicit" if not repeats or bool(torch.stack(repeats).all()) else "dot_scaled"   # one sync, or none
     key = tuple(g.shape[2:]) + (str(g.a.device),)
+    rows = int(expected_m) if expected_m is not None else g.m
+    which = None if impl == "dot_scaled" else _kernel_for(
+        kernel, "ue8m0", g.a.device, g.shape[3], bool(sfb_per_block), n=g.shape[2],
+        expected_m=rows if g.bias is None else None)
     if impl == "dot_scaled":
         _run_tuned("dot_scaled", DOT_SCALED_CONFIGS, key, functools.partial(_dot_scaled, g),
                    INTERPRETER_CONFIG_DOT_SCALED)
-    elif _kernel_for(kernel, "ue8m0", g.a.device, g.shape[3], bool(sfb_per_block)) == "gluon":
+    elif which == "cute":
+        _cute_on_bytes(g, bool(sfb_per_block), rows)
+    elif which == "gluon":
         gluon_gemm.group_gemm_masked(g.a, g.b, g.sa, g.sb, g.counts, out, g.bias, g.m, expected_m=expected_m,
                                      sm_count=sm_count)
     else:
         _run_tuned("explicit_ue8m0" if sfb_per_block else "explicit_ue8m0_per_row", GEMM_CONFIGS, key,
                    functools.partial(_explicit_ue8m0, g, bool(sfb_per_block)))
     return out
+
+
+def _cute_on_bytes(g: _MaskedGemm, sfb_per_block: bool, rows: int) -> None:
+    """The CuTe kernel on CUTLASS UE8M0 bytes: converted to the FP32 1x128 / 128x128 scales it reads (two small
+    launches, no synchronization; decoded powers of two, so the promotion's products are the Gluon kernel's)."""
+    if g.bias is not None or not sfb_per_block:
+        raise ValueError("kernel: the CuTe kernel (kernel='cute') takes no bias and needs block-uniform weight bytes "
+                         f"(sfb_per_block=True), got bias={'a tensor' if g.bias is not None else None}, "
+                         f"sfb_per_block={sfb_per_block}")
+    e_num, m, n, k = g.shape
+    cute_gemm.group_gemm_masked_fp32(g.a, g.b, activation_scales_fp32(g.sa, m, k), weight_scales_fp32(g.sb, n, k),
+                                     g.counts, g.out, m, expected_m=rows, sm_count=g.sm_count)
 
 
 def group_gemm_masked_fp32(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
