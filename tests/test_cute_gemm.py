@@ -176,3 +176,42 @@ def test_cute_kernel_without_a_gpu_says_why():
     with pytest.raises(RuntimeError, match="cute masked_gemm: (nvidia-cutlass-dsl not importable|no CUDA device|needs)"):
         masked_gemm.group_gemm_masked_fp32(a, b, sa, sb, counts, out, 64)
     assert not out.any()
+
+
+class _FakeCompiled:
+    """The two entry points of a DSL-compiled function that masked_gemm._launch uses, recording what it is given."""
+
+    def __init__(self):
+        self.marshalled, self.runs = [], []
+        self.execution_args = self
+
+    def generate_execution_args(self, args, kwargs):
+        self.marshalled.append(args)
+        return [f"c{a}" for a in args], [object()]
+
+    def run_compiled_program(self, exe_args):
+        self.runs.append(exe_args)
+
+
+def test_launch_marshals_each_argument_set_once(monkeypatch):
+    from backend.ops.cute import masked_gemm
+    monkeypatch.setattr(masked_gemm, "_LAUNCHES", type(masked_gemm._LAUNCHES)())
+    monkeypatch.setattr(masked_gemm, "LAUNCH_CACHE_SIZE", 2)
+    fn, built = _FakeCompiled(), []
+
+    def make(*args):
+        return lambda: built.append(args) or args
+    for key in ("k1", "k1", "k2", "k1", "k3", "k2"):        # k2 was the least recent when k3 came: evicted
+        masked_gemm._launch(fn, key, make(key, 7))
+    assert [a[0] for a in built] == ["k1", "k2", "k3", "k2"]
+    assert fn.runs == [["ck1", "c7"]] * 2 + [["ck2", "c7"], ["ck1", "c7"], ["ck3", "c7"], ["ck2", "c7"]]
+    assert list(masked_gemm._LAUNCHES) == ["k3", "k2"]
+
+
+def test_launch_without_the_entry_points_calls_plainly(monkeypatch):
+    from backend.ops.cute import masked_gemm
+    monkeypatch.setattr(masked_gemm, "_LAUNCHES", type(masked_gemm._LAUNCHES)())
+    calls = []
+    masked_gemm._launch(lambda *a: calls.append(a), "k", lambda: (1, 2))
+    masked_gemm._launch(lambda *a: calls.append(a), "k", lambda: (1, 2))
+    assert calls == [(1, 2), (1, 2)] and not masked_gemm._LAUNCHES

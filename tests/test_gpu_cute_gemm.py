@@ -115,6 +115,26 @@ def test_full_shapes(cute_gemm, peers, n, k):
     _check(peers, got, got["gluon"])
 
 
+def test_repeated_launch_reads_new_counts_and_writes_again(cute_gemm, peers):
+    """The second call with the same buffers reuses the marshalled arguments (masked_gemm._launch): it must still
+    read masked_m and the operands afresh (changed in place) and write the output again."""
+    e_num, m_cap, n, k = 4, 384, 576, 256
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    x = peers.make_inputs(n, k, e_num, m_cap, gen)
+    counts = torch.tensor([384, 0, 129, 5], dtype=torch.int32, device="cuda")
+    out = torch.full((e_num * m_cap, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    cute_gemm.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, m_cap)
+    counts.copy_(torch.tensor([1, 300, 0, 384], dtype=torch.int32))
+    x["a"].copy_(torch.flip(x["a"], [0]))
+    out.fill_(float("nan"))
+    cute_gemm.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, m_cap)
+    torch.cuda.synchronize()
+    assert peers.untouched_tail(out, counts, e_num, m_cap)
+    rows = peers.valid_rows(out, counts, e_num, m_cap).float()
+    assert not torch.isnan(rows).any()
+    assert peers.BG.calc_diff(rows, _float_reference(x, counts, m_cap, n, k)) < REF_TOL
+
+
 def test_graph_capture_reads_counts_on_device(cute_gemm, peers):
     """Captured once, replayed after masked_m changed in place: the new counts are used (no host read)."""
     e_num, m_cap, n, k = 4, 256, 256, 256

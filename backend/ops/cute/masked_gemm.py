@@ -17,6 +17,7 @@ GPU (CUTE_DSL_ARCH), which is how the CPU machine checks it.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import tempfile
@@ -279,5 +280,34 @@ def group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, max_m_per_expe
     _check_k(b.shape[2], cfg["bn"], cfg["stages"])
     fn = compiled(cfg["bn"], cfg["cluster_m"], cfg["stages"], ctas, sa_tma, bool(cfg["tma_store"]),
                   partial_smem=bool(cfg["partial_smem"]))
-    fn(*_args(a, b, a_scale, b_scale, counts, out, m, sa_tma), cuda.CUstream(torch.cuda.current_stream().cuda_stream))
+    stream = torch.cuda.current_stream().cuda_stream
+    key = (id(fn), stream, m, *(t.data_ptr() for t in (a, b, a_scale, b_scale, counts, out)), *b.shape,
+           *a_scale.stride(), *b_scale.stride())
+    _launch(fn, key, lambda: (*_args(a, b, a_scale, b_scale, counts, out, m, sa_tma), cuda.CUstream(stream)))
     return out
+
+
+LAUNCH_CACHE_SIZE = 64      # argument sets kept per process (a serving loop reuses a few static buffers)
+_LAUNCHES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def _launch(fn, key: tuple, make_args) -> None:
+    """fn(*make_args()) with the DSL's marshalling of the arguments (pointer objects, ctypes conversion: most of
+    the ~0.2 ms of host time a plain call costs) done once per key: the launch depends only on the pointers, sizes,
+    strides and stream in `key`, so the marshalled arguments are kept (with the objects they point into) for the
+    LAUNCH_CACHE_SIZE most recent keys and handed to the compiled program directly. A DSL without that entry point
+    (generate_execution_args / run_compiled_program) gets the plain call."""
+    hit = _LAUNCHES.get(key)
+    if hit is None:
+        args = make_args()
+        try:
+            exe_args, adapted = fn.execution_args.generate_execution_args(args, {})
+        except AttributeError:
+            fn(*args)
+            return
+        hit = _LAUNCHES[key] = (exe_args, adapted, args)
+        while len(_LAUNCHES) > LAUNCH_CACHE_SIZE:
+            _LAUNCHES.popitem(last=False)
+    else:
+        _LAUNCHES.move_to_end(key)
+    fn.run_compiled_program(hit[0])
