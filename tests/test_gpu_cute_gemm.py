@@ -121,6 +121,7 @@ def test_repeated_launch_reads_new_counts_and_writes_again(cute_gemm, peers):
     e_num, m_cap, n, k = 4, 384, 576, 256
     gen = torch.Generator(device="cuda").manual_seed(13)
     x = peers.make_inputs(n, k, e_num, m_cap, gen)
+    x["fb"] = (torch.rand(e_num, -(-n // 128), k // 128, device="cuda", generator=gen) + 0.5) * 2.0 ** -6
     counts = torch.tensor([384, 0, 129, 5], dtype=torch.int32, device="cuda")
     out = torch.full((e_num * m_cap, n), float("nan"), dtype=torch.bfloat16, device="cuda")
     cute_gemm.group_gemm_masked_fp32(x["a"], x["b"], x["fa_mn"], x["fb"], counts, out, m_cap)
