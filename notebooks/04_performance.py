@@ -632,7 +632,7 @@ for path, run in gpu_runs:
 # Two things decide how it does on few rows and uneven fills. *Which CTAs pair up*: a cluster's two CTAs share the
 # weight tile only when they work on two 128-row tiles of the same expert; an expert with one such tile (128 rows), or
 # an odd count, pairs its last tile's two CTAs along N instead (different weight tiles, each loaded whole), as
-# DeepGEMM's scheduler does, so no CTA idles (`masked_gemm.cluster_block`, tested on every block in
+# DeepGEMM's scheduler does, so no CTA idles (`walk.cluster_block`, tested on every block in
 # `tests/test_cute_gemm.py`). *How the last rows are written*: rows past `masked_m` must stay untouched, so the
 # sub-tile holding an expert's last rows cannot go out by one TMA store; it is staged in shared memory and written
 # 16 bytes per thread, rows below the count only.

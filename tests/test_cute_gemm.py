@@ -1,4 +1,4 @@
-"""backend/ops/cute on the CPU: the kernel's tile walk (masked_gemm.cluster_block) on ints (the kernel runs the
+"""backend/ops/cute on the CPU: the kernel's tile walk (walk.cluster_block) on ints (the kernel runs the
 same function on device values, so what holds here holds for the blocks its CTAs compute), and which kernel the
 launchers run (the DSL faked: CI cannot install it).
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from backend.ops.cute.masked_gemm import cluster_block, expert_units
+from backend.ops.cute.walk import cluster_block, expert_units
 
 
 def _py_select(cond, a, b):

@@ -10,7 +10,7 @@ and promote `final = fma(partial, sa[row] * sb[col block], final)` in fp32 (as D
 kernel); each math warpgroup copies its tile's weight scales of every K step into its own shared-memory
 buffer at the tile's start (one LDS per step, no global loads in the K loop, which is unrolled by 2). The tile
 walk is built on the device from masked_m: cluster tile t of cluster c for t = c, c + clusters, ..., the
-tiles of expert 0 first; inside an expert, masked_gemm.cluster_block gives each CTA its block (DeepGEMM's
+tiles of expert 0 first; inside an expert, walk.cluster_block gives each CTA its block (DeepGEMM's
 walk: pairs of m-tiles on one n-tile first, an odd last m-tile paired along N), so a CTA idles only on the
 one block past N of an expert whose n-tile count is odd.
 
@@ -31,7 +31,7 @@ import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass.cute.nvgpu import cpasync, warpgroup
 from cutlass.pipeline import pipeline_init_arrive, pipeline_init_wait
 
-from .masked_gemm import cluster_block, expert_units
+from .walk import cluster_block, expert_units
 
 BM = 128                # CTA tile rows: 2 math warpgroups x 64
 BK = 128                # one K step = one scale block
@@ -157,7 +157,7 @@ class MaskedGemmSm90:
 
     @cute.jit
     def _units(self, cnt: cutlass.Int32, n_tiles: cutlass.Int32) -> cutlass.Int32:
-        """Cluster tiles of an expert with cnt valid rows (masked_gemm.expert_units)."""
+        """Cluster tiles of an expert with cnt valid rows (walk.expert_units)."""
         return expert_units((cnt + BM - 1) // BM, n_tiles, self.cluster_m)
 
     @cute.jit
@@ -170,7 +170,7 @@ class MaskedGemmSm90:
     @cute.jit
     def _locate(self, t, e, base, tiles_e, mCnt: cute.Tensor, n_tiles, rank):
         """Cluster tile t -> (e, base, tiles_e) moved on to its expert (base: its first tile, tiles_e: its
-        count), and this CTA's (m-tile, n-tile, multicast) in it (masked_gemm.cluster_block)."""
+        count), and this CTA's (m-tile, n-tile, multicast) in it (walk.cluster_block)."""
         while t >= base + tiles_e:
             base += tiles_e
             e += 1

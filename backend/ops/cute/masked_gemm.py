@@ -8,7 +8,7 @@ promoted `final = fma(partial, sa[row] · sb, final)` (DeepGEMM's recipe, the Gl
 
 The kernel (_sm90_masked.MaskedGemmSm90) imports cutlass, so it is loaded on first use. Configs:
 bn (128 | 192 columns per CTA tile), cluster_m (1: no multicast; 2: two CTAs on two m-tiles of one
-(expert, n-tile), B multicast, or on two n-tiles of an expert's odd last m-tile: cluster_block), stages (smem
+(expert, n-tile), B multicast, or on two n-tiles of an expert's odd last m-tile: walk.cluster_block), stages (smem
 ring depth; default: the most that fit), sa_tma (A scales by TMA into shared memory with each stage; needs
 MN-major scales, else the per-thread global loads are used), tma_store (full 64-row sub-tiles stored by TMA),
 partial_smem (with tma_store: the partial sub-tile staged in shared memory and stored 16 bytes a thread, else
@@ -77,30 +77,6 @@ def sb_tiles(bn: int, stages: int) -> int:
     """K steps (K / 128) whose weight scales fit the shared memory the ring and output tiles leave (each math
     warpgroup keeps its tile's, all K steps): the largest K the config takes is 128 x this."""
     return (SMEM_BYTES - _fixed_bytes(bn) - stages * _stage_bytes(bn)) // _sb_bytes_per_tile(bn) // 2 * 2
-
-
-def expert_units(m_tiles, n_tiles, cluster_m: int):
-    """Cluster tiles of an expert with m_tiles 128-row tiles (1 | 2 CTAs each: ceil(m_tiles · n_tiles /
-    cluster_m)). Plain arithmetic: the kernel calls it on device values, the tests on ints."""
-    return (m_tiles * n_tiles + cluster_m - 1) // cluster_m
-
-
-def cluster_block(u, m_tiles, n_tiles, rank, cluster_m: int, select, imax):
-    """The block (m-tile, n-tile, multicast) that CTA `rank` of a cluster works on in cluster tile u of an expert
-    with m_tiles x n_tiles blocks (u < expert_units; DeepGEMM's walk of masked experts). cluster_m = 1: the
-    block u, m fastest. cluster_m = 2: the pairs of m-tiles (0, 1), (2, 3), ... share an n-tile, m fastest,
-    B multicast to both CTAs; an odd last m-tile is paired along N instead, n-tiles (0, 1), (2, 3), ..., no
-    multicast, so no CTA idles on an expert with one m-tile or an odd count (the old walk left one CTA of the
-    pair idle there); with n_tiles odd the expert's last pair has a second block at n-tile n_tiles, past N,
-    which the CTA loads clamped and skips. select(cond, a, b) and imax: the DSL's on device values, Python's
-    on ints (plain arithmetic, no branches: the same code runs in the kernel and in the tests)."""
-    if cluster_m == 1:
-        return u % m_tiles, u // m_tiles, False
-    half = m_tiles // 2
-    paired = half * n_tiles                       # the multicast tiles come first
-    mc = u < paired
-    h = imax(half, 1)
-    return select(mc, u % h * 2 + rank, m_tiles - 1), select(mc, u // h, (u - paired) * 2 + rank), mc
 
 
 def _check_config(bn: int, cluster_m: int, stages: int, num_ctas: int):
