@@ -611,7 +611,7 @@ def masked_gemm_kernel(recipe: str, device: torch.device, k: int, sfb_per_block:
 
 def _kernel_for(kernel: str | None, recipe: str, device, k: int, sfb_per_block: bool = True,
                 n: int | None = None, expected_m: int | None = None) -> str:
-    """The caller's `kernel` ("tl" | "gluon", and "cute" where n is given: the plain FP32 GEMM; e.g. a benchmark
+    """The caller's `kernel` ("tl" | "gluon", and "cute" where n is given: the plain GEMMs; e.g. a benchmark
     timing each), or masked_gemm_kernel's rule (None)."""
     if kernel is None:
         return masked_gemm_kernel(recipe, device, k, sfb_per_block, n, expected_m)
