@@ -638,6 +638,37 @@ for path, run in gpu_runs:
 # 16 bytes per thread, rows below the count only.
 
 # %% tags=["nbval-ignore-output"]
+# nbval-ignore-output: a figure (its PNG bytes depend on the matplotlib build); the walk itself is asserted here.
+import matplotlib.colors
+
+from backend.ops.cute.walk import cluster_block, expert_units
+
+M_TILES, N_TILES = 3, 6                  # one expert: 257-384 rows, N = 1152 at 192 columns per tile
+owner = np.full((M_TILES, N_TILES), -1)
+multicast = np.zeros((M_TILES, N_TILES), bool)
+for u in range(expert_units(M_TILES, N_TILES, 2)):
+    for rank in (0, 1):
+        mt, nt, mc = cluster_block(u, M_TILES, N_TILES, rank, 2, lambda c, a, b: a if c else b, max)
+        if nt < N_TILES:
+            assert owner[mt, nt] == -1, "a block computed twice"
+            owner[mt, nt], multicast[mt, nt] = u, mc
+assert (owner >= 0).all(), "a block never computed"
+fig, ax = plt.subplots(figsize=(6.4, 2.3))
+ax.imshow(multicast, cmap=matplotlib.colors.ListedColormap(["#fdbf6f", "#a6cee3"]), vmin=0, vmax=1, aspect="auto")
+for (i, j), u in np.ndenumerate(owner):
+    ax.text(j, i, f"tile {u}", ha="center", va="center", fontsize=8)
+ax.set_xticks(range(N_TILES), [f"n{j}" for j in range(N_TILES)], fontsize=8)
+ax.set_yticks(range(M_TILES), [f"m{i}" for i in range(M_TILES)], fontsize=8)
+ax.set_title("one expert's blocks on 2-CTA clusters: blue = the pair shares B (multicast), orange = paired along N",
+             fontsize=8)
+fig.tight_layout()
+show(fig, f"A grid of {M_TILES} m-tiles by {N_TILES} n-tiles, each block labelled with the cluster tile that "
+          f"computes it: m-tiles 0 and 1 share each n-tile's weight tile (multicast), the odd last m-tile's blocks "
+          f"go two n-tiles per cluster tile without multicast.")
+md(f"{expert_units(M_TILES, N_TILES, 2)} cluster tiles cover the expert's {M_TILES * N_TILES} blocks, none twice, no "
+   f"CTA idle; {int(multicast.sum())} blocks get their weight tile by multicast.")
+
+# %% tags=["nbval-ignore-output"]
 # nbval-ignore-output: numbers read from benchmarks/results/cute_gemm_*.json.
 for path in sorted(results_dir.glob("cute_gemm_*.json")):
     doc = json.loads(path.read_text())
