@@ -164,7 +164,7 @@ def test_arguments_are_checked(L):
     with pytest.raises(ValueError, match=r"out: expected \(act \[3, 80, 256\] float8_e4m3fn contiguous"):
         _fused(L, "ue8m0", a, w_q, sa, sb, counts, out=(torch.empty(3, 80, 128, dtype=torch.float8_e4m3fn),
                                                         torch.empty(3, 128, 16, dtype=torch.uint8)))
-    with pytest.raises(ValueError, match="kernel: expected 'tl', 'gluon' or None, got 'cutlass'"):
+    with pytest.raises(ValueError, match="kernel: expected one of 'tl', 'gluon' or None, got 'cutlass'"):
         _fused(L, "ue8m0", a, w_q, sa, sb, counts, kernel="cutlass")
     with pytest.raises(ValueError, match="I a multiple of 128, got 2I = 320"):
         _fused(L, "ue8m0", a, w_q[:, :320], sa, sb, counts)
