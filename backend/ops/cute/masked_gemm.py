@@ -21,6 +21,7 @@ import collections
 import functools
 import os
 import tempfile
+import threading
 import warnings
 
 BLOCK_K = 128
@@ -265,6 +266,7 @@ def group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, max_m_per_expe
 
 LAUNCH_CACHE_SIZE = 64      # argument sets kept per process (a serving loop reuses a few static buffers)
 _LAUNCHES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_LAUNCHES_LOCK = threading.Lock()       # launches from several threads (in-process EP ranks) share the cache
 
 
 def _launch(fn, key: tuple, make_args) -> None:
@@ -273,7 +275,10 @@ def _launch(fn, key: tuple, make_args) -> None:
     strides and stream in `key`, so the marshalled arguments are kept (with the objects they point into) for the
     LAUNCH_CACHE_SIZE most recent keys and handed to the compiled program directly. A DSL without that entry point
     (generate_execution_args / run_compiled_program) gets the plain call."""
-    hit = _LAUNCHES.get(key)
+    with _LAUNCHES_LOCK:
+        hit = _LAUNCHES.get(key)
+        if hit is not None:
+            _LAUNCHES.move_to_end(key)
     if hit is None:
         args = make_args()
         try:
@@ -281,9 +286,9 @@ def _launch(fn, key: tuple, make_args) -> None:
         except AttributeError:
             fn(*args)
             return
-        hit = _LAUNCHES[key] = (exe_args, adapted, args)
-        while len(_LAUNCHES) > LAUNCH_CACHE_SIZE:
-            _LAUNCHES.popitem(last=False)
-    else:
-        _LAUNCHES.move_to_end(key)
+        hit = (exe_args, adapted, args)
+        with _LAUNCHES_LOCK:
+            _LAUNCHES[key] = hit
+            while len(_LAUNCHES) > LAUNCH_CACHE_SIZE:
+                _LAUNCHES.popitem(last=False)
     fn.run_compiled_program(hit[0])
