@@ -237,8 +237,8 @@ def _checked(a, b, a_scale, b_scale, masked_m, out, m: int):
 def group_gemm_masked_fp32(a, b, a_scale, b_scale, masked_m, out, max_m_per_expert: int | None = None,
                            expected_m: int | None = None, config: dict | None = None, sm_count: int = -1):
     """As launch.group_gemm_masked_fp32 (no bias): writes out's rows < masked_m[e], returns out. config: keys of
-    a pick_config() dict (bn, cluster_m, stages, sa_tma, tma_store) that override it; sm_count: CTAs of the
-    persistent grid (-1: every SM)."""
+    a pick_config() dict (bn, cluster_m, stages, sa_tma, tma_store, partial_smem) that override it; sm_count: CTAs
+    of the persistent grid (-1: every SM)."""
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"cute masked_gemm: {reason}")
@@ -281,11 +281,11 @@ def _launch(fn, key: tuple, make_args) -> None:
             _LAUNCHES.move_to_end(key)
     if hit is None:
         args = make_args()
-        try:
-            exe_args, adapted = fn.execution_args.generate_execution_args(args, {})
-        except AttributeError:
+        marshal = getattr(getattr(fn, "execution_args", None), "generate_execution_args", None)
+        if marshal is None or not hasattr(fn, "run_compiled_program"):
             fn(*args)
             return
+        exe_args, adapted = marshal(args, {})
         hit = (exe_args, adapted, args)
         with _LAUNCHES_LOCK:
             _LAUNCHES[key] = hit
