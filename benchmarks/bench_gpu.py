@@ -28,6 +28,7 @@ every number) to --out; a summary table last on stdout.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import pathlib
@@ -508,8 +509,10 @@ def memory_bound_list(res: dict) -> list:
 
 def fill_ms(nbytes: int) -> float:
     """Median ms of a device fill writing nbytes (nothing read): the ceiling of a write-bound op (the permute writes
-    ~9 bytes per byte it reads), beside the copy's. On an H200 a fill runs at ~0.79x a copy's bytes per second."""
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=DEV)
+    ~9 bytes per byte it reads), beside the copy's. On an H200 a fill of int32 words runs at 1.05-1.09x a copy's bytes
+    per second (benchmarks/bench_write_ceiling.py, 2026-12-01); a fill of bytes at 0.79x (4 bytes stored per thread),
+    which this function timed before and which was taken for the card's write ceiling."""
+    buf = torch.empty(-(-nbytes // 4), dtype=torch.int32, device=DEV)     # words: a byte fill stores 4 bytes a thread
     return bench_ms(lambda: buf.fill_(7))
 
 
@@ -902,7 +905,9 @@ def main():
     if args.graph:
         skip |= {"memory", "gemm", "chain", "chain_layer"}
     torch.manual_seed(0)
-    environment()
+    env = environment()
+    RESULTS.update(card=env.get("card", "cpu"),     # bench_gemm_peers.py --merge-into restamps both with its own run
+                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     cp = copy_ceiling() or {}
     if DRY:
         shapes, e_num, m_cap, fills = [(256, 256)], 4, 128, (64, 128, "uneven_0_128")

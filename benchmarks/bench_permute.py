@@ -30,6 +30,8 @@ def parse_args():
     ap.add_argument("--warps", default="2,4")
     ap.add_argument("--caches", default="none,.cs,.cg", help="row store cache modifiers (none: the default)")
     ap.add_argument("--zblocks", default="0,256,512", help="dead-row store widths, tried with the best split/warps")
+    ap.add_argument("--block-s", default="64,32,16,8", help="slots per zeroing / scale program, with the best "
+                    "split/warps")
     return ap.parse_args()
 
 
@@ -69,7 +71,7 @@ def main() -> int:
     out = dict(card=torch.cuda.get_device_name(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="seconds"), command="python3 benchmarks/bench_permute.py " + " ".join(sys.argv[1:]),
         default=default, copy_2gib=copy, fill_2gib_ms=B.fill_ms(2 << 30), records=[])
-    grid = [dict(split=sp, num_warps=nw, zblock=0, store_cache="" if c == "none" else c)
+    grid = [dict(default, split=sp, num_warps=nw, store_cache="" if c == "none" else c)
             for sp in map(int, a.splits.split(",")) for nw in map(int, a.warps.split(",")) for c in a.caches.split(",")]
     for kind in ("cutlass_sf", "fp32"):
         base, want = measure(kind, x, ids, e, m, default, None)
@@ -79,8 +81,10 @@ def main() -> int:
         for cfg in grid + [None]:
             if cfg is None:          # the dead-row store width, with the best split and warps of this kind
                 best = min((r for r in out["records"] if r["kind"] == kind), key=lambda r: r["move_ms"])
-                cfgs = [dict(split=best["split"], num_warps=best["num_warps"], zblock=z, store_cache=best["store_cache"])
-                        for z in map(int, a.zblocks.split(",")) if z]
+                top = dict(split=best["split"], num_warps=best["num_warps"], zblock=0, store_cache=best["store_cache"],
+                           block_s=default["block_s"])
+                cfgs = [dict(top, zblock=z) for z in map(int, a.zblocks.split(",")) if z]
+                cfgs += [dict(top, block_s=b) for b in map(int, a.block_s.split(",")) if b != default["block_s"]]
             else:
                 cfgs = [cfg]
             for c in cfgs:
@@ -89,14 +93,18 @@ def main() -> int:
                 B.log({k: round(v, 4) if isinstance(v, float) else v for k, v in rec.items()})
                 write_json(pathlib.Path(a.out), out, indent=1, newline=False)
     L.PERMUTE_SCATTER = default
+    m_exact = int(torch.bincount(ids.flatten(), minlength=e).max())       # the fewest dead rows these ids allow
+    probe, _ = measure("cutlass_sf", x, ids, e, m_exact, default, None)
+    out["dead_rows_probe"] = dict(probe, fill_written_bytes_ms=B.fill_ms(probe["written_bytes"]))
+    B.log("M = largest count", out["dead_rows_probe"])
     for r in out["records"]:
         r["ratio_to_copy"] = r["bytes"] / r["op_ms"] / 1e9 / copy["tb_per_s"]
         r["move_ratio_to_copy"] = r["bytes"] / r["move_ms"] / 1e9 / copy["tb_per_s"]
     write_json(pathlib.Path(a.out), out, indent=1, newline=False)
     for kind in ("cutlass_sf", "fp32"):
         best = min((r for r in out["records"] if r["kind"] == kind), key=lambda r: r["op_ms"])
-        B.log(kind, "best", {k: best[k] for k in ("split", "num_warps", "zblock", "store_cache", "op_ms", "move_ms",
-                                                  "ratio_to_copy")})
+        B.log(kind, "best", {k: best[k] for k in ("split", "num_warps", "zblock", "store_cache", "block_s", "op_ms",
+                                                  "move_ms", "ratio_to_copy")})
     return 0 if all(r["equal_to_default"] is not False for r in out["records"]) else 1
 
 

@@ -919,9 +919,15 @@ for path, run in gpu_runs:
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     show(fig, f"Stacked bars per number of tokens on {card_of(run)}: our ht layer by stage next to DeepGEMM's two "
               f"GEMMs alone, with a tick at 1.2x the latter. Source: {source}. Date: {date_of(run)}.")
-    mb_list = run.get("memory_bound")
+    mb_list, mb_from = run.get("memory_bound"), f"{path.name} ({date_of(run)})"
+    newer = results_dir / path.name.replace("gpu_", "membound_", 1)    # a later memory-only run of the same card
+    if not RUN_GPU_LIVE and newer.exists():
+        later = json.loads(newer.read_text())
+        if later.get("memory_bound") and str(later.get("date", "")) > str(run.get("date", "")):
+            mb_list, mb_from = later["memory_bound"], f"{newer.name} ({date_of(later)}, a later memory-only run)"
     if mb_list:
-        print(f"\n{'memory-bound op':34s} {'x copy':>7s} {'timing':>7s} {'eager x copy':>13s} "
+        print(f"\nmemory-bound ops from {mb_from}")
+        print(f"{'memory-bound op':34s} {'x copy':>7s} {'timing':>7s} {'eager x copy':>13s} "
               f"{'x copy, same bytes':>19s} {'x fill, written bytes':>22s}")
         for v in mb_list:
             same, fill = v.get("ratio_to_copy_same_bytes"), v.get("ratio_to_fill_written_bytes")
@@ -929,9 +935,12 @@ for path, run in gpu_runs:
                   f"{'' if same is None else f'{same:.2f}':>19s} {'' if fill is None else f'{fill:.2f}':>22s}")
         md("Three ceilings: `x copy` against a 2 GiB device copy (its read + written bytes per second); `x copy, same "
            "bytes` against a copy of as many bytes as the op moves (small ops cannot reach the large copy's rate); `x "
-           "fill, written bytes` against a device fill of the bytes the op writes. The permute writes about nine bytes "
-           "per byte it reads, and on this card writing alone runs at about 0.8x the copy's rate "
-           "(`benchmarks/bench_permute.py`), so the fill, not the copy, bounds it.")
+           "fill, written bytes` against a device fill (int32 words) of the bytes the op writes. On an H200 writing "
+           "alone runs at 1.05-1.09x the copy's rate, and the permute's row writes alone at about 0.92x of that; what "
+           "keeps the permute near 0.67x of the fill is reading x during its writes: 29.5 MB of reads cost it 13-14 us "
+           "however they are issued (`benchmarks/bench_write_ceiling.py --patterns`, `benchmarks/NOTES_gpu.md`). "
+           "Runs before 2026-12-01 timed a byte fill here, which stores 4 bytes per thread and runs at 0.8x the copy: "
+           "their fill column reads high.")
 
 
 # %% [markdown]

@@ -90,7 +90,8 @@ def test_prefix_over_several_tiles(L, monkeypatch):
 @pytest.mark.parametrize("other", ["gather", "split"])
 def test_gather_move_equals_scatter_move(L, monkeypatch, scale_kind, sf_group, other):
     """launch.PERMUTE_MOVE="gather" (slot-block programs read the rows of their slots' tokens), and the scatter with
-    each row in 4 programs, 2 warps and narrower zero stores (launch.PERMUTE_SCATTER), write the bytes of the
+    each row in 4 programs, 2 warps, narrower zero stores and 8-slot zeroing / scale programs (launch.PERMUTE_SCATTER,
+    16 of them per SF tile), write the bytes of the
     default scatter (one program per token; checked against moe_ref in tests/test_triton_provider.py): rows,
     zero tail, scales in each layout, map, counts; with an expert over M and a bad id (deferred: dropped, recorded),
     M not a multiple of 16 (partly dead slot blocks) and counts above 128 (two SF tiles)."""
@@ -102,7 +103,7 @@ def test_gather_move_equals_scatter_move(L, monkeypatch, scale_kind, sf_group, o
     outs = {}
     for mode in ("scatter", other):
         monkeypatch.setattr(L, "PERMUTE_MOVE", "gather" if mode == "gather" else "scatter")
-        split = dict(split=4, num_warps=2, zblock=16, store_cache=".cs")
+        split = dict(split=4, num_warps=2, zblock=16, store_cache=".cs", block_s=8)
         monkeypatch.setattr(L, "PERMUTE_SCATTER", split if mode == "split" else dict(L.PERMUTE_SCATTER, split=1))
         err = torch.zeros(5, dtype=torch.int64)
         outs[mode] = L.prefill_permute_to_masked_gemm(x, scale, ids, e, m, errors=err, sf_group=sf_group) + (err,)

@@ -235,10 +235,13 @@ def _scale_out(scale: torch.Tensor, e_num: int, m: int, sf_group: int | None):
 PERMUTE_MOVE = "scatter"
 # The scatter's launch shape: each token's row in `split` programs (a row of ROW words not divisible by it runs in
 # one), `num_warps` per program, the dead-row zeroing `zblock` words per store (0: as the row copy), the row stores'
-# cache modifier `store_cache` ("" default, ".cs" streaming, ".cg" L2 only).
+# cache modifier `store_cache` ("" default, ".cs" streaming, ".cg" L2 only), `block_s` slots per zeroing / scale
+# program (a divisor of 128: an SF tile's programs).
 # benchmarks/bench_permute.py swept them on an H200 (2026-11-30): within 1 % of each other up to 2 programs per row,
-# the move kernel at the write ceiling (0.99x a fill of the bytes it writes); 2 x 2 warps was fastest in both runs.
-PERMUTE_SCATTER = dict(split=2, num_warps=2, zblock=0, store_cache="")
+# 2 x 2 warps was fastest in both runs; block_s 64 / 32 / 16 / 8 / 4 within 1 % (2026-12-01). The move kernel runs at
+# 0.67x an int32 fill of the bytes it writes: reading x during its writes costs 13-14 us at W=4096, however the reads
+# are issued (benchmarks/bench_write_ceiling.py; benchmarks/NOTES_gpu.md).
+PERMUTE_SCATTER = dict(split=2, num_warps=2, zblock=0, store_cache="", block_s=64)
 
 
 def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: int | None):
@@ -256,7 +259,7 @@ def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: 
         ps_words, sf_rows, sf_groups, permute_scale = _scale_out(scale, e_num, m, sf_group)
         sv = (scale if scale.stride(-1) == 1 else scale.contiguous()).view(torch.int32)
     gather = PERMUTE_MOVE == "gather"
-    block_s = 16 if gather else 64
+    block_s = 16 if gather else PERMUTE_SCATTER.get("block_s", 64)
     n_blocks = triton.cdiv(max(sf_rows, m), block_s)
     s_cols = 0 if scale is None else scale.shape[1]
     block_sc = min(16, _pow2(sf_groups)) if sf_group is not None else min(64, _pow2(s_cols))   # [16, 128] SF tiles
