@@ -51,3 +51,31 @@ def test_permute_full_shape_matches_torch():
     _, sf, _, _ = L.prefill_permute_to_masked_gemm(x, words, ids, E_NUM, m, errors=err, sf_group=128)
     assert torch.equal(sf, L.unpack_and_convert_scale(ps, counts))
     assert not any(err.tolist())
+
+
+def test_permute_with_programmatic_dependent_launch_writes_the_same_bytes(monkeypatch):
+    """launch.PERMUTE_PDL (the slot and move kernels launched as programmatic dependents, the move kernel reading its
+    first x block before waiting for the index step) gives the bytes of the plain launches, eager and replayed from
+    a CUDA graph, with the outputs poisoned before each replay; every output is compared (rows, CUTLASS scale bytes,
+    map, counts, error record)."""
+    from backend.ops.triton import launch as L
+    from backend.ops.triton.graphs import capture_graph
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    ids = torch.argsort(torch.rand(W_TOK, E_NUM, device="cuda", generator=gen), 1)[:, :K_TOP].contiguous()
+    x = torch.randint(0, 255, (W_TOK, H), dtype=torch.uint8, device="cuda", generator=gen).view(torch.float8_e4m3fn)
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (W_TOK, H // 512), dtype=torch.int32, device="cuda", generator=gen)
+    m = int(torch.bincount(ids.flatten(), minlength=E_NUM).max()) + 64
+    err = torch.zeros(5, dtype=torch.int64, device="cuda")
+    op = lambda: L.prefill_permute_to_masked_gemm(x, words, ids, E_NUM, m, errors=err, sf_group=128)  # noqa: E731
+    monkeypatch.setattr(L, "PERMUTE_PDL", False)
+    want = [t.clone() for t in op()]
+    monkeypatch.setattr(L, "PERMUTE_PDL", True)
+    eager = op()
+    graph, out = capture_graph(op)
+    for t in out:
+        t.view(torch.uint8).fill_(0xA5)                                  # poison: the replay must rewrite all
+    graph.replay()
+    torch.cuda.synchronize()
+    for got in (eager, out):
+        assert all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for a, b in zip(got, want))
+    assert not any(err.tolist())

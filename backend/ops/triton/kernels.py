@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from moe_ref import cutlass_sf
 from moe_ref import constants as C
@@ -180,9 +181,12 @@ def _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W: tl.constexpr, KP: tl.c
 
 @triton.jit
 def permute_count_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, W, K_TOP, E, stride_ids,
-                         BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr):
+                         BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr, PDL: tl.constexpr = False):
     """hist [chunks, E_PAD] int32: rows per expert in this chunk; bad [chunks]: ids outside [-1, E); first
-    [chunks]: flat index t·K_TOP + k of the chunk's first such id (W·K_TOP if none)."""
+    [chunks]: flat index t·K_TOP + k of the chunk's first such id (W·K_TOP if none). PDL: lets the slot kernel
+    launch now (programmatic dependent launch; it waits for this kernel before reading hist)."""
+    if PDL:
+        gdc_launch_dependents()
     ids, ok, onehot = _onehot_chunk(ids_ptr, W, K_TOP, stride_ids, BLOCK_W, KP, E_PAD)
     chunk = tl.program_id(0)
     p = tl.arange(0, BLOCK_W * KP)
@@ -249,7 +253,7 @@ def _store_record(err_ptr, code, a, b, c, d):
 def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr, counts_ptr, problems_ptr, err_ptr, W,
                         K_TOP, E, M, stride_ids, BLOCK_W: tl.constexpr, KP: tl.constexpr, E_PAD: tl.constexpr,
                         CB: tl.constexpr, RECORD: tl.constexpr, BAD_ID_CODE: tl.constexpr,
-                        OVERFLOW_CODE: tl.constexpr, HAS_INV: tl.constexpr):
+                        OVERFLOW_CODE: tl.constexpr, HAS_INV: tl.constexpr, PDL: tl.constexpr = False):
     """map [W, K_TOP] int32 = e·M + slot (slot = rows of e before this entry, token-major then k) or -1.
     -1 also for an id outside [0, E) and a slot >= M (dropped: the launcher raises or records them).
 
@@ -257,7 +261,12 @@ def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr,
     prefix launch). One program more than chunks, the last: the counts, the problems and the record
     (`_permute_totals`), beside the others rather than after one program's own chunk.
     HAS_INV: also inv [E·M] int32, inv[e·M + slot] = token (slots < counts[e] only).
+    PDL (launched as a programmatic dependent of the count kernel): lets the move kernel launch, then waits for the
+    count kernel's hist before reading it.
     """
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     chunk = tl.program_id(0)
     n_chunks = tl.num_programs(0) - 1
     if chunk < n_chunks:
@@ -280,15 +289,24 @@ def permute_slot_kernel(ids_ptr, hist_ptr, bad_ptr, first_ptr, map_ptr, inv_ptr,
 
 @triton.jit
 def _scatter_token_row(x_ptr, map_ptr, px_ptr, t, c_lo, c_hi, ROW, NUM_ROWS, stride_x, K_TOP: tl.constexpr,
-                       KP: tl.constexpr, BLOCK: tl.constexpr, STORE_CACHE: tl.constexpr):
+                       KP: tl.constexpr, BLOCK: tl.constexpr, STORE_CACHE: tl.constexpr, PDL: tl.constexpr):
     """Words c_lo..c_hi-1 of token t's row (ROW words) to each of its K_TOP destinations: the map row in one load,
     the row read once per BLOCK words and written to all destinations by one [KP, BLOCK] store (no per-destination
-    reduction, branch or barrier between the stores). Destinations outside [0, NUM_ROWS) are skipped."""
+    reduction, branch or barrier between the stores). Destinations outside [0, NUM_ROWS) are skipped.
+    PDL: the first BLOCK words are loaded before waiting for the index step (gdc_wait; x does not depend on it), so
+    these reads overlap the slot kernel."""
+    cols = c_lo + tl.arange(0, BLOCK)
+    c_first = tl.minimum(c_hi, c_lo + BLOCK)
+    row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < c_first)
+    if PDL:
+        gdc_wait()
     k = tl.arange(0, KP)
     dests = tl.load(map_ptr + t.to(tl.int64) * K_TOP + k, mask=k < K_TOP, other=-1)
     ok = (dests >= 0) & (dests < NUM_ROWS)
     base = tl.where(ok, dests, 0).to(tl.int64) * ROW
-    for c0 in range(c_lo, c_hi, BLOCK):
+    tl.store(px_ptr + base[:, None] + cols[None, :], tl.broadcast_to(row[None, :], (KP, BLOCK)),
+             mask=ok[:, None] & (cols < c_first)[None, :], cache_modifier=STORE_CACHE)
+    for c0 in range(c_lo + BLOCK, c_hi, BLOCK):
         cols = c0 + tl.arange(0, BLOCK)
         row = tl.load(x_ptr + t.to(tl.int64) * stride_x + cols, mask=cols < c_hi)
         tl.store(px_ptr + base[:, None] + cols[None, :], tl.broadcast_to(row[None, :], (KP, BLOCK)),
@@ -364,7 +382,8 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
                         SF_ROWS, SF_GROUPS, NUM_BLOCKS, stride_x, stride_s, K_TOP: tl.constexpr, KP: tl.constexpr,
                         HAS_SCALE: tl.constexpr, SF_MODE: tl.constexpr, BLOCK: tl.constexpr,
                         BLOCK_S: tl.constexpr, BLOCK_SC: tl.constexpr, RB: tl.constexpr, GATHER: tl.constexpr = False,
-                        SPLIT: tl.constexpr = 1, ZBLOCK: tl.constexpr = 0, STORE_CACHE: tl.constexpr = ""):
+                        SPLIT: tl.constexpr = 1, ZBLOCK: tl.constexpr = 0, STORE_CACHE: tl.constexpr = "",
+                        PDL: tl.constexpr = False):
     """The data movement of the permute in one launch (every byte of px and of the scale output written once).
 
     Programs 0 .. E·NUM_BLOCKS-1, one per (expert e, block of BLOCK_S slots): rows in [counts[e], M) of the block
@@ -379,10 +398,14 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
     (0: BLOCK). STORE_CACHE: the row stores' cache modifier ("" default, ".cs" streaming, ".cg" L2 only).
     GATHER: no token programs; each slot-block program writes all its rows itself, x rows of the slots' tokens
     (through inv) or zeros (`_gather_rows`): sequential writes, each x row read K_top times (from L2 if it stays).
+    PDL (launched as a programmatic dependent of the slot kernel): every program waits for the index step (gdc_wait)
+    before reading map, inv or counts; the token programs load their first row block before it.
     """
     pid = tl.program_id(0)
     n_blocks = tl.num_programs(0) - (0 if GATHER else W * SPLIT)
     if pid < n_blocks:
+        if PDL:
+            gdc_wait()
         e = pid // NUM_BLOCKS
         s0 = (pid % NUM_BLOCKS) * BLOCK_S
         cnt = tl.load(counts_ptr + e)
@@ -407,7 +430,7 @@ def permute_move_kernel(x_ptr, map_ptr, inv_ptr, counts_ptr, px_ptr, s_ptr, ps_p
         part = ROW // SPLIT
         c_lo = (q % SPLIT) * part
         _scatter_token_row(x_ptr, map_ptr, px_ptr, q // SPLIT, c_lo, c_lo + part, ROW, NUM_ROWS, stride_x, K_TOP, KP,
-                           BLOCK, STORE_CACHE)
+                           BLOCK, STORE_CACHE, PDL)
 
 
 @triton.jit

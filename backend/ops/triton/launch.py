@@ -154,6 +154,22 @@ def permute_indices(topk_ids: torch.Tensor, num_local_experts: int, max_token_nu
     return indice_map, counts, problems
 
 
+# The permute's kernels as programmatic dependent launches (SM90+, not under the interpreter): the slot and move
+# kernels launch while their predecessor runs and wait for it (gdc_wait) before reading its outputs; the move kernel's
+# token programs read their first row block before that wait. Every write still follows the wait. Off: on an H200
+# (2026-12-01, benchmarks/bench_permute.py, results/permute_pdl_h200.json) it saved 1.5-2.2 us of the op's 91-92 us
+# in a CUDA-graph replay and cost 18-176 us in eager calls (not understood); output identical either way
+# (tests/test_gpu_permute.py, eager and replayed).
+PERMUTE_PDL = False
+
+
+def _permute_pdl(dev: torch.device) -> dict:
+    """Launch options of the permute's dependent kernels: {"PDL": bool} plus launch_pdl=True when on."""
+    on = (PERMUTE_PDL and dev.type == "cuda" and not interpreting()
+          and torch.cuda.get_device_capability(dev)[0] >= 9)
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
+
+
 # Prefix tiles of the slot kernel: each program sums the count rows of the chunks before its own, PREFIX_ROWS rows
 # per load (independent loads, one round trip per tile; 16k tokens in chunks of 16 need 8 tiles at most).
 PREFIX_ROWS = 128
@@ -178,13 +194,14 @@ def _permute_index_step(topk_ids: torch.Tensor, num_local_experts: int, max_toke
     indice_map = torch.empty((w, k_top), dtype=torch.int32, device=dev)
     inv = torch.empty((e_num * m,), dtype=torch.int32, device=dev) if with_inverse else None
     if w:
+        pdl = _permute_pdl(dev)
         K.permute_count_kernel[(chunks,)](ids, hist, bad, first, w, k_top, e_num, ids.stride(0),
-                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad)
+                                          BLOCK_W=block_w, KP=kp, E_PAD=e_pad, PDL=pdl["PDL"])
         K.permute_slot_kernel[(chunks + 1,)](ids, hist, bad, first, indice_map, inv if with_inverse else counts, counts,
                                          problems, errors if errors is not None else problems, w, k_top, e_num, m,
                                          ids.stride(0), BLOCK_W=block_w, KP=kp, E_PAD=e_pad,
                                          CB=PREFIX_ROWS, RECORD=errors is not None, BAD_ID_CODE=DE.BAD_LOCAL_ID,
-                                         OVERFLOW_CODE=DE.OVERFLOW, HAS_INV=with_inverse)
+                                         OVERFLOW_CODE=DE.OVERFLOW, HAS_INV=with_inverse, **pdl)
     else:
         counts.zero_(), problems.zero_()
     return indice_map, counts, problems, inv
@@ -273,7 +290,7 @@ def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: 
         HAS_SCALE=scale is not None, SF_MODE=SF_MODES[sf_group], BLOCK=min(2048, _pow2(row // split)),
         BLOCK_S=block_s, BLOCK_SC=block_sc, RB=4 if gather else 8, GATHER=gather, SPLIT=split,
         ZBLOCK=min(PERMUTE_SCATTER["zblock"], _pow2(row)), STORE_CACHE=PERMUTE_SCATTER["store_cache"],
-        num_warps=PERMUTE_SCATTER["num_warps"])
+        num_warps=PERMUTE_SCATTER["num_warps"], **_permute_pdl(x.device))
     return permute_x, permute_scale
 
 
