@@ -113,3 +113,15 @@ def test_gather_move_equals_scatter_move(L, monkeypatch, scale_kind, sf_group, o
     assert torch.equal(imap, imap2) and torch.equal(counts, counts2) and torch.equal(err, err2)
     assert int(counts[0]) == m and int(err[0]) != 0                   # the overflow and the bad id did happen
     assert bool((px.view(torch.uint8) != 0).any())
+
+
+def test_programmatic_dependent_launch_is_never_asked_of_the_interpreter(L, monkeypatch):
+    """launch.PERMUTE_PDL on: the launch options stay plain for CPU tensors under the interpreter (no launch_pdl,
+    the kernels' PDL branches not traced), and the permute's output is unchanged."""
+    x, words, ids = _inputs(40, 128, 3, 2, seed=3, words_per_row=1)
+    want = L.prefill_permute_to_masked_gemm(x, words, ids, 3, 40)
+    monkeypatch.setattr(L, "PERMUTE_PDL", True)
+    assert L._permute_pdl(torch.device("cpu")) == {"PDL": False}
+    got = L.prefill_permute_to_masked_gemm(x, words, ids, 3, 40)
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert all(torch.equal(a, b) for a, b in zip(got[1:], want[1:]))

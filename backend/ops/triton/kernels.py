@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+try:        # programmatic dependent launch (the permute's PDL option): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:         # pragma: no cover - older Triton; launch.PERMUTE_PDL then stays off
+    gdc_launch_dependents = gdc_wait = None
 
 from moe_ref import cutlass_sf
 from moe_ref import constants as C

@@ -165,7 +165,7 @@ PERMUTE_PDL = False
 
 def _permute_pdl(dev: torch.device) -> dict:
     """Launch options of the permute's dependent kernels: {"PDL": bool} plus launch_pdl=True when on."""
-    on = (PERMUTE_PDL and dev.type == "cuda" and not interpreting()
+    on = (PERMUTE_PDL and dev.type == "cuda" and not interpreting() and _kernels.gdc_wait is not None
           and torch.cuda.get_device_capability(dev)[0] >= 9)
     return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
 
