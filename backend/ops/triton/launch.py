@@ -276,7 +276,7 @@ def _move_rows(x, scale, indice_map, counts, inv, e_num: int, m: int, sf_group: 
         ps_words, sf_rows, sf_groups, permute_scale = _scale_out(scale, e_num, m, sf_group)
         sv = (scale if scale.stride(-1) == 1 else scale.contiguous()).view(torch.int32)
     gather = PERMUTE_MOVE == "gather"
-    block_s = 16 if gather else PERMUTE_SCATTER.get("block_s", 64)
+    block_s = 16 if gather else PERMUTE_SCATTER["block_s"]
     n_blocks = triton.cdiv(max(sf_rows, m), block_s)
     s_cols = 0 if scale is None else scale.shape[1]
     block_sc = min(16, _pow2(sf_groups)) if sf_group is not None else min(64, _pow2(s_cols))   # [16, 128] SF tiles
