@@ -844,6 +844,29 @@ for path, run in gpu_runs:
 STAGE_ORDER = ("quant", "permute", "gemm1", "swiglu", "gemm2", "combine")
 
 
+def write_ceiling_text(wc_path, mb_list):
+    """What limits the permute, computed from benchmarks/bench_write_ceiling.py's JSON of the same card (when
+    committed): the fill against the copy, the permute's row writes without reading x against a fill of the same
+    bytes, and what reading x costs them; beside the permute's own ratio to the fill of its written bytes."""
+    if not wc_path.exists():
+        return ""
+    wc = json.loads(wc_path.read_text())
+    fill_vs_copy = [r["writes"]["torch_fill"]["vs_copy_rate"] for r in wc["sizes"].values()]
+    p = wc["permute_patterns"]
+    const = [v["ms"] for k, v in p.items() if k.startswith("scatter_const_")]
+    with_x = [v["ms"] for k, v in p.items() if k.startswith("scatter_x_s")]
+    x_mb = p["W"] * p["bytes_written"] / p["pairs"] / 1e6
+    perm = [v["ratio_to_fill_written_bytes"] for v in mb_list
+            if v["op"].startswith("prefill_permute_w") and "gather" not in v["op"] and v.get("ratio_to_fill_written_bytes")]
+    return (f"In `{wc_path.name}` ({date_of(wc)}): writing alone runs at {min(fill_vs_copy):.2f}-{max(fill_vs_copy):.2f}x "
+            f"the copy's rate; the permute's token rows written without reading x at {p['fill_ms'] / max(const):.2f}-"
+            f"{p['fill_ms'] / min(const):.2f}x a fill of the same bytes, and reading its {x_mb:.1f} MB of x costs them "
+            f"{(min(with_x) - max(const)) * 1e3:.0f}-{(max(with_x) - min(const)) * 1e3:.0f} us"
+            + (f"; the whole permute runs at {min(perm):.2f}-{max(perm):.2f}x the fill of its written bytes" if perm
+               else "")
+            + ". The ways of issuing the reads that were tried, none of which hid them: `benchmarks/NOTES_gpu.md`.")
+
+
 def chain_breakdown(run):
     """([(W, ours ms per stage, DeepGEMM ms per GEMM, chain record or None)], source): the `chain` records, else the
     W=4096 FP32 chain of sections.chain with DeepGEMM's gemm_vs_peers times at its rows per expert."""
@@ -935,12 +958,9 @@ for path, run in gpu_runs:
                   f"{'' if same is None else f'{same:.2f}':>19s} {'' if fill is None else f'{fill:.2f}':>22s}")
         md("Three ceilings: `x copy` against a 2 GiB device copy (its read + written bytes per second); `x copy, same "
            "bytes` against a copy of as many bytes as the op moves (small ops cannot reach the large copy's rate); `x "
-           "fill, written bytes` against a device fill (int32 words) of the bytes the op writes. On an H200 writing "
-           "alone runs at 1.05-1.09x the copy's rate, and the permute's row writes alone at about 0.92x of that; what "
-           "keeps the permute near 0.67x of the fill is reading x during its writes: 29.5 MB of reads cost it 13-14 us "
-           "however they are issued (`benchmarks/bench_write_ceiling.py --patterns`, `benchmarks/NOTES_gpu.md`). "
-           "Runs before 2026-12-01 timed a byte fill here, which stores 4 bytes per thread and runs at 0.8x the copy: "
-           "their fill column reads high.")
+           "fill, written bytes` against a device fill (int32 words) of the bytes the op writes. Runs before "
+           "2026-12-01 timed a byte fill there, which stores 4 bytes per thread: their fill column reads high. "
+           + write_ceiling_text(results_dir / path.name.replace("gpu_", "write_ceiling_", 1), mb_list))
 
 
 # %% [markdown]

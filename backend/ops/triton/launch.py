@@ -256,7 +256,7 @@ PERMUTE_MOVE = "scatter"
 # program (a divisor of 128: an SF tile's programs).
 # benchmarks/bench_permute.py swept them on an H200 (2026-11-30): within 1 % of each other up to 2 programs per row,
 # 2 x 2 warps was fastest in both runs; block_s 64 / 32 / 16 / 8 / 4 within 1 % (2026-12-01). The move kernel runs at
-# 0.67x an int32 fill of the bytes it writes: reading x during its writes costs 13-14 us at W=4096, however the reads
+# 0.67x an int32 fill of the bytes it writes: reading x during its writes costs 13-17 us at W=4096, however the reads
 # are issued (benchmarks/bench_write_ceiling.py; benchmarks/NOTES_gpu.md).
 PERMUTE_SCATTER = dict(split=2, num_warps=2, zblock=0, store_cache="", block_s=64)
 
