@@ -43,13 +43,19 @@ def inputs(w: int, h: int = 7168, e: int = 32, k_top: int = 8):
     return x, ids, e, m_cap
 
 
-def measure(kind: str, x, ids, e: int, m: int, cfg: dict, want) -> dict:
-    """One config of one scale kind: whole-op and move-only graph ms, bytes equal to `want` (None: the default)."""
+def permute_call(kind: str, x, ids, e: int, m: int):
+    """(q, s, sf_group, err, op): x quantized for the scale kind, and the whole permute on it as a call (deferred
+    checks into err; CUTLASS SF bytes for cutlass_sf, FP32 MN-major scales for fp32)."""
     q, s = L.per_token_quant(x, 128, kind == "cutlass_sf")
     sf_group = 128 if kind == "cutlass_sf" else None
     err = torch.zeros(5, dtype=torch.int64, device="cuda")
+    return q, s, sf_group, err, lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e, m, errors=err, sf_group=sf_group)
+
+
+def measure(kind: str, x, ids, e: int, m: int, cfg: dict, want) -> dict:
+    """One config of one scale kind: whole-op and move-only graph ms, bytes equal to `want` (None: the default)."""
+    q, s, sf_group, err, op = permute_call(kind, x, ids, e, m)
     L.PERMUTE_SCATTER = dict(cfg)
-    op = lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e, m, errors=err, sf_group=sf_group)  # noqa: E731
     px, ps, imap, counts = op()
     got = (px.view(torch.uint8).clone(), ps.clone(), imap.clone())
     imap_, counts_, _, inv = L._permute_index_step(ids, e, m, err, True)
@@ -66,11 +72,8 @@ def measure(kind: str, x, ids, e: int, m: int, cfg: dict, want) -> dict:
 def other_pdl(kind: str, x, ids, e: int, m: int, cfg: dict, base: dict, want) -> dict:
     """The default config with launch.PERMUTE_PDL flipped (programmatic dependent launch of the slot and move
     kernels), outputs compared with the default's; the eager call timed both ways too (PDL acts differently there)."""
-    q, s = L.per_token_quant(x, 128, kind == "cutlass_sf")
-    err = torch.zeros(5, dtype=torch.int64, device="cuda")
-    sf_group = 128 if kind == "cutlass_sf" else None
-    eager = lambda: B.bench_ms(lambda: L.prefill_permute_to_masked_gemm(q, s, ids, e, m, errors=err,  # noqa: E731
-                                                                        sf_group=sf_group))
+    op = permute_call(kind, x, ids, e, m)[-1]
+    eager = lambda: B.bench_ms(op)  # noqa: E731
     default_pdl = L.PERMUTE_PDL
     default_eager = eager()
     L.PERMUTE_PDL = not default_pdl

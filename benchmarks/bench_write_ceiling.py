@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _common import write_json  # noqa: E402
+from _common import repo_on_path, write_json  # noqa: E402
 
 try:
     from triton.experimental import gluon
@@ -299,7 +299,8 @@ def paths(nbytes: int) -> dict:
                                                                                     num_warps=4), buf, None)
     for per_sm in (2, 4, 8):
         out[f"tl_persistent_4096_w8_x{per_sm}"] = (
-            lambda p=per_sm: fill_persistent_kernel[(sms * p,)](words, n, BLOCK=4096, EVICT="", num_warps=8), buf, VALUE)
+            lambda p=per_sm: fill_persistent_kernel[(sms * p,)](words, n, BLOCK=4096, EVICT="", num_warps=8),
+            buf, VALUE)
     if gluon is not None:
         for br, inflight, per_sm in ((32, 2, 1), (32, 4, 2), (64, 2, 1), (64, 4, 2), (16, 8, 4)):
             layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
@@ -331,8 +332,8 @@ def measure(nbytes: int) -> dict:
             torch.cuda.synchronize()
             ok = None if word is None else written_ok(buf, word)
             t = ms(fn)
-            rec["writes"][name] = dict(ms=t, tb_s=nbytes / t / 1e9, vs_copy_rate=(nbytes / t) / (2 * nbytes / rec["copy_ms"]),
-                                       output_checked=ok)
+            rec["writes"][name] = dict(ms=t, tb_s=nbytes / t / 1e9,
+                                       vs_copy_rate=(nbytes / t) / (2 * nbytes / rec["copy_ms"]), output_checked=ok)
         except Exception as exc:     # one path failing (an old Triton, no CuPy) leaves the others measured
             rec["writes"][name] = dict(error=repr(exc)[:500])
         print(nbytes, name, rec["writes"][name], flush=True)
@@ -342,7 +343,7 @@ def measure(nbytes: int) -> dict:
 def _pattern_inputs(w: int, h: int, e: int, k_top: int) -> SimpleNamespace:
     """x [W, H/4] int32 words, the permute's map and counts for random top-k ids (launch._permute_index_step), the
     output rows [E·M, H/4], the valid (token, slot) pairs in token order, and the expected output."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    repo_on_path()
     from backend.ops.triton import launch as L
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.argsort(torch.rand(w, e, device="cuda", generator=gen), dim=1)[:, :k_top].to(torch.int64)
